@@ -1,0 +1,39 @@
+"""Human-readable view of a manifest (`aotpack inspect`)."""
+
+from __future__ import annotations
+
+from .manifest import Manifest
+
+
+def format_manifest(manifest: Manifest) -> str:
+    v = manifest.versions
+    rows = [
+        ("target", f"{manifest.target} ({manifest.device}{', ' + manifest.gpu_arch if manifest.gpu_arch else ''})"),
+        ("model", f"{manifest.model['id']}" + (f"@{manifest.model['revision']}" if manifest.model.get('revision')
+                                               else "") + f"  fingerprint {manifest.fingerprint[:16]}"),
+        ("versions", f"torch {v['torch']}, cuda {v['cuda']}, triton {v['triton']}, diffusers {v['diffusers']}, "
+                     f"aotpack {v['aotpack']}"),
+        ("dtype", f"{manifest.dtype} (LoRA {manifest.lora_dtype})"),
+        ("quantization", manifest.quantization.get("config", manifest.quantization["method"])),
+        ("attention", manifest.attention),
+        ("max_rank", str(manifest.max_rank)),
+        ("slots", f"{len(manifest.slots)} layers (patterns {manifest.slot_patterns})"),
+        ("shapes", ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in manifest.shapes.items())),
+        ("layout", manifest.layout),
+        ("validation", f"max rel. error {manifest.validation.get('max_rel_error', float('nan')):.2e} "
+                       f"(tolerance {manifest.validation.get('tolerance')})"),
+        ("built", f"{manifest.build.get('date')} in {manifest.build.get('seconds')} s on "
+                  f"{manifest.build.get('gpu') or manifest.build.get('host')}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {val}" for k, val in rows]
+    lines.append("")
+    lines.append(f"{'program':<14} {'file':<20} {'instances':>9} {'slots':>6} {'constants':>9}  compile s")
+    for p in manifest.programs:
+        seconds = manifest.build.get("compile_seconds", {}).get(p.kind, "")
+        lines.append(f"{p.name:<14} {p.file:<20} {len(p.instances):>9} {len(p.slots):>6} {len(p.constants):>9}  "
+                     f"{seconds}")
+    lines.append("")
+    for name, digest in manifest.files.items():
+        lines.append(f"sha256 {digest}  {name}")
+    return "\n".join(lines)

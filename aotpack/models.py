@@ -1,0 +1,140 @@
+"""Where a Flux model comes from: the embedded tiny model, a diffusers directory, or a Hub id.
+
+A model reference is `tiny`, a local directory (a full pipeline with `model_index.json` and a
+`transformer/` folder, or a bare transformer folder with `config.json`), or `owner/name` on the Hub
+(optionally `owner/name@revision`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from . import tiny
+from .errors import ModelSourceError
+
+# Config keys that say where/how a checkpoint was saved, not what the network computes.
+_NON_STRUCTURAL_KEYS = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    kind: str  # "tiny" | "dir" | "hub"
+    location: str  # "tiny", an absolute path, or a Hub repo id
+    revision: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return tiny.TINY_MODEL_ID if self.kind == "tiny" else self.location
+
+    def describe(self) -> str:
+        return self.location + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_model_ref(reference: str, revision: str | None = None) -> ModelRef:
+    if reference == "tiny":
+        return ModelRef("tiny", "tiny", tiny.TINY_REVISION)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(
+                f"model {reference!r} is a file, not a diffusers-format directory",
+                "pass the pipeline directory (with model_index.json) or its transformer/ folder",
+            )
+        return ModelRef("dir", str(path.resolve()), None)
+    if "@" in reference and revision is None:
+        reference, revision = reference.split("@", 1)
+    if reference.count("/") != 1 or reference.startswith((".", "/")):
+        raise ModelSourceError(
+            f"model {reference!r} is neither 'tiny', an existing directory, nor a Hub id 'owner/name'",
+            "check the path, or pass a Hub id such as black-forest-labs/FLUX.1-dev",
+        )
+    return ModelRef("hub", reference, revision)
+
+
+def _transformer_location(ref: ModelRef) -> tuple[str, str | None]:
+    """(path or repo id, subfolder) of the transformer weights."""
+    if ref.kind == "dir":
+        root = Path(ref.location)
+        if (root / "transformer" / "config.json").is_file():
+            return str(root), "transformer"
+        if (root / "config.json").is_file():
+            return str(root), None
+        raise ModelSourceError(
+            f"directory {root} holds neither transformer/config.json nor config.json",
+            "pass a diffusers-format Flux pipeline directory or its transformer/ folder",
+        )
+    return ref.location, "transformer"
+
+
+def load_transformer_config(ref: ModelRef) -> dict:
+    """The transformer's config.json, without loading weights."""
+    if ref.kind == "tiny":
+        return dict(tiny.make_transformer().config)
+    location, subfolder = _transformer_location(ref)
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        return dict(FluxTransformer2DModel.load_config(location, subfolder=subfolder, revision=ref.revision))
+    except OSError as err:
+        raise ModelSourceError(
+            f"cannot read the transformer config of {ref.describe()!r}: {err}",
+            "check the model id/revision, your HF_TOKEN for gated models, or HF_HUB_OFFLINE",
+        ) from err
+
+
+def config_fingerprint(config: dict) -> str:
+    """sha256 of the structural transformer config: what a compiled program depends on."""
+    structural = {k: v for k, v in config.items() if k not in _NON_STRUCTURAL_KEYS}
+    canonical = json.dumps(structural, sort_keys=True, default=list)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def structural_config(config: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k not in _NON_STRUCTURAL_KEYS}
+
+
+def load_transformer(ref: ModelRef, dtype: torch.dtype):
+    """The eager `FluxTransformer2DModel` in `dtype`, on the CPU, in eval mode."""
+    if ref.kind == "tiny":
+        return tiny.make_transformer(dtype)
+    from diffusers import FluxTransformer2DModel
+
+    location, subfolder = _transformer_location(ref)
+    try:
+        model = FluxTransformer2DModel.from_pretrained(
+            location, subfolder=subfolder, revision=ref.revision, torch_dtype=dtype
+        )
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"cannot load the Flux transformer from {ref.describe()!r}: {err}",
+            "pass a diffusers-format Flux pipeline directory, its transformer/ folder, or a Hub id",
+        ) from err
+    return model.eval()
+
+
+def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
+    """The diffusers `FluxPipeline` for `ref`; `transformer` replaces the eager one if given."""
+    from diffusers import FluxPipeline
+
+    if ref.kind == "tiny":
+        return tiny.make_pipeline(dtype, transformer=transformer)
+    if ref.kind == "dir" and not (Path(ref.location) / "model_index.json").is_file():
+        raise ModelSourceError(
+            f"{ref.location} has no model_index.json, so it has no text encoders, VAE or scheduler",
+            "pass the full diffusers pipeline directory to `aotpack run --model`",
+        )
+    kwargs = {"transformer": transformer} if transformer is not None else {}
+    try:
+        pipe = FluxPipeline.from_pretrained(ref.location, revision=ref.revision, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"cannot load the Flux pipeline from {ref.describe()!r}: {err}",
+            "pass a diffusers-format Flux pipeline directory or a Hub id",
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

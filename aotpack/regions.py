@@ -1,0 +1,184 @@
+"""Program units cut from a slotted `FluxTransformer2DModel`.
+
+Regional layout: one program per distinct block type (double, single) plus a prologue (embedders,
+rotary table) and an epilogue (final norm + projection); the runtime loads a block program once
+per block and binds that block's weights. Whole layout: one program for the entire forward.
+
+Every region's `forward` takes activations then `lora`, a dict of A/B tensors keyed by slot names
+relative to the region. Parameter names inside a region are the program's constant names, so the
+runtime rebuilds the same wrapper around its own model to bind weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .slots import LoRASlotLinear, bind_slot_tensors, lora_input_names, slot_modules
+
+PROLOGUE, DOUBLE_BLOCK, SINGLE_BLOCK, EPILOGUE, WHOLE = "prologue", "double_block", "single_block", "epilogue", "whole"
+BLOCK_KINDS = (DOUBLE_BLOCK, SINGLE_BLOCK)
+
+
+class Region(nn.Module):
+    """A module plus its LoRA slots; subclasses define `forward(*activations, lora)`."""
+
+    kind: str
+    activation_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def slots(self) -> dict[str, LoRASlotLinear]:
+        return slot_modules(self.body)
+
+    def slot_names(self) -> list[str]:
+        return list(self.slots())
+
+    def lora_names(self) -> list[str]:
+        return [n for slot in self.slot_names() for n in lora_input_names(slot)]
+
+    def bind_lora(self, lora: dict[str, torch.Tensor] | None) -> None:
+        bind_slot_tensors(self.body, lora)
+
+
+def _time_text_embed(transformer, hidden_states, timestep, guidance, pooled_projections):
+    timestep = timestep.to(hidden_states.dtype) * 1000
+    if guidance is None:
+        return transformer.time_text_embed(timestep, pooled_projections)
+    guidance = guidance.to(hidden_states.dtype) * 1000
+    return transformer.time_text_embed(timestep, guidance, pooled_projections)
+
+
+def _prologue(transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+              guidance):
+    """`FluxTransformer2DModel.forward` up to the first block, step for step."""
+    hidden_states = transformer.x_embedder(hidden_states)
+    temb = _time_text_embed(transformer, hidden_states, timestep, guidance, pooled_projections)
+    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+    rotary_cos, rotary_sin = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    return hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin
+
+
+def _prologue_inputs(has_guidance: bool) -> tuple[str, ...]:
+    """Positional inputs; `guidance` is always a parameter but None (no program input) without guidance."""
+    return ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+            "guidance")
+
+
+def _epilogue(transformer, hidden_states, temb):
+    return transformer.proj_out(transformer.norm_out(hidden_states, temb))
+
+
+class _TransformerPart(nn.Module):
+    """Holds only the top-level submodules a prologue/epilogue uses, under their own names."""
+
+    def __init__(self, transformer, names):
+        super().__init__()
+        for name in names:
+            setattr(self, name, getattr(transformer, name))
+
+
+PROLOGUE_MODULES = ("x_embedder", "time_text_embed", "context_embedder", "pos_embed")
+EPILOGUE_MODULES = ("norm_out", "proj_out")
+
+
+class PrologueRegion(Region):
+    kind = PROLOGUE
+    output_names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.body = _TransformerPart(transformer, PROLOGUE_MODULES)
+        self.has_guidance = bool(transformer.config.guidance_embeds)
+        self.activation_names = _prologue_inputs(self.has_guidance)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance, lora):
+        self.bind_lora(lora)
+        return _prologue(self.body, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                         txt_ids, guidance)
+
+
+class BlockRegion(Region):
+    """One transformer block (double or single): `(hidden, encoder, temb, cos, sin) -> (encoder, hidden)`."""
+
+    activation_names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
+    output_names = ("encoder_hidden_states", "hidden_states")
+
+    def __init__(self, block, kind: str):
+        super().__init__()
+        self.body = block
+        self.kind = kind
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, lora):
+        self.bind_lora(lora)
+        encoder_hidden_states, hidden_states = self.body(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+            image_rotary_emb=(rotary_cos, rotary_sin))
+        # Programs assume contiguous inputs (AOTInductor does not check strides), and a single
+        # block returns slices of one buffer: hand the next program dense tensors.
+        return encoder_hidden_states.contiguous(), hidden_states.contiguous()
+
+
+class EpilogueRegion(Region):
+    kind = EPILOGUE
+    activation_names = ("hidden_states", "temb")
+    output_names = ("sample",)
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.body = _TransformerPart(transformer, EPILOGUE_MODULES)
+
+    def forward(self, hidden_states, temb, lora):
+        self.bind_lora(lora)
+        return _epilogue(self.body, hidden_states, temb)
+
+
+class WholeRegion(Region):
+    """The entire transformer forward as one program (slot names are the full layer names)."""
+
+    kind = WHOLE
+    output_names = ("sample",)
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.body = transformer
+        self.has_guidance = bool(transformer.config.guidance_embeds)
+        self.activation_names = _prologue_inputs(self.has_guidance)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance, lora):
+        self.bind_lora(lora)
+        t = self.body
+        hidden_states, encoder_hidden_states, temb, cos, sin = _prologue(
+            t, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        for block in list(t.transformer_blocks) + list(t.single_transformer_blocks):
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                image_rotary_emb=(cos, sin))
+        return _epilogue(t, hidden_states, temb)
+
+
+def block_prefixes(transformer) -> dict[str, list[str]]:
+    """Module paths of the blocks of each kind, in execution order."""
+    return {
+        DOUBLE_BLOCK: [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))],
+        SINGLE_BLOCK: [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))],
+    }
+
+
+def make_region(transformer, kind: str, instance: str | None = None) -> Region:
+    """The region wrapper for `kind`; `instance` is the block's module path for block kinds."""
+    if kind == PROLOGUE:
+        return PrologueRegion(transformer)
+    if kind == EPILOGUE:
+        return EpilogueRegion(transformer)
+    if kind == WHOLE:
+        return WholeRegion(transformer)
+    return BlockRegion(transformer.get_submodule(instance), kind)
+
+
+def instance_slot_prefix(kind: str, instance: str | None) -> str:
+    """Prefix that turns a region-relative slot name into the transformer's layer name."""
+    if kind in BLOCK_KINDS:
+        return f"{instance}."
+    return ""

@@ -1,0 +1,1 @@
+"""Build recipes, one TOML file per target. Loaded by `aotpack.recipe`."""

@@ -1,0 +1,36 @@
+"""Shared fixtures: real packages built once per session on the CPU, demo LoRA files, references."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    """The embedded tiny model built for the cpu target (regional layout, max_rank 32)."""
+    from aotpack.builder import build_package
+
+    return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("pkg") / "tiny-cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_loras(tmp_path_factory):
+    from aotpack.demo import write_demo_loras
+
+    return write_demo_loras(tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_package):
+    """One loaded package shared by tests that only switch LoRAs (each test sets its own set)."""
+    import aotpack
+
+    return aotpack.load(tiny_package, model="tiny")

@@ -1,0 +1,38 @@
+"""Eager diffusers references: FluxPipeline + PEFT LoRA loading, as users run it today."""
+
+from __future__ import annotations
+
+import torch
+
+REQUEST = dict(prompt="a lighthouse on a cliff at dusk", height=64, width=64, num_inference_steps=3,
+               max_sequence_length=16, guidance_scale=3.5)
+
+
+def latents(pipe, seed: int = 7, **overrides) -> torch.Tensor:
+    """What `FluxPipeline(..., output_type="latent").images` returns for the test request."""
+    kwargs = {**REQUEST, **overrides}
+    with torch.no_grad():
+        return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+
+
+def reference_latents(pipe, loras, seed: int = 7, **overrides) -> torch.Tensor:
+    """Latents of the eager pipeline with `loras` [(path, scale)] via load_lora_weights + set_adapters."""
+    loaded = set(pipe.get_list_adapters().get("transformer", [])) if hasattr(pipe, "get_list_adapters") else set()
+    names = []
+    for path, _ in loras:
+        name = f"ref_{abs(hash(str(path)))}"
+        if name not in loaded:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+            loaded.add(name)
+        names.append(name)
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+    elif loaded:
+        pipe.disable_lora()
+    return latents(pipe, seed, **overrides)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
