@@ -141,6 +141,9 @@ def demo(out, rebuild):
         click.echo(line)
 
 
+# -- commands defined in their own modules (each module holds one concern; add one line per command)
+
+
 def main() -> None:
     from .errors import AotpackError
 
