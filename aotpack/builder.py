@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .aoti import compile_program, describe_inputs, export_region
+from .attention import attention_context, kernels_in_package
 from .errors import ValidationFailedError
 from .examples import relative_error, transformer_inputs
 from .machine import check_can_build, gpu_name, versions
@@ -83,6 +84,8 @@ def _validate(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe
             without_lora = transformer(**inputs, return_dict=False)[0]
             references.append((inputs, with_lora, without_lora))
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
+    for spec in manifest.programs:
+        spec.constants = compiled.program_constants(spec.kind)
     results, worst = [], 0.0
     with torch.no_grad():
         for (batch, image_tokens, text_tokens), (inputs, with_lora, without_lora) in zip(cases, references):
@@ -109,6 +112,35 @@ def _validate(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe
             "reference": "diffusers FluxTransformer2DModel.forward, eager, same weights and quantization"}
 
 
+def _compile_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shapes: dict, staging: Path, device,
+                      generator, report: Progress):
+    """Export and compile every program of the layout into `staging`; returns (specs, export s, compile s)."""
+    lora_dtype = torch_dtype(recipe.lora_dtype)
+    programs, export_seconds, compile_seconds = [], {}, {}
+    prologue_outputs = None
+    if recipe.layout == "regional":  # block programs are traced on the prologue's real outputs
+        with torch.no_grad():
+            prologue = make_region(transformer, PROLOGUE)
+            prologue_outputs = prologue(*_region_activations(PROLOGUE, transformer, inputs, None), None)
+    for kind, instances in _program_plan(transformer, recipe.layout):
+        region = make_region(transformer, kind, instances[0])
+        activations = _region_activations(kind, transformer, inputs, prologue_outputs)
+        lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
+                                   device, generator)
+        with report.stage(f"export {kind}"):
+            exported = export_region(region, activations, lora, shapes)
+        export_seconds[kind] = report.timings[f"export {kind}"]
+        file_name = f"{kind}.pt2"
+        with report.stage(f"compile {kind} (AOTInductor)"):
+            compile_seconds[kind] = compile_program(exported, staging / file_name, recipe.inductor_configs)
+        del exported
+        check_package_shared_objects(staging / file_name)
+        programs.append(ProgramSpec(name=kind, kind=kind, file=file_name, instances=list(instances),
+                                    inputs=describe_inputs(region, activations), slots=region.slot_names(),
+                                    constants=[], attention_kernels=kernels_in_package(staging / file_name)))
+    return programs, export_seconds, compile_seconds
+
+
 def default_package_dir(model_id: str, target: str) -> Path:
     return DEFAULT_OUT / f"{model_id.replace('/', '--')}-{target}"
 
@@ -128,7 +160,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
                 f"max_rank {recipe.max_rank}, {recipe.layout} layout -> {out}")
 
     with report.stage("load transformer"):
-        transformer = load_transformer(ref, torch_dtype(recipe.dtype))
+        transformer = load_transformer(ref, torch_dtype(recipe.dtype), device)
         config = structural_config(dict(transformer.config))
     with report.stage(f"prepare ({recipe.dtype}, quantization {recipe.quantization}, LoRA slots)"):
         names = (regional_slot_names(transformer, recipe.slots) if recipe.layout == "regional"
@@ -148,30 +180,9 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
     inputs = transformer_inputs(transformer.config, batch=export_batch,
                                 image_tokens=recipe.example_image_tokens, text_tokens=recipe.example_text_tokens,
                                 dtype=torch_dtype(recipe.dtype), device=device, generator=generator)
-    lora_dtype = torch_dtype(recipe.lora_dtype)
-    programs, export_seconds, compile_seconds = [], {}, {}
-    prologue_outputs = None
-    with torch.no_grad():
-        if recipe.layout == "regional":
-            prologue = make_region(transformer, PROLOGUE)
-            prologue_outputs = prologue(*_region_activations(PROLOGUE, transformer, inputs, None), None)
-    for kind, instances in _program_plan(transformer, recipe.layout):
-        region = make_region(transformer, kind, instances[0])
-        activations = _region_activations(kind, transformer, inputs, prologue_outputs)
-        region_slots = _relative_specs(slot_specs, region, instances[0])
-        lora = random_slot_tensors(region_slots, recipe.max_rank, lora_dtype, device, generator)
-        with report.stage(f"export {kind}"):
-            exported = export_region(region, activations, lora, shapes)
-        export_seconds[kind] = report.timings[f"export {kind}"]
-        file_name = f"{kind}.pt2"
-        with report.stage(f"compile {kind} (AOTInductor)"):
-            compile_seconds[kind] = compile_program(exported, staging / file_name, recipe.inductor_configs)
-        check_package_shared_objects(staging / file_name)
-        constants = list(region.state_dict().keys())
-        programs.append(ProgramSpec(name=kind, kind=kind, file=file_name, instances=list(instances),
-                                    inputs=describe_inputs(region, activations), slots=region.slot_names(),
-                                    constants=constants))
-        del exported
+    with attention_context(transformer, recipe.attention):
+        programs, export_seconds, compile_seconds = _compile_programs(transformer, recipe, slot_specs, inputs,
+                                                                      shapes, staging, device, generator, report)
 
     manifest = Manifest(
         target=recipe.name, device=recipe.device, gpu_arch=recipe.gpu_arch, versions=versions(),

@@ -25,6 +25,7 @@ class ProgramSpec:
     inputs: list[dict]  # [{"name", "dtype", "shape": [int | "batch" | "image_tokens" | ...]}]
     slots: list[str]  # slot names relative to the region, in the program's input order
     constants: list[str]  # constant (weight) names the runtime must bind
+    attention_kernels: list[str] = dataclasses.field(default_factory=list)  # found in the generated code
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from . import random_models, tiny
 from .errors import ModelSourceError
 
 # Config keys that say where/how a checkpoint was saved, not what the network computes.
@@ -23,12 +23,14 @@ _NON_STRUCTURAL_KEYS = {"_name_or_path", "_diffusers_version", "_class_name", "_
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-    kind: str  # "tiny" | "dir" | "hub"
-    location: str  # "tiny", an absolute path, or a Hub repo id
+    kind: str  # "tiny" | "random" | "dir" | "hub"
+    location: str  # "tiny", a random preset name, an absolute path, or a Hub repo id
     revision: str | None = None
 
     @property
     def model_id(self) -> str:
+        if self.kind == "random":
+            return f"random:{self.location}"
         return tiny.TINY_MODEL_ID if self.kind == "tiny" else self.location
 
     def describe(self) -> str:
@@ -38,6 +40,10 @@ class ModelRef:
 def parse_model_ref(reference: str, revision: str | None = None) -> ModelRef:
     if reference == "tiny":
         return ModelRef("tiny", "tiny", tiny.TINY_REVISION)
+    if reference.startswith("random:"):
+        name = reference.split(":", 1)[1]
+        random_models.preset_config(name)  # validates the name
+        return ModelRef("random", name, "seeded")
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -71,20 +77,31 @@ def _transformer_location(ref: ModelRef) -> tuple[str, str | None]:
     return ref.location, "transformer"
 
 
+def _complete_config(config: dict) -> dict:
+    """The config as the model object sees it (defaults filled in), built on the meta device: no memory."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return dict(FluxTransformer2DModel.from_config(config).config)
+
+
 def load_transformer_config(ref: ModelRef) -> dict:
-    """The transformer's config.json, without loading weights."""
+    """The transformer's full config, without loading weights."""
     if ref.kind == "tiny":
-        return dict(tiny.make_transformer().config)
+        return _complete_config(tiny.TRANSFORMER_CONFIG)
+    if ref.kind == "random":
+        return _complete_config(random_models.preset_config(ref.location))
     location, subfolder = _transformer_location(ref)
     from diffusers import FluxTransformer2DModel
 
     try:
-        return dict(FluxTransformer2DModel.load_config(location, subfolder=subfolder, revision=ref.revision))
+        raw = FluxTransformer2DModel.load_config(location, subfolder=subfolder, revision=ref.revision)
     except OSError as err:
         raise ModelSourceError(
             f"cannot read the transformer config of {ref.describe()!r}: {err}",
             "check the model id/revision, your HF_TOKEN for gated models, or HF_HUB_OFFLINE",
         ) from err
+    return _complete_config(dict(raw))
 
 
 def config_fingerprint(config: dict) -> str:
@@ -98,10 +115,13 @@ def structural_config(config: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k not in _NON_STRUCTURAL_KEYS}
 
 
-def load_transformer(ref: ModelRef, dtype: torch.dtype):
-    """The eager `FluxTransformer2DModel` in `dtype`, on the CPU, in eval mode."""
+def load_transformer(ref: ModelRef, dtype: torch.dtype, device: str = "cpu"):
+    """The eager `FluxTransformer2DModel` in `dtype`, in eval mode (on the CPU unless a random preset,
+    whose weights are drawn directly on `device`)."""
     if ref.kind == "tiny":
         return tiny.make_transformer(dtype)
+    if ref.kind == "random":
+        return random_models.make_transformer(ref.location, dtype, device)
     from diffusers import FluxTransformer2DModel
 
     location, subfolder = _transformer_location(ref)
@@ -123,6 +143,8 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
 
     if ref.kind == "tiny":
         return tiny.make_pipeline(dtype, transformer=transformer)
+    if ref.kind == "random":
+        return random_models.make_pipeline(ref.location, dtype, transformer)
     if ref.kind == "dir" and not (Path(ref.location) / "model_index.json").is_file():
         raise ModelSourceError(
             f"{ref.location} has no model_index.json, so it has no text encoders, VAE or scheduler",

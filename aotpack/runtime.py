@@ -116,6 +116,10 @@ class CompiledFluxTransformer(nn.Module):
         lora_tensors = [self.bank.tensors[prefix + name] for name in program.lora_order]
         return _Instance(program, lora_tensors)
 
+    def program_constants(self, kind: str) -> list[str]:
+        """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening)."""
+        return sorted(self._programs[kind][0].program.constant_names())
+
     def weight_layer_names(self) -> set[str]:
         """Module names of the model the weights come from (to tell foreign adapters from unslotted layers)."""
         return {name for name, _ in self._weights_owner.named_modules()}

@@ -12,6 +12,7 @@ from .adapters.cache import AdapterCache
 from .adapters.parse import Adapter
 from .adapters.stack import StackReport, stack_adapters
 from .adapters.text_encoder import TextEncoderLoRA
+from .attention import check_attention_runs_here
 from .machine import check_package_runs_here
 from .manifest import Manifest, read_manifest, verify_files
 from .models import config_fingerprint, load_pipeline, load_transformer, load_transformer_config, parse_model_ref
@@ -111,9 +112,10 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
     verify_files(package_dir, manifest)
     ref = parse_model_ref(model, revision)
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
+    check_attention_runs_here(manifest.attention)
     device = device or ("cuda" if manifest.device == "cuda" else "cpu")
     with report.stage(f"load {ref.describe()} weights and bind them"):
-        transformer = load_transformer(ref, torch_dtype(manifest.dtype))
+        transformer = load_transformer(ref, torch_dtype(manifest.dtype), device)
         prepare_transformer(transformer, dtype=manifest.dtype, device=device,
                             quantization=manifest.quantization["method"],
                             slot_names=[s.name for s in manifest.slots])
