@@ -142,6 +142,9 @@ def demo(out, rebuild):
 
 
 # -- commands defined in their own modules (each module holds one concern; add one line per command)
+from .cli_doctor import doctor  # noqa: E402
+
+cli.add_command(doctor)
 
 
 def main() -> None:

@@ -74,3 +74,7 @@ class AdapterRankError(AdapterError):
 
 class PublishError(AotpackError):
     """Push/pull problems: missing repo, revision or target."""
+
+
+class RecipeError(AotpackError):
+    """A recipe file with a missing, mistyped or out-of-range field."""

@@ -23,6 +23,20 @@ def gpu_name(device_index: int = 0) -> str | None:
     return torch.cuda.get_device_name(device_index) if torch.cuda.is_available() else None
 
 
+def cuda_driver_version() -> str | None:
+    """The CUDA version the installed NVIDIA driver supports (`13.0`); None without a driver."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def versions() -> dict:
     import diffusers
 

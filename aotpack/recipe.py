@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import re
 from importlib import resources
 from pathlib import Path
 
-from .errors import UnknownTargetError
+from .errors import RecipeError, UnknownTargetError
+from .toml_fields import TomlFields
 
 QUANTIZATIONS = ("none", "fp8_rowwise")
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3")
 LAYOUTS = ("regional", "whole")
 TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
+DTYPES = ("float32", "bfloat16", "float16")  # the names `prepare.DTYPES` maps to torch dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,64 +59,62 @@ def known_targets() -> list[str]:
     return sorted(_recipe_files())
 
 
-def _check_choice(recipe_name: str, field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise UnknownTargetError(
-            f"recipe {recipe_name!r}: {field} = {value!r} is not one of {', '.join(allowed)}",
-            f"edit recipes/{recipe_name}.toml",
-        )
-
-
-def parse_recipe(data: dict) -> Recipe:
-    name = data["name"]
-    shapes, example = data["shapes"], data["example"]
+def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    """A checked `Recipe` from a parsed TOML table; errors name the field and `source` (the file)."""
+    fields = TomlFields(data, source)
+    device = fields.choice("device", ("cpu", "cuda"))
+    gpu_arch = fields.value("gpu_arch", str, "")
+    if device == "cuda" and not re.fullmatch(r"sm_\d{2,3}a?", gpu_arch):
+        raise fields.error("gpu_arch", f"= {gpu_arch!r} should name the CUDA arch of a cuda target, e.g. 'sm_90'")
+    dtype = fields.choice("dtype", DTYPES)
     recipe = Recipe(
-        name=name,
-        description=data.get("description", ""),
-        device=data["device"],
-        gpu_arch=data.get("gpu_arch", ""),
-        dtype=data["dtype"],
-        lora_dtype=data.get("lora_dtype", data["dtype"]),
-        quantization=data.get("quantization", "none"),
-        attention=data.get("attention", "sdpa"),
-        max_rank=int(data["max_rank"]),
-        slots=tuple(data.get("slots", ["*"])),
-        layout=data.get("layout", "regional"),
-        text_encoder_policy=data.get("text_encoder_policy", "full"),
-        batch=tuple(shapes["batch"]),
-        image_tokens=tuple(shapes["image_tokens"]),
-        text_tokens=tuple(shapes["text_tokens"]),
-        example_batch=int(example["batch"]),
-        example_image_tokens=int(example["image_tokens"]),
-        example_text_tokens=int(example["text_tokens"]),
-        tolerance=float(data["validation"]["tolerance"]),
-        inductor_configs=dict(data.get("inductor", {})),
+        name=fields.value("name", str),
+        description=fields.value("description", str, ""),
+        device=device,
+        gpu_arch=gpu_arch,
+        dtype=dtype,
+        lora_dtype=fields.choice("lora_dtype", DTYPES, dtype),
+        quantization=fields.choice("quantization", QUANTIZATIONS, "none"),
+        attention=fields.choice("attention", ATTENTION_BACKENDS, "sdpa"),
+        max_rank=fields.positive("max_rank"),
+        slots=fields.strings("slots", ["*"]),
+        layout=fields.choice("layout", LAYOUTS, "regional"),
+        text_encoder_policy=fields.choice("text_encoder_policy", TEXT_ENCODER_POLICIES, "full"),
+        batch=fields.int_range("shapes.batch"),
+        image_tokens=fields.int_range("shapes.image_tokens"),
+        text_tokens=fields.int_range("shapes.text_tokens"),
+        example_batch=fields.positive("example.batch"),
+        example_image_tokens=fields.positive("example.image_tokens"),
+        example_text_tokens=fields.positive("example.text_tokens"),
+        tolerance=fields.positive("validation.tolerance", float),
+        inductor_configs=dict(fields.value("inductor", dict, {})),
     )
-    _check_choice(name, "device", recipe.device, ("cpu", "cuda"))
-    _check_choice(name, "quantization", recipe.quantization, QUANTIZATIONS)
-    _check_choice(name, "attention", recipe.attention, ATTENTION_BACKENDS)
-    _check_choice(name, "layout", recipe.layout, LAYOUTS)
-    _check_choice(name, "text_encoder_policy", recipe.text_encoder_policy, TEXT_ENCODER_POLICIES)
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)
         example_value = getattr(recipe, f"example_{field}")
-        if not (1 <= low <= example_value <= high):
-            raise UnknownTargetError(
-                f"recipe {name!r}: example {field} {example_value} is outside the range [{low}, {high}]",
-                f"edit recipes/{name}.toml so that min <= example <= max",
-            )
+        if not low <= example_value <= high:  # the example traces the program: it must lie in the dynamic range
+            raise fields.error(f"example.{field}", f"= {example_value} is outside shapes.{field} [{low}, {high}]")
     return recipe
+
+
+def _load_file(path: Path) -> Recipe:
+    fields = TomlFields.read(path)
+    return parse_recipe(fields.data, fields.source)
 
 
 def load_recipe(target: str | Path) -> Recipe:
     """A recipe by target name (`h100`) or by path to a TOML file."""
     path = Path(target)
     if path.suffix == ".toml" and path.is_file():
-        return parse_recipe(tomllib.loads(path.read_text()))
+        return _load_file(path)
     files = _recipe_files()
     if str(target) not in files:
         raise UnknownTargetError(
             f"unknown target {str(target)!r}",
             f"use one of: {', '.join(known_targets())} (or a path to a recipe .toml file)",
         )
-    return parse_recipe(tomllib.loads(files[str(target)].read_text()))
+    recipe = _load_file(files[str(target)])
+    if recipe.name != str(target):  # the manifest records recipe.name: it must be the name users pass
+        raise RecipeError(f"{files[str(target)]}: name = {recipe.name!r} differs from the file name {target!r}",
+                          f"set name = {str(target)!r} in {files[str(target)]}")
+    return recipe

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -69,20 +70,37 @@ def static_libstdcxx_evidence(data: bytes) -> str | None:
 
 def check_package_shared_objects(package: Path) -> None:
     """Refuse a `.pt2` whose compiled wrapper would crash at load (static libstdc++)."""
+    from .cxx_probe import static_linkage_fix  # imported here: cxx_probe builds on this module
+
     with zipfile.ZipFile(package) as archive:
         for name in archive.namelist():
             if not name.endswith(".so"):
                 continue
             evidence = static_libstdcxx_evidence(archive.read(name))
             if evidence:
+                cxx = compiler()
                 raise ToolchainError(
                     f"{package.name}: {Path(name).name} links libstdc++ statically ({evidence}); such a package "
-                    "segfaults inside aoti_load_package",
-                    f"use a compiler that links libstdc++ dynamically, e.g. `export CXX=/usr/bin/g++` "
-                    f"(the compiler used was {compiler()!r}), then build again; `aotpack doctor` checks this",
+                    f"segfaults inside aoti_load_package (compiled with {cxx})",
+                    (static_linkage_fix(cxx) if cxx else "export CXX=/usr/bin/g++ (or another g++ that links "
+                     "libstdc++ dynamically), then build again") + "; `aotpack doctor` checks this",
                 )
 
 
 def compiler() -> str | None:
-    """The C++ compiler inductor will invoke (CXX, else the first c++/g++ on PATH)."""
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    """The C++ compiler inductor will invoke, as a path on PATH; None when there is none.
+
+    Inductor reads CXX once, when `torch._inductor.config` is imported (default `g++`): once that
+    module is loaded, its recorded value wins over a later change of the environment variable.
+    """
+    config = sys.modules.get("torch._inductor.config")
+    if config is None:
+        candidates = [os.environ.get("CXX", "g++")]
+    else:
+        cxx = config.cpp.cxx
+        candidates = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
+    for candidate in candidates:
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None

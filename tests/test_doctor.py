@@ -1,0 +1,224 @@
+"""`aotpack doctor` and the toolchain checks: the static-libstdc++ trap is caught before and after a build."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from packaging.specifiers import SpecifierSet
+
+from aotpack import cxx_probe, doctor, machine
+from aotpack.cli import cli, main
+from aotpack.dependencies import InstalledVersion, supported_range
+from aotpack.errors import ToolchainError
+from aotpack.toolchain import check_package_shared_objects, elf_needed_and_exports, static_libstdcxx_evidence
+
+SYSTEM_GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(SYSTEM_GXX is None, reason="needs g++ (inductor needs it too)")
+
+
+@pytest.fixture
+def use_compiler(monkeypatch):
+    """Point inductor at a compiler as a fresh process with CXX set would (inductor reads CXX only at import)."""
+    import torch._inductor.config as inductor_config
+
+    with contextlib.ExitStack() as patches:
+        def use(cxx: str) -> None:
+            monkeypatch.setenv("CXX", cxx)
+            patches.enter_context(inductor_config.patch({"cpp.cxx": (None, cxx)}))
+
+        yield use
+
+
+@pytest.fixture
+def static_cxx(tmp_path, use_compiler) -> str:
+    """A compiler wrapper that links libstdc++ statically, like the GPU machine's /opt/gcc g++."""
+    wrapper = tmp_path / "static-g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {SYSTEM_GXX} "$@" -static-libstdc++ -static-libgcc\n')
+    wrapper.chmod(0o755)
+    use_compiler(str(wrapper))
+    return str(wrapper)
+
+
+# -- the compiler checks -------------------------------------------------------------------------
+
+def test_the_compiler_here_passes(use_compiler):
+    use_compiler(SYSTEM_GXX)
+    compiler, linkage = doctor.check_compiler(), doctor.check_compiler_linkage()
+    assert compiler.status == "ok" and SYSTEM_GXX in compiler.detail and "g++" in compiler.detail
+    assert linkage.status == "ok" and linkage.fix is None
+    assert doctor.require_working_toolchain() == SYSTEM_GXX
+
+
+def test_a_compiler_linking_libstdcxx_statically_fails_with_the_fix(static_cxx):
+    result = doctor.check_compiler_linkage()
+    assert result.status == "fail"
+    assert static_cxx in result.detail and "statically" in result.detail and "aoti_load_package" in result.detail
+    assert f"export CXX={SYSTEM_GXX}" in result.fix  # a compiler checked to link dynamically
+    with pytest.raises(ToolchainError, match="links libstdc.. statically") as caught:
+        doctor.require_working_toolchain()
+    assert "export CXX=" in caught.value.fix
+
+
+def test_a_missing_compiler_fails_both_ways(use_compiler, tmp_path):
+    use_compiler(str(tmp_path / "no-such-g++"))
+    result = doctor.check_compiler()
+    assert result.status == "fail" and "no-such-g++" in result.detail and "CXX" in result.fix
+    with pytest.raises(ToolchainError, match="no C\\+\\+ compiler"):
+        doctor.require_working_toolchain()
+    assert "compiler-linkage" not in [r.name for r in doctor.run_checks()]
+
+
+def test_the_probe_is_compiled_once_per_compiler(monkeypatch, use_compiler, static_cxx):
+    calls = []
+    original = cxx_probe.build_probe_library
+    monkeypatch.setattr(cxx_probe, "build_probe_library", lambda *a: calls.append(a[0]) or original(*a))
+    wrapper = static_cxx + "-cached"  # a path no earlier test probed
+    shutil.copy(static_cxx, wrapper)
+    use_compiler(wrapper)
+    for _ in range(3):
+        with pytest.raises(ToolchainError):
+            doctor.require_working_toolchain()
+    assert calls.count(wrapper) == 1
+
+
+# -- the ELF reader --------------------------------------------------------------------------------
+
+def loaded_library(prefix: str) -> Path:
+    """Path of a system library this process has mapped (torch needs libstdc++ and libc)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if Path(path).name.startswith(prefix):
+            return Path(path)
+    pytest.skip(f"{prefix} is not mapped in this process")
+
+
+def test_elf_reader_on_system_libraries():
+    needed, exported = elf_needed_and_exports(loaded_library("libstdc++.so").read_bytes())
+    assert "libc.so.6" in needed
+    assert {"__cxa_throw", "__cxa_begin_catch"} <= set(exported)
+    needed, exported = elf_needed_and_exports(loaded_library("libc.so.6").read_bytes())
+    assert "malloc" in exported and not any(lib.startswith("libstdc++") for lib in needed)
+
+
+def test_elf_reader_rejects_what_is_not_elf():
+    with pytest.raises(ValueError, match="not a 64-bit ELF"):
+        elf_needed_and_exports(b"PK\x03\x04 a zip, not a shared object")
+
+
+def test_elf_reader_tells_static_from_dynamic_libstdcxx(tmp_path, static_cxx):
+    dynamic = cxx_probe.build_probe_library(SYSTEM_GXX, (tmp_path / "dynamic").mkdir() or tmp_path / "dynamic")
+    static = cxx_probe.build_probe_library(static_cxx, (tmp_path / "static").mkdir() or tmp_path / "static")
+    needed, _ = elf_needed_and_exports(dynamic.read_bytes())
+    assert any(lib.startswith("libstdc++.so") for lib in needed)
+    assert static_libstdcxx_evidence(dynamic.read_bytes()) is None
+    needed, exported = elf_needed_and_exports(static.read_bytes())
+    assert not any(lib.startswith("libstdc++") for lib in needed)
+    assert any(symbol.startswith("__cxa_") for symbol in exported)  # the runtime is inside the .so
+    assert "no libstdc++.so among DT_NEEDED" in static_libstdcxx_evidence(static.read_bytes())
+
+
+# -- the check after every compile ---------------------------------------------------------------
+
+def test_a_package_whose_wrapper_links_libstdcxx_statically_is_refused(tiny_package, tmp_path, static_cxx):
+    real = tiny_package / "epilogue.pt2"
+    check_package_shared_objects(real)  # the package built here passes
+    static_so = cxx_probe.build_probe_library(static_cxx, tmp_path).read_bytes()
+    tampered = tmp_path / "epilogue.pt2"
+    with zipfile.ZipFile(real) as source, zipfile.ZipFile(tampered, "w") as target:
+        replaced = 0
+        for info in source.infolist():
+            replaced += info.filename.endswith(".so")
+            target.writestr(info, static_so if info.filename.endswith(".so") else source.read(info))
+    assert replaced >= 1
+    with pytest.raises(ToolchainError) as caught:
+        check_package_shared_objects(tampered)
+    assert "epilogue.pt2" in caught.value.problem and "statically" in caught.value.problem
+    assert "export CXX=" in caught.value.fix
+
+
+# -- the other checks ------------------------------------------------------------------------------
+
+def test_supported_ranges_come_from_pyproject():
+    assert supported_range("diffusers") == SpecifierSet(">=0.42,<0.43")
+    assert supported_range("torchao") == SpecifierSet(">=0.18")  # from the fp8 extra
+
+
+def test_a_dependency_outside_its_range_fails(monkeypatch):
+    monkeypatch.setattr(doctor, "installed_version",
+                        lambda name: InstalledVersion(name, "0.41.0", SpecifierSet(">=0.42,<0.43")))
+    result = doctor.check_package("diffusers")
+    assert result.status == "fail" and "0.41.0" in result.detail
+    assert result.fix == "pip install 'diffusers<0.43,>=0.42'"
+
+
+@pytest.mark.parametrize("target, status", [("h100", "fail"), (None, "warn"), ("cpu", "ok")])
+def test_torchao_is_required_only_by_fp8_targets(monkeypatch, target, status):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # makes `import torchao` raise ImportError
+    result = doctor.check_torchao(doctor.resolve_target(target))
+    assert result.status == status
+    assert (result.fix is None) == (status == "ok")
+
+
+@pytest.mark.parametrize("runtime, driver, status", [
+    ("13.0", "13.0", "ok"), ("12.8", "13.0", "ok"), ("13.0", "12.8", "fail"), ("12.8", "12.4", "warn"),
+    ("13.0", None, "warn"),
+])
+def test_cuda_runtime_against_driver(monkeypatch, runtime, driver, status):
+    monkeypatch.setattr(torch.version, "cuda", runtime)
+    monkeypatch.setattr(machine, "cuda_driver_version", lambda: driver)
+    result = doctor.check_cuda(None)
+    assert result.status == status and runtime in result.detail
+
+
+def test_gpu_check_names_the_recipes_for_the_gpu(monkeypatch):
+    monkeypatch.setattr(machine, "gpu_arch", lambda device_index=0: "sm_89")
+    monkeypatch.setattr(machine, "gpu_name", lambda device_index=0: "NVIDIA L40S")
+    result = doctor.check_gpu(None)
+    assert result.status == "ok" and "sm_89" in result.detail and "l40s, rtx4090" in result.detail
+    monkeypatch.setattr(machine, "gpu_arch", lambda device_index=0: "sm_75")
+    assert doctor.check_gpu(None).status == "warn"
+
+
+@pytest.mark.parametrize("free_gb, status", [(200, "ok"), (5, "warn"), (0.5, "fail")])
+def test_low_disk_warns_then_fails(monkeypatch, tmp_path, free_gb, status):
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, int(free_gb * 1e9)))
+    result = doctor.check_disk("disk-output", tmp_path / "not" / "made" / "yet", "pass --out elsewhere")
+    assert result.status == status and str(tmp_path) in result.detail
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def test_doctor_command_prints_a_table_and_exits_0_here(monkeypatch, use_compiler):
+    use_compiler(SYSTEM_GXX)
+    monkeypatch.setattr(machine, "gpu_arch", lambda device_index=0: None)  # a CPU machine, whatever runs the tests
+    result = CliRunner().invoke(cli, ["doctor", "--target", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "ok    compiler-linkage" in result.output and "FAIL" not in result.output
+
+
+def test_doctor_for_a_gpu_target_on_a_cpu_machine_fails(monkeypatch):
+    monkeypatch.setattr(machine, "gpu_arch", lambda device_index=0: None)
+    result = CliRunner().invoke(cli, ["doctor", "--target", "h100"])
+    assert result.exit_code == 1
+    assert "FAIL  gpu" in result.output and "sm_90" in result.output and "--target cpu" in result.output
+
+
+def test_doctor_json_through_main_exits_1_on_a_static_compiler(static_cxx, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["aotpack", "doctor", "--json"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    report = json.loads(capsys.readouterr().out)
+    checks = {check["name"]: check for check in report["checks"]}
+    assert report["ok"] is False
+    assert checks["compiler-linkage"]["status"] == "fail" and "export CXX=" in checks["compiler-linkage"]["fix"]
+    assert set(checks) >= {"compiler", "python", "torch", "diffusers", "peft", "transformers", "triton", "torchao",
+                           "cuda", "gpu", "disk-inductor-cache", "disk-output"}

@@ -1,0 +1,120 @@
+"""The recipe loader: every shipped recipe parses to what issue 4 asks; bad files say field and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aotpack.errors import RecipeError, UnknownTargetError
+from aotpack.recipe import known_targets, load_recipe
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_every_recipe_file_parses_under_its_own_name():
+    names = sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    assert names == known_targets()
+    assert {"h100", "h200", "a100", "l40s", "rtx4090", "cpu"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name
+        assert recipe.example_image_tokens in range(recipe.image_tokens[0], recipe.image_tokens[1] + 1)
+
+
+@pytest.mark.parametrize("name", ["h100", "h200"])
+def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention(name):
+    recipe = load_recipe(name)
+    assert (recipe.device, recipe.gpu_arch) == ("cuda", "sm_90")
+    assert (recipe.quantization, recipe.attention) == ("fp8_rowwise", "cudnn")
+    assert recipe.dtype == recipe.lora_dtype == "bfloat16"  # the LoRA path stays in bf16
+
+
+@pytest.mark.parametrize("name", ["l40s", "rtx4090"])
+def test_ada_recipes_use_fp8(name):
+    recipe = load_recipe(name)
+    assert (recipe.device, recipe.gpu_arch, recipe.quantization) == ("cuda", "sm_89", "fp8_rowwise")
+
+
+def test_rtx4090_follows_the_24gb_recipe():
+    recipe = load_recipe("rtx4090")
+    assert recipe.text_encoder_policy == "t5_nf4" and recipe.layout == "regional"
+
+
+def test_a100_is_bf16_without_fp8():
+    recipe = load_recipe("a100")
+    assert (recipe.gpu_arch, recipe.dtype, recipe.quantization) == ("sm_80", "bfloat16", "none")
+
+
+def test_cpu_is_float32():
+    recipe = load_recipe("cpu")
+    assert (recipe.device, recipe.gpu_arch, recipe.dtype, recipe.quantization) == ("cpu", "", "float32", "none")
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(UnknownTargetError) as caught:
+        load_recipe("h800")
+    message = str(caught.value)
+    assert "'h800'" in message
+    for name in known_targets():
+        assert name in message
+
+
+def write_variant(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the h100 recipe with the exact line `old` replaced by `new`."""
+    text = (RECIPES_DIR / "h100.toml").read_text()
+    assert text.count(f"\n{old}\n") == 1, old
+    path = tmp_path / "variant.toml"
+    path.write_text(text.replace(f"\n{old}\n", f"\n{new}\n"))
+    return path
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('quantization = "fp8_rowwise"', 'quantization = "fp4"', ["quantization", "'fp4'", "fp8_rowwise"]),
+    ('attention = "cudnn"', 'attention = "xformers"', ["attention", "'xformers'", "cudnn"]),
+    ("max_rank = 64", 'max_rank = "big"', ["max_rank", "'big'", "integer"]),
+    ("max_rank = 64", "max_rank = 0", ["max_rank", "> 0"]),
+    ('dtype = "bfloat16"', 'dtype = "fp16"', ["dtype", "'fp16'", "float16"]),
+    ('dtype = "bfloat16"', "", ["dtype", "missing"]),
+    ('gpu_arch = "sm_90"', 'gpu_arch = "hopper"', ["gpu_arch", "'hopper'", "sm_90"]),
+    ("batch = [1, 4]", "batch = [4, 1]", ["shapes.batch", "[4, 1]", "min <= max"]),
+    ("image_tokens = [256, 16384]", 'image_tokens = "lots"', ["shapes.image_tokens", "'lots'"]),
+    ("tolerance = 3e-2", "tolerance = -1.0", ["validation.tolerance", "> 0"]),
+])
+def test_a_bad_value_names_the_field_the_value_and_the_file(tmp_path, old, new, expected):
+    path = write_variant(tmp_path, old, new)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    message = str(caught.value)
+    assert str(path) in caught.value.problem and str(path) in caught.value.fix
+    for text in expected:
+        assert text in message
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("image_tokens = 4096", "image_tokens = 100000", "image_tokens"),
+    ("text_tokens = 512", "text_tokens = 4", "text_tokens"),
+    ("batch = 1", "batch = 8", "batch"),
+])
+def test_example_sizes_outside_the_dynamic_range_are_rejected(tmp_path, old, new, field):
+    path = write_variant(tmp_path, old, new)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert f"example.{field}" in str(caught.value) and f"shapes.{field}" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = write_variant(tmp_path, "max_rank = 64", "max_rank = = 64")
+    with pytest.raises(RecipeError, match="not valid TOML") as caught:
+        load_recipe(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):
+    import aotpack.recipe as recipe_module
+
+    path = write_variant(tmp_path, 'name = "h100"', 'name = "h200"')
+    monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h100": path})
+    with pytest.raises(RecipeError, match="differs from the file name"):
+        load_recipe("h100")
