@@ -14,6 +14,11 @@ from .regions import BLOCK_KINDS, Region
 
 # Weights never go into the package: the runtime binds them from the checkpoint.
 BASE_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+# The prologue turns a bf16 timestep into sinusoidal embeddings of `t * 1000`: fused in fp32, the
+# product skips eager's bf16 rounding and the high-frequency sin/cos of the embedding decorrelate
+# (36% relative error measured on the H200). Emulating eager's casts restores parity; block
+# programs do not need it (2e-3 without).
+EAGER_CASTS = {"emulate_precision_casts": True}
 
 SYMBOLIC_DIMS = ("batch", "image_tokens", "text_tokens")
 
@@ -106,6 +111,93 @@ def compile_program(exported, package_path: Path, inductor_configs: dict) -> flo
             "run `aotpack doctor` to check the compiler; AOTPACK_DEBUG=1 shows the traceback",
         ) from err
     return time.perf_counter() - started
+
+
+def program_configs(kind: str, recipe_configs: dict) -> dict:
+    """Inductor configs for one program: the recipe's, plus eager-cast emulation outside the blocks."""
+    return {**recipe_configs, **(EAGER_CASTS if kind not in BLOCK_KINDS else {})}
+
+
+def compile_saved_program(exported_path: str, package_path: str, inductor_configs: dict, attention: str,
+                          needs_torchao: bool) -> float:
+    """Load a saved ExportedProgram and compile it (runs in a worker process, see `compile_programs`)."""
+    from .attention import attention_context
+
+    if needs_torchao:
+        import torchao  # noqa: F401  registers the FP8 tensor subclass before the program is loaded
+    exported = torch.export.load(exported_path)
+    with attention_context(None, attention):
+        return compile_program(exported, Path(package_path), inductor_configs)
+
+
+def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
+    """Run `python -m aotpack.compile_worker SPEC` for each spec, `workers` at a time.
+
+    Plain subprocesses rather than multiprocessing: spawn would re-run an unguarded caller script.
+    """
+    import json
+    import subprocess
+    import sys
+
+    pending, running, seconds = list(specs), {}, {}
+    while pending or running:
+        while pending and len(running) < workers:
+            spec = pending.pop(0)
+            spec_path = Path(spec["package_path"]).with_suffix(".job.json")
+            spec_path.write_text(json.dumps(spec))
+            running[spec["name"]] = (subprocess.Popen([sys.executable, "-m", "aotpack.compile_worker", str(spec_path)],
+                                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                                     spec_path)
+        for name, (process, spec_path) in list(running.items()):
+            if process.poll() is None:
+                continue
+            stdout, stderr = process.communicate()
+            spec_path.unlink(missing_ok=True)
+            del running[name]
+            if process.returncode != 0:
+                for other, _ in running.values():
+                    other.kill()
+                raise ExportError(f"compiling {name} failed in its worker process:\n{stderr[-3000:]}",
+                                  "run with --jobs 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
+            seconds[name] = float(stdout.strip().splitlines()[-1])
+            report.info(f"    compiled {name}: {seconds[name]:.1f} s")
+        time.sleep(0.2)
+    return seconds
+
+
+def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict, attention: str,
+                     needs_torchao: bool, report) -> dict[str, float]:
+    """Compile several exported programs: in `workers` parallel processes when > 1, else in-process.
+
+    `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on
+    one core, so independent programs compile in parallel on a many-core build machine; the
+    exported programs travel to the workers through `torch.export.save`.
+    """
+    from .attention import attention_context
+
+    if workers <= 1 or len(jobs) == 1:
+        seconds = {}
+        with attention_context(None, attention):
+            for name, exported, package_path in jobs:
+                with report.stage(f"compile {name} (AOTInductor)"):
+                    seconds[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+        return seconds
+    specs = []
+    for name, exported, package_path in jobs:
+        exported_path = package_path.with_suffix(".exported.pt2")
+        torch.export.save(exported, str(exported_path))
+        specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
+                      "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
+                      "needs_torchao": needs_torchao})
+    report.info(f"==> compile {', '.join(s['name'] for s in specs)} (AOTInductor, {workers} processes) ...")
+    started = time.perf_counter()
+    try:
+        seconds = _run_workers(specs, workers, report)
+    finally:
+        for spec in specs:
+            Path(spec["exported_path"]).unlink(missing_ok=True)
+    report.info(f"    all programs compiled in {time.perf_counter() - started:.1f} s")
+    return seconds
 
 
 class CompiledProgram:

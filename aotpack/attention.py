@@ -31,7 +31,10 @@ def fa3_available() -> bool:
 
 
 def attention_context(transformer, backend: str):
-    """Context for export + compile that makes the programs use `backend`."""
+    """Context for export + compile that makes the programs use `backend`.
+
+    `transformer` may be None when only compiling an already exported program (FA3 is then already
+    baked in as a custom op)."""
     if backend == "sdpa":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -46,7 +49,8 @@ def attention_context(transformer, backend: str):
                 "the recipe asks for FlashAttention-3, but flash_attn_interface is not importable here",
                 "install FlashAttention-3 (hopper/ build of flash-attention) or build with a cudnn recipe",
             )
-        transformer.set_attention_backend("_flash_3")
+        if transformer is not None:
+            transformer.set_attention_backend("_flash_3")
         return contextlib.nullcontext()
     raise AotpackError(f"unknown attention backend {backend!r}", "use sdpa, cudnn, flash or fa3")
 

@@ -47,13 +47,15 @@ def cli():
 @click.option("--slots", "slots", multiple=True, help="fnmatch pattern of linear layers to slot (repeatable).")
 @click.option("--layout", type=click.Choice(["regional", "whole"]), default=None, help="Program layout.")
 @click.option("--out", type=click.Path(), default=None, help="Package directory to write.")
-def build(model, target, revision, max_rank, slots, layout, out):
+@click.option("--jobs", type=int, default=None,
+              help="Programs compiled in parallel processes (default: 1 on CPU targets, up to 4 on GPU ones).")
+def build(model, target, revision, max_rank, slots, layout, out, jobs):
     """Export and AOT-compile a Flux transformer with LoRA slots into a package."""
     _quiet_libraries()
     from .builder import build_package
 
     path = build_package(model, target, out=out, revision=revision, max_rank=max_rank, slots=slots or None,
-                         layout=layout, progress=True)
+                         layout=layout, compile_workers=jobs, progress=True)
     click.echo(str(path))
 
 

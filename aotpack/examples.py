@@ -19,20 +19,22 @@ def image_ids(image_tokens: int, device) -> torch.Tensor:
 
 def transformer_inputs(config, *, batch: int, image_tokens: int, text_tokens: int, dtype: torch.dtype, device,
                        generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Keyword inputs of `FluxTransformer2DModel.forward` (random activations, realistic ids)."""
+    """Keyword inputs of `FluxTransformer2DModel.forward` (random activations, realistic ids).
+
+    `config` is the transformer's config (a diffusers FrozenDict or a plain dict)."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     inputs = {
-        "hidden_states": randn(batch, image_tokens, config.in_channels),
-        "encoder_hidden_states": randn(batch, text_tokens, config.joint_attention_dim),
-        "pooled_projections": randn(batch, config.pooled_projection_dim),
+        "hidden_states": randn(batch, image_tokens, config["in_channels"]),
+        "encoder_hidden_states": randn(batch, text_tokens, config["joint_attention_dim"]),
+        "pooled_projections": randn(batch, config["pooled_projection_dim"]),
         "timestep": (torch.rand(batch, generator=generator) * 0.9 + 0.05).to(device=device, dtype=dtype),
         "img_ids": image_ids(image_tokens, device).to(dtype),
         "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
     }
-    if config.guidance_embeds:
+    if config["guidance_embeds"]:
         inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=torch.float32)
     return inputs
 

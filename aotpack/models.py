@@ -150,7 +150,9 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
             f"{ref.location} has no model_index.json, so it has no text encoders, VAE or scheduler",
             "pass the full diffusers pipeline directory to `aotpack run --model`",
         )
-    kwargs = {"transformer": transformer} if transformer is not None else {}
+    # diffusers type-checks components passed to from_pretrained (ModelMixin only), so the compiled
+    # transformer is attached after loading; `transformer=None` skips reading the eager weights again.
+    kwargs = {"transformer": None} if transformer is not None else {}
     try:
         pipe = FluxPipeline.from_pretrained(ref.location, revision=ref.revision, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
@@ -158,5 +160,7 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
             f"cannot load the Flux pipeline from {ref.describe()!r}: {err}",
             "pass a diffusers-format Flux pipeline directory or a Hub id",
         ) from err
+    if transformer is not None:
+        pipe.transformer = transformer
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -39,8 +39,13 @@ def make_transformer(name: str, dtype: torch.dtype, device: str = "cpu"):
     torch.manual_seed(_SEED)
     if torch.device(device).type == "cuda":
         torch.cuda.manual_seed(_SEED)
-    with torch.device(device):
-        model = FluxTransformer2DModel(**preset_config(name)).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # draw weights in `dtype` directly: no float32 copy on the GPU
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**preset_config(name))
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval()
 
 

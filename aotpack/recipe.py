@@ -37,8 +37,13 @@ class Recipe:
     example_batch: int
     example_image_tokens: int
     example_text_tokens: int
-    tolerance: float
+    tolerance: float  # each compiled program vs its eager region (relative L2)
     inductor_configs: dict
+    end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
+
+    @property
+    def end_to_end_limit(self) -> float:
+        return self.end_to_end_tolerance or self.tolerance
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -51,7 +56,10 @@ class Recipe:
 
 
 def _recipe_files() -> dict[str, Path]:
-    folder = resources.files("aotpack.recipes")
+    try:
+        folder = resources.files("aotpack.recipes")
+    except ModuleNotFoundError:  # running from a source checkout on PYTHONPATH, not installed
+        folder = Path(__file__).resolve().parent.parent / "recipes"
     return {p.name[: -len(".toml")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
 
 
@@ -88,6 +96,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         example_text_tokens=fields.positive("example.text_tokens"),
         tolerance=fields.positive("validation.tolerance", float),
         inductor_configs=dict(fields.value("inductor", dict, {})),
+        end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
     )
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)

@@ -47,24 +47,34 @@ class SlotBank:
         self.dtype, self.device = dtype, torch.device(device)
         self.used_rank = {s.name: 0 for s in slots}
 
-    def write(self, layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """Set every slot to the concatenation of `layers[name]` (A_i, B_i pairs); others to zero.
+    def write(self, layers: dict[str, list[tuple]]) -> None:
+        """Set every slot to the concatenation of `layers[name]` ((A, B) or (A, B, scale) parts); others to zero.
 
-        Callers validate ranks first: this never fails part-way for rank reasons.
+        Callers validate ranks first: this never fails part-way for rank reasons. Copies are batched
+        (`_foreach_*`) and the scale is applied while copying B, so a switch is a few device kernels
+        per layer at most and no allocation.
         """
+        a_dst, a_src, zero = [], [], []
         for name, used in self.used_rank.items():
-            parts = layers.get(name, [])
             a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))
             offset = 0
-            for a, b in parts:
+            for a, b, *scale in layers.get(name, ()):
                 rank = a.shape[0]
-                a_buf[offset:offset + rank].copy_(a, non_blocking=True)
-                b_buf[:, offset:offset + rank].copy_(b, non_blocking=True)
+                a_dst.append(a_buf[offset:offset + rank])
+                a_src.append(a)
+                b_view = b_buf[:, offset:offset + rank]
+                if not scale or scale[0] == 1.0:
+                    b_view.copy_(b, non_blocking=True)
+                else:
+                    torch.mul(b, scale[0], out=b_view)
                 offset += rank
             if used > offset:  # clear what the previous set left beyond the new rank
-                a_buf[offset:used].zero_()
-                b_buf[:, offset:used].zero_()
+                zero += [a_buf[offset:used], b_buf[:, offset:used]]
             self.used_rank[name] = offset
+        if a_dst:
+            torch._foreach_copy_(a_dst, a_src, non_blocking=True)
+        if zero:
+            torch._foreach_zero_(zero)
 
 
 class _Instance:
@@ -93,6 +103,8 @@ class CompiledFluxTransformer(nn.Module):
         self.bank = SlotBank(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device)
         self._input_dtypes = {}
         self._programs: dict[str, list[_Instance]] = {}
+        self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)}
+                                for spec in manifest.programs}
         for spec in manifest.programs:
             self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
             self._programs[spec.kind] = [
@@ -115,6 +127,44 @@ class CompiledFluxTransformer(nn.Module):
         prefix = instance_slot_prefix(spec.kind, instance)
         lora_tensors = [self.bank.tensors[prefix + name] for name in program.lora_order]
         return _Instance(program, lora_tensors)
+
+    @torch.no_grad()
+    def program_errors(self, inputs: dict) -> dict[str, float]:
+        """Each program instance vs its eager region, fed the eager chain's own inputs (worst per kind).
+
+        Errors do not compound here, unlike an end-to-end comparison: this isolates what compiling
+        changed in each program. Slots read the current bank tensors in both runs.
+        """
+        from .examples import relative_error
+
+        owner, errors = self._weights_owner, {}
+
+        def compare(kind, instance, activations):
+            region = make_region(owner, kind, instance)
+            prefix = instance_slot_prefix(kind, instance)
+            expected = region(*activations, {n: self.bank.tensors[prefix + n] for n in region.lora_names()})
+            region.bind_lora(None)
+            program = self._programs[kind][self._instance_index[kind][instance]]
+            actual = program(*self._cast(kind, [a for a in activations if a is not None]))
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            actual = tuple(actual) if isinstance(actual, (tuple, list)) else (actual,)
+            worst = max(relative_error(a, e) for a, e in zip(actual, expected))
+            errors[kind] = max(errors.get(kind, 0.0), worst)
+            return expected
+
+        names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                 "guidance")
+        first = [inputs.get(n) for n in names]
+        first[4], first[5] = first[4].float(), first[5].float()
+        if WHOLE in self._programs:
+            compare(WHOLE, None, first)
+            return errors
+        hidden, encoder, temb, cos, sin = compare(PROLOGUE, None, first)
+        for kind in BLOCK_KINDS:
+            for instance in self._instance_index.get(kind, {}):
+                encoder, hidden = compare(kind, instance, (hidden, encoder, temb, cos, sin))
+        compare(EPILOGUE, None, (hidden, temb))
+        return errors
 
     def program_constants(self, kind: str) -> list[str]:
         """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening)."""

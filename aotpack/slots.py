@@ -35,18 +35,27 @@ def lora_input_names(slot_name: str) -> tuple[str, str]:
 
 
 class LoRASlotLinear(nn.Module):
-    """`base(x) + B (A x)`, where A and B are bound per call by the region that owns the slot."""
+    """`base(x) + bias + B (A x)`, where A and B are bound per call by the region that owns the slot.
+
+    The slot owns the bias (the base linear computes `W x` only): the bias add fuses with the LoRA
+    add, and row-wise FP8 matmuls with a bias epilogue fail in cuBLASLt for small M with K >= 12288
+    (measured on the H200 with torch 2.11, see docs/gpu.md).
+    """
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
+        self.bias = base.bias
+        base.bias = None
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.bias is not None:
+            y = y + self.bias
         if self.lora_A is None:
             return y
         delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)

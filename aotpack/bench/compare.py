@@ -1,0 +1,164 @@
+"""aotpack vs what users run today, in one process on one GPU, same random weights and LoRAs.
+
+    python -m aotpack.bench.compare --package DIR --out OUT [--model random:flux-dev]
+
+1. diffusers eager bf16 + PEFT LoRA (`load_lora_adapter`, `set_adapters`);
+2. the published fast recipe: torchao FP8 row-wise + PEFT hotswap (`enable_lora_hotswap`,
+   `load_lora_adapter(..., hotswap=True)`) + `compile_repeated_blocks(fullgraph=True)` (regional:
+   the whole-model compile does not fit one 10-minute command on the H200), cuDNN SDPA;
+3. the aotpack package (loaded through `serve_demo`, which also generates the images).
+
+Writes OUT/bench.json progressively, so a run cut short still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..examples import relative_error, transformer_inputs
+from ..models import load_transformer_config, parse_model_ref
+from ..random_models import make_transformer
+from . import serve_demo
+from .loras import write_bench_loras
+from .timing import Stopwatch, peak_memory_gb, reset_peak_memory, time_ms
+
+
+class Report:
+    def __init__(self, path: Path):
+        self.path, self.data = path, {"date": time.strftime("%Y-%m-%d"), "weights": "random"}
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        print(f"[bench] {key}: {json.dumps(value, default=str)[:400]}", flush=True)
+
+
+def _free(*objects):
+    del objects
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def _dynamo_graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def eager_peft(name: str, dtype, device, inputs: dict, loras: dict) -> tuple[dict, torch.Tensor]:
+    """diffusers eager + PEFT: step time with a rank-64 LoRA, switch times, output for error checks."""
+    reset_peak_memory(device)
+    model = make_transformer(name, dtype, device)
+    result = {}
+    with Stopwatch(device) as watch:
+        model.load_lora_adapter(str(loras["r64-all"]), adapter_name="r64", prefix="transformer")
+    result["switch_from_file_ms"] = watch.seconds * 1000
+    model.load_lora_adapter(str(loras["r16-attn"]), adapter_name="r16", prefix="transformer")
+    with Stopwatch(device) as watch:
+        model.set_adapters(["r64"], [1.0])
+    result["switch_loaded_ms"] = watch.seconds * 1000
+    with torch.no_grad():
+        result["step"] = time_ms(lambda: model(**inputs), device, warmup=2, repeats=10)
+        output = model(**inputs, return_dict=False)[0].float()
+    result["peak_gpu_gb"] = peak_memory_gb(device)
+    _free(model)
+    return result, output
+
+
+def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantize: bool) -> tuple[dict, torch.Tensor]:
+    """torchao FP8 + PEFT hotswap + regional torch.compile: compile time, step, hotswap, recompiles."""
+    reset_peak_memory(device)
+    torch._dynamo.reset()
+    result = {}
+    started = time.perf_counter()
+    model = make_transformer(name, dtype, device)
+    if quantize:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    model.enable_lora_hotswap(target_rank=64)  # the largest rank swapped in below
+    model.load_lora_adapter(str(loras["r64-all"]), adapter_name="default_0", prefix="transformer")
+    model.compile_repeated_blocks(fullgraph=True)
+    with torch.no_grad(), Stopwatch(device) as first:
+        output = model(**inputs, return_dict=False)[0].float()
+    result["first_call_seconds_incl_compile"] = first.seconds
+    result["setup_to_first_output_seconds"] = time.perf_counter() - started
+    graphs_before = _dynamo_graph_count()
+    with torch.no_grad():
+        result["step"] = time_ms(lambda: model(**inputs), device, warmup=2, repeats=10)
+        switches = []
+        for adapter in ("r16-attn", "r64-all"):
+            with Stopwatch(device) as watch:
+                model.load_lora_adapter(str(loras[adapter]), adapter_name="default_0", prefix="transformer",
+                                        hotswap=True)
+            with Stopwatch(device) as after:
+                model(**inputs)
+            switches.append({"adapter": adapter, "hotswap_from_file_ms": watch.seconds * 1000,
+                             "next_step_ms": after.seconds * 1000})
+        result["hotswaps"] = switches
+    result["recompiles_during_switches"] = _dynamo_graph_count() - graphs_before
+    result["peak_gpu_gb"] = peak_memory_gb(device)
+    _free(model)
+    return result, output
+
+
+def run(package: str, model: str, out: Path, *, height: int, width: int, steps: int, text_tokens: int,
+        lora_dir: Path, skip_recipe: bool = False) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out / "bench.json")
+    ref = parse_model_ref(model)
+    config = load_transformer_config(ref)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    report["setup"] = {"model": model, "height": height, "width": width, "steps": steps, "text_tokens": text_tokens,
+                       "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    loras = write_bench_loras(config, lora_dir, names=["r16-attn", "r64-all"])
+    image_tokens = (height // 16) * (width // 16)
+    inputs = transformer_inputs(config, batch=1, image_tokens=image_tokens, text_tokens=text_tokens,
+                                dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
+
+    # 3. aotpack first: load, switch, images (serve_demo), then its output on the shared inputs.
+    demo, served = serve_demo.run(package, model, out, height=height, width=width, steps=steps,
+                                  text_tokens=text_tokens, lora_dir=lora_dir, keep=True)
+    served.set_loras([(loras["r64-all"], 1.0)])
+    with torch.no_grad():
+        aotpack_output = served.transformer(**inputs, return_dict=False)[0].float()
+    report["aotpack"] = {k: demo[k] for k in ("load_seconds", "load_peak_gpu_gb", "bf16_weights_gb", "step",
+                                              "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb")}
+    _free(served)
+
+    eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras)
+    eager["aotpack_rel_error_vs_eager"] = relative_error(aotpack_output, eager_output)
+    report["eager_bf16_peft"] = eager
+    if not skip_recipe:
+        recipe, recipe_output = compiled_recipe(ref.location, dtype, device, inputs, loras, quantize=device == "cuda")
+        recipe["rel_error_vs_eager"] = relative_error(recipe_output, eager_output)
+        recipe["aotpack_rel_error_vs_recipe"] = relative_error(aotpack_output, recipe_output)
+        report["compiled_recipe_regional"] = recipe
+    return report.data
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", required=True)
+    parser.add_argument("--model", default="random:flux-dev")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
+    parser.add_argument("--skip-recipe", action="store_true")
+    args = parser.parse_args(argv)
+    run(args.package, args.model, args.out, height=args.height, width=args.width, steps=args.steps,
+        text_tokens=args.text_tokens, lora_dir=args.lora_dir, skip_recipe=args.skip_recipe)
+
+
+if __name__ == "__main__":
+    main()

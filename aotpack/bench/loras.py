@@ -1,0 +1,43 @@
+"""Benchmark LoRA files: random factors, realistic ranks and target sets, bf16 like published LoRAs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# name: (rank, alpha, target patterns); no alpha keys (alpha = rank), which PEFT hotswap also accepts. Different target sets on purpose: PEFT hotswap needs the
+# later adapters to target a subset of the first; LoRA slots do not care.
+BENCH_LORAS = {
+    "r16-attn": (16, None, ["transformer_blocks.*.attn.*", "single_transformer_blocks.*.attn.to_*"]),
+    "r64-all": (64, None, ["transformer_blocks.*", "single_transformer_blocks.*"]),
+    "r128-mlp": (128, None, ["transformer_blocks.*.ff*", "single_transformer_blocks.*.proj_*"]),
+}
+
+
+def meta_transformer(config: dict):
+    """The transformer's module tree on the meta device (names and shapes, no memory)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
+def write_bench_loras(config: dict, directory: str | Path, names=None, std: float = 0.02) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    from ..demo import random_lora_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = meta_transformer(config)
+    paths = {}
+    for seed, (name, (rank, alpha, patterns)) in enumerate(BENCH_LORAS.items()):
+        if names and name not in names:
+            continue
+        path = directory / f"{name}.safetensors"
+        if not path.exists():
+            state = random_lora_state_dict(model, rank, patterns, alpha=alpha, seed=seed + 11, std=std)
+            save_file({k: v.to(torch.bfloat16) if v.ndim else v for k, v in state.items()}, str(path))
+        paths[name] = path
+    return paths

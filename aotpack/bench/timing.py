@@ -1,0 +1,65 @@
+"""Timing helpers: CUDA events after warm-up, median of repeats (host clock on the CPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10) -> dict:
+    """Median/min/max milliseconds of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - started) * 1000)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
+            "repeats": repeats}
+
+
+class Stopwatch:
+    """Wall-clock seconds of a block, synchronizing the device at both ends."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        synchronize(self.device)
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._started
+        return False
+
+
+def peak_memory_gb(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
