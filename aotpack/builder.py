@@ -23,7 +23,8 @@ from .quant import quantization_record
 from .recipe import Recipe, load_recipe
 from .regions import EPILOGUE, PROLOGUE, WHOLE, block_prefixes, instance_slot_prefix, make_region
 from .slots import SlotSpec, bind_slot_tensors, lora_input_names, random_slot_tensors, select_slot_names
-from .toolchain import check_package_shared_objects, compiler
+from .doctor import require_working_toolchain
+from .toolchain import check_package_shared_objects
 
 DEFAULT_OUT = Path("artifacts") / "packages"
 
@@ -165,6 +166,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
     started = time.perf_counter()
     recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout)
     check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
+    cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load
     ref = parse_model_ref(model, revision)
     out = Path(out) if out else default_package_dir(ref.model_id, recipe.name)
     device = "cuda" if recipe.device == "cuda" else "cpu"
@@ -228,7 +230,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "gpu": gpu_name(),
-        "compiler": compiler(),
+        "compiler": cxx,
     }
     manifest.files = {p.file: sha256_file(staging / p.file) for p in programs}
     manifest.write(staging)

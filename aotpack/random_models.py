@@ -20,6 +20,8 @@ PRESETS = {
                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                          guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
     "tiny": dict(tiny.TRANSFORMER_CONFIG),
+    # tiny widths, FLUX.1's 1:2 double/single depth ratio at a third of its depth: layout trade-offs
+    "tiny-deep": {**tiny.TRANSFORMER_CONFIG, "num_layers": 6, "num_single_layers": 12},
 }
 _SEED = 1234
 

@@ -1,0 +1,137 @@
+"""A diffusers-format pipeline directory we did not shape (other depths/widths, no guidance embedding)
+with a LoRA saved by diffusers/PEFT themselves; and the whole-program layout with a narrowed slot set."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aotpack.builder import build_package
+from aotpack.cli import cli
+from aotpack.errors import AdapterLayerError, AdapterRankError
+from aotpack.manifest import read_manifest
+from reference import REQUEST, latents, reference_latents, rel_error
+
+TOLERANCE = 1e-3
+
+OTHER_CONFIG = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=3, attention_head_dim=16,
+                    num_attention_heads=3, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+                    axes_dims_rope=(4, 6, 6))
+
+
+@pytest.fixture(scope="module")
+def other_pipeline_dir(tmp_path_factory):
+    """A schnell-like tiny pipeline (1 double + 3 single blocks, width 48, no guidance) saved by diffusers."""
+    from diffusers import FluxTransformer2DModel
+
+    from aotpack.tiny import make_pipeline
+
+    torch.manual_seed(7)
+    transformer = FluxTransformer2DModel(**OTHER_CONFIG).eval()
+    directory = tmp_path_factory.mktemp("other") / "pipeline"
+    make_pipeline(transformer=transformer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def peft_lora(other_pipeline_dir, tmp_path_factory):
+    """A LoRA made by PEFT (`add_adapter`, random B) and written by `FluxPipeline.save_lora_weights`."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(other_pipeline_dir / "transformer")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2"])
+    torch.manual_seed(3)
+    transformer.add_adapter(config, adapter_name="someone_elses")
+    directory = tmp_path_factory.mktemp("peft-lora")
+    FluxPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(
+        transformer, adapter_name="someone_elses"), transformer_lora_adapter_metadata=config.to_dict())
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def other_package(other_pipeline_dir, tmp_path_factory):
+    return build_package(str(other_pipeline_dir), "cpu", out=tmp_path_factory.mktemp("pkg") / "other",
+                         progress=False)
+
+
+def test_package_of_another_model_matches_diffusers(other_package, other_pipeline_dir, peft_lora, tmp_path):
+    from diffusers import FluxPipeline
+
+    manifest = read_manifest(other_package)
+    assert manifest.model["config"]["num_single_layers"] == 3 and not manifest.model["config"]["guidance_embeds"]
+    assert [len(p.instances) for p in manifest.programs] == [1, 1, 3, 1]
+    out = tmp_path / "lat.safetensors"
+    result = CliRunner().invoke(cli, [
+        "run", str(other_package), "--model", str(other_pipeline_dir), "--prompt", REQUEST["prompt"],
+        "--steps", "3", "--height", "64", "--width", "64", "--max-sequence-length", "16", "--seed", "7",
+        "--lora", f"{peft_lora}:0.9", "--save-latents", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    reference = FluxPipeline.from_pretrained(other_pipeline_dir)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference_latents(reference, [(peft_lora, 0.9)])
+    assert rel_error(load_file(str(out))["latents"], expected) <= TOLERANCE
+    assert rel_error(expected, reference_latents(reference, [])) > 100 * TOLERANCE
+
+
+def test_package_size_does_not_grow_with_the_weights(other_package, other_pipeline_dir):
+    """Weights stay out of the package: the programs are code only."""
+    weight_bytes = sum(p.stat().st_size for p in (other_pipeline_dir / "transformer").glob("*.safetensors"))
+    for name in read_manifest(other_package).files:
+        with zipfile.ZipFile(other_package / name) as archive:
+            data = [i for i in archive.infolist() if not i.filename.endswith((".so", ".cpp", ".json"))]
+            assert sum(i.file_size for i in data) < 64_000, [i.filename for i in data]
+    assert weight_bytes > 0
+
+
+@pytest.fixture(scope="module")
+def whole_package(tmp_path_factory):
+    """The tiny model as one whole program, slots only in the blocks, max_rank 8."""
+    return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("pkg") / "whole", layout="whole",
+                         slots=["transformer_blocks.*", "single_transformer_blocks.*"], max_rank=8, progress=False)
+
+
+def _write_lora(path, patterns, rank, seed):
+    from safetensors.torch import save_file
+
+    from aotpack.demo import random_lora_state_dict
+    from aotpack.tiny import make_transformer
+
+    save_file(random_lora_state_dict(make_transformer(), rank, patterns, seed=seed), str(path))
+    return path
+
+
+def test_whole_layout_with_narrowed_slots(whole_package, tmp_path):
+    import aotpack
+    from aotpack.tiny import make_pipeline
+
+    manifest = read_manifest(whole_package)
+    assert [p.kind for p in manifest.programs] == ["whole"]
+    assert all(s.name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for s in manifest.slots)
+    block_lora = _write_lora(tmp_path / "blocks.safetensors", ["*transformer_blocks.*"], rank=4, seed=1)
+    served = aotpack.load(whole_package, model="tiny")
+    served.set_loras([(block_lora, 1.1)])
+    with torch.no_grad():
+        ours = latents(served)
+    reference = make_pipeline()
+    assert rel_error(ours, reference_latents(reference, [(block_lora, 1.1)])) <= TOLERANCE
+
+    # Rejected adapters leave the active set exactly as it was.
+    embedder_lora = _write_lora(tmp_path / "embedder.safetensors", ["x_embedder", "proj_out"], rank=4, seed=2)
+    with pytest.raises(AdapterLayerError) as err:
+        served.set_loras([(block_lora, 1.1), (embedder_lora, 1.0)])
+    assert "x_embedder" in str(err.value) or "proj_out" in str(err.value)
+    assert "--slots" in str(err.value)
+    too_big = _write_lora(tmp_path / "rank12.safetensors", ["transformer_blocks.0.attn.to_q"], rank=12, seed=3)
+    with pytest.raises(AdapterRankError) as err:
+        served.set_loras([too_big])
+    assert "transformer_blocks.0.attn.to_q" in str(err.value) and "12" in str(err.value)
+    assert "max_rank 8" in str(err.value)
+    with torch.no_grad():
+        assert torch.equal(latents(served), ours)
