@@ -13,7 +13,6 @@ Writes OUT/bench.json progressively, so a run cut short still reports what it me
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -145,19 +144,10 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package", required=True)
-    parser.add_argument("--model", default="random:flux-dev")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--text-tokens", type=int, default=512)
-    parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
+    parser = serve_demo.workload_parser(__doc__)
     parser.add_argument("--skip-recipe", action="store_true")
     args = parser.parse_args(argv)
-    run(args.package, args.model, args.out, height=args.height, width=args.width, steps=args.steps,
-        text_tokens=args.text_tokens, lora_dir=args.lora_dir, skip_recipe=args.skip_recipe)
+    run(args.package, args.model, args.out, skip_recipe=args.skip_recipe, **serve_demo.workload_kwargs(args))
 
 
 if __name__ == "__main__":

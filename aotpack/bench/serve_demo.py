@@ -91,8 +91,9 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     return (results, served) if keep else results
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every serving benchmark takes: package, model, output folder and the request."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True)
     parser.add_argument("--model", default="random:flux-dev")
     parser.add_argument("--out", type=Path, required=True)
@@ -101,9 +102,17 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
-    args = parser.parse_args(argv)
-    run(args.package, args.model, args.out, height=args.height, width=args.width, steps=args.steps,
-        text_tokens=args.text_tokens, lora_dir=args.lora_dir)
+    return parser
+
+
+def workload_kwargs(args) -> dict:
+    return dict(height=args.height, width=args.width, steps=args.steps, text_tokens=args.text_tokens,
+                lora_dir=args.lora_dir)
+
+
+def main(argv=None) -> None:
+    args = workload_parser(__doc__).parse_args(argv)
+    run(args.package, args.model, args.out, **workload_kwargs(args))
 
 
 if __name__ == "__main__":
