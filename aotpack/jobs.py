@@ -133,7 +133,7 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
         torch.cuda.synchronize()
     return RequestResult(index=index, seconds=time.perf_counter() - started, switch_seconds=switch.seconds,
                          adapters_parsed=switch.parsed, image_path=image_path, latents_path=latents_path,
-                         notes=switch.report.notes)
+                         notes=switch.notes)
 
 
 def _save_image(path: str, image) -> str:

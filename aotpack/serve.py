@@ -30,6 +30,13 @@ class SwitchResult:
     parsed: int  # adapters read from disk for this switch (0: all came from the cache)
     report: StackReport
 
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know: keys dropped or zero parts skipped per adapter, SVD-fit energy."""
+        return [f"{name}: {note}" for name, notes in self.adapter_notes for note in notes] + self.report.notes
+
+    adapter_notes: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -59,10 +66,12 @@ class AotpackPipeline:
         if isinstance(adapter_or_source, Adapter):
             return adapter_or_source.to(self.cache.device, self.cache.dtype), float(scale), False
         was_cached = adapter_or_source in self.cache
-        return self.cache.get(str(adapter_or_source)), float(scale), not was_cached
+        return self.cache.get(adapter_or_source), float(scale), not was_cached
 
     def set_loras(self, loras=(), *, fit: str | None = None) -> SwitchResult:
-        """Make `loras` the active set: paths/Hub ids/`Adapter`s, each optionally `(x, scale)`.
+        """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
+        folder, a Hub file `owner/repo/file.safetensors`, an `AdapterSource(repo_id, weight_name,
+        revision)` or a parsed `Adapter`. `fit="svd"` compresses stacks above max_rank.
 
         Everything is parsed and checked before anything changes: a rejected set leaves the
         active one exactly as it was. An empty list deactivates all adapters.
@@ -77,7 +86,8 @@ class AotpackPipeline:
         _synchronize(self.device)
         self.active = [(adapter.name, scale) for adapter, scale in entries]
         return SwitchResult(adapters=list(self.active), seconds=time.perf_counter() - started,
-                            parsed=sum(parsed for *_, parsed in resolved), report=report)
+                            parsed=sum(parsed for *_, parsed in resolved), report=report,
+                            adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes])
 
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs)."""

@@ -17,7 +17,8 @@ def latents(pipe, seed: int = 7, **overrides) -> torch.Tensor:
 
 def reference_latents(pipe, loras, seed: int = 7, **overrides) -> torch.Tensor:
     """Latents of the eager pipeline with `loras` [(path, scale)] via load_lora_weights + set_adapters."""
-    loaded = set(pipe.get_list_adapters().get("transformer", [])) if hasattr(pipe, "get_list_adapters") else set()
+    # adapters of every component: a CLIP-only adapter has none in the transformer
+    loaded = set().union(*pipe.get_list_adapters().values()) if hasattr(pipe, "get_list_adapters") else set()
     names = []
     for path, _ in loras:
         name = f"ref_{abs(hash(str(path)))}"

@@ -1,33 +1,24 @@
 """An LRU of parsed adapters, kept compact (rank-r factors) on the serving device, within a byte budget.
 
-Switching to a cached adapter set reads no file: it copies these factors into the slot tensors.
+Switching to a cached adapter set reads no file and makes no network call: it copies these factors
+into the slot tensors on the device.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-from pathlib import Path
 
 from .parse import Adapter, parse_adapter
+from .sources import AdapterSource, adapter_source
 
 DEFAULT_BUDGET_BYTES = 4 << 30
-
-
-def _file_key(source: str) -> tuple:
-    """Identity of an adapter source: a local file changes key when it is rewritten."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    return (source,)
 
 
 class AdapterCache:
     def __init__(self, device, dtype, budget_bytes: int = DEFAULT_BUDGET_BYTES):
         self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
         self._entries: collections.OrderedDict[tuple, Adapter] = collections.OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evictions = 0
 
     @property
     def nbytes(self) -> int:
@@ -37,17 +28,19 @@ class AdapterCache:
         return len(self._entries)
 
     def __contains__(self, source) -> bool:
-        return _file_key(str(source)) in self._entries
+        return adapter_source(source).cache_key() in self._entries
 
-    def get(self, source: str | os.PathLike, **parse_kwargs) -> Adapter:
-        """The parsed adapter for `source`, parsing (and caching) it on a miss."""
-        key = _file_key(str(source))
+    def get(self, source, *, weight_name: str | None = None, revision: str | None = None) -> Adapter:
+        """The parsed adapter for `source` (path, `owner/repo/file.safetensors`, `AdapterSource`), parsing
+        and caching it on a miss. The most recently used entry is always kept, even above the budget."""
+        where: AdapterSource = adapter_source(source, weight_name=weight_name, revision=revision)
+        key = where.cache_key()
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
             return self._entries[key]
         self.misses += 1
-        adapter = parse_adapter(source, **parse_kwargs).to(device=self.device, dtype=self.dtype)
+        adapter = parse_adapter(where).to(device=self.device, dtype=self.dtype)
         self._entries[key] = adapter
         self._evict(keep=key)
         return adapter
@@ -58,3 +51,4 @@ class AdapterCache:
             if oldest == keep:
                 break
             self._entries.popitem(last=False)
+            self.evictions += 1

@@ -1,8 +1,9 @@
 """Reading adapter files safely: safetensors only, checked before any tensor is used.
 
-Pickle-based formats (`.bin`, `.pt`, `.ckpt`, `.pth`) can execute code when loaded; they are refused
-by name *and* by content without ever being unpickled. The safetensors header is parsed and
-checked against the file size first, so truncated files fail with a clear message.
+Nothing here ever unpickles. Pickle-based formats (`.bin`, `.pt`, `.ckpt`, `.pth`) are refused by
+name, and a pickle or `torch.save` archive renamed `.safetensors` is refused by content: only
+`safetensors.torch.load_file` reads tensors, and it cannot run code. The header is parsed and
+checked against the file size first, so truncated or corrupt files fail with a clear message.
 """
 
 from __future__ import annotations
@@ -16,108 +17,110 @@ import torch
 from ..errors import AdapterFileError
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for its saved LoraConfig
 _MAX_HEADER = 100 * 1024 * 1024
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for its LoraConfig metadata
+_REDOWNLOAD = "download the file again (or re-export it as .safetensors)"
+_CONVERT = ("convert it to .safetensors in a trusted, sandboxed environment, or use the publisher's "
+            ".safetensors release")
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save zip archives start with PK; raw pickles with the PROTO opcode 0x80.
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+def _pickle_kind(head: bytes) -> str | None:
+    """'torch.save zip archive' / 'pickle' when the first bytes say so, else None."""
+    if head[:4] == b"PK\x03\x04":
+        return "torch.save zip archive"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # PROTO opcode + protocol number
+    if head[:1] in (b"c", b"(", b"}", b"]") and b"\n" in head[:64]:
+        return "pickle"  # protocol 0/1 pickles start with GLOBAL / MARK / EMPTY_DICT ...
+    return None
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, data offset) of a safetensors file, validated against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise AdapterFileError(f"adapter {path} is {size} bytes: too short to be a safetensors file",
-                                   "download the file again")
-        if _looks_like_pickle(head):
+def read_header(path: Path, data: bytes) -> dict:
+    """The header dict of safetensors `data` (the bytes of `path`), validated against its size."""
+    size = len(data)
+    head = data[:64]
+    if size < 10:
+        raise AdapterFileError(f"adapter {path} is {size} bytes: too short to be a safetensors file", _REDOWNLOAD)
+    (header_len,) = struct.unpack("<Q", head[:8])
+    # A safetensors file is <u64 header length><JSON object>; check that shape before anything else,
+    # so a valid file is never mistaken for a pickle (its length may start with 0x80).
+    plausible = 2 <= header_len <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
+    if not plausible:
+        kind = _pickle_kind(head)
+        if kind:
             raise AdapterFileError(
-                f"adapter {path} is a pickle/torch.save file; it was not loaded (unpickling can run code)",
-                "convert it to .safetensors in a trusted environment, or download the .safetensors version",
-            )
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len == 0 or header_len > min(_MAX_HEADER, size - 8):
-            raise AdapterFileError(
-                f"adapter {path} has a corrupt safetensors header (declared length {header_len}, file {size} bytes)",
-                "download the file again",
-            )
-        raw = handle.read(header_len)
+                f"adapter {path} is a {kind}, not safetensors; it was not loaded (unpickling can run code)",
+                _CONVERT)
+        raise AdapterFileError(
+            f"adapter {path} is not a readable safetensors file (declared header length {header_len}, "
+            f"file {size} bytes)", _REDOWNLOAD)
     try:
-        header = json.loads(raw)
+        header = json.loads(data[8:8 + header_len])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"adapter {path} has an unreadable safetensors header ({err})",
-                               "download the file again") from err
+        raise AdapterFileError(f"adapter {path} has an unreadable safetensors header ({err})", _REDOWNLOAD) from err
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"adapter {path} has a safetensors header that is not a JSON object", _REDOWNLOAD)
     data_size = size - 8 - header_len
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        end = entry.get("data_offsets", [0, 0])[1] if isinstance(entry, dict) else 0
-        if end > data_size:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise AdapterFileError(f"adapter {path}: tensor {name!r} has no valid data_offsets in the header",
+                                   _REDOWNLOAD)
+        if offsets[1] > data_size:
             raise AdapterFileError(
-                f"adapter {path} is truncated: tensor {name!r} ends at byte {end} of {data_size} data bytes",
-                "download the file again",
-            )
-    return header, 8 + header_len
+                f"adapter {path} is truncated: tensor {name!r} ends at byte {offsets[1]} of {data_size} data bytes",
+                _REDOWNLOAD)
+    return header
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, diffusers LoRA metadata or {}) from a local `.safetensors` file, after checks."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterFileError(f"adapter file {path} does not exist",
-                               "check the path, or pass a Hub adapter as repo_id/weight_name.safetensors")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterFileError(
-            f"adapter {path} is a {path.suffix} (pickle) file; only .safetensors adapters are read, "
-            "because unpickling can run arbitrary code",
-            "convert it to .safetensors in a trusted environment, or use the .safetensors release",
-        )
-    header, _ = read_header(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _lora_metadata(path: Path, header: dict) -> dict:
+    file_meta = header.get("__metadata__") or {}
+    if METADATA_KEY not in file_meta:
+        return {}
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise AdapterFileError(f"adapter {path} could not be read: {err}", "download the file again") from err
+        meta = json.loads(file_meta[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"adapter {path}: its {METADATA_KEY!r} metadata is not valid JSON ({err})",
+                               "re-save the adapter with diffusers' save_lora_weights") from err
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"adapter {path}: its {METADATA_KEY!r} metadata is not a JSON object",
+                               "re-save the adapter with diffusers' save_lora_weights")
+    return meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise AdapterFileError(
-            f"adapter {path} holds NaN/Inf values in {len(bad)} tensors (e.g. {bad[:3]})",
+            f"adapter {where} holds NaN/Inf values in {len(bad)} tensors (e.g. {sorted(bad)[:3]})",
             "the adapter is broken (often a diverged training run); use another checkpoint",
         )
-    file_meta = header.get("__metadata__") or {}
-    lora_meta = json.loads(file_meta[METADATA_KEY]) if METADATA_KEY in file_meta else {}
-    return tensors, lora_meta
 
 
-def resolve_adapter_source(source: str, *, weight_name: str | None = None, revision: str | None = None) -> Path:
-    """A local path for `source`: an existing file, or a Hub file (`owner/repo/file.safetensors`, or
-    `owner/repo` with `weight_name`) fetched through the huggingface_hub cache (offline-aware)."""
-    path = Path(source).expanduser()
-    if weight_name is None and (path.exists() or source.count("/") < 2 or source.startswith((".", "/", "~"))):
-        if not path.exists():
-            raise AdapterFileError(f"adapter file {source} does not exist",
-                                   "check the path, or name a Hub adapter as owner/repo/file.safetensors")
-        return path
-    if weight_name is None:
-        owner, repo, *rest = source.split("/")
-        repo_id, name = f"{owner}/{repo}", "/".join(rest)
-    else:
-        repo_id, name = source, weight_name
-    if Path(name).suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterFileError(f"adapter {repo_id}/{name} is a pickle file and will not be downloaded or loaded",
-                               "use the repository's .safetensors file")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, diffusers LoRA metadata or {}) from a local `.safetensors` file (values are checked by
+    `check_finite` when the adapter is parsed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file {path} does not exist",
+                               "check the path, or name a Hub adapter as owner/repo/file.safetensors")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"adapter {path} is a {path.suffix} (pickle) file; only .safetensors adapters are read, "
+            "because unpickling can run arbitrary code", _CONVERT)
+    # One read: the checks and the tensors see the same bytes, and the tensors own their memory (a
+    # memory-mapped file rewritten or truncated later would change or crash a cached adapter).
+    data = path.read_bytes()
+    lora_meta = _lora_metadata(path, read_header(path, data))
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
-    except (EntryNotFoundError, RepositoryNotFoundError, LocalEntryNotFoundError) as err:
-        raise AdapterFileError(
-            f"adapter {repo_id}/{name} could not be found ({type(err).__name__})",
-            "check the repo id and file name; offline (HF_HUB_OFFLINE=1) only cached files are available",
-        ) from err
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise AdapterFileError(f"adapter {path} could not be read: {err}", _REDOWNLOAD) from err
+    # Key order as safetensors' load_file (and so diffusers) gives it: diffusers' choice of a default
+    # alpha depends on it (its "most common alpha" counts tensors by identity, so the first one wins).
+    return {key: tensors[key] for key in sorted(tensors)}, lora_meta

@@ -1,24 +1,31 @@
 """Parse any published Flux LoRA file into per-layer (A, scaled B) pairs, through diffusers' converters.
 
-Format detection and key conversion (kohya / sd-scripts, ComfyUI, XLabs, ai-toolkit, fal, BFL
-control, PEFT/diffusers) are diffusers' own `FluxLoraLoaderMixin.lora_state_dict`; per-layer
-scaling (alpha / rank, rank and alpha patterns, rsLoRA, diffusers' saved LoraConfig metadata)
-follows `load_lora_adapter` + PEFT exactly. What a slot cannot represent is reported, never dropped.
+Steps: refuse what a slot cannot hold (`unsupported`), convert with diffusers (`convert`), sort the
+converted keys into transformer and text-encoder parts, then fold each layer's scaling (alpha / r,
+rank and alpha patterns, rsLoRA, diffusers' saved LoraConfig metadata) into B exactly as
+diffusers' `load_lora_adapter` + PEFT compute it. Nothing is dropped without a note.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
 import torch
 
 from ..errors import AdapterFormatError
-from .files import load_safetensors, resolve_adapter_source
+from .convert import convert, dropped_notes
+from .files import check_finite, load_safetensors
+from .sources import AdapterSource, adapter_source, local_path
+from .unsupported import scan
 
 TRANSFORMER_PREFIX = "transformer."
 TEXT_ENCODER_PREFIX = "text_encoder."
+_FIX_PLAIN = ("use a plain LoRA (A/B matrices only) version of this adapter, or merge it into the base weights "
+              "and build a package for the merged model")
+_uids = itertools.count()
 
 
 @dataclasses.dataclass
@@ -44,6 +51,7 @@ class Adapter:
     text_encoder_alphas: dict[str, torch.Tensor]
     metadata: dict
     notes: list[str]
+    uid: int = dataclasses.field(default_factory=lambda: next(_uids))  # identity of this parse
 
     @property
     def nbytes(self) -> int:
@@ -57,40 +65,22 @@ class Adapter:
     def to(self, device=None, dtype=None) -> "Adapter":
         layers = {k: LayerDelta(d.A.to(device=device, dtype=dtype), d.B.to(device=device, dtype=dtype))
                   for k, d in self.layers.items()}
-        return dataclasses.replace(self, layers=layers)
+        return dataclasses.replace(self, layers=layers)  # same uid: the same parse
 
 
-# Parts of a LoRA file a slot cannot hold, by key pattern, with what they are.
-_UNSUPPORTED = (
-    (".lora_B.bias", "LoRA bias (lora_B.bias)"),
-    ("lora_magnitude_vector", "DoRA magnitude vectors"),
-    ("dora_scale", "DoRA scales"),
-    (".lokr_", "LoKr factors"),
-    (".hada_", "LoHa factors"),
-    (".diff_b", "bias deltas (diff_b)"),
-    (".diff", "full weight deltas (diff)"),
-)
-_NORM_KEYS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-
-
-def _classify(state_dict: dict) -> tuple[dict, dict, dict[str, list[str]], list[str]]:
-    """Split converted keys into transformer LoRA, text-encoder LoRA, unsupported parts, and other keys."""
-    transformer, text_encoder, unsupported, other = {}, {}, {}, []
-    for key, value in state_dict.items():
-        label = next((label for pattern, label in _UNSUPPORTED if pattern in key), None)
-        if label is None and key.startswith(TRANSFORMER_PREFIX) and "lora" not in key:
-            if any(norm in key for norm in _NORM_KEYS) or key.endswith((".weight", ".bias", ".scale")):
-                label = "norm/weight replacements (e.g. Control-LoRA norm scales)" if any(
-                    norm in key for norm in _NORM_KEYS) else "full weight/bias replacements"
-        if label is not None:
-            unsupported.setdefault(label, []).append(key)
-        elif key.startswith(TRANSFORMER_PREFIX) and ".lora_" in key:
-            transformer[key[len(TRANSFORMER_PREFIX):]] = value
-        elif key.startswith(TEXT_ENCODER_PREFIX) and ".lora_" in key:
+def _split(converted: dict) -> tuple[dict, dict, list[str]]:
+    """(transformer LoRA factors, text-encoder LoRA keys, slot-incompatible keys); keys for no
+    FluxPipeline component are left out (`convert` reports them as dropped)."""
+    transformer, text_encoder, incompatible = {}, {}, []
+    for key, value in converted.items():
+        if key.startswith(TRANSFORMER_PREFIX):
+            if key.endswith((".lora_A.weight", ".lora_B.weight")):
+                transformer[key[len(TRANSFORMER_PREFIX):]] = value
+            else:  # norm / full-weight replacements, biases: what the converters add beyond A/B
+                incompatible.append(key)
+        elif key.startswith(TEXT_ENCODER_PREFIX) and "lora" in key:
             text_encoder[key] = value
-        else:
-            other.append(key)
-    return transformer, text_encoder, unsupported, other
+    return transformer, text_encoder, incompatible
 
 
 def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict) -> dict[str, float]:
@@ -99,10 +89,15 @@ def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict) -> dict
     from peft.utils.other import get_pattern_key
 
     rank = {f"^{k}": v.shape[1] for k, v in transformer_sd.items() if "lora_B" in k and v.ndim > 1}
-    prefix_alphas = {k[len(TRANSFORMER_PREFIX):]: v for k, v in (alphas or {}).items()
-                     if k.startswith(TRANSFORMER_PREFIX)}
-    meta = {k[len(TRANSFORMER_PREFIX):]: v for k, v in (metadata or {}).items() if k.startswith(TRANSFORMER_PREFIX)}
-    config = _create_lora_config(transformer_sd, prefix_alphas or None, meta or None, rank)
+    if not rank:  # e.g. a text-encoder-only adapter
+        return {}
+    prefix_alphas = {k[len(TRANSFORMER_PREFIX):]: v for k, v in alphas.items() if k.startswith(TRANSFORMER_PREFIX)}
+    meta = {k[len(TRANSFORMER_PREFIX):]: v for k, v in metadata.items() if k.startswith(TRANSFORMER_PREFIX)}
+    try:
+        config = _create_lora_config(transformer_sd, prefix_alphas or None, meta or None, rank)
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"the adapter's LoRA configuration (metadata/alphas) is invalid: {err}",
+                                 "re-save the adapter with diffusers' save_lora_weights") from err
     scalings = {}
     for key in transformer_sd:
         if not key.endswith(".lora_A.weight"):
@@ -115,58 +110,63 @@ def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict) -> dict
     return scalings
 
 
-def parse_state_dict(state_dict: dict, *, name: str, source: str, metadata: dict | None = None) -> Adapter:
-    """Parse an in-memory LoRA state dict (any layout diffusers understands)."""
-    from diffusers import FluxPipeline
-
-    raw_keys = set(state_dict)
-    try:
-        converted, alphas = FluxPipeline.lora_state_dict(dict(state_dict), return_alphas=True)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError) as err:
-        raise AdapterFormatError(
-            f"adapter {source}: diffusers cannot convert this LoRA layout ({type(err).__name__}: {err})",
-            "use a Flux.1 LoRA in a published format (PEFT/diffusers, kohya, ComfyUI, XLabs, ai-toolkit)",
-        ) from err
-    transformer_sd, text_encoder, unsupported, other = _classify(converted)
-    if unsupported:
-        parts = "; ".join(f"{label}: {len(keys)} keys, e.g. {keys[0]}" for label, keys in unsupported.items())
-        raise AdapterFormatError(
-            f"adapter {source} holds parts a LoRA slot cannot represent ({parts})",
-            "use a plain LoRA (A/B matrices only) version of this adapter, or merge it into the base weights "
-            "and build a package for the merged model",
-        )
-    notes = []
-    if other:
-        notes.append(f"{len(other)} keys not used by FluxPipeline (e.g. {sorted(other)[:3]})")
-    if len(converted) + len(alphas or {}) < len(raw_keys) and any(".lora_down." in k for k in raw_keys):
-        notes.append(f"diffusers' kohya converter consumed {len(raw_keys)} keys into "
-                     f"{len(converted)} (embedder/final-layer keys it does not map are dropped by diffusers too)")
-    scalings = _module_scalings(transformer_sd, alphas, metadata or {})
+def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str) -> dict[str, LayerDelta]:
+    orphans = sorted(k for k in transformer_sd if k.endswith(".lora_B.weight")
+                     and k[: -len(".lora_B.weight")] not in scalings)
+    if orphans:
+        raise AdapterFormatError(f"adapter {source}: {len(orphans)} layers have lora_B but no lora_A "
+                                 f"(e.g. {orphans[0]})", "the file is incomplete; download it again")
     layers = {}
     for module, scaling in scalings.items():
-        a = transformer_sd[f"{module}.lora_A.weight"]
         b_key = f"{module}.lora_B.weight"
         if b_key not in transformer_sd:
             raise AdapterFormatError(f"adapter {source}: layer {module} has lora_A but no lora_B",
                                      "the file is incomplete; download it again")
-        a, b = a.float(), transformer_sd[b_key].float()
+        a, b = transformer_sd[f"{module}.lora_A.weight"].float(), transformer_sd[b_key].float()
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterFormatError(
-                f"adapter {source}: layer {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, not [r, in] x [out, r]",
-                "only linear-layer LoRA factors are supported",
-            )
+                f"adapter {source}: layer {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                "not [r, in] x [out, r]",
+                "only linear-layer LoRA factors with matching ranks are supported")
         layers[module] = LayerDelta(a.contiguous(), (b * scaling).contiguous())
-    text_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(TEXT_ENCODER_PREFIX)}
+    return layers
+
+
+def parse_state_dict(state_dict: dict, *, name: str, source: str, metadata: dict | None = None) -> Adapter:
+    """Parse an in-memory LoRA state dict (any layout diffusers understands)."""
+    metadata = metadata or {}
+    check_finite(state_dict, source)
+    findings = scan(state_dict)
+    if findings.refused:
+        raise AdapterFormatError(
+            f"adapter {source} holds parts a LoRA slot cannot represent ({findings.refusal_text()})", _FIX_PLAIN)
+    notes = [f"{len(keys)} all-zero {label} dropped (no effect), e.g. {keys[0]}"
+             for label, keys in findings.zero.items()]
+    zero = set(findings.zero_keys())
+    state_dict = {k: v for k, v in state_dict.items() if k not in zero}
+
+    conversion = convert(state_dict, source)
+    transformer_sd, text_encoder, incompatible = _split(conversion.state_dict)
+    if incompatible:
+        raise AdapterFormatError(
+            f"adapter {source} holds parts a LoRA slot cannot represent (after diffusers' conversion: "
+            f"{len(incompatible)} keys, e.g. {sorted(incompatible)[:3]})", _FIX_PLAIN)
+    notes += dropped_notes(conversion, state_dict)
+    scalings = _module_scalings(transformer_sd, conversion.alphas, metadata)
+    layers = _layer_deltas(transformer_sd, scalings, source)
     if not layers and not text_encoder:
-        raise AdapterFormatError(f"adapter {source} holds no Flux LoRA layers",
-                                 "check that this is a Flux.1 LoRA (not SD/SDXL)")
+        raise AdapterFormatError(f"adapter {source} holds no Flux LoRA layers (keys like {sorted(state_dict)[:3]})",
+                                 "check that this is a Flux.1 LoRA (not SD/SDXL or another model's)")
+    text_alphas = {k: v for k, v in conversion.alphas.items() if k.startswith(TEXT_ENCODER_PREFIX)}
     return Adapter(name=name, source=source, layers=layers, text_encoder=text_encoder,
-                   text_encoder_alphas=text_alphas, metadata=metadata or {}, notes=notes)
+                   text_encoder_alphas=text_alphas, metadata=metadata, notes=notes)
 
 
-def parse_adapter(source: str | Path, *, weight_name: str | None = None, revision: str | None = None,
-                  name: str | None = None) -> Adapter:
-    """Parse a LoRA from a local file or the Hub (`owner/repo/file.safetensors`)."""
-    path = resolve_adapter_source(str(source), weight_name=weight_name, revision=revision)
+def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None = None,
+                  revision: str | None = None, name: str | None = None) -> Adapter:
+    """Parse a LoRA from a local file/folder or the Hub (`owner/repo/file.safetensors`, or `repo_id` +
+    `weight_name`)."""
+    where = adapter_source(source, weight_name=weight_name, revision=revision)
+    path = local_path(where)
     tensors, metadata = load_safetensors(path)
-    return parse_state_dict(tensors, name=name or path.stem, source=str(source), metadata=metadata)
+    return parse_state_dict(tensors, name=name or path.stem, source=where.describe(), metadata=metadata)

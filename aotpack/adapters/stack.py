@@ -20,10 +20,21 @@ FITS = (None, "svd")
 @dataclasses.dataclass
 class StackReport:
     total_rank: dict[str, int]  # per layer, before any fit
-    fitted_layers: int = 0
-    retained_energy_min: float = 1.0
-    retained_energy_mean: float = 1.0
+    retained_energy: dict[str, float] = dataclasses.field(default_factory=dict)  # per SVD-fitted layer
     notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fitted_layers(self) -> int:
+        return len(self.retained_energy)
+
+    @property
+    def retained_energy_min(self) -> float:
+        return min(self.retained_energy.values(), default=1.0)
+
+    @property
+    def retained_energy_mean(self) -> float:
+        values = self.retained_energy.values()
+        return sum(values) / len(values) if values else 1.0
 
 
 def check_adapter(adapter: Adapter, slots: dict, max_rank: int, model_layers: set[str] | None = None) -> None:
@@ -45,6 +56,12 @@ def check_adapter(adapter: Adapter, slots: dict, max_rank: int, model_layers: se
         )
     for layer, delta in adapter.layers.items():
         spec = slots[layer]
+        if layer == "x_embedder" and delta.A.shape[1] > spec.in_features:
+            raise AdapterShapeError(
+                f"adapter {adapter.source}: x_embedder takes {delta.A.shape[1]} input channels, the model "
+                f"{spec.in_features}: a Control-LoRA input expansion, which a compiled package cannot take",
+                "use the eager diffusers FluxControlPipeline for Control LoRAs",
+            )
         if delta.B.shape[0] != spec.out_features or delta.A.shape[1] != spec.in_features:
             raise AdapterShapeError(
                 f"adapter {adapter.source}: layer {layer} has A {tuple(delta.A.shape)}, B {tuple(delta.B.shape)}; "
@@ -59,14 +76,19 @@ def check_adapter(adapter: Adapter, slots: dict, max_rank: int, model_layers: se
             )
 
 
-def _svd_fit(parts: list[tuple[torch.Tensor, torch.Tensor]], max_rank: int):
-    """Best rank-`max_rank` factors of sum(B_i A_i), and the retained energy fraction."""
+def svd_fit(parts: list[tuple[torch.Tensor, torch.Tensor, float]], max_rank: int):
+    """Best rank-`max_rank` factors of sum(s_i B_i A_i), and the retained energy fraction.
+
+    Energy is sum(kept s^2) / sum(s^2), so the fitted delta's relative Frobenius error is exactly
+    sqrt(1 - energy) (Eckart-Young). The SVD runs on the small R x R core of the QR factors.
+    """
     a = torch.cat([p[0] for p in parts], dim=0).double()  # [R, in]
-    b = torch.cat([p[1] for p in parts], dim=1).double()  # [out, R]
+    b = torch.cat([p[1].double() * p[2] for p in parts], dim=1)  # [out, R]
     qb, rb = torch.linalg.qr(b)  # b = qb rb
     qa, ra = torch.linalg.qr(a.T)  # a.T = qa ra
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # small R x R core
-    energy = float((s[:max_rank] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # small (at most R x R) core
+    total = float((s**2).sum())
+    energy = float((s[:max_rank] ** 2).sum()) / total if total > 0 else 1.0
     root = s[:max_rank].sqrt()
     new_b = (qb @ u[:, :max_rank]) * root
     new_a = root[:, None] * (vh[:max_rank] @ qa.T)
@@ -76,7 +98,8 @@ def _svd_fit(parts: list[tuple[torch.Tensor, torch.Tensor]], max_rank: int):
 
 def stack_adapters(entries: list[tuple[Adapter, float]], slots: dict, max_rank: int, *, fit: str | None = None,
                    model_layers: set[str] | None = None):
-    """Per-slot lists of (A, B) pairs for the bank, after checking every adapter; raises before any change."""
+    """Per-slot lists of (A, B, scale) parts for the bank, after checking every adapter; raises before any
+    change. Exact stacks pass the cached factors themselves: the bank scales B while copying it."""
     if fit not in FITS:
         raise AdapterRankError(f"unknown fit {fit!r}", "use --fit svd or leave it unset")
     for adapter, _ in entries:
@@ -84,7 +107,7 @@ def stack_adapters(entries: list[tuple[Adapter, float]], slots: dict, max_rank: 
     layers: dict[str, list] = {}
     for adapter, scale in entries:
         for layer, delta in adapter.layers.items():
-            layers.setdefault(layer, []).append((delta.A, delta.B * scale))
+            layers.setdefault(layer, []).append((delta.A, delta.B, scale))
     report = StackReport(total_rank={k: sum(p[0].shape[0] for p in v) for k, v in layers.items()})
     overfull = {k: r for k, r in report.total_rank.items() if r > max_rank}
     if overfull and fit is None:
@@ -94,15 +117,12 @@ def stack_adapters(entries: list[tuple[Adapter, float]], slots: dict, max_rank: 
             f"{max_rank}); ranks: {[a.layers[layer].rank for a, _ in entries if layer in a.layers]}",
             "use fewer adapters, rebuild with a larger --max-rank, or pass --fit svd to compress the stack",
         )
-    energies = []
     for layer in overfull:
-        a, b, energy = _svd_fit(layers[layer], max_rank)
-        layers[layer] = [(a, b)]
-        energies.append(energy)
-    if energies:
-        report.fitted_layers = len(energies)
-        report.retained_energy_min = min(energies)
-        report.retained_energy_mean = sum(energies) / len(energies)
-        report.notes.append(f"SVD fit on {len(energies)} layers: retained energy min {min(energies):.4f}, "
-                            f"mean {report.retained_energy_mean:.4f}")
+        a, b, report.retained_energy[layer] = svd_fit(layers[layer], max_rank)
+        layers[layer] = [(a, b, 1.0)]
+    if overfull:
+        worst = min(report.retained_energy, key=report.retained_energy.get)
+        report.notes.append(
+            f"SVD fit to rank {max_rank} on {len(overfull)} layers (stacked ranks up to {max(overfull.values())}): "
+            f"retained energy min {report.retained_energy_min:.4f} ({worst}), mean {report.retained_energy_mean:.4f}")
     return layers, report

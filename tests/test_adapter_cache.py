@@ -1,0 +1,145 @@
+"""The adapter cache (LRU within a byte budget), cached switches that read no file, Hub sources through
+the huggingface_hub cache (offline-aware), and switch times reported by `aotpack run --jobs`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lora_formats as formats
+from aotpack.adapters import AdapterSource, cache as cache_module, parse_adapter
+from aotpack.adapters.cache import AdapterCache
+from aotpack.cli import cli
+from aotpack.demo import random_lora_state_dict
+from aotpack.errors import AdapterFileError
+from aotpack.tiny import make_transformer
+from reference import REQUEST
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Four rank-8 adapters of equal size on the attention layers."""
+    directory, transformer = tmp_path_factory.mktemp("cache"), make_transformer()
+    return [formats.write(random_lora_state_dict(transformer, 8, ["*attn.to_*"], seed=60 + i),
+                          directory / f"a{i}.safetensors") for i in range(4)]
+
+
+def test_lru_evicts_least_recently_used_within_budget(loras):
+    size = parse_adapter(loras[0]).nbytes
+    cache = AdapterCache("cpu", torch.float32, budget_bytes=2 * size)
+    a, b, c = (cache.get(p) for p in loras[:3])  # a is evicted when c arrives
+    assert (cache.misses, cache.hits, cache.evictions, len(cache)) == (3, 0, 1, 2)
+    assert loras[0] not in cache and loras[1] in cache and cache.nbytes <= 2 * size
+    assert cache.get(loras[1]) is b and cache.hits == 1  # a hit: same object, now most recent
+    cache.get(loras[0])  # a again: parsed anew, and c (now the oldest) goes
+    assert loras[2] not in cache and loras[1] in cache and cache.misses == 4
+    tiny = AdapterCache("cpu", torch.float32, budget_bytes=1)  # the newest entry stays even over budget
+    assert tiny.get(loras[3]) is not None and len(tiny) == 1
+
+
+def test_rewritten_file_is_parsed_again(loras, tmp_path):
+    path = tmp_path / "changing.safetensors"
+    shutil.copy(loras[0], path)
+    cache = AdapterCache("cpu", torch.float32)
+    first = cache.get(path)
+    shutil.copy(loras[1], path)
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
+    second = cache.get(path)
+    assert cache.misses == 2 and not torch.equal(first.layers["transformer_blocks.0.attn.to_q"].A,
+                                                 second.layers["transformer_blocks.0.attn.to_q"].A)
+
+
+def test_switching_to_cached_set_reads_no_file(loras, served_tiny, monkeypatch):
+    served_tiny.set_loras([(loras[0], 1.0), (loras[1], 0.5)])
+    with torch.no_grad():
+        first = served_tiny(**REQUEST, generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images
+    served_tiny.set_loras([])
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("a cached adapter was parsed again")
+
+    monkeypatch.setattr(cache_module, "parse_adapter", no_parse)
+    for opener in ("builtins.open", "io.open"):  # Path.read_bytes goes through io.open
+        monkeypatch.setattr(opener, lambda *a, **k: pytest.fail(f"file opened during a cached switch: {a}"))
+    result = served_tiny.set_loras([(loras[0], 1.0), (loras[1], 0.5)])
+    monkeypatch.undo()
+    assert result.parsed == 0
+    with torch.no_grad():
+        again = served_tiny(**REQUEST, generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images
+    assert torch.equal(first, again)
+
+
+def _populate_hub_cache(cache_dir, repo_id: str, files: dict[str, object], commit: str = "0" * 40):
+    """The huggingface_hub cache layout: refs/main -> snapshots/<commit>/<file>."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+
+
+def test_hub_adapter_from_offline_cache(loras, tmp_path, monkeypatch, served_tiny):
+    from huggingface_hub import constants
+
+    _populate_hub_cache(tmp_path, "someone/flux-style", {"style.safetensors": loras[2],
+                                                         "sub/other.safetensors": loras[3]})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = parse_adapter("someone/flux-style/style.safetensors")
+    local = parse_adapter(loras[2])
+    assert hub.source == "someone/flux-style/style.safetensors"
+    assert torch.equal(hub.layers["transformer_blocks.0.attn.to_q"].B, local.layers["transformer_blocks.0.attn.to_q"].B)
+    assert parse_adapter("someone/flux-style", weight_name="sub/other.safetensors").layers
+    result = served_tiny.set_loras([(AdapterSource("someone/flux-style", "sub/other.safetensors"), 0.5)])
+    assert result.adapters == [("other", 0.5)]
+    with pytest.raises(AdapterFileError, match="not in the local Hugging Face cache"):
+        parse_adapter("someone/flux-style/missing.safetensors")
+
+
+def test_hub_names_and_revisions_reach_hf_hub_download(loras, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        return str(loras[0])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    parse_adapter("owner/repo/folder/lora.safetensors")
+    parse_adapter("owner/repo", weight_name="lora.safetensors", revision="v2")
+    parse_adapter(AdapterSource("owner/repo", "x.safetensors", "abc123"))
+    parse_adapter("hf://owner/repo@v3/sub/y.safetensors")
+    assert calls == [("owner/repo", "folder/lora.safetensors", None), ("owner/repo", "lora.safetensors", "v2"),
+                     ("owner/repo", "x.safetensors", "abc123"), ("owner/repo", "sub/y.safetensors", "v3")]
+    cache = AdapterCache("cpu", torch.float32)
+    cache.get("owner/repo/a.safetensors")
+    cache.get("owner/repo/a.safetensors")  # a cached Hub adapter makes no call, not even a metadata check
+    assert len(calls) == 5 and cache.hits == 1
+
+
+def test_jobs_report_switch_times_and_notes(loras, tiny_package, tmp_path):
+    """`aotpack run --jobs`: every request reports its LoRA switch time, file vs cache, and adapter notes."""
+    from aotpack.tiny import make_pipeline
+
+    eager = make_pipeline()
+    mixture = formats.write(formats.mixture(eager.transformer, formats.clip_layers(eager.text_encoder)),
+                            tmp_path / "mixture.safetensors")
+    common = {"prompt": "a cat", "seed": 1, "steps": 1, "height": 64, "width": 64, "max_sequence_length": 16}
+    jobs = [{"loras": [[str(loras[0]), 1.0]]}, {"loras": [[str(mixture), 0.8]]}, {"loras": [[str(loras[0]), 1.0]]},
+            {"loras": []}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({**common, **job}) + "\n" for job in jobs))
+    result = CliRunner().invoke(cli, ["run", str(tiny_package), "--jobs", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("request ")]
+    assert len(lines) == 4 and all("LoRA switch" in line and " ms " in line for line in lines)
+    assert "from file" in lines[0] and "from file" in lines[1] and "cached" in lines[2]
+    assert "diffusers drops" in lines[1] and "lora_unet_extra_layer" in lines[1]
