@@ -110,6 +110,12 @@ def _save_latents(path: str, latents: torch.Tensor) -> str:
 
 def run_request(served, request: Request, index: int = 0) -> RequestResult:
     """Switch to the request's LoRA set, generate, write the image/latents; time both parts."""
+    if served.pipeline.text_encoder_2 is None:
+        raise AotpackError(
+            "this model has no text encoders (random:* presets are for benchmarks), so prompts cannot be encoded",
+            "pass a model with text encoders (a diffusers pipeline directory or Hub id), or call the Python API "
+            "with prompt_embeds= and pooled_prompt_embeds=",
+        )
     switch = served.set_loras(request.loras, fit=request.fit)
     started = time.perf_counter()
     common = dict(prompt=request.prompt, height=request.height, width=request.width,

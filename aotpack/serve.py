@@ -124,11 +124,14 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
     device = device or ("cuda" if manifest.device == "cuda" else "cpu")
-    with report.stage(f"load {ref.describe()} weights and bind them"):
+    with report.stage(f"load {ref.describe()} transformer weights"):
         transformer = load_transformer(ref, torch_dtype(manifest.dtype), device)
+    with report.stage(f"quantize ({manifest.quantization['method']}) and add LoRA slots"):
         prepare_transformer(transformer, dtype=manifest.dtype, device=device,
                             quantization=manifest.quantization["method"],
                             slot_names=[s.name for s in manifest.slots])
+    instances = sum(len(p.instances) for p in manifest.programs)
+    with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
     with report.stage("load text encoders, VAE and scheduler"):
         pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled)
