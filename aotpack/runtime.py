@@ -42,9 +42,7 @@ class SlotBank:
     """
 
     def __init__(self, slots, max_rank: int, dtype: torch.dtype, device):
-        self.max_rank = max_rank
         self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
-        self.dtype, self.device = dtype, torch.device(device)
         self.used_rank = {s.name: 0 for s in slots}
 
     def write(self, layers: dict[str, list[tuple]]) -> None:
