@@ -12,6 +12,7 @@ import torch
 
 from .aoti import compile_programs, describe_inputs, export_region
 from .attention import attention_context, kernels_in_package
+from .doctor import require_working_toolchain
 from .errors import ValidationFailedError
 from .examples import relative_error, transformer_inputs
 from .machine import check_can_build, gpu_name, versions
@@ -21,9 +22,9 @@ from .prepare import prepare_transformer, regional_slot_names, torch_dtype
 from .progress import Progress
 from .quant import quantization_record
 from .recipe import Recipe, load_recipe
-from .regions import EPILOGUE, PROLOGUE, WHOLE, block_prefixes, instance_slot_prefix, make_region
+from .regions import (EPILOGUE, PROLOGUE, WHOLE, block_prefixes, instance_slot_prefix, make_region,
+                      prologue_arguments)
 from .slots import SlotSpec, bind_slot_tensors, lora_input_names, random_slot_tensors, select_slot_names
-from .doctor import require_working_toolchain
 from .toolchain import check_package_shared_objects
 
 DEFAULT_OUT = Path("artifacts") / "packages"
@@ -49,14 +50,9 @@ def _program_plan(transformer, layout: str) -> list[tuple[str, list]]:
     return plan + [(EPILOGUE, [None])]
 
 
-def _region_activations(kind: str, transformer, inputs: dict, prologue_outputs) -> tuple:
+def _region_activations(kind: str, inputs: dict, prologue_outputs) -> tuple:
     if kind in (PROLOGUE, WHOLE):
-        names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-                 "guidance"]
-        values = {"guidance": None, **inputs}
-        values["img_ids"] = inputs["img_ids"].float()  # the programs take position ids in float32
-        values["txt_ids"] = inputs["txt_ids"].float()
-        return tuple(values[n] for n in names)
+        return prologue_arguments(inputs)
     hidden, encoder, temb, cos, sin = prologue_outputs
     if kind == EPILOGUE:
         return hidden, temb
@@ -133,11 +129,11 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
     if recipe.layout == "regional":  # block programs are traced on the prologue's real outputs
         with torch.no_grad():
             prologue = make_region(transformer, PROLOGUE)
-            prologue_outputs = prologue(*_region_activations(PROLOGUE, transformer, inputs, None), None)
+            prologue_outputs = prologue(*_region_activations(PROLOGUE, inputs, None), None)
     exported = []
     for kind, instances in _program_plan(transformer, recipe.layout):
         region = make_region(transformer, kind, instances[0])
-        activations = _region_activations(kind, transformer, inputs, prologue_outputs)
+        activations = _region_activations(kind, inputs, prologue_outputs)
         lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
                                    device, generator)
         with report.stage(f"export {kind}"):

@@ -64,6 +64,14 @@ def _prologue_inputs(has_guidance: bool) -> tuple[str, ...]:
             "guidance")
 
 
+def prologue_arguments(inputs: dict) -> tuple:
+    """`FluxTransformer2DModel.forward` keyword inputs as the prologue/whole programs take them,
+    positionally (guidance None without guidance embedding, position ids in float32)."""
+    values = {"guidance": None, **inputs}
+    values["img_ids"], values["txt_ids"] = inputs["img_ids"].float(), inputs["txt_ids"].float()
+    return tuple(values[name] for name in _prologue_inputs(True))
+
+
 def _epilogue(transformer, hidden_states, temb):
     return transformer.proj_out(transformer.norm_out(hidden_states, temb))
 

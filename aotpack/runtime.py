@@ -16,7 +16,8 @@ from .aoti import CompiledProgram
 from .errors import PackageMismatchError, UnsupportedCallError
 from .manifest import Manifest
 from .prepare import torch_dtype
-from .regions import BLOCK_KINDS, EPILOGUE, PROLOGUE, WHOLE, instance_slot_prefix, make_region
+from .regions import (BLOCK_KINDS, EPILOGUE, PROLOGUE, WHOLE, instance_slot_prefix, make_region,
+                      prologue_arguments)
 from .slots import lora_input_names, zero_slot_tensors
 
 
@@ -150,10 +151,7 @@ class CompiledFluxTransformer(nn.Module):
             errors[kind] = max(errors.get(kind, 0.0), worst)
             return expected
 
-        names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-                 "guidance")
-        first = [inputs.get(n) for n in names]
-        first[4], first[5] = first[4].float(), first[5].float()
+        first = prologue_arguments(inputs)
         if WHOLE in self._programs:
             compare(WHOLE, None, first)
             return errors
