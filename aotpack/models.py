@@ -137,8 +137,28 @@ def load_transformer(ref: ModelRef, dtype: torch.dtype, device: str = "cpu"):
     return model.eval()
 
 
-def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
-    """The diffusers `FluxPipeline` for `ref`; `transformer` replaces the eager one if given."""
+def _nf4_t5(ref: ModelRef, dtype: torch.dtype):
+    """T5 in 4-bit NF4 (bitsandbytes), as the published 24 GB recipe loads it next to an FP8 transformer."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ModelSourceError(
+            "this package's recipe loads the T5 text encoder in 4-bit NF4 (24 GB policy), which needs bitsandbytes",
+            "pip install bitsandbytes on the serving machine (CUDA), or use a package built with a recipe whose "
+            "text_encoder_policy is 'full'",
+        ) from err
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return T5EncoderModel.from_pretrained(ref.location, subfolder="text_encoder_2", revision=ref.revision,
+                                          quantization_config=config, torch_dtype=dtype)
+
+
+def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None, text_encoder_policy: str = "full"):
+    """The diffusers `FluxPipeline` for `ref`; `transformer` replaces the eager one if given.
+
+    `text_encoder_policy` "t5_nf4" loads T5 in 4 bits (checkpoints with text encoders only).
+    """
     from diffusers import FluxPipeline
 
     if ref.kind == "tiny":
@@ -153,6 +173,8 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype, transformer=None):
     # diffusers type-checks components passed to from_pretrained (ModelMixin only), so the compiled
     # transformer is attached after loading; `transformer=None` skips reading the eager weights again.
     kwargs = {"transformer": None} if transformer is not None else {}
+    if text_encoder_policy == "t5_nf4":
+        kwargs["text_encoder_2"] = _nf4_t5(ref, dtype)
     try:
         pipe = FluxPipeline.from_pretrained(ref.location, revision=ref.revision, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:

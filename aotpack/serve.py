@@ -134,7 +134,8 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
     with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
     with report.stage("load text encoders, VAE and scheduler"):
-        pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled)
+        pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
+                                 text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))
         pipeline.to(device)
     cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
                          **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))

@@ -135,3 +135,18 @@ def test_whole_layout_with_narrowed_slots(whole_package, tmp_path):
     assert "max_rank 8" in str(err.value)
     with torch.no_grad():
         assert torch.equal(latents(served), ours)
+
+
+def test_t5_nf4_policy_needs_bitsandbytes_and_says_so(other_pipeline_dir):
+    """The rtx4090 recipe's 24 GB policy loads T5 in NF4; without bitsandbytes (this CPU machine) the
+    pipeline refuses with the fix instead of silently loading T5 in full precision."""
+    import importlib.util
+
+    from aotpack.errors import ModelSourceError
+    from aotpack.models import load_pipeline, parse_model_ref
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed; this test covers the refusal without it")
+    with pytest.raises(ModelSourceError) as err:
+        load_pipeline(parse_model_ref(str(other_pipeline_dir)), torch.float32, text_encoder_policy="t5_nf4")
+    assert "bitsandbytes" in str(err.value) and "text_encoder_policy" in str(err.value)
