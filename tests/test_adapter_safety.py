@@ -4,6 +4,7 @@ and a rejected adapter set leaves the active one exactly as it was (bit-identica
 from __future__ import annotations
 
 import os
+import random
 import pickle
 import struct
 
@@ -95,8 +96,8 @@ def _corrupt(path, kind: str):
     elif kind == "header_garbage":
         (length,) = struct.unpack("<Q", data[:8])
         path.write_bytes(data[:8] + b"{" + b"\xff" * (length - 1) + data[8 + length:])
-    elif kind == "random_bytes":
-        path.write_bytes(os.urandom(4096))
+    elif kind == "random_bytes":  # seeded, and not starting like a pickle (that has its own message)
+        path.write_bytes(b"B" + random.Random(4096).randbytes(4095))
     elif kind == "empty":
         path.write_bytes(b"")
     return path
