@@ -134,6 +134,8 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
     """Run `python -m aotpack.compile_worker SPEC` for each spec, `workers` at a time.
 
     Plain subprocesses rather than multiprocessing: spawn would re-run an unguarded caller script.
+    Worker output goes to a log file beside the package, not a pipe: a chatty compile could fill a
+    pipe nobody reads until the worker exits, and hang both.
     """
     import json
     import subprocess
@@ -145,21 +147,24 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
             spec = pending.pop(0)
             spec_path = Path(spec["package_path"]).with_suffix(".job.json")
             spec_path.write_text(json.dumps(spec))
-            running[spec["name"]] = (subprocess.Popen([sys.executable, "-m", "aotpack.compile_worker", str(spec_path)],
-                                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                                     spec_path)
-        for name, (process, spec_path) in list(running.items()):
+            log_path = spec_path.with_suffix(".log")
+            with open(log_path, "w") as log:
+                process = subprocess.Popen([sys.executable, "-m", "aotpack.compile_worker", str(spec_path)],
+                                           stdout=log, stderr=subprocess.STDOUT)
+            running[spec["name"]] = (process, spec_path, log_path)
+        for name, (process, spec_path, log_path) in list(running.items()):
             if process.poll() is None:
                 continue
-            stdout, stderr = process.communicate()
+            output = log_path.read_text(errors="replace")
             spec_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
             del running[name]
             if process.returncode != 0:
-                for other, _ in running.values():
+                for other, *_ in running.values():
                     other.kill()
-                raise ExportError(f"compiling {name} failed in its worker process:\n{stderr[-3000:]}",
+                raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --jobs 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
-            seconds[name] = float(stdout.strip().splitlines()[-1])
+            seconds[name] = float(output.strip().splitlines()[-1])
             report.info(f"    compiled {name}: {seconds[name]:.1f} s")
         time.sleep(0.2)
     return seconds
@@ -211,10 +216,8 @@ class CompiledProgram:
         self._out_spec = out_spec
         # Number every leaf, rebuild the input structure, and read back which position is which.
         (positional, _kwargs) = pytree.tree_unflatten(list(range(in_spec.num_leaves)), in_spec)
-        *activation_positions, lora_positions = positional
-        self.num_activations = sum(p is not None for p in activation_positions)
+        *_activation_positions, lora_positions = positional
         self.lora_order = list(lora_positions.keys())
-        self.num_inputs = in_spec.num_leaves
 
     def constant_names(self) -> list[str]:
         return list(self.model.get_constant_fqns())

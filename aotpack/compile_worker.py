@@ -12,7 +12,7 @@ def main() -> None:
 
     seconds = compile_saved_program(spec["exported_path"], spec["package_path"], spec["inductor_configs"],
                                     spec["attention"], spec["needs_torchao"])
-    print(seconds)
+    print(seconds, flush=True)  # last line of the worker's log: read by the parent
 
 
 if __name__ == "__main__":

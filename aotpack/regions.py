@@ -25,7 +25,6 @@ class Region(nn.Module):
 
     kind: str
     activation_names: tuple[str, ...]
-    output_names: tuple[str, ...]
 
     def slots(self) -> dict[str, LoRASlotLinear]:
         return slot_modules(self.body)
@@ -58,10 +57,10 @@ def _prologue(transformer, hidden_states, encoder_hidden_states, pooled_projecti
     return hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin
 
 
-def _prologue_inputs(has_guidance: bool) -> tuple[str, ...]:
-    """Positional inputs; `guidance` is always a parameter but None (no program input) without guidance."""
-    return ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-            "guidance")
+# Positional inputs of the prologue/whole programs; `guidance` is always a parameter, None (no program
+# input) for models without guidance embedding.
+PROLOGUE_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                   "guidance")
 
 
 def prologue_arguments(inputs: dict) -> tuple:
@@ -69,7 +68,7 @@ def prologue_arguments(inputs: dict) -> tuple:
     positionally (guidance None without guidance embedding, position ids in float32)."""
     values = {"guidance": None, **inputs}
     values["img_ids"], values["txt_ids"] = inputs["img_ids"].float(), inputs["txt_ids"].float()
-    return tuple(values[name] for name in _prologue_inputs(True))
+    return tuple(values[name] for name in PROLOGUE_INPUTS)
 
 
 def _epilogue(transformer, hidden_states, temb):
@@ -91,13 +90,11 @@ EPILOGUE_MODULES = ("norm_out", "proj_out")
 
 class PrologueRegion(Region):
     kind = PROLOGUE
-    output_names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
 
     def __init__(self, transformer):
         super().__init__()
         self.body = _TransformerPart(transformer, PROLOGUE_MODULES)
-        self.has_guidance = bool(transformer.config.guidance_embeds)
-        self.activation_names = _prologue_inputs(self.has_guidance)
+        self.activation_names = PROLOGUE_INPUTS
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance, lora):
@@ -110,7 +107,6 @@ class BlockRegion(Region):
     """One transformer block (double or single): `(hidden, encoder, temb, cos, sin) -> (encoder, hidden)`."""
 
     activation_names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
-    output_names = ("encoder_hidden_states", "hidden_states")
 
     def __init__(self, block, kind: str):
         super().__init__()
@@ -130,7 +126,6 @@ class BlockRegion(Region):
 class EpilogueRegion(Region):
     kind = EPILOGUE
     activation_names = ("hidden_states", "temb")
-    output_names = ("sample",)
 
     def __init__(self, transformer):
         super().__init__()
@@ -145,13 +140,11 @@ class WholeRegion(Region):
     """The entire transformer forward as one program (slot names are the full layer names)."""
 
     kind = WHOLE
-    output_names = ("sample",)
 
     def __init__(self, transformer):
         super().__init__()
         self.body = transformer
-        self.has_guidance = bool(transformer.config.guidance_embeds)
-        self.activation_names = _prologue_inputs(self.has_guidance)
+        self.activation_names = PROLOGUE_INPUTS
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance, lora):
