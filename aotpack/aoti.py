@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from torch.export import Dim
-from torch.utils import _pytree as pytree
 
 from .errors import ExportError
 from .regions import BLOCK_KINDS, Region
@@ -203,29 +202,3 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
             Path(spec["exported_path"]).unlink(missing_ok=True)
     report.info(f"    all programs compiled in {time.perf_counter() - started:.1f} s")
     return seconds
-
-
-class CompiledProgram:
-    """A loaded `.pt2` with its weights bound, called with a flat list of tensors (no pytree per call)."""
-
-    def __init__(self, package_path: Path, device: str):
-        index = torch.device(device).index
-        self.model = torch._inductor.aoti_load_package(str(package_path), device_index=-1 if index is None else index)
-        in_spec = pytree.treespec_loads(self.model.loader.get_call_spec()[0])
-        out_spec = pytree.treespec_loads(self.model.loader.get_call_spec()[1])
-        self._out_spec = out_spec
-        # Number every leaf, rebuild the input structure, and read back which position is which.
-        (positional, _kwargs) = pytree.tree_unflatten(list(range(in_spec.num_leaves)), in_spec)
-        *_activation_positions, lora_positions = positional
-        self.lora_order = list(lora_positions.keys())
-
-    def constant_names(self) -> list[str]:
-        return list(self.model.get_constant_fqns())
-
-    def bind_constants(self, constants: dict[str, torch.Tensor]) -> None:
-        # user_managed: the program reads our tensors in place; no second copy of the weights.
-        self.model.load_constants(constants, check_full_update=True, user_managed=True)
-
-    def __call__(self, flat_inputs: list[torch.Tensor]):
-        outputs = self.model.loader.boxed_run(flat_inputs)
-        return pytree.tree_unflatten(outputs, self._out_spec)

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .aoti import CompiledProgram
+from . import program as program_files
+from .program import CompiledProgram
 from .errors import PackageMismatchError, UnsupportedCallError
 from .manifest import Manifest
 from .prepare import torch_dtype
@@ -106,13 +107,12 @@ class CompiledFluxTransformer(nn.Module):
                                 for spec in manifest.programs}
         for spec in manifest.programs:
             self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
-            self._programs[spec.kind] = [
-                self._load_instance(Path(package_dir) / spec.file, spec, instance) for instance in spec.instances
-            ]
+            source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
+            self._programs[spec.kind] = [self._load_instance(source, spec, instance) for instance in spec.instances]
 
     # -- loading ---------------------------------------------------------------------------------
-    def _load_instance(self, path: Path, spec, instance) -> _Instance:
-        program = CompiledProgram(path, str(self._device))
+    def _load_instance(self, source: program_files.ProgramFile, spec, instance) -> _Instance:
+        program = source.instantiate(str(self._device))
         constants = region_constants(self._weights_owner, spec.kind, instance)
         expected = set(program.constant_names())
         if expected != set(constants):

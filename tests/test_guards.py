@@ -11,6 +11,7 @@ import torch
 
 import aotpack
 from aotpack import machine
+from aotpack import program as program_files
 from aotpack.errors import PackageMismatchError
 from aotpack.manifest import MANIFEST_NAME, read_manifest
 from aotpack.models import config_fingerprint, load_transformer_config, parse_model_ref
@@ -20,9 +21,9 @@ from aotpack.models import config_fingerprint, load_transformer_config, parse_mo
 def nothing_compiled_loads(monkeypatch):
     """Fails the test if a compiled program is loaded: refusals must come before any .so is opened."""
     def refuse(*args, **kwargs):
-        raise AssertionError(f"aoti_load_package was called with {args}: the guard came too late")
+        raise AssertionError(f"a compiled program was opened ({args}): the guard came too late")
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", refuse)
+    monkeypatch.setattr(program_files, "open_program", refuse)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import aotpack
+from aotpack import program as program_files
 from aotpack.cli import cli
 from aotpack.errors import PackageIntegrityError, PackageMismatchError, PublishError
 from aotpack.manifest import read_manifest, sha256_file
@@ -75,7 +76,7 @@ def no_program_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a program was loaded before the package was refused")
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", refuse)
+    monkeypatch.setattr(program_files, "open_program", refuse)
 
 
 @pytest.fixture
