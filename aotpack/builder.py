@@ -13,7 +13,7 @@ import torch
 from .aoti import compile_programs, describe_inputs, export_region
 from .attention import attention_context, kernels_in_package
 from .doctor import require_working_toolchain
-from .errors import ValidationFailedError
+from .errors import AotpackError, ValidationFailedError
 from .examples import relative_error, transformer_inputs
 from .machine import check_can_build, gpu_name, versions
 from .manifest import Manifest, ProgramSpec, sha256_file
@@ -33,6 +33,9 @@ DEFAULT_OUT = Path("artifacts") / "packages"
 def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None) -> Recipe:
     changes = {}
     if max_rank is not None:
+        if int(max_rank) < 0:
+            raise AotpackError(f"max_rank = {max_rank} is negative",
+                               "pass --max-rank 0 for a package without LoRA slots, or the largest rank to serve")
         changes["max_rank"] = int(max_rank)
     if slots:
         changes["slots"] = tuple(slots)
@@ -173,8 +176,12 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
         transformer = load_transformer(ref, torch_dtype(recipe.dtype), device)
         config = structural_config(dict(transformer.config))
     with report.stage(f"prepare ({recipe.dtype}, quantization {recipe.quantization}, LoRA slots)"):
-        names = (regional_slot_names(transformer, recipe.slots) if recipe.layout == "regional"
-                 else select_slot_names(transformer, recipe.slots))
+        if recipe.max_rank == 0:  # a base-only package: no LoRA inputs at all
+            names = []
+        elif recipe.layout == "regional":
+            names = regional_slot_names(transformer, recipe.slots)
+        else:
+            names = select_slot_names(transformer, recipe.slots)
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
                                          quantization=recipe.quantization, slot_names=names)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")

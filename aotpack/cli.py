@@ -43,7 +43,7 @@ def cli():
               help="'tiny', a diffusers-format directory, or a Hub id (owner/name[@revision]).")
 @click.option("--target", default="cpu", show_default=True, help="Recipe name (see `aotpack targets`) or .toml path.")
 @click.option("--revision", default=None, help="Hub revision of --model.")
-@click.option("--max-rank", type=int, default=None, help="Largest LoRA rank (summed over stacked adapters).")
+@click.option("--max-rank", type=int, default=None, help="Largest LoRA rank (summed over stacked adapters); 0 builds without LoRA slots.")
 @click.option("--slots", "slots", multiple=True, help="fnmatch pattern of linear layers to slot (repeatable).")
 @click.option("--layout", type=click.Choice(["regional", "whole"]), default=None, help="Program layout.")
 @click.option("--out", type=click.Path(), default=None, help="Package directory to write.")

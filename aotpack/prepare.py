@@ -10,7 +10,7 @@ import torch
 
 from .quant import place_and_quantize
 from .regions import block_prefixes
-from .slots import SlotSpec, install_slots, select_slot_names
+from .slots import SlotSpec, detach_biases, install_slots, select_slot_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,5 +38,7 @@ def prepare_transformer(transformer, *, dtype: str, device: str, quantization: s
     """Cast, place, quantize and slot `transformer` in place; returns the slot table."""
     transformer.requires_grad_(False)
     transformer.to(torch_dtype(dtype))
-    place_and_quantize(transformer, quantization, device)
-    return install_slots(transformer, list(slot_names))
+    quantized = place_and_quantize(transformer, quantization, device)
+    specs = install_slots(transformer, list(slot_names))
+    detach_biases(transformer, [n for n in quantized if n not in set(slot_names)])
+    return specs

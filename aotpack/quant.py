@@ -48,15 +48,15 @@ def _quantized_linear_names(transformer: nn.Module) -> list[str]:
     ]
 
 
-def place_and_quantize(transformer: nn.Module, method: str, device: str) -> None:
-    """Move the transformer to `device`, quantizing its block linears on the way.
+def place_and_quantize(transformer: nn.Module, method: str, device: str) -> list[str]:
+    """Move the transformer to `device`, quantizing its block linears on the way; returns their names.
 
     Block by block, so that at most one block's bf16 weights sit on the GPU beside the FP8 ones:
     peak memory while loading stays near the size of the quantized model, not twice the bf16 one.
     """
     if method == "none":
         transformer.to(device)
-        return
+        return []
     if method != "fp8_rowwise":
         raise AotpackError(f"unknown quantization {method!r}", "use 'none' or 'fp8_rowwise'")
     from torchao.quantization import quantize_
@@ -74,3 +74,4 @@ def place_and_quantize(transformer: nn.Module, method: str, device: str) -> None
         quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: isinstance(m, nn.Linear) and f"{p}.{fqn}" in targets)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+    return sorted(targets)

@@ -34,12 +34,12 @@ def lora_input_names(slot_name: str) -> tuple[str, str]:
     return f"{slot_name}.lora_A", f"{slot_name}.lora_B"
 
 
-class LoRASlotLinear(nn.Module):
-    """`base(x) + bias + B (A x)`, where A and B are bound per call by the region that owns the slot.
+class BiasAfterLinear(nn.Module):
+    """`base(x) + bias`, with the bias held outside the (quantized) base linear.
 
-    The slot owns the bias (the base linear computes `W x` only): the bias add fuses with the LoRA
-    add, and row-wise FP8 matmuls with a bias epilogue fail in cuBLASLt for small M with K >= 12288
-    (measured on the H200 with torch 2.11, see docs/gpu.md).
+    Row-wise FP8 matmuls with a bias epilogue fail in cuBLASLt for small M with K >= 12288
+    (measured on the H200 with torch 2.11, see docs/gpu.md), so no FP8 linear keeps its bias; the
+    separate add fuses into the next elementwise op.
     """
 
     def __init__(self, base: nn.Linear):
@@ -49,13 +49,25 @@ class LoRASlotLinear(nn.Module):
         self.out_features = base.out_features
         self.bias = base.bias
         base.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if self.bias is None else y + self.bias
+
+
+class LoRASlotLinear(BiasAfterLinear):
+    """`base(x) + bias + B (A x)`, where A and B are bound per call by the region that owns the slot.
+
+    The slot owns the bias (see `BiasAfterLinear`): it fuses with the LoRA add.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.bias is not None:
-            y = y + self.bias
+        y = super().forward(x)
         if self.lora_A is None:
             return y
         delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
@@ -81,6 +93,15 @@ def select_slot_names(model: nn.Module, patterns: tuple[str, ...] | list[str]) -
 def _resolve_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child_name = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child_name
+
+
+def detach_biases(model: nn.Module, names) -> None:
+    """Wrap each named `nn.Linear` that has a bias in a `BiasAfterLinear`, in place."""
+    for name in names:
+        parent, child_name = _resolve_parent(model, name)
+        linear = getattr(parent, child_name)
+        if isinstance(linear, nn.Linear) and linear.bias is not None:
+            setattr(parent, child_name, BiasAfterLinear(linear))
 
 
 def install_slots(model: nn.Module, names: list[str]) -> list[SlotSpec]:

@@ -16,8 +16,7 @@ from aotpack.builder import build_package
 from aotpack.manifest import read_manifest
 
 
-@pytest.fixture(scope="module")
-def fp8_package(tmp_path_factory):
+def _build_fp8(tmp_path_factory, max_rank=None):
     import torchao.quantization.quant_api as quant_api
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
@@ -42,10 +41,15 @@ end_to_end_tolerance = 2.0
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     try:
-        yield build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
-                            progress=False)
+        return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
+                             max_rank=max_rank, progress=False)
     finally:
         patch.undo()
+
+
+@pytest.fixture(scope="module")
+def fp8_package(tmp_path_factory):
+    return _build_fp8(tmp_path_factory)
 
 
 def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
@@ -78,3 +82,26 @@ def test_fp8_package_serves(fp8_package):
     with torch.no_grad():
         out = latents(served, max_sequence_length=16)
     assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
+
+
+def test_base_only_fp8_package_keeps_biases_out_of_the_fp8_matmul(tmp_path_factory, demo_loras):
+    """`--max-rank 0`: no LoRA inputs at all (the slot-overhead baseline), still validated against eager;
+    every FP8 linear's bias is added after the matmul (cuBLASLt's row-wise FP8 + bias fails for small M)."""
+    import aotpack
+    from aotpack.errors import AdapterLayerError
+
+    package = _build_fp8(tmp_path_factory, max_rank=0)
+    manifest = read_manifest(package)
+    assert manifest.max_rank == 0 and manifest.slots == []
+    block = next(p for p in manifest.programs if p.kind == "double_block")
+    assert block.slots == [] and not [i for i in block.inputs if "lora" in i["name"]]
+    assert "body.attn.to_q.bias" in block.constants and "body.attn.to_q.base.bias" not in block.constants
+    errors = manifest.validation["program_rel_errors"]
+    assert errors["double_block"] < 0.1 and errors["single_block"] < 0.1
+    import torchao.quantization.quant_api as quant_api
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(package, model="tiny")
+    with pytest.raises(AdapterLayerError, match="slot"):
+        served.set_loras([(demo_loras["tiny-style-attn"], 1.0)])
