@@ -19,6 +19,11 @@ PRESETS = {
     "flux-schnell": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                          guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+    # FLUX.1-dev widths at 2 double + 4 single blocks: package variants (slot overhead, layouts)
+    # whose builds fit one GPU command; per-block costs are those of the full model.
+    "flux-dev-d2s4": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                          guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
     "tiny": dict(tiny.TRANSFORMER_CONFIG),
     # tiny widths, FLUX.1's 1:2 double/single depth ratio at a third of its depth: layout trade-offs
     "tiny-deep": {**tiny.TRANSFORMER_CONFIG, "num_layers": 6, "num_single_layers": 12},
@@ -55,7 +60,7 @@ def make_vae(name: str, dtype: torch.dtype, device: str = "cpu"):
     """A random AutoencoderKL with FLUX.1's VAE config (16 latent channels, 8x), or the tiny one."""
     from diffusers import AutoencoderKL
 
-    if name == "tiny":
+    if name.startswith("tiny"):
         return tiny.make_pipeline().vae.to(device=device, dtype=dtype)
     torch.manual_seed(_SEED + 1)
     vae = AutoencoderKL(

@@ -22,10 +22,10 @@ import torch
 
 from ..examples import relative_error, transformer_inputs
 from ..models import load_transformer_config, parse_model_ref
-from ..random_models import make_transformer
+from ..random_models import make_pipeline, make_transformer, random_prompt_embeds
 from . import serve_demo
 from .loras import write_bench_loras
-from .timing import Stopwatch, peak_memory_gb, reset_peak_memory, time_ms
+from .timing import Stopwatch, graph_replay_ms, peak_memory_gb, reset_peak_memory, time_ms, top_kernels
 
 
 class Report:
@@ -50,7 +50,15 @@ def _dynamo_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def eager_peft(name: str, dtype, device, inputs: dict, loras: dict) -> tuple[dict, torch.Tensor]:
+def image_seconds(name: str, dtype, device, transformer, request: dict) -> float:
+    """One full image through a stock `FluxPipeline` (random VAE, prompt embeddings) around `transformer`."""
+    pipe = make_pipeline(name, dtype, transformer, device)
+    with torch.no_grad(), Stopwatch(device) as watch:
+        pipe(**request, generator=torch.Generator("cpu").manual_seed(42))
+    return watch.seconds
+
+
+def eager_peft(name: str, dtype, device, inputs: dict, loras: dict, request: dict) -> tuple[dict, torch.Tensor]:
     """diffusers eager + PEFT: step time with a rank-64 LoRA, switch times, output for error checks."""
     reset_peak_memory(device)
     model = make_transformer(name, dtype, device)
@@ -65,12 +73,14 @@ def eager_peft(name: str, dtype, device, inputs: dict, loras: dict) -> tuple[dic
     with torch.no_grad():
         result["step"] = time_ms(lambda: model(**inputs), device, warmup=2, repeats=10)
         output = model(**inputs, return_dict=False)[0].float()
+    result["image_seconds"] = image_seconds(name, dtype, device, model, request)
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(model)
     return result, output
 
 
-def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantize: bool) -> tuple[dict, torch.Tensor]:
+def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantize: bool,
+                    request: dict) -> tuple[dict, torch.Tensor]:
     """torchao FP8 + PEFT hotswap + regional torch.compile: compile time, step, hotswap, recompiles."""
     reset_peak_memory(device)
     torch._dynamo.reset()
@@ -101,8 +111,12 @@ def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantiz
             switches.append({"adapter": adapter, "hotswap_from_file_ms": watch.seconds * 1000,
                              "next_step_ms": after.seconds * 1000})
         result["hotswaps"] = switches
-    result["recompiles_during_switches"] = _dynamo_graph_count() - graphs_before
+        result["image_seconds"] = image_seconds(name, dtype, device, model, request)
+    result["recompiles_during_switches_and_image"] = _dynamo_graph_count() - graphs_before
     result["peak_gpu_gb"] = peak_memory_gb(device)
+    if torch.device(device).type == "cuda":
+        with torch.no_grad():
+            result["top_kernels"] = top_kernels(lambda: model(**inputs), device)
     _free(model)
     return result, output
 
@@ -117,7 +131,7 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     report["setup"] = {"model": model, "height": height, "width": width, "steps": steps, "text_tokens": text_tokens,
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
-    loras = write_bench_loras(config, lora_dir, names=["r16-attn", "r64-all"])
+    loras = write_bench_loras(config, lora_dir, names=["r16-attn", "r64-all", "r128-mlp"])
     image_tokens = (height // 16) * (width // 16)
     inputs = transformer_inputs(config, batch=1, image_tokens=image_tokens, text_tokens=text_tokens,
                                 dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
@@ -125,18 +139,37 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     # 3. aotpack first: load, switch, images (serve_demo), then its output on the shared inputs.
     demo, served = serve_demo.run(package, model, out, height=height, width=width, steps=steps,
                                   text_tokens=text_tokens, lora_dir=lora_dir, keep=True)
+    with Stopwatch(device) as watch:
+        fitted = served.set_loras([(loras["r128-mlp"], 1.0)], fit="svd")
+    levers = {"switch_r128_mlp_svd_fit_to_max_rank_ms": watch.seconds * 1000,
+              "r128_fit_retained_energy": getattr(fitted, "retained_energy", None)}
     served.set_loras([(loras["r64-all"], 1.0)])
-    with torch.no_grad():
-        aotpack_output = served.transformer(**inputs, return_dict=False)[0].float()
-    report["aotpack"] = {k: demo[k] for k in ("load_seconds", "load_peak_gpu_gb", "bf16_weights_gb", "step",
-                                              "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb")}
-    _free(served)
 
-    eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras)
+    def step():
+        return served.transformer(**inputs, return_dict=False)
+
+    with torch.no_grad():
+        aotpack_output = step()[0].float()
+        if device == "cuda":
+            try:
+                levers["step_cuda_graph"] = graph_replay_ms(step, device)
+            except Exception as err:  # a lever that does not apply is a result, not a crash
+                levers["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
+            levers["top_kernels"] = top_kernels(step, device)
+    report["aotpack"] = {**{k: demo[k] for k in ("load_seconds", "load_peak_gpu_gb", "bf16_weights_gb", "step",
+                                                 "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb",
+                                                 "manifest")}, **levers}
+    _free(served)
+    request = dict(zip(("prompt_embeds", "pooled_prompt_embeds"),
+                       random_prompt_embeds(config, 1, text_tokens, dtype, device)),
+                   height=height, width=width, num_inference_steps=steps, guidance_scale=3.5)
+
+    eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras, request)
     eager["aotpack_rel_error_vs_eager"] = relative_error(aotpack_output, eager_output)
     report["eager_bf16_peft"] = eager
     if not skip_recipe:
-        recipe, recipe_output = compiled_recipe(ref.location, dtype, device, inputs, loras, quantize=device == "cuda")
+        recipe, recipe_output = compiled_recipe(ref.location, dtype, device, inputs, loras, quantize=device == "cuda",
+                                                request=request)
         recipe["rel_error_vs_eager"] = relative_error(recipe_output, eager_output)
         recipe["aotpack_rel_error_vs_recipe"] = relative_error(aotpack_output, recipe_output)
         report["compiled_recipe_regional"] = recipe

@@ -63,3 +63,41 @@ def peak_memory_gb(device) -> float | None:
 def reset_peak_memory(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def graph_replay_ms(fn, device, *, warmup: int = 3, repeats: int = 10) -> dict:
+    """`time_ms` of one CUDA-graph replay of `fn` (captured after warm-up on a side stream).
+
+    `fn` must keep its inputs at stable addresses; what it writes lands in the graph's private pool.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, device, warmup=2, repeats=repeats)
+
+
+def top_kernels(fn, device, *, steps: int = 2, limit: int = 15) -> list[dict]:
+    """The GPU kernels that took the most device time over `steps` calls of `fn` (per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if device_us:
+            rows.append({"kernel": event.key[:120], "ms_per_call": device_us / 1000 / steps,
+                         "launches_per_call": event.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    total = sum(r["ms_per_call"] for r in rows)
+    return [{**r, "share": r["ms_per_call"] / total} for r in rows[:limit]]

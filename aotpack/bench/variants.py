@@ -1,0 +1,92 @@
+"""Package variants side by side in one process: LoRA-slot overhead, layouts, CUDA-graph replay.
+
+    python -m aotpack.bench.variants --out OUT --model random:flux-dev-d2s4 \
+        --variant none=/tmp/r0 --variant r64=/tmp/r64 --variant r128=/tmp/r128 --variant whole-r64=/tmp/whole
+
+For each package (same model, same request): build and compile seconds and package size from its
+manifest, load time, and the transformer step (median of 10, CUDA events) with a rank-64 LoRA
+active where the package has slots; on a GPU also the step replayed as one CUDA graph. Writes
+OUT/variants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..examples import transformer_inputs
+from ..serve import load_package
+from .loras import write_bench_loras
+from .timing import graph_replay_ms, time_ms
+
+
+def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path) -> dict:
+    started = time.perf_counter()
+    served = load_package(package, model)
+    result = {"package": str(package), "load_seconds": time.perf_counter() - started}
+    manifest, device = served.manifest, served.device
+    result.update(layout=manifest.layout, max_rank=manifest.max_rank, slots=len(manifest.slots),
+                  programs=len(manifest.programs), package_mb=manifest.total_bytes(served.package_dir) / 1e6,
+                  build_seconds=manifest.build.get("seconds"), compile_seconds=manifest.build.get("compile_seconds"),
+                  validation=manifest.validation)
+    if manifest.slots:
+        lora = write_bench_loras(dict(served.transformer.config), lora_dir, names=["r64-all"])["r64-all"]
+        served.set_loras([(lora, 1.0)])
+        result["active_lora"] = "r64-all"
+    inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
+                                text_tokens=text_tokens, dtype=served.transformer.dtype, device=device,
+                                generator=torch.Generator().manual_seed(5))
+
+    def step():
+        return served.transformer(**inputs, return_dict=False)
+
+    with torch.no_grad():
+        result["step"] = time_ms(step, device, warmup=3, repeats=10)
+        if device.type == "cuda":
+            try:
+                result["step_cuda_graph"] = graph_replay_ms(step, device)
+            except Exception as err:  # a lever that does not apply is a result, not a crash
+                result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
+    del served
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
+    return result
+
+
+def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: int, text_tokens: int,
+        lora_dir: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
+               "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "variants": {}}
+    for label, package in variants.items():
+        results["variants"][label] = measure(label, package, model, image_tokens=(height // 16) * (width // 16),
+                                             text_tokens=text_tokens, lora_dir=lora_dir)
+        (out / "variants.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", required=True, help="LABEL=PACKAGE_DIR (repeatable)")
+    parser.add_argument("--model", default="random:flux-dev")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
+    args = parser.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in args.variant)
+    run(variants, args.model, args.out, height=args.height, width=args.width, text_tokens=args.text_tokens,
+        lora_dir=args.lora_dir)
+
+
+if __name__ == "__main__":
+    main()
