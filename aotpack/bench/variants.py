@@ -25,7 +25,8 @@ from .loras import write_bench_loras
 from .timing import graph_replay_ms, time_ms
 
 
-def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path) -> dict:
+def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path,
+            cuda_graph: bool = False) -> dict:
     started = time.perf_counter()
     served = load_package(package, model)
     result = {"package": str(package), "load_seconds": time.perf_counter() - started}
@@ -47,28 +48,37 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
 
     with torch.no_grad():
         result["step"] = time_ms(step, device, warmup=3, repeats=10)
-        if device.type == "cuda":
+        if cuda_graph and device.type == "cuda":
             try:
                 result["step_cuda_graph"] = graph_replay_ms(step, device)
             except Exception as err:  # a lever that does not apply is a result, not a crash
                 result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
-    del served
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
     return result
 
 
 def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: int, text_tokens: int,
-        lora_dir: Path) -> dict:
+        lora_dir: Path, graph_variant: str | None = None) -> dict:
+    """Every variant's step first; then, last (a capture that crashes must not cost the rest), the
+    `graph_variant` package again with its step also replayed as one CUDA graph."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
                "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "variants": {}}
-    for label, package in variants.items():
-        results["variants"][label] = measure(label, package, model, image_tokens=(height // 16) * (width // 16),
-                                             text_tokens=text_tokens, lora_dir=lora_dir)
+    passes = [(label, package, False) for label, package in variants.items()]
+    if graph_variant in variants:
+        passes.append((graph_variant, variants[graph_variant], True))
+    for label, package, graph in passes:
+        measured = measure(label, package, model, image_tokens=(height // 16) * (width // 16),
+                           text_tokens=text_tokens, lora_dir=lora_dir, cuda_graph=graph)
+        if graph:
+            results["variants"][label]["step_cuda_graph"] = measured.get("step_cuda_graph")
+            results["variants"][label]["step_same_load_as_graph"] = measured["step"]
+        else:
+            results["variants"][label] = measured
+        gc.collect()  # the previous package's programs and weights go before the next loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         (out / "variants.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
@@ -82,10 +92,11 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
+    parser.add_argument("--graph-variant", default=None, help="LABEL whose step is also timed as a CUDA graph")
     args = parser.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
     run(variants, args.model, args.out, height=args.height, width=args.width, text_tokens=args.text_tokens,
-        lora_dir=args.lora_dir)
+        lora_dir=args.lora_dir, graph_variant=args.graph_variant)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""Turn benchmark JSON (compare, cold start, variants) into one results.json, a markdown table and a PNG.
+
+    python -m aotpack.bench.report RESULTS_DIR [--command "..."] [--machine "..."]
+
+Reads whichever of bench.json, cold_start.json and variants.json are in RESULTS_DIR and writes
+results.json, results.md and results.png there. Missing measurements show as "not measured".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MISSING = "not measured"
+
+
+def _get(data, *keys):
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _fmt(value, unit="", digits=1):
+    if value is None:
+        return MISSING
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}{unit}"
+
+
+def _ratio(value, reference):
+    return f"{value / reference:.2f}x" if value and reference else MISSING
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def head_to_head(bench: dict, cold: dict) -> list[str]:
+    eager, recipe, aot = (bench.get(k, {}) for k in ("eager_bf16_peft", "compiled_recipe_regional", "aotpack"))
+    steps = [_get(eager, "step", "median_ms"), _get(recipe, "step", "median_ms"), _get(aot, "step", "median_ms")]
+    images = [eager.get("image_seconds"), recipe.get("image_seconds"),
+              min((r["image_seconds"] for r in aot.get("requests", [])), default=None)]
+    hotswaps = recipe.get("hotswaps", [])
+    cached = [r["switch_ms"] for r in aot.get("requests", [])  # one cached adapter, no stacking or fit
+              if r.get("adapters_read_from_file") == 0 and "+" not in r["loras"] and r["loras"] != "none"]
+    cold_recipe, cold_warm, cold_aot = (_get(cold, k, "process_to_first_image_seconds")
+                                        for k in ("recipe", "recipe-warm", "aotpack"))
+    rows = [
+        ["step, median of 10 (ms)", *(_fmt(s) for s in steps)],
+        ["step vs eager", "1.00x", _ratio(steps[1], steps[0]), _ratio(steps[2], steps[0])],
+        ["step vs compiled recipe", MISSING if not steps[1] else _ratio(steps[0], steps[1]), "1.00x",
+         _ratio(steps[2], steps[1])],
+        ["image, 28 steps (s)", *(_fmt(i, digits=2) for i in images)],
+        ["cold start: fresh process to first image (s)", "", _fmt(cold_recipe), _fmt(cold_aot)],
+        ["cold start, recipe warm-started from its saved compile cache (s)", "", _fmt(cold_warm), ""],
+        ["aotpack cold start vs recipe cold / warm", "", "", f"{_ratio(cold_aot, cold_recipe)} / "
+                                                                f"{_ratio(cold_aot, cold_warm)}"],
+        ["switch to a loaded/cached LoRA set (ms)", _fmt(eager.get("switch_loaded_ms")),
+         "n/a (hotswap reads the file)", f"{min(cached):.1f}-{max(cached):.1f}" if cached else MISSING],
+        ["switch reading the file, r64-all (ms)", _fmt(eager.get("switch_from_file_ms")),
+         _fmt(next((h["hotswap_from_file_ms"] for h in hotswaps if h["adapter"] == "r64-all"), None)),
+         _fmt(aot.get("switch_r64_all_from_file_ms"))],
+        ["recompiles during hotswaps / in the first pipeline image", "n/a (no compile)",
+         f"{_fmt(recipe.get('recompiles_during_switches'), digits=0)} / "
+         f"{_fmt(recipe.get('recompiles_in_pipeline_image'), digits=0)}", "0 (nothing is compiled at run time)"],
+        ["peak GPU memory (GiB)", _fmt(eager.get("peak_gpu_gb")), _fmt(recipe.get("peak_gpu_gb")),
+         _fmt(aot.get("peak_gpu_gb"))],
+        ["output rel. error vs eager (same seed and LoRA)", "0", _fmt(recipe.get("rel_error_vs_eager"), digits=4),
+         _fmt(eager.get("aotpack_rel_error_vs_eager"), digits=4)],
+    ]
+    return _table(["", "eager bf16 + PEFT", "FP8 + hotswap + compile_repeated_blocks", "aotpack (default h200 build)"],
+                  rows)
+
+
+def variants_table(variants: dict) -> list[str]:
+    entries = variants.get("variants", {})
+    base = _get(entries, "none", "step", "median_ms")
+    rows = []
+    for label, v in entries.items():
+        step = _get(v, "step", "median_ms")
+        graph = _get(v, "step_cuda_graph", "median_ms")
+        compile_s = v.get("compile_seconds") or {}
+        rows.append([label, v.get("layout", ""), str(v.get("max_rank", "")), _fmt(step, digits=2),
+                     f"{(step / base - 1) * 100:+.1f}%" if base and step else MISSING, _fmt(graph, digits=2),
+                     _fmt(v.get("build_seconds"), digits=0), _fmt(max(compile_s.values(), default=None), digits=0),
+                     _fmt(v.get("package_mb"), digits=2), _fmt(v.get("load_seconds"), digits=1)])
+    return _table(["variant", "layout", "max rank", "step (ms)", "vs no slots", "step as CUDA graph (ms)",
+                   "build (s)", "longest program compile (s)", "package (MB)", "load (s)"], rows)
+
+
+def kernels_table(kernels: list[dict], limit: int = 8) -> list[str]:
+    rows = [[k["kernel"].replace("|", "/")[:90], f"{k['ms_per_call']:.2f}", f"{k['share'] * 100:.1f}%",
+             f"{k['launches_per_call']:.0f}"] for k in kernels[:limit]]
+    return _table(["kernel", "ms per step", "share", "launches per step"], rows)
+
+
+def render_markdown(bench: dict, cold: dict, variants: dict, command: str, machine: str) -> str:
+    setup = bench.get("setup", {})
+    lines = [f"# aotpack benchmark, {bench.get('date') or cold.get('date') or variants.get('date')}", "",
+             f"Machine: {machine}. torch {setup.get('torch') or cold.get('torch')}, GPU "
+             f"{setup.get('gpu') or cold.get('gpu')}. **Random weights** ({setup.get('model', 'random:flux-dev')}, "
+             f"FLUX.1-dev configuration), {setup.get('height', 1024)}x{setup.get('width', 1024)}, "
+             f"{setup.get('steps', 28)} steps, batch 1, {setup.get('text_tokens', 512)} text tokens.", "",
+             f"Command: `{command}`", "", "## Head to head (same process, same GPU, same inputs and LoRAs)", "",
+             *head_to_head(bench, cold)]
+    aot = bench.get("aotpack", {})
+    graph = _get(aot, "step_cuda_graph", "median_ms")
+    if graph or aot.get("switch_r128_mlp_svd_fit_to_max_rank_ms"):
+        lines += ["", "## aotpack levers on the full model", "",
+                  f"- step replayed as one CUDA graph: {_fmt(graph)} ms "
+                  f"(vs {_fmt(_get(aot, 'step', 'median_ms'))} ms launched program by program)",
+                  f"- rank-128 LoRA into the rank-64 package by SVD fit: "
+                  f"{_fmt(aot.get('switch_r128_mlp_svd_fit_to_max_rank_ms'))} ms"]
+    if variants.get("variants"):
+        lines += ["", f"## Package variants ({variants.get('model')}: full FLUX.1-dev widths, 2 double + 4 single "
+                  "blocks, same request)", "", *variants_table(variants)]
+    for title, kernels in (("aotpack", aot.get("top_kernels")),
+                           ("compiled recipe", _get(bench, "compiled_recipe_regional", "top_kernels"))):
+        if kernels:
+            lines += ["", f"## Top GPU kernels per step: {title}", "", *kernels_table(kernels)]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(bench: dict, cold: dict, path: Path) -> None:
+    """Two horizontal bar groups (step ms, cold start s), drawn with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    groups = [
+        ("transformer step (ms), lower is better", [
+            ("eager bf16 + PEFT", _get(bench, "eager_bf16_peft", "step", "median_ms")),
+            ("torch.compile recipe", _get(bench, "compiled_recipe_regional", "step", "median_ms")),
+            ("aotpack", _get(bench, "aotpack", "step", "median_ms")),
+            ("aotpack, CUDA graph", _get(bench, "aotpack", "step_cuda_graph", "median_ms"))]),
+        ("fresh process to first image (s), lower is better", [
+            ("torch.compile recipe, cold", _get(cold, "recipe", "process_to_first_image_seconds")),
+            ("recipe, warm compile cache", _get(cold, "recipe-warm", "process_to_first_image_seconds")),
+            ("aotpack", _get(cold, "aotpack", "process_to_first_image_seconds"))]),
+    ]
+    width, bar_h, left = 900, 26, 250
+    height = 30 + sum(40 + bar_h * len(bars) for _, bars in groups)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    y = 10
+    colors = {"aotpack": (40, 110, 200)}
+    for title, bars in groups:
+        draw.text((10, y), title, fill="black")
+        y += 24
+        top = max((v for _, v in bars if isinstance(v, (int, float))), default=1) or 1
+        for label, value in bars:
+            draw.text((10, y + 6), label, fill="black")
+            if isinstance(value, (int, float)):
+                length = int((width - left - 90) * value / top)
+                draw.rectangle([left, y + 3, left + length, y + bar_h - 3],
+                               fill=colors.get(label.split(",")[0], (150, 150, 150)))
+                draw.text((left + length + 6, y + 6), f"{value:.1f}", fill="black")
+            else:
+                draw.text((left, y + 6), MISSING, fill="gray")
+            y += bar_h
+        y += 16
+    image.save(path)
+
+
+def _load(folder: Path, name: str) -> dict:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def render(folder: Path, command: str, machine: str) -> Path:
+    folder = Path(folder)
+    bench, cold, variants = (_load(folder, n) for n in ("bench.json", "cold_start.json", "variants.json"))
+    (folder / "results.json").write_text(json.dumps({"machine": machine, "command": command, "compare": bench,
+                                                     "cold_start": cold, "variants": variants}, indent=2))
+    markdown = folder / "results.md"
+    markdown.write_text(render_markdown(bench, cold, variants, command, machine))
+    render_png(bench, cold, folder / "results.png")
+    return markdown
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--command", default="aotpack bench ...")
+    parser.add_argument("--machine", default="unknown")
+    args = parser.parse_args(argv)
+    print(render(args.folder, args.command, args.machine).read_text())
+
+
+if __name__ == "__main__":
+    main()
