@@ -24,19 +24,23 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("aotpack", "recipe", "recipe-warm")
+KINDS = ("aotpack", "eager-reference", "recipe", "recipe-warm")
 RESULT_PREFIX = "COLD_START_RESULT "
 
 
-def _request(config: dict, height: int, width: int, steps: int, text_tokens: int, dtype, device) -> dict:
-    from ..random_models import random_prompt_embeds
-
-    embeds, pooled = random_prompt_embeds(config, 1, text_tokens, dtype, device)
-    return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width,
-                num_inference_steps=steps, guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(42))
+def _since_spawn() -> float:
+    """Seconds since the parent spawned this process (perf_counter is one monotonic clock system-wide)."""
+    return time.perf_counter() - float(os.environ["AOTPACK_SPAWNED_AT"])
 
 
-def _child_aotpack(args, phases: dict, lora: Path) -> None:
+def _workload(args, config: dict, dtype, device):
+    from .compare import shared_workload
+
+    return shared_workload(config, height=args.height, width=args.width, steps=args.steps,
+                           text_tokens=args.text_tokens, dtype=dtype, device=device)
+
+
+def _child_aotpack(args, phases: dict, loras: dict) -> None:
     from ..serve import load_package
     from .timing import Stopwatch
 
@@ -44,18 +48,34 @@ def _child_aotpack(args, phases: dict, lora: Path) -> None:
         served = load_package(args.package, args.model)
     phases["load_package"] = watch.seconds
     with Stopwatch(served.device) as watch:
-        served.set_loras([(lora, 1.0)])
+        served.set_loras([(loras["r64-all"], 1.0)])
     phases["activate_lora"] = watch.seconds
-    request = _request(dict(served.transformer.config), args.height, args.width, args.steps, args.text_tokens,
-                       served.transformer.dtype, served.device)
+    _, request = _workload(args, dict(served.transformer.config), served.transformer.dtype, served.device)
     with Stopwatch(served.device) as watch:
-        served(**request)
+        served(**request, generator=torch.Generator("cpu").manual_seed(42))
     phases["first_image"] = watch.seconds
+    phases["first_image_since_spawn_seconds"] = _since_spawn()
 
 
-def _child_recipe(args, phases: dict, lora: Path, warm: bool) -> None:
+def _child_eager_reference(args, phases: dict, loras: dict) -> None:
+    """diffusers eager bf16 + PEFT output on the shared inputs, saved for the recipe's error."""
     from ..models import parse_model_ref
-    from ..random_models import make_pipeline, make_transformer
+    from ..random_models import make_transformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = make_transformer(parse_model_ref(args.model).location, dtype, device)
+    model.load_lora_adapter(str(loras["r64-all"]), adapter_name="r64", prefix="transformer")
+    inputs, _ = _workload(args, dict(model.config), dtype, device)
+    with torch.no_grad():
+        torch.save(model(**inputs, return_dict=False)[0].float().cpu(), args.reference)
+
+
+def _child_recipe(args, phases: dict, loras: dict, warm: bool) -> None:
+    from ..examples import relative_error
+    from ..models import parse_model_ref
+    from ..random_models import make_pipeline
+    from .compare import recipe_measurements, recipe_transformer
     from .timing import Stopwatch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,19 +86,14 @@ def _child_recipe(args, phases: dict, lora: Path, warm: bool) -> None:
             torch.compiler.load_cache_artifacts(Path(args.cache).read_bytes())
         phases["load_cache_artifacts"] = watch.seconds
     with Stopwatch(device) as watch:
-        model = make_transformer(name, dtype, device)
-        if device == "cuda":
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        model.enable_lora_hotswap(target_rank=64)
-        model.load_lora_adapter(str(lora), adapter_name="default_0", prefix="transformer")
-        model.compile_repeated_blocks(fullgraph=True)
+        model = recipe_transformer(name, dtype, device, loras["r64-all"])
         pipe = make_pipeline(name, dtype, model, device)
     phases["load_quantize_lora"] = watch.seconds
+    inputs, request = _workload(args, dict(model.config), dtype, device)
     with Stopwatch(device) as watch:
-        pipe(**_request(dict(model.config), args.height, args.width, args.steps, args.text_tokens, dtype, device))
+        pipe(**request, generator=torch.Generator("cpu").manual_seed(42))
     phases["first_image_incl_compile"] = watch.seconds
+    phases["first_image_since_spawn_seconds"] = _since_spawn()
     if not warm:
         with Stopwatch(device) as watch:
             artifacts = torch.compiler.save_cache_artifacts()
@@ -87,41 +102,60 @@ def _child_recipe(args, phases: dict, lora: Path, warm: bool) -> None:
             Path(args.cache).write_bytes(artifacts[0])
         phases["save_cache_artifacts"] = watch.seconds
         phases["cache_bytes"] = len(artifacts[0])
+    if args.details and not warm:  # after the timed part: the steady state of the same process
+        print(RESULT_PREFIX + json.dumps(phases), flush=True)  # the cold start is measured even if details fail
+        if Path(args.reference).exists():
+            with torch.no_grad():
+                output = model(**inputs, return_dict=False)[0].float().cpu()
+            phases["rel_error_vs_eager"] = relative_error(output, torch.load(args.reference))
+        phases["details"] = recipe_measurements(model, name, dtype, device, inputs, loras, request)
 
 
 def child(args) -> None:
     from ..models import load_transformer_config, parse_model_ref
     from .loras import write_bench_loras
 
-    phases: dict = {"imported_seconds": time.perf_counter() - float(os.environ["AOTPACK_SPAWNED_AT"])}
-    lora = write_bench_loras(load_transformer_config(parse_model_ref(args.model)), args.lora_dir,
-                             names=["r64-all"])["r64-all"]
+    phases: dict = {"imported_seconds": _since_spawn()}
+    loras = write_bench_loras(load_transformer_config(parse_model_ref(args.model)), args.lora_dir,
+                              names=["r16-attn", "r64-all"])
     if args.kind == "aotpack":
-        _child_aotpack(args, phases, lora)
+        _child_aotpack(args, phases, loras)
+    elif args.kind == "eager-reference":
+        _child_eager_reference(args, phases, loras)
     else:
-        _child_recipe(args, phases, lora, warm=args.kind == "recipe-warm")
+        _child_recipe(args, phases, loras, warm=args.kind == "recipe-warm")
     if torch.cuda.is_available():
         phases["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(RESULT_PREFIX + json.dumps(phases), flush=True)
 
 
-def spawn(kind: str, args, cache: Path, log) -> dict:
+def spawn(kind: str, args, cache: Path, log, timeout: float | None = None) -> dict:
     """Run one child in a fresh process with empty inductor/triton caches; wall time from spawn to exit."""
     with tempfile.TemporaryDirectory(prefix=f"aotpack-cold-{kind}-") as caches:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor", "TRITON_CACHE_DIR": f"{caches}/triton"}
         command = [sys.executable, "-m", "aotpack.bench.cold_start", "--child", kind, "--package", str(args.package),
                    "--model", args.model, "--out", str(args.out), "--cache", str(cache),
                    "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
-                   "--text-tokens", str(args.text_tokens), "--lora-dir", str(args.lora_dir)]
+                   "--text-tokens", str(args.text_tokens), "--lora-dir", str(args.lora_dir),
+                   "--reference", str(args.reference), *(["--details"] if args.details else [])]
         started = time.perf_counter()
         env["AOTPACK_SPAWNED_AT"] = repr(started)
-        process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     timeout=timeout)
+            output, code = process.stdout, process.returncode
+        except subprocess.TimeoutExpired as expired:
+            output, code = (expired.stdout or b"").decode(errors="replace"), f"killed after {timeout:.0f} s"
         wall = time.perf_counter() - started
-    log.write(f"===== {kind} (exit {process.returncode}, {wall:.1f} s)\n{process.stdout}\n")
-    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if process.returncode or not lines:
-        return {"failed": f"exit {process.returncode}", "tail": process.stdout[-2000:], "wall_seconds": wall}
-    return {"process_to_first_image_seconds": wall, **json.loads(lines[-1][len(RESULT_PREFIX):])}
+    log.write(f"===== {kind} (exit {code}, {wall:.1f} s)\n{output}\n")
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        return {"failed": f"exit {code}", "tail": output[-2000:], "wall_seconds": wall}
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    if code:  # the timed part finished (its result line is out), what came after did not
+        result["failed_after_cold_start"] = f"exit {code}: {output[-800:]}"
+    return {"process_to_first_image_seconds": result.get("first_image_since_spawn_seconds"),
+            "process_wall_seconds": wall, **result}
 
 
 def run(args) -> dict:
@@ -133,7 +167,7 @@ def run(args) -> dict:
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     with open(out / "cold_start.log", "w") as log:
         for kind in args.kinds:
-            results[kind] = spawn(kind, args, cache, log)
+            results[kind] = spawn(kind, args, cache, log, timeout=args.child_timeout)
             log.flush()
             (out / "cold_start.json").write_text(json.dumps(results, indent=2))
             print(f"[cold start] {kind}: {json.dumps(results[kind])[:300]}", flush=True)
@@ -147,6 +181,10 @@ def main(argv=None) -> None:
     parser.add_argument("--child", dest="kind", choices=KINDS, default=None)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aotpack-recipe-cache.bin"))
+    parser.add_argument("--reference", default=str(Path(tempfile.gettempdir()) / "aotpack-eager-reference.pt"))
+    parser.add_argument("--details", action="store_true",
+                        help="after its cold start, the recipe child also measures step, hotswaps, recompiles, error")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")
     args = parser.parse_args(argv)
     if args.kind:
         child(args)

@@ -79,25 +79,23 @@ def eager_peft(name: str, dtype, device, inputs: dict, loras: dict, request: dic
     return result, output
 
 
-def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantize: bool,
-                    request: dict) -> tuple[dict, torch.Tensor]:
-    """torchao FP8 + PEFT hotswap + regional torch.compile: compile time, step, hotswap, recompiles."""
-    reset_peak_memory(device)
-    torch._dynamo.reset()
-    result = {}
-    started = time.perf_counter()
+def recipe_transformer(name: str, dtype, device, lora) -> torch.nn.Module:
+    """The published fast recipe, set up: torchao FP8 row-wise (on a GPU) + PEFT hotswap with the first
+    LoRA + `compile_repeated_blocks(fullgraph=True)`. Compiling happens at the first call."""
     model = make_transformer(name, dtype, device)
-    if quantize:
+    if torch.device(device).type == "cuda":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    model.enable_lora_hotswap(target_rank=64)  # the largest rank swapped in below
-    model.load_lora_adapter(str(loras["r64-all"]), adapter_name="default_0", prefix="transformer")
+    model.enable_lora_hotswap(target_rank=64)  # the largest rank swapped in later
+    model.load_lora_adapter(str(lora), adapter_name="default_0", prefix="transformer")
     model.compile_repeated_blocks(fullgraph=True)
-    with torch.no_grad(), Stopwatch(device) as first:
-        output = model(**inputs, return_dict=False)[0].float()
-    result["first_call_seconds_incl_compile"] = first.seconds
-    result["setup_to_first_output_seconds"] = time.perf_counter() - started
+    return model
+
+
+def recipe_measurements(model, name: str, dtype, device, inputs: dict, loras: dict, request: dict) -> dict:
+    """Step time, hotswaps from file and the recompiles they cause, a pipeline image, top kernels."""
+    result = {}
     graphs_before = _dynamo_graph_count()
     with torch.no_grad():
         result["step"] = time_ms(lambda: model(**inputs), device, warmup=2, repeats=10)
@@ -118,8 +116,32 @@ def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, quantiz
     if torch.device(device).type == "cuda":
         with torch.no_grad():
             result["top_kernels"] = top_kernels(lambda: model(**inputs), device)
+    return result
+
+
+def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, request: dict) -> tuple[dict, torch.Tensor]:
+    """torchao FP8 + PEFT hotswap + regional torch.compile: compile time, step, hotswap, recompiles."""
+    reset_peak_memory(device)
+    torch._dynamo.reset()
+    started = time.perf_counter()
+    model = recipe_transformer(name, dtype, device, loras["r64-all"])
+    with torch.no_grad(), Stopwatch(device) as first:
+        output = model(**inputs, return_dict=False)[0].float()
+    result = {"first_call_seconds_incl_compile": first.seconds,
+              "setup_to_first_output_seconds": time.perf_counter() - started}
+    result.update(recipe_measurements(model, name, dtype, device, inputs, loras, request))
     _free(model)
     return result, output
+
+
+def shared_workload(config: dict, *, height: int, width: int, steps: int, text_tokens: int, dtype, device):
+    """The transformer inputs (seed 5) and the pipeline request every contender gets."""
+    inputs = transformer_inputs(config, batch=1, image_tokens=(height // 16) * (width // 16), text_tokens=text_tokens,
+                                dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
+    request = dict(zip(("prompt_embeds", "pooled_prompt_embeds"),
+                       random_prompt_embeds(config, 1, text_tokens, dtype, device)),
+                   height=height, width=width, num_inference_steps=steps, guidance_scale=3.5)
+    return inputs, request
 
 
 def run(package: str, model: str, out: Path, *, height: int, width: int, steps: int, text_tokens: int,
@@ -133,9 +155,8 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     report["setup"] = {"model": model, "height": height, "width": width, "steps": steps, "text_tokens": text_tokens,
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
     loras = write_bench_loras(config, lora_dir, names=["r16-attn", "r64-all", "r128-mlp"])
-    image_tokens = (height // 16) * (width // 16)
-    inputs = transformer_inputs(config, batch=1, image_tokens=image_tokens, text_tokens=text_tokens,
-                                dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
+    inputs, request = shared_workload(config, height=height, width=width, steps=steps, text_tokens=text_tokens,
+                                      dtype=dtype, device=device)
 
     # 3. aotpack first: load, switch, images (serve_demo), then its output on the shared inputs.
     demo, served = serve_demo.run(package, model, out, height=height, width=width, steps=steps,
@@ -156,16 +177,12 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
                                                  "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb",
                                                  "manifest")}, **levers}
     _free(served)
-    request = dict(zip(("prompt_embeds", "pooled_prompt_embeds"),
-                       random_prompt_embeds(config, 1, text_tokens, dtype, device)),
-                   height=height, width=width, num_inference_steps=steps, guidance_scale=3.5)
 
     eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras, request)
     eager["aotpack_rel_error_vs_eager"] = relative_error(aotpack_output, eager_output)
     report["eager_bf16_peft"] = eager
     if not skip_recipe:
-        recipe, recipe_output = compiled_recipe(ref.location, dtype, device, inputs, loras, quantize=device == "cuda",
-                                                request=request)
+        recipe, recipe_output = compiled_recipe(ref.location, dtype, device, inputs, loras, request)
         recipe["rel_error_vs_eager"] = relative_error(recipe_output, eager_output)
         recipe["aotpack_rel_error_vs_recipe"] = relative_error(aotpack_output, recipe_output)
         report["compiled_recipe_regional"] = recipe

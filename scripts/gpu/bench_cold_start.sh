@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# GPU call 3 of the benchmark: cold start, fresh process to first 1024x1024 image, for aotpack (the
-# package from call 1, carried as artifacts/h200/package.tar), the JIT recipe with empty compile
-# caches, and the recipe warm-started from its saved compile cache. Nothing else runs meanwhile.
+# GPU call 2 of the benchmark (carry .device and artifacts/h200): fresh processes, one at a time,
+# nothing else running: the eager bf16+PEFT reference output, aotpack cold start (the package from
+# call 1, carried as artifacts/h200/package.tar), the JIT recipe with empty compile caches (then,
+# in the same process, its step/hotswap/recompile/error figures), and the recipe warm-started from
+# its saved compile cache. TORCH_LOGS=recompiles puts dynamo's recompile reasons in cold_start.log.
 source scripts/gpu/env.sh
 mkdir -p /tmp/pkg && tar xf artifacts/h200/package.tar -C /tmp/pkg || exit 1
-python3 -m aotpack.bench.cold_start --package /tmp/pkg --model random:flux-dev --out "$OUT" 2>&1 | tail -20
+export TORCH_LOGS=recompiles
+python3 -m aotpack.bench.cold_start --package /tmp/pkg --model random:flux-dev --out "$OUT" --details \
+  --kinds eager-reference aotpack recipe recipe-warm --child-timeout "${CHILD_TIMEOUT:-400}" 2>&1 | cut -c1-600
