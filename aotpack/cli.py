@@ -144,9 +144,11 @@ def demo(out, rebuild):
 
 
 # -- commands defined in their own modules (each module holds one concern; add one line per command)
+from .cli_bench import bench  # noqa: E402
 from .cli_doctor import doctor  # noqa: E402
 from .cli_publish import pull, push  # noqa: E402
 
+cli.add_command(bench)
 cli.add_command(doctor)
 cli.add_command(push)
 cli.add_command(pull)

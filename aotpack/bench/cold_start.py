@@ -48,7 +48,7 @@ def _child_aotpack(args, phases: dict, loras: dict) -> None:
         served = load_package(args.package, args.model)
     phases["load_package"] = watch.seconds
     with Stopwatch(served.device) as watch:
-        served.set_loras([(loras["r64-all"], 1.0)])
+        served.set_loras([(loras[args.lora], 1.0)])
     phases["activate_lora"] = watch.seconds
     _, request = _workload(args, dict(served.transformer.config), served.transformer.dtype, served.device)
     with Stopwatch(served.device) as watch:
@@ -65,7 +65,7 @@ def _child_eager_reference(args, phases: dict, loras: dict) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = make_transformer(parse_model_ref(args.model).location, dtype, device)
-    model.load_lora_adapter(str(loras["r64-all"]), adapter_name="r64", prefix="transformer")
+    model.load_lora_adapter(str(loras[args.lora]), adapter_name="reference", prefix="transformer")
     inputs, _ = _workload(args, dict(model.config), dtype, device)
     with torch.no_grad():
         torch.save(model(**inputs, return_dict=False)[0].float().cpu(), args.reference)
@@ -86,7 +86,7 @@ def _child_recipe(args, phases: dict, loras: dict, warm: bool) -> None:
             torch.compiler.load_cache_artifacts(Path(args.cache).read_bytes())
         phases["load_cache_artifacts"] = watch.seconds
     with Stopwatch(device) as watch:
-        model = recipe_transformer(name, dtype, device, loras["r64-all"])
+        model = recipe_transformer(name, dtype, device, loras[args.lora])
         pipe = make_pipeline(name, dtype, model, device)
     phases["load_quantize_lora"] = watch.seconds
     inputs, request = _workload(args, dict(model.config), dtype, device)
@@ -137,7 +137,7 @@ def spawn(kind: str, args, cache: Path, log, timeout: float | None = None) -> di
                    "--model", args.model, "--out", str(args.out), "--cache", str(cache),
                    "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
                    "--text-tokens", str(args.text_tokens), "--lora-dir", str(args.lora_dir),
-                   "--reference", str(args.reference), *(["--details"] if args.details else [])]
+                   "--reference", str(args.reference), "--lora", args.lora, *(["--details"] if args.details else [])]
         started = time.perf_counter()
         env["AOTPACK_SPAWNED_AT"] = repr(started)
         try:
@@ -182,6 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aotpack-recipe-cache.bin"))
     parser.add_argument("--reference", default=str(Path(tempfile.gettempdir()) / "aotpack-eager-reference.pt"))
+    parser.add_argument("--lora", choices=["r16-attn", "r64-all"], default="r64-all",
+                        help="the LoRA every contender serves its first image with")
     parser.add_argument("--details", action="store_true",
                         help="after its cold start, the recipe child also measures step, hotswaps, recompiles, error")
     parser.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")

@@ -24,11 +24,17 @@ def meta_transformer(config: dict):
 
 
 def write_bench_loras(config: dict, directory: str | Path, names=None, std: float = 0.02) -> dict[str, Path]:
+    """The named benchmark LoRAs for the model with `config`, written once and reused.
+
+    Files live in a subfolder named by the config's fingerprint: LoRAs written for one model (a
+    FLUX.1-dev at 57 blocks) are never picked up for another (the same widths at 6 blocks).
+    """
     from safetensors.torch import save_file
 
     from ..demo import random_lora_state_dict
+    from ..models import config_fingerprint, structural_config
 
-    directory = Path(directory)
+    directory = Path(directory) / config_fingerprint(structural_config(dict(config)))[:16]
     directory.mkdir(parents=True, exist_ok=True)
     model = meta_transformer(config)
     paths = {}

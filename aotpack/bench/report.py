@@ -39,8 +39,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def recipe_figures(bench: dict, cold: dict) -> dict:
+    """The compiled recipe's figures: from `compare` when it finished there, else from the cold-start
+    child, which measures the same things in its own process after its first image."""
+    if bench.get("compiled_recipe_regional"):
+        return bench["compiled_recipe_regional"]
+    recipe = cold.get("recipe", {})
+    return {**recipe.get("details", {}), "rel_error_vs_eager": recipe.get("rel_error_vs_eager"),
+            "source": "cold-start child"} if recipe.get("details") else {}
+
+
 def head_to_head(bench: dict, cold: dict) -> list[str]:
-    eager, recipe, aot = (bench.get(k, {}) for k in ("eager_bf16_peft", "compiled_recipe_regional", "aotpack"))
+    eager, aot = bench.get("eager_bf16_peft", {}), bench.get("aotpack", {})
+    recipe = recipe_figures(bench, cold)
     steps = [_get(eager, "step", "median_ms"), _get(recipe, "step", "median_ms"), _get(aot, "step", "median_ms")]
     images = [eager.get("image_seconds"), recipe.get("image_seconds"),
               min((r["image_seconds"] for r in aot.get("requests", [])), default=None)]
@@ -82,7 +93,8 @@ def variants_table(variants: dict) -> list[str]:
     rows = []
     for label, v in entries.items():
         step = _get(v, "step", "median_ms")
-        graph = _get(v, "step_cuda_graph", "median_ms")
+        graph = _get(v, "step_cuda_graph", "median_ms") or ("capture failed" if _get(v, "step_cuda_graph", "failed")
+                                                             else None)
         compile_s = v.get("compile_seconds") or {}
         rows.append([label, v.get("layout", ""), str(v.get("max_rank", "")), _fmt(step, digits=2),
                      f"{(step / base - 1) * 100:+.1f}%" if base and step else MISSING, _fmt(graph, digits=2),
@@ -98,53 +110,55 @@ def kernels_table(kernels: list[dict], limit: int = 8) -> list[str]:
     return _table(["kernel", "ms per step", "share", "launches per step"], rows)
 
 
-def render_markdown(bench: dict, cold: dict, variants: dict, command: str, machine: str) -> str:
+def render_markdown(bench: dict, cold: dict, variants: dict, command: str, machine: str, notes=()) -> str:
     setup = bench.get("setup", {})
     lines = [f"# aotpack benchmark, {bench.get('date') or cold.get('date') or variants.get('date')}", "",
              f"Machine: {machine}. torch {setup.get('torch') or cold.get('torch')}, GPU "
              f"{setup.get('gpu') or cold.get('gpu')}. **Random weights** ({setup.get('model', 'random:flux-dev')}, "
              f"FLUX.1-dev configuration), {setup.get('height', 1024)}x{setup.get('width', 1024)}, "
              f"{setup.get('steps', 28)} steps, batch 1, {setup.get('text_tokens', 512)} text tokens.", "",
-             f"Command: `{command}`", "", "## Head to head (same process, same GPU, same inputs and LoRAs)", "",
+             f"Command: `{command}`", "", "## Head to head (same GPU, same random weights, inputs and LoRAs)", "",
              *head_to_head(bench, cold)]
+    if recipe_figures(bench, cold).get("source"):
+        lines += ["", "The recipe's step, switch, image, memory and error figures come from its cold-start process "
+                      "(after its first image), not from the `compare` process."]
     aot = bench.get("aotpack", {})
-    graph = _get(aot, "step_cuda_graph", "median_ms")
-    if graph or aot.get("switch_r128_mlp_svd_fit_to_max_rank_ms"):
-        lines += ["", "## aotpack levers on the full model", "",
-                  f"- step replayed as one CUDA graph: {_fmt(graph)} ms "
-                  f"(vs {_fmt(_get(aot, 'step', 'median_ms'))} ms launched program by program)",
-                  f"- rank-128 LoRA into the rank-64 package by SVD fit: "
-                  f"{_fmt(aot.get('switch_r128_mlp_svd_fit_to_max_rank_ms'))} ms"]
+    if aot.get("switch_r128_mlp_svd_fit_to_max_rank_ms"):
+        lines += ["", f"A rank-128 LoRA (r128-mlp) into the rank-64 package by SVD fit: "
+                      f"{_fmt(aot.get('switch_r128_mlp_svd_fit_to_max_rank_ms'))} ms "
+                      f"({'; '.join(aot.get('r128_fit_notes', []))})."]
     if variants.get("variants"):
         lines += ["", f"## Package variants ({variants.get('model')}: full FLUX.1-dev widths, 2 double + 4 single "
                   "blocks, same request)", "", *variants_table(variants)]
     for title, kernels in (("aotpack", aot.get("top_kernels")),
-                           ("compiled recipe", _get(bench, "compiled_recipe_regional", "top_kernels"))):
+                           ("compiled recipe", recipe_figures(bench, cold).get("top_kernels"))):
         if kernels:
             lines += ["", f"## Top GPU kernels per step: {title}", "", *kernels_table(kernels)]
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 
-def render_png(bench: dict, cold: dict, path: Path) -> None:
+def render_png(bench: dict, cold: dict, path: Path, caption: str = "") -> None:
     """Two horizontal bar groups (step ms, cold start s), drawn with Pillow (no plotting dependency)."""
     from PIL import Image, ImageDraw
 
     groups = [
         ("transformer step (ms), lower is better", [
             ("eager bf16 + PEFT", _get(bench, "eager_bf16_peft", "step", "median_ms")),
-            ("torch.compile recipe", _get(bench, "compiled_recipe_regional", "step", "median_ms")),
-            ("aotpack", _get(bench, "aotpack", "step", "median_ms")),
-            ("aotpack, CUDA graph", _get(bench, "aotpack", "step_cuda_graph", "median_ms"))]),
+            ("torch.compile recipe", _get(recipe_figures(bench, cold), "step", "median_ms")),
+            ("aotpack", _get(bench, "aotpack", "step", "median_ms"))]),
         ("fresh process to first image (s), lower is better", [
             ("torch.compile recipe, cold", _get(cold, "recipe", "process_to_first_image_seconds")),
             ("recipe, warm compile cache", _get(cold, "recipe-warm", "process_to_first_image_seconds")),
             ("aotpack", _get(cold, "aotpack", "process_to_first_image_seconds"))]),
     ]
     width, bar_h, left = 900, 26, 250
-    height = 30 + sum(40 + bar_h * len(bars) for _, bars in groups)
+    height = 50 + sum(40 + bar_h * len(bars) for _, bars in groups)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    y = 10
+    draw.text((10, 10), caption, fill="black")
+    y = 34
     colors = {"aotpack": (40, 110, 200)}
     for title, bars in groups:
         draw.text((10, y), title, fill="black")
@@ -169,14 +183,18 @@ def _load(folder: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def render(folder: Path, command: str, machine: str) -> Path:
+def render(folder: Path, command: str, machine: str, notes=()) -> Path:
     folder = Path(folder)
     bench, cold, variants = (_load(folder, n) for n in ("bench.json", "cold_start.json", "variants.json"))
-    (folder / "results.json").write_text(json.dumps({"machine": machine, "command": command, "compare": bench,
-                                                     "cold_start": cold, "variants": variants}, indent=2))
+    (folder / "results.json").write_text(json.dumps({"machine": machine, "command": command, "notes": list(notes),
+                                                     "compare": bench, "cold_start": cold, "variants": variants},
+                                                    indent=2))
     markdown = folder / "results.md"
-    markdown.write_text(render_markdown(bench, cold, variants, command, machine))
-    render_png(bench, cold, folder / "results.png")
+    markdown.write_text(render_markdown(bench, cold, variants, command, machine, notes))
+    setup = bench.get("setup", {})
+    caption = (f"{setup.get('gpu') or cold.get('gpu')}, {machine}; random weights ({setup.get('model') or cold.get('model')}), "
+               f"{setup.get('height', '?')}x{setup.get('width', '?')}, {setup.get('steps', '?')} steps, batch 1")
+    render_png(bench, cold, folder / "results.png", caption)
     return markdown
 
 
@@ -185,8 +203,9 @@ def main(argv=None) -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--command", default="aotpack bench ...")
     parser.add_argument("--machine", default="unknown")
+    parser.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = parser.parse_args(argv)
-    print(render(args.folder, args.command, args.machine).read_text())
+    print(render(args.folder, args.command, args.machine, args.note).read_text())
 
 
 if __name__ == "__main__":

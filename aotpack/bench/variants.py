@@ -36,9 +36,10 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                   build_seconds=manifest.build.get("seconds"), compile_seconds=manifest.build.get("compile_seconds"),
                   validation=manifest.validation)
     if manifest.slots:
-        lora = write_bench_loras(dict(served.transformer.config), lora_dir, names=["r64-all"])["r64-all"]
+        name = "r64-all" if manifest.max_rank >= 64 else "r16-attn"  # the largest that fits the slots
+        lora = write_bench_loras(dict(served.transformer.config), lora_dir, names=[name])[name]
         served.set_loras([(lora, 1.0)])
-        result["active_lora"] = "r64-all"
+        result["active_lora"] = name
     inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
                                 text_tokens=text_tokens, dtype=served.transformer.dtype, device=device,
                                 generator=torch.Generator().manual_seed(5))
@@ -69,18 +70,25 @@ def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: 
     if graph_variant in variants:
         passes.append((graph_variant, variants[graph_variant], True))
     for label, package, graph in passes:
-        measured = measure(label, package, model, image_tokens=(height // 16) * (width // 16),
-                           text_tokens=text_tokens, lora_dir=lora_dir, cuda_graph=graph)
-        if graph:
-            results["variants"][label]["step_cuda_graph"] = measured.get("step_cuda_graph")
-            results["variants"][label]["step_same_load_as_graph"] = measured["step"]
+        if not (Path(package) / "manifest.json").exists():  # its build failed or timed out: say so
+            results["variants"][label] = {"package": str(package), "failed": "no package (build did not finish)"}
         else:
-            results["variants"][label] = measured
+            _record(results["variants"], label, graph,
+                    measure(label, package, model, image_tokens=(height // 16) * (width // 16),
+                            text_tokens=text_tokens, lora_dir=lora_dir, cuda_graph=graph))
         gc.collect()  # the previous package's programs and weights go before the next loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         (out / "variants.json").write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def _record(entries: dict, label: str, graph_pass: bool, measured: dict) -> None:
+    if graph_pass:
+        entries[label]["step_cuda_graph"] = measured.get("step_cuda_graph")
+        entries[label]["step_same_load_as_graph"] = measured["step"]
+    else:
+        entries[label] = measured
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,6 @@ cat /tmp/variants-status.log
 for f in /tmp/variants-*.log; do echo "===== $f"; tail -25 "$f"; done > "$OUT/variants_build.log"
 args=()
 for label in none r64 r128 whole-r64; do
-  [ -f "/tmp/variants/$label/manifest.json" ] && args+=(--variant "$label=/tmp/variants/$label")
+  args+=(--variant "$label=/tmp/variants/$label")
 done
-python3 -m aotpack.bench.variants --model $MODEL --out "$OUT" --graph-variant r64 "${args[@]}" 2>&1 | tee "$OUT/variants.log"
+python3 -m aotpack.bench.variants --model $MODEL --lora-dir /tmp/aotpack-bench-loras --out "$OUT" --graph-variant r64 "${args[@]}" 2>&1 | tee "$OUT/variants.log"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Re-renders results.md / results.png / results.json from the JSON measured on the H200 (run from the repo root).
+python -m aotpack.bench.report benchmarks/results/2026-11-29-h200 \
+ --machine "lent nvidia-h200, 2026-11-29, torch 2.11" \
+ --command "bash scripts/gpu/bench_compare.sh; bash scripts/gpu/bench_cold_start.sh; bash scripts/gpu/bench_variants.sh (device tool, carrying .device and artifacts/h200)" \
+ --note "Three device calls on the same machine type. compare.log: aotpack and eager bf16+PEFT in one process (the recipe part of that process was cut by the 10-minute limit while compiling). cold_start.json/log: fresh processes one after another, nothing else running; the recipe's steady-state figures were measured in its own process after its first image. variants.json: package variants." \
+ --note "Eager bf16 + PEFT carries the rank-64 LoRA on all block linears (unfused PEFT layers): 201 ms/step. The same random model without LoRA measured 175 ms earlier that day (docs/gpu.md)." \
+ --note "Output error: the recipe quantizes every linear layer of the model to FP8 (torchao's quantize_ on the whole transformer); aotpack quantizes the block linears only (99% of linear FLOPs) and keeps embedders and the output projection in bf16." \
+ --note "Recipe recompiles: 0 during hotswaps. Calling the same compiled model directly (transformer-level inputs, after the pipeline image) recompiled both blocks 3 times in all (guards on the hidden_states stride and on joint_attention_kwargs being {} vs None; the reasons are in cold_start.log)." \
+ --note "Recipe warm start from torch.compiler.save_cache_artifacts: not measured on the GPU. The recipe's cold start took 203 s and its 15.9 MB cache was saved, but the 10-minute command ended before the warm-started process finished, and the session's device time was then spent. On the CPU (tiny-deep) the same script measured cold 20.0 s vs warm 16.8 s." \
+ --note "Whole-program layout (whole-r64 in variants_build.log): its AOTInductor compile of the 6-block model did not finish within 290 s (exit 124), while the 4 regional programs of the same model compiled in 61-95 s each, concurrently. The 57-block model was not attempted as a whole program." \
+ --note "CUDA-graph replay of the loaded programs (r64): the capture failed (cudaErrorStreamCaptureInvalidated inside the AOTInductor runner), so the lever does not apply as is." \
+ --note "Slot overhead is measured on random:flux-dev-d2s4 (FLUX.1-dev widths, 2 double + 4 single blocks): per-block costs are those of the full model. The load time of the first variant (10.6 s) includes CUDA and library start-up in that process." \
+ --note "aotpack's switch reading r64-all (687 MB of bf16 factors) took 1.1 s against 0.23 s for PEFT's hotswap of the same, already page-cached, file: parsing and converting through diffusers' converters dominates; not yet optimized."

@@ -1,0 +1,77 @@
+"""The benchmark tools on the CPU: real packages measured, cold start in a fresh process, the report's arithmetic.
+
+These check that the tools measure and report correctly; the numbers that matter come from the GPU
+(benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from aotpack.bench.report import render, render_markdown
+from aotpack.cli import cli
+from aotpack.errors import PackageMismatchError
+from aotpack.program import ProgramFile
+
+SMALL = ["--height", "128", "--width", "128", "--text-tokens", "16"]
+
+
+def test_variants_then_report(tiny_package, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["bench", "variants", "--model", "tiny", "--variant", f"r32={tiny_package}",
+                                      "--variant", f"broken={tmp_path / 'missing'}", "--out", str(out),
+                                      "--lora-dir", str(tmp_path / "loras"), *SMALL], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "variants.json").read_text())
+    measured = data["variants"]["r32"]
+    assert measured["max_rank"] == 32 and measured["active_lora"] == "r16-attn"
+    assert 0 < measured["step"]["min_ms"] <= measured["step"]["median_ms"] <= measured["step"]["max_ms"]
+    assert measured["package_mb"] > 0 and measured["validation"]["max_rel_error"] < 1e-3
+    assert data["variants"]["broken"]["failed"].startswith("no package")
+    markdown = render(out, "aotpack bench variants ...", "test machine", notes=["a note"]).read_text()
+    assert f"| r32 | regional | 32 | {measured['step']['median_ms']:.2f} |" in markdown
+    assert "- a note" in markdown
+    assert Image.open(out / "results.png").size[0] == 900
+
+
+def test_cold_start_of_a_package_in_a_fresh_process(tiny_package, tmp_path):
+    out = tmp_path / "cold"
+    result = CliRunner().invoke(cli, ["bench", "cold-start", "--package", str(tiny_package), "--model", "tiny",
+                                      "--out", str(out), "--kinds", "aotpack", "--steps", "2", "--lora", "r16-attn",
+                                      "--lora-dir", str(tmp_path / "loras"), *SMALL], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    cold = json.loads((out / "cold_start.json").read_text())["aotpack"]
+    assert "failed" not in cold, cold
+    phases = cold["imported_seconds"] + cold["load_package"] + cold["activate_lora"] + cold["first_image"]
+    assert 0 < phases <= cold["process_to_first_image_seconds"] <= cold["process_wall_seconds"]
+
+
+def test_report_ratios_and_missing_figures():
+    bench = {"setup": {"model": "random:flux-dev"},
+             "eager_bf16_peft": {"step": {"median_ms": 200.0}, "rel_error_vs_eager": 0},
+             "aotpack": {"step": {"median_ms": 100.0}, "requests": [
+                 {"loras": "a", "switch_ms": 9.0, "adapters_read_from_file": 0, "image_seconds": 3.0},
+                 {"loras": "a+b", "switch_ms": 900.0, "adapters_read_from_file": 0, "image_seconds": 3.1}]}}
+    cold = {"recipe": {"process_to_first_image_seconds": 400.0,
+                       "details": {"step": {"median_ms": 125.0}}, "rel_error_vs_eager": 0.05},
+            "aotpack": {"process_to_first_image_seconds": 20.0}}
+    markdown = render_markdown(bench, cold, {}, "cmd", "machine")
+    assert "| step vs eager | 1.00x | 0.62x | 0.50x |" in markdown
+    assert "| step vs compiled recipe | 1.60x | 1.00x | 0.80x |" in markdown
+    assert "0.05x / not measured" in markdown  # cold start vs recipe cold / warm (no warm figure)
+    assert "| 9.0-9.0 |" in markdown  # the stacked set is not a cached-set switch
+    assert "from its cold-start process" in markdown
+
+
+def test_a_program_archive_escaping_its_folder_is_refused(tmp_path):
+    archive = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("evil/data/aotinductor/model/../../../../escaped.so", b"\x7fELF")
+    with pytest.raises(PackageMismatchError, match="outside the package"):
+        ProgramFile(archive)
+    assert not (tmp_path / "escaped.so").exists()
