@@ -69,7 +69,9 @@ class SlotBank:
                     torch.mul(b, scale[0], out=b_view)
                 offset += rank
             if used > offset:  # clear what the previous set left beyond the new rank
-                zero += [a_buf[offset:used], b_buf[:, offset:used]]
+                # A's rows are contiguous; B's columns are not, so a fully cleared slot zeroes all of
+                # B (contiguous: foreach's fast multi-tensor kernel instead of one launch per view).
+                zero += [a_buf[offset:used], b_buf if offset == 0 else b_buf[:, offset:used]]
             self.used_rank[name] = offset
         if a_dst:
             torch._foreach_copy_(a_dst, a_src, non_blocking=True)

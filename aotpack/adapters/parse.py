@@ -122,13 +122,16 @@ def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str)
         if b_key not in transformer_sd:
             raise AdapterFormatError(f"adapter {source}: layer {module} has lora_A but no lora_B",
                                      "the file is incomplete; download it again")
-        a, b = transformer_sd[f"{module}.lora_A.weight"].float(), transformer_sd[b_key].float()
+        a, b = transformer_sd[f"{module}.lora_A.weight"], transformer_sd[b_key]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterFormatError(
                 f"adapter {source}: layer {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 "not [r, in] x [out, r]",
                 "only linear-layer LoRA factors with matching ranks are supported")
-        layers[module] = LayerDelta(a.contiguous(), (b * scaling).contiguous())
+        if scaling != 1.0:  # scaled in float32, rounded once; fp16 stays float32 (its range is small)
+            b = (b.float() * scaling).to(torch.float32 if b.dtype == torch.float16 else b.dtype)
+        # The file's dtype is kept: the adapter cache converts once, to the slot dtype on the device.
+        layers[module] = LayerDelta(a.contiguous(), b.contiguous())
     return layers
 
 
