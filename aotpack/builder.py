@@ -105,9 +105,10 @@ def _validate(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe
                             "rel_error_no_lora": error_plain, "rel_error_random_lora": error_lora,
                             "lora_effect": lora_effect})
             worst_end_to_end = max(worst_end_to_end, error_plain, error_lora)
+            lora_note = (f"{error_lora:.2e} (random LoRA, which moves the output by {lora_effect:.2e})"
+                         if manifest.slots else "no LoRA slots (--max-rank 0)")
             progress.info(f"    batch {batch}, {image_tokens} image + {text_tokens} text tokens: end-to-end rel. "
-                          f"error {error_plain:.2e} (no LoRA), {error_lora:.2e} (random LoRA, which moves the "
-                          f"output by {lora_effect:.2e})")
+                          f"error {error_plain:.2e} (no LoRA), {lora_note}")
     progress.info("    per program (worst instance, random LoRA): "
                   + ", ".join(f"{k} {v:.2e}" for k, v in program_errors.items()))
     worst_program = max(program_errors.values())

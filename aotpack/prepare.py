@@ -39,6 +39,7 @@ def prepare_transformer(transformer, *, dtype: str, device: str, quantization: s
     transformer.requires_grad_(False)
     transformer.to(torch_dtype(dtype))
     quantized = place_and_quantize(transformer, quantization, device)
+    slotted = set(slot_names)
     specs = install_slots(transformer, list(slot_names))
-    detach_biases(transformer, [n for n in quantized if n not in set(slot_names)])
+    detach_biases(transformer, [n for n in quantized if n not in slotted])
     return specs

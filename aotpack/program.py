@@ -38,6 +38,15 @@ def _unpack(package_path: Path, into: Path) -> Path:
     return shared_objects[0]
 
 
+def _compiled_device(shared_object: Path) -> str:
+    """The device a program was compiled for, from AOTInductor's metadata next to its `.so`."""
+    for metadata in shared_object.parent.glob("*_metadata.json"):
+        device = json.loads(metadata.read_text()).get("AOTI_DEVICE_KEY")
+        if device:
+            return device
+    return "cpu"
+
+
 class ProgramFile:
     """One unpacked `.pt2`; `instantiate()` opens a new runner over its shared object.
 
@@ -48,18 +57,11 @@ class ProgramFile:
         self.path = Path(package_path)
         self._folder = tempfile.TemporaryDirectory(prefix=f"aotpack-{self.path.stem}-")
         self.shared_object = _unpack(self.path, Path(self._folder.name))
-
-    def device_type(self) -> str:
-        """The device the program was compiled for, from AOTInductor's metadata next to the `.so`."""
-        for metadata in self.shared_object.parent.glob("*_metadata.json"):
-            device = json.loads(metadata.read_text()).get("AOTI_DEVICE_KEY")
-            if device:
-                return device
-        return "cpu"
+        self.compiled_for = _compiled_device(self.shared_object)
 
     def instantiate(self, device: str) -> "CompiledProgram":
         target = torch.device(device)
-        compiled_for = self.device_type()
+        compiled_for = self.compiled_for
         if compiled_for != target.type:
             raise PackageMismatchError(f"{self.path.name} was compiled for {compiled_for}, not {target.type}",
                                        f"load it on a {compiled_for} device, or build for this one")

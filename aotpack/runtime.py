@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from . import program as program_files
-from .program import CompiledProgram
 from .errors import PackageMismatchError, UnsupportedCallError
 from .manifest import Manifest
 from .prepare import torch_dtype
+from .program import CompiledProgram
 from .regions import (BLOCK_KINDS, EPILOGUE, PROLOGUE, WHOLE, instance_slot_prefix, make_region,
                       prologue_arguments)
 from .slots import lora_input_names, zero_slot_tensors

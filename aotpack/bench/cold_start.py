@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import Stopwatch, bench_device
+
 KINDS = ("aotpack", "eager-reference", "recipe", "recipe-warm")
 RESULT_PREFIX = "COLD_START_RESULT "
 
@@ -42,9 +44,8 @@ def _workload(args, config: dict, dtype, device):
 
 def _child_aotpack(args, phases: dict, loras: dict) -> None:
     from ..serve import load_package
-    from .timing import Stopwatch
 
-    with Stopwatch("cuda" if torch.cuda.is_available() else "cpu") as watch:
+    with Stopwatch(bench_device()[0]) as watch:
         served = load_package(args.package, args.model)
     phases["load_package"] = watch.seconds
     with Stopwatch(served.device) as watch:
@@ -62,8 +63,7 @@ def _child_eager_reference(args, phases: dict, loras: dict) -> None:
     from ..models import parse_model_ref
     from ..random_models import make_transformer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = bench_device()
     model = make_transformer(parse_model_ref(args.model).location, dtype, device)
     model.load_lora_adapter(str(loras[args.lora]), adapter_name="reference", prefix="transformer")
     inputs, _ = _workload(args, dict(model.config), dtype, device)
@@ -76,10 +76,8 @@ def _child_recipe(args, phases: dict, loras: dict, warm: bool) -> None:
     from ..models import parse_model_ref
     from ..random_models import make_pipeline
     from .compare import recipe_measurements, recipe_transformer
-    from .timing import Stopwatch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = bench_device()
     name = parse_model_ref(args.model).location
     if warm:
         with Stopwatch(device) as watch:

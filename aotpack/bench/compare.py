@@ -25,7 +25,7 @@ from ..models import load_transformer_config, parse_model_ref
 from ..random_models import make_pipeline, make_transformer, random_prompt_embeds
 from . import serve_demo
 from .loras import write_bench_loras
-from .timing import Stopwatch, peak_memory_gb, reset_peak_memory, time_ms, top_kernels
+from .timing import Stopwatch, bench_device, peak_memory_gb, reset_peak_memory, time_ms, top_kernels
 
 
 class Report:
@@ -150,8 +150,7 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     report = Report(out / "bench.json")
     ref = parse_model_ref(model)
     config = load_transformer_config(ref)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = bench_device()
     report["setup"] = {"model": model, "height": height, "width": width, "steps": steps, "text_tokens": text_tokens,
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
     loras = write_bench_loras(config, lora_dir, names=["r16-attn", "r64-all", "r128-mlp"])

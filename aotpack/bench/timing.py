@@ -8,6 +8,11 @@ import time
 import torch
 
 
+def bench_device() -> tuple[str, torch.dtype]:
+    """Where benchmarks run, and the dtype of the eager contenders there (bf16 on a GPU, fp32 on the CPU)."""
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
