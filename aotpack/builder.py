@@ -15,16 +15,35 @@ from .attention import attention_context, kernels_in_package
 from .doctor import require_working_toolchain
 from .errors import AotpackError, ValidationFailedError
 from .examples import relative_error, transformer_inputs
+from .lora_grouping import group_lora_down_projections
 from .machine import check_can_build, gpu_name, versions
 from .manifest import Manifest, ProgramSpec, sha256_file
-from .models import config_fingerprint, load_transformer, parse_model_ref, structural_config
+from .models import (
+    config_fingerprint,
+    load_transformer,
+    parse_model_ref,
+    structural_config,
+)
 from .prepare import prepare_transformer, regional_slot_names, torch_dtype
 from .progress import Progress
 from .quant import quantization_record
 from .recipe import Recipe, load_recipe
-from .regions import (EPILOGUE, PROLOGUE, WHOLE, block_prefixes, instance_slot_prefix, make_region,
-                      prologue_arguments)
-from .slots import SlotSpec, bind_slot_tensors, lora_input_names, random_slot_tensors, select_slot_names
+from .regions import (
+    EPILOGUE,
+    PROLOGUE,
+    WHOLE,
+    block_prefixes,
+    instance_slot_prefix,
+    make_region,
+    prologue_arguments,
+)
+from .slots import (
+    SlotSpec,
+    bind_slot_tensors,
+    lora_input_names,
+    random_slot_tensors,
+    select_slot_names,
+)
 from .toolchain import check_package_shared_objects
 
 DEFAULT_OUT = Path("artifacts") / "packages"
@@ -141,7 +160,10 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
         lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
                                    device, generator)
         with report.stage(f"export {kind}"):
-            exported.append((kind, instances, region, activations, export_region(region, activations, lora, shapes)))
+            program = export_region(region, activations, lora, shapes)
+            if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
+                report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
+        exported.append((kind, instances, region, activations, program))
     return exported
 
 

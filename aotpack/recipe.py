@@ -40,6 +40,7 @@ class Recipe:
     tolerance: float  # each compiled program vs its eager region (relative L2)
     inductor_configs: dict
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
+    group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
 
     @property
     def end_to_end_limit(self) -> float:
@@ -97,6 +98,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         tolerance=fields.positive("validation.tolerance", float),
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
+        group_lora_down=fields.value("group_lora_down", bool, False),
     )
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)

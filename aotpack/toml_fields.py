@@ -8,7 +8,8 @@ from pathlib import Path
 from .errors import RecipeError
 
 _REQUIRED = object()
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table",
+               bool: "true or false"}
 
 
 class TomlFields:

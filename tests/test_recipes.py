@@ -80,6 +80,7 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
     ("batch = [1, 4]", "batch = [4, 1]", ["shapes.batch", "[4, 1]", "min <= max"]),
     ("image_tokens = [256, 16384]", 'image_tokens = "lots"', ["shapes.image_tokens", "'lots'"]),
     ("tolerance = 3e-2", "tolerance = -1.0", ["validation.tolerance", "> 0"]),
+    ('layout = "regional"', 'layout = "regional"\ngroup_lora_down = "yes"', ["group_lora_down", "'yes'", "true or false"]),
 ])
 def test_a_bad_value_names_the_field_the_value_and_the_file(tmp_path, old, new, expected):
     path = write_variant(tmp_path, old, new)
