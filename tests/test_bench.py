@@ -35,6 +35,7 @@ def test_variants_then_report(tiny_package, tmp_path):
     assert data["variants"]["broken"]["failed"].startswith("no package")
     markdown = render(out, "aotpack bench variants ...", "test machine", notes=["a note"]).read_text()
     assert f"| r32 | regional | 32 | {measured['step']['median_ms']:.2f} |" in markdown
+    assert "| broken |  |  | no package (build did not finish) |" in markdown
     assert "- a note" in markdown
     assert Image.open(out / "results.png").size[0] == 900
 
