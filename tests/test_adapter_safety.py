@@ -3,6 +3,7 @@ and a rejected adapter set leaves the active one exactly as it was (bit-identica
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import pickle
@@ -121,6 +122,59 @@ def test_valid_file_whose_header_length_starts_like_a_pickle(tmp_path):
             break
     assert path.read_bytes()[:2] in (b"\x80\x00", b"\x80\x01"), "no header length of the wanted form was found"
     assert set(parse_adapter(path).layers) == {"transformer_blocks.0.attn.to_q"}
+
+
+def test_tensors_read_as_safetensors_reads_them_with_mixed_dtypes_and_odd_offsets(tmp_path):
+    """The loader's own views of the file: same keys, dtypes and values as safetensors' load_file, also
+    for a float32 tensor that starts at an odd byte (after 3 bf16 values) and a zero-element tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from aotpack.adapters.files import load_safetensors
+
+    state = {"a.bf16": torch.randn(3, dtype=torch.bfloat16), "b.f32": torch.randn(2, 5),
+             "c.f16": torch.randn(4, 1, dtype=torch.float16), "d.empty": torch.zeros(0, 7),
+             "e.i64": torch.arange(5), "f.fp8": torch.randn(6).to(torch.float8_e4m3fn)}
+    save_file(state, str(tmp_path / "mixed.safetensors"))
+    ours, _ = load_safetensors(tmp_path / "mixed.safetensors")
+    theirs = load_file(str(tmp_path / "mixed.safetensors"))
+    assert list(ours) == sorted(theirs)
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and ours[key].shape == tensor.shape, key
+        assert torch.equal(ours[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    # save_file orders tensors so they stay aligned; other writers need not: bf16 x 3, then a float32
+    header = {"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+              "y": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    x, y = state["a.bf16"], torch.tensor([1.5, -2.25])
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + x.view(torch.uint8).numpy()
+                                               .tobytes() + y.numpy().tobytes())
+    odd, _ = load_safetensors(tmp_path / "odd.safetensors")
+    assert torch.equal(odd["x"], x) and torch.equal(odd["y"], y)
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h[next(k for k in h if k.endswith("lora_A.weight"))].update(shape=[999, 32]), "needs"),
+    (lambda h: h[next(k for k in h if k.endswith("lora_A.weight"))].update(dtype="Q7"), "'Q7'"),
+    (lambda h: h[next(k for k in h if k.endswith("lora_A.weight"))]["data_offsets"].__setitem__(0, 1), "needs"),
+])
+def test_a_header_that_lies_about_its_tensors_is_refused(lora, tmp_path, edit, message):
+    path = tmp_path / "lying.safetensors"
+    path.write_bytes(lora.read_bytes())
+    with pytest.raises(AdapterFileError, match=message) as caught:
+        parse_adapter(_rewrite_header(path, edit))
+    assert "download the file again" in caught.value.fix
 
 
 def _bad_adapters(lora, directory) -> dict[str, tuple[object, type]]:

@@ -9,6 +9,7 @@ checked against the file size first, so truncated or corrupt files fail with a c
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -35,10 +36,10 @@ def _pickle_kind(head: bytes) -> str | None:
     return None
 
 
-def read_header(path: Path, data: bytes) -> dict:
+def read_header(path: Path, data: bytes | memoryview) -> dict:
     """The header dict of safetensors `data` (the bytes of `path`), validated against its size."""
     size = len(data)
-    head = data[:64]
+    head = bytes(data[:64])
     if size < 10:
         raise AdapterFileError(f"adapter {path} is {size} bytes: too short to be a safetensors file", _REDOWNLOAD)
     (header_len,) = struct.unpack("<Q", head[:8])
@@ -55,7 +56,7 @@ def read_header(path: Path, data: bytes) -> dict:
             f"adapter {path} is not a readable safetensors file (declared header length {header_len}, "
             f"file {size} bytes)", _REDOWNLOAD)
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(bytes(data[8:8 + header_len]))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"adapter {path} has an unreadable safetensors header ({err})", _REDOWNLOAD) from err
     if not isinstance(header, dict):
@@ -116,17 +117,50 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdapterFileError(
             f"adapter {path} is a {path.suffix} (pickle) file; only .safetensors adapters are read, "
             "because unpickling can run arbitrary code", _CONVERT)
-    # One read: the checks and the tensors see the same bytes, and the tensors own their memory (a
-    # memory-mapped file rewritten or truncated later would change or crash a cached adapter).
-    data = path.read_bytes()
-    lora_meta = _lora_metadata(path, read_header(path, data))
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
-        raise AdapterFileError(f"adapter {path} could not be read: {err}", _REDOWNLOAD) from err
+    # One read into memory this process owns: the checks and the tensors see the same bytes, and a
+    # file rewritten or truncated later cannot change or crash a cached adapter (as a mmap could).
+    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)  # not zero-filled: the read fills it
+    data = memoryview(buffer.numpy())
+    with open(path, "rb") as file:
+        if file.readinto(data) != len(data):
+            raise AdapterFileError(f"adapter {path} changed size while being read", _REDOWNLOAD)
+    header = read_header(path, data)
+    lora_meta = _lora_metadata(path, header)
+    tensors = _tensors_in(path, buffer, header)
     # Key order as safetensors' load_file (and so diffusers) gives it: diffusers' choice of a default
     # alpha depends on it (its "most common alpha" counts tensors by identity, so the first one wins).
     return {key: tensors[key] for key in sorted(tensors)}, lora_meta
+
+
+def _tensors_in(path: Path, raw: torch.Tensor, header: dict) -> dict[str, torch.Tensor]:
+    """The header's tensors as views of the file's bytes `raw` (no second copy), checked as safetensors'
+    own loader checks them: known dtypes, byte sizes that match the shapes, no gaps or overlaps."""
+    base = 8 + struct.unpack("<Q", raw[:8].numpy().tobytes())[0]
+    entries = sorted(((entry["data_offsets"], name, entry) for name, entry in header.items()
+                      if name != "__metadata__"), key=lambda item: item[0])
+    tensors, end_of_previous = {}, 0
+    for (start, end), name, entry in entries:
+        dtype, shape = _SAFETENSORS_DTYPES.get(entry.get("dtype")), entry.get("shape")
+        if dtype is None or not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise AdapterFileError(f"adapter {path}: tensor {name!r} has dtype {entry.get('dtype')!r} and shape "
+                                   f"{shape!r}, which safetensors cannot hold", _REDOWNLOAD)
+        size = dtype.itemsize * math.prod(shape)
+        if start != end_of_previous or end - start != size:
+            raise AdapterFileError(f"adapter {path}: tensor {name!r} occupies bytes {start}-{end}, but its shape "
+                                   f"{shape} x {entry['dtype']} needs {size} bytes from byte {end_of_previous}",
+                                   _REDOWNLOAD)
+        chunk = raw[base + start:base + end]
+        if (base + start) % dtype.itemsize:  # a view needs aligned elements: copy the odd one out
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).reshape(shape)
+        end_of_previous = end
+    if base + end_of_previous != raw.numel():
+        raise AdapterFileError(f"adapter {path}: {raw.numel() - base - end_of_previous} bytes after the last tensor "
+                               "belong to none", _REDOWNLOAD)
+    return tensors
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
