@@ -78,6 +78,27 @@ class SlotBank:
         if zero:
             torch._foreach_zero_(zero)
 
+    def warm_up(self) -> None:
+        """Run every kind of write once, with zeros, so that the first real switch pays no one-off cost.
+
+        On CUDA, kernels load lazily on first launch (CUDA_MODULE_LOADING=LAZY); the first clear and the
+        first scaled copy of a process would otherwise pay for it. The bank ends as it began: all zero.
+        """
+        names = list(self.used_rank)[:2]
+        if not names:
+            return
+        rank = min(2, self.tensors[lora_input_names(names[0])[0]].shape[0])
+
+        def zeros(name, r, scale):
+            a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))
+            return [(torch.zeros_like(a_buf[:r]), torch.zeros_like(b_buf[:, :r]), scale)]
+
+        # a scaled copy (mul) and a plain one (copy_); then a partial clear (B's columns beyond rank 1)
+        # with the other slot cleared whole; then everything cleared
+        self.write({names[0]: zeros(names[0], rank, 0.5), **{n: zeros(n, 1, 1.0) for n in names[1:]}})
+        self.write({names[0]: zeros(names[0], 1, 0.5)})
+        self.write({})  # a full clear
+
 
 class _Instance:
     """One program bound to one block's weights, with its LoRA inputs pre-ordered."""
@@ -103,6 +124,7 @@ class CompiledFluxTransformer(nn.Module):
         # keep it alive, but outside the module tree so pipeline.to() and .parameters() skip it.
         object.__setattr__(self, "_weights_owner", transformer)
         self.bank = SlotBank(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device)
+        self.bank.warm_up()
         self._input_dtypes = {}
         self._programs: dict[str, list[_Instance]] = {}
         self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)}

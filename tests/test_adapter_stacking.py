@@ -108,3 +108,20 @@ def test_cli_fit_svd_reports_retained_energy(rank24, tiny_package, tmp_path):
     fitted = CliRunner().invoke(cli, args + ["--fit", "svd"])
     assert fitted.exit_code == 0, fitted.output
     assert "retained energy min" in fitted.output and "mean" in fitted.output
+
+
+def test_bank_warm_up_touches_every_write_path_and_leaves_the_bank_zero(monkeypatch):
+    from aotpack.runtime import SlotBank
+    from aotpack.slots import SlotSpec
+
+    bank = SlotBank([SlotSpec("a", 8, 6), SlotSpec("b", 8, 4), SlotSpec("c", 5, 8)], 4, torch.float32, "cpu")
+    addresses = {name: t.data_ptr() for name, t in bank.tensors.items()}
+    calls = []
+    for op in ("_foreach_copy_", "_foreach_zero_", "mul"):
+        original = getattr(torch, op)
+        monkeypatch.setattr(torch, op, lambda *a, _op=op, _f=original, **k: (calls.append(_op), _f(*a, **k))[1])
+    bank.warm_up()
+    assert {"_foreach_copy_", "_foreach_zero_", "mul"} <= set(calls)  # the kernels a real switch launches
+    assert all(not t.any() for t in bank.tensors.values())
+    assert set(bank.used_rank.values()) == {0}
+    assert {name: t.data_ptr() for name, t in bank.tensors.items()} == addresses  # programs hold these
