@@ -15,10 +15,11 @@ if [ "${SERVE:-1}" = 1 ]; then  # SERVE=0: variants only
   echo "serve_demo: exit $?"; tail -8 "$OUT/serve/serve.log"
 fi
 
-sed 's/^layout = "regional"/layout = "regional"\ngroup_lora_down = true/' recipes/h200.toml > /tmp/recipes/grouped.toml
-sed 's/^group_lora_down = .*//' recipes/h200.toml > /tmp/recipes/plain.toml   # the lever off, whatever the default
-sed 's/^layout = "regional"/layout = "regional"\ngroup_lora_down = false/' /tmp/recipes/plain.toml > /tmp/recipes/p.toml
-mv /tmp/recipes/p.toml /tmp/recipes/plain.toml
+variant() {  # group_lora_down value -> h200.toml with that value, whatever its default
+  sed "/^group_lora_down/d; s/^layout = \"regional\"/&\ngroup_lora_down = $1/" recipes/h200.toml
+}
+variant true > /tmp/recipes/grouped.toml
+variant false > /tmp/recipes/plain.toml
 { cat /tmp/recipes/plain.toml; echo 'max_autotune = true'; } > /tmp/recipes/autotune.toml  # [inductor] is last
 build() {  # label, timeout, recipe, extra args...
   local label=$1 limit=$2 recipe=$3; shift 3
