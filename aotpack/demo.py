@@ -37,7 +37,7 @@ def write_demo_loras(directory: str | Path) -> dict[str, Path]:
     """Write the demo LoRA files for the tiny model; returns {name: path}."""
     from safetensors.torch import save_file
 
-    from .tiny import make_transformer
+    from .models.tiny import make_transformer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,10 +57,10 @@ def run_demo(out: str | Path = "artifacts/demo", *, rebuild: bool = False):
     """
     import json
 
-    from .builder import build_package
-    from .jobs import read_jobs, run_request
-    from .manifest import read_manifest
-    from .serve import load_package
+    from .builder.build import build_package
+    from .runtime.jobs import read_jobs, run_request
+    from .runtime.pipeline import load_package
+    from .store.manifest import read_manifest
 
     out = Path(out)
     package = out / "tiny-cpu-package"

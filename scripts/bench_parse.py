@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aotpack.adapters.parse import parse_adapter
 from aotpack.bench.loras import write_bench_loras
-from aotpack.models import load_transformer_config, parse_model_ref
+from aotpack.models.checkpoint import load_transformer_config, parse_model_ref
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore")
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory):
     """The embedded tiny model built for the cpu target (regional layout, max_rank 32)."""
-    from aotpack.builder import build_package
+    from aotpack.builder.build import build_package
 
     return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("pkg") / "tiny-cpu", progress=False)
 

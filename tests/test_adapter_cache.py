@@ -7,18 +7,19 @@ import json
 import os
 import shutil
 
+import lora_formats as formats
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import REQUEST
 
-import lora_formats as formats
-from aotpack.adapters import AdapterSource, cache as cache_module, parse_adapter
+from aotpack.adapters import AdapterSource, parse_adapter
+from aotpack.adapters import cache as cache_module
 from aotpack.adapters.cache import AdapterCache
 from aotpack.cli import cli
 from aotpack.demo import random_lora_state_dict
 from aotpack.errors import AdapterFileError
-from aotpack.tiny import make_transformer
-from reference import REQUEST
+from aotpack.models.tiny import make_transformer
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_hub_names_and_revisions_reach_hf_hub_download(loras, monkeypatch):
 
 def test_jobs_report_switch_times_and_notes(loras, tiny_package, tmp_path):
     """`aotpack run --jobs`: every request reports its LoRA switch time, file vs cache, and adapter notes."""
-    from aotpack.tiny import make_pipeline
+    from aotpack.models.tiny import make_pipeline
 
     eager = make_pipeline()
     mixture = formats.write(formats.mixture(eager.transformer, formats.clip_layers(eager.text_encoder)),

@@ -8,14 +8,14 @@ tiny text encoders/VAE; it is written as a diffusers-format pipeline directory a
 
 from __future__ import annotations
 
+import lora_formats as formats
 import pytest
 import torch
+from reference import REQUEST, reference_latents, rel_error
 
 import aotpack
-import lora_formats as formats
-from aotpack.builder import build_package
-from aotpack.tiny import make_clip_tokenizer, make_t5_tokenizer
-from reference import REQUEST, reference_latents, rel_error
+from aotpack.builder.build import build_package
+from aotpack.models.tiny import make_clip_tokenizer, make_t5_tokenizer
 
 TOLERANCE = 1e-3
 STRENGTH = 1.5  # LoRA factor scale: at Flux widths a weaker delta barely moves the latents
@@ -26,7 +26,12 @@ FLUX_WIDTH = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=
 
 def make_flux_width_pipeline():
     """Flux.1 widths, one block of each kind; text encoders and VAE as small as those widths allow."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tokenizer, t5_tokenizer = make_clip_tokenizer(), make_t5_tokenizer()

@@ -7,12 +7,12 @@ a Flux-width model in `test_adapter_flux_width.py`.
 
 from __future__ import annotations
 
+import lora_formats as formats
 import pytest
 import torch
-
-import lora_formats as formats
-from aotpack.tiny import make_pipeline
 from reference import REQUEST, reference_latents, rel_error
+
+from aotpack.models.tiny import make_pipeline
 
 TOLERANCE = 1e-3  # issue 3: latents relative error vs diffusers on the CPU
 

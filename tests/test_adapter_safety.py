@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import pickle
+import random
 import struct
 
+import lora_formats as formats
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import REQUEST
 
-import lora_formats as formats
 from aotpack.adapters import parse_adapter
 from aotpack.adapters.text_encoder import TextEncoderLoRA
 from aotpack.cli import cli
-from aotpack.errors import (AdapterError, AdapterFileError, AdapterFormatError, AdapterLayerError, AdapterRankError,
-                            AdapterShapeError)
-from aotpack.tiny import make_pipeline, make_transformer
-from reference import REQUEST
+from aotpack.errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterFormatError,
+    AdapterLayerError,
+    AdapterRankError,
+    AdapterShapeError,
+)
+from aotpack.models.tiny import make_pipeline, make_transformer
 
 
 class Hostile:

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import math
 
+import lora_formats as formats
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import REQUEST, reference_latents, rel_error
+from test_adapter_flux_width import FLUX_WIDTH, flux_width_model
 
-import lora_formats as formats
 from aotpack.adapters import parse_adapter
 from aotpack.adapters.stack import stack_adapters
 from aotpack.cli import cli
 from aotpack.demo import random_lora_state_dict
 from aotpack.errors import AdapterRankError
-from aotpack.tiny import make_transformer
-from reference import REQUEST, reference_latents, rel_error
-from test_adapter_flux_width import FLUX_WIDTH, flux_width_model
+from aotpack.models.tiny import make_transformer
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,8 @@ def test_cli_fit_svd_reports_retained_energy(rank24, tiny_package, tmp_path):
 
 
 def test_bank_warm_up_touches_every_write_path_and_leaves_the_bank_zero(monkeypatch):
-    from aotpack.runtime import SlotBank
-    from aotpack.slots import SlotSpec
+    from aotpack.models.slots import SlotSpec
+    from aotpack.runtime.slot_bank import SlotBank
 
     bank = SlotBank([SlotSpec("a", 8, 6), SlotSpec("b", 8, 4), SlotSpec("c", 5, 8)], 4, torch.float32, "cpu")
     addresses = {name: t.data_ptr() for name, t in bank.tensors.items()}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import lora_formats as formats
 import pytest
 import torch
-
-import lora_formats as formats
-from aotpack.errors import AdapterLayerError
-from aotpack.tiny import make_pipeline
 from reference import REQUEST, reference_latents, rel_error
+
+from aotpack.errors import AdapterLayerError
+from aotpack.models.tiny import make_pipeline
 
 TOLERANCE = 1e-3
 

@@ -3,14 +3,14 @@ all-zero additive parts (no effect) are dropped with a note."""
 
 from __future__ import annotations
 
+import lora_formats as formats
 import pytest
 import torch
+from reference import REQUEST, reference_latents, rel_error
 
-import lora_formats as formats
 from aotpack.adapters import parse_adapter
 from aotpack.errors import AdapterFormatError, AdapterShapeError
-from aotpack.tiny import make_pipeline
-from reference import REQUEST, reference_latents, rel_error
+from aotpack.models.tiny import make_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 from aotpack.bench.report import render, render_markdown
 from aotpack.cli import cli
 from aotpack.errors import PackageMismatchError
-from aotpack.program import ProgramFile
+from aotpack.runtime.program import ProgramFile
 
 SMALL = ["--height", "128", "--width", "128", "--text-tokens", "16"]
 

@@ -11,12 +11,12 @@ import zipfile
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import REQUEST, reference_latents, rel_error
 from safetensors.torch import load_file
 
 from aotpack.cli import cli
-from aotpack.manifest import read_manifest, sha256_file
-from aotpack.tiny import make_pipeline, make_transformer
-from reference import REQUEST, reference_latents, rel_error
+from aotpack.models.tiny import make_pipeline, make_transformer
+from aotpack.store.manifest import read_manifest, sha256_file
 
 TOLERANCE = 1e-3  # issue 2: relative error of latents vs diffusers in fp32
 

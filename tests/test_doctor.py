@@ -14,11 +14,14 @@ import torch
 from click.testing import CliRunner
 from packaging.specifiers import SpecifierSet
 
-from aotpack import cxx_probe, doctor, machine
 from aotpack.cli import cli, main
-from aotpack.dependencies import InstalledVersion, supported_range
 from aotpack.errors import ToolchainError
-from aotpack.toolchain import check_package_shared_objects, elf_needed_and_exports, static_libstdcxx_evidence
+from aotpack.machine import compat as machine
+from aotpack.machine import doctor
+from aotpack.machine import toolchain as cxx_probe
+from aotpack.machine.dependencies import InstalledVersion, supported_range
+from aotpack.machine.elf import elf_needed_and_exports, static_libstdcxx_evidence
+from aotpack.machine.toolchain import check_package_shared_objects
 
 SYSTEM_GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(SYSTEM_GXX is None, reason="needs g++ (inductor needs it too)")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aotpack.builder import build_package
-from aotpack.manifest import read_manifest
+from aotpack.builder.build import build_package
+from aotpack.store.manifest import read_manifest
 
 
 def _build_fp8(tmp_path_factory, max_rank=None):
@@ -69,9 +69,9 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
 
 def test_fp8_package_serves(fp8_package):
     import torchao.quantization.quant_api as quant_api
+    from reference import latents
 
     import aotpack
-    from reference import latents
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 import aotpack
-from aotpack import machine
-from aotpack import program as program_files
 from aotpack.errors import PackageMismatchError
-from aotpack.manifest import MANIFEST_NAME, read_manifest
-from aotpack.models import config_fingerprint, load_transformer_config, parse_model_ref
+from aotpack.machine import compat as machine
+from aotpack.models.checkpoint import (
+    config_fingerprint,
+    load_transformer_config,
+    parse_model_ref,
+)
+from aotpack.runtime import program as program_files
+from aotpack.store.manifest import MANIFEST_NAME, read_manifest
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import torch
 from reference import REQUEST, reference_latents, rel_error
 
 import aotpack
-from aotpack import builder
-from aotpack.examples import transformer_inputs
-from aotpack.lora_grouping import group_lora_down_projections
-from aotpack.models import load_transformer, parse_model_ref
-from aotpack.prepare import prepare_transformer, regional_slot_names
+from aotpack.builder import build as builder
+from aotpack.builder.lora_grouping import group_lora_down_projections
+from aotpack.models.checkpoint import load_transformer, parse_model_ref
+from aotpack.models.examples import transformer_inputs
+from aotpack.models.prepare import prepare_transformer, regional_slot_names
+from aotpack.models.tiny import make_pipeline
 from aotpack.progress import Progress
-from aotpack.recipe import _recipe_files, load_recipe
-from aotpack.tiny import make_pipeline
+from aotpack.recipes.recipe import _recipe_files, load_recipe
 
 LINEAR = torch.ops.aten.linear.default
 

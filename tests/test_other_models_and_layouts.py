@@ -8,13 +8,13 @@ import zipfile
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import REQUEST, latents, reference_latents, rel_error
 from safetensors.torch import load_file
 
-from aotpack.builder import build_package
+from aotpack.builder.build import build_package
 from aotpack.cli import cli
 from aotpack.errors import AdapterLayerError, AdapterRankError
-from aotpack.manifest import read_manifest
-from reference import REQUEST, latents, reference_latents, rel_error
+from aotpack.store.manifest import read_manifest
 
 TOLERANCE = 1e-3
 
@@ -28,7 +28,7 @@ def other_pipeline_dir(tmp_path_factory):
     """A schnell-like tiny pipeline (1 double + 3 single blocks, width 48, no guidance) saved by diffusers."""
     from diffusers import FluxTransformer2DModel
 
-    from aotpack.tiny import make_pipeline
+    from aotpack.models.tiny import make_pipeline
 
     torch.manual_seed(7)
     transformer = FluxTransformer2DModel(**OTHER_CONFIG).eval()
@@ -101,7 +101,7 @@ def _write_lora(path, patterns, rank, seed):
     from safetensors.torch import save_file
 
     from aotpack.demo import random_lora_state_dict
-    from aotpack.tiny import make_transformer
+    from aotpack.models.tiny import make_transformer
 
     save_file(random_lora_state_dict(make_transformer(), rank, patterns, seed=seed), str(path))
     return path
@@ -109,7 +109,7 @@ def _write_lora(path, patterns, rank, seed):
 
 def test_whole_layout_with_narrowed_slots(whole_package, tmp_path):
     import aotpack
-    from aotpack.tiny import make_pipeline
+    from aotpack.models.tiny import make_pipeline
 
     manifest = read_manifest(whole_package)
     assert [p.kind for p in manifest.programs] == ["whole"]
@@ -143,7 +143,7 @@ def test_t5_nf4_policy_needs_bitsandbytes_and_says_so(other_pipeline_dir):
     import importlib.util
 
     from aotpack.errors import ModelSourceError
-    from aotpack.models import load_pipeline, parse_model_ref
+    from aotpack.models.checkpoint import load_pipeline, parse_model_ref
 
     if importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed; this test covers the refusal without it")

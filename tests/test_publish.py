@@ -18,16 +18,16 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from fake_hub import Commit, FakeHub
 from safetensors.torch import load_file
 
 import aotpack
-from aotpack import program as program_files
 from aotpack.cli import cli
 from aotpack.errors import PackageIntegrityError, PackageMismatchError, PublishError
-from aotpack.manifest import read_manifest, sha256_file
-from aotpack.publish import locate_package, pull_package, push_package
-from aotpack.repo_layout import INDEX_NAME, index_entry, now_utc, render_index
-from fake_hub import Commit, FakeHub
+from aotpack.runtime import program as program_files
+from aotpack.store.manifest import read_manifest, sha256_file
+from aotpack.store.publish import locate_package, pull_package, push_package
+from aotpack.store.repo_layout import INDEX_NAME, index_entry, now_utc, render_index
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hf_TESTtokenNEVERprintedXyZ0123456789"

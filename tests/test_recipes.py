@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from aotpack.errors import RecipeError, UnknownTargetError
-from aotpack.recipe import known_targets, load_recipe
+from aotpack.recipes.recipe import known_targets, load_recipe
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "aotpack" / "recipes"
 
 
 def test_every_recipe_file_parses_under_its_own_name():
@@ -113,7 +113,7 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 
 def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):
-    import aotpack.recipe as recipe_module
+    import aotpack.recipes.recipe as recipe_module
 
     path = write_variant(tmp_path, 'name = "h100"', 'name = "h200"')
     monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h100": path})

@@ -40,7 +40,10 @@ class TextEncoderLoRA:
 
     def _check_targets(self, adapter) -> None:
         """Refuse CLIP parts for layers this text encoder lacks: PEFT would skip them silently."""
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+        from diffusers.utils import (
+            convert_state_dict_to_diffusers,
+            convert_state_dict_to_peft,
+        )
 
         text_encoder = self.pipeline.text_encoder
         state = {k.removeprefix("text_encoder."): v for k, v in adapter.text_encoder.items()}
@@ -55,8 +58,11 @@ class TextEncoderLoRA:
                 f"have (e.g. {missing[:3]})", "use a LoRA trained for this model's CLIP-L text encoder")
 
     def _apply(self, state) -> None:
-        from diffusers.loaders.lora_base import (disable_lora_for_text_encoder, enable_lora_for_text_encoder,
-                                                 set_adapters_for_text_encoder)
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
 
         text_encoder = self.pipeline.text_encoder
         if state is None:

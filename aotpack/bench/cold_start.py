@@ -43,7 +43,7 @@ def _workload(args, config: dict, dtype, device):
 
 
 def _child_aotpack(args, phases: dict, loras: dict) -> None:
-    from ..serve import load_package
+    from ..runtime.pipeline import load_package
 
     with Stopwatch(bench_device()[0]) as watch:
         served = load_package(args.package, args.model)
@@ -60,8 +60,8 @@ def _child_aotpack(args, phases: dict, loras: dict) -> None:
 
 def _child_eager_reference(args, phases: dict, loras: dict) -> None:
     """diffusers eager bf16 + PEFT output on the shared inputs, saved for the recipe's error."""
-    from ..models import parse_model_ref
-    from ..random_models import make_transformer
+    from ..models.checkpoint import parse_model_ref
+    from ..models.random_weights import make_transformer
 
     device, dtype = bench_device()
     model = make_transformer(parse_model_ref(args.model).location, dtype, device)
@@ -72,9 +72,9 @@ def _child_eager_reference(args, phases: dict, loras: dict) -> None:
 
 
 def _child_recipe(args, phases: dict, loras: dict, warm: bool) -> None:
-    from ..examples import relative_error
-    from ..models import parse_model_ref
-    from ..random_models import make_pipeline
+    from ..models.checkpoint import parse_model_ref
+    from ..models.examples import relative_error
+    from ..models.random_weights import make_pipeline
     from .compare import recipe_measurements, recipe_transformer
 
     device, dtype = bench_device()
@@ -110,7 +110,7 @@ def _child_recipe(args, phases: dict, loras: dict, warm: bool) -> None:
 
 
 def child(args) -> None:
-    from ..models import load_transformer_config, parse_model_ref
+    from ..models.checkpoint import load_transformer_config, parse_model_ref
     from .loras import write_bench_loras
 
     phases: dict = {"imported_seconds": _since_spawn()}

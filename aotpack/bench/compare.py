@@ -20,12 +20,23 @@ from pathlib import Path
 
 import torch
 
-from ..examples import relative_error, transformer_inputs
-from ..models import load_transformer_config, parse_model_ref
-from ..random_models import make_pipeline, make_transformer, random_prompt_embeds
+from ..models.checkpoint import load_transformer_config, parse_model_ref
+from ..models.examples import relative_error, transformer_inputs
+from ..models.random_weights import (
+    make_pipeline,
+    make_transformer,
+    random_prompt_embeds,
+)
 from . import serve_demo
 from .loras import write_bench_loras
-from .timing import Stopwatch, bench_device, peak_memory_gb, reset_peak_memory, time_ms, top_kernels
+from .timing import (
+    Stopwatch,
+    bench_device,
+    peak_memory_gb,
+    reset_peak_memory,
+    time_ms,
+    top_kernels,
+)
 
 
 class Report:
@@ -84,7 +95,11 @@ def recipe_transformer(name: str, dtype, device, lora) -> torch.nn.Module:
     LoRA + `compile_repeated_blocks(fullgraph=True)`. Compiling happens at the first call."""
     model = make_transformer(name, dtype, device)
     if torch.device(device).type == "cuda":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
 
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     model.enable_lora_hotswap(target_rank=64)  # the largest rank swapped in later

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..builder import build_package
-from ..examples import transformer_inputs
-from ..manifest import read_manifest
-from ..prepare import torch_dtype
-from ..serve import load_package
+from ..builder.build import build_package
+from ..models.examples import transformer_inputs
+from ..models.prepare import torch_dtype
+from ..runtime.pipeline import load_package
+from ..store.manifest import read_manifest
 from .timing import time_ms
 
 

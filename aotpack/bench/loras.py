@@ -32,7 +32,7 @@ def write_bench_loras(config: dict, directory: str | Path, names=None, std: floa
     from safetensors.torch import save_file
 
     from ..demo import random_lora_state_dict
-    from ..models import config_fingerprint, structural_config
+    from ..models.checkpoint import config_fingerprint, structural_config
 
     directory = Path(directory) / config_fingerprint(structural_config(dict(config)))[:16]
     directory.mkdir(parents=True, exist_ok=True)

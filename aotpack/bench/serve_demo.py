@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..examples import transformer_inputs
-from ..models import load_transformer_config, parse_model_ref
-from ..prepare import torch_dtype
-from ..random_models import random_prompt_embeds
-from ..serve import load_package
+from ..models.checkpoint import load_transformer_config, parse_model_ref
+from ..models.examples import transformer_inputs
+from ..models.prepare import torch_dtype
+from ..models.random_weights import random_prompt_embeds
+from ..runtime.pipeline import load_package
 from .loras import meta_transformer, write_bench_loras
 from .timing import Stopwatch, peak_memory_gb, reset_peak_memory, time_ms
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..examples import transformer_inputs
-from ..serve import load_package
+from ..models.examples import transformer_inputs
+from ..runtime.pipeline import load_package
 from .loras import write_bench_loras
 from .timing import graph_replay_ms, time_ms
 

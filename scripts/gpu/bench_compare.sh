@@ -6,7 +6,7 @@
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 set -o pipefail
-python3 -m aotpack.cli build --model random:flux-dev --target h200 --out /tmp/pkg 2>&1 | tee "$OUT/build.log" || exit 1
+python3 -m aotpack build --model random:flux-dev --target h200 --out /tmp/pkg 2>&1 | tee "$OUT/build.log" || exit 1
 cp /tmp/pkg/manifest.json "$OUT/manifest.json"
 tar cf "$OUT/package.tar" -C /tmp/pkg .
 python3 -m aotpack.bench.compare --package /tmp/pkg --model random:flux-dev --out "$OUT" ${BENCH_ARGS:-} 2>&1 \

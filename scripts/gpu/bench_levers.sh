@@ -16,14 +16,14 @@ if [ "${SERVE:-1}" = 1 ]; then  # SERVE=0: variants only
 fi
 
 variant() {  # group_lora_down value -> h200.toml with that value, whatever its default
-  sed "/^group_lora_down/d; s/^layout = \"regional\"/&\ngroup_lora_down = $1/" recipes/h200.toml
+  sed "/^group_lora_down/d; s/^layout = \"regional\"/&\ngroup_lora_down = $1/" aotpack/recipes/h200.toml
 }
 variant true > /tmp/recipes/grouped.toml
 variant false > /tmp/recipes/plain.toml
 { cat /tmp/recipes/plain.toml; echo 'max_autotune = true'; } > /tmp/recipes/autotune.toml  # [inductor] is last
 build() {  # label, timeout, recipe, extra args...
   local label=$1 limit=$2 recipe=$3; shift 3
-  timeout "$limit" python3 -m aotpack.cli build --model $MODEL --target "$recipe" --jobs 4 \
+  timeout "$limit" python3 -m aotpack build --model $MODEL --target "$recipe" --jobs 4 \
     --out "/tmp/variants/$label" "$@" > "/tmp/variants-$label.log" 2>&1
   echo "build $label: exit $? after $SECONDS s" >> /tmp/variants-status.log
 }

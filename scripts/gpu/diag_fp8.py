@@ -43,9 +43,9 @@ def main(package):
         print("  FAIL", r, flush=True)
     from aotpack.bench.loras import write_bench_loras
     from aotpack.bench.timing import time_ms
-    from aotpack.examples import transformer_inputs
-    from aotpack.random_models import make_transformer, preset_config
-    from aotpack.serve import load_package
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.models.random_weights import make_transformer, preset_config
+    from aotpack.runtime.pipeline import load_package
 
     started = time.perf_counter()
     try:

@@ -1,0 +1,212 @@
+"""`aotpack build`: load, quantize, slot, export, compile, validate, write the package."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import AotpackError
+from ..machine.compat import check_can_build, gpu_name, versions
+from ..machine.toolchain import check_package_shared_objects, require_working_toolchain
+from ..models.attention import attention_context, kernels_in_package
+from ..models.checkpoint import (
+    config_fingerprint,
+    load_transformer,
+    parse_model_ref,
+    structural_config,
+)
+from ..models.examples import transformer_inputs
+from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
+from ..models.quant import quantization_record
+from ..models.regions import (
+    EPILOGUE,
+    PROLOGUE,
+    WHOLE,
+    block_prefixes,
+    instance_slot_prefix,
+    make_region,
+    prologue_arguments,
+)
+from ..models.slots import (
+    SlotSpec,
+    random_slot_tensors,
+    select_slot_names,
+)
+from ..progress import Progress
+from ..recipes.recipe import Recipe, load_recipe
+from ..store.manifest import Manifest, ProgramSpec, sha256_file
+from ..store.package_ref import DEFAULT_OUT
+from .compile import compile_programs
+from .export import describe_inputs, export_region
+from .lora_grouping import group_lora_down_projections
+from .validate import validate_package
+
+
+def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None) -> Recipe:
+    changes = {}
+    if max_rank is not None:
+        if int(max_rank) < 0:
+            raise AotpackError(f"max_rank = {max_rank} is negative",
+                               "pass --max-rank 0 for a package without LoRA slots, or the largest rank to serve")
+        changes["max_rank"] = int(max_rank)
+    if slots:
+        changes["slots"] = tuple(slots)
+    if layout:
+        changes["layout"] = layout
+    return recipe.replace(**changes) if changes else recipe
+
+
+def _program_plan(transformer, layout: str) -> list[tuple[str, list]]:
+    """(kind, instances) for each program to compile, in execution order."""
+    if layout == WHOLE:
+        return [(WHOLE, [None])]
+    plan = [(PROLOGUE, [None])]
+    plan += [(kind, instances) for kind, instances in block_prefixes(transformer).items() if instances]
+    return plan + [(EPILOGUE, [None])]
+
+
+def _region_activations(kind: str, inputs: dict, prologue_outputs) -> tuple:
+    if kind in (PROLOGUE, WHOLE):
+        return prologue_arguments(inputs)
+    hidden, encoder, temb, cos, sin = prologue_outputs
+    if kind == EPILOGUE:
+        return hidden, temb
+    return hidden, encoder, temb, cos, sin
+
+
+def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shapes: dict, device, generator,
+                     report: Progress):
+    """Export every program of the layout; returns [(kind, instances, region, activations, exported)]."""
+    lora_dtype = torch_dtype(recipe.lora_dtype)
+    prologue_outputs = None
+    if recipe.layout == "regional":  # block programs are traced on the prologue's real outputs
+        with torch.no_grad():
+            prologue = make_region(transformer, PROLOGUE)
+            prologue_outputs = prologue(*_region_activations(PROLOGUE, inputs, None), None)
+    exported = []
+    for kind, instances in _program_plan(transformer, recipe.layout):
+        region = make_region(transformer, kind, instances[0])
+        activations = _region_activations(kind, inputs, prologue_outputs)
+        lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
+                                   device, generator)
+        with report.stage(f"export {kind}"):
+            program = export_region(region, activations, lora, shapes)
+            if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
+                report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
+        exported.append((kind, instances, region, activations, program))
+    return exported
+
+
+def default_compile_workers(device: str, programs: int) -> int:
+    """Parallel compile processes: one per program on a many-core GPU build machine, else 1."""
+    import os
+
+    if device == "cpu":
+        return 1
+    return max(1, min(programs, (os.cpu_count() or 1) // 4))
+
+
+def default_package_dir(model_id: str, target: str) -> Path:
+    return DEFAULT_OUT / f"{model_id.replace('/', '--')}-{target}"
+
+
+def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revision: str | None = None,
+                  max_rank: int | None = None, slots=None, layout: str | None = None,
+                  compile_workers: int | None = None, progress: bool | Progress = True) -> Path:
+    """Build a package for `model` on `target` and return its directory."""
+    report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    started = time.perf_counter()
+    recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout)
+    check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
+    cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load
+    ref = parse_model_ref(model, revision)
+    out = Path(out) if out else default_package_dir(ref.model_id, recipe.name)
+    device = "cuda" if recipe.device == "cuda" else "cpu"
+    report.info(f"aotpack build: {ref.describe()} for target {recipe.name} ({recipe.description}), "
+                f"max_rank {recipe.max_rank}, {recipe.layout} layout -> {out}")
+
+    with report.stage("load transformer"):
+        transformer = load_transformer(ref, torch_dtype(recipe.dtype), device)
+        config = structural_config(dict(transformer.config))
+    with report.stage(f"prepare ({recipe.dtype}, quantization {recipe.quantization}, LoRA slots)"):
+        if recipe.max_rank == 0:  # a base-only package: no LoRA inputs at all
+            names = []
+        elif recipe.layout == "regional":
+            names = regional_slot_names(transformer, recipe.slots)
+        else:
+            names = select_slot_names(transformer, recipe.slots)
+        slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
+                                         quantization=recipe.quantization, slot_names=names)
+        report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),
+              "text_tokens": list(recipe.text_tokens)}
+    generator = torch.Generator().manual_seed(0)
+    # A size-1 example would make export specialise the batch dim to 1: trace with batch 2 if allowed.
+    export_batch = max(recipe.example_batch, min(2, recipe.batch[1]))
+    inputs = transformer_inputs(transformer.config, batch=export_batch,
+                                image_tokens=recipe.example_image_tokens, text_tokens=recipe.example_text_tokens,
+                                dtype=torch_dtype(recipe.dtype), device=device, generator=generator)
+    with attention_context(transformer, recipe.attention):
+        exported = _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report)
+    export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
+    workers = compile_workers or default_compile_workers(device, len(exported))
+    compile_seconds = compile_programs([(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported],
+                                       workers=workers, inductor_configs=recipe.inductor_configs,
+                                       attention=recipe.attention, needs_torchao=recipe.quantization != "none",
+                                       report=report)
+    programs = []
+    for kind, instances, region, activations, _ in exported:
+        path = staging / f"{kind}.pt2"
+        check_package_shared_objects(path)
+        programs.append(ProgramSpec(name=kind, kind=kind, file=path.name, instances=list(instances),
+                                    inputs=describe_inputs(region, activations), slots=region.slot_names(),
+                                    constants=[], attention_kernels=kernels_in_package(path)))
+    del exported
+
+    manifest = Manifest(
+        target=recipe.name, device=recipe.device, gpu_arch=recipe.gpu_arch, versions=versions(),
+        model={"id": ref.model_id, "revision": ref.revision, "fingerprint": config_fingerprint(config),
+               "config": config},
+        dtype=recipe.dtype, lora_dtype=recipe.lora_dtype, quantization=quantization_record(recipe.quantization),
+        attention=recipe.attention, max_rank=recipe.max_rank, slot_patterns=list(recipe.slots), slots=slot_specs,
+        shapes=shapes, layout=recipe.layout, programs=programs, validation={},
+        build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(),
+    )
+    with report.stage("validate against eager diffusers"):
+        manifest.validation = validate_package(staging, manifest, transformer, recipe, device, report)
+    manifest.build = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "export_seconds": {k: round(v, 2) for k, v in export_seconds.items()},
+        "compile_seconds": {k: round(v, 2) for k, v in compile_seconds.items()},
+        "compile_workers": workers,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "gpu": gpu_name(),
+        "compiler": cxx,
+    }
+    manifest.files = {p.file: sha256_file(staging / p.file) for p in programs}
+    manifest.write(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    size_mb = manifest.total_bytes(out) / 1e6
+    report.info(f"package written: {out} ({len(programs)} programs, {size_mb:.1f} MB, built in "
+                f"{manifest.build['seconds']:.0f} s)")
+    return out
+
+
+def _relative_specs(slot_specs, region, instance) -> list[SlotSpec]:
+    """Slot specs of one region, named relative to it (a block program sees `attn.to_q`)."""
+    table = {s.name: s for s in slot_specs}
+    prefix = instance_slot_prefix(region.kind, instance)
+    return [SlotSpec(name, table[prefix + name].in_features, table[prefix + name].out_features)
+            for name in region.slot_names()]

@@ -1,0 +1,19 @@
+"""`python -m aotpack.builder.compile_worker JOB.json`: compile one saved program; prints the seconds taken."""
+
+import json
+import sys
+import warnings
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    spec = json.loads(open(sys.argv[1]).read())
+    from .compile import compile_saved_program
+
+    seconds = compile_saved_program(spec["exported_path"], spec["package_path"], spec["inductor_configs"],
+                                    spec["attention"], spec["needs_torchao"])
+    print(seconds, flush=True)  # last line of the worker's log: read by the parent
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Grouped LoRA down-projections: one matmul for the slots that read the same activation.
+
+In a Flux block several slotted linears take the same input (`to_q`/`to_k`/`to_v`, the single
+block's q/k/v and `proj_mlp`). Each slot's `x @ A.T` is a thin matmul (N = rank) that re-reads the
+whole activation; grouped, the program reads it once: `x @ cat(A_1..A_n).T`, split by rank. A graph
+pass over the exported program, so the package's inputs (one A and one B per slot) stay the same.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from ..errors import ExportError
+
+aten = torch.ops.aten
+_CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def _lora_a_placeholders(exported) -> set[str]:
+    """Placeholder names of the program's LoRA A inputs (from the pytree paths of its example inputs)."""
+    flat, _ = pytree.tree_flatten_with_path(exported.example_inputs)
+    names = set()
+    for (path, _), placeholder in zip(flat, exported.graph_signature.user_inputs):
+        last = path[-1] if path else None
+        if isinstance(last, pytree.MappingKey) and str(last.key).endswith(".lora_A"):
+            names.add(placeholder)
+    return names
+
+
+def _is_noop_cast(node: torch.fx.Node) -> bool:
+    """`x.to(dtype)` where x already has that dtype: export keeps the node, but it returns x itself."""
+    return (node.op == "call_function" and node.target == aten.to.dtype and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].meta["val"].dtype == node.meta["val"].dtype)
+
+
+def _strip_noop_casts(node: torch.fx.Node) -> torch.fx.Node:
+    while _is_noop_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _source_key(node: torch.fx.Node):
+    """Down-projections read the same activation when their inputs are the same node, or the same cast of it."""
+    node = _strip_noop_casts(node)
+    if node.op == "call_function" and node.target in _CASTS:
+        return (node.target, _strip_noop_casts(node.args[0]), tuple(node.args[1:]),
+                tuple(sorted(node.kwargs.items(), key=str)))
+    return node
+
+
+def down_projection_groups(graph: torch.fx.Graph, lora_a: set[str]) -> list[list[torch.fx.Node]]:
+    """The `linear(x, A)` nodes of LoRA slots, grouped by the activation they read; groups of two or more."""
+    groups: dict = {}
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target == aten.linear.default and len(node.args) == 2
+                and not node.kwargs and getattr(node.args[1], "op", None) == "placeholder"
+                and node.args[1].name in lora_a):
+            groups.setdefault(_source_key(node.args[0]), []).append(node)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def _new_node(graph: torch.fx.Graph, target, args: tuple, value, like: torch.fx.Node) -> torch.fx.Node:
+    """A call node carrying `value` as its fake `meta['val']`; the rest of the meta comes from `like`."""
+    node = graph.call_function(target, args)
+    node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
+    node.meta["val"] = value
+    return node
+
+
+def group_lora_down_projections(exported, kind: str = "program") -> int:
+    """Rewrite `exported` in place so slots sharing an input run one grouped down-projection.
+
+    Returns the number of down-projection matmuls removed (0 leaves the program untouched).
+    """
+    try:
+        return _group(exported)
+    except Exception as err:  # a graph this pass does not understand: say which lever to turn off
+        raise ExportError(f"grouping the LoRA down-projections of the {kind} failed: {type(err).__name__}: {err}",
+                          "set group_lora_down = false in the recipe (a copy of aotpack/recipes/<target>.toml passed "
+                          "as --target) and report the error") from err
+
+
+def _group(exported) -> int:
+    graph = exported.graph
+    groups = down_projection_groups(graph, _lora_a_placeholders(exported))
+    removed = 0
+    for members in groups:
+        first = members[0]  # graph order: its input is defined before every member
+        source, weights = first.args[0], [m.args[1] for m in members]
+        ranks = [int(w.meta["val"].shape[0]) for w in weights]
+        x = source.meta["val"]
+        # Output values are made, not computed: running aten.linear on fake tensors with symbolic token
+        # counts fails in some torch releases (numel() of a symbolic size inside the matmul decomposition).
+        with detect_fake_mode([x]):
+            stacked_value = torch.cat([w.meta["val"] for w in weights], 0)
+            grouped_value = x.new_empty((*x.shape[:-1], sum(ranks)))
+            part_values = torch.split(grouped_value, ranks, -1)
+        with graph.inserting_before(first):
+            stacked = _new_node(graph, aten.cat.default, (weights, 0), stacked_value, first)
+            grouped = _new_node(graph, aten.linear.default, (source, stacked), grouped_value, first)
+            parts = _new_node(graph, aten.split_with_sizes.default, (grouped, ranks, -1), list(part_values), first)
+            for index, member in enumerate(members):
+                member.replace_all_uses_with(_new_node(graph, operator.getitem, (parts, index), part_values[index],
+                                                       member))
+        for member in members:
+            graph.erase_node(member)
+        removed += len(members) - 1
+    if removed:
+        graph.eliminate_dead_code()
+        graph.lint()
+        exported.graph_module.recompile()
+    return removed

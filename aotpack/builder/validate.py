@@ -1,0 +1,81 @@
+"""Build validation: the written package, bound to the very model it was built from, against eager.
+
+Runs the runtime's own `CompiledFluxTransformer` (the code users run), with random LoRA tensors in
+every slot, so a package that passes here is checked end to end, chaining included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ValidationFailedError
+from ..models.examples import relative_error, transformer_inputs
+from ..models.prepare import torch_dtype
+from ..models.slots import bind_slot_tensors, lora_input_names, random_slot_tensors
+from ..progress import Progress
+from ..recipes.recipe import Recipe
+from ..runtime.transformer import CompiledFluxTransformer
+from ..store.manifest import Manifest
+
+
+def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe, device: str,
+              progress: Progress) -> dict:
+    """Check the package (bound to this very model) against eager, with random LoRA tensors in the slots.
+
+    Two checks: every program against its eager region on identical inputs (`tolerance`), and the
+    whole transformer against diffusers' own forward, which also covers how the runtime chains the
+    programs (`end_to_end_tolerance`; rounding differences compound across blocks).
+    """
+    cases = [(recipe.example_batch, recipe.example_image_tokens, recipe.example_text_tokens)]
+    cases.append((min(recipe.batch[1], recipe.example_batch + 1), recipe.image_tokens[0], recipe.text_tokens[0] + 1))
+    generator = torch.Generator().manual_seed(1234)
+    lora = random_slot_tensors(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device, generator)
+    references = []
+    with torch.no_grad():
+        for batch, image_tokens, text_tokens in cases:
+            inputs = transformer_inputs(transformer.config, batch=batch, image_tokens=image_tokens,
+                                        text_tokens=text_tokens, dtype=torch_dtype(manifest.dtype), device=device,
+                                        generator=generator)
+            bind_slot_tensors(transformer, lora)
+            with_lora = transformer(**inputs, return_dict=False)[0]
+            bind_slot_tensors(transformer, None)
+            without_lora = transformer(**inputs, return_dict=False)[0]
+            references.append((inputs, with_lora, without_lora))
+    compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
+    for spec in manifest.programs:
+        spec.constants = compiled.program_constants(spec.kind)
+    full_lora = {spec.name: [(lora[a], lora[b])] for spec in manifest.slots for a, b in [lora_input_names(spec.name)]}
+    results, worst_end_to_end, program_errors = [], 0.0, {}
+    with torch.no_grad():
+        for (batch, image_tokens, text_tokens), (inputs, with_lora, without_lora) in zip(cases, references):
+            compiled.bank.write({})
+            error_plain = relative_error(compiled(**inputs, return_dict=False)[0], without_lora)
+            compiled.bank.write(full_lora)
+            error_lora = relative_error(compiled(**inputs, return_dict=False)[0], with_lora)
+            for kind, error in compiled.program_errors(inputs).items():
+                program_errors[kind] = max(program_errors.get(kind, 0.0), error)
+            lora_effect = relative_error(with_lora, without_lora)
+            results.append({"batch": batch, "image_tokens": image_tokens, "text_tokens": text_tokens,
+                            "rel_error_no_lora": error_plain, "rel_error_random_lora": error_lora,
+                            "lora_effect": lora_effect})
+            worst_end_to_end = max(worst_end_to_end, error_plain, error_lora)
+            lora_note = (f"{error_lora:.2e} (random LoRA, which moves the output by {lora_effect:.2e})"
+                         if manifest.slots else "no LoRA slots (--max-rank 0)")
+            progress.info(f"    batch {batch}, {image_tokens} image + {text_tokens} text tokens: end-to-end rel. "
+                          f"error {error_plain:.2e} (no LoRA), {lora_note}")
+    progress.info("    per program (worst instance, random LoRA): "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in program_errors.items()))
+    worst_program = max(program_errors.values())
+    if not worst_program <= recipe.tolerance or not worst_end_to_end <= recipe.end_to_end_limit:
+        raise ValidationFailedError(
+            f"compiled programs differ from eager: worst program {worst_program:.3e} (tolerance "
+            f"{recipe.tolerance:.1e}), whole transformer {worst_end_to_end:.3e} (tolerance "
+            f"{recipe.end_to_end_limit:.1e}), relative L2",
+            "report this with `aotpack doctor` output; try --layout whole or a different inductor config",
+        )
+    return {"tolerance": recipe.tolerance, "end_to_end_tolerance": recipe.end_to_end_limit,
+            "max_rel_error": worst_end_to_end, "max_program_rel_error": worst_program,
+            "program_rel_errors": program_errors, "cases": results,
+            "reference": "diffusers FluxTransformer2DModel.forward / eager regions, same weights and quantization"}

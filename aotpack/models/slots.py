@@ -1,0 +1,158 @@
+"""LoRA slots: linear layers whose low-rank update comes in as program inputs.
+
+A slotted linear computes `y = W x (+ b) + B (A x)` with `A: [R, in]` and `B: [out, R]` passed to
+the compiled program on every call. An adapter of rank r < R fills the first r rows of A and
+columns of B; the rest stay zero. Several adapters stack along the rank axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AotpackError
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSpec:
+    """One slotted layer of the transformer, named as in its state dict (`transformer_blocks.0.attn.to_q`)."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lora_input_names(slot_name: str) -> tuple[str, str]:
+    """The names under which a slot's A and B matrices are passed to a program."""
+    return f"{slot_name}.lora_A", f"{slot_name}.lora_B"
+
+
+class BiasAfterLinear(nn.Module):
+    """`base(x) + bias`, with the bias held outside the (quantized) base linear.
+
+    Row-wise FP8 matmuls with a bias epilogue fail in cuBLASLt for small M with K >= 12288
+    (measured on the H200 with torch 2.11, see docs/gpu.md), so no FP8 linear keeps its bias; the
+    separate add fuses into the next elementwise op.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.bias = base.bias
+        base.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if self.bias is None else y + self.bias
+
+
+class LoRASlotLinear(BiasAfterLinear):
+    """`base(x) + bias + B (A x)`, where A and B are bound per call by the region that owns the slot.
+
+    The slot owns the bias (see `BiasAfterLinear`): it fuses with the LoRA add.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
+        self.lora_A: torch.Tensor | None = None
+        self.lora_B: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.lora_A is None:
+            return y
+        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + delta.to(y.dtype)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def select_slot_names(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """Every `nn.Linear` whose name matches one of the fnmatch patterns (`*` selects all)."""
+    names = linear_layer_names(model)
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise AotpackError(
+            f"the slot patterns {list(patterns)} match no nn.Linear of the transformer",
+            "pass --slots with patterns such as '*' or 'transformer_blocks.*.attn.*'",
+        )
+    return chosen
+
+
+def _resolve_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child_name = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child_name
+
+
+def detach_biases(model: nn.Module, names) -> None:
+    """Wrap each named `nn.Linear` that has a bias in a `BiasAfterLinear`, in place."""
+    for name in names:
+        parent, child_name = _resolve_parent(model, name)
+        linear = getattr(parent, child_name)
+        if isinstance(linear, nn.Linear) and linear.bias is not None:
+            setattr(parent, child_name, BiasAfterLinear(linear))
+
+
+def install_slots(model: nn.Module, names: list[str]) -> list[SlotSpec]:
+    """Replace each named `nn.Linear` by a `LoRASlotLinear` wrapping it, in place."""
+    specs = []
+    for name in names:
+        parent, child_name = _resolve_parent(model, name)
+        linear = getattr(parent, child_name)
+        if isinstance(linear, LoRASlotLinear):
+            linear = linear.base
+        if not isinstance(linear, nn.Linear):
+            raise AotpackError(
+                f"slot layer {name!r} is a {type(linear).__name__}, not an nn.Linear",
+                "choose slot patterns that select linear layers only",
+            )
+        setattr(parent, child_name, LoRASlotLinear(linear))
+        specs.append(SlotSpec(name, linear.in_features, linear.out_features))
+    return specs
+
+
+def slot_modules(module: nn.Module) -> dict[str, LoRASlotLinear]:
+    """The slotted linears inside `module`, by name relative to it."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoRASlotLinear)}
+
+
+def bind_slot_tensors(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Point every slot of an eager model at `tensors` (full layer names), or detach them (None)."""
+    for name, slot in slot_modules(model).items():
+        if tensors is None:
+            slot.lora_A = slot.lora_B = None
+        else:
+            slot.lora_A, slot.lora_B = (tensors[n] for n in lora_input_names(name))
+
+
+def zero_slot_tensors(specs, max_rank: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Zero A/B inputs for every slot: the program's input when no adapter is active."""
+    tensors = {}
+    for spec in specs:
+        a_name, b_name = lora_input_names(spec.name)
+        tensors[a_name] = torch.zeros(max_rank, spec.in_features, dtype=dtype, device=device)
+        tensors[b_name] = torch.zeros(spec.out_features, max_rank, dtype=dtype, device=device)
+    return tensors
+
+
+def random_slot_tensors(specs, max_rank: int, dtype, device, generator: torch.Generator, std=0.05):
+    """Random A/B inputs (used to validate that the slots are wired into the compiled program)."""
+    tensors = {}
+    for spec in specs:
+        a_name, b_name = lora_input_names(spec.name)
+        a = torch.randn(max_rank, spec.in_features, generator=generator) * (spec.in_features**-0.5)
+        b = torch.randn(spec.out_features, max_rank, generator=generator) * (std * max_rank**-0.5)
+        tensors[a_name] = a.to(device=device, dtype=dtype)
+        tensors[b_name] = b.to(device=device, dtype=dtype)
+    return tensors

@@ -1,0 +1,70 @@
+"""Typed reads from a parsed TOML file: every error names the field, the value and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomllib
+
+from ..errors import RecipeError
+
+_REQUIRED = object()
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table",
+               bool: "true or false"}
+
+
+class TomlFields:
+    def __init__(self, data: dict, source: str):
+        self.data = data
+        self.source = source
+
+    @classmethod
+    def read(cls, path: Path) -> "TomlFields":
+        try:
+            return cls(tomllib.loads(Path(path).read_text()), str(path))
+        except tomllib.TOMLDecodeError as err:
+            raise RecipeError(f"{path} is not valid TOML ({err})", f"fix the syntax of {path}") from err
+
+    def error(self, field: str, problem: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {field} {problem}", f"edit {field} in {self.source}")
+
+    def value(self, field: str, kind: type, default=_REQUIRED):
+        """`field` ("shapes.batch" for a nested table) checked to be of `kind` (an int is a fine float)."""
+        node = self.data
+        for part in field.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if default is _REQUIRED:
+                    raise self.error(field, "is missing")
+                return default
+            node = node[part]
+        if kind is float and isinstance(node, int) and not isinstance(node, bool):
+            node = float(node)
+        if not isinstance(node, kind) or (isinstance(node, bool) and kind is not bool):
+            raise self.error(field, f"= {node!r} should be {_KIND_NAMES.get(kind, kind.__name__)}")
+        return node
+
+    def choice(self, field: str, allowed, default=_REQUIRED) -> str:
+        value = self.value(field, str, default)
+        if value not in allowed:
+            raise self.error(field, f"= {value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def positive(self, field: str, kind: type = int):
+        value = self.value(field, kind)
+        if value <= 0:
+            raise self.error(field, f"= {value!r} should be > 0")
+        return value
+
+    def int_range(self, field: str) -> tuple[int, int]:
+        """`[min, max]` with positive integers, min <= max."""
+        value = self.value(field, list)
+        ints = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ints or not 1 <= value[0] <= value[1]:
+            raise self.error(field, f"= {value!r} should be [min, max] with integers 1 <= min <= max")
+        return value[0], value[1]
+
+    def strings(self, field: str, default=_REQUIRED) -> tuple[str, ...]:
+        value = self.value(field, list, default)
+        if not value or not all(isinstance(v, str) for v in value):
+            raise self.error(field, f"= {value!r} should be a non-empty list of strings")
+        return tuple(value)

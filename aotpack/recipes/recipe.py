@@ -1,0 +1,127 @@
+"""Build recipes: one TOML file per target, shipped beside this module in `aotpack/recipes/`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from ..errors import RecipeError, UnknownTargetError
+from .fields import TomlFields
+
+QUANTIZATIONS = ("none", "fp8_rowwise")
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3")
+LAYOUTS = ("regional", "whole")
+TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
+DTYPES = ("float32", "bfloat16", "float16")  # the names `prepare.DTYPES` maps to torch dtypes
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    device: str  # "cpu" or "cuda"
+    gpu_arch: str  # "sm_90", or "" on the cpu target
+    dtype: str  # dtype of activations and non-quantized weights
+    lora_dtype: str  # dtype of the LoRA slot tensors
+    quantization: str
+    attention: str
+    max_rank: int
+    slots: tuple[str, ...]  # fnmatch patterns over the transformer's nn.Linear names
+    layout: str
+    text_encoder_policy: str
+    batch: tuple[int, int]
+    image_tokens: tuple[int, int]
+    text_tokens: tuple[int, int]
+    example_batch: int
+    example_image_tokens: int
+    example_text_tokens: int
+    tolerance: float  # each compiled program vs its eager region (relative L2)
+    inductor_configs: dict
+    end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
+    group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
+
+    @property
+    def end_to_end_limit(self) -> float:
+        return self.end_to_end_tolerance or self.tolerance
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key in ("slots", "batch", "image_tokens", "text_tokens"):
+            data[key] = list(data[key])
+        return data
+
+
+def _recipe_files() -> dict[str, Path]:
+    folder = Path(__file__).resolve().parent  # the TOML files ship beside this module (package data)
+    return {p.name[: -len(".toml")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def known_targets() -> list[str]:
+    return sorted(_recipe_files())
+
+
+def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    """A checked `Recipe` from a parsed TOML table; errors name the field and `source` (the file)."""
+    fields = TomlFields(data, source)
+    device = fields.choice("device", ("cpu", "cuda"))
+    gpu_arch = fields.value("gpu_arch", str, "")
+    if device == "cuda" and not re.fullmatch(r"sm_\d{2,3}a?", gpu_arch):
+        raise fields.error("gpu_arch", f"= {gpu_arch!r} should name the CUDA arch of a cuda target, e.g. 'sm_90'")
+    dtype = fields.choice("dtype", DTYPES)
+    recipe = Recipe(
+        name=fields.value("name", str),
+        description=fields.value("description", str, ""),
+        device=device,
+        gpu_arch=gpu_arch,
+        dtype=dtype,
+        lora_dtype=fields.choice("lora_dtype", DTYPES, dtype),
+        quantization=fields.choice("quantization", QUANTIZATIONS, "none"),
+        attention=fields.choice("attention", ATTENTION_BACKENDS, "sdpa"),
+        max_rank=fields.positive("max_rank"),
+        slots=fields.strings("slots", ["*"]),
+        layout=fields.choice("layout", LAYOUTS, "regional"),
+        text_encoder_policy=fields.choice("text_encoder_policy", TEXT_ENCODER_POLICIES, "full"),
+        batch=fields.int_range("shapes.batch"),
+        image_tokens=fields.int_range("shapes.image_tokens"),
+        text_tokens=fields.int_range("shapes.text_tokens"),
+        example_batch=fields.positive("example.batch"),
+        example_image_tokens=fields.positive("example.image_tokens"),
+        example_text_tokens=fields.positive("example.text_tokens"),
+        tolerance=fields.positive("validation.tolerance", float),
+        inductor_configs=dict(fields.value("inductor", dict, {})),
+        end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
+        group_lora_down=fields.value("group_lora_down", bool, False),
+    )
+    for field in ("batch", "image_tokens", "text_tokens"):
+        low, high = getattr(recipe, field)
+        example_value = getattr(recipe, f"example_{field}")
+        if not low <= example_value <= high:  # the example traces the program: it must lie in the dynamic range
+            raise fields.error(f"example.{field}", f"= {example_value} is outside shapes.{field} [{low}, {high}]")
+    return recipe
+
+
+def _load_file(path: Path) -> Recipe:
+    fields = TomlFields.read(path)
+    return parse_recipe(fields.data, fields.source)
+
+
+def load_recipe(target: str | Path) -> Recipe:
+    """A recipe by target name (`h100`) or by path to a TOML file."""
+    path = Path(target)
+    if path.suffix == ".toml" and path.is_file():
+        return _load_file(path)
+    files = _recipe_files()
+    if str(target) not in files:
+        raise UnknownTargetError(
+            f"unknown target {str(target)!r}",
+            f"use one of: {', '.join(known_targets())} (or a path to a recipe .toml file)",
+        )
+    recipe = _load_file(files[str(target)])
+    if recipe.name != str(target):  # the manifest records recipe.name: it must be the name users pass
+        raise RecipeError(f"{files[str(target)]}: name = {recipe.name!r} differs from the file name {target!r}",
+                          f"set name = {str(target)!r} in {files[str(target)]}")
+    return recipe

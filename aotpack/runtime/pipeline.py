@@ -1,0 +1,148 @@
+"""`aotpack.load`: a package + a model's weights -> a diffusers pipeline with hot-swappable LoRAs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapters.cache import AdapterCache
+from ..adapters.parse import Adapter
+from ..adapters.stack import StackReport, stack_adapters
+from ..adapters.text_encoder import TextEncoderLoRA
+from ..machine.compat import check_package_runs_here
+from ..models.attention import check_attention_runs_here
+from ..models.checkpoint import (
+    config_fingerprint,
+    load_pipeline,
+    load_transformer,
+    load_transformer_config,
+    parse_model_ref,
+)
+from ..models.prepare import prepare_transformer, torch_dtype
+from ..progress import Progress
+from ..store.manifest import Manifest, read_manifest, verify_files
+from .transformer import CompiledFluxTransformer
+
+
+@dataclasses.dataclass
+class SwitchResult:
+    """What `set_loras` did and how long it took (seconds, device work included)."""
+
+    adapters: list[tuple[str, float]]
+    seconds: float
+    parsed: int  # adapters read from disk for this switch (0: all came from the cache)
+    report: StackReport
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know: keys dropped or zero parts skipped per adapter, SVD-fit energy."""
+        return [f"{name}: {note}" for name, notes in self.adapter_notes for note in notes] + self.report.notes
+
+    adapter_notes: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AotpackPipeline:
+    """A `FluxPipeline` whose transformer is the compiled package, plus the active LoRA set."""
+
+    def __init__(self, manifest: Manifest, package_dir: Path, transformer: CompiledFluxTransformer, pipeline,
+                 cache: AdapterCache):
+        self.manifest = manifest
+        self.package_dir = package_dir
+        self.transformer = transformer
+        self.pipeline = pipeline
+        self.cache = cache
+        self.text_encoder_lora = TextEncoderLoRA(pipeline)
+        self.active: list[tuple[str, float]] = []
+        self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def _resolve(self, entry) -> tuple[Adapter, float, bool]:
+        adapter_or_source, scale = entry if isinstance(entry, (tuple, list)) else (entry, 1.0)
+        if isinstance(adapter_or_source, Adapter):
+            return adapter_or_source.to(self.cache.device, self.cache.dtype), float(scale), False
+        was_cached = adapter_or_source in self.cache
+        return self.cache.get(adapter_or_source), float(scale), not was_cached
+
+    def set_loras(self, loras=(), *, fit: str | None = None) -> SwitchResult:
+        """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
+        folder, a Hub file `owner/repo/file.safetensors`, an `AdapterSource(repo_id, weight_name,
+        revision)` or a parsed `Adapter`. `fit="svd"` compresses stacks above max_rank.
+
+        Everything is parsed and checked before anything changes: a rejected set leaves the
+        active one exactly as it was. An empty list deactivates all adapters.
+        """
+        started = time.perf_counter()
+        resolved = [self._resolve(entry) for entry in loras]
+        entries = [(adapter, scale) for adapter, scale, _ in resolved]
+        layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
+                                        model_layers=self._model_layers)
+        self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
+        self.transformer.bank.write(layers)
+        _synchronize(self.device)
+        self.active = [(adapter.name, scale) for adapter, scale in entries]
+        return SwitchResult(adapters=list(self.active), seconds=time.perf_counter() - started,
+                            parsed=sum(parsed for *_, parsed in resolved), report=report,
+                            adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes])
+
+    def __call__(self, *args, **kwargs):
+        """Call the diffusers `FluxPipeline` (same arguments and outputs)."""
+        return self.pipeline(*args, **kwargs)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int):
+        """The PIL image `FluxPipeline` makes from packed `output_type="latent"` latents."""
+        pipe = self.pipeline
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _resolve_package_dir(package) -> Path:
+    from ..store.publish import locate_package
+
+    return locate_package(package)
+
+
+def load_package(package, model: str = "tiny", *, revision: str | None = None, device: str | None = None,
+                 cache_budget_bytes: int | None = None, progress: bool | Progress = False) -> AotpackPipeline:
+    """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights.
+
+    The package is checked (sha256 of every file, torch series, GPU arch, model fingerprint) before
+    any compiled code is loaded.
+    """
+    report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    package_dir = _resolve_package_dir(package)
+    manifest = read_manifest(package_dir)
+    verify_files(package_dir, manifest)
+    ref = parse_model_ref(model, revision)
+    check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
+    check_attention_runs_here(manifest.attention)
+    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    with report.stage(f"load {ref.describe()} transformer weights"):
+        transformer = load_transformer(ref, torch_dtype(manifest.dtype), device)
+    with report.stage(f"quantize ({manifest.quantization['method']}) and add LoRA slots"):
+        prepare_transformer(transformer, dtype=manifest.dtype, device=device,
+                            quantization=manifest.quantization["method"],
+                            slot_names=[s.name for s in manifest.slots])
+    instances = sum(len(p.instances) for p in manifest.programs)
+    with report.stage(f"load {instances} program instances and bind weights"):
+        compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
+    with report.stage("load text encoders, VAE and scheduler"):
+        pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
+                                 text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))
+        pipeline.to(device)
+    cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
+                         **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))
+    return AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)

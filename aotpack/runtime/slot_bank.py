@@ -1,0 +1,70 @@
+"""The slot bank: persistent, zero-padded LoRA A/B tensors that every compiled program reads."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.slots import lora_input_names, zero_slot_tensors
+
+
+class SlotBank:
+    """Persistent, zero-padded A/B tensors for every slot: the programs read these on every call.
+
+    Activating adapters copies into them in place (device-side copies, stable addresses).
+    """
+
+    def __init__(self, slots, max_rank: int, dtype: torch.dtype, device):
+        self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
+        self.used_rank = {s.name: 0 for s in slots}
+
+    def write(self, layers: dict[str, list[tuple]]) -> None:
+        """Set every slot to the concatenation of `layers[name]` ((A, B) or (A, B, scale) parts); others to zero.
+
+        Callers validate ranks first: this never fails part-way for rank reasons. Copies are batched
+        (`_foreach_*`) and the scale is applied while copying B, so a switch is a few device kernels
+        per layer at most and no allocation.
+        """
+        a_dst, a_src, zero = [], [], []
+        for name, used in self.used_rank.items():
+            a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))
+            offset = 0
+            for a, b, *scale in layers.get(name, ()):
+                rank = a.shape[0]
+                a_dst.append(a_buf[offset:offset + rank])
+                a_src.append(a)
+                b_view = b_buf[:, offset:offset + rank]
+                if not scale or scale[0] == 1.0:
+                    b_view.copy_(b, non_blocking=True)
+                else:
+                    torch.mul(b, scale[0], out=b_view)
+                offset += rank
+            if used > offset:  # clear what the previous set left beyond the new rank
+                # A's rows are contiguous; B's columns are not, so a fully cleared slot zeroes all of
+                # B (contiguous: foreach's fast multi-tensor kernel instead of one launch per view).
+                zero += [a_buf[offset:used], b_buf if offset == 0 else b_buf[:, offset:used]]
+            self.used_rank[name] = offset
+        if a_dst:
+            torch._foreach_copy_(a_dst, a_src, non_blocking=True)
+        if zero:
+            torch._foreach_zero_(zero)
+
+    def warm_up(self) -> None:
+        """Run every kind of write once, with zeros, so that the first real switch pays no one-off cost.
+
+        On CUDA, kernels load lazily on first launch (CUDA_MODULE_LOADING=LAZY); the first clear and the
+        first scaled copy of a process would otherwise pay for it. The bank ends as it began: all zero.
+        """
+        names = list(self.used_rank)[:2]
+        if not names:
+            return
+        rank = min(2, self.tensors[lora_input_names(names[0])[0]].shape[0])
+
+        def zeros(name, r, scale):
+            a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))
+            return [(torch.zeros_like(a_buf[:r]), torch.zeros_like(b_buf[:, :r]), scale)]
+
+        # a scaled copy (mul) and a plain one (copy_); then a partial clear (B's columns beyond rank 1)
+        # with the other slot cleared whole; then everything cleared
+        self.write({names[0]: zeros(names[0], rank, 0.5), **{n: zeros(n, 1, 1.0) for n in names[1:]}})
+        self.write({names[0]: zeros(names[0], 1, 0.5)})
+        self.write({})  # a full clear

@@ -1,0 +1,220 @@
+"""The compiled transformer: loaded programs + bound weights + LoRA slot tensors.
+
+`CompiledFluxTransformer` has the `FluxTransformer2DModel.forward` signature, so a stock diffusers
+`FluxPipeline` drives it unchanged. Nothing is compiled here: programs come from the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PackageMismatchError, UnsupportedCallError
+from ..models.prepare import torch_dtype
+from ..models.regions import (
+    BLOCK_KINDS,
+    EPILOGUE,
+    PROLOGUE,
+    WHOLE,
+    instance_slot_prefix,
+    make_region,
+    prologue_arguments,
+)
+from ..store.manifest import Manifest
+from . import program as program_files
+from .program import CompiledProgram
+from .slot_bank import SlotBank
+
+
+def region_constants(transformer, kind: str, instance: str | None) -> dict[str, torch.Tensor]:
+    """The weights of one program instance, named as the program's constants.
+
+    Quantized (tensor-subclass) weights are flattened the way AOTInductor flattened them at build
+    time (`parametrizations.<name>.original<i>`), reusing torch's own unwrapping.
+    """
+    from torch._functorch._aot_autograd.subclass_parametrization import (
+        unwrap_tensor_subclass_parameters,
+    )
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    region = make_region(transformer, kind, instance)
+    if any(is_traceable_wrapper_subclass(p) for p in region.parameters()):
+        unwrap_tensor_subclass_parameters(region)
+    return {name: tensor.detach() for name, tensor in region.state_dict(keep_vars=True).items()}
+
+
+class _Instance:
+    """One program bound to one block's weights, with its LoRA inputs pre-ordered."""
+
+    def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor]):
+        self.program = program
+        self.lora_tensors = lora_tensors
+
+    def __call__(self, *activations):
+        return self.program([*activations, *self.lora_tensors])
+
+
+class CompiledFluxTransformer(nn.Module):
+    """Drop-in for `FluxTransformer2DModel` inside a `FluxPipeline`, backed by AOTInductor programs."""
+
+    def __init__(self, manifest: Manifest, package_dir: Path, transformer, device: str):
+        super().__init__()
+        self.manifest = manifest
+        self.config = transformer.config
+        self._dtype = torch_dtype(manifest.dtype)
+        self._device = torch.device(device)
+        # The eager model object owns the weights the programs read (bound user-managed):
+        # keep it alive, but outside the module tree so pipeline.to() and .parameters() skip it.
+        object.__setattr__(self, "_weights_owner", transformer)
+        self.bank = SlotBank(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device)
+        self.bank.warm_up()
+        self._input_dtypes = {}
+        self._programs: dict[str, list[_Instance]] = {}
+        self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)}
+                                for spec in manifest.programs}
+        for spec in manifest.programs:
+            self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
+            source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
+            self._programs[spec.kind] = [self._load_instance(source, spec, instance) for instance in spec.instances]
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_instance(self, source: program_files.ProgramFile, spec, instance) -> _Instance:
+        program = source.instantiate(str(self._device))
+        constants = region_constants(self._weights_owner, spec.kind, instance)
+        expected = set(program.constant_names())
+        if expected != set(constants):
+            missing, extra = sorted(expected - set(constants)), sorted(set(constants) - expected)
+            raise PackageMismatchError(
+                f"program {spec.file} (instance {instance}) expects weights the model does not provide: "
+                f"missing {missing[:8]}, unexpected {extra[:8]}",
+                "use the model the package was built from, or rebuild the package for this model",
+            )
+        program.bind_constants({name: constants[name] for name in expected})
+        prefix = instance_slot_prefix(spec.kind, instance)
+        lora_tensors = [self.bank.tensors[prefix + name] for name in program.lora_order]
+        return _Instance(program, lora_tensors)
+
+    @torch.no_grad()
+    def program_errors(self, inputs: dict) -> dict[str, float]:
+        """Each program instance vs its eager region, fed the eager chain's own inputs (worst per kind).
+
+        Errors do not compound here, unlike an end-to-end comparison: this isolates what compiling
+        changed in each program. Slots read the current bank tensors in both runs.
+        """
+        from ..models.examples import relative_error
+
+        owner, errors = self._weights_owner, {}
+
+        def compare(kind, instance, activations):
+            region = make_region(owner, kind, instance)
+            prefix = instance_slot_prefix(kind, instance)
+            expected = region(*activations, {n: self.bank.tensors[prefix + n] for n in region.lora_names()})
+            region.bind_lora(None)
+            program = self._programs[kind][self._instance_index[kind][instance]]
+            actual = program(*self._cast(kind, [a for a in activations if a is not None]))
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            actual = tuple(actual) if isinstance(actual, (tuple, list)) else (actual,)
+            worst = max(relative_error(a, e) for a, e in zip(actual, expected))
+            errors[kind] = max(errors.get(kind, 0.0), worst)
+            return expected
+
+        first = prologue_arguments(inputs)
+        if WHOLE in self._programs:
+            compare(WHOLE, None, first)
+            return errors
+        hidden, encoder, temb, cos, sin = compare(PROLOGUE, None, first)
+        for kind in BLOCK_KINDS:
+            for instance in self._instance_index.get(kind, {}):
+                encoder, hidden = compare(kind, instance, (hidden, encoder, temb, cos, sin))
+        compare(EPILOGUE, None, (hidden, temb))
+        return errors
+
+    def program_constants(self, kind: str) -> list[str]:
+        """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening)."""
+        return sorted(self._programs[kind][0].program.constant_names())
+
+    def weight_layer_names(self) -> set[str]:
+        """Module names of the model the weights come from (to tell foreign adapters from unslotted layers)."""
+        return {name for name, _ in self._weights_owner.named_modules()}
+
+    # -- what diffusers expects of a transformer -------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def cache_context(self, name: str):
+        return contextlib.nullcontext()
+
+    def to(self, *args, **kwargs):
+        """Programs are compiled for one device and dtype: moving is a no-op, converting is refused."""
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != self._device.type:
+            raise UnsupportedCallError(
+                f"the compiled transformer lives on {self._device}; it cannot move to {device}",
+                "load the package on the device it was built for (see `aotpack inspect`)",
+            )
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _check_shapes(self, hidden_states, encoder_hidden_states) -> None:
+        shapes = self.manifest.shapes
+        actual = {"batch": hidden_states.shape[0], "image_tokens": hidden_states.shape[1],
+                  "text_tokens": encoder_hidden_states.shape[1]}
+        for name, value in actual.items():
+            low, high = shapes[name]
+            if not low <= value <= high:
+                raise UnsupportedCallError(
+                    f"{name} = {value} is outside the package's compiled range [{low}, {high}]",
+                    "pick height/width, batch or max_sequence_length inside the range, or rebuild with a "
+                    "recipe whose [shapes] cover it",
+                )
+
+    def _cast(self, kind: str, tensors) -> list[torch.Tensor]:
+        """Caller tensors in the program's dtype, on its device, dense (programs do not check strides)."""
+        return [t.to(device=self._device, dtype=d).contiguous() for t, d in zip(tensors, self._input_dtypes[kind])]
+
+    def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
+                controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict=True,
+                controlnet_blocks_repeat=False):
+        if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
+            raise UnsupportedCallError("controlnet residuals are not compiled into this package",
+                                       "use the eager transformer for ControlNet pipelines")
+        if joint_attention_kwargs:
+            raise UnsupportedCallError(
+                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by compiled programs",
+                "set LoRA scales with set_loras([(adapter, scale), ...]) instead of joint_attention_kwargs",
+            )
+        if txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        self._check_shapes(hidden_states, encoder_hidden_states)
+        inputs = [hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids]
+        if self.config.guidance_embeds:
+            if guidance is None:
+                raise UnsupportedCallError("this model embeds guidance but no guidance was passed",
+                                           "pass guidance_scale to the pipeline")
+            inputs.append(guidance)
+        if WHOLE in self._programs:
+            sample = self._programs[WHOLE][0](*self._cast(WHOLE, inputs))
+        else:
+            hidden, encoder, temb, cos, sin = self._programs[PROLOGUE][0](*self._cast(PROLOGUE, inputs))
+            for kind in BLOCK_KINDS:
+                for block in self._programs.get(kind, []):
+                    encoder, hidden = block(hidden, encoder, temb, cos, sin)
+            sample = self._programs[EPILOGUE][0](hidden, temb)
+        if isinstance(sample, (tuple, list)):
+            (sample,) = sample
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)

@@ -1,0 +1,1 @@
+"""Packages at rest: the manifest, package references, the Hub and file stores, push/pull, model cards."""

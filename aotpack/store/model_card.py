@@ -1,0 +1,133 @@
+"""The package repo's README.md: front matter, a table of targets and a usage snippet.
+
+Rewritten from the merged index on every push. What a person wrote around the generated block
+(and any front matter keys they added) is kept, so a card edited on the Hub survives pushes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from ..errors import PublishError
+
+BEGIN = "<!-- aotpack:begin (written by `aotpack push` from aotpack_index.json; edits inside are replaced) -->"
+END = "<!-- aotpack:end -->"
+TAGS = ["aotpack", "flux", "aotinductor", "torch-export", "lora"]
+_FRONT_MATTER = re.compile(r"\A---\n(.*?\n)?---\n?", re.DOTALL)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _model_argument(model: dict) -> str:
+    """The `--model` value that binds the weights the package was built for."""
+    from ..models.tiny import TINY_MODEL_ID
+
+    model_id = model.get("id") or "MODEL"
+    if model_id == TINY_MODEL_ID:
+        return "tiny"
+    if model_id.startswith("/"):  # built from a local directory: the reader has their own copy
+        return "/path/to/flux-model"
+    return model_id
+
+
+def _hub_model_ids(index: dict) -> list[str]:
+    ids = {entry["model"].get("id") for entry in index["targets"].values()}
+    return sorted(i for i in ids if i and _HUB_ID.fullmatch(i) and _model_argument({"id": i}) == i)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _targets_table(index: dict) -> str:
+    rows = ["| target | GPU arch | torch | CUDA | model | fingerprint | max rank | quantization | attention | size "
+            "| built | pushed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in sorted(index["targets"].items()):
+        rows.append(f"| `{name}` | {e.get('gpu_arch') or e.get('device')} | {e.get('torch')} | {e.get('cuda') or '-'} "
+                    f"| {e['model'].get('id')} | `{(e['model'].get('fingerprint') or '')[:12]}` | {e.get('max_rank')} "
+                    f"| {e.get('quantization')} | {e.get('attention')} | {_size(e.get('bytes', 0))} "
+                    f"| {(e.get('built') or '')[:10]} | {(e.get('pushed') or '')[:10]} |")
+    return "\n".join(rows)
+
+
+def _generated_block(index: dict, store_ref: str) -> str:
+    models = sorted({_model_argument(e["model"]) for e in index["targets"].values()}) or ["MODEL"]
+    model = models[0]
+    return f"""{BEGIN}
+## Targets
+
+One folder per GPU target, each holding a `manifest.json` and its AOTInductor programs (`*.pt2`).
+The programs hold no weights: they are bound at load time from the model given with `--model`.
+
+{_targets_table(index)}
+
+## Usage
+
+```bash
+pip install aotpack
+aotpack pull {store_ref} --target auto        # only the folder for this machine's GPU
+aotpack run {_implicit(store_ref)} --model {model} --prompt "a photo of a cat" --out cat.png
+```
+
+```python
+import aotpack
+
+pipe = aotpack.load("{_implicit(store_ref)}", model="{model}")  # pulls the folder for this GPU
+pipe.set_loras([("my_lora.safetensors", 0.8)])
+image = pipe("a photo of a cat", num_inference_steps=28).images[0]
+```
+
+Every file is checked against the sha256 in its target's `manifest.json` before anything is loaded.
+{END}"""
+
+
+def _implicit(store_ref: str) -> str:
+    return store_ref if "://" in store_ref else f"hf://{store_ref}"
+
+
+def _split_card(text: str, where: str) -> tuple[dict, str]:
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    try:
+        data = yaml.safe_load(match.group(1) or "") or {}
+    except yaml.YAMLError as err:
+        raise PublishError(f"the README.md front matter of {where} is not valid YAML ({err})",
+                           "fix or delete README.md in the repo, then push again") from err
+    if not isinstance(data, dict):
+        raise PublishError(f"the README.md front matter of {where} is not a YAML mapping",
+                           "fix or delete README.md in the repo, then push again")
+    return data, text[match.end():]
+
+
+def _merged_front_matter(existing: dict, index: dict) -> dict:
+    tags = list(existing.get("tags") or [])
+    data = {**existing, "library_name": "aotpack", "tags": tags + [t for t in TAGS if t not in tags]}
+    base_models = _hub_model_ids(index)
+    if "base_model" not in existing and len(base_models) == 1:
+        data["base_model"] = base_models[0]
+    return data
+
+
+def render_model_card(index: dict, store_ref: str, existing: str | None) -> str:
+    """README.md for a repo whose merged index is `index`; `existing` is the card already there."""
+    front, body = _split_card(existing or "", store_ref)
+    block = _generated_block(index, store_ref)
+    if BEGIN in body and END in body:
+        head, rest = body.split(BEGIN, 1)
+        body = head + block + rest.split(END, 1)[1]
+    elif body.strip():
+        body = body.rstrip("\n") + "\n\n" + block + "\n"
+    else:
+        title = store_ref.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+        body = (f"\n# {title}\n\nFlux.1 transformer compiled ahead of time with "
+                "aotpack (torch.export + AOTInductor), with LoRA slots "
+                "that switch adapters per request without recompiling.\n\n" + block + "\n")
+    matter = yaml.safe_dump(_merged_front_matter(front, index), sort_keys=False, allow_unicode=True)
+    return f"---\n{matter}---\n{body}"

@@ -1,0 +1,140 @@
+"""What a package repo (Hub repo or file store) holds, and the index of its targets.
+
+    aotpack_index.json      targets -> folder, gpu_arch, versions, model, files (sha256), dates
+    README.md               model card (see `model_card.py`)
+    <target>/manifest.json  one folder per target, named after the manifest's `target`
+    <target>/*.pt2
+
+The index lets a puller pick a folder and name the alternatives without listing the repo; it
+records the manifest's own sha256 too, so a swapped or half-written manifest is caught as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from pathlib import Path
+
+from ..errors import PublishError
+from .manifest import MANIFEST_NAME, Manifest, sha256_file
+
+INDEX_NAME = "aotpack_index.json"
+CARD_NAME = "README.md"
+INDEX_FORMAT = 1
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass
+class PushPlan:
+    """Everything one push writes: the target's files, the merged index and model card."""
+
+    folder: str
+    uploads: dict[str, Path]  # repo path ("h100/manifest.json") -> local file
+    index_text: str
+    card_text: str
+    stale: list[str]  # repo paths the previous push of this target had and this one lacks
+
+
+@dataclasses.dataclass
+class PushResult:
+    target: str
+    url: str  # web URL of the target folder (Hub), or its file:// URL (file store)
+    pr_url: str | None = None
+    commit: str | None = None
+
+
+def target_folder(target: str) -> str:
+    """The repo folder of a target: its name, which must be one path segment."""
+    if not _FOLDER_NAME.fullmatch(target):
+        raise PublishError(f"target name {target!r} cannot name a folder in a package repo",
+                           "rebuild with a recipe whose `name` uses only letters, digits, '.', '_' and '-'")
+    return target
+
+
+def package_files(manifest: Manifest) -> list[str]:
+    """The files of a package, relative to its directory: the manifest and what it lists."""
+    return [MANIFEST_NAME, *manifest.files]
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def index_entry(manifest: Manifest, package_dir: Path, pushed_at: str) -> dict:
+    files = {MANIFEST_NAME: sha256_file(package_dir / MANIFEST_NAME), **manifest.files}
+    return {
+        "folder": target_folder(manifest.target),
+        "device": manifest.device,
+        "gpu_arch": manifest.gpu_arch,
+        "torch": manifest.versions.get("torch"),
+        "cuda": manifest.versions.get("cuda"),
+        "aotpack": manifest.versions.get("aotpack"),
+        "model": {k: manifest.model.get(k) for k in ("id", "revision", "fingerprint")},
+        "dtype": manifest.dtype,
+        "quantization": manifest.quantization.get("method"),
+        "attention": manifest.attention,
+        "max_rank": manifest.max_rank,
+        "layout": manifest.layout,
+        "files": files,
+        "bytes": sum((package_dir / name).stat().st_size for name in files),
+        "built": manifest.build.get("date"),
+        "pushed": pushed_at,
+    }
+
+
+def empty_index() -> dict:
+    return {"format_version": INDEX_FORMAT, "library": "aotpack", "targets": {}}
+
+
+def parse_index(text: str | None, where: str) -> dict:
+    """The index read from `where`; an empty one when the repo has none yet (`text` None)."""
+    if text is None:
+        return empty_index()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PublishError(f"{where} has an {INDEX_NAME} that is not valid JSON ({err})",
+                           f"push a package again to rewrite it, or delete {INDEX_NAME} from the repo") from err
+    if not isinstance(data, dict) or data.get("format_version") != INDEX_FORMAT \
+            or not isinstance(data.get("targets"), dict):
+        raise PublishError(f"{where} has an {INDEX_NAME} of format {data.get('format_version')!r}; this aotpack "
+                           f"reads format {INDEX_FORMAT}",
+                           "install the aotpack version that pushed it, or push again with this one")
+    return data
+
+
+def render_index(index: dict) -> str:
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+
+def merge_index(index: dict, entry: dict) -> dict:
+    """`index` with `entry` added or replacing the same target; the other targets are kept as they are."""
+    targets = {**index.get("targets", {}), entry["folder"]: entry}
+    return {**index, "format_version": INDEX_FORMAT, "library": "aotpack", "targets": dict(sorted(targets.items()))}
+
+
+def describe_targets(index: dict) -> str:
+    """`a100 (sm_80, torch 2.11.0), cpu (cpu, torch 2.13.0)` for error messages."""
+    parts = [f"{name} ({entry.get('gpu_arch') or entry.get('device')}, torch {entry.get('torch')})"
+             for name, entry in sorted(index["targets"].items())]
+    return ", ".join(parts) or "no targets"
+
+
+def plan_push(package_dir: Path, manifest: Manifest, index: dict, card_text: str | None, store_ref: str,
+              pushed_at: str | None = None) -> PushPlan:
+    """What to write so the repo holds this package next to the targets already there."""
+    from .model_card import render_model_card
+
+    folder = target_folder(manifest.target)
+    entry = index_entry(manifest, package_dir, pushed_at or now_utc())
+    merged = merge_index(index, entry)
+    previous = index.get("targets", {}).get(folder, {}).get("files", {})
+    return PushPlan(
+        folder=folder,
+        uploads={f"{folder}/{name}": package_dir / name for name in entry["files"]},
+        index_text=render_index(merged),
+        card_text=render_model_card(merged, store_ref, card_text),
+        stale=sorted(f"{folder}/{name}" for name in set(previous) - set(entry["files"])),
+    )

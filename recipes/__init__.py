@@ -1,1 +1,0 @@
-"""Build recipes, one TOML file per target. Loaded by `aotpack.recipe`."""
