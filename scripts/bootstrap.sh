@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install aotpack with its test extras, offline-safe on a CPU machine.
-# torch is pinned to the CPU build (2.13.0) here; the package metadata itself accepts torch>=2.11.
+# torch is pinned to the CPU build (2.13.0) here; the package metadata accepts the tested series, torch>=2.11,<2.14.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}

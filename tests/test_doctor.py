@@ -151,7 +151,8 @@ def test_a_package_whose_wrapper_links_libstdcxx_statically_is_refused(tiny_pack
 
 def test_supported_ranges_come_from_pyproject():
     assert supported_range("diffusers") == SpecifierSet(">=0.42,<0.43")
-    assert supported_range("torchao") == SpecifierSet(">=0.18")  # from the fp8 extra
+    assert supported_range("torchao") == SpecifierSet(">=0.18,<0.19")  # from the fp8 extra
+    assert supported_range("torch") == SpecifierSet(">=2.11,<2.14")  # capped at the tested series
 
 
 def test_a_dependency_outside_its_range_fails(monkeypatch):

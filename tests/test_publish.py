@@ -359,10 +359,22 @@ def test_publish_workflow_builds_each_target_on_its_runner():
     assert build["env"]["FLUX_MODEL"] == "${{ vars.FLUX_MODEL || 'black-forest-labs/FLUX.1-dev' }}"
     runs = "\n".join(step.get("run", "") for step in build["steps"])
     for command in ("aotpack doctor", "aotpack build --model \"$FLUX_MODEL\" --target \"$TARGET\"",
-                    "aotpack push \"dist/$TARGET\""):
+                    '"torch==$TORCH_VERSION"'):
         assert command in runs
-    push_step = next(step for step in build["steps"] if "aotpack push" in step.get("run", ""))
+    # torch pinned per matrix entry, its series in the artifact name; no write token while building
+    assert all(v.count(".") == 2 for v in build["strategy"]["matrix"]["torch"])
+    assert "aotpack push" not in runs and "secrets.HF_TOKEN }}" not in json.dumps(build)
+    assert "secrets.HF_TOKEN_READ }}" in json.dumps(build)
+    upload = next(step for step in build["steps"] if step.get("uses", "").startswith("actions/upload-artifact"))
+    assert upload["with"]["if-no-files-found"] == "error" and "TORCH_SERIES" in upload["with"]["name"]
+    # the write token lives in a protected environment, used by the push job only (and the Hub tag)
+    push = jobs["push"]
+    assert push["needs"] == "build" and push["environment"] == "hub-publish"
+    assert push["strategy"]["matrix"]["torch"] == build["strategy"]["matrix"]["torch"]
+    push_step = next(step for step in push["steps"] if "aotpack push" in step.get("run", ""))
     assert push_step["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    assert jobs["tag"]["needs"] == "push" and jobs["tag"]["environment"] == "hub-publish"
+    assert workflow["concurrency"]["cancel-in-progress"] is False
 
 
 def _actionlint() -> str | None:

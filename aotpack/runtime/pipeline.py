@@ -146,3 +146,53 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
     cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
                          **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))
     return AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)
+
+
+def bind_package(transformer, package, *, device: str | None = None) -> CompiledFluxTransformer:
+    """`package`'s compiled transformer bound to `transformer`'s weights (an eager
+    `FluxTransformer2DModel`, quantized and slotted in place as the package's recipe says)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..errors import UnsupportedCallError
+
+    if not isinstance(transformer, FluxTransformer2DModel) or getattr(transformer, "peft_config", None):
+        raise UnsupportedCallError(
+            f"the transformer is a {type(transformer).__name__}"
+            + (" with PEFT adapters loaded" if getattr(transformer, "peft_config", None) else ""),
+            "use a plain FluxTransformer2DModel and load LoRAs afterwards (pipe.unload_lora_weights() removes "
+            "loaded ones)")
+    package_dir = _resolve_package_dir(package)
+    manifest = read_manifest(package_dir)
+    verify_files(package_dir, manifest)
+    check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
+    check_attention_runs_here(manifest.attention)
+    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
+                        quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
+    return CompiledFluxTransformer(manifest, package_dir, transformer, device)
+
+
+def apply(pipe, package, *, device: str | None = None):
+    """Swap `pipe.transformer` (an eager `FluxTransformer2DModel`) for `package`'s compiled programs,
+    bound to that transformer's own weights; returns `pipe` (as ZeroGPU's `aoti_apply` does).
+
+    The eager transformer then only holds the weights the programs read. LoRAs go through diffusers'
+    usual calls afterwards: `pipe.load_lora_weights(file, adapter_name=...)`, `pipe.set_adapters(...)`
+    drive the slots.
+    """
+    pipe.transformer = bind_package(pipe.transformer, package, device=device)
+    return pipe
+
+
+class AotpackFluxTransformer:
+    """diffusers-style entry: `AotpackFluxTransformer.from_pretrained("hf://owner/repo", model=...)` is
+    the compiled transformer, e.g. for `FluxPipeline.from_pretrained(model, transformer=...)`."""
+
+    @staticmethod
+    def from_pretrained(package, *, model: str, revision: str | None = None,
+                        device: str | None = None) -> CompiledFluxTransformer:
+        package_dir = _resolve_package_dir(package)  # pulled once; bind_package takes the directory
+        manifest = read_manifest(package_dir)
+        device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+        transformer = load_transformer(parse_model_ref(model, revision), torch_dtype(manifest.dtype), device)
+        return bind_package(transformer, package_dir, device=device)

@@ -10,7 +10,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from torch import nn
+from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
 from ..models.prepare import torch_dtype
@@ -25,6 +25,7 @@ from ..models.regions import (
 )
 from ..store.manifest import Manifest
 from . import program as program_files
+from .lora_contract import LoraContractMixin
 from .program import CompiledProgram
 from .slot_bank import SlotBank
 
@@ -57,8 +58,12 @@ class _Instance:
         return self.program([*activations, *self.lora_tensors])
 
 
-class CompiledFluxTransformer(nn.Module):
-    """Drop-in for `FluxTransformer2DModel` inside a `FluxPipeline`, backed by AOTInductor programs."""
+class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
+    """Drop-in for `FluxTransformer2DModel` inside a `FluxPipeline`, backed by AOTInductor programs.
+
+    A diffusers `ModelMixin` with diffusers' LoRA methods (`lora_contract`), so the pipeline's
+    `load_lora_weights` / `set_adapters` / ... drive the LoRA slots.
+    """
 
     def __init__(self, manifest: Manifest, package_dir: Path, transformer, device: str):
         super().__init__()
