@@ -1,0 +1,155 @@
+"""Named adapters: the only LoRAs a request can use (requests name them; they never pass a path or URL).
+
+Sources: a directory (`--adapters DIR`: each `*.safetensors` file and each LoRA folder in it,
+under its stem) and Hub files (`--adapter NAME=hf://owner/repo@rev/file.safetensors`). At run time
+`POST /v1/adapters` may add a Hub file or a file inside one of the registered directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from pathlib import Path
+
+from ..adapters.sources import AdapterSource, adapter_source
+from .errors import AdapterNotAllowedError, UnknownAdapterError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAdapter:
+    name: str
+    source: AdapterSource
+
+    def describe(self) -> str:
+        return ("hf://" if self.source.is_hub else "") + self.source.describe()
+
+    def file_bytes(self) -> int | None:
+        if self.source.is_hub:
+            return None
+        path = Path(self.source.location)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        return sum(f.stat().st_size for f in files) if files else None
+
+
+def header_rank(source: AdapterSource) -> int | None:
+    """The largest LoRA rank in a local file, from its safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    from ..adapters.sources import local_path
+
+    if source.is_hub:
+        return None
+    try:
+        with safe_open(str(local_path(source)), framework="pt") as handle:
+            ranks = [handle.get_slice(k).get_shape()[0] for k in handle.keys()
+                     if any(t in k for t in ("lora_A", "lora_down", "lora.down"))]
+    except Exception:  # unreadable files are reported when used (422), not when listed
+        return None
+    return max(ranks, default=None)
+
+
+def check_name(name: str) -> str:
+    """A registered name (letters, digits, `.`, `_`, `-`); anything path- or URL-like is refused."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise AdapterNotAllowedError(
+            f"adapter {name!r} is not a registered adapter name: requests name adapters, they never pass a path "
+            "or URL", "use a name listed by GET /v1/adapters (register files with --adapters DIR or "
+            "POST /v1/adapters)")
+    return name
+
+
+def _is_adapter_entry(path: Path) -> bool:
+    return (path.is_file() and path.suffix == ".safetensors") or (
+        path.is_dir() and any(path.glob("*.safetensors")))
+
+
+class AdapterRegistry:
+    def __init__(self):
+        self._adapters: dict[str, RegisteredAdapter] = {}
+        self._roots: list[Path] = []  # directories a registration may take local files from
+        self._lock = threading.Lock()
+
+    def add_directory(self, directory) -> list[str]:
+        directory = Path(directory).expanduser().resolve()
+        if not directory.is_dir():
+            raise AdapterNotAllowedError(f"--adapters {directory} is not a directory",
+                                         "pass a folder of .safetensors LoRA files")
+        self._roots.append(directory)
+        names = []
+        for entry in sorted(directory.iterdir()):
+            if _is_adapter_entry(entry):
+                names.append(self._put(entry.stem if entry.is_file() else entry.name,
+                                       AdapterSource(str(entry))))
+        return names
+
+    def add(self, name: str, source: str, *, trusted: bool = False) -> RegisteredAdapter:
+        """Register `source` under `name` (see `resolve`)."""
+        return self.put(self.resolve(name, source, trusted=trusted))
+
+    def resolve(self, name: str, source: str, *, trusted: bool = False) -> RegisteredAdapter:
+        """The entry `name` -> `source` would be, not yet registered. Untrusted (HTTP) sources must be Hub
+        files or files inside a registered directory; the operator's command line (`trusted`) may name
+        any local file."""
+        check_name(name)
+        text = str(source)
+        if text.startswith("hf://"):
+            where = adapter_source(text)
+            if not where.is_hub or not where.weight_name:
+                raise AdapterNotAllowedError(f"source {text!r} is not a Hub file",
+                                             "use hf://owner/repo@revision/file.safetensors")
+        elif "://" in text:
+            raise AdapterNotAllowedError(f"source {text!r}: only hf:// URLs are allowed",
+                                         "use hf://owner/repo@revision/file.safetensors")
+        else:
+            path = Path(text).expanduser()
+            if not trusted:
+                path = path.resolve()
+                if not any(path.is_relative_to(root) for root in self._roots):
+                    raise AdapterNotAllowedError(
+                        f"source {text!r} is outside the adapter directories the server was started with",
+                        "put the file in a directory passed with --adapters, or use an hf:// Hub file")
+            if not _is_adapter_entry(path):
+                raise AdapterNotAllowedError(f"source {text!r} is not a .safetensors file or LoRA folder",
+                                             "pass an existing .safetensors file")
+            where = AdapterSource(str(path))
+        return RegisteredAdapter(name, where)
+
+    def put(self, entry: RegisteredAdapter) -> RegisteredAdapter:
+        with self._lock:
+            self._adapters[check_name(entry.name)] = entry
+        return entry
+
+    def _put(self, name: str, source: AdapterSource) -> str:
+        return self.put(RegisteredAdapter(name, source)).name
+
+    def get(self, name: str) -> RegisteredAdapter:
+        check_name(name)
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered",
+                                      f"use one of {sorted(self._adapters)[:20]} (GET /v1/adapters)") from None
+
+    def entries(self) -> list[RegisteredAdapter]:
+        return [self._adapters[n] for n in sorted(self._adapters)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+
+def parse_adapter_option(text: str) -> tuple[str, str]:
+    """`NAME=SOURCE` (the --adapter option)."""
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise AdapterNotAllowedError(f"--adapter {text!r} is not NAME=SOURCE",
+                                     "e.g. --adapter style=hf://owner/repo@main/style.safetensors")
+    return name, source
