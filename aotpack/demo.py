@@ -58,14 +58,15 @@ def run_demo(out: str | Path = "artifacts/demo", *, rebuild: bool = False):
     import json
 
     from .builder.build import build_package
-    from .runtime.jobs import read_jobs, run_request
+    from .runtime.jobs import read_jobs, run_jobs
     from .runtime.pipeline import load_package
+    from .runtime.requests import PackageLimits
     from .store.manifest import read_manifest
 
     out = Path(out)
     package = out / "tiny-cpu-package"
     if rebuild or not (package / "manifest.json").is_file():
-        build_package("tiny", "cpu", out=package, progress=True)
+        build_package("tiny", "cpu", out=package, overwrite=rebuild, progress=True)
     else:
         read_manifest(package)
         yield f"using the package built earlier: {package} (pass --rebuild to build again)"
@@ -82,10 +83,14 @@ def run_demo(out: str | Path = "artifacts/demo", *, rebuild: bool = False):
     common = {"seed": 42, "steps": 4, "height": 128, "width": 128, "max_sequence_length": 32}
     jobs_file.write_text("".join(json.dumps({**common, **job, "out": str(out / job["out"])}) + "\n"
                                  for job in jobs))
+    requests = read_jobs(jobs_file, PackageLimits.from_manifest(read_manifest(package)))  # all checked first
     served = load_package(package, "tiny", progress=True)
-    for index, request in enumerate(read_jobs(jobs_file), start=1):
-        result = run_request(served, request, index)
+    for outcome in run_jobs(served, requests):
+        request, result = outcome.request, outcome.result
         names = ", ".join(f"{Path(p).stem}:{s:g}" for p, s in request.loras) or "no LoRA"
+        if result is None:
+            yield f"request {outcome.index} ({names}) failed: {outcome.error}"
+            continue
         source = "parsed from file" if result.adapters_parsed else "from cache"
         yield (f"{result.image_path}: {names}; image in {result.seconds:.2f} s, LoRA switch "
                f"{result.switch_seconds * 1000:.1f} ms ({source})")

@@ -78,3 +78,12 @@ class PublishError(AotpackError):
 
 class RecipeError(AotpackError):
     """A recipe file with a missing, mistyped or out-of-range field."""
+
+
+class RequestError(AotpackError):
+    """A generation request (CLI flags, a jobs line, an HTTP body) with a missing, mistyped or out-of-range
+    field; refused before any work."""
+
+
+class NonFiniteOutputError(AotpackError):
+    """The generation produced NaN/Inf values; no image is written."""

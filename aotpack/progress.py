@@ -1,25 +1,34 @@
-"""Stage-by-stage progress on stderr (stdout stays free for results such as `--json`)."""
+"""Stage-by-stage progress through `logging` (logger "aotpack.progress"; stdout stays free for results
+such as `--json`). The CLI shows it on stderr (`--quiet` hides it); a library caller that asked for
+progress but configured no logging still sees it on stderr."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
+
+logger = logging.getLogger("aotpack.progress")
 
 
 class Progress:
     def __init__(self, enabled: bool = True, stream=None):
         self.enabled = enabled
-        self.stream = stream or sys.stderr
+        self.stream = stream  # an explicit stream bypasses logging (e.g. a log file of a benchmark)
         self.timings: dict[str, float] = {}
 
     def info(self, message: str) -> None:
-        if self.enabled:
-            print(message, file=self.stream, flush=True)
+        if not self.enabled:
+            return
+        if self.stream is None and logger.hasHandlers():
+            logger.info(message)
+        else:
+            print(message, file=self.stream or sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def stage(self, label: str):
-        """Print `label ...` now and its duration when done; timings are kept by label."""
+        """Report `label ...` now and its duration when done; timings are kept by label."""
         self.info(f"==> {label} ...")
         started = time.perf_counter()
         yield

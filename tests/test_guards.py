@@ -108,7 +108,7 @@ def test_a_gpu_target_is_not_built_on_a_cpu_machine(monkeypatch, tmp_path):
         aotpack.build("tiny", "h100", out=tmp_path / "pkg", progress=False)
     assert "'h100'" in caught.value.problem and "sm_90" in caught.value.problem
     assert "no CUDA GPU is visible" in caught.value.problem and "--target cpu" in caught.value.fix
-    assert not (tmp_path / "pkg").exists() and not (tmp_path / "pkg.partial").exists()
+    assert list(tmp_path.iterdir()) == []  # refused before any folder (package or staging) was made
 
 
 def test_a_gpu_target_for_another_arch_names_the_right_targets(monkeypatch):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import aotpack
 from aotpack.cli import cli
 from aotpack.errors import PackageIntegrityError, PackageMismatchError, PublishError
+from aotpack.machine.compat import torch_series
 from aotpack.runtime import program as program_files
 from aotpack.store.manifest import read_manifest, sha256_file
 from aotpack.store.publish import locate_package, pull_package, push_package
@@ -32,7 +33,14 @@ from aotpack.store.repo_layout import INDEX_NAME, index_entry, now_utc, render_i
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hf_TESTtokenNEVERprintedXyZ0123456789"
 REPO = "aotpack-ci/flux-tiny"
-PROGRAMS = ["prologue.pt2", "double_block.pt2", "single_block.pt2", "epilogue.pt2"]
+SERIES = f"torch-{torch_series(torch.__version__)}"  # repo folders are <target>/torch-<X.Y>
+CPU, H100 = f"cpu/{SERIES}", f"h100/{SERIES}"
+PROGRAMS: list[str] = []  # the package's program files, read from the session's package (see below)
+
+
+@pytest.fixture(autouse=True)
+def _program_files(tiny_package):
+    PROGRAMS[:] = [p.file for p in read_manifest(tiny_package).programs]
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -100,13 +108,13 @@ def fake_hub(monkeypatch, tmp_path):
 def test_file_store_push_pull_run_round_trip(tiny_package, tmp_path):
     store = tmp_path / "store"
     pushed = invoke("push", tiny_package, f"file://{store}")
-    assert pushed.stdout.strip() == f"file://{store}/cpu"
+    assert pushed.stdout.strip() == f"file://{store}/{CPU}"
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["README.md", INDEX_NAME, "cpu"]
-    assert sorted(p.name for p in (store / "cpu").iterdir()) == sorted(["manifest.json", *PROGRAMS])
+    assert sorted(p.name for p in (store / CPU).iterdir()) == sorted(["manifest.json", *PROGRAMS])
 
     pulled = invoke("pull", f"file://{store}", "--local-dir", tmp_path / "pulled")
     pulled_dir = Path(pulled.stdout.strip())
-    assert pulled_dir == tmp_path / "pulled" / "cpu"
+    assert pulled_dir == tmp_path / "pulled" / CPU
     for name in ["manifest.json", *PROGRAMS]:
         assert sha256_file(pulled_dir / name) == sha256_file(tiny_package / name)
     assert "copy cpu" in pulled.stderr  # progress goes to stderr, the path alone to stdout
@@ -115,7 +123,7 @@ def test_file_store_push_pull_run_round_trip(tiny_package, tmp_path):
     from_pulled = run_latents(f"file://{pulled_dir}", tmp_path / "pulled.safetensors")
     assert torch.equal(original, from_pulled)
     served = aotpack.load(f"file://{store}", model="tiny")  # implicit pull: this machine's target, in place
-    assert served.package_dir == store / "cpu" and served.manifest.target == "cpu"
+    assert served.package_dir == store / CPU and served.manifest.target == "cpu"
 
 
 def test_tampered_or_truncated_pulled_file_is_refused_before_loading(tiny_package, tmp_path, no_program_loads):
@@ -124,19 +132,19 @@ def test_tampered_or_truncated_pulled_file_is_refused_before_loading(tiny_packag
     local = tmp_path / "pulled"
 
     pull_package(f"file://{store}", local_dir=local)
-    flip_byte(local / "cpu" / "double_block.pt2")
+    flip_byte(local / CPU / "double_block.pt2")
     with pytest.raises(PackageIntegrityError, match="double_block.pt2 has sha256") as err:
-        aotpack.load(f"file://{local}/cpu", model="tiny")
+        aotpack.load(f"file://{local}/{CPU}", model="tiny")
     assert "pull it there again" in err.value.fix
 
     pull_package(f"file://{store}", local_dir=local)  # pulling again replaces the damaged copy
-    with open(local / "cpu" / "epilogue.pt2", "r+b") as handle:
+    with open(local / CPU / "epilogue.pt2", "r+b") as handle:
         handle.truncate(4096)
     with pytest.raises(PackageIntegrityError, match="epilogue.pt2"):
         aotpack.load(f"file://{local}", model="tiny")
 
     pull_package(f"file://{store}", local_dir=local)
-    manifest = local / "cpu" / "manifest.json"  # a swapped manifest could vouch for swapped programs
+    manifest = local / CPU / "manifest.json"  # a swapped manifest could vouch for swapped programs
     manifest.write_text(manifest.read_text().replace('"max_rank": 32', '"max_rank": 64'))
     with pytest.raises(PackageIntegrityError, match="manifest.json does not match"):
         pull_package(f"file://{local}", target="cpu")
@@ -153,9 +161,9 @@ def test_package_for_another_target_is_refused_with_the_right_target(tiny_packag
     assert "h100 (sm_90" in str(err.value)
 
     pulled = invoke("pull", store, "--target", "h100", "--local-dir", tmp_path / "pulled")
-    assert "warning: target 'h100' is built for sm_90" in pulled.stderr and "--target cpu" in pulled.stderr
+    assert f"warning: target '{H100}' is built for sm_90" in pulled.stderr and "--target cpu" in pulled.stderr
     with pytest.raises(PackageMismatchError) as err:
-        aotpack.load(f"{store}/h100", model="tiny")
+        aotpack.load(f"{store}/{H100}", model="tiny")
     assert "--target cpu" in str(err.value)
 
     with pytest.raises(PublishError) as err:
@@ -164,9 +172,9 @@ def test_package_for_another_target_is_refused_with_the_right_target(tiny_packag
     assert "--target" in err.value.fix
 
     push_package(tiny_package, store)  # both targets now: auto picks cpu here
-    assert pull_package(store).target == "cpu"
+    assert pull_package(store).target == CPU
     index = json.loads((tmp_path / "store" / INDEX_NAME).read_text())
-    assert sorted(index["targets"]) == ["cpu", "h100"]
+    assert sorted(index["targets"]) == [CPU, H100]
 
 
 def test_file_store_refuses_hub_only_options(tiny_package, tmp_path):
@@ -183,27 +191,27 @@ def test_file_store_refuses_hub_only_options(tiny_package, tmp_path):
 def test_hub_push_writes_the_layout_and_merges_index_and_card(fake_hub, tiny_package, h100_package, capfd, caplog):
     caplog.set_level(logging.DEBUG)
     first = invoke("push", tiny_package, REPO, "--private", "--commit-message", "cpu package")
-    assert first.stdout.strip() == f"https://huggingface.co/{REPO}/tree/main/cpu"
+    assert first.stdout.strip() == f"https://huggingface.co/{REPO}/tree/main/{CPU}"
     (commit,) = fake_hub.commit_log(REPO)
     assert commit.message == "cpu package"
     assert {op["value"]["path"] for op in commit.operations} == {
-        *(f"cpu/{name}" for name in ["manifest.json", *PROGRAMS]), INDEX_NAME, "README.md"}
+        *(f"{CPU}/{name}" for name in ["manifest.json", *PROGRAMS]), INDEX_NAME, "README.md"}
     assert fake_hub.repos[REPO].private
     for name in ["manifest.json", *PROGRAMS]:
-        assert fake_hub.files(REPO)[f"cpu/{name}"] == (tiny_package / name).read_bytes()
+        assert fake_hub.files(REPO)[f"{CPU}/{name}"] == (tiny_package / name).read_bytes()
 
     invoke("push", h100_package, f"hf://{REPO}", "--token", SECRET)
     files = fake_hub.files(REPO)
     assert sorted(files) == sorted([".gitattributes", INDEX_NAME, "README.md",
-                                    *(f"{t}/{n}" for t in ("cpu", "h100") for n in ["manifest.json", *PROGRAMS])])
+                                    *(f"{t}/{n}" for t in (CPU, H100) for n in ["manifest.json", *PROGRAMS])])
     index = json.loads(files[INDEX_NAME])
-    assert sorted(index["targets"]) == ["cpu", "h100"]
-    assert index["targets"]["h100"]["gpu_arch"] == "sm_90" and index["targets"]["cpu"]["device"] == "cpu"
-    assert index["targets"]["cpu"]["files"]["manifest.json"] == sha256_file(tiny_package / "manifest.json")
+    assert sorted(index["targets"]) == [CPU, H100]
+    assert index["targets"][H100]["gpu_arch"] == "sm_90" and index["targets"][CPU]["device"] == "cpu"
+    assert index["targets"][CPU]["files"]["manifest.json"] == sha256_file(tiny_package / "manifest.json")
     card = files["README.md"].decode()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "aotpack" and "aotpack" in front["tags"]
-    assert "| `cpu` | cpu |" in card and "| `h100` | sm_90 |" in card  # pushing h100 kept the cpu row
+    assert f"| `{CPU}` | cpu |" in card and f"| `{H100}` | sm_90 |" in card  # pushing h100 kept the cpu row
     assert f"aotpack pull hf://{REPO} --target auto" in card
 
     writes = [r for r in fake_hub.requests if r.method == "POST"]
@@ -218,30 +226,30 @@ def test_hub_revisions_pull_requests_and_pull(fake_hub, tiny_package, h100_packa
     main_head = fake_hub.repos[REPO].refs["main"]
 
     url = push_package(h100_package, REPO, revision="v1").url  # a missing branch is created, as `hf upload` does
-    assert url == f"https://huggingface.co/{REPO}/tree/v1/h100"
+    assert url == f"https://huggingface.co/{REPO}/tree/v1/{H100}"
     assert fake_hub.repos[REPO].refs["main"] == main_head
-    assert sorted(json.loads(fake_hub.files(REPO, "v1")[INDEX_NAME])["targets"]) == ["cpu", "h100"]
+    assert sorted(json.loads(fake_hub.files(REPO, "v1")[INDEX_NAME])["targets"]) == [CPU, H100]
 
     pr = invoke("push", h100_package, REPO, "--create-pr")
     assert pr.stdout.strip() == f"https://huggingface.co/{REPO}/discussions/1"
     assert fake_hub.repos[REPO].refs["main"] == main_head  # a PR leaves the branch alone
-    assert "h100/manifest.json" in fake_hub.files(REPO, "refs/pr/1")
+    assert f"{H100}/manifest.json" in fake_hub.files(REPO, "refs/pr/1")
 
     pulled = invoke("pull", REPO, "--revision", "v1", "--target", "h100", "--local-dir", tmp_path / "v1")
-    assert Path(pulled.stdout.strip()) == tmp_path / "v1" / "h100"
-    assert sorted(p.name for p in (tmp_path / "v1" / "h100").iterdir()) == sorted(["manifest.json", *PROGRAMS])
+    assert Path(pulled.stdout.strip()) == tmp_path / "v1" / H100
+    assert sorted(p.name for p in (tmp_path / "v1" / H100).iterdir()) == sorted(["manifest.json", *PROGRAMS])
     assert not (tmp_path / "v1" / "cpu").exists()  # only the requested target's folder is downloaded
     assert {r.path.split("/revision/")[-1] for r in fake_hub.requests if "/revision/" in r.path} >= {"v1"}
 
     cached = locate_package(f"hf://{REPO}@v1")  # implicit pull through the HF cache: target auto (cpu here)
-    assert cached.name == "cpu" and str(cached).startswith(str(tmp_path / "hf-cache"))
+    assert cached.name == SERIES and cached.parent.name == "cpu" and str(cached).startswith(str(tmp_path / "hf-cache"))
     assert read_manifest(locate_package(f"hf://{REPO}@v1/h100")).target == "h100"
     with pytest.raises(PublishError, match="names revision 'v1' but --revision is 'v2'"):
         pull_package(f"hf://{REPO}@v1", revision="v2")
 
     mirror = tmp_path / "mirror"  # a cluster without Hub access mirrors a target into its file store
-    assert push_package(f"hf://{REPO}@v1/h100", f"file://{mirror}").url == f"file://{mirror}/h100"
-    assert (mirror / "h100" / "manifest.json").read_bytes() == fake_hub.files(REPO, "v1")["h100/manifest.json"]
+    assert push_package(f"hf://{REPO}@v1/h100", f"file://{mirror}").url == f"file://{mirror}/{H100}"
+    assert (mirror / H100 / "manifest.json").read_bytes() == fake_hub.files(REPO, "v1")[f"{H100}/manifest.json"]
 
 
 def test_hub_pull_works_offline_from_the_cache_and_refuses_a_damaged_cache(fake_hub, tiny_package, monkeypatch,
@@ -279,23 +287,25 @@ def test_hub_errors_name_what_exists(fake_hub, tiny_package):
         pull_package(REPO)  # main has only .gitattributes: the package went to dev
 
 
-def test_hub_push_merges_again_when_another_push_lands_first(fake_hub, tiny_package, h100_package, capsys):
+def test_hub_push_merges_again_when_another_push_lands_first(fake_hub, tiny_package, h100_package, capsys,
+                                                            caplog):
     push_package(tiny_package, REPO)
 
     def concurrent_h100_push(repo_id, revision):  # another CI job commits between our read and our commit
         repo = fake_hub.repos[repo_id]
         head = repo.commits[repo.refs[revision]]
         index = json.loads(head.files[INDEX_NAME])
-        index["targets"]["h100"] = index_entry(read_manifest(h100_package), h100_package, now_utc())
+        index["targets"][H100] = index_entry(read_manifest(h100_package), h100_package, now_utc())
         files = {**head.files, INDEX_NAME: render_index(index).encode()}
         commit = Commit("f" * 40, files, "h100 from another job", head.sha, [])
         repo.commits[commit.sha] = commit
         repo.refs[revision] = commit.sha
 
     fake_hub.before_commit = concurrent_h100_push
+    caplog.set_level(logging.INFO, "aotpack.progress")
     push_package(tiny_package, REPO, progress=True)
-    assert "moved while pushing" in capsys.readouterr().err
-    assert sorted(json.loads(fake_hub.files(REPO)[INDEX_NAME])["targets"]) == ["cpu", "h100"]
+    assert "moved while pushing" in capsys.readouterr().err + caplog.text  # progress: logging, else stderr
+    assert sorted(json.loads(fake_hub.files(REPO)[INDEX_NAME])["targets"]) == [CPU, H100]
 
 
 def test_hub_refusal_does_not_leak_the_token(fake_hub, tiny_package, capfd, caplog):
@@ -303,8 +313,8 @@ def test_hub_refusal_does_not_leak_the_token(fake_hub, tiny_package, capfd, capl
     push_package(tiny_package, REPO)
     wrong = "hf_WRONGtokenALSOsecret987654321"
     result = invoke("push", tiny_package, REPO, "--token", wrong, ok=False)
-    assert isinstance(result.exception, PublishError)
-    assert "HTTP 403" in str(result.exception) and "--token, HF_TOKEN" in str(result.exception)
+    assert result.exit_code == 1  # a runtime error: the typed message, no traceback
+    assert "HTTP 403" in result.output and "--token, HF_TOKEN" in result.output
     out, err = capfd.readouterr()
     for text in (str(result.exception), result.output, out, err, caplog.text):
         assert wrong not in text and SECRET not in text
@@ -317,11 +327,13 @@ def test_push_deletes_files_the_target_no_longer_has(fake_hub, tiny_package, tmp
     (renamed / "prologue.pt2").rename(renamed / "prologue_v2.pt2")
     data = json.loads((renamed / "manifest.json").read_text())
     data["files"] = {("prologue_v2.pt2" if k == "prologue.pt2" else k): v for k, v in data["files"].items()}
+    for program in data["programs"]:
+        program["file"] = "prologue_v2.pt2" if program["file"] == "prologue.pt2" else program["file"]
     (renamed / "manifest.json").write_text(json.dumps(data))
     push_package(renamed, REPO)
     operations = fake_hub.commit_log(REPO)[-1].operations
-    assert {"key": "deletedFile", "value": {"path": "cpu/prologue.pt2"}} in operations
-    assert "cpu/prologue.pt2" not in fake_hub.files(REPO) and "cpu/prologue_v2.pt2" in fake_hub.files(REPO)
+    assert {"key": "deletedFile", "value": {"path": f"{CPU}/prologue.pt2"}} in operations
+    assert f"{CPU}/prologue.pt2" not in fake_hub.files(REPO) and f"{CPU}/prologue_v2.pt2" in fake_hub.files(REPO)
 
 
 def test_model_card_keeps_what_people_wrote(tiny_package, h100_package, tmp_path):
@@ -338,7 +350,7 @@ def test_model_card_keeps_what_people_wrote(tiny_package, h100_package, tmp_path
     assert front["license"] == "other" and front["library_name"] == "aotpack"
     assert front["tags"][0] == "our-team" and "aotpack" in front["tags"]
     assert "Ask #flux-serving for help." in card
-    assert card.count("<!-- aotpack:begin") == 1 and "| `cpu` |" in card and "| `h100` |" in card
+    assert card.count("<!-- aotpack:begin") == 1 and f"| `{CPU}` |" in card and f"| `{H100}` |" in card
 
 
 # -- CI workflow ---------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_concurrent_requests_over_4_adapters_equal_aotpack_run(server, tiny_pack
         "loras": [[str(adapter_dir / f"{b['loras'][0]['name']}.safetensors"), 0.8]],
         "out": str(tmp_path / f"{i}.png")}) + "\n" for i, b in enumerate(requests)))
     run = subprocess.run([sys.executable, "-m", "aotpack", "run", str(tiny_package), "--model", "tiny",
-                          "--jobs", str(jobs)], capture_output=True, text=True, timeout=300)
+                          "--requests", str(jobs)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for i, answer in enumerate(answers):
         served = pixels(base64.b64decode(answer.json()["data"][0]["b64_json"]))

@@ -106,6 +106,18 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
         )
 
 
+def check_float_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """LoRA factors are real-valued matrices: integer or bool tensors (other than a scalar alpha/rank) are
+    refused instead of being converted into a silently wrong delta."""
+    bad = sorted(name for name, t in tensors.items()
+                 if not t.is_floating_point() and not (t.numel() == 1 and name.endswith((".alpha", "alpha"))))
+    if bad:
+        raise AdapterFileError(
+            f"adapter {where} holds {len(bad)} non-float tensors (e.g. {bad[0]!r}: {tensors[bad[0]].dtype}); LoRA "
+            "factors must be float (float32, bfloat16, float16, float64)",
+            "re-export the adapter with float weights (quantized LoRA files are not supported)")
+
+
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, diffusers LoRA metadata or {}) from a local `.safetensors` file (values are checked by
     `check_finite` when the adapter is parsed)."""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFileError, AdapterFormatError
 from .convert import convert, dropped_notes
-from .files import check_finite, load_safetensors
+from .files import check_finite, check_float_dtypes, load_safetensors
 from .sources import AdapterSource, adapter_source, local_path
 from .unsupported import scan
 
@@ -130,14 +130,32 @@ def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str)
                 "only linear-layer LoRA factors with matching ranks are supported")
         if scaling != 1.0:  # scaled in float32, rounded once; fp16 stays float32 (its range is small)
             b = (b.float() * scaling).to(torch.float32 if b.dtype == torch.float16 else b.dtype)
+        _check_product_fits(module, a, b, source)
         # The file's dtype is kept: the adapter cache converts once, to the slot dtype on the device.
         layers[module] = LayerDelta(a.contiguous(), b.contiguous())
     return layers
 
 
+# |B @ A| <= max|B| * max|A| * rank; beyond this bound the product (times a LoRA scale up to 100 and an
+# activation) overflows float32/bfloat16 (max 3.4e38) and the output is NaN, so such values are refused.
+MAX_DELTA_MAGNITUDE = 1e30
+
+
+def _check_product_fits(module: str, a: torch.Tensor, b: torch.Tensor, source: str) -> None:
+    if not a.numel() or not b.numel():
+        return
+    bound = float(a.abs().max().double()) * float(b.abs().max().double()) * a.shape[0]
+    if not bound <= MAX_DELTA_MAGNITUDE:
+        raise AdapterFileError(
+            f"adapter {source}: layer {module} has values up to |A| {float(a.abs().max()):.3g} and |B| "
+            f"{float(b.abs().max()):.3g}; their product (up to {bound:.3g}) overflows the model's dtype",
+            "the adapter is broken (a diverged or mis-scaled export); use another checkpoint")
+
+
 def parse_state_dict(state_dict: dict, *, name: str, source: str, metadata: dict | None = None) -> Adapter:
     """Parse an in-memory LoRA state dict (any layout diffusers understands)."""
     metadata = metadata or {}
+    check_float_dtypes(state_dict, source)
     check_finite(state_dict, source)
     findings = scan(state_dict)
     if findings.refused:

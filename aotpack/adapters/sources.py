@@ -60,9 +60,30 @@ def adapter_source(source, *, weight_name: str | None = None, revision: str | No
     looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 2
     if looks_local and not text.startswith("hf://"):
         return AdapterSource(text, None, revision)
-    owner, repo, *rest = text.removeprefix("hf://").split("/")
-    repo, _, pinned = repo.partition("@")  # the hf:// URI convention: owner/repo@revision/path
-    return AdapterSource(f"{owner}/{repo}", "/".join(rest), pinned or revision)
+    return _parse_hub_file(text if text.startswith("hf://") else f"hf://{text}", revision)
+
+
+def _parse_hub_file(uri: str, revision: str | None) -> AdapterSource:
+    """`hf://owner/repo[@revision]/path` through huggingface_hub's own parser (revisions such as
+    `refs/pr/3` hold slashes: only the Hub's rules can tell them from the path)."""
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+
+    try:
+        parsed = parse_hf_uri(uri)
+    except HfUriError as err:
+        raise AdapterFileError(f"adapter {uri!r} is not a Hub file reference ({err})",
+                               "write hf://owner/repo[@REVISION]/file.safetensors, or a local path") from err
+    if parsed.type != "model":
+        raise AdapterFileError(f"adapter {uri!r} is in a {parsed.type} repository; adapters are read from model "
+                               "repos", f"use hf://{parsed.id}/... of a model repo, or download the file")
+    if not parsed.path_in_repo.strip("/"):
+        raise AdapterFileError(f"adapter {uri!r} names a repository, not a file in it",
+                               f"add the file: hf://{parsed.id}/pytorch_lora_weights.safetensors")
+    if revision and parsed.revision and revision != parsed.revision:
+        raise AdapterFileError(f"adapter {uri!r} names revision {parsed.revision!r} but {revision!r} is also given",
+                               "give the revision once")
+    return AdapterSource(parsed.id, parsed.path_in_repo.strip("/"), parsed.revision or revision)
 
 
 def _file_in_folder(folder: Path) -> Path:

@@ -83,7 +83,7 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
                 for other, *_ in running.values():
                     other.kill()
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
-                                  "run with --jobs 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
+                                  "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
             seconds[name] = float(output.strip().splitlines()[-1])
             report.info(f"    compiled {name}: {seconds[name]:.1f} s")
         time.sleep(0.2)

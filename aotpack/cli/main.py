@@ -3,51 +3,110 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
-from .output import DEBUG, quiet_libraries
+from .output import DEBUG, configure_logging, quiet_libraries
+
+logger = logging.getLogger("aotpack.cli")
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 2 is click's own code for usage errors
+_DEBUG_HINT = "set AOTPACK_DEBUG=1 for the traceback"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def report_error(err: Exception) -> None:
+    """One message on stderr: a typed error's problem and fix, or an unexpected error's type and text."""
+    from ..errors import AotpackError
+
+    if isinstance(err, AotpackError):
+        click.echo(f"error: {err.problem}", err=True)
+        if err.fix:
+            click.echo(f"  fix: {err.fix}", err=True)
+    else:
+        click.echo(f"error: unexpected {type(err).__name__}: {err} ({_DEBUG_HINT})", err=True)
+
+
+class AotpackGroup(click.Group):
+    """Exit codes for every command, also under click's CliRunner: 1 for runtime errors (typed or not),
+    2 for usage errors (click's), 130 for Ctrl-C; no traceback unless AOTPACK_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise  # click's own: usage errors (2), --help, explicit exits
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as err:
+            if DEBUG:
+                raise
+            report_error(err)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=AotpackGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aotpack")
-def cli():
+@click.option("--quiet", "-q", "verbosity", flag_value="quiet", help="Only warnings and errors on stderr.")
+@click.option("--verbose", "-v", "verbosity", flag_value="verbose", help="Debug messages too.")
+def cli(verbosity):
     """Ahead-of-time compiled Flux.1 transformers with hot-swappable LoRA slots."""
+    configure_logging(verbosity or "normal")
+
+
+def _deprecated_alias(old: str, new: str):
+    def warn(ctx, param, value):
+        if value is not None:
+            logger.warning("%s is deprecated; use %s", old, new)
+        return value
+    return warn
 
 
 @cli.command()
-@click.option("--model", default="tiny", show_default=True,
-              help="'tiny', a diffusers-format directory, or a Hub id (owner/name[@revision]).")
+@click.option("--model", required=True,
+              help="'tiny' (the embedded test model), a diffusers-format directory, or a Hub id "
+                   "(owner/name[@revision]).")
 @click.option("--target", default="cpu", show_default=True, help="Recipe name (see `aotpack targets`) or .toml path.")
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--max-rank", type=int, default=None, help="Largest LoRA rank (summed over stacked adapters); 0 builds without LoRA slots.")
 @click.option("--slots", "slots", multiple=True, help="fnmatch pattern of linear layers to slot (repeatable).")
 @click.option("--layout", type=click.Choice(["regional", "whole"]), default=None, help="Program layout.")
+@click.option("--parallel", type=click.Choice(["none", "ulysses"]), default=None,
+              help="ulysses: split blocks around attention so the package runs on 1..N GPUs (run --gpus N).")
 @click.option("--out", type=click.Path(), default=None, help="Package directory to write.")
-@click.option("--jobs", type=int, default=None,
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing package at --out (never a folder that is not an aotpack package).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Programs compiled in parallel processes (default: 1 on CPU targets, up to 4 on GPU ones).")
-def build(model, target, revision, max_rank, slots, layout, out, jobs):
+@click.option("--jobs", "workers_alias", type=click.IntRange(min=1), default=None, hidden=True,
+              callback=_deprecated_alias("build --jobs", "--workers"))
+def build(model, target, revision, max_rank, slots, layout, parallel, out, overwrite, workers, workers_alias):
     """Export and AOT-compile a Flux transformer with LoRA slots into a package."""
     quiet_libraries()
     from ..builder.build import build_package
 
-    path = build_package(model, target, out=out, revision=revision, max_rank=max_rank, slots=slots or None,
-                         layout=layout, compile_workers=jobs, progress=True)
+    path = build_package(model, target, out=out, overwrite=overwrite, revision=revision, max_rank=max_rank,
+                         slots=slots or None, layout=layout, parallel=parallel,
+                         compile_workers=workers or workers_alias, progress=True)
     click.echo(str(path))
 
 
 @cli.command()
 @click.argument("package")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def inspect(package, as_json):
-    """Show a package's manifest."""
-    from ..store.inspect import format_manifest
-    from ..store.manifest import read_manifest
-    from ..store.publish import locate_package
+@click.option("--no-verify", is_flag=True, help="Skip checking every file against its sha256 (says so on stderr).")
+def inspect(package, as_json, no_verify):
+    """Show a package's manifest (after verifying its files, unless --no-verify)."""
+    from ..store.inspect import format_manifest, inspect_package
 
-    manifest = read_manifest(locate_package(package))
-    click.echo(json.dumps(manifest.to_json(), indent=2) if as_json else format_manifest(manifest))
+    manifest, verified = inspect_package(package, verify=not no_verify)
+    if as_json:  # stdout stays pure JSON; a skipped verification is still said (on stderr)
+        click.echo(json.dumps(manifest.to_json(), indent=2))
+        if no_verify:
+            click.echo(verified, err=True)
+    else:
+        click.echo(format_manifest(manifest) + "\n\n" + verified)
 
 
 @cli.command()
@@ -62,12 +121,19 @@ def targets():
 
 @cli.command()
 @click.argument("package")
-@click.option("--model", default="tiny", show_default=True, help="Model whose weights to bind (as for build).")
+@click.option("--model", default=None,
+              help="Model whose weights to bind (as for build); default: the model recorded in the package.")
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--prompt", default=None, help="Prompt of a single request.")
-@click.option("--jobs", "jobs_file", type=click.Path(), default=None, help="JSONL file of requests.")
+@click.option("--requests", "requests_file", type=click.Path(), default=None,
+              help="JSONL file of requests (one JSON object per line; diffusers' argument names accepted).")
+@click.option("--jobs", "jobs_file", type=click.Path(), default=None, hidden=True,
+              callback=_deprecated_alias("run --jobs", "--requests"))
+@click.option("--report", "report_file", type=click.Path(), default=None,
+              help="JSON file for the per-request summary (ok/failed with the reason).")
 @click.option("--lora", "loras", multiple=True, help="FILE[:SCALE] (repeatable: adapters are stacked).")
 @click.option("--fit", type=click.Choice(["svd"]), default=None, help="Compress stacks above max_rank by SVD.")
+@click.option("--merge", is_flag=True, help="Fold the LoRAs into the weights (faster steps, slower switch).")
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=1024, show_default=True)
@@ -76,37 +142,90 @@ def targets():
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.Generator('cpu').manual_seed(SEED).")
 @click.option("--out", type=click.Path(), default=None, help="Image file to write (PNG).")
 @click.option("--save-latents", type=click.Path(), default=None, help="safetensors file for the latents.")
-def run(package, model, revision, prompt, jobs_file, loras, fit, steps, height, width, guidance,
-        max_sequence_length, seed, out, save_latents):
-    """Generate images with a package, switching LoRAs per request without recompiling."""
-    quiet_libraries()
-    from ..errors import AotpackError
-    from ..runtime.jobs import Request, parse_lora_option, read_jobs, run_request
-    from ..runtime.pipeline import load_package
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ranks for one image (context parallel; the package must be built with --parallel ulysses).")
+def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, steps, height,
+        width, guidance, max_sequence_length, seed, out, save_latents, gpus):
+    """Generate images with a package, switching LoRAs per request without recompiling.
 
-    if (prompt is None) == (jobs_file is None):
-        raise AotpackError("pass exactly one of --prompt and --jobs", "e.g. --prompt 'a cat' or --jobs jobs.jsonl")
-    if jobs_file:
-        requests = read_jobs(jobs_file)
-    else:
-        requests = [Request(prompt=prompt, loras=[parse_lora_option(x) for x in loras], seed=seed, steps=steps,
-                            height=height, width=width, guidance=guidance,
-                            max_sequence_length=max_sequence_length, out=out, save_latents=save_latents, fit=fit)]
+    Every request is checked before the first runs; a failing request is reported and the others still
+    run; the exit code is 1 when any failed.
+    """
+    quiet_libraries()
     import time
 
-    started = time.perf_counter()
-    served = load_package(package, model, revision=revision, progress=True)
-    click.echo(f"package loaded in {time.perf_counter() - started:.2f} s", err=True)
-    for index, request in enumerate(requests, start=1):
-        result = run_request(served, request, index)
-        source = "from file" if result.adapters_parsed else "cached"
+    from ..runtime.jobs import (
+        Request,
+        check_report_path,
+        parse_lora_option,
+        read_jobs,
+        run_jobs,
+        write_report,
+    )
+    from ..runtime.pipeline import load_package
+    from ..runtime.requests import PackageLimits, validate_request
+    from ..store.manifest import read_manifest, recorded_model
+    from ..store.publish import locate_package
+
+    requests_file = requests_file or jobs_file
+    if (prompt is None) == (requests_file is None):
+        raise click.UsageError("pass exactly one of --prompt and --requests FILE")
+    if report_file:
+        check_report_path(report_file)
+    package_dir = locate_package(package)
+    manifest = read_manifest(package_dir)
+    limits = PackageLimits.from_manifest(manifest)
+    if requests_file:
+        requests = read_jobs(requests_file, limits)
+    else:
+        request = Request(prompt=prompt, loras=[parse_lora_option(x) for x in loras], seed=seed, steps=steps,
+                          height=height, width=width, guidance=guidance, max_sequence_length=max_sequence_length,
+                          out=out, save_latents=save_latents, fit=fit, merge=merge)
+        requests = [validate_request(request, limits)]
+    if model is None:
+        model, recorded_revision = recorded_model(manifest)
+        revision = revision or recorded_revision
+        logger.info("model: %s%s (recorded in the package manifest; --model overrides)", model,
+                    f"@{revision}" if revision else "")
+    else:
+        logger.info("model: %s%s", model, f"@{revision}" if revision else "")
+
+    def show(outcome):
+        request, result = outcome.request, outcome.result
         lora_text = ", ".join(f"{p}:{s:g}" for p, s in request.loras) or "none"
-        click.echo(f"request {index}: {request.steps} steps {request.width}x{request.height} in "
+        if result is None:
+            click.echo(f"request {outcome.index}: FAILED: {outcome.error}"
+                       + (f" (fix: {outcome.fix})" if outcome.fix else ""), err=True)
+            return
+        source = "from file" if result.adapters_parsed else "cached"
+        click.echo(f"request {outcome.index}: {request.steps} steps {request.width}x{request.height} in "
                    f"{result.seconds:.2f} s; LoRA switch {result.switch_seconds * 1000:.1f} ms ({source}; "
                    f"loras: {lora_text})" + "".join(f"; {n}" for n in result.notes), err=True)
         for path in (result.image_path, result.latents_path):
             if path:
                 click.echo(path)
+
+    bar = len(requests) > 1 and sys.stderr.isatty() and logger.isEnabledFor(logging.INFO)  # a terminal only
+    started = time.perf_counter()
+    if gpus > 1:  # context parallel: one process per GPU loads and runs; rank 0 writes the outputs
+        from ..runtime.parallel import generate
+
+        outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision)
+        logger.info("%d ranks loaded and ran in %.2f s", gpus, time.perf_counter() - started)
+        for outcome in outcomes:
+            show(outcome)
+    else:
+        served = load_package(package_dir, model, revision=revision, progress=True)
+        logger.info("package loaded in %.2f s", time.perf_counter() - started)
+        outcomes = run_jobs(served, requests, on_outcome=show, progress=bar, debug=DEBUG)
+    failed = [o for o in outcomes if not o.ok]
+    if report_file:
+        write_report(report_file, outcomes)
+    if len(outcomes) > 1 or failed:
+        click.echo(f"summary: {len(outcomes) - len(failed)} ok, {len(failed)} failed"
+                   + "".join(f"\n  request {o.index}: {o.error}" for o in failed), err=True)
+    if failed:
+        sys.exit(EXIT_ERROR)  # each failure was reported with its reason above
 
 
 @cli.command()
@@ -125,31 +244,19 @@ def demo(out, rebuild):
 from .bench import bench  # noqa: E402
 from .doctor import doctor  # noqa: E402
 from .publish import pull, push  # noqa: E402
+from .serve import serve  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(doctor)
 cli.add_command(push)
 cli.add_command(pull)
+cli.add_command(serve)
 
 
 def main() -> None:
-    from ..errors import AotpackError
-
-    try:
-        cli.main(standalone_mode=False)
-    except AotpackError as err:
-        if DEBUG:
-            raise
-        click.echo(f"error: {err.problem}", err=True)
-        if err.fix:
-            click.echo(f"  fix: {err.fix}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+    # Standalone click: usage errors exit 2; AotpackGroup turns runtime errors into exit 1 and Ctrl-C
+    # into 130 (click's own Abort, e.g. Ctrl-C at a prompt, exits 1).
+    cli.main(prog_name="aotpack")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def push(package, repo_id, revision, private, token, commit_message, create_pr):
 @click.option("--local-dir", type=click.Path(file_okay=False), default=None,
               help="Put the files here instead of the Hugging Face cache (file stores: instead of in place).")
 @click.option("--token", default=None, help=_TOKEN_HELP)
-def pull(repo_id, target, revision, local_dir, token):
+@click.option("--overwrite", is_flag=True,
+              help="Replace the target folder in --local-dir even if it holds files aotpack did not write.")
+def pull(repo_id, target, revision, local_dir, token, overwrite):
     """Download one target's package from REPO_ID (owner/name, hf://… or file:///store), verified; print its path."""
     from .output import quiet_libraries
 
@@ -52,6 +54,7 @@ def pull(repo_id, target, revision, local_dir, token):
     from ..store.publish import pull_package
 
     pulled = pull_package(repo_id, target=target, revision=revision, local_dir=local_dir, token=token,
+                          overwrite=overwrite,
                           progress=True)
     if pulled.warning:
         click.echo(f"warning: {pulled.warning}", err=True)

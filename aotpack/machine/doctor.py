@@ -34,6 +34,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_DISK_WARN_BYTES = 10 * 10**9
 LOW_DISK_FAIL_BYTES = 1 * 10**9
 CORE_PACKAGES = ("torch", "diffusers", "peft", "transformers")
+FP8_MIN_ARCH = 89  # torchao float8 (row-wise scaled_mm) needs compute capability 8.9 (Ada, Hopper, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,21 @@ def check_torchao(recipe: Recipe | None) -> CheckResult:
     if not info.in_range:
         return unusable(f"torchao {info.version} is outside the supported {info.describe_range()}")
     return CheckResult("torchao", OK, f"{info.version} ({info.describe_range()}); {purpose}")
+
+
+def check_quantization(recipe: Recipe) -> CheckResult:
+    """torchao's row-wise FP8 runs only on CUDA GPUs of compute capability 8.9+ (it refuses a CPU), so an
+    FP8 recipe for device = "cpu" (or an older arch) cannot build anywhere."""
+    if recipe.quantization == "none":
+        return CheckResult("quantization", OK, f"target {recipe.name}: no weight quantization")
+    arch_number = int("".join(ch for ch in recipe.gpu_arch if ch.isdigit()) or 0)
+    if recipe.device != "cuda" or arch_number < FP8_MIN_ARCH:
+        where = "device = \"cpu\"" if recipe.device != "cuda" else f"gpu_arch = {recipe.gpu_arch!r}"
+        return CheckResult("quantization", FAIL,
+                           f"target {recipe.name} quantizes with {recipe.quantization} for {where}; torchao's FP8 "
+                           f"needs a CUDA GPU of sm_{FP8_MIN_ARCH} or newer",
+                           "set quantization = \"none\" for this target, or use a GPU target (e.g. h100)")
+    return CheckResult("quantization", OK, f"target {recipe.name}: {recipe.quantization} on {recipe.gpu_arch}")
 
 
 # -- CUDA and the GPU ----------------------------------------------------------------------------
@@ -213,6 +229,8 @@ def run_checks(target: str | None = None, out_dir: str | Path | None = None) -> 
     results.append(check_python())
     results += [check_package(package) for package in CORE_PACKAGES]
     results += [check_triton(recipe), check_torchao(recipe), check_cuda(recipe), check_gpu(recipe)]
+    if recipe is not None:
+        results.append(check_quantization(recipe))
     results.append(check_disk("disk-inductor-cache", inductor_cache_dir(), "set TORCHINDUCTOR_CACHE_DIR"))
     results.append(check_disk("disk-output", Path(out_dir or DEFAULT_OUT), "pass --out elsewhere"))
     return results

@@ -18,12 +18,14 @@ def quantization_record(method: str) -> dict:
     if method == "none":
         return {"method": "none"}
     import torchao
+    from torchao.core.config import config_to_dict
 
     return {
         "method": method,
         "library": "torchao",
         "torchao_version": torchao.__version__,
-        "config": "Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())",
+        # torchao's own serialisation: `torchao.core.config.config_from_dict` rebuilds the config
+        "config": config_to_dict(_fp8_config()),
         "modules": list(FP8_MODULE_PATTERNS),
         "lora_path": "unquantized",
     }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import difflib
 import tomllib
+from pathlib import Path
 
 from ..errors import RecipeError
 
@@ -17,6 +17,7 @@ class TomlFields:
     def __init__(self, data: dict, source: str):
         self.data = data
         self.source = source
+        self.known: set[str] = set()  # every field path read so far (see refuse_unknown)
 
     @classmethod
     def read(cls, path: Path) -> "TomlFields":
@@ -30,6 +31,7 @@ class TomlFields:
 
     def value(self, field: str, kind: type, default=_REQUIRED):
         """`field` ("shapes.batch" for a nested table) checked to be of `kind` (an int is a fine float)."""
+        self.known.add(field)
         node = self.data
         for part in field.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -68,3 +70,26 @@ class TomlFields:
         if not value or not all(isinstance(v, str) for v in value):
             raise self.error(field, f"= {value!r} should be a non-empty list of strings")
         return tuple(value)
+
+    def refuse_unknown(self) -> None:
+        """Refuse any field no reader asked for (a typo such as `max_rnak` would otherwise be ignored and the
+        default used). A table read whole (e.g. `[inductor]`) may hold any keys."""
+        unknown = []
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                path = f"{prefix}{key}"
+                if path in self.known:
+                    continue
+                if isinstance(value, dict) and any(k.startswith(path + ".") for k in self.known):
+                    walk(value, path + ".")
+                else:
+                    unknown.append(path)
+
+        walk(self.data, "")
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(self.known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{self.source}: unknown field {unknown[0]!r}{hint}"
+                              + (f" (and {unknown[1:]})" if unknown[1:] else ""),
+                              f"remove or rename it in {self.source}; known fields: {', '.join(sorted(self.known))}")

@@ -12,6 +12,7 @@ from .fields import TomlFields
 QUANTIZATIONS = ("none", "fp8_rowwise")
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3")
 LAYOUTS = ("regional", "whole")
+PARALLEL_MODES = ("none", "ulysses")  # "ulysses": block programs split around attention (context parallel)
 TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
 DTYPES = ("float32", "bfloat16", "float16")  # the names `prepare.DTYPES` maps to torch dtypes
 
@@ -40,6 +41,7 @@ class Recipe:
     inductor_configs: dict
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
+    parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
 
     @property
     def end_to_end_limit(self) -> float:
@@ -95,7 +97,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
+        parallel=fields.choice("parallel", PARALLEL_MODES, "none"),
     )
+    fields.refuse_unknown()
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)
         example_value = getattr(recipe, f"example_{field}")

@@ -17,12 +17,19 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import PackageMismatchError
+from ..errors import PackageIntegrityError, PackageMismatchError
 
 
 def _unpack(package_path: Path, into: Path) -> Path:
     """Extract the archive (refusing paths that escape `into`) and return its one shared object."""
-    with zipfile.ZipFile(package_path) as archive:
+    try:
+        archive = zipfile.ZipFile(package_path)
+    except zipfile.BadZipFile as err:
+        raise PackageIntegrityError(f"program {package_path} is not a .pt2 archive (not a zip file: {err})",
+                                    "pull or build the package again") from err
+    except FileNotFoundError as err:
+        raise PackageIntegrityError(f"program {package_path} is missing", "pull or build the package again") from err
+    with archive:
         for member in archive.namelist():
             parts = PurePosixPath(member).parts
             if PurePosixPath(member).is_absolute() or ".." in parts:

@@ -10,16 +10,19 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from ..errors import PublishError
 from ..progress import Progress
+from .local_copy import pull_into, staging_dir, swap_in, writable
 from .manifest import read_manifest, verify_files
 from .package_ref import StoreRef
 from .repo_layout import CARD_NAME, INDEX_NAME, PushResult, parse_index
 
 LOCK_NAME = ".aotpack.lock"
+STALE_AFTER_S = 6 * 3600  # longer than any push takes; older staging folders belong to killed pushes
 
 
 class FileStore:
@@ -37,27 +40,32 @@ class FileStore:
                                self._nearby_stores_fix())
         return parse_index(text, self.display), None
 
-    def fetch_target(self, folder: str, commit: None, local_dir: Path | None) -> Path:
-        """The target folder: in place (the store is already local), or copied under `local_dir`."""
+    def fetch_target(self, folder: str, commit: None, local_dir: Path | None, check=None,
+                     overwrite: bool = False, files: list[str] | None = None) -> Path:
+        """The target folder: in place (the store is already local), or copied under `local_dir`.
+
+        A copy is made in a staging folder, checked there with `check(folder_path)`, and only then
+        swapped in, so a damaged store copy never replaces a good local one.
+        """
         source = self.root / folder
-        if local_dir is None or not source.is_dir():  # a missing folder is reported by the caller's checks
+        if local_dir is None or not source.is_dir():  # in place (a missing folder is reported by `check`)
+            if check is not None:
+                check(source)
             return source
-        local_dir = Path(local_dir)
-        local_dir.mkdir(parents=True, exist_ok=True)
-        staging = _staging_dir(local_dir, folder)
-        try:
-            copy_with_progress([(p, staging / p.name) for p in sorted(source.iterdir()) if p.is_file()],
+
+        def fill(staging: Path):
+            names = files or [p.name for p in sorted(source.iterdir()) if p.is_file()]
+            copy_with_progress([(source / name, _inside(staging, folder, f"{folder}/{name}")) for name in names],
                                f"copy {folder}")
-            _replace_dir(staging, local_dir / folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        _write_atomic(local_dir / INDEX_NAME, (self.root / INDEX_NAME).read_text())
-        return local_dir / folder
+            return staging, (self.root / INDEX_NAME).read_text()
+
+        return pull_into(Path(local_dir), folder, fill, check, overwrite)
 
     def repair_hint(self, local_dir: Path | None) -> str:
         """How to get good copies of files that failed verification."""
         if local_dir is not None:
-            return f"pull again into {local_dir} (the folder is replaced)"
+            return (f"the copy in {self.display} is damaged (nothing in {local_dir} was replaced): push the "
+                    f"package to {self.display} again, then pull")
         return (f"the copy in {self.display} itself is damaged: pull it there again from where it came from "
                 f"(aotpack pull REPO --local-dir {self.root}), or push the package there again")
 
@@ -69,20 +77,22 @@ class FileStore:
         `commit_message` has nowhere to go in a directory; the flags the Hub alone has are refused
         before this is called.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        with _locked(self.root / LOCK_NAME):
-            plan = make_plan(_read_text(self.root / INDEX_NAME), _read_text(self.root / CARD_NAME))
-            report.info(f"copying {len(plan.uploads)} files to {self.display}/{plan.folder}")
-            staging = _staging_dir(self.root, plan.folder)
-            try:
-                copy_with_progress([(local, staging / path.split("/", 1)[1]) for path, local in plan.uploads.items()],
-                                   f"copy {plan.folder}")
-                verify_files(staging, read_manifest(staging))  # a network filesystem can corrupt a copy too
-                _replace_dir(staging, self.root / plan.folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            _write_atomic(self.root / INDEX_NAME, plan.index_text)
-            _write_atomic(self.root / CARD_NAME, plan.card_text)
+        with writable(self.root, f"push to {self.display}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _locked(self.root / LOCK_NAME):
+                remove_stale_staging(self.root, report)
+                plan = make_plan(_read_text(self.root / INDEX_NAME), _read_text(self.root / CARD_NAME))
+                report.info(f"copying {len(plan.uploads)} files to {self.display}/{plan.folder}")
+                staging = staging_dir(self.root, plan.folder)
+                try:
+                    copy_with_progress([(local, _inside(staging, plan.folder, path))
+                                        for path, local in plan.uploads.items()], f"copy {plan.folder}")
+                    verify_files(staging, read_manifest(staging))  # a network filesystem can corrupt a copy too
+                    swap_in(staging, self.root / plan.folder, overwrite=True)  # the store's own folder
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                _write_atomic(self.root / INDEX_NAME, plan.index_text)
+                _write_atomic(self.root / CARD_NAME, plan.card_text)
         return PushResult(target=plan.folder, url=f"file://{self.root / plan.folder}")
 
     def _nearby_stores_fix(self) -> str:
@@ -118,22 +128,36 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _staging_dir(parent: Path, folder: str) -> Path:
-    """A fresh folder next to the final one (same filesystem, so it can be renamed into place)."""
-    staging = parent / f".incoming-{folder}-{uuid.uuid4().hex}"
-    staging.mkdir()  # not mkdtemp: its 0700 mode would make the published folder unreadable to others
-    return staging
+def _inside(staging: Path, folder: str, repo_path: str) -> Path:
+    """Where an upload lands: `folder/NAME` of the plan, confined to the staging folder."""
+    from .manifest_schema import check_relative_name
+
+    check_relative_name(repo_path, "an upload path")
+    if not repo_path.startswith(folder + "/"):
+        raise PublishError(f"push would write {repo_path!r} outside the target folder {folder!r}",
+                           "report this: a push writes only under its target folder")
+    name = repo_path[len(folder) + 1:]
+    check_relative_name(name, "a package file name")
+    return staging / name
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put `new` at `final` by renames (both on one filesystem); the previous folder is removed after."""
-    if not final.exists():
-        new.rename(final)
-        return
-    previous = final.with_name(f".replaced-{final.name}-{uuid.uuid4().hex}")
-    final.rename(previous)
-    new.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
+def remove_stale_staging(root: Path, report: Progress | None = None, max_age_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove `.incoming-*` / `.replaced-*` folders left by killed pushes (older than a push's lifetime).
+
+    Called under the store lock: a live push holds the lock, so only dead pushes' folders are old.
+    """
+    now = time.time()
+    removed = []
+    for path in sorted(root.glob(".incoming-*")) + sorted(root.glob(".replaced-*")):
+        try:
+            if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        except FileNotFoundError:
+            continue
+    if removed and report is not None:
+        report.info(f"removed {len(removed)} folders left by interrupted pushes: {removed}")
+    return removed
 
 
 @contextlib.contextmanager

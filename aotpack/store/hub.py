@@ -15,6 +15,7 @@ from urllib.parse import quote
 from .. import __version__
 from ..errors import PublishError
 from ..progress import Progress
+from .local_copy import pull_into
 from .package_ref import StoreRef
 from .repo_layout import CARD_NAME, INDEX_NAME, PushPlan, PushResult, parse_index
 
@@ -58,18 +59,38 @@ class HubStore:
         commit = root.name if _COMMIT_HASH.fullmatch(root.name) else self.revision
         return parse_index(path.read_text(), self.display), commit
 
-    def fetch_target(self, folder: str, commit: str | None, local_dir: Path | None) -> Path:
+    def fetch_target(self, folder: str, commit: str | None, local_dir: Path | None, check=None,
+                     overwrite: bool = False, files: list[str] | None = None) -> Path:
+        """The target folder: in the Hugging Face cache, or under `local_dir` after being downloaded
+        into a staging folder there and checked with `check(folder_path)` (a damaged download never
+        replaces a good local copy, and files aotpack did not write are never touched)."""
         from huggingface_hub import snapshot_download
 
-        with self._errors("read", f"download {folder}/ from"):
-            root = snapshot_download(self.repo_id, revision=commit, allow_patterns=[f"{folder}/*", INDEX_NAME],
-                                     local_dir=local_dir, **self._download_options())
-        return Path(root) / folder
+        # only the files the index lists: an older repo's `<target>/*` would also match `<target>/torch-*/`
+        patterns = [f"{folder}/{name}" for name in files] if files else [f"{folder}/*"]
+        patterns.append(INDEX_NAME)
+        if local_dir is None:
+            with self._errors("read", f"download {folder}/ from"):
+                root = snapshot_download(self.repo_id, revision=commit, allow_patterns=patterns,
+                                         **self._download_options())
+            path = Path(root) / folder
+            if check is not None:
+                check(path)
+            return path
+
+        def fill(staging: Path):
+            with self._errors("read", f"download {folder}/ from"):
+                snapshot_download(self.repo_id, revision=commit, allow_patterns=patterns, local_dir=staging,
+                                  **self._download_options())
+            index = staging / INDEX_NAME
+            return staging / folder, index.read_text() if index.is_file() else None
+
+        return pull_into(Path(local_dir), folder, fill, check, overwrite)
 
     def repair_hint(self, local_dir: Path | None) -> str:
         """How to get good copies of files that failed verification."""
         if local_dir is not None:
-            return f"delete {local_dir} and pull again"
+            return f"pull again (nothing in {local_dir} was replaced)"
         # the cache keeps blobs by etag: deleting the snapshot folder alone would bring the bad blob back
         return f"remove the cached copy (hf cache rm hf://models/{self.repo_id}) and pull again"
 

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from .manifest import Manifest
+from .manifest import Manifest, read_manifest, verify_files
+
+
+def inspect_package(package, verify: bool = True) -> tuple[Manifest, str]:
+    """The package's manifest (schema-checked) and a line saying whether its files were verified."""
+    from .publish import locate_package
+
+    directory = locate_package(package)
+    manifest = read_manifest(directory)
+    if not verify:
+        return manifest, "files NOT verified (--no-verify): sha256 and program metadata were not checked"
+    verify_files(directory, manifest)
+    return manifest, f"verified: {len(manifest.files)} files match their sha256 and the manifest"
 
 
 def format_manifest(manifest: Manifest) -> str:
@@ -14,7 +26,7 @@ def format_manifest(manifest: Manifest) -> str:
         ("versions", f"torch {v['torch']}, cuda {v['cuda']}, triton {v['triton']}, diffusers {v['diffusers']}, "
                      f"aotpack {v['aotpack']}"),
         ("dtype", f"{manifest.dtype} (LoRA {manifest.lora_dtype})"),
-        ("quantization", manifest.quantization.get("config", manifest.quantization["method"])),
+        ("quantization", _quantization(manifest.quantization)),
         ("attention", manifest.attention),
         ("max_rank", str(manifest.max_rank)),
         ("slots", f"{len(manifest.slots)} layers (patterns {manifest.slot_patterns})"),
@@ -37,3 +49,10 @@ def format_manifest(manifest: Manifest) -> str:
     for name, digest in manifest.files.items():
         lines.append(f"sha256 {digest}  {name}")
     return "\n".join(lines)
+
+
+def _quantization(record: dict) -> str:
+    config = record.get("config")
+    if isinstance(config, dict):  # torchao's config_to_dict form
+        return f"{record['method']} ({config.get('_type', 'torchao config')}, torchao {record.get('torchao_version')})"
+    return str(config or record["method"])

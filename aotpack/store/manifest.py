@@ -26,6 +26,9 @@ class ProgramSpec:
     slots: list[str]  # slot names relative to the region, in the program's input order
     constants: list[str]  # constant (weight) names the runtime must bind
     attention_kernels: list[str] = dataclasses.field(default_factory=list)  # found in the generated code
+    # 0: a no-slot variant (no LoRA inputs; the runtime runs it while no LoRA is live or a set is merged);
+    # None: takes the slots at the manifest's max_rank (every program of packages built before variants)
+    rank: int | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,19 +66,12 @@ class Manifest:
         return {"format_version": data.pop("format_version"), **data}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Manifest":
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(
-                f"manifest format_version {version!r} is not supported by this aotpack (reads {FORMAT_VERSION})",
-                "rebuild the package with this aotpack version, or install the aotpack version that built it "
-                f"({data.get('versions', {}).get('aotpack', 'unknown')})",
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(data) - {"files"})
-        if missing:
-            raise ManifestError(f"manifest lacks the fields {missing}", "rebuild the package")
-        kwargs = {k: v for k, v in data.items() if k in fields}
+    def from_json(cls, data) -> Manifest:
+        """A manifest checked against its schema (see `manifest_schema.py`) before any field is used."""
+        from .manifest_schema import check_manifest_data
+
+        check_manifest_data(data, cls)
+        kwargs = dict(data)
         kwargs["slots"] = [SlotSpec(**s) for s in data["slots"]]
         kwargs["programs"] = [ProgramSpec(**p) for p in data["programs"]]
         return cls(**kwargs)
@@ -117,14 +113,21 @@ def read_manifest(directory: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path} is not valid JSON ({err})", "pull or build the package again") from err
+    except OSError as err:
+        raise ManifestError(f"{path} cannot be read ({err.strerror})", "check its permissions, or pull or build "
+                            "the package again") from err
     return Manifest.from_json(data)
 
 
 def verify_files(directory: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest lists exists and matches its sha256 (checked before anything loads)."""
+    """The package holds exactly what the manifest lists, every file matches its sha256, and every
+    program's own metadata agrees with the manifest (checked before anything loads)."""
+    from .program_metadata import check_program_metadata
+
     directory = Path(directory)
+    check_listed_files(directory, manifest)
     for name, expected in manifest.files.items():
-        path = directory / name
+        path = confined_path(directory, name)
         if not path.is_file():
             raise PackageIntegrityError(f"package file {path} is missing", "pull or build the package again")
         actual = sha256_file(path)
@@ -134,3 +137,55 @@ def verify_files(directory: str | Path, manifest: Manifest) -> None:
                 "(truncated, corrupted or tampered with)",
                 "delete the package directory and pull or build it again",
             )
+    for spec in manifest.programs:
+        check_program_metadata(confined_path(directory, spec.file), spec, manifest)
+
+
+def check_listed_files(directory: Path, manifest: Manifest) -> None:
+    """Every file in the package directory (besides the manifest) has a sha256 in the manifest: an
+    unlisted file is unverified, so a package holding one is refused rather than half-trusted."""
+    from .local_copy import files_of_package
+
+    listed = set(manifest.files) | {MANIFEST_NAME}
+    unlisted = [name for name in files_of_package(directory) if name not in listed]
+    if unlisted:
+        raise PackageIntegrityError(
+            f"{directory} holds files the manifest has no sha256 for: {unlisted[:8]}"
+            + (f" and {len(unlisted) - 8} more" if len(unlisted) > 8 else ""),
+            "remove them (a package directory holds only what `aotpack build` wrote), or pull or build the "
+            "package again")
+
+
+def confined_path(directory: Path, name: str) -> Path:
+    """`directory / name` for a manifest file name, refusing one that resolves outside the directory."""
+    from .manifest_schema import check_relative_name
+
+    check_relative_name(name, "a package file name")
+    path = directory / name
+    root = directory.resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents and not _hub_cache_blob(root, resolved):
+        raise PackageIntegrityError(f"package file {name!r} is a link to {resolved}, outside the package {directory}",
+                                    "pull or build the package again; a package never links outside itself")
+    return path
+
+
+def _hub_cache_blob(root: Path, resolved: Path) -> bool:
+    """True for the Hugging Face cache's own links: `<repo>/snapshots/<commit>/...` -> `<repo>/blobs/<etag>`."""
+    for ancestor in root.parents:
+        if ancestor.name == "snapshots":
+            return resolved.parent == ancestor.parent / "blobs"
+    return False
+
+
+def recorded_model(manifest: Manifest) -> tuple[str, str | None]:
+    """(model reference, revision) recorded in a package's manifest, in the form `--model` takes: the
+    default model of `aotpack run` and `aotpack.load` (a package is bound to the weights it was built for)."""
+    from ..models import tiny
+
+    model_id, revision = manifest.model.get("id"), manifest.model.get("revision")
+    if model_id == tiny.TINY_MODEL_ID:
+        return "tiny", None
+    if isinstance(model_id, str) and model_id.startswith("random:"):
+        return model_id, None
+    return model_id, revision

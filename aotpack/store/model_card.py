@@ -15,7 +15,6 @@ from ..errors import PublishError
 BEGIN = "<!-- aotpack:begin (written by `aotpack push` from aotpack_index.json; edits inside are replaced) -->"
 END = "<!-- aotpack:end -->"
 TAGS = ["aotpack", "flux", "aotinductor", "torch-export", "lora"]
-_FRONT_MATTER = re.compile(r"\A---\n(.*?\n)?---\n?", re.DOTALL)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -62,7 +61,8 @@ def _generated_block(index: dict, store_ref: str) -> str:
     return f"""{BEGIN}
 ## Targets
 
-One folder per GPU target, each holding a `manifest.json` and its AOTInductor programs (`*.pt2`).
+One folder per GPU target and torch series (`<target>/torch-<X.Y>/`), each holding a `manifest.json`
+and its AOTInductor programs (`*.pt2`); `pull` and `load` pick the folder for the local torch.
 The programs hold no weights: they are bound at load time from the model given with `--model`.
 
 {_targets_table(index)}
@@ -91,33 +91,49 @@ def _implicit(store_ref: str) -> str:
     return store_ref if "://" in store_ref else f"hf://{store_ref}"
 
 
-def _split_card(text: str, where: str) -> tuple[dict, str]:
-    match = _FRONT_MATTER.match(text)
-    if not match:
-        return {}, text
+# Licenses of the base models a card can name (the Hub shows them; a user's own choice is kept).
+_BASE_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
+                                     "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/"
+                                                     "LICENSE.md"},
+    "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
+}
+
+
+def _parse_card(text: str, where: str):
+    """The card as huggingface_hub's `ModelCard` (front matter in `.data`, body in `.text`).
+
+    Line endings are normalised first so a CRLF card merges as one front-matter block.
+    """
+    from huggingface_hub import ModelCard
+
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     try:
-        data = yaml.safe_load(match.group(1) or "") or {}
-    except yaml.YAMLError as err:
-        raise PublishError(f"the README.md front matter of {where} is not valid YAML ({err})",
+        return ModelCard(text) if text.lstrip().startswith("---") else ModelCard("---\n{}\n---\n" + text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise PublishError(f"the README.md front matter of {where} is not a valid YAML mapping ({err})",
                            "fix or delete README.md in the repo, then push again") from err
-    if not isinstance(data, dict):
-        raise PublishError(f"the README.md front matter of {where} is not a YAML mapping",
-                           "fix or delete README.md in the repo, then push again")
-    return data, text[match.end():]
 
 
-def _merged_front_matter(existing: dict, index: dict) -> dict:
-    tags = list(existing.get("tags") or [])
-    data = {**existing, "library_name": "aotpack", "tags": tags + [t for t in TAGS if t not in tags]}
+def _merge_card_data(data, index: dict) -> None:
+    """Add aotpack's keys to the card's metadata, keeping every key a person set."""
+    tags = list(data.tags or [])
+    data.tags = tags + [t for t in TAGS if t not in tags]
+    data.library_name = "aotpack"
+    if not data.pipeline_tag:
+        data.pipeline_tag = "text-to-image"
     base_models = _hub_model_ids(index)
-    if "base_model" not in existing and len(base_models) == 1:
-        data["base_model"] = base_models[0]
-    return data
+    if not data.base_model and len(base_models) == 1:
+        data.base_model = base_models[0]
+    if not data.license and isinstance(data.base_model, str) and data.base_model in _BASE_LICENSES:
+        for key, value in _BASE_LICENSES[data.base_model].items():
+            setattr(data, key, value)
 
 
 def render_model_card(index: dict, store_ref: str, existing: str | None) -> str:
     """README.md for a repo whose merged index is `index`; `existing` is the card already there."""
-    front, body = _split_card(existing or "", store_ref)
+    card = _parse_card(existing or "", store_ref)
+    body = card.text
     block = _generated_block(index, store_ref)
     if BEGIN in body and END in body:
         head, rest = body.split(BEGIN, 1)
@@ -129,5 +145,6 @@ def render_model_card(index: dict, store_ref: str, existing: str | None) -> str:
         body = (f"\n# {title}\n\nFlux.1 transformer compiled ahead of time with "
                 "aotpack (torch.export + AOTInductor), with LoRA slots "
                 "that switch adapters per request without recompiling.\n\n" + block + "\n")
-    matter = yaml.safe_dump(_merged_front_matter(front, index), sort_keys=False, allow_unicode=True)
-    return f"---\n{matter}---\n{body}"
+    _merge_card_data(card.data, index)
+    card.text = body
+    return str(card)

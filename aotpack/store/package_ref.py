@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from urllib.parse import unquote
 
 from ..errors import PublishError
 from .manifest import MANIFEST_NAME
+from .repo_layout import INDEX_NAME
 
 # Where `aotpack build` writes when no --out is given (relative to the working directory).
 DEFAULT_OUT = Path("artifacts") / "packages"
+
+_SERIES = re.compile(r"torch-[0-9]+\.[0-9]+")
 
 HUB_SCHEME = "hf://"
 FILE_SCHEME = "file://"
@@ -76,9 +80,9 @@ def _parse_hub_uri(text: str, revision: str | None) -> StoreRef:
         raise PublishError(f"{text!r} names revision {uri.revision!r} but --revision is {revision!r}",
                            "give the revision once: either @REV in the reference or --revision")
     target = uri.path_in_repo.strip("/") or None
-    if target and "/" in target:
+    if target and (target.count("/") > 1 or ("/" in target and not _SERIES.fullmatch(target.split("/")[1]))):
         raise PublishError(f"{text!r} names {target!r} inside the repo; only a target folder can be named there",
-                           f"use hf://{uri.id}[@REV]/TARGET, e.g. hf://{uri.id}/h100")
+                           f"use hf://{uri.id}[@REV]/TARGET or .../TARGET/torch-X.Y, e.g. hf://{uri.id}/h100")
     return StoreRef("hub", uri.id, revision or uri.revision, target)
 
 
@@ -90,6 +94,8 @@ def _parse_file_ref(text: str, revision: str | None) -> StoreRef:
     if revision:
         raise PublishError(f"file store {text!r} has no revisions (got revision {revision!r})",
                            "drop --revision/@REV; keep one store directory per release, e.g. file:///stores/v1.2")
-    if (path / MANIFEST_NAME).is_file():  # file:///store/h100: a target folder (or any package directory)
+    if (path / MANIFEST_NAME).is_file():  # file:///store/h100[/torch-X.Y]: a target folder (or any package)
+        if _SERIES.fullmatch(path.name) and (path.parent.parent / INDEX_NAME).is_file():
+            return StoreRef("file", str(path.parent.parent), None, f"{path.parent.name}/{path.name}")
         return StoreRef("file", str(path.parent), None, path.name)
     return StoreRef("file", str(path))

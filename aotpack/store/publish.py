@@ -18,8 +18,17 @@ from ..errors import (
 )
 from ..progress import Progress
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
+from .manifest_schema import check_relative_name
 from .package_ref import StoreRef, is_store_ref, parse_store_ref
-from .repo_layout import INDEX_NAME, describe_targets, parse_index, plan_push
+from .repo_layout import (
+    INDEX_NAME,
+    check_folder_name,
+    describe_targets,
+    entry_series,
+    entry_target,
+    parse_index,
+    plan_push,
+)
 
 AUTO = "auto"
 
@@ -27,7 +36,7 @@ AUTO = "auto"
 @dataclasses.dataclass
 class PulledPackage:
     path: Path  # the verified package directory
-    target: str
+    target: str  # the repo folder it came from: `<target>/torch-<X.Y>` (or `<target>` in older repos)
     warning: str | None = None  # why it will not load on this machine, if it will not
 
 
@@ -73,7 +82,8 @@ def _verified_directory(path: Path) -> Path:
 
 # -- pull ------------------------------------------------------------------------------------------
 def pull_package(repo: str, *, target: str = AUTO, revision: str | None = None, local_dir=None,
-                 token: str | None = None, progress: bool | Progress = False) -> PulledPackage:
+                 token: str | None = None, overwrite: bool = False,
+                 progress: bool | Progress = False) -> PulledPackage:
     """Download one target's folder from a Hub repo or file store and verify every file.
 
     `target` is a target name or `auto` (this machine's; see `choose_target`). Without
@@ -89,20 +99,32 @@ def pull_package(repo: str, *, target: str = AUTO, revision: str | None = None, 
     folder = choose_target(index, ref.target or target, store.display, report)
     report.info(f"pulling {folder} from {store.display}")
     local_dir = Path(local_dir) if local_dir else None
-    package_dir = store.fetch_target(folder, commit, local_dir)
-    try:
-        check_pulled_package(package_dir, index["targets"][folder], store.display)
-    except PackageIntegrityError as err:
-        raise PackageIntegrityError(err.problem, store.repair_hint(local_dir)) from err
+    entry = index["targets"][folder]
+
+    def check(directory: Path) -> None:  # run on the staging copy, before it replaces anything
+        try:
+            check_pulled_package(directory, entry, store.display)
+        except PackageIntegrityError as err:
+            raise PackageIntegrityError(err.problem, store.repair_hint(local_dir)) from err
+
+    files = sorted(entry.get("files") or {})
+    for name in files:  # names from the store's index: never a path outside the folder
+        check_relative_name(name, f"a file name in {INDEX_NAME}")
+    package_dir = store.fetch_target(folder, commit, local_dir, check=check, overwrite=overwrite, files=files)
     return PulledPackage(path=package_dir, target=folder, warning=runs_here_warning(index["targets"][folder]))
 
 
 def choose_target(index: dict, requested: str, where: str, report: Progress | None = None) -> str:
-    """The folder to pull: `requested`, or for `auto` this machine's target (or a published one of its GPU arch)."""
+    """The folder to pull: for a target name (or `auto`: this machine's target, or a published one of
+    its GPU arch), the folder built with this machine's torch series; an exact folder name as it is."""
     targets = index["targets"]
+    for name in targets:  # an index names folders: never let one point outside the repo
+        check_folder_name(name)
+    if "/" in requested and requested in targets:
+        return requested  # an exact folder: `<target>/torch-<X.Y>`
     if requested != AUTO:
-        if requested in targets:
-            return requested
+        if _by_target(targets, requested):
+            return _pick_series(targets, requested, where)
         raise PublishError(f"{where} has no package for target {requested!r}; it has: {describe_targets(index)}",
                            f"pass --target with one of those, or build and push it: aotpack build --target "
                            f"{requested} && aotpack push PACKAGE {where}")
@@ -113,20 +135,48 @@ def choose_target(index: dict, requested: str, where: str, report: Progress | No
         preferred = auto_target()
     except PackageMismatchError:  # a GPU without a recipe: a package for its arch may still be published
         preferred = None
-    if preferred in targets:
-        return preferred
-    same_arch = sorted(name for name, entry in targets.items() if (entry.get("gpu_arch") or None) == arch)
+    if preferred and _by_target(targets, preferred):
+        return _pick_series(targets, preferred, where)
+    same_arch = sorted({entry_target(name, entry) for name, entry in targets.items()
+                        if (entry.get("gpu_arch") or None) == arch})
     if same_arch:
         if report:
             report.info(f"{where} has no {preferred!r} package; using {same_arch[0]!r}, built for the same GPU "
                         f"arch ({arch})")
-        return same_arch[0]
+        return _pick_series(targets, same_arch[0], where)
     machine = f"{gpu_name()} ({arch})" if arch else "no CUDA GPU"
     raise PublishError(f"{where} has no package for this machine ({machine}, target {preferred or '?'}); "
                        f"it has: {describe_targets(index)}",
                        f"run on a machine with one of those GPUs, build and push this one (aotpack build --target "
                        f"{preferred or 'NAME'} && aotpack push PACKAGE {where}), or pass --target NAME to download "
                        "another anyway")
+
+
+def _by_target(targets: dict, target: str) -> list[str]:
+    return sorted(name for name, entry in targets.items() if entry_target(name, entry) == target)
+
+
+def _pick_series(targets: dict, target: str, where: str) -> str:
+    """Among the folders of `target`, the one built with this machine's torch series (older repos'
+    single `<target>` folder when none is: it loads, or the loader says why not)."""
+    import torch
+
+    from ..machine.compat import torch_series
+
+    here = torch_series(torch.__version__)
+    names = _by_target(targets, target)
+    matching = [name for name in names if entry_series(targets[name]) == here]
+    if matching:
+        return min(matching, key=lambda name: "/" not in name)  # the series folder before an old one
+    legacy = [name for name in names if "/" not in name]
+    if legacy:
+        return legacy[0]
+    series = sorted({entry_series(targets[name]) or "?" for name in names})
+    raise PublishError(
+        f"{where} has target {target!r} only for torch {', '.join(series)}; this machine has torch "
+        f"{torch.__version__} (series {here}), and a package loads only with the torch series that built it",
+        f"install torch=={series[-1]}.* here, or build and push {target} with torch {here} (aotpack build --target "
+        f"{target} && aotpack push PACKAGE {where}), or pass --target {names[-1]} to download that one anyway")
 
 
 def check_pulled_package(package_dir: Path, entry: dict, where: str) -> None:
@@ -140,7 +190,7 @@ def check_pulled_package(package_dir: Path, entry: dict, where: str) -> None:
         raise PackageIntegrityError(f"{manifest_path} does not match the sha256 {where} records for it in "
                                     f"{INDEX_NAME} (truncated, corrupted or tampered with)")
     manifest = read_manifest(package_dir)
-    if manifest.target != entry["folder"]:
+    if manifest.target != entry_target(entry["folder"], entry):
         raise PackageMismatchError(f"folder {entry['folder']!r} of {where} holds a package for target "
                                    f"{manifest.target!r}",
                                    f"pull --target {manifest.target} if that is the one you want, and push the "

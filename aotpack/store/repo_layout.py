@@ -1,9 +1,14 @@
 """What a package repo (Hub repo or file store) holds, and the index of its targets.
 
-    aotpack_index.json      targets -> folder, gpu_arch, versions, model, files (sha256), dates
-    README.md               model card (see `model_card.py`)
-    <target>/manifest.json  one folder per target, named after the manifest's `target`
-    <target>/*.pt2
+    aotpack_index.json                  folders -> target, torch series, gpu_arch, versions, model,
+                                        files (sha256), dates
+    README.md                           model card (see `model_card.py`)
+    <target>/torch-<X.Y>/manifest.json  one folder per target and torch series (a package only loads
+    <target>/torch-<X.Y>/*.pt2          with the torch series that built it), so pushing for a new
+                                        torch release never replaces the packages of the previous one
+
+Repos written before the torch series was part of the layout hold `<target>/manifest.json`
+(index key `<target>`); they still load.
 
 The index lets a puller pick a folder and name the alternatives without listing the repo; it
 records the manifest's own sha256 too, so a swapped or half-written manifest is caught as well.
@@ -24,6 +29,7 @@ INDEX_NAME = "aotpack_index.json"
 CARD_NAME = "README.md"
 INDEX_FORMAT = 1
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SERIES_FOLDER = re.compile(r"torch-[0-9]+\.[0-9]+")
 
 
 @dataclasses.dataclass
@@ -53,19 +59,50 @@ def target_folder(target: str) -> str:
     return target
 
 
+def package_folder(manifest: Manifest) -> str:
+    """The repo folder of a package: `<target>/torch-<X.Y>`."""
+    from ..machine.compat import torch_series
+
+    return f"{target_folder(manifest.target)}/torch-{torch_series(manifest.versions['torch'])}"
+
+
+def check_folder_name(name: str) -> str:
+    """An index key: `<target>` (older repos) or `<target>/torch-<X.Y>`; never a path outside the repo."""
+    parts = name.split("/") if isinstance(name, str) else [None]
+    if not (1 <= len(parts) <= 2 and all(isinstance(p, str) and _FOLDER_NAME.fullmatch(p) for p in parts)
+            and (len(parts) == 1 or _SERIES_FOLDER.fullmatch(parts[1]))):
+        raise PublishError(f"the index names folder {name!r}, which is not <target> or <target>/torch-<X.Y>",
+                           "push the package again to rewrite the index, or delete aotpack_index.json")
+    return name
+
+
+def entry_target(name: str, entry: dict) -> str:
+    return entry.get("target") or name.split("/")[0]
+
+
+def entry_series(entry: dict) -> str | None:
+    from ..machine.compat import torch_series
+
+    return torch_series(entry["torch"]) if isinstance(entry.get("torch"), str) else None
+
+
 def package_files(manifest: Manifest) -> list[str]:
     """The files of a package, relative to its directory: the manifest and what it lists."""
     return [MANIFEST_NAME, *manifest.files]
 
 
 def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
 def index_entry(manifest: Manifest, package_dir: Path, pushed_at: str) -> dict:
     files = {MANIFEST_NAME: sha256_file(package_dir / MANIFEST_NAME), **manifest.files}
+    from ..machine.compat import torch_series
+
     return {
-        "folder": target_folder(manifest.target),
+        "folder": package_folder(manifest),
+        "target": target_folder(manifest.target),
+        "torch_series": torch_series(manifest.versions["torch"]),
         "device": manifest.device,
         "gpu_arch": manifest.gpu_arch,
         "torch": manifest.versions.get("torch"),
@@ -117,7 +154,7 @@ def merge_index(index: dict, entry: dict) -> dict:
 
 def describe_targets(index: dict) -> str:
     """`a100 (sm_80, torch 2.11.0), cpu (cpu, torch 2.13.0)` for error messages."""
-    parts = [f"{name} ({entry.get('gpu_arch') or entry.get('device')}, torch {entry.get('torch')})"
+    parts = [f"{entry_target(name, entry)} ({entry.get('gpu_arch') or entry.get('device')}, torch {entry.get('torch')})"
              for name, entry in sorted(index["targets"].items())]
     return ", ".join(parts) or "no targets"
 
@@ -127,7 +164,7 @@ def plan_push(package_dir: Path, manifest: Manifest, index: dict, card_text: str
     """What to write so the repo holds this package next to the targets already there."""
     from .model_card import render_model_card
 
-    folder = target_folder(manifest.target)
+    folder = package_folder(manifest)
     entry = index_entry(manifest, package_dir, pushed_at or now_utc())
     merged = merge_index(index, entry)
     previous = index.get("targets", {}).get(folder, {}).get("files", {})

@@ -23,7 +23,7 @@ variant false > /tmp/recipes/plain.toml
 { cat /tmp/recipes/plain.toml; echo 'max_autotune = true'; } > /tmp/recipes/autotune.toml  # [inductor] is last
 build() {  # label, timeout, recipe, extra args...
   local label=$1 limit=$2 recipe=$3; shift 3
-  timeout "$limit" python3 -m aotpack build --model $MODEL --target "$recipe" --jobs 4 \
+  timeout "$limit" python3 -m aotpack build --model $MODEL --target "$recipe" --workers 4 \
     --out "/tmp/variants/$label" "$@" > "/tmp/variants-$label.log" 2>&1
   echo "build $label: exit $? after $SECONDS s" >> /tmp/variants-status.log
 }

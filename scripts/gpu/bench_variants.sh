@@ -6,7 +6,7 @@ source scripts/gpu/env.sh
 MODEL=random:flux-dev-d2s4
 build() {  # label, extra args...
   local label=$1; shift
-  timeout "${BUILD_TIMEOUT:-420}" python3 -m aotpack build --model $MODEL --target h200 --jobs 4 \
+  timeout "${BUILD_TIMEOUT:-420}" python3 -m aotpack build --model $MODEL --target h200 --workers 4 \
     --out "/tmp/variants/$label" "$@" > "/tmp/variants-$label.log" 2>&1
   echo "build $label: exit $?" >> /tmp/variants-status.log
 }

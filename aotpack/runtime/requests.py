@@ -1,0 +1,191 @@
+"""Checking a generation request before any work: one validator for `run` flags, jobs lines, the Python
+API and the HTTP server. Every refusal is a `RequestError` naming the field, the value and the fix.
+
+Ranges (docs/reliability.md lists them with their tests):
+- LoRA scale: finite, |scale| <= 100 (beyond that a LoRA only produces saturated noise).
+- guidance: finite, 0 <= guidance <= 100.
+- steps: integer, 1 <= steps <= 1000.  seed: integer, 0 <= seed < 2**63 (torch.Generator's range).
+- height/width: rounded down to a multiple of 16 as diffusers' FluxPipeline does (vae_scale_factor * 2);
+  the rounded size is the one reported; the image tokens (h/16 * w/16) must lie in the package's range.
+- max_sequence_length: integer within the package's text-token range and <= 512 (T5's limit in Flux).
+- output paths: an image extension (.png/.jpg/.jpeg/.webp), not a directory, a parent that can be created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+from ..errors import RequestError
+
+MAX_LORA_SCALE = 100.0
+GUIDANCE_RANGE = (0.0, 100.0)
+STEPS_RANGE = (1, 1000)
+SEED_RANGE = (0, 2**63 - 1)
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses more (T5 was trained to 512)
+SIZE_MULTIPLE = 16  # FluxPipeline: vae_scale_factor (8) * 2 (2x2 latent patches)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+LATENT_SUFFIXES = (".safetensors",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageLimits:
+    """What a package's compiled programs accept (the manifest's dynamic shapes)."""
+
+    image_tokens: tuple[int, int] = (1, 2**31)
+    text_tokens: tuple[int, int] = (1, MAX_SEQUENCE_LENGTH)
+    size_multiple: int = SIZE_MULTIPLE
+
+    @classmethod
+    def from_manifest(cls, manifest) -> PackageLimits:
+        shapes = manifest.shapes
+        return cls(image_tokens=tuple(shapes["image_tokens"]), text_tokens=tuple(shapes["text_tokens"]))
+
+
+ANY_PACKAGE = PackageLimits()  # only the general limits (no package's shapes known)
+
+
+def _where(where: str, field: str) -> str:
+    return f"{where}: {field}" if where else field
+
+
+def check_number(value, field: str, low: float, high: float, where: str = "") -> float:
+    """A finite real number in [low, high] (bools and strings are refused, not converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{_where(where, field)} = {value!r} is not a number",
+                           f"give {field} as a number between {low:g} and {high:g}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise RequestError(f"{_where(where, field)} = {value!r} is not finite",
+                           f"give {field} as a finite number between {low:g} and {high:g}")
+    if not low <= number <= high:
+        raise RequestError(f"{_where(where, field)} = {value!r} is outside [{low:g}, {high:g}]",
+                           f"give {field} between {low:g} and {high:g}")
+    return number
+
+
+def check_int(value, field: str, low: int, high: int, where: str = "") -> int:
+    """An integer in [low, high]; a float with an integral value (2.0) is accepted, 2.5 is not."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{_where(where, field)} = {value!r} is not an integer",
+                           f"give {field} as an integer between {low} and {high}")
+    if not low <= value <= high:
+        raise RequestError(f"{_where(where, field)} = {value!r} is outside [{low}, {high}]",
+                           f"give {field} between {low} and {high}")
+    return value
+
+
+def check_scale(value, where: str = "", name: str = "") -> float:
+    field = f"LoRA scale of {name}" if name else "LoRA scale"
+    return check_number(value, field, -MAX_LORA_SCALE, MAX_LORA_SCALE, where)
+
+
+def check_loras(loras, where: str = "") -> list[tuple[str, float]]:
+    """`[(source, scale), ...]`: a list (not a dict: its order and scales would be guessed) of pairs."""
+    if isinstance(loras, (str, dict)) or not isinstance(loras, (list, tuple)):
+        raise RequestError(f"{_where(where, 'loras')} = {loras!r} is a {type(loras).__name__}, not a list",
+                           'give a list of [path, scale] pairs or "path[:scale]" strings, e.g. '
+                           '[["style.safetensors", 0.8]]')
+    checked = []
+    for entry in loras:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            source, scale = entry
+        else:
+            source, scale = entry, 1.0
+        if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "layers") \
+                and not hasattr(source, "weight_name"):
+            raise RequestError(f"{_where(where, 'loras')}: entry {entry!r} is not a path or [path, scale]",
+                               'give [["style.safetensors", 0.8], ...]')
+        checked.append((source, check_scale(scale, where, str(source))))
+    return checked
+
+
+def produced_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """The (height, width) FluxPipeline produces: each rounded down to a multiple of `multiple`."""
+    return height // multiple * multiple, width // multiple * multiple
+
+
+def check_size(height, width, limits: PackageLimits = ANY_PACKAGE, where: str = "") -> tuple[int, int, list[str]]:
+    """(height, width, notes): the produced size, or a refusal that names the nearest valid one."""
+    height = check_int(height, "height", 1, 2**16, where)
+    width = check_int(width, "width", 1, 2**16, where)
+    multiple = limits.size_multiple
+    produced_h, produced_w = produced_size(height, width, multiple)
+    low, high = limits.image_tokens
+    tokens = (produced_h // multiple) * (produced_w // multiple)
+    if not low <= tokens <= high:
+        ratio = math.sqrt((low if tokens < low else high) / max(tokens, 1))
+        # Grow (or shrink) both sides by the same ratio, rounded away from the violated bound.
+        rounding = math.ceil if tokens < low else math.floor
+        epsilon = -1e-9 if tokens < low else 1e-9  # 1040 * sqrt(4096/4225) is 1024, not 1023.99...
+        nearest = [max(multiple, rounding(max(side, multiple) * ratio / multiple + epsilon) * multiple)
+                   for side in (produced_h, produced_w)]
+        raise RequestError(
+            f"{_where(where, 'size')} {width}x{height} (width x height) makes {tokens} image tokens at "
+            f"{produced_w}x{produced_h}; this package accepts {low}..{high}",
+            f"use e.g. {nearest[1]}x{nearest[0]} (multiples of {multiple}), or build a package whose "
+            "shapes.image_tokens covers this size")
+    notes = []
+    if (produced_h, produced_w) != (height, width):
+        notes.append(f"size {width}x{height} is produced as {produced_w}x{produced_h} (FluxPipeline rounds down "
+                     f"to multiples of {multiple})")
+    return produced_h, produced_w, notes
+
+
+def check_sequence_length(value, limits: PackageLimits = ANY_PACKAGE, where: str = "") -> int:
+    low, high = limits.text_tokens
+    return check_int(value, "max_sequence_length", low, min(high, MAX_SEQUENCE_LENGTH), where)
+
+
+def check_output_path(path, field: str = "out", suffixes=IMAGE_SUFFIXES, where: str = "") -> str:
+    """`path` can be written: the right extension, not a directory, its parent a directory (or creatable)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or "\0" in str(path):
+        raise RequestError(f"{_where(where, field)} = {path!r} is not a file path",
+                           f"give a file path ending in {' or '.join(suffixes)}")
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in suffixes:
+        raise RequestError(f"{_where(where, field)} = {str(path)!r} does not end in {' or '.join(suffixes)}",
+                           f"name the file e.g. {target.with_suffix(suffixes[0]).name}")
+    if target.is_dir():
+        raise RequestError(f"{_where(where, field)} = {str(path)!r} is a directory", "name a file inside it")
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RequestError(f"{_where(where, field)} = {str(path)!r}: {parent} is not a writable directory",
+                           "write the output somewhere you can create files")
+    return str(path)
+
+
+def validate_request(request, limits: PackageLimits = ANY_PACKAGE, where: str = ""):
+    """A checked copy of `request` (a `jobs.Request`): numbers in range, the size as produced (noted in
+    `request.notes` when rounded), output paths writable."""
+    if not isinstance(request.prompt, str):
+        raise RequestError(f"{_where(where, 'prompt')} = {request.prompt!r} is not a string", 'give "prompt": "..."')
+    height, width, notes = check_size(request.height, request.width, limits, where)
+    checked = dataclasses.replace(
+        request,
+        loras=check_loras(request.loras, where),
+        seed=check_int(request.seed, "seed", *SEED_RANGE, where),
+        steps=check_int(request.steps, "steps", *STEPS_RANGE, where),
+        height=height, width=width,
+        guidance=check_number(request.guidance, "guidance", *GUIDANCE_RANGE, where),
+        max_sequence_length=check_sequence_length(request.max_sequence_length, limits, where),
+        out=check_output_path(request.out, "out", IMAGE_SUFFIXES, where) if request.out is not None else None,
+        save_latents=(check_output_path(request.save_latents, "save_latents", LATENT_SUFFIXES, where)
+                      if request.save_latents is not None else None),
+        notes=list(request.notes) + notes,
+    )
+    if checked.fit not in (None, "svd"):
+        raise RequestError(f"{_where(where, 'fit')} = {checked.fit!r} is not 'svd'", 'leave it out or give "svd"')
+    if not isinstance(checked.merge, bool):
+        raise RequestError(f"{_where(where, 'merge')} = {checked.merge!r} is not true or false",
+                           'give "merge": true or false')
+    return checked
