@@ -76,3 +76,25 @@ def test_a_program_archive_escaping_its_folder_is_refused(tmp_path):
     with pytest.raises(PackageMismatchError, match="outside the package"):
         ProgramFile(archive)
     assert not (tmp_path / "escaped.so").exists()
+
+
+def test_kernel_categories_and_fidelity_metric():
+    import torch
+
+    from aotpack.bench.fidelity import effect_strength, lora_effect_error
+    from aotpack.bench.timing import kernel_category
+
+    # names from the committed H200 profiles (benchmarks/results/2026-11-29-h200)
+    assert kernel_category("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_TNT") == "fp8_gemm"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kernel_category("triton_red_fused__unsafe_view_abs_add_amax_cat_gelu_permute_view_8") == "activation_quant"
+    assert kernel_category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "bf16_gemm_lora"
+    assert kernel_category("triton_per_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_view_4") \
+        == "norm_modulation_elementwise"
+    assert kernel_category("Memcpy HtoD (Pageable -> Device)") == "other"
+
+    base, effect = torch.zeros(100), torch.linspace(-1, 1, 100)
+    assert lora_effect_error(base + effect, base, base + effect, base) == 0.0
+    weak = base + effect * (2 / 3)  # the FP8 complaint: the LoRA at two thirds of its strength
+    assert abs(lora_effect_error(weak, base, base + effect, base) - 1 / 3) < 1e-6  # float32 inputs
+    assert abs(effect_strength(weak, base, base + effect, base) - 2 / 3) < 1e-6

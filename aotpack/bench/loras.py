@@ -35,6 +35,8 @@ def write_bench_loras(config: dict, directory: str | Path, names=None, std: floa
     from ..models.checkpoint import config_fingerprint, structural_config
 
     directory = Path(directory) / config_fingerprint(structural_config(dict(config)))[:16]
+    if std != 0.02:  # files of another strength never stand in for the default ones
+        directory = directory / f"std-{std:g}"
     directory.mkdir(parents=True, exist_ok=True)
     model = meta_transformer(config)
     paths = {}

@@ -87,22 +87,73 @@ def graph_replay_ms(fn, device, *, warmup: int = 3, repeats: int = 10) -> dict:
     return time_ms(graph.replay, device, warmup=2, repeats=repeats)
 
 
-def top_kernels(fn, device, *, steps: int = 2, limit: int = 15) -> list[dict]:
-    """The GPU kernels that took the most device time over `steps` calls of `fn` (per call)."""
+def kernel_rows(fn, device, *, steps: int = 2) -> list[dict]:
+    """Every kernel's self device time per call of `fn` (CPU ops' self time on the CPU, for smoke tests)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.device(device).type == "cuda"
     fn()
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
         synchronize(device)
     rows = []
     for event in prof.key_averages():
-        device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if device_us:
-            rows.append({"kernel": event.key[:120], "ms_per_call": device_us / 1000 / steps,
-                         "launches_per_call": event.count / steps})
+        if cuda:
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        else:
+            us = event.self_cpu_time_total
+        if us:
+            rows.append({"kernel": event.key, "ms_per_call": us / 1000 / steps, "launches_per_call": event.count / steps})
     rows.sort(key=lambda r: -r["ms_per_call"])
+    return rows
+
+
+def top_kernels(fn, device, *, steps: int = 2, limit: int = 15) -> list[dict]:
+    """The GPU kernels that took the most device time over `steps` calls of `fn` (per call)."""
+    rows = kernel_rows(fn, device, steps=steps)
     total = sum(r["ms_per_call"] for r in rows)
-    return [{**r, "share": r["ms_per_call"] / total} for r in rows[:limit]]
+    return [{**r, "kernel": r["kernel"][:120], "share": r["ms_per_call"] / total} for r in rows[:limit]]
+
+
+CATEGORIES = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise", "other")
+
+
+def kernel_category(name: str) -> str:
+    """The issue-11 category of a kernel, from its name (cuBLASLt nvjet / cuDNN / Inductor triton names).
+
+    FP8 GEMMs are cuBLASLt's `qq` kernels (e4m3 inputs); other GEMMs are bf16, which in these
+    programs is the LoRA branch (plus the few bf16 embedder/projection layers). Inductor names a
+    fused kernel after its ops: `amax` marks dynamic activation quantization (often fused with the
+    preceding norm or GELU, so it counts as quantization).
+    """
+    low = name.lower()
+    if any(k in low for k in ("sdpa", "flash", "fmha", "attention", "attn_fwd")):
+        return "attention"
+    gemm = any(k in low for k in ("nvjet", "gemm", "cutlass", "xmma", "matmul", "_mm_", "aten::mm", "aten::addmm",
+                                  "aten::bmm", "aten::_scaled_mm", "aten::linear"))
+    if gemm and not low.startswith("triton"):
+        if "qq" in low or "e4m3" in low or "f8" in low or "fp8" in low or "_scaled_mm" in low:
+            return "fp8_gemm"
+        return "bf16_gemm_lora"
+    if "amax" in low or "float8" in low or "fp8" in low:
+        return "activation_quant"
+    if low.startswith("triton") or any(k in low for k in ("elementwise", "vectorized", "reduce", "norm", "gelu",
+                                                          "catarray", "copy", "aten::add", "aten::mul")):
+        return "norm_modulation_elementwise"
+    return "other"
+
+
+def kernel_breakdown(fn, device, *, steps: int = 2) -> dict:
+    """Device ms per call of `fn` by category (`CATEGORIES`), with the total and the top kernel of each."""
+    rows = kernel_rows(fn, device, steps=steps)
+    if torch.device(device).type != "cuda":  # CPU: the ops' self times stand in (smoke tests only)
+        rows = [r for r in rows if r["kernel"].startswith(("aten::", "triton", "cpp_fused", "aoti"))]
+    result = {c: 0.0 for c in CATEGORIES}
+    top = {}
+    for row in rows:
+        category = kernel_category(row["kernel"])
+        result[category] += row["ms_per_call"]
+        top.setdefault(category, row["kernel"][:100])
+    return {"ms_per_step": result, "total_ms": sum(result.values()), "top_kernel": top}

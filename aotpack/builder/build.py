@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -41,14 +40,18 @@ from ..progress import Progress
 from ..recipes.recipe import Recipe, load_recipe
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
 from ..store.package_ref import DEFAULT_OUT
+from ..store.program_metadata import stamp_program
 from .compile import compile_programs
 from .export import describe_inputs, export_region
 from .lora_grouping import group_lora_down_projections
+from .output import OutputDir, removes_staging_on_error
 from .validate import validate_package
 
 
-def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None) -> Recipe:
+def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, parallel=None) -> Recipe:
     changes = {}
+    if parallel:
+        changes["parallel"] = parallel
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
@@ -61,16 +64,24 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None) -> R
     return recipe.replace(**changes) if changes else recipe
 
 
-def _program_plan(transformer, layout: str) -> list[tuple[str, list]]:
+def _program_plan(transformer, layout: str, parallel: str = "none") -> list[tuple[str, list]]:
     """(kind, instances) for each program to compile, in execution order."""
     if layout == WHOLE:
         return [(WHOLE, [None])]
     plan = [(PROLOGUE, [None])]
+    if parallel != "none":  # blocks split around attention (context parallel, split_regions.py)
+        from ..models.split_regions import split_program_plan
+
+        return plan + split_program_plan(block_prefixes(transformer)) + [(EPILOGUE, [None])]
     plan += [(kind, instances) for kind, instances in block_prefixes(transformer).items() if instances]
     return plan + [(EPILOGUE, [None])]
 
 
-def _region_activations(kind: str, inputs: dict, prologue_outputs) -> tuple:
+def _region_activations(kind: str, inputs: dict, prologue_outputs, transformer=None, instance=None) -> tuple:
+    from ..models.split_regions import SPLIT_KINDS, split_example_activations
+
+    if kind in SPLIT_KINDS:
+        return split_example_activations(transformer, kind, instance, prologue_outputs)
     if kind in (PROLOGUE, WHOLE):
         return prologue_arguments(inputs)
     hidden, encoder, temb, cos, sin = prologue_outputs
@@ -89,50 +100,92 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             prologue = make_region(transformer, PROLOGUE)
             prologue_outputs = prologue(*_region_activations(PROLOGUE, inputs, None), None)
     exported = []
-    for kind, instances in _program_plan(transformer, recipe.layout):
+    for kind, instances in _program_plan(transformer, recipe.layout, recipe.parallel):
         region = make_region(transformer, kind, instances[0])
-        activations = _region_activations(kind, inputs, prologue_outputs)
+        activations = _region_activations(kind, inputs, prologue_outputs, transformer, instances[0])
         lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
                                    device, generator)
         with report.stage(f"export {kind}"):
-            program = export_region(region, activations, lora, shapes)
+            program = export_region(region, activations, lora, _shard_shapes(shapes, kind, recipe.parallel))
             if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
                 report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
         exported.append((kind, instances, region, activations, program))
+        if recipe.max_rank and region.slot_names():  # the same weights without slots: no slot tax when idle
+            plain = _without_slots(region)
+            with report.stage(f"export {kind}{NO_SLOT_SUFFIX}"):
+                program = export_region(plain, activations, {}, _shard_shapes(shapes, kind, recipe.parallel))
+            exported.append((kind + NO_SLOT_SUFFIX, instances, plain, activations, program))
     return exported
 
 
+NO_SLOT_SUFFIX = ".noslot"
+
+
+def _without_slots(region):
+    """`region` traced with its slots detached (rank 0): a program with no LoRA inputs that reads the
+    very same weights under the very same constant names (a shallow copy shares the submodules)."""
+    import copy
+
+    plain = copy.copy(region)
+    plain.slot_names = list
+    plain.lora_names = list
+    plain.bind_lora = lambda lora: region.bind_lora(None)
+    return plain
+
+
+def _shard_shapes(shapes: dict, kind: str, parallel: str) -> dict:
+    """Split programs (and a split package's epilogue) see one rank's shard of the tokens: any count
+    from 2 up to the full range."""
+    from ..models.split_regions import SPLIT_KINDS
+
+    if parallel == "none" or kind not in (*SPLIT_KINDS, EPILOGUE):
+        return shapes
+    return {**shapes, **{name: [min(2, low), high] for name, (low, high) in shapes.items()
+                         if name in ("image_tokens", "text_tokens")}}
+
+
 def default_compile_workers(device: str, programs: int) -> int:
-    """Parallel compile processes: one per program on a many-core GPU build machine, else 1."""
+    """Parallel compile processes: one per program on a many-core GPU build machine, else 1.
+
+    Two cores per process: with the no-slot variants a package has 8 programs, which a 16-core
+    build machine then compiles all at once (Inductor's codegen is mostly single-threaded)."""
     import os
 
     if device == "cpu":
         return 1
-    return max(1, min(programs, (os.cpu_count() or 1) // 4))
+    return max(1, min(programs, (os.cpu_count() or 1) // 2))
 
 
 def default_package_dir(model_id: str, target: str) -> Path:
     return DEFAULT_OUT / f"{model_id.replace('/', '--')}-{target}"
 
 
-def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revision: str | None = None,
-                  max_rank: int | None = None, slots=None, layout: str | None = None,
+@removes_staging_on_error
+def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwrite: bool = False,
+                  revision: str | None = None,
+                  max_rank: int | None = None, slots=None, layout: str | None = None, parallel: str | None = None,
                   compile_workers: int | None = None, progress: bool | Progress = True) -> Path:
     """Build a package for `model` on `target` and return its directory."""
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     started = time.perf_counter()
-    recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout)
+    recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout, parallel=parallel)
     check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
     cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load
     ref = parse_model_ref(model, revision)
     out = Path(out) if out else default_package_dir(ref.model_id, recipe.name)
+    output = OutputDir(out, overwrite)  # refuses a user's folder (or a package, without overwrite) before any work
     device = "cuda" if recipe.device == "cuda" else "cpu"
     report.info(f"aotpack build: {ref.describe()} for target {recipe.name} ({recipe.description}), "
-                f"max_rank {recipe.max_rank}, {recipe.layout} layout -> {out}")
+                f"max_rank {recipe.max_rank}, {recipe.layout} layout"
+                + (f", parallel {recipe.parallel}" if recipe.parallel != "none" else "") + f" -> {out}")
 
     with report.stage("load transformer"):
         transformer = load_transformer(ref, torch_dtype(recipe.dtype), device)
         config = structural_config(dict(transformer.config))
+    if recipe.parallel != "none":
+        from ..models.split_regions import check_parallel_build
+
+        check_parallel_build(recipe, config)
     with report.stage(f"prepare ({recipe.dtype}, quantization {recipe.quantization}, LoRA slots)"):
         if recipe.max_rank == 0:  # a base-only package: no LoRA inputs at all
             names = []
@@ -144,9 +197,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
                                          quantization=recipe.quantization, slot_names=names)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
 
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = output.open()  # this build's own folder next to `out`; removed if the build fails
     shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),
               "text_tokens": list(recipe.text_tokens)}
     generator = torch.Generator().manual_seed(0)
@@ -167,9 +218,11 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
     for kind, instances, region, activations, _ in exported:
         path = staging / f"{kind}.pt2"
         check_package_shared_objects(path)
-        programs.append(ProgramSpec(name=kind, kind=kind, file=path.name, instances=list(instances),
+        variant_of = kind.removesuffix(NO_SLOT_SUFFIX)
+        programs.append(ProgramSpec(name=kind, kind=variant_of, file=path.name, instances=list(instances),
                                     inputs=describe_inputs(region, activations), slots=region.slot_names(),
-                                    constants=[], attention_kernels=kernels_in_package(path)))
+                                    constants=[], attention_kernels=kernels_in_package(path),
+                                    rank=0 if variant_of != kind else recipe.max_rank))
     del exported
 
     manifest = Manifest(
@@ -193,11 +246,11 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, revisio
         "gpu": gpu_name(),
         "compiler": cxx,
     }
+    for spec in programs:  # the compiled max_rank/slots/inputs travel inside each program (covered by its sha256)
+        stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table())
     manifest.files = {p.file: sha256_file(staging / p.file) for p in programs}
     manifest.write(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    output.commit()  # atomic swap under out's lock; a replaced package is removed only afterwards
     size_mb = manifest.total_bytes(out) / 1e6
     report.info(f"package written: {out} ({len(programs)} programs, {size_mb:.1f} MB, built in "
                 f"{manifest.build['seconds']:.0f} s)")

@@ -12,6 +12,7 @@ from ..adapters.cache import AdapterCache
 from ..adapters.parse import Adapter
 from ..adapters.stack import StackReport, stack_adapters
 from ..adapters.text_encoder import TextEncoderLoRA
+from ..errors import NonFiniteOutputError
 from ..machine.compat import check_package_runs_here
 from ..models.attention import check_attention_runs_here
 from ..models.checkpoint import (
@@ -23,7 +24,8 @@ from ..models.checkpoint import (
 )
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
-from ..store.manifest import Manifest, read_manifest, verify_files
+from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
+from .requests import check_scale
 from .transformer import CompiledFluxTransformer
 
 
@@ -45,8 +47,11 @@ class SwitchResult:
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for this stream's work only: a device-wide sync would also wait for a prefetcher's copy of
+    the next adapter on its side stream (the likely cause of 69 ms median "prefetched" switches in the
+    H200 serve-load run of 2026-11-30, against 15 ms for a cached r64-all switch alone)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class AotpackPipeline:
@@ -61,6 +66,8 @@ class AotpackPipeline:
         self.cache = cache
         self.text_encoder_lora = TextEncoderLoRA(pipeline)
         self.active: list[tuple[str, float]] = []
+        self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
+        self._last_set, self._same_set_count = None, 0
         self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
 
     @property
@@ -74,21 +81,32 @@ class AotpackPipeline:
         was_cached = adapter_or_source in self.cache
         return self.cache.get(adapter_or_source), float(scale), not was_cached
 
-    def set_loras(self, loras=(), *, fit: str | None = None) -> SwitchResult:
+    def set_loras(self, loras=(), *, fit: str | None = None, merge: bool = False) -> SwitchResult:
         """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
         folder, a Hub file `owner/repo/file.safetensors`, an `AdapterSource(repo_id, weight_name,
         revision)` or a parsed `Adapter`. `fit="svd"` compresses stacks above max_rank.
+        `merge=True` folds the set into the bound base weights and runs the no-slot programs; the
+        next switch unmerges first.
 
         Everything is parsed and checked before anything changes: a rejected set leaves the
         active one exactly as it was. An empty list deactivates all adapters.
         """
         started = time.perf_counter()
+        loras = list(loras)
+        for entry in loras:  # NaN/Inf/huge scales are refused before any file is read (requests.py)
+            if isinstance(entry, (tuple, list)):
+                check_scale(entry[1], name=str(getattr(entry[0], "name", entry[0])))
         resolved = [self._resolve(entry) for entry in loras]
         entries = [(adapter, scale) for adapter, scale, _ in resolved]
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
         self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
-        self.transformer.bank.write(layers)
+        key = tuple((adapter.name, scale) for adapter, scale in entries)
+        self._same_set_count = self._same_set_count + 1 if key == self._last_set else 1
+        self._last_set = key
+        if self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
+            merge = True  # the same set N times in a row: fold it in (see merge.py)
+        self.transformer.lora_modes.enter(layers, merge=merge)
         _synchronize(self.device)
         self.active = [(adapter.name, scale) for adapter, scale in entries]
         return SwitchResult(adapters=list(self.active), seconds=time.perf_counter() - started,
@@ -106,6 +124,9 @@ class AotpackPipeline:
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(image).all():  # postprocess would turn NaN into a black image
+            raise NonFiniteOutputError("the VAE decoded NaN/Inf pixels; no image was made",
+                                       "check the latents (and the LoRA scales that produced them)")
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
@@ -115,9 +136,11 @@ def _resolve_package_dir(package) -> Path:
     return locate_package(package)
 
 
-def load_package(package, model: str = "tiny", *, revision: str | None = None, device: str | None = None,
-                 cache_budget_bytes: int | None = None, progress: bool | Progress = False) -> AotpackPipeline:
-    """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights.
+def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
+                 cache_budget_bytes: int | None = None, progress: bool | Progress = False,
+                 auto_merge_after: int | None = None) -> AotpackPipeline:
+    """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights
+    (default: the model recorded in the package's manifest).
 
     The package is checked (sha256 of every file, torch series, GPU arch, model fingerprint) before
     any compiled code is loaded.
@@ -126,6 +149,9 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
     package_dir = _resolve_package_dir(package)
     manifest = read_manifest(package_dir)
     verify_files(package_dir, manifest)
+    if model is None:
+        model, recorded_revision = recorded_model(manifest)
+        revision = revision or recorded_revision
     ref = parse_model_ref(model, revision)
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
@@ -145,7 +171,9 @@ def load_package(package, model: str = "tiny", *, revision: str | None = None, d
         pipeline.to(device)
     cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
                          **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))
-    return AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)
+    served = AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)
+    served.auto_merge_after = auto_merge_after
+    return served
 
 
 def bind_package(transformer, package, *, device: str | None = None) -> CompiledFluxTransformer:

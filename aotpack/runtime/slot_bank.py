@@ -16,6 +16,12 @@ class SlotBank:
     def __init__(self, slots, max_rank: int, dtype: torch.dtype, device):
         self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
         self.used_rank = {s.name: 0 for s in slots}
+        self.before_write = None  # merge.py: a write from outside unmerges a merged set first
+
+    @property
+    def is_empty(self) -> bool:
+        """No slot holds an adapter (all used ranks 0): the LoRA branches would add exact zeros."""
+        return not any(self.used_rank.values())
 
     def write(self, layers: dict[str, list[tuple]]) -> None:
         """Set every slot to the concatenation of `layers[name]` ((A, B) or (A, B, scale) parts); others to zero.
@@ -24,6 +30,8 @@ class SlotBank:
         (`_foreach_*`) and the scale is applied while copying B, so a switch is a few device kernels
         per layer at most and no allocation.
         """
+        if self.before_write is not None:
+            self.before_write()
         a_dst, a_src, zero = [], [], []
         for name, used in self.used_rank.items():
             a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))

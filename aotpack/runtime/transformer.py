@@ -26,6 +26,7 @@ from ..models.regions import (
 from ..store.manifest import Manifest
 from . import program as program_files
 from .lora_contract import LoraContractMixin
+from .merge import LoRAModes
 from .program import CompiledProgram
 from .slot_bank import SlotBank
 
@@ -53,8 +54,10 @@ class _Instance:
     def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor]):
         self.program = program
         self.lora_tensors = lora_tensors
+        self.calls = 0  # how often it ran (tests and benchmarks check which variant runs)
 
     def __call__(self, *activations):
+        self.calls += 1
         return self.program([*activations, *self.lora_tensors])
 
 
@@ -78,17 +81,31 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.bank.warm_up()
         self._input_dtypes = {}
         self._programs: dict[str, list[_Instance]] = {}
-        self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)}
-                                for spec in manifest.programs}
+        # No-slot variants (rank 0) of the slotted programs, bound to the same weight tensors: they run
+        # while no LoRA is live or the live set is merged into the weights. Older packages have none.
+        self._no_slot_programs: dict[str, list[_Instance]] = {}
+        main = [spec for spec in manifest.programs if spec.name == spec.kind]
+        self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)} for spec in main}
+        constants = {}
         for spec in manifest.programs:
-            self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
+            target = self._programs if spec.name == spec.kind else self._no_slot_programs
+            if target is self._programs:
+                self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
+            elif spec.rank != 0:
+                continue  # a variant this runtime does not know: the slotted program covers it
             source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
-            self._programs[spec.kind] = [self._load_instance(source, spec, instance) for instance in spec.instances]
+            target[spec.kind] = [self._load_instance(source, spec, instance, constants)
+                                 for instance in spec.instances]
+        self.merged = False  # set by merge.py while a LoRA set is folded into the weights
+        self.lora_modes = LoRAModes(self)
+        self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
 
     # -- loading ---------------------------------------------------------------------------------
-    def _load_instance(self, source: program_files.ProgramFile, spec, instance) -> _Instance:
+    def _load_instance(self, source: program_files.ProgramFile, spec, instance, cache: dict) -> _Instance:
         program = source.instantiate(str(self._device))
-        constants = region_constants(self._weights_owner, spec.kind, instance)
+        if (spec.kind, instance) not in cache:  # both variants bind the very same tensors
+            cache[spec.kind, instance] = region_constants(self._weights_owner, spec.kind, instance)
+        constants = cache[spec.kind, instance]
         expected = set(program.constant_names())
         if expected != set(constants):
             missing, extra = sorted(expected - set(constants)), sorted(set(constants) - expected)
@@ -168,6 +185,19 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         return self
 
     # -- forward ---------------------------------------------------------------------------------
+    @property
+    def has_no_slot_programs(self) -> bool:
+        return bool(self._no_slot_programs)
+
+    def _programs_for_call(self) -> dict[str, list[_Instance]]:
+        """The no-slot variants while every slot is empty (or the live set is merged), else the slotted
+        programs. Input dtypes are the same: variants differ only in their LoRA inputs."""
+        if self._no_slot_programs and (self.merged or self.bank.is_empty):
+            self.last_variant = "no_slots"
+            return {**self._programs, **self._no_slot_programs}
+        self.last_variant = "slots"
+        return self._programs
+
     def _check_shapes(self, hidden_states, encoder_hidden_states) -> None:
         shapes = self.manifest.shapes
         actual = {"batch": hidden_states.shape[0], "image_tokens": hidden_states.shape[1],
@@ -208,14 +238,19 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 raise UnsupportedCallError("this model embeds guidance but no guidance was passed",
                                            "pass guidance_scale to the pipeline")
             inputs.append(guidance)
-        if WHOLE in self._programs:
-            sample = self._programs[WHOLE][0](*self._cast(WHOLE, inputs))
+        programs = self._programs_for_call()
+        if WHOLE in programs:
+            sample = programs[WHOLE][0](*self._cast(WHOLE, inputs))
+        elif self.manifest.recipe.get("parallel", "none") != "none":  # blocks split around attention
+            from .parallel import split_forward
+
+            sample = split_forward(self, self._cast(PROLOGUE, inputs), programs)
         else:
-            hidden, encoder, temb, cos, sin = self._programs[PROLOGUE][0](*self._cast(PROLOGUE, inputs))
+            hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*self._cast(PROLOGUE, inputs))
             for kind in BLOCK_KINDS:
-                for block in self._programs.get(kind, []):
+                for block in programs.get(kind, []):
                     encoder, hidden = block(hidden, encoder, temb, cos, sin)
-            sample = self._programs[EPILOGUE][0](hidden, temb)
+            sample = programs[EPILOGUE][0](hidden, temb)
         if isinstance(sample, (tuple, list)):
             (sample,) = sample
         if not return_dict:

@@ -1,0 +1,174 @@
+"""Merged hot adapters: `set_loras(..., merge=True)` folds the set into the bound weights in place,
+runs the no-slot programs, and unmerging restores every touched weight bit for bit."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from reference import rel_error
+
+from aotpack.bench.fidelity import lora_effect_error
+from aotpack.runtime.merge import (
+    MERGED,
+    NONE,
+    SLOTS,
+    LoRAModes,
+    _high_precision,
+    _weight_storages,
+)
+
+FIDELITY_LIMIT = 0.10  # issue 11's goal for every mode
+PEFT_TOLERANCE = 1e-4  # float32 on the CPU: merged weights vs PEFT fuse_lora, same math up to rounding
+
+
+def _inputs(served, seed=4):
+    from aotpack.models.examples import transformer_inputs
+
+    shapes = served.manifest.shapes
+    return transformer_inputs(served.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
+                              text_tokens=shapes["text_tokens"][0] + 2, dtype=torch.float32, device="cpu",
+                              generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _snapshot(compiled) -> dict[str, list[torch.Tensor]]:
+    owner = compiled._weights_owner
+    return {spec.name: [t.clone() for t in _weight_storages(owner.get_submodule(spec.name).base.weight)]
+            for spec in compiled.manifest.slots}
+
+
+def _eager_peft(path, scale, inputs, fuse: bool):
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+
+    eager = load_transformer(parse_model_ref("tiny"), torch.float32, "cpu").eval()
+    base = _run(eager, inputs)
+    eager.load_lora_adapter(str(path), adapter_name="x", prefix="transformer")
+    eager.set_adapters(["x"], [scale])
+    if fuse:
+        eager.fuse_lora(lora_scale=1.0, adapter_names=["x"])
+        eager.unload_lora()  # only the fused weights remain: plain linears
+    return base, _run(eager, inputs)
+
+
+def test_merge_matches_fused_peft_and_unmerge_is_bit_identical(served_tiny, demo_loras):
+    compiled = served_tiny.transformer
+    path, scale = demo_loras["tiny-style-mlp"], 0.8
+    inputs = _inputs(served_tiny)
+    served_tiny.set_loras([])
+    originals = _snapshot(compiled)
+    base = _run(compiled, inputs)
+    served_tiny.set_loras([(path, scale)])
+    slots = _run(compiled, inputs)
+    assert compiled.last_variant == "slots" and compiled.lora_modes.mode == SLOTS
+
+    served_tiny.set_loras([(path, scale)], merge=True)
+    try:
+        assert compiled.merged and compiled.lora_modes.mode == MERGED and compiled.bank.is_empty
+        merged = _run(compiled, inputs)
+        assert compiled.last_variant == "no_slots"
+        touched = [n for n, before in _snapshot(compiled).items() if not torch.equal(before[0], originals[n][0])]
+        assert touched  # in place: the very storages the programs read now hold W + scale * B A
+        ref_base, ref_fused = _eager_peft(path, scale, inputs, fuse=True)
+        assert rel_error(merged, ref_fused) <= PEFT_TOLERANCE
+        assert rel_error(merged, slots) <= PEFT_TOLERANCE
+        assert lora_effect_error(merged, base, ref_fused, ref_base) <= FIDELITY_LIMIT
+        assert lora_effect_error(slots, base, ref_fused, ref_base) <= FIDELITY_LIMIT
+        assert rel_error(merged, base) > 1e-2  # the LoRA is live
+    finally:
+        served_tiny.set_loras([])
+    assert not compiled.merged and compiled.lora_modes.mode in (NONE, SLOTS)
+    for name, tensors in _snapshot(compiled).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    assert torch.equal(_run(compiled, inputs), base)
+
+
+def test_switch_away_unmerges_and_rejected_set_keeps_merge(served_tiny, demo_loras, tmp_path):
+    from aotpack.errors import AotpackError
+
+    compiled = served_tiny.transformer
+    inputs = _inputs(served_tiny, seed=5)
+    served_tiny.set_loras([])
+    originals = _snapshot(compiled)
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)], merge=True)
+    merged_weights = _snapshot(compiled)
+    merged = _run(compiled, inputs)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(AotpackError):
+        served_tiny.set_loras([(bad, 1.0)])
+    assert compiled.merged and all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(compiled).values(),
+                                                                             merged_weights.values()))
+    assert torch.equal(_run(compiled, inputs), merged)
+
+    other = demo_loras["tiny-style-attn"] if "tiny-style-attn" in demo_loras else demo_loras["tiny-style-mlp"]
+    served_tiny.set_loras([(other, 0.5)])  # slots: the merged set leaves first
+    try:
+        assert not compiled.merged and compiled.lora_modes.mode == SLOTS
+        for name, tensors in _snapshot(compiled).items():
+            assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+        assert compiled.last_variant is not None and _run(compiled, inputs) is not None
+        assert compiled.last_variant == "slots"
+    finally:
+        served_tiny.set_loras([])
+
+
+def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
+    compiled = served_tiny.transformer
+    lora = [(demo_loras["tiny-style-mlp"], 0.7)]
+    served_tiny.auto_merge_after = 3
+    try:
+        served_tiny.set_loras([])
+        for _ in range(2):
+            served_tiny.set_loras(lora)
+            assert not compiled.merged
+        served_tiny.set_loras(lora)
+        assert compiled.merged
+    finally:
+        served_tiny.auto_merge_after = None
+        served_tiny.set_loras([])
+    assert not compiled.merged
+
+
+def test_fp8_merge_requantizes_and_restores_bit_identical(monkeypatch):
+    """FP8 row-wise weights (torchao Float8Tensor on the CPU): merge re-quantizes W + delta with
+    torchao's own from_hp into the existing qdata/scale storages; unmerge restores them exactly."""
+    from torchao.quantization import quant_api
+
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+    from aotpack.models.prepare import prepare_transformer
+    from aotpack.runtime.slot_bank import SlotBank
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    model = load_transformer(parse_model_ref("tiny"), torch.bfloat16, "cpu")
+    names = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"]
+    specs = prepare_transformer(model, dtype="bfloat16", device="cpu", quantization="fp8_rowwise", slot_names=names)
+    holder = types.SimpleNamespace(_weights_owner=model, bank=SlotBank(specs, 8, torch.bfloat16, "cpu"),
+                                   merged=False)
+    modes = LoRAModes(holder)
+    weights = {n: model.get_submodule(n).base.weight for n in names}
+    assert all(hasattr(w, "qdata") for w in weights.values())
+    before = {n: [t.clone() for t in _weight_storages(w)] for n, w in weights.items()}
+    addresses = {n: [t.data_ptr() for t in _weight_storages(w)] for n, w in weights.items()}
+    generator = torch.Generator().manual_seed(0)
+    layers = {s.name: [(torch.randn(4, s.in_features, generator=generator) * 0.1,
+                        torch.randn(s.out_features, 4, generator=generator) * 0.1, 0.9)] for s in specs}
+    hp_before = {n: _high_precision(w) for n, w in weights.items()}
+    modes.enter(layers, merge=True)
+    assert holder.merged and holder.bank.is_empty
+    for spec in specs:
+        weight = weights[spec.name]
+        assert [t.data_ptr() for t in _weight_storages(weight)] == addresses[spec.name]  # same storages
+        (a, b, s), = layers[spec.name]
+        expected = hp_before[spec.name] + s * (b @ a)
+        assert not torch.equal(weight.qdata, before[spec.name][0])
+        assert rel_error(_high_precision(weight), expected) <= 0.05  # FP8 rounding of the merged weight
+    modes.enter({}, merge=False)
+    assert not holder.merged and modes.mode == NONE
+    for n, w in weights.items():
+        assert all(torch.equal(a, b) for a, b in zip(_weight_storages(w), before[n])), n
