@@ -19,6 +19,8 @@ def _dims(shapes: dict) -> dict[str, Dim | None]:
 
 def input_layouts(region: Region) -> dict[str, tuple]:
     """Each activation input's shape in symbols: names for dynamic dims, ints for static ones."""
+    if getattr(region, "input_layouts", None):  # regions that declare their own (split_regions.py)
+        return dict(region.input_layouts)
     if region.kind in BLOCK_KINDS:
         return {
             "hidden_states": ("batch", "image_tokens", None),

@@ -175,11 +175,15 @@ def make_region(transformer, kind: str, instance: str | None = None) -> Region:
         return EpilogueRegion(transformer)
     if kind == WHOLE:
         return WholeRegion(transformer)
+    if kind not in BLOCK_KINDS:  # context-parallel parts (split_regions.py imports this module)
+        from .split_regions import make_split_region
+
+        return make_split_region(transformer, kind, instance)
     return BlockRegion(transformer.get_submodule(instance), kind)
 
 
 def instance_slot_prefix(kind: str, instance: str | None) -> str:
     """Prefix that turns a region-relative slot name into the transformer's layer name."""
-    if kind in BLOCK_KINDS:
+    if kind in BLOCK_KINDS or instance is not None:  # block programs, split ones included
         return f"{instance}."
     return ""

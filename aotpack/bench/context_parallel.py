@@ -1,0 +1,158 @@
+"""Context parallel on 1 vs N GPUs of one host, same split package, same random weights and LoRA.
+
+    python -m aotpack.bench.context_parallel --package DIR --out OUT [--model random:flux-dev]
+        [--gpus 2] [--sizes 1024 2048] [--steps 28]
+
+For each rank count (1, then --gpus) one `launch` of rank processes: load (cold start), switch to
+the rank-64 LoRA from file then cached, transformer time per step (CUDA events, median), the
+all-to-all/all-gather time inside one step, one full image (28 steps + VAE decode on rank 0).
+Rank 0's step output is kept to compare N ranks with 1. Writes OUT/context_parallel.json
+progressively and OUT/context_parallel.md. On a machine without GPUs it runs the same code with
+gloo ranks on the CPU (a smoke test: `--model tiny --package <tiny --parallel ulysses build>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import load_transformer_config, parse_model_ref
+from ..models.examples import relative_error
+from .compare import shared_workload
+from .loras import write_bench_loras
+from .timing import Stopwatch, time_ms
+
+
+def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, started):
+    """One rank's measurements; rank 0's dict is returned by `launch`."""
+    from ..runtime.parallel import load_rank
+
+    device = ctx.device
+    load_started = time.perf_counter()
+    served = load_rank(ctx, package, model)
+    result = {"ranks": ctx.world_size, "load_seconds": time.perf_counter() - load_started,
+              "spawn_to_loaded_seconds": time.time() - started}
+    dtype = served.transformer.dtype
+    config = dict(served.transformer.config)
+    with Stopwatch(device) as watch:
+        served.set_loras([(lora, 1.0)])
+    result["switch_from_file_ms"] = watch.seconds * 1000
+    switches = []
+    for _ in range(3):  # cached: alternate off and on, time the "on"
+        served.set_loras([])
+        with Stopwatch(device) as watch:
+            served.set_loras([(lora, 1.0)])
+        switches.append(watch.seconds * 1000)
+    result["switch_cached_ms"] = sorted(switches)[1]
+    comm = served.transformer.context_parallel
+    result["sizes"] = {}
+    for size in sizes:
+        inputs, request = shared_workload(config, height=size, width=size, steps=steps, text_tokens=text_tokens,
+                                          dtype=dtype, device=device)
+        request["max_sequence_length"] = text_tokens
+        entry = {}
+
+        def step(inputs=inputs):
+            with torch.no_grad():
+                return served.transformer(**inputs, return_dict=False)[0]
+
+        output = step()
+        if ctx.is_main:
+            entry["output"] = output.float().cpu()
+        entry["step"] = time_ms(step, device, warmup=2, repeats=repeats)
+        comm.timer.enabled = True
+        comm.timer.take_seconds()
+        step()
+        entry["comm_ms_per_step"] = comm.timer.take_seconds() * 1000
+        comm.timer.enabled = False
+        first = not result["sizes"]
+        with Stopwatch(device) as watch:
+            latents = served.pipeline(**request, generator=torch.Generator("cpu").manual_seed(42),
+                                      output_type="latent").images
+            if ctx.is_main:
+                served.decode_latents(latents, size, size)
+        entry["image_seconds"] = watch.seconds
+        if first:
+            result["spawn_to_first_image_seconds"] = time.time() - started
+        result["sizes"][str(size)] = entry
+    return result
+
+
+def run(package: str, model: str, out: Path, *, gpus: int, sizes, steps: int, text_tokens: int, lora_dir: Path,
+        repeats: int, lora_name: str = "r64-all") -> dict:
+    from ..runtime.parallel import launch
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_transformer_config(parse_model_ref(model))
+    lora = str(write_bench_loras(config, lora_dir, names=[lora_name])[lora_name])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = {"date": time.strftime("%Y-%m-%d"), "weights": "random" if model.startswith("random:") else model,
+            "model": model, "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
+            "steps": steps, "text_tokens": text_tokens, "lora": lora_name, "runs": {}}
+    outputs = {}
+    for ranks in sorted({1, gpus}):
+        started = time.time()
+        result = launch(_bench_rank, ranks, package, model, list(sizes), steps, text_tokens, lora, repeats, started,
+                        device=device)
+        for size, entry in result["sizes"].items():
+            outputs[(ranks, size)] = entry.pop("output")
+        data["runs"][str(ranks)] = result
+        (out / "context_parallel.json").write_text(json.dumps(data, indent=2))
+        print(f"[bench] {ranks} rank(s): {json.dumps(result)[:600]}", flush=True)
+    if gpus > 1:
+        data["rel_error_vs_1"] = {size: relative_error(outputs[(gpus, size)], outputs[(1, size)])
+                                  for size in map(str, sizes)}
+    (out / "context_parallel.json").write_text(json.dumps(data, indent=2))
+    (out / "context_parallel.md").write_text(markdown(data, gpus))
+    print(markdown(data, gpus))
+    return data
+
+
+def markdown(data: dict, gpus: int) -> str:
+    one = data["runs"]["1"]
+    title = (f"Context parallel, {data['model']} ({data['weights']} weights), {data['gpu'] or 'CPU'}, "
+             f"{data['steps']} steps, {data['lora']}, torch {data['torch']}")
+    lines = [title, "",
+             "| size | ranks | step ms (median) | x 1 rank | comm ms/step | image s | rel. error vs 1 rank |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for size in one["sizes"]:
+        base = one["sizes"][size]["step"]["median_ms"]
+        for ranks, run in sorted(data["runs"].items()):
+            entry = run["sizes"][size]
+            error = data.get("rel_error_vs_1", {}).get(size) if ranks != "1" else None
+            lines.append(f"| {size}² | {ranks} | {entry['step']['median_ms']:.1f} | "
+                         f"{entry['step']['median_ms'] / base:.2f} | {entry['comm_ms_per_step']:.1f} | "
+                         f"{entry['image_seconds']:.2f} | {'' if error is None else f'{error:.1e}'} |")
+    lines += ["", "| ranks | load s | spawn to first image s | LoRA switch from file ms | cached ms |",
+              "| --- | --- | --- | --- | --- |"]
+    for ranks, run in sorted(data["runs"].items()):
+        lines.append(f"| {ranks} | {run['load_seconds']:.1f} | {run['spawn_to_first_image_seconds']:.1f} | "
+                     f"{run['switch_from_file_ms']:.0f} | {run['switch_cached_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", required=True)
+    parser.add_argument("--model", default="random:flux-dev")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
+    parser.add_argument("--lora", default="r64-all", help="benchmark LoRA (bench/loras.py; r64-all: rank 64, every "
+                                                          "block linear)")
+    args = parser.parse_args(argv)
+    run(args.package, args.model, args.out, gpus=args.gpus, sizes=args.sizes, steps=args.steps,
+        text_tokens=args.text_tokens, lora_dir=args.lora_dir, repeats=args.repeats, lora_name=args.lora)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Context parallel serving: one image's tokens split over N ranks (Ulysses), LoRA hot-swap intact.
+
+A package built with `--parallel ulysses` has every block split around attention
+(models/split_regions.py). Each rank is a process (torch.multiprocessing, spawn) with its own copy
+of the weights and the full slot bank; the prologue runs on every rank, the joint sequence is
+sharded, attention runs between the block programs after a Ulysses all-to-all (ulysses.py), and
+the epilogue's output is all-gathered so every rank holds the same latents. Rank 0 owns the I/O.
+
+Every collective has the process group's timeout, and a rank that fails ends the whole run
+(`launch` tears the other ranks down and raises `ParallelRunError` naming the rank and its error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import AotpackError, PackageMismatchError
+from ..models.regions import EPILOGUE, PROLOGUE
+from ..models.split_regions import (
+    DOUBLE_POST,
+    DOUBLE_PRE,
+    SINGLE_POST,
+    SINGLE_PRE,
+    valid_world_sizes,
+)
+from .ulysses import Ulysses, shard_sizes
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("AOTPACK_PARALLEL_TIMEOUT_S", "300"))
+
+
+class ParallelRunError(AotpackError):
+    """A rank of a context-parallel run failed (the run was ended on every rank)."""
+
+
+def package_parallel(manifest) -> str:
+    return (manifest.recipe or {}).get("parallel", "none")
+
+
+def check_world_size(manifest, world_size: int) -> None:
+    """Refuse a package not split for context parallelism, or a rank count that does not divide the heads."""
+    if world_size == 1:
+        return
+    if package_parallel(manifest) == "none":
+        raise PackageMismatchError(
+            f"this package was not built for context parallelism, so it cannot run on {world_size} GPUs",
+            "rebuild it with `aotpack build ... --parallel ulysses`, or run it with --gpus 1")
+    heads = int(manifest.model["config"]["num_attention_heads"])
+    if heads % world_size:
+        raise PackageMismatchError(
+            f"{heads} attention heads cannot be divided over {world_size} ranks",
+            f"use one of --gpus {', '.join(map(str, valid_world_sizes(heads)))}")
+
+
+def attach(transformer, comm: Ulysses) -> None:
+    """Make `transformer` (a CompiledFluxTransformer of a split package) run as one rank of `comm`."""
+    check_world_size(transformer.manifest, comm.world_size)
+    comm.attention_backend = transformer.manifest.attention
+    transformer.context_parallel = comm
+
+
+def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None = None) -> torch.Tensor:
+    """The transformer forward of a split package on this rank (any world size, 1 included);
+    `programs` are the instances to run by kind (the transformer's choice of variant)."""
+    comm = getattr(transformer, "context_parallel", None)
+    if comm is None:
+        comm = transformer.context_parallel = Ulysses(device=transformer.device,
+                                                      attention_backend=transformer.manifest.attention)
+    programs = programs or transformer._programs
+    hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*inputs)
+    n, rank = comm.world_size, comm.rank
+    text_sizes, image_sizes = shard_sizes(encoder.shape[1], n), shard_sizes(hidden.shape[1], n)
+    text_at, image_at = sum(text_sizes[:rank]), sum(image_sizes[:rank])
+    text, image = text_sizes[rank], image_sizes[rank]
+    if min(text_sizes + image_sizes) < 2:  # the split programs are compiled for shards of >= 2 tokens
+        raise AotpackError(f"{encoder.shape[1]} text and {hidden.shape[1]} image tokens are too few for {n} ranks",
+                           "use fewer GPUs or a larger image / longer max_sequence_length")
+    if n > 1:
+        hidden = hidden[:, image_at:image_at + image].contiguous()
+        encoder = encoder[:, text_at:text_at + text].contiguous()
+        rows = torch.cat([torch.arange(text_at, text_at + text),
+                          torch.arange(image_at, image_at + image) + sum(text_sizes)]).to(cos.device)
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+    seq_sizes = [t + i for t, i in zip(text_sizes, image_sizes)]
+    for pre, post in zip(programs.get(DOUBLE_PRE, []), programs.get(DOUBLE_POST, [])):
+        qkv, modulation = pre(hidden, encoder, temb, cos, sin)
+        encoder, hidden = post(comm.attend(qkv, seq_sizes), hidden, encoder, modulation)
+    for pre, post in zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, [])):
+        qkv, mlp, gate = pre(hidden, encoder, temb, cos, sin)
+        encoder, hidden = post(comm.attend(qkv, seq_sizes), mlp, gate, hidden, encoder)
+    sample = programs[EPILOGUE][0](hidden, temb)  # per token: runs on the shard, gathered after
+    if isinstance(sample, (tuple, list)):
+        (sample,) = sample
+    return comm.gather_tokens(sample, image_sizes)
+
+
+# -- ranks -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RankContext:
+    """What a rank function gets: its place in the run and its communicator."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    comm: Ulysses
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, device_type, timeout_s, folder, target, args):
+    error_file = Path(folder) / f"rank{rank}.error"
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device, backend = torch.device("cuda", rank), "nccl"
+        else:  # share the cores: two ranks each using all of them would thrash
+            device, backend = torch.device("cpu"), "gloo"
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device_type == "cuda" else {}))
+        comm = Ulysses(rank, world_size, dist.group.WORLD, device)
+        result = target(RankContext(rank, world_size, device, comm), *args)
+        if rank == 0:
+            (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as err:
+        problem = err.problem if isinstance(err, AotpackError) else f"{type(err).__name__}: {err}"
+        fix = err.fix if isinstance(err, AotpackError) else ""
+        error_file.write_bytes(pickle.dumps((problem, fix, traceback.format_exc())))
+        raise
+
+
+def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Run `target(RankContext, *args)` on `world_size` ranks (one process each; GPU r for rank r on
+    `device="cuda"`, NCCL; gloo on the CPU); returns rank 0's return value.
+
+    `target` must be importable (a module-level function). If any rank fails, the others are ended
+    and `ParallelRunError` names the first failing rank, its problem and fix.
+    """
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise AotpackError(f"{world_size} GPUs asked for, {torch.cuda.device_count()} visible",
+                           f"pass --gpus {max(1, torch.cuda.device_count())} or fewer")
+    with tempfile.TemporaryDirectory(prefix="aotpack-ranks-") as folder:
+        try:
+            mp.start_processes(_rank_main, nprocs=world_size, join=True, start_method="spawn",
+                               args=(world_size, _free_port(), device, timeout_s, folder, target, args))
+        except ProcessException as err:
+            rank = getattr(err, "error_index", None)
+            raise _rank_error(Path(folder), rank, err) from None
+        return pickle.loads((Path(folder) / "result.pkl").read_bytes())
+
+
+def _rank_error(folder: Path, rank, err) -> ParallelRunError:
+    """The failing rank's own error (a rank torn down after another failed leaves no file)."""
+    files = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
+    preferred = folder / f"rank{rank}.error"
+    chosen = preferred if preferred.exists() else (files[0] if files else None)
+    if chosen is None:
+        return ParallelRunError(f"rank {rank} of the context-parallel run ended: {err}",
+                                "see the rank's output above; set AOTPACK_DEBUG=1 for tracebacks")
+    problem, fix, trace = pickle.loads(chosen.read_bytes())
+    failed = chosen.stem.removeprefix("rank")
+    if os.environ.get("AOTPACK_DEBUG"):
+        problem += "\n" + trace
+    return ParallelRunError(f"rank {failed} failed, so the run was ended on every rank: {problem}",
+                            fix or "set AOTPACK_DEBUG=1 for the rank's traceback")
+
+
+# -- serving on ranks ------------------------------------------------------------------------------
+class RankPipeline:
+    """One rank's `AotpackPipeline`; LoRA switches agree on every rank.
+
+    Every rank parses and checks the set itself (each holds its own slot bank); the outcomes are
+    exchanged, and if any rank refused the set, the ranks that took it go back to the previous set,
+    so every rank keeps the set it had and raises the same error.
+    """
+
+    def __init__(self, served, ctx: RankContext):
+        self.served, self.ctx = served, ctx
+        self._active = ([], {})
+
+    def __getattr__(self, name):  # pipeline, decode_latents, device, transformer, ...
+        return getattr(self.served, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.served(*args, **kwargs)
+
+    def set_loras(self, loras=(), **options):
+        loras = list(loras)
+        result, refusal = None, None
+        try:
+            result = self.served.set_loras(loras, **options)
+        except AotpackError as err:
+            refusal = (err.problem, err.fix)
+        refusals = [None] * self.ctx.world_size
+        dist.all_gather_object(refusals, refusal)
+        failed = [(rank, r) for rank, r in enumerate(refusals) if r is not None]
+        if failed:
+            if refusal is None:  # this rank took the set: go back to the one every rank still has
+                previous, previous_options = self._active
+                self.served.set_loras(previous, **previous_options)
+            rank, (problem, fix) = failed[0]
+            raise AotpackError(problem if refusal else f"rank {rank} refused the LoRA set: {problem}", fix)
+        self._active = (loras, options)
+        return result
+
+
+def load_rank(ctx: RankContext, package, model: str, revision: str | None = None) -> RankPipeline:
+    """This rank's pipeline: the package loaded on its device, its transformer joined to the run."""
+    from .pipeline import load_package
+
+    served = load_package(package, model, revision=revision, device=str(ctx.device))
+    attach(served.transformer, ctx.comm)
+    return RankPipeline(served, ctx)
+
+
+def _serve_requests(ctx: RankContext, package, model, revision, requests):
+    from .jobs import JobOutcome, run_request
+
+    served = load_rank(ctx, package, model, revision)
+    outcomes = []
+    for index, request in enumerate(requests, start=1):
+        if not ctx.is_main:  # rank 0 owns the outputs; the others only take part in the steps
+            request = dataclasses.replace(request, out=None, save_latents=None)
+        outcome = JobOutcome(index, request)
+        try:
+            outcome.result = run_request(served, request, index)
+        except AotpackError as err:  # the same on every rank (the latents are gathered everywhere)
+            outcome.error, outcome.fix = err.problem, err.fix
+        outcomes.append(outcome)
+    return outcomes
+
+
+def generate(package, model: str, requests, *, gpus: int, revision: str | None = None,
+             device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Run `requests` (jobs.Request) with `package` on `gpus` ranks; returns rank 0's JobOutcomes.
+
+    `device` defaults to the package's ("cuda": one GPU per rank, NCCL; "cpu": gloo, for tests).
+    """
+    from ..store.manifest import read_manifest
+    from ..store.publish import locate_package
+
+    package_dir = locate_package(package)
+    manifest = read_manifest(package_dir)
+    check_world_size(manifest, gpus)
+    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), device=device,
+                  timeout_s=timeout_s)

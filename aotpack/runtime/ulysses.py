@@ -1,0 +1,115 @@
+"""Ulysses sequence parallelism between the split block programs of a context-parallel package.
+
+Every rank holds a shard of the joint sequence `[text; image]` (text and image tokens each cut
+into N nearly equal pieces). Before attention an all-to-all trades the sequence shards of all
+heads for all tokens of H/N heads; after attention the inverse all-to-all brings each rank its
+tokens back with all heads. Attention sees the keys in rank order rather than `[text; image]`
+order, which it does not depend on (no mask; only the summation order of the softmax changes).
+With one rank nothing is communicated.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..models.split_regions import attention
+
+
+def shard_sizes(total: int, parts: int) -> list[int]:
+    """torch.tensor_split's sizes: the first `total % parts` shards one larger."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class CommTimer:
+    """Time spent in collectives (CUDA events on GPUs: no synchronisation inside the step)."""
+
+    def __init__(self, device: torch.device, enabled: bool = False):
+        self.device, self.enabled = device, enabled
+        self._events, self._seconds = [], 0.0
+
+    def __call__(self, fn, *args):
+        if not self.enabled:
+            return fn(*args)
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            end.record()
+            self._events.append((start, end))
+            return out
+        started = time.perf_counter()
+        out = fn(*args)
+        self._seconds += time.perf_counter() - started
+        return out
+
+    def take_seconds(self) -> float:
+        """Seconds measured since the last call (synchronises the device)."""
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            self._seconds += sum(s.elapsed_time(e) for s, e in self._events) / 1000
+            self._events = []
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+class Ulysses:
+    """The communication of one rank: head/sequence all-to-alls and the final all-gather."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None, device="cpu", attention_backend="sdpa"):
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.device = torch.device(device)
+        self.attention_backend = attention_backend
+        self.timer = CommTimer(self.device)
+
+    def _all_to_all(self, output: torch.Tensor, data: torch.Tensor, out_sizes, in_sizes) -> None:
+        dist.all_to_all_single(output, data, out_sizes, in_sizes, group=self.group)
+
+    def attend(self, qkv: torch.Tensor, seq_sizes: list[int]) -> torch.Tensor:
+        """`[H, 3, B, S_rank, D]` q/k/v of this rank's tokens -> `[B, S_rank, H * D]` attention output."""
+        n = self.world_size
+        if n == 1:
+            return self._attention(qkv).contiguous()
+        heads, _, batch, local, head_dim = qkv.shape
+        h = heads // n
+        per_token = h * 3 * batch * head_dim
+        received = torch.empty(sum(seq_sizes) * per_token, dtype=qkv.dtype, device=qkv.device)
+        self.timer(self._all_to_all, received, qkv.reshape(-1), [s * per_token for s in seq_sizes],
+                   [local * per_token] * n)
+        # From rank j: [h, 3, B, S_j, D]; join the sequence pieces (rank order) for our h heads.
+        pieces = [p.view(h, 3, batch, s, head_dim) for p, s in zip(received.split([s * per_token for s in seq_sizes]),
+                                                                    seq_sizes)]
+        out = self._attention(torch.cat(pieces, dim=3))  # [B, S, h * D]
+        # Back: rank j gets its S_j tokens of our h heads, laid out [S_j, B, h, D].
+        send = out.view(batch, -1, h, head_dim).permute(1, 0, 2, 3).contiguous()
+        back = torch.empty(n * local * batch * h * head_dim, dtype=out.dtype, device=out.device)
+        per_token = batch * h * head_dim
+        self.timer(self._all_to_all, back, send.reshape(-1), [local * per_token] * n,
+                   [s * per_token for s in seq_sizes])
+        # [N (head group), S_rank, B, h, D] -> [B, S_rank, N * h * D] (head groups in rank order = head order)
+        return back.view(n, local, batch, h, head_dim).permute(2, 1, 0, 3, 4).reshape(batch, local, heads * head_dim)
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or self.attention_backend in ("sdpa", "fa3"):
+            return attention(qkv)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # The recipe's backend first; the others only if it refuses these strides/shapes (never an error).
+        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[self.attention_backend]
+        others = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+        with sdpa_kernel([first, *others], set_priority=True):
+            return attention(qkv)
+
+    def gather_tokens(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's `[B, S_rank, C]` shard joined along the tokens, on every rank."""
+        if self.world_size == 1:
+            return x
+        width = max(sizes)  # all_gather needs equal shapes: pad to the largest shard, trim after
+        padded = torch.zeros((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        padded[:, : x.shape[1]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self.timer(dist.all_gather, parts, padded, self.group)
+        return torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1)
