@@ -276,14 +276,21 @@ def test_a_damaged_store_copy_never_replaces_a_good_local_copy(tiny_package, tmp
     assert [p.name for p in local.iterdir() if p.name.startswith(".")] == []  # staging removed
 
 
-def test_read_only_destinations_give_a_typed_error(tiny_package, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+def test_read_only_destinations_give_a_typed_error(tiny_package, tmp_path, monkeypatch):
     store = tmp_path / "store"
     push_package(tiny_package, f"file://{store}")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores directory permissions (CI runs as root): the kernel's EACCES, simulated
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if locked in self.parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
     try:
         with pytest.raises(PublishError, match="not writable") as err:
             pull_package(f"file://{store}", local_dir=locked / "sub")

@@ -40,17 +40,8 @@ class AdapterCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         self.misses += 1
-        return self.put(where, self.load(where))
-
-    def load(self, source) -> Adapter:
-        """Parse `source` onto the cache's device and dtype without touching the cache: a prefetcher can
-        do this outside any lock and `put` the result, so a switch never waits behind a file read."""
-        return parse_adapter(adapter_source(source)).to(device=self.device, dtype=self.dtype)
-
-    def put(self, source, adapter: Adapter) -> Adapter:
-        key = adapter_source(source).cache_key()
+        adapter = parse_adapter(where).to(device=self.device, dtype=self.dtype)
         self._entries[key] = adapter
-        self._entries.move_to_end(key)
         self._evict(keep=key)
         return adapter
 

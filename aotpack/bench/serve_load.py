@@ -38,7 +38,12 @@ def write_loras(model: str, directory: Path, count: int, rank: int) -> dict[str,
     from safetensors.torch import save_file
 
     from ..demo import random_lora_state_dict
-    from ..models.checkpoint import config_fingerprint, load_transformer_config, parse_model_ref, structural_config
+    from ..models.checkpoint import (
+        config_fingerprint,
+        load_transformer_config,
+        parse_model_ref,
+        structural_config,
+    )
     from .loras import meta_transformer
 
     config = load_transformer_config(parse_model_ref(model))

@@ -28,7 +28,6 @@ from ..models.regions import (
     WHOLE,
     block_prefixes,
     instance_slot_prefix,
-    make_region,
     prologue_arguments,
 )
 from ..models.slots import (
@@ -36,6 +35,7 @@ from ..models.slots import (
     random_slot_tensors,
     select_slot_names,
 )
+from ..models.units import make_region
 from ..progress import Progress
 from ..recipes.recipe import Recipe, load_recipe
 from ..store.manifest import Manifest, ProgramSpec, sha256_file

@@ -175,10 +175,6 @@ def make_region(transformer, kind: str, instance: str | None = None) -> Region:
         return EpilogueRegion(transformer)
     if kind == WHOLE:
         return WholeRegion(transformer)
-    if kind not in BLOCK_KINDS:  # context-parallel parts (split_regions.py imports this module)
-        from .split_regions import make_split_region
-
-        return make_split_region(transformer, kind, instance)
     return BlockRegion(transformer.get_submodule(instance), kind)
 
 

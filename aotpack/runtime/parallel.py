@@ -25,15 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AotpackError, PackageMismatchError
-from ..models.regions import EPILOGUE, PROLOGUE
-from ..models.split_regions import (
-    DOUBLE_POST,
-    DOUBLE_PRE,
-    SINGLE_POST,
-    SINGLE_PRE,
-    valid_world_sizes,
-)
-from .ulysses import Ulysses, shard_sizes
+from ..models.split_regions import valid_world_sizes
+from .ulysses import Ulysses
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("AOTPACK_PARALLEL_TIMEOUT_S", "300"))
 
@@ -66,41 +59,6 @@ def attach(transformer, comm: Ulysses) -> None:
     check_world_size(transformer.manifest, comm.world_size)
     comm.attention_backend = transformer.manifest.attention
     transformer.context_parallel = comm
-
-
-def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None = None) -> torch.Tensor:
-    """The transformer forward of a split package on this rank (any world size, 1 included);
-    `programs` are the instances to run by kind (the transformer's choice of variant)."""
-    comm = getattr(transformer, "context_parallel", None)
-    if comm is None:
-        comm = transformer.context_parallel = Ulysses(device=transformer.device,
-                                                      attention_backend=transformer.manifest.attention)
-    programs = programs or transformer._programs
-    hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*inputs)
-    n, rank = comm.world_size, comm.rank
-    text_sizes, image_sizes = shard_sizes(encoder.shape[1], n), shard_sizes(hidden.shape[1], n)
-    text_at, image_at = sum(text_sizes[:rank]), sum(image_sizes[:rank])
-    text, image = text_sizes[rank], image_sizes[rank]
-    if min(text_sizes + image_sizes) < 2:  # the split programs are compiled for shards of >= 2 tokens
-        raise AotpackError(f"{encoder.shape[1]} text and {hidden.shape[1]} image tokens are too few for {n} ranks",
-                           "use fewer GPUs or a larger image / longer max_sequence_length")
-    if n > 1:
-        hidden = hidden[:, image_at:image_at + image].contiguous()
-        encoder = encoder[:, text_at:text_at + text].contiguous()
-        rows = torch.cat([torch.arange(text_at, text_at + text),
-                          torch.arange(image_at, image_at + image) + sum(text_sizes)]).to(cos.device)
-        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
-    seq_sizes = [t + i for t, i in zip(text_sizes, image_sizes)]
-    for pre, post in zip(programs.get(DOUBLE_PRE, []), programs.get(DOUBLE_POST, [])):
-        qkv, modulation = pre(hidden, encoder, temb, cos, sin)
-        encoder, hidden = post(comm.attend(qkv, seq_sizes), hidden, encoder, modulation)
-    for pre, post in zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, [])):
-        qkv, mlp, gate = pre(hidden, encoder, temb, cos, sin)
-        encoder, hidden = post(comm.attend(qkv, seq_sizes), mlp, gate, hidden, encoder)
-    sample = programs[EPILOGUE][0](hidden, temb)  # per token: runs on the shard, gathered after
-    if isinstance(sample, (tuple, list)):
-        (sample,) = sample
-    return comm.gather_tokens(sample, image_sizes)
 
 
 # -- ranks -----------------------------------------------------------------------------------------

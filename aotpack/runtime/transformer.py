@@ -20,9 +20,9 @@ from ..models.regions import (
     PROLOGUE,
     WHOLE,
     instance_slot_prefix,
-    make_region,
     prologue_arguments,
 )
+from ..models.units import make_region
 from ..store.manifest import Manifest
 from . import program as program_files
 from .lora_contract import LoraContractMixin
@@ -242,7 +242,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if WHOLE in programs:
             sample = programs[WHOLE][0](*self._cast(WHOLE, inputs))
         elif self.manifest.recipe.get("parallel", "none") != "none":  # blocks split around attention
-            from .parallel import split_forward
+            from .split_forward import split_forward
 
             sample = split_forward(self, self._cast(PROLOGUE, inputs), programs)
         else:

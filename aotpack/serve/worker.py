@@ -30,7 +30,6 @@ class Worker:
         self.running_set: tuple | None = None  # adapter set of the batch on the model now
         self.cache_lock = threading.Lock()  # AdapterCache is not thread-safe
         self._prefetched: set = set()  # cache keys staged by the prefetcher, not yet used by a switch
-        self._inflight: dict = {}  # cache key -> Event, set when the prefetcher has staged it
         self._stop = threading.Event()
         self._kick = threading.Event()
         self.stats = {"batches": 0, "images": 0, "switches": 0, "prefetch_hits": 0, "prefetch_misses": 0,
@@ -123,7 +122,6 @@ class Worker:
         if adapter_set == self.active_set:
             return info
         sources = [(self.registry.get(name).source, scale) for name, scale in adapter_set]
-        self._wait_for_prefetch(sources)
         with self.cache_lock:
             for source, _ in sources:
                 key = source.cache_key()
@@ -167,31 +165,12 @@ class Worker:
                     log.debug("prefetch of %s failed", name, exc_info=True)
 
     def stage(self, source, stream=None) -> None:
-        """Parse `source` into the adapter cache ahead of its switch. The file read and parse run outside
-        the cache lock (a 687 MB rank-64 file takes ~0.7 s): holding the lock across it made the switch at
-        the batch boundary wait for it (H200, 2026-11-30: prefetched switches 69 ms median, 449 ms max)."""
-        key = source.cache_key()
         with self.cache_lock:
-            if source in self.served.cache or key in self._inflight:
+            if source in self.served.cache:
                 return
-            done = self._inflight[key] = threading.Event()
-        try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                adapter = self.served.cache.load(source)
+                self.served.cache.get(source)
             if stream is not None:
                 stream.synchronize()  # the factors are on the device before a switch copies them
-            with self.cache_lock:
-                self.served.cache.put(source, adapter)
-                self._prefetched.add(key)
-                self.stats["prefetched"] += 1
-        finally:
-            with self.cache_lock:
-                del self._inflight[key]
-            done.set()
-
-    def _wait_for_prefetch(self, sources) -> None:
-        """A switch whose adapter is being staged right now waits for that instead of parsing it again."""
-        with self.cache_lock:
-            pending = [self._inflight[s.cache_key()] for s, _ in sources if s.cache_key() in self._inflight]
-        for event in pending:
-            event.wait()
+            self._prefetched.add(source.cache_key())
+            self.stats["prefetched"] += 1

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import PublishError
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, files_of_package
 from .repo_layout import INDEX_NAME
 
 STAGING_PREFIX = ".incoming-"
@@ -65,20 +65,6 @@ def foreign_files(folder: Path) -> list[str]:
         return [folder.name]
     ours = aotpack_written_files(folder) or set()
     return sorted(name for name in files_of_package(folder) if name not in ours)
-
-
-def files_of_package(folder: Path) -> list[str]:
-    """Relative paths of the files under `folder`, leaving out nested packages (an older repo's
-    `<target>/` package folder holds the `<target>/torch-<X.Y>/` folders of later pushes)."""
-    import os
-
-    found = []
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not (here / d / MANIFEST_NAME).is_file())
-        found += [(here / f).relative_to(folder).as_posix() for f in files]
-        found += [(here / d).relative_to(folder).as_posix() for d in dirs if (here / d).is_symlink()]
-    return sorted(found)
 
 
 def refuse_foreign(final: Path, overwrite: bool) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..errors import ManifestError, PackageIntegrityError
 from ..models.slots import SlotSpec
+from .manifest_schema import FORMAT_VERSION, check_manifest_data, check_relative_name
 
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
@@ -68,7 +68,6 @@ class Manifest:
     @classmethod
     def from_json(cls, data) -> Manifest:
         """A manifest checked against its schema (see `manifest_schema.py`) before any field is used."""
-        from .manifest_schema import check_manifest_data
 
         check_manifest_data(data, cls)
         kwargs = dict(data)
@@ -144,7 +143,6 @@ def verify_files(directory: str | Path, manifest: Manifest) -> None:
 def check_listed_files(directory: Path, manifest: Manifest) -> None:
     """Every file in the package directory (besides the manifest) has a sha256 in the manifest: an
     unlisted file is unverified, so a package holding one is refused rather than half-trusted."""
-    from .local_copy import files_of_package
 
     listed = set(manifest.files) | {MANIFEST_NAME}
     unlisted = [name for name in files_of_package(directory) if name not in listed]
@@ -158,7 +156,6 @@ def check_listed_files(directory: Path, manifest: Manifest) -> None:
 
 def confined_path(directory: Path, name: str) -> Path:
     """`directory / name` for a manifest file name, refusing one that resolves outside the directory."""
-    from .manifest_schema import check_relative_name
 
     check_relative_name(name, "a package file name")
     path = directory / name
@@ -189,3 +186,17 @@ def recorded_model(manifest: Manifest) -> tuple[str, str | None]:
     if isinstance(model_id, str) and model_id.startswith("random:"):
         return model_id, None
     return model_id, revision
+
+
+def files_of_package(folder: Path) -> list[str]:
+    """Relative paths of the files under `folder`, leaving out nested packages (an older repo's
+    `<target>/` package folder holds the `<target>/torch-<X.Y>/` folders of later pushes)."""
+    import os
+
+    found = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not (here / d / MANIFEST_NAME).is_file())
+        found += [(here / f).relative_to(folder).as_posix() for f in files]
+        found += [(here / d).relative_to(folder).as_posix() for d in dirs if (here / d).is_symlink()]
+    return sorted(found)

@@ -15,6 +15,8 @@ from pathlib import PurePosixPath
 
 from ..errors import ManifestError
 
+FORMAT_VERSION = 1  # of manifest.json; a reader refuses other versions with the fix
+
 _FIX = "rebuild the package with `aotpack build` (or pull it again); do not edit manifest.json by hand"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Fields with a dataclass default that must still be present in a manifest file.
@@ -24,7 +26,6 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def check_manifest_data(data, manifest_cls) -> None:
     """Refuse (ManifestError) anything `manifest_cls.from_json` could not use safely."""
-    from .manifest import FORMAT_VERSION
 
     if not isinstance(data, dict):
         raise ManifestError(f"manifest.json holds a JSON {_json_type(data)}, not an object", _FIX)
