@@ -82,7 +82,7 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
     return result
 
 
-def run(package: str, model: str, out: Path, *, gpus: int, sizes, steps: int, text_tokens: int, lora_dir: Path,
+def run(package: str, model: str, out: Path, *, gpus, sizes, steps: int, text_tokens: int, lora_dir: Path,
         repeats: int, lora_name: str = "r64-all") -> dict:
     from ..runtime.parallel import launch
 
@@ -95,7 +95,8 @@ def run(package: str, model: str, out: Path, *, gpus: int, sizes, steps: int, te
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
             "steps": steps, "text_tokens": text_tokens, "lora": lora_name, "runs": {}}
     outputs = {}
-    for ranks in sorted({1, gpus}):
+    counts = sorted({1, *([gpus] if isinstance(gpus, int) else gpus)})  # 1, then every N asked for
+    for ranks in counts:
         started = time.time()
         result = launch(_bench_rank, ranks, package, model, list(sizes), steps, text_tokens, lora, repeats, started,
                         device=device)
@@ -104,16 +105,16 @@ def run(package: str, model: str, out: Path, *, gpus: int, sizes, steps: int, te
         data["runs"][str(ranks)] = result
         (out / "context_parallel.json").write_text(json.dumps(data, indent=2))
         print(f"[bench] {ranks} rank(s): {json.dumps(result)[:600]}", flush=True)
-    if gpus > 1:
-        data["rel_error_vs_1"] = {size: relative_error(outputs[(gpus, size)], outputs[(1, size)])
-                                  for size in map(str, sizes)}
+    # keyed by rank count, then size (rank 0's output of N ranks against one rank's)
+    data["rel_error_vs_1"] = {str(n): {size: relative_error(outputs[(n, size)], outputs[(1, size)])
+                                       for size in map(str, sizes)} for n in counts if n > 1}
     (out / "context_parallel.json").write_text(json.dumps(data, indent=2))
-    (out / "context_parallel.md").write_text(markdown(data, gpus))
-    print(markdown(data, gpus))
+    (out / "context_parallel.md").write_text(markdown(data))
+    print(markdown(data))
     return data
 
 
-def markdown(data: dict, gpus: int) -> str:
+def markdown(data: dict) -> str:
     one = data["runs"]["1"]
     title = (f"Context parallel, {data['model']} ({data['weights']} weights), {data['gpu'] or 'CPU'}, "
              f"{data['steps']} steps, {data['lora']}, torch {data['torch']}")
@@ -122,15 +123,15 @@ def markdown(data: dict, gpus: int) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for size in one["sizes"]:
         base = one["sizes"][size]["step"]["median_ms"]
-        for ranks, run in sorted(data["runs"].items()):
+        for ranks, run in sorted(data["runs"].items(), key=lambda item: int(item[0])):
             entry = run["sizes"][size]
-            error = data.get("rel_error_vs_1", {}).get(size) if ranks != "1" else None
+            error = data.get("rel_error_vs_1", {}).get(ranks, {}).get(size)
             lines.append(f"| {size}² | {ranks} | {entry['step']['median_ms']:.1f} | "
                          f"{entry['step']['median_ms'] / base:.2f} | {entry['comm_ms_per_step']:.1f} | "
                          f"{entry['image_seconds']:.2f} | {'' if error is None else f'{error:.1e}'} |")
     lines += ["", "| ranks | load s | spawn to first image s | LoRA switch from file ms | cached ms |",
               "| --- | --- | --- | --- | --- |"]
-    for ranks, run in sorted(data["runs"].items()):
+    for ranks, run in sorted(data["runs"].items(), key=lambda item: int(item[0])):
         lines.append(f"| {ranks} | {run['load_seconds']:.1f} | {run['spawn_to_first_image_seconds']:.1f} | "
                      f"{run['switch_from_file_ms']:.0f} | {run['switch_cached_ms']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("--package", required=True)
     parser.add_argument("--model", default="random:flux-dev")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[2], help="rank counts to measure besides 1, e.g. 2 4 8")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--text-tokens", type=int, default=512)

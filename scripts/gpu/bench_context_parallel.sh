@@ -5,6 +5,10 @@
 #   (default 1024; "1024 2048" if the build is carried), 28 steps, rank-64 LoRA: transformer ms/step,
 #   image s, all-to-all ms/step, output error vs 1 GPU, cached LoRA switch, load and first-image times.
 #   Writes $OUT/context_parallel.{json,md} (+ build.log, manifest.json).
+# GPUS: the rank counts besides 1 (default "2"); on the 4- and 8-GPU kinds (issue 16, one call per kind):
+#   GPUS="2 4" SIZES="1024 2048" bash scripts/gpu/bench_context_parallel.sh      # nvidia-h200-x4
+#   GPUS="2 4 8" SIZES="1024 2048" bash scripts/gpu/bench_context_parallel.sh    # nvidia-h200-x8
+# (if 2048² does not fit the 10-minute call with the build, carry package.tar and run SIZES=2048 alone).
 # CPU smoke test (gloo ranks, tiny model; no GPU needed):
 #   OUT=/tmp/cp-smoke SMOKE=1 bash scripts/gpu/bench_context_parallel.sh
 set -o pipefail
@@ -14,7 +18,7 @@ if [ -n "${SMOKE:-}" ]; then
   PKG=${PKG:-/tmp/cp-smoke-pkg}
   [ -f "$PKG/manifest.json" ] || $PY -m aotpack build --model tiny --target cpu --parallel ulysses --out "$PKG" \
     2>&1 | tail -3 || exit 1
-  exec $PY -m aotpack.bench.context_parallel --package "$PKG" --model tiny --out "$OUT" --gpus 2 \
+  exec $PY -m aotpack.bench.context_parallel --package "$PKG" --model tiny --out "$OUT" --gpus ${GPUS:-2} \
     --sizes 64 128 --steps 2 --text-tokens 32 --repeats 2 --lora r16-attn
 fi
 source scripts/gpu/env.sh
@@ -30,5 +34,5 @@ cp "$PKG/manifest.json" "$OUT/manifest.json"
 # The package (programs only; weights are bound at load) comes back for a second call: untar it into a
 # carried folder and pass PKG=that/folder SIZES="1024 2048".
 [ -n "${KEEP_PACKAGE:-1}" ] && tar cf "$OUT/package.tar" -C "$PKG" .
-python3 -m aotpack.bench.context_parallel --package "$PKG" --model random:flux-dev --out "$OUT" --gpus 2 \
+python3 -m aotpack.bench.context_parallel --package "$PKG" --model random:flux-dev --out "$OUT" --gpus ${GPUS:-2} \
   --sizes ${SIZES:-1024} --steps 28 2>&1 | tee "$OUT/context_parallel.log"
