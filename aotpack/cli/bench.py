@@ -1,11 +1,13 @@
 """`aotpack bench PART [args]`: the benchmark modules behind one click group; `aotpack bench PART --help`
 shows that part's own options (each part parses its arguments with argparse in aotpack/bench/).
 
+    aotpack bench speed      --package DIR --model random:flux-dev --out OUT   # slots / no LoRA / merged vs recipe
     aotpack bench compare    --package DIR --model random:flux-dev --out OUT   # eager vs recipe vs aotpack
     aotpack bench cold-start --package DIR --model random:flux-dev --out OUT   # fresh process to first image
     aotpack bench variants   --variant none=DIR --variant r64=DIR --out OUT    # slot overhead, layouts
     aotpack bench serve      --package DIR --model random:flux-dev --out OUT   # load, switch, generate
     aotpack bench serve-load --package DIR --model random:flux-dev --out OUT   # HTTP service under load
+    aotpack bench context-parallel --package DIR --gpus 2 --out OUT            # 1 vs N GPUs
     aotpack bench report     OUT                                               # results.md + results.png
 """
 
@@ -17,11 +19,13 @@ import click
 
 # part -> (module in aotpack.bench, one-line help); the modules are imported only when a part runs.
 PARTS = {
+    "speed": ("speed", "One process: eager, the recipe, aotpack in slots / no LoRA / merged; kernel breakdown."),
     "compare": ("compare", "Eager diffusers vs its recipe vs the aotpack package: step time, memory, error."),
     "cold-start": ("cold_start", "A fresh process to the first image, phase by phase."),
     "variants": ("variants", "Slot overhead and layouts: step time of several packages."),
     "serve": ("serve_demo", "Load a package, switch LoRAs, generate: per-request times."),
     "serve-load": ("serve_load", "The HTTP service under concurrent load: latency, throughput."),
+    "context-parallel": ("context_parallel", "One image on 1 and N GPUs of a --parallel ulysses package."),
     "report": ("report", "Render results.md and results.png from a benchmark output folder."),
 }
 
