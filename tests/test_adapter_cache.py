@@ -144,3 +144,23 @@ def test_jobs_report_switch_times_and_notes(loras, tiny_package, tmp_path):
     assert len(lines) == 4 and all("LoRA switch" in line and " ms " in line for line in lines)
     assert "from file" in lines[0] and "from file" in lines[1] and "cached" in lines[2]
     assert "diffusers drops" in lines[1] and "lora_unet_extra_layer" in lines[1]
+
+
+def test_parsing_on_the_serving_device_gives_the_host_parse(tmp_path):
+    """The cache parses on its device (the file's bytes sent there in one copy): same factors, CLIP parts
+    and alphas as the host parse, in the cache's dtype, compact (not views of the file's bytes)."""
+    from aotpack.models.tiny import make_pipeline
+
+    pipe = make_pipeline()
+    state = formats.peft_with_alphas(pipe.transformer, formats.clip_layers(pipe.text_encoder), seed=5)
+    path = formats.write(state, tmp_path / "alphas.safetensors")
+    host = parse_adapter(path)
+    device = parse_adapter(path, device="cpu", dtype=torch.bfloat16)
+    assert host.layers.keys() == device.layers.keys() and host.text_encoder
+    for name, delta in host.layers.items():
+        for ours, theirs in ((device.layers[name].A, delta.A), (device.layers[name].B, delta.B)):
+            assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs.to(torch.bfloat16))
+            assert ours.untyped_storage().nbytes() == ours.numel() * ours.element_size()  # its own memory
+    assert host.text_encoder.keys() == device.text_encoder.keys()
+    assert all(torch.equal(device.text_encoder[k], v) for k, v in host.text_encoder.items())
+    assert host.text_encoder_alphas.keys() == device.text_encoder_alphas.keys()

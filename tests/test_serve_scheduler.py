@@ -133,3 +133,106 @@ def test_peek_predicts_the_next_set_and_next_batch_blocks_until_a_job_arrives():
     scheduler.submit(job(clock, A))
     assert scheduler.peek_adapter_set(A) == A and scheduler.peek_adapter_set(B) == C
     assert scheduler.depth == 2  # peeking removes nothing
+
+
+# -- the worker's adapter prefetch (no model: a stand-in pipeline with a real adapter cache)
+class _Served:
+    """What the prefetcher uses of a loaded pipeline: its adapter cache and device."""
+
+    def __init__(self):
+        import torch
+
+        from aotpack.adapters.cache import AdapterCache
+
+        self.device = torch.device("cpu")
+        self.cache = AdapterCache(self.device, torch.float32)
+
+
+@pytest.fixture()
+def lora_file(tmp_path):
+    import lora_formats as formats
+
+    from aotpack.demo import random_lora_state_dict
+    from aotpack.models.tiny import make_transformer
+
+    state = random_lora_state_dict(make_transformer(), 4, ["*attn.to_*"], seed=3)
+    return formats.write(state, tmp_path / "style.safetensors")
+
+
+def _worker(monkeypatch, gate):
+    """A worker whose adapter parse blocks on `gate` (to catch it mid-parse)."""
+    from aotpack.serve import worker as worker_module
+
+    parsing = threading.Event()
+    real_parse = worker_module.parse_adapter
+
+    def slow_parse(source, **kwargs):
+        parsing.set()
+        assert gate.wait(10)
+        return real_parse(source, **kwargs)
+
+    monkeypatch.setattr(worker_module, "parse_adapter", slow_parse)
+    worker = worker_module.Worker(lambda: None, registry=None, scheduler=None, metrics=None)
+    worker.served = _Served()
+    return worker, parsing
+
+
+def test_prefetch_parses_outside_the_cache_lock_and_stages_the_same_adapter(monkeypatch, lora_file):
+    from aotpack.adapters import AdapterSource, parse_adapter
+
+    gate = threading.Event()
+    worker, parsing = _worker(monkeypatch, gate)
+    source = AdapterSource(str(lora_file))
+    staging = threading.Thread(target=worker.stage, args=(source,))
+    staging.start()
+    assert parsing.wait(10)
+    # mid-parse: a switch can take the cache lock at once (it used to wait for the whole file)
+    assert worker.cache_lock.acquire(timeout=1)
+    assert source not in worker.cache
+    worker.cache_lock.release()
+    gate.set()
+    staging.join(10)
+    assert source in worker.cache and worker.stats["prefetched"] == 1
+    assert source.cache_key() in worker._prefetched
+    staged, expected = worker.cache.get(source), parse_adapter(source)
+    assert staged.layers.keys() == expected.layers.keys()
+    for name, delta in expected.layers.items():
+        assert torch_equal(staged.layers[name].A, delta.A) and torch_equal(staged.layers[name].B, delta.B)
+    assert worker.stage(source) is False  # staged once
+
+
+def test_prefetch_waits_while_a_switch_runs(monkeypatch, lora_file):
+    from aotpack.adapters import AdapterSource
+
+    gate = threading.Event()
+    gate.set()
+    worker, parsing = _worker(monkeypatch, gate)
+    worker._no_switch.clear()  # what `_switch` does for its duration
+    staging = threading.Thread(target=worker.stage, args=(AdapterSource(str(lora_file)),))
+    staging.start()
+    assert not parsing.wait(0.5)  # no file work while the switch holds the model
+    worker._no_switch.set()
+    assert parsing.wait(10)
+    staging.join(10)
+    assert worker.stats["prefetched"] == 1
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_peek_several_sets_follows_the_policy():
+    scheduler, clock = make(max_batch=1)
+    for adapter_set in (A, B, A, C, B):
+        scheduler.submit(job(clock, adapter_set))
+        clock.now += 1
+    # affinity from A: both A's first, then B's, then C's (what drain() would run)
+    assert scheduler.peek_adapter_sets(A, 3) == [A, A, B]
+    assert scheduler.peek_adapter_sets(C, 5) == [C, A, A, B, B]
+    assert scheduler.peek_adapter_set(B) == B and scheduler.depth == 5  # peeking takes nothing
+    fifo, clock = make(policy="fifo", max_batch=1)
+    for adapter_set in (A, B, A):
+        fifo.submit(job(clock, adapter_set))
+    assert fifo.peek_adapter_sets(A, 3) == [A, B, A]

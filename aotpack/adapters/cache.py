@@ -40,7 +40,18 @@ class AdapterCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         self.misses += 1
-        adapter = parse_adapter(where).to(device=self.device, dtype=self.dtype)
+        adapter = parse_adapter(where, device=self.device, dtype=self.dtype)  # checked and parsed there
+        self._entries[key] = adapter
+        self._evict(keep=key)
+        return adapter
+
+    def add(self, source, adapter: Adapter) -> Adapter:
+        """Insert `adapter`, parsed for `source` elsewhere (the serve prefetcher parses and copies outside
+        the lock that guards this cache); an entry already there wins. Counted as a miss."""
+        key = adapter_source(source).cache_key()
+        if key in self._entries:
+            return self._entries[key]
+        self.misses += 1
         self._entries[key] = adapter
         self._evict(keep=key)
         return adapter

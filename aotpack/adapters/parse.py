@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AdapterFileError, AdapterFormatError
 from .convert import convert, dropped_notes
-from .files import check_finite, check_float_dtypes, load_safetensors
+from .files import check_finite, check_float_dtypes, load_safetensors, max_magnitudes
 from .sources import AdapterSource, adapter_source, local_path
 from .unsupported import scan
 
@@ -117,6 +117,7 @@ def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str)
         raise AdapterFormatError(f"adapter {source}: {len(orphans)} layers have lora_B but no lora_A "
                                  f"(e.g. {orphans[0]})", "the file is incomplete; download it again")
     layers = {}
+    magnitudes = max_magnitudes(transformer_sd)  # for the product bound, in one reduction
     for module, scaling in scalings.items():
         b_key = f"{module}.lora_B.weight"
         if b_key not in transformer_sd:
@@ -128,11 +129,12 @@ def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str)
                 f"adapter {source}: layer {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 "not [r, in] x [out, r]",
                 "only linear-layer LoRA factors with matching ranks are supported")
+        _check_product_fits(module, magnitudes.get(f"{module}.lora_A.weight", 0.0),
+                            magnitudes.get(b_key, 0.0) * abs(scaling), a.shape[0], source)
         if scaling != 1.0:  # scaled in float32, rounded once; fp16 stays float32 (its range is small)
             b = (b.float() * scaling).to(torch.float32 if b.dtype == torch.float16 else b.dtype)
-        _check_product_fits(module, a, b, source)
         # The file's dtype is kept: the adapter cache converts once, to the slot dtype on the device.
-        layers[module] = LayerDelta(a.contiguous(), b.contiguous())
+        layers[module] = LayerDelta(*(t if t.is_contiguous() else t.contiguous() for t in (a, b)))
     return layers
 
 
@@ -141,14 +143,12 @@ def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str)
 MAX_DELTA_MAGNITUDE = 1e30
 
 
-def _check_product_fits(module: str, a: torch.Tensor, b: torch.Tensor, source: str) -> None:
-    if not a.numel() or not b.numel():
-        return
-    bound = float(a.abs().max().double()) * float(b.abs().max().double()) * a.shape[0]
+def _check_product_fits(module: str, a_max: float, b_max: float, rank: int, source: str) -> None:
+    bound = a_max * b_max * rank
     if not bound <= MAX_DELTA_MAGNITUDE:
         raise AdapterFileError(
-            f"adapter {source}: layer {module} has values up to |A| {float(a.abs().max()):.3g} and |B| "
-            f"{float(b.abs().max()):.3g}; their product (up to {bound:.3g}) overflows the model's dtype",
+            f"adapter {source}: layer {module} has values up to |A| {a_max:.3g} and |B| {b_max:.3g} (scaled); "
+            f"their product (up to {bound:.3g}) overflows the model's dtype",
             "the adapter is broken (a diverged or mis-scaled export); use another checkpoint")
 
 
@@ -183,11 +183,31 @@ def parse_state_dict(state_dict: dict, *, name: str, source: str, metadata: dict
                    text_encoder_alphas=text_alphas, metadata=metadata, notes=notes)
 
 
+def _compact(tensors: list[torch.Tensor], dtype) -> list[torch.Tensor]:
+    """Copies of `tensors` in `dtype`, each in its own memory (the file's buffer can be freed). Same-dtype
+    tensors are copied by one multi-tensor op (x * 1.0 is exact: values are checked finite first)."""
+    if all(t.dtype == (dtype or t.dtype) for t in tensors):
+        return list(torch._foreach_mul(tensors, 1.0)) if tensors else []
+    return [t.to(dtype, copy=True) for t in tensors]
+
+
 def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None = None,
-                  revision: str | None = None, name: str | None = None) -> Adapter:
+                  revision: str | None = None, name: str | None = None, device=None, dtype=None) -> Adapter:
     """Parse a LoRA from a local file/folder or the Hub (`owner/repo/file.safetensors`, or `repo_id` +
-    `weight_name`)."""
+    `weight_name`).
+
+    With `device` the file goes there first and is checked and parsed there (`load_safetensors`); the
+    factors come back as compact copies in `dtype` (the file's bytes are freed) and the CLIP parts on
+    the host. Otherwise the factors are views of the file's bytes in host memory.
+    """
     where = adapter_source(source, weight_name=weight_name, revision=revision)
     path = local_path(where)
-    tensors, metadata = load_safetensors(path)
-    return parse_state_dict(tensors, name=name or path.stem, source=where.describe(), metadata=metadata)
+    tensors, metadata = load_safetensors(path, device=device)
+    adapter = parse_state_dict(tensors, name=name or path.stem, source=where.describe(), metadata=metadata)
+    if device is None:
+        return adapter
+    factors = _compact([t for d in adapter.layers.values() for t in (d.A, d.B)], dtype)
+    layers = {k: LayerDelta(a, b) for k, a, b in zip(adapter.layers, factors[0::2], factors[1::2])}
+    host = {k: v.cpu() for k, v in adapter.text_encoder.items()}
+    alphas = {k: v.cpu() for k, v in adapter.text_encoder_alphas.items()}
+    return dataclasses.replace(adapter, layers=layers, text_encoder=host, text_encoder_alphas=alphas)

@@ -105,6 +105,11 @@ def summarize(policy: str, records: list[dict], wall: float, stats: dict) -> dic
     cached = [t["switch"] * 1000 for t in batches if t["switch_copy_ms"] is not None
               and not t["prefetched"] and not t["parsed_at_switch"]]
     staged = stats["prefetch_hits"] + stats["prefetch_misses"]
+    prefetched_batches = [t for t in batches if t["prefetched"] and not t["parsed_at_switch"]]
+    # where a prefetched switch's time goes (medians): waiting for the cache lock, then set_loras' phases
+    parts = {"lock_wait": [t.get("lock_wait_ms") for t in prefetched_batches],
+             **{name: [t.get("switch_phases_ms", {}).get(name) for t in prefetched_batches]
+                for name in ("resolve", "stack", "write", "sync")}}
     return {
         "policy": policy, "requests": len(records), "completed": len(ok),
         "failed": {str(r["status"]): sum(1 for x in records if x["status"] == r["status"]) for r in records
@@ -116,12 +121,15 @@ def summarize(policy: str, records: list[dict], wall: float, stats: dict) -> dic
         "batches": stats["batches"], "images_per_batch": stats["images"] / max(1, stats["batches"]),
         "prefetch_hits": stats["prefetch_hits"], "prefetch_misses": stats["prefetch_misses"],
         "prefetch_hit_rate": stats["prefetch_hits"] / staged if staged else None,
+        "prefetch_failed": stats.get("prefetch_failed", 0),
         # time from batch start to adapters in the slots, as the request saw it (lock waits included)
         "switch_ms_prefetched": {"n": len(prefetched), "median": percentile(prefetched, 50),
                                  "max": max(prefetched, default=None)},
         "switch_ms_parsed_at_switch": {"n": len(parsed), "median": percentile(parsed, 50),
                                        "max": max(parsed, default=None)},
         "switch_ms_cached": {"n": len(cached), "median": percentile(cached, 50), "max": max(cached, default=None)},
+        "prefetched_switch_parts_ms": {name: percentile([v for v in values if v is not None], 50)
+                                       for name, values in parts.items()},
     }
 
 
@@ -147,6 +155,11 @@ def markdown(results: dict) -> str:
             f"{f(r['switches_per_request'], '{:.3f}')} | {f(r['images_per_batch'])} | "
             f"{f(r['prefetch_hit_rate'])} | {sp['n']}, {f(sp['median'], '{:.1f}')}, {f(sp['max'], '{:.1f}')} | "
             f"{sx['n']}, {f(sx['median'], '{:.1f}')}, {f(sx['max'], '{:.1f}')} |")
+    lines += ["", "Prefetched switches, median ms by part (lock wait, then set_loras: resolve / stack / write / "
+              "sync): " + "; ".join(
+                  f"{r['policy']} " + " / ".join(f(r["prefetched_switch_parts_ms"].get(k), "{:.1f}")
+                                                 for k in ("lock_wait", "resolve", "stack", "write", "sync"))
+                  for r in results["policies"])]
     by = {r["policy"]: r for r in results["policies"]}
     if "affinity" in by and "fifo" in by and by["affinity"]["switches_per_request"]:
         a, b = by["affinity"], by["fifo"]
@@ -209,11 +222,13 @@ def run(args) -> dict:
             records = asyncio.run(_drive(url, bodies, args.rate, args.time_limit, args.seed))
             wall = time.perf_counter() - began
             stats = dict(service.worker.stats)
+            stage_log = [dict(entry, at=entry["at"] - began) for entry in service.worker.stage_log]
         if not service.worker.stop(timeout=600):  # never two workers on one model
             raise RuntimeError(f"the {policy} worker did not stop")
         summary = summarize(policy, records, wall, stats)
         results["policies"].append(summary)
         (args.out / f"serve_load_{policy}_requests.json").write_text(json.dumps(records, indent=1, default=str))
+        (args.out / f"serve_load_{policy}_prefetch.json").write_text(json.dumps(stage_log, indent=1, default=str))
         print(f"{policy:22s} {summary['completed']}/{len(records)} done in {wall:.1f} s; "
               f"p99 {summary['latency_s']['p99']} s; switches/request {summary['switches_per_request']:.3f}; "
               f"prefetch hit rate {summary['prefetch_hit_rate']}", flush=True)

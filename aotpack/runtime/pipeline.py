@@ -44,6 +44,9 @@ class SwitchResult:
         return [f"{name}: {note}" for name, notes in self.adapter_notes for note in notes] + self.report.notes
 
     adapter_notes: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+    # where the time went, ms: resolve (cache lookups / parses), stack (checks + slot layout), write
+    # (bank copies or merge), sync (waiting for those copies on this stream)
+    phases_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -97,6 +100,7 @@ class AotpackPipeline:
             if isinstance(entry, (tuple, list)):
                 check_scale(entry[1], name=str(getattr(entry[0], "name", entry[0])))
         resolved = [self._resolve(entry) for entry in loras]
+        marks = [time.perf_counter()]
         entries = [(adapter, scale) for adapter, scale, _ in resolved]
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
@@ -106,12 +110,18 @@ class AotpackPipeline:
         self._last_set = key
         if self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
             merge = True  # the same set N times in a row: fold it in (see merge.py)
+        marks.append(time.perf_counter())
         self.transformer.lora_modes.enter(layers, merge=merge)
+        marks.append(time.perf_counter())
         _synchronize(self.device)
+        marks.append(time.perf_counter())
         self.active = [(adapter.name, scale) for adapter, scale in entries]
-        return SwitchResult(adapters=list(self.active), seconds=time.perf_counter() - started,
+        phases = dict(zip(("resolve", "stack", "write", "sync"),
+                          ((b - a) * 1000 for a, b in zip([started, *marks], marks))))
+        return SwitchResult(adapters=list(self.active), seconds=marks[-1] - started,
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
-                            adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes])
+                            adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
+                            phases_ms=phases)
 
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs)."""

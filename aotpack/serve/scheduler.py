@@ -107,9 +107,21 @@ class Scheduler:
 
     def peek_adapter_set(self, active_set: tuple | None) -> tuple | None:
         """The adapter set the next batch would use if the active set were `active_set` (for prefetch)."""
+        upcoming = self.peek_adapter_sets(active_set, 1)
+        return upcoming[0] if upcoming else None
+
+    def peek_adapter_sets(self, active_set: tuple | None, count: int) -> list[tuple]:
+        """The adapter sets of the next `count` batches, in order, if nothing new arrived (for prefetch)."""
         with self._cond:
-            batch = self._choose(active_set, self.clock())
-            return batch[0].adapter_set if batch else None
+            jobs, now, sets = list(self._jobs), self.clock(), []
+            while jobs and len(sets) < count:
+                batch = self._choose(active_set, now, jobs)
+                if not batch:
+                    break
+                jobs = [j for j in jobs if not any(j is b for b in batch)]
+                active_set = batch[0].adapter_set
+                sets.append(active_set)
+            return sets
 
     def record_batch_seconds(self, seconds: float) -> None:
         self.batch_seconds_ema = seconds if self.batch_seconds_ema is None else (
@@ -135,8 +147,8 @@ class Scheduler:
                 keep.append(job)
         self._jobs[:] = keep
 
-    def _choose(self, active_set: tuple | None, now: float) -> list[Job]:
-        jobs = [j for j in self._jobs if not j.future.cancelled()]
+    def _choose(self, active_set: tuple | None, now: float, jobs: list[Job] | None = None) -> list[Job]:
+        jobs = [j for j in (self._jobs if jobs is None else jobs) if not j.future.cancelled()]
         if not jobs:
             return []
         overdue = [j for j in jobs if now - j.created >= self.max_wait_s]
