@@ -164,3 +164,32 @@ def test_parsing_on_the_serving_device_gives_the_host_parse(tmp_path):
     assert host.text_encoder.keys() == device.text_encoder.keys()
     assert all(torch.equal(device.text_encoder[k], v) for k, v in host.text_encoder.items())
     assert host.text_encoder_alphas.keys() == device.text_encoder_alphas.keys()
+
+
+def test_a_conversion_that_fails_on_the_device_falls_back_to_the_host_parse(tmp_path, monkeypatch):
+    """diffusers' converters are written for host tensors: if one fails on the serving device, the adapter
+    is parsed on the host instead (same result); a file that is really broken still gets its error."""
+    from aotpack.adapters import parse as parse_module
+    from aotpack.errors import AdapterFormatError
+    from aotpack.models.tiny import make_transformer
+
+    path = formats.write(random_lora_state_dict(make_transformer(), 4, ["*attn.to_*"], seed=9),
+                         tmp_path / "style.safetensors")
+    real_convert, calls = parse_module.convert, []
+
+    def convert_failing_once(state_dict, source):
+        calls.append(source)
+        if len(calls) == 1:
+            raise AdapterFormatError("a converter failed on this device", "fix")
+        return real_convert(state_dict, source)
+
+    monkeypatch.setattr(parse_module, "convert", convert_failing_once)
+    adapter = parse_adapter(path, device="cpu", dtype=torch.bfloat16)
+    expected = parse_adapter(path)
+    assert len(calls) == 3  # the device try, its host retry, and the reference parse
+    for name, delta in expected.layers.items():
+        assert adapter.layers[name].A.dtype == torch.bfloat16
+        assert torch.equal(adapter.layers[name].B, delta.B.to(torch.bfloat16))
+    monkeypatch.setattr(parse_module, "convert", lambda *_: (_ for _ in ()).throw(AdapterFormatError("bad", "fix")))
+    with pytest.raises(AdapterFormatError, match="bad"):
+        parse_adapter(path, device="cpu", dtype=torch.bfloat16)

@@ -202,10 +202,23 @@ def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None
     """
     where = adapter_source(source, weight_name=weight_name, revision=revision)
     path = local_path(where)
+    name = name or path.stem
+    if device is not None:
+        try:
+            return _parse_on(device, dtype, path, name, where)
+        except AdapterFormatError:
+            # diffusers' converters are written for host tensors: one that cannot run on `device`
+            # surfaces as a conversion error. The host parse below is the reference (and gives the
+            # real error for a file that is broken).
+            pass
+    tensors, metadata = load_safetensors(path)
+    adapter = parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata)
+    return adapter if device is None else adapter.to(device, dtype)
+
+
+def _parse_on(device, dtype, path: Path, name: str, where: AdapterSource) -> Adapter:
     tensors, metadata = load_safetensors(path, device=device)
-    adapter = parse_state_dict(tensors, name=name or path.stem, source=where.describe(), metadata=metadata)
-    if device is None:
-        return adapter
+    adapter = parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata)
     factors = _compact([t for d in adapter.layers.values() for t in (d.A, d.B)], dtype)
     layers = {k: LayerDelta(a, b) for k, a, b in zip(adapter.layers, factors[0::2], factors[1::2])}
     host = {k: v.cpu() for k, v in adapter.text_encoder.items()}
