@@ -167,8 +167,9 @@ def test_parsing_on_the_serving_device_gives_the_host_parse(tmp_path):
 
 
 def test_a_conversion_that_fails_on_the_device_falls_back_to_the_host_parse(tmp_path, monkeypatch):
-    """diffusers' converters are written for host tensors: if one fails on the serving device, the adapter
-    is parsed on the host instead (same result); a file that is really broken still gets its error."""
+    """diffusers' converters are written for host tensors: if one fails on the serving device (or the
+    device has no room for the file), the adapter is parsed on the host instead (same result); a file
+    that is really broken still gets its error."""
     from aotpack.adapters import parse as parse_module
     from aotpack.errors import AdapterFormatError
     from aotpack.models.tiny import make_transformer
@@ -190,6 +191,13 @@ def test_a_conversion_that_fails_on_the_device_falls_back_to_the_host_parse(tmp_
     for name, delta in expected.layers.items():
         assert adapter.layers[name].A.dtype == torch.bfloat16
         assert torch.equal(adapter.layers[name].B, delta.B.to(torch.bfloat16))
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("no room for the file's bytes on the device")
+
+    monkeypatch.setattr(parse_module, "convert", real_convert)
+    monkeypatch.setattr(parse_module, "_compact", out_of_memory)  # a full device: parsed on the host
+    assert torch.equal(parse_adapter(path, device="cpu", dtype=torch.bfloat16).layers[name].A,
+                       expected.layers[name].A.to(torch.bfloat16))
     monkeypatch.setattr(parse_module, "convert", lambda *_: (_ for _ in ()).throw(AdapterFormatError("bad", "fix")))
     with pytest.raises(AdapterFormatError, match="bad"):
         parse_adapter(path, device="cpu", dtype=torch.bfloat16)

@@ -206,10 +206,11 @@ def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None
     if device is not None:
         try:
             return _parse_on(device, dtype, path, name, where)
-        except AdapterFormatError:
+        except (AdapterFormatError, torch.OutOfMemoryError):
             # diffusers' converters are written for host tensors: one that cannot run on `device`
-            # surfaces as a conversion error. The host parse below is the reference (and gives the
-            # real error for a file that is broken).
+            # surfaces as a conversion error; and the device parse briefly needs the file's size
+            # twice there, which a full small card may not have. The host parse below is the
+            # reference (and gives the real error for a file that is broken).
             pass
     tensors, metadata = load_safetensors(path)
     adapter = parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata)
