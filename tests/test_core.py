@@ -48,6 +48,12 @@ def test_manifest_describes_a_weightless_package(tiny_package):
     assert [p for p in manifest.programs if p.kind == "double_block"][0].instances == ["transformer_blocks.0",
                                                                                       "transformer_blocks.1"]
     assert manifest.shapes == {"batch": [1, 4], "image_tokens": [16, 4096], "text_tokens": [8, 512]}
+    # single blocks run on the joint [text; image] sequence: one token symbol, so Inductor can fuse
+    # the activation quantization into the norm (a sum of two symbols blocked it on the H200)
+    single = next(p for p in manifest.programs if p.name == "single_block")
+    assert [(i["name"], i["shape"][:-1]) for i in single.inputs] == [
+        ("joint_hidden_states", ["batch", "joint_tokens"]), ("temb", ["batch"]),
+        ("rotary_cos", ["joint_tokens"]), ("rotary_sin", ["joint_tokens"])]
     assert 0 < manifest.validation["max_rel_error"] <= 1e-4
     for case in manifest.validation["cases"]:
         assert case["lora_effect"] > 100 * case["rel_error_random_lora"]  # the slots really change the output

@@ -15,7 +15,7 @@ from aotpack.runtime.merge import (
     NONE,
     SLOTS,
     LoRAModes,
-    _high_precision,
+    _requantize_rows_into,
     _weight_storages,
 )
 
@@ -30,6 +30,13 @@ def _inputs(served, seed=4):
     return transformer_inputs(served.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
                               text_tokens=shapes["text_tokens"][0] + 2, dtype=torch.float32, device="cpu",
                               generator=torch.Generator().manual_seed(seed))
+
+
+def _high_precision(weight) -> torch.Tensor:
+    """The float32 value of a (possibly FP8 row-wise) weight."""
+    if hasattr(weight, "qdata"):
+        return weight.qdata.float() * weight.scale.float()
+    return weight.detach().float()
 
 
 def _run(model, inputs):
@@ -136,8 +143,8 @@ def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
 
 
 def test_fp8_merge_requantizes_and_restores_bit_identical(monkeypatch):
-    """FP8 row-wise weights (torchao Float8Tensor on the CPU): merge re-quantizes W + delta with
-    torchao's own from_hp into the existing qdata/scale storages; unmerge restores them exactly."""
+    """FP8 row-wise weights (torchao Float8Tensor on the CPU): merge re-quantizes W + delta into the
+    existing qdata/scale storages; unmerge restores them exactly."""
     from torchao.quantization import quant_api
 
     from aotpack.models.checkpoint import load_transformer, parse_model_ref
@@ -172,3 +179,21 @@ def test_fp8_merge_requantizes_and_restores_bit_identical(monkeypatch):
     assert not holder.merged and modes.mode == NONE
     for n, w in weights.items():
         assert all(torch.equal(a, b) for a, b in zip(_weight_storages(w), before[n])), n
+
+
+def test_row_requantization_is_torchaos_from_hp_bit_for_bit(monkeypatch):
+    """The merge's own per-row FP8 re-quantization (fewer memory passes than torchao's from_hp) gives
+    torchao's qdata and scale exactly, rows at the FP8 limit included."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    generator = torch.Generator().manual_seed(3)
+    value = (torch.randn(64, 96, generator=generator) * torch.logspace(-3, 3, 64)[:, None]).to(torch.bfloat16)
+    value[5] = 0.5  # constant row: every element at the row's amax
+    value[7, 3] = -1e4  # one outlier
+    reference = Float8Tensor.from_hp(value, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
+    qdata = torch.empty_like(reference.qdata)
+    scale = torch.empty_like(reference.scale)
+    _requantize_rows_into(value, qdata, scale)
+    assert torch.equal(scale, reference.scale)
+    assert torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))

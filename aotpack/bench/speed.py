@@ -123,12 +123,40 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         first = next(iter(workloads))
         merge["base_output_bit_identical_after_unmerge"] = bool(
             torch.equal(_out(served.transformer, workloads[first]), base_outputs[first]))
+        again = _timed(device, lambda: served.set_loras(lora, merge=True))  # allocator warm
+        merge["second"] = {"merge_ms": again, "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
+        merge["requantization_equals_torchao_from_hp"] = _requantization_matches_torchao(served.transformer)
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]
     result["merge"] = merge
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(served)
     return result
+
+
+def _requantization_matches_torchao(transformer) -> bool | None:
+    """On this device: the merge's per-row FP8 re-quantization vs torchao's `from_hp`, bit for bit,
+    on the first slotted layer's dequantized weight plus noise (None for non-FP8 packages)."""
+    from aotpack.runtime.merge import _requantize_rows_into
+
+    weights = (transformer.lora_modes._layer_weight(spec.name) for spec in transformer.manifest.slots)
+    weight = next((w for w in weights if hasattr(w, "qdata")), None)  # embedders stay bf16
+    if weight is None:
+        return None
+    value = (weight.qdata.to(torch.bfloat16) * weight.scale.view(-1, 1)).to(torch.bfloat16)
+    value += torch.randn_like(value) * value.abs().mean()
+    reference = _torchao_rowwise(weight, value)
+    qdata, scale = torch.empty_like(weight.qdata), torch.empty_like(weight.scale)
+    _requantize_rows_into(value, qdata, scale)
+    return bool(torch.equal(scale, reference.scale) and torch.equal(qdata.view(torch.uint8),
+                                                                      reference.qdata.view(torch.uint8)))
+
+
+def _torchao_rowwise(weight, value):
+    from torchao.quantization import PerRow
+
+    return type(weight).from_hp(value, float8_dtype=weight.qdata.dtype, granularity=PerRow(),
+                                kernel_preference=weight.kernel_preference)
 
 
 def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size) -> dict:

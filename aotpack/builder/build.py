@@ -25,6 +25,7 @@ from ..models.quant import quantization_record
 from ..models.regions import (
     EPILOGUE,
     PROLOGUE,
+    SINGLE_BLOCK,
     WHOLE,
     block_prefixes,
     instance_slot_prefix,
@@ -87,6 +88,8 @@ def _region_activations(kind: str, inputs: dict, prologue_outputs, transformer=N
     hidden, encoder, temb, cos, sin = prologue_outputs
     if kind == EPILOGUE:
         return hidden, temb
+    if kind == SINGLE_BLOCK:  # the joint sequence (regions.JointSingleBlockRegion)
+        return torch.cat([encoder, hidden], dim=1), temb, cos, sin
     return hidden, encoder, temb, cos, sin
 
 

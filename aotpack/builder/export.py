@@ -12,15 +12,24 @@ SYMBOLIC_DIMS = ("batch", "image_tokens", "text_tokens")
 
 
 def _dims(shapes: dict) -> dict[str, Dim | None]:
-    """A named Dim per symbolic axis; a range of one value stays static (None)."""
-    return {name: Dim(name, min=int(shapes[name][0]), max=int(shapes[name][1]))
-            if shapes[name][0] != shapes[name][1] else None for name in SYMBOLIC_DIMS}
+    """A named Dim per symbolic axis; a range of one value stays static (None). `joint_tokens`
+    (text + image, the single blocks' one token axis) is its own symbol over the summed range."""
+    ranges = {name: (int(shapes[name][0]), int(shapes[name][1])) for name in SYMBOLIC_DIMS}
+    ranges["joint_tokens"] = tuple(ranges["text_tokens"][i] + ranges["image_tokens"][i] for i in (0, 1))
+    return {name: Dim(name, min=low, max=high) if low != high else None for name, (low, high) in ranges.items()}
 
 
 def input_layouts(region: Region) -> dict[str, tuple]:
     """Each activation input's shape in symbols: names for dynamic dims, ints for static ones."""
     if getattr(region, "input_layouts", None):  # regions that declare their own (split_regions.py)
         return dict(region.input_layouts)
+    if "joint_hidden_states" in region.activation_names:  # single blocks (regions.JointSingleBlockRegion)
+        return {
+            "joint_hidden_states": ("batch", "joint_tokens", None),
+            "temb": ("batch", None),
+            "rotary_cos": ("joint_tokens", None),
+            "rotary_sin": ("joint_tokens", None),
+        }
     if region.kind in BLOCK_KINDS:
         return {
             "hidden_states": ("batch", "image_tokens", None),

@@ -37,17 +37,18 @@ PARTS = {
 }
 
 # Dynamic shape symbols of each input (export.input_layouts reads `Region.input_layouts`).
-# "joint_tokens" is text + image tokens of the shard: derived by export (Dim.AUTO).
+# "rotary_tokens" is text + image tokens of the shard, derived by export (Dim.AUTO); "joint_tokens" is
+# the same count as its own symbol (export.py).
 _LAYOUTS = {
     DOUBLE_PRE: {"hidden_states": ("batch", "image_tokens", None), "encoder_hidden_states": ("batch", "text_tokens", None),
                  "temb": ("batch", None), "rotary_cos": ("rotary_tokens", None), "rotary_sin": ("rotary_tokens", None)},
     DOUBLE_POST: {"attention": ("batch", "rotary_tokens", None), "hidden_states": ("batch", "image_tokens", None),
                   "encoder_hidden_states": ("batch", "text_tokens", None), "modulation": ("batch", None, None)},
-    SINGLE_PRE: {"hidden_states": ("batch", "image_tokens", None), "encoder_hidden_states": ("batch", "text_tokens", None),
-                 "temb": ("batch", None), "rotary_cos": ("rotary_tokens", None), "rotary_sin": ("rotary_tokens", None)},
-    SINGLE_POST: {"attention": ("batch", "rotary_tokens", None), "mlp": ("batch", "rotary_tokens", None),
-                  "gate": ("batch", None), "hidden_states": ("batch", "image_tokens", None),
-                  "encoder_hidden_states": ("batch", "text_tokens", None)},
+    # Single blocks work on the joint `[text; image]` shard, one token axis (see regions.JointSingleBlockRegion)
+    SINGLE_PRE: {"joint_hidden_states": ("batch", "joint_tokens", None), "temb": ("batch", None),
+                 "rotary_cos": ("joint_tokens", None), "rotary_sin": ("joint_tokens", None)},
+    SINGLE_POST: {"attention": ("batch", "joint_tokens", None), "mlp": ("batch", "joint_tokens", None),
+                  "gate": ("batch", None), "joint_hidden_states": ("batch", "joint_tokens", None)},
 }
 
 
@@ -128,9 +129,8 @@ class SplitRegion(Region):
         return encoder_hidden_states.contiguous(), hidden_states.contiguous()
 
     # -- single block -----------------------------------------------------------------------------
-    def _single_pre(self, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin):
+    def _single_pre(self, joint, temb, rotary_cos, rotary_sin):
         b, attn, d = self.body, self.body.attn, self.head_dim
-        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         norm_hidden, gate = b.norm(joint, emb=temb)
         mlp = b.act_mlp(b.proj_mlp(norm_hidden))
         query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
@@ -138,13 +138,11 @@ class SplitRegion(Region):
         value = _heads(attn.to_v(norm_hidden), d)
         return _rope_stack(query, key, value, rotary_cos, rotary_sin), mlp, gate
 
-    def _single_post(self, attention, mlp, gate, hidden_states, encoder_hidden_states):
-        text = encoder_hidden_states.shape[1]
-        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        joint = residual + gate.unsqueeze(1) * self.body.proj_out(torch.cat([attention, mlp], dim=2))
+    def _single_post(self, attention, mlp, gate, joint):
+        joint = joint + gate.unsqueeze(1) * self.body.proj_out(torch.cat([attention, mlp], dim=2))
         if joint.dtype == torch.float16:
             joint = joint.clip(-65504, 65504)
-        return joint[:, :text].contiguous(), joint[:, text:].contiguous()
+        return (joint.contiguous(),)
 
 
 class DoublePre(SplitRegion):
@@ -160,15 +158,15 @@ class DoublePost(SplitRegion):
 
 
 class SinglePre(SplitRegion):
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, lora):
+    def forward(self, joint_hidden_states, temb, rotary_cos, rotary_sin, lora):
         self.bind_lora(lora)
-        return self._single_pre(hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin)
+        return self._single_pre(joint_hidden_states, temb, rotary_cos, rotary_sin)
 
 
 class SinglePost(SplitRegion):
-    def forward(self, attention, mlp, gate, hidden_states, encoder_hidden_states, lora):
+    def forward(self, attention, mlp, gate, joint_hidden_states, lora):
         self.bind_lora(lora)
-        return self._single_post(attention, mlp, gate, hidden_states, encoder_hidden_states)
+        return self._single_post(attention, mlp, gate, joint_hidden_states)
 
 
 _CLASSES = {DOUBLE_PRE: DoublePre, DOUBLE_POST: DoublePost, SINGLE_PRE: SinglePre, SINGLE_POST: SinglePost}
@@ -198,22 +196,28 @@ def split_block_eager(block: nn.Module, double: bool, hidden_states, encoder_hid
     if double:
         qkv, modulation = pre(hidden_states, encoder_hidden_states, temb, cos, sin, None)
         return post(attention(qkv), hidden_states, encoder_hidden_states, modulation, None)
-    qkv, mlp, gate = pre(hidden_states, encoder_hidden_states, temb, cos, sin, None)
-    return post(attention(qkv), mlp, gate, hidden_states, encoder_hidden_states, None)
+    joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    qkv, mlp, gate = pre(joint, temb, cos, sin, None)
+    (joint,) = post(attention(qkv), mlp, gate, joint, None)
+    text = encoder_hidden_states.shape[1]
+    return joint[:, :text], joint[:, text:]
 
 
 def split_example_activations(transformer, kind: str, instance: str, prologue_outputs) -> tuple:
     """Example inputs for tracing a split program: the prologue's outputs through the pre part."""
     hidden, encoder, temb, cos, sin = prologue_outputs
-    if kind in (DOUBLE_PRE, SINGLE_PRE):
+    joint = torch.cat([encoder, hidden], dim=1)
+    if kind == DOUBLE_PRE:
         return hidden, encoder, temb, cos, sin
+    if kind == SINGLE_PRE:
+        return joint, temb, cos, sin
     block = transformer.get_submodule(instance)
     with torch.no_grad():
         if kind == DOUBLE_POST:
             qkv, modulation = split_region(block, DOUBLE_PRE)(hidden, encoder, temb, cos, sin, None)
             return attention(qkv), hidden, encoder, modulation
-        qkv, mlp, gate = split_region(block, SINGLE_PRE)(hidden, encoder, temb, cos, sin, None)
-        return attention(qkv), mlp, gate, hidden, encoder
+        qkv, mlp, gate = split_region(block, SINGLE_PRE)(joint, temb, cos, sin, None)
+        return attention(qkv), mlp, gate, joint
 
 
 def valid_world_sizes(heads: int, limit: int = 64) -> list[int]:

@@ -38,9 +38,13 @@ def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None
     for pre, post in zip(programs.get(DOUBLE_PRE, []), programs.get(DOUBLE_POST, [])):
         qkv, modulation = pre(hidden, encoder, temb, cos, sin)
         encoder, hidden = post(comm.attend(qkv, seq_sizes), hidden, encoder, modulation)
-    for pre, post in zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, [])):
-        qkv, mlp, gate = pre(hidden, encoder, temb, cos, sin)
-        encoder, hidden = post(comm.attend(qkv, seq_sizes), mlp, gate, hidden, encoder)
+    singles = list(zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, [])))
+    if singles:
+        joint = torch.cat([encoder, hidden], dim=1)  # this rank's [text; image] shard, one token axis
+        for pre, post in singles:
+            qkv, mlp, gate = pre(joint, temb, cos, sin)
+            (joint,) = post(comm.attend(qkv, seq_sizes), mlp, gate, joint)
+        hidden = joint[:, text:].contiguous()
     sample = programs[EPILOGUE][0](hidden, temb)  # per token: runs on the shard, gathered after
     if isinstance(sample, (tuple, list)):
         (sample,) = sample

@@ -15,9 +15,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..errors import PackageMismatchError, UnsupportedCallError
 from ..models.prepare import torch_dtype
 from ..models.regions import (
-    BLOCK_KINDS,
+    DOUBLE_BLOCK,
     EPILOGUE,
     PROLOGUE,
+    SINGLE_BLOCK,
     WHOLE,
     instance_slot_prefix,
     prologue_arguments,
@@ -85,6 +86,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         # while no LoRA is live or the live set is merged into the weights. Older packages have none.
         self._no_slot_programs: dict[str, list[_Instance]] = {}
         main = [spec for spec in manifest.programs if spec.name == spec.kind]
+        # Single blocks take the joint `[text; image]` sequence (regions.JointSingleBlockRegion);
+        # packages built before that take text and image apart.
+        self._joint_single = any(spec.kind == SINGLE_BLOCK and spec.inputs[0]["name"] == "joint_hidden_states"
+                                 for spec in main)
+        if any(spec.kind == "single_pre" and spec.inputs[0]["name"] != "joint_hidden_states" for spec in main):
+            raise PackageMismatchError(
+                "this context-parallel package was built by an earlier aotpack whose split single blocks this "
+                "runtime no longer runs", "rebuild it with `aotpack build ... --parallel ulysses`")
         self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)} for spec in main}
         constants = {}
         for spec in manifest.programs:
@@ -148,9 +157,13 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             compare(WHOLE, None, first)
             return errors
         hidden, encoder, temb, cos, sin = compare(PROLOGUE, None, first)
-        for kind in BLOCK_KINDS:
-            for instance in self._instance_index.get(kind, {}):
-                encoder, hidden = compare(kind, instance, (hidden, encoder, temb, cos, sin))
+        for instance in self._instance_index.get(DOUBLE_BLOCK, {}):
+            encoder, hidden = compare(DOUBLE_BLOCK, instance, (hidden, encoder, temb, cos, sin))
+        if self._instance_index.get(SINGLE_BLOCK):
+            joint = torch.cat([encoder, hidden], dim=1)
+            for instance in self._instance_index[SINGLE_BLOCK]:
+                (joint,) = compare(SINGLE_BLOCK, instance, (joint, temb, cos, sin))
+            hidden = joint[:, encoder.shape[1]:].contiguous()
         compare(EPILOGUE, None, (hidden, temb))
         return errors
 
@@ -215,6 +228,17 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         """Caller tensors in the program's dtype, on its device, dense (programs do not check strides)."""
         return [t.to(device=self._device, dtype=d).contiguous() for t, d in zip(tensors, self._input_dtypes[kind])]
 
+    def _single_blocks(self, blocks, hidden, encoder, temb, cos, sin) -> torch.Tensor:
+        """The single blocks; returns the image tokens."""
+        if not self._joint_single:  # older packages
+            for block in blocks:
+                encoder, hidden = block(hidden, encoder, temb, cos, sin)
+            return hidden
+        joint = torch.cat([encoder, hidden], dim=1)
+        for block in blocks:
+            (joint,) = block(joint, temb, cos, sin)
+        return joint[:, encoder.shape[1]:].contiguous()
+
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
                 controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict=True,
@@ -247,9 +271,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             sample = split_forward(self, self._cast(PROLOGUE, inputs), programs)
         else:
             hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*self._cast(PROLOGUE, inputs))
-            for kind in BLOCK_KINDS:
-                for block in programs.get(kind, []):
-                    encoder, hidden = block(hidden, encoder, temb, cos, sin)
+            for block in programs.get(DOUBLE_BLOCK, []):
+                encoder, hidden = block(hidden, encoder, temb, cos, sin)
+            hidden = self._single_blocks(programs.get(SINGLE_BLOCK, []), hidden, encoder, temb, cos, sin)
             sample = programs[EPILOGUE][0](hidden, temb)
         if isinstance(sample, (tuple, list)):
             (sample,) = sample
