@@ -216,9 +216,11 @@ def test_registering_needs_the_token_and_an_allowed_source(server, adapter_dir):
 
 def test_a_client_that_leaves_cancels_its_queued_request(server):
     before_cancelled = metric(server, 'aotpack_cancelled_total{reason="disconnect"}')
-    steps = steps_lasting(server, 5.0)
+    # the largest size the tiny package takes: at 256x256 a step is ~1 ms and even the 1000-step cap ended
+    # the busy request before the queued one's client left
+    steps = steps_lasting(server, 5.0, size="1024x1024")
     before_batches = metric(server, "aotpack_batch_images_count")
-    slow = threading.Thread(target=post, args=(server, dict(BODY, size="256x256", steps=steps, seed=99)))
+    slow = threading.Thread(target=post, args=(server, dict(BODY, size="1024x1024", steps=steps, seed=99)))
     slow.start()
     time.sleep(0.5)  # the slow request is on the model; the next one waits in the queue
     with pytest.raises(httpx.ReadTimeout):

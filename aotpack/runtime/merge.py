@@ -13,8 +13,9 @@ the FP8 base itself is the master: merging quantizes W_fp8 + delta, not W_bf16 +
 
 Speed (H200, r64 on all 494 block linears, FLUX.1-dev size): the first version (fp32 dequantize, fp32
 delta, torchao `from_hp` per layer: ~70 bytes moved per weight) took 407-507 ms; this one moves ~18
-and took 203-205 ms (2026-12-01), still above the 150 ms goal with the 27 ms unmerge: the mixed-dtype
-passes (fp8 -> bf16 x fp32 scale, bf16 / fp32 -> fp8) are the suspects, not profiled yet.
+and took 203-205 ms (2026-12-01), still above the 150 ms goal with the 27 ms unmerge. Profiled
+(`scripts/gpu/probe_merge.py`): the eager passes that touch FP8 or mix dtypes run at 0.6-1.0 TB/s;
+one fused, ahead-of-time compiled kernel per shape is the next step (results README, 2026-12-01).
 Non-quantized weights (bf16/fp32 targets) take the products in place with `addmm_`.
 """
 
