@@ -39,6 +39,26 @@ class W:  # the attributes fold_into reads of a torchao Float8Tensor
         self.dtype = torch.bfloat16
 
 
+def _matches_torchao() -> dict:
+    """The merge's row re-quantization vs torchao's `from_hp` on this GPU, bit for bit, per shape
+    (rows with an outlier and a constant row included)."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    result = {}
+    for out, inp in SHAPES:
+        value = (torch.randn(out, inp, device="cuda") * torch.logspace(-3, 3, out, device="cuda")[:, None])
+        value = value.to(torch.bfloat16)
+        value[5] = 0.5
+        value[7, 3] = -1e4
+        reference = Float8Tensor.from_hp(value, float8_dtype=FP8, granularity=PerRow())
+        qdata, scale = torch.empty_like(reference.qdata), torch.empty_like(reference.scale)
+        _requantize_rows_into(value, qdata, scale)
+        result[f"{out}x{inp}"] = bool(torch.equal(scale, reference.scale)
+                                      and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
+    return result
+
+
 def main():
     rows = {}
     totals = {}
@@ -75,9 +95,10 @@ def main():
             totals[name] = totals.get(name, 0.0) + ms * count
         del w, value, value32, keep
         torch.cuda.empty_cache()
+    equal = _matches_torchao()
     bytes_per_weight = sum(o * i * c for (o, i), c in SHAPES.items())
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": bytes_per_weight,
-                      "total_ms_all_layers": totals, "per_shape_ms": rows}, indent=1))
+                      "requantization_equals_torchao_from_hp": equal, "total_ms_all_layers": totals, "per_shape_ms": rows}, indent=1))
 
 
 if __name__ == "__main__":
