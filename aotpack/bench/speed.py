@@ -136,27 +136,32 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
 
 def _requantization_matches_torchao(transformer) -> bool | None:
     """On this device: the merge's per-row FP8 re-quantization vs torchao's `from_hp`, bit for bit,
-    on the first slotted layer's dequantized weight plus noise (None for non-FP8 packages)."""
-    from aotpack.runtime.merge import _requantize_rows_into
-
+    on the first FP8 slotted layer's dequantized weight plus noise (None for non-FP8 packages)."""
     weights = (transformer.lora_modes._layer_weight(spec.name) for spec in transformer.manifest.slots)
     weight = next((w for w in weights if hasattr(w, "qdata")), None)  # embedders stay bf16
     if weight is None:
         return None
     value = (weight.qdata.to(torch.bfloat16) * weight.scale.view(-1, 1)).to(torch.bfloat16)
     value += torch.randn_like(value) * value.abs().mean()
-    reference = _torchao_rowwise(weight, value)
-    qdata, scale = torch.empty_like(weight.qdata), torch.empty_like(weight.scale)
-    _requantize_rows_into(value, qdata, scale)
-    return bool(torch.equal(scale, reference.scale) and torch.equal(qdata.view(torch.uint8),
-                                                                      reference.qdata.view(torch.uint8)))
+    return requantization_matches_torchao(value, weight.qdata.dtype, weight.kernel_preference)
 
 
-def _torchao_rowwise(weight, value):
+def requantization_matches_torchao(value: torch.Tensor, float8_dtype, kernel_preference=None) -> bool:
+    """`runtime.merge._requantize_rows_into(value)` equals torchao's per-row `from_hp(value)` bit for bit
+    (scripts/gpu/probe_merge.py uses it too)."""
     from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
+        Float8Tensor,
+    )
 
-    return type(weight).from_hp(value, float8_dtype=weight.qdata.dtype, granularity=PerRow(),
-                                kernel_preference=weight.kernel_preference)
+    from aotpack.runtime.merge import _requantize_rows_into
+
+    extra = {} if kernel_preference is None else {"kernel_preference": kernel_preference}
+    reference = Float8Tensor.from_hp(value, float8_dtype=float8_dtype, granularity=PerRow(), **extra)
+    qdata, scale = torch.empty_like(reference.qdata), torch.empty_like(reference.scale)
+    _requantize_rows_into(value, qdata, scale)
+    return bool(torch.equal(scale, reference.scale)
+                and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
 
 
 def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size) -> dict:

@@ -6,7 +6,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
-from ..models.regions import BLOCK_KINDS, Region
+from ..models.regions import BLOCK_KINDS, JOINT_INPUT, Region
 
 SYMBOLIC_DIMS = ("batch", "image_tokens", "text_tokens")
 
@@ -23,9 +23,9 @@ def input_layouts(region: Region) -> dict[str, tuple]:
     """Each activation input's shape in symbols: names for dynamic dims, ints for static ones."""
     if getattr(region, "input_layouts", None):  # regions that declare their own (split_regions.py)
         return dict(region.input_layouts)
-    if "joint_hidden_states" in region.activation_names:  # single blocks (regions.JointSingleBlockRegion)
+    if JOINT_INPUT in region.activation_names:  # single blocks (regions.JointSingleBlockRegion)
         return {
-            "joint_hidden_states": ("batch", "joint_tokens", None),
+            JOINT_INPUT: ("batch", "joint_tokens", None),
             "temb": ("batch", None),
             "rotary_cos": ("joint_tokens", None),
             "rotary_sin": ("joint_tokens", None),

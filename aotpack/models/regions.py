@@ -18,6 +18,7 @@ from .slots import LoRASlotLinear, bind_slot_tensors, lora_input_names, slot_mod
 
 PROLOGUE, DOUBLE_BLOCK, SINGLE_BLOCK, EPILOGUE, WHOLE = "prologue", "double_block", "single_block", "epilogue", "whole"
 BLOCK_KINDS = (DOUBLE_BLOCK, SINGLE_BLOCK)
+JOINT_INPUT = "joint_hidden_states"  # first input of single-block programs that take `[text; image]`
 
 
 class Region(nn.Module):
@@ -136,7 +137,7 @@ class JointSingleBlockRegion(Region):
     """
 
     kind = SINGLE_BLOCK
-    activation_names = ("joint_hidden_states", "temb", "rotary_cos", "rotary_sin")
+    activation_names = (JOINT_INPUT, "temb", "rotary_cos", "rotary_sin")
 
     def __init__(self, block):
         super().__init__()
@@ -184,6 +185,15 @@ class WholeRegion(Region):
                 hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
                 image_rotary_emb=(cos, sin))
         return _epilogue(t, hidden_states, temb)
+
+
+def run_joint(blocks, hidden, encoder, *rest) -> torch.Tensor:
+    """Single blocks on the joint sequence: concatenate `[text; image]` once, run each block
+    (`block(joint, *rest) -> (joint,)`), return the image tokens, dense."""
+    joint = torch.cat([encoder, hidden], dim=1)
+    for block in blocks:
+        (joint,) = block(joint, *rest)
+    return joint[:, encoder.shape[1]:].contiguous()
 
 
 def block_prefixes(transformer) -> dict[str, list[str]]:

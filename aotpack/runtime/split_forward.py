@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AotpackError
-from ..models.regions import EPILOGUE, PROLOGUE
+from ..models.regions import EPILOGUE, PROLOGUE, run_joint
 from ..models.split_regions import DOUBLE_POST, DOUBLE_PRE, SINGLE_POST, SINGLE_PRE
 from .ulysses import Ulysses, shard_sizes
 
@@ -38,13 +38,14 @@ def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None
     for pre, post in zip(programs.get(DOUBLE_PRE, []), programs.get(DOUBLE_POST, [])):
         qkv, modulation = pre(hidden, encoder, temb, cos, sin)
         encoder, hidden = post(comm.attend(qkv, seq_sizes), hidden, encoder, modulation)
-    singles = list(zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, [])))
-    if singles:
-        joint = torch.cat([encoder, hidden], dim=1)  # this rank's [text; image] shard, one token axis
-        for pre, post in singles:
+    def single(pre, post):  # on this rank's [text; image] shard
+        def run(joint):
             qkv, mlp, gate = pre(joint, temb, cos, sin)
-            (joint,) = post(comm.attend(qkv, seq_sizes), mlp, gate, joint)
-        hidden = joint[:, text:].contiguous()
+            return post(comm.attend(qkv, seq_sizes), mlp, gate, joint)
+        return run
+
+    singles = [single(pre, post) for pre, post in zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, []))]
+    hidden = run_joint(singles, hidden, encoder)
     sample = programs[EPILOGUE][0](hidden, temb)  # per token: runs on the shard, gathered after
     if isinstance(sample, (tuple, list)):
         (sample,) = sample

@@ -17,11 +17,13 @@ from ..models.prepare import torch_dtype
 from ..models.regions import (
     DOUBLE_BLOCK,
     EPILOGUE,
+    JOINT_INPUT,
     PROLOGUE,
     SINGLE_BLOCK,
     WHOLE,
     instance_slot_prefix,
     prologue_arguments,
+    run_joint,
 )
 from ..models.units import make_region
 from ..store.manifest import Manifest
@@ -88,9 +90,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         main = [spec for spec in manifest.programs if spec.name == spec.kind]
         # Single blocks take the joint `[text; image]` sequence (regions.JointSingleBlockRegion);
         # packages built before that take text and image apart.
-        self._joint_single = any(spec.kind == SINGLE_BLOCK and spec.inputs[0]["name"] == "joint_hidden_states"
-                                 for spec in main)
-        if any(spec.kind == "single_pre" and spec.inputs[0]["name"] != "joint_hidden_states" for spec in main):
+        self._joint_single = any(spec.kind == SINGLE_BLOCK and spec.inputs[0]["name"] == JOINT_INPUT for spec in main)
+        if any(spec.kind == "single_pre" and spec.inputs[0]["name"] != JOINT_INPUT for spec in main):
             raise PackageMismatchError(
                 "this context-parallel package was built by an earlier aotpack whose split single blocks this "
                 "runtime no longer runs", "rebuild it with `aotpack build ... --parallel ulysses`")
@@ -159,11 +160,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         hidden, encoder, temb, cos, sin = compare(PROLOGUE, None, first)
         for instance in self._instance_index.get(DOUBLE_BLOCK, {}):
             encoder, hidden = compare(DOUBLE_BLOCK, instance, (hidden, encoder, temb, cos, sin))
-        if self._instance_index.get(SINGLE_BLOCK):
-            joint = torch.cat([encoder, hidden], dim=1)
-            for instance in self._instance_index[SINGLE_BLOCK]:
-                (joint,) = compare(SINGLE_BLOCK, instance, (joint, temb, cos, sin))
-            hidden = joint[:, encoder.shape[1]:].contiguous()
+        singles = [lambda *a, i=instance: compare(SINGLE_BLOCK, i, a) for instance in
+                   self._instance_index.get(SINGLE_BLOCK, {})]
+        hidden = self._single_blocks(singles, hidden, encoder, temb, cos, sin)
         compare(EPILOGUE, None, (hidden, temb))
         return errors
 
@@ -234,10 +233,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             for block in blocks:
                 encoder, hidden = block(hidden, encoder, temb, cos, sin)
             return hidden
-        joint = torch.cat([encoder, hidden], dim=1)
-        for block in blocks:
-            (joint,) = block(joint, temb, cos, sin)
-        return joint[:, encoder.shape[1]:].contiguous()
+        return run_joint(blocks, hidden, encoder, temb, cos, sin)
 
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,

@@ -2,8 +2,9 @@
 block-linear shapes with random FP8 row-wise weights and a rank-64 LoRA, plus alternatives per phase.
 
 Run on the GPU machine: `python3 scripts/gpu/probe_merge.py > $OUT/probe_merge.json` (about 1 minute).
-Counts are FLUX.1-dev's: 19 double blocks (img+txt: q/k/v/out 3072x3072, ff 12288x3072 and
-3072x12288), 38 single blocks (q/k/v 3072x3072, proj_mlp 12288x3072, proj_out 3072x15360), modulation linears: 494.
+Counts are FLUX.1-dev's 494 block linears: 19 double blocks (img+txt: q/k/v/out 3072x3072, ff
+12288x3072 and 3072x12288, modulation 18432x3072), 38 single blocks (q/k/v 3072x3072, proj_mlp
+12288x3072, proj_out 3072x15360, modulation 9216x3072).
 """
 
 import json
@@ -12,7 +13,8 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from aotpack.runtime.merge import _requantize_rows_into, fold_into  # noqa: E402
+from aotpack.bench.speed import requantization_matches_torchao
+from aotpack.runtime.merge import _requantize_rows_into, fold_into
 
 SHAPES = {(3072, 3072): 19 * 8 + 38 * 3, (12288, 3072): 19 * 2 + 38, (3072, 12288): 19 * 2, (3072, 15360): 38,
           (18432, 3072): 19 * 2, (9216, 3072): 38}  # the last two: the blocks' modulation linears
@@ -42,20 +44,13 @@ class W:  # the attributes fold_into reads of a torchao Float8Tensor
 def _matches_torchao() -> dict:
     """The merge's row re-quantization vs torchao's `from_hp` on this GPU, bit for bit, per shape
     (rows with an outlier and a constant row included)."""
-    from torchao.quantization import PerRow
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
-
     result = {}
     for out, inp in SHAPES:
         value = (torch.randn(out, inp, device="cuda") * torch.logspace(-3, 3, out, device="cuda")[:, None])
         value = value.to(torch.bfloat16)
         value[5] = 0.5
         value[7, 3] = -1e4
-        reference = Float8Tensor.from_hp(value, float8_dtype=FP8, granularity=PerRow())
-        qdata, scale = torch.empty_like(reference.qdata), torch.empty_like(reference.scale)
-        _requantize_rows_into(value, qdata, scale)
-        result[f"{out}x{inp}"] = bool(torch.equal(scale, reference.scale)
-                                      and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
+        result[f"{out}x{inp}"] = requantization_matches_torchao(value, FP8)
     return result
 
 
@@ -96,8 +91,8 @@ def main():
         del w, value, value32, keep
         torch.cuda.empty_cache()
     equal = _matches_torchao()
-    bytes_per_weight = sum(o * i * c for (o, i), c in SHAPES.items())
-    print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": bytes_per_weight,
+    weights = sum(o * i * c for (o, i), c in SHAPES.items())
+    print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": weights,
                       "requantization_equals_torchao_from_hp": equal, "total_ms_all_layers": totals, "per_shape_ms": rows}, indent=1))
 
 
