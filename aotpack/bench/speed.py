@@ -95,7 +95,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     import aotpack
 
     started = time.perf_counter()
-    served = aotpack.load(package, model=model_ref)
+    served = aotpack.load(package, model=model_ref, cuda_graphs=False)  # the plain chain first; graphs after
     result = {"load_seconds": time.perf_counter() - started,
               "has_no_slot_programs": served.transformer.has_no_slot_programs}
     lora = [(loras[LORA], 1.0)]
@@ -129,8 +129,45 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]
     result["merge"] = merge
+    if device == "cuda":
+        result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, breakdown_size)
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(served)
+    return result
+
+
+def _graph_modes(served, workloads, device, repeats, lora, eager_chain, breakdown_size) -> dict:
+    """The same modes replayed from CUDA graphs: step, capture cost, and bit equality with the plain
+    chain's output (after switches and a merge, which must not move any address a graph reads)."""
+    transformer = served.transformer
+    result = {}
+    try:
+        transformer.use_cuda_graphs(True)
+        for mode, entries, merge in (("no_lora", [], False), ("slots", lora, False), ("merged", lora, True),
+                                     ("slots_after_merge", lora, False)):
+            served.set_loras([])
+            served.set_loras(entries, merge=merge)
+            reference = eager_chain.get(mode.replace("_after_merge", ""), {}).get("sizes", {})
+            sizes = {}
+            for size, inputs in workloads.items():
+                started = time.perf_counter()
+                output = _out(transformer, inputs)  # captures on first use
+                torch.cuda.synchronize()
+                row = {"first_call_with_capture_s": time.perf_counter() - started,
+                       "step": _step(transformer, inputs, device, repeats), "variant": transformer.last_variant}
+                if size in reference:
+                    row["bit_identical_to_plain_chain"] = bool(torch.equal(output, reference[size]["_output"]))
+                    row["max_abs_diff_vs_plain_chain"] = float((output - reference[size]["_output"]).abs().max())
+                sizes[size] = row
+            result[mode] = {"sizes": sizes}
+            if mode == "slots" and breakdown_size in workloads:
+                result[mode]["breakdown"] = _breakdown(transformer, workloads[breakdown_size], device)
+        result["graphs_captured"] = transformer._step_graphs.captures
+        served.set_loras([])
+    except Exception as err:  # noqa: BLE001 -- recorded, the plain modes still count
+        result["error"] = f"{type(err).__name__}: {err}"[:800]
+    finally:
+        transformer.use_cuda_graphs(False)
     return result
 
 
@@ -262,6 +299,22 @@ def markdown(data: dict) -> str:
             lines.append(f"| {size} | {label} | {_ms(row)} | {ratio} | {_num(row, 'rel_error_vs_eager')} | "
                          f"{_num(row, 'lora_fidelity_error')} | {_num(row, 'lora_effect_strength', '{:.3f}')} | "
                          f"{row.get('variant') or ''} |")
+    graphs = ours.get("cuda_graphs", {})
+    if graphs:
+        lines += ["", "### CUDA graphs (same process; one graph per shape and variant)", "",
+                  "| size | mode | step ms | vs recipe | vs plain chain | bit-identical to plain | first call s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for mode in ("slots", "no_lora", "merged", "slots_after_merge"):
+            for size, row in graphs.get(mode, {}).get("sizes", {}).items():
+                plain = ours.get(mode.replace("_after_merge", ""), {}).get("sizes", {}).get(size)
+                recipe_row = (recipe_data.get("sizes", {}) if recipe_data else {}).get(size)
+                vs = lambda other: (f"{row['step']['median_ms'] / other['step']['median_ms']:.2f}x"  # noqa: E731
+                                    if other and "step" in other else "")
+                lines.append(f"| {size} | {mode} | {_ms(row)} | {vs(recipe_row)} | {vs(plain)} | "
+                             f"{row.get('bit_identical_to_plain_chain', '')} | "
+                             f"{row.get('first_call_with_capture_s', 0):.2f} |")
+        if graphs.get("error"):
+            lines.append(f"\nCUDA graphs failed: {graphs['error']}")
     merge = ours.get("merge", {})
     lines += ["", f"Merge r64-all: {merge}", "",
               "Cached switches (ms): " + ", ".join(f"{k} first {v['first']:.1f} / later {v['later_median']:.1f}"
@@ -269,11 +322,17 @@ def markdown(data: dict) -> str:
     lines += ["## Kernel time per step by category (ms)", "",
               "| mode | " + " | ".join(_CATEGORY_LABELS) + " | total |",
               "| --- |" + " --- |" * (len(_CATEGORY_LABELS) + 1)]
-    for label, mode in modes[1:]:
+    for label, mode in [*modes[1:], ("aotpack slots r64, CUDA graphs", graphs.get("slots"))]:
         breakdown = (mode or {}).get("breakdown")
         if breakdown:
             lines.append(f"| {label} | " + " | ".join(f"{breakdown['ms_per_step'][c]:.2f}" for c in _CATEGORY_LABELS)
                          + f" | {breakdown['total_ms']:.2f} |")
+    for label, mode in (("aotpack slots r64", ours.get("slots")), ("recipe", recipe_data)):
+        heaviest = ((mode or {}).get("breakdown") or {}).get("top_kernels")
+        if heaviest:
+            lines += ["", f"### Heaviest kernels, {label} (ms per step)", "", "| ms | category | kernel |",
+                      "| --- | --- | --- |"]
+            lines += [f"| {k['ms']:.2f} | {k['category']} | `{k['kernel']}` |" for k in heaviest]
     if recipe_data.get("error"):
         lines += ["", f"Recipe failed: {recipe_data['error']}"]
     return "\n".join(lines) + "\n"

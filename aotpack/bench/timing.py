@@ -145,8 +145,9 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(fn, device, *, steps: int = 2) -> dict:
-    """Device ms per call of `fn` by category (`CATEGORIES`), with the total and the top kernel of each."""
+def kernel_breakdown(fn, device, *, steps: int = 2, top_kernels: int = 25) -> dict:
+    """Device ms per call of `fn` by category (`CATEGORIES`), with the total, the top kernel of each and
+    the `top_kernels` heaviest kernels overall."""
     rows = kernel_rows(fn, device, steps=steps)
     if torch.device(device).type != "cuda":  # CPU: the ops' self times stand in (smoke tests only)
         rows = [r for r in rows if r["kernel"].startswith(("aten::", "triton", "cpp_fused", "aoti"))]
@@ -156,4 +157,6 @@ def kernel_breakdown(fn, device, *, steps: int = 2) -> dict:
         category = kernel_category(row["kernel"])
         result[category] += row["ms_per_call"]
         top.setdefault(category, row["kernel"][:100])
-    return {"ms_per_step": result, "total_ms": sum(result.values()), "top_kernel": top}
+    heaviest = [{"kernel": r["kernel"][:110], "category": kernel_category(r["kernel"]), "ms": r["ms_per_call"]}
+                for r in rows[:top_kernels]]
+    return {"ms_per_step": result, "total_ms": sum(result.values()), "top_kernel": top, "top_kernels": heaviest}

@@ -144,8 +144,11 @@ def targets():
 @click.option("--save-latents", type=click.Path(), default=None, help="safetensors file for the latents.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ranks for one image (context parallel; the package must be built with --parallel ulysses).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Replay each step from a CUDA graph captured per shape (default: on where it applies: one "
+                   "GPU, a CUDA package of regional programs).")
 def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, steps, height,
-        width, guidance, max_sequence_length, seed, out, save_latents, gpus):
+        width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
     """Generate images with a package, switching LoRAs per request without recompiling.
 
     Every request is checked before the first runs; a failing request is reported and the others still
@@ -207,6 +210,8 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
 
     bar = len(requests) > 1 and sys.stderr.isatty() and logger.isEnabledFor(logging.INFO)  # a terminal only
     started = time.perf_counter()
+    if gpus > 1 and cuda_graphs:
+        raise click.UsageError("--cuda-graphs runs on one GPU; drop it or --gpus")
     if gpus > 1:  # context parallel: one process per GPU loads and runs; rank 0 writes the outputs
         from ..runtime.parallel import generate
 
@@ -215,7 +220,7 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
         for outcome in outcomes:
             show(outcome)
     else:
-        served = load_package(package_dir, model, revision=revision, progress=True)
+        served = load_package(package_dir, model, revision=revision, progress=True, cuda_graphs=cuda_graphs)
         logger.info("package loaded in %.2f s", time.perf_counter() - started)
         outcomes = run_jobs(served, requests, on_outcome=show, progress=bar, debug=DEBUG)
     failed = [o for o in outcomes if not o.ok]

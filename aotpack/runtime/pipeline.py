@@ -148,12 +148,14 @@ def _resolve_package_dir(package) -> Path:
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
                  cache_budget_bytes: int | None = None, progress: bool | Progress = False,
-                 auto_merge_after: int | None = None) -> AotpackPipeline:
+                 auto_merge_after: int | None = None, cuda_graphs: bool | None = None) -> AotpackPipeline:
     """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights
     (default: the model recorded in the package's manifest).
 
     The package is checked (sha256 of every file, torch series, GPU arch, model fingerprint) before
-    any compiled code is loaded.
+    any compiled code is loaded. `cuda_graphs` replays each step from a CUDA graph captured per shape
+    (runtime/cuda_graphs.py); None (default) turns them on where they apply: one CUDA device, regional
+    programs, no context parallel.
     """
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     package_dir = _resolve_package_dir(package)
@@ -175,6 +177,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     instances = sum(len(p.instances) for p in manifest.programs)
     with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
+        compiled.use_cuda_graphs(compiled.cuda_graphs_apply if cuda_graphs is None else cuda_graphs)
     with report.stage("load text encoders, VAE and scheduler"):
         pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
                                  text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))

@@ -74,8 +74,10 @@ class ProgramFile:
                                        f"load it on a {compiled_for} device, or build for this one")
         if target.type == "cuda":
             index = target.index if target.index is not None else torch.cuda.current_device()
+            # Single-threaded: no CUDA event recorded and queried around each run. The runtime calls a
+            # runner from one thread at a time, and an event query inside a capture voids CUDA graphs.
             runner = torch._C._aoti.AOTIModelContainerRunnerCuda(
-                str(self.shared_object), 1, f"cuda:{index}", str(self.shared_object.parent))
+                str(self.shared_object), 1, f"cuda:{index}", str(self.shared_object.parent), True)
         else:
             runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(self.shared_object), 1)
         return CompiledProgram(self, runner)
