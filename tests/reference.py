@@ -37,3 +37,24 @@ def reference_latents(pipe, loras, seed: int = 7, **overrides) -> torch.Tensor:
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+def cpu_test_recipe(name: str, fields: str, *, tolerance: float, end_to_end: float) -> str:
+    """A small CPU recipe (TOML) for test packages: `fields` are its top-level lines (dtype, attention,
+    quantization, max_rank...); shapes and the example are the ones the CPU tests share."""
+    return f"""
+name = "{name}"
+device = "cpu"
+{fields.strip()}
+[shapes]
+batch = [1, 4]
+image_tokens = [16, 256]
+text_tokens = [8, 64]
+[example]
+batch = 1
+image_tokens = 64
+text_tokens = 16
+[validation]
+tolerance = {tolerance}
+end_to_end_tolerance = {end_to_end}
+"""

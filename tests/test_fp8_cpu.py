@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import cpu_test_recipe
 
 from aotpack.builder.build import build_package
 from aotpack.store.manifest import read_manifest
@@ -20,24 +21,11 @@ def _build_fp8(tmp_path_factory, max_rank=None):
     import torchao.quantization.quant_api as quant_api
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
-    recipe.write_text("""
-name = "cpu-fp8"
-device = "cpu"
+    recipe.write_text(cpu_test_recipe("cpu-fp8", """
 dtype = "bfloat16"
 quantization = "fp8_rowwise"
 max_rank = 16
-[shapes]
-batch = [1, 4]
-image_tokens = [16, 256]
-text_tokens = [8, 64]
-[example]
-batch = 1
-image_tokens = 64
-text_tokens = 16
-[validation]
-tolerance = 0.1
-end_to_end_tolerance = 2.0
-""")
+""", tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     try:

@@ -119,3 +119,24 @@ def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h100": path})
     with pytest.raises(RecipeError, match="differs from the file name"):
         load_recipe("h100")
+
+
+def test_fp8_attention_is_an_opt_in_attention_value(tmp_path):
+    recipe = load_recipe(write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"'))
+    assert (recipe.attention, recipe.parallel) == ("cudnn_fp8", "none")
+    assert all(load_recipe(name).attention != "cudnn_fp8" for name in known_targets())  # no shipped recipe uses it
+
+
+def test_fp8_attention_with_ulysses_names_both_values_and_the_file(tmp_path):
+    path = write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"\nparallel = "ulysses"')
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(path) in caught.value.problem and str(path) in caught.value.fix
+    for text in ("attention", "'cudnn_fp8'", "parallel", "'ulysses'"):
+        assert text in caught.value.problem
+    assert "attention = 'cudnn'" in caught.value.fix  # what works with ulysses
+    # the build's --parallel override goes through Recipe.replace: refused there too
+    fp8 = load_recipe(write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"'))
+    with pytest.raises(RecipeError, match="'ulysses'"):
+        fp8.replace(parallel="ulysses")
+    assert load_recipe("h100").replace(parallel="ulysses").parallel == "ulysses"  # other attention values may

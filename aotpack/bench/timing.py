@@ -70,23 +70,6 @@ def reset_peak_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def graph_replay_ms(fn, device, *, warmup: int = 3, repeats: int = 10) -> dict:
-    """`time_ms` of one CUDA-graph replay of `fn` (captured after warm-up on a side stream).
-
-    `fn` must keep its inputs at stable addresses; what it writes lands in the graph's private pool.
-    """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, device, warmup=2, repeats=repeats)
-
-
 def kernel_rows(fn, device, *, steps: int = 2) -> list[dict]:
     """Every kernel's self device time per call of `fn` (CPU ops' self time on the CPU, for smoke tests)."""
     from torch.profiler import ProfilerActivity, profile

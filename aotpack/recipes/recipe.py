@@ -10,7 +10,8 @@ from ..errors import RecipeError, UnknownTargetError
 from .fields import TomlFields
 
 QUANTIZATIONS = ("none", "fp8_rowwise")
-ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3")
+# "cudnn_fp8" (opt-in): FP8 attention through cuDNN's FP8 SDPA (models/fp8_attention.py), ~25x bf16's error
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3", "cudnn_fp8")
 LAYOUTS = ("regional", "whole")
 PARALLEL_MODES = ("none", "ulysses")  # "ulysses": block programs split around attention (context parallel)
 TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
@@ -43,6 +44,11 @@ class Recipe:
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
 
+    def __post_init__(self):
+        # also guards `replace` (the build's --parallel override never goes through parse_recipe)
+        if problem := attention_parallel_conflict(self.attention, self.parallel):
+            raise RecipeError(f"recipe {self.name!r}: {problem}", _ATTENTION_PARALLEL_FIX)
+
     @property
     def end_to_end_limit(self) -> float:
         return self.end_to_end_tolerance or self.tolerance
@@ -55,6 +61,18 @@ class Recipe:
         for key in ("slots", "batch", "image_tokens", "text_tokens"):
             data[key] = list(data[key])
         return data
+
+
+_ATTENTION_PARALLEL_FIX = "use attention = 'cudnn' with parallel = 'ulysses', or parallel = 'none' with 'cudnn_fp8'"
+
+
+def attention_parallel_conflict(attention: str, parallel: str) -> str | None:
+    """Why `attention` cannot go with `parallel`, or None. Context-parallel packages run attention in the
+    runtime between split programs (runtime/ulysses.py), outside the compiled programs: the FP8 op is not there."""
+    if attention == "cudnn_fp8" and parallel == "ulysses":
+        return ("attention = 'cudnn_fp8' cannot be combined with parallel = 'ulysses' (context-parallel "
+                "packages run attention in the runtime, between the split programs, not as FP8)")
+    return None
 
 
 def _recipe_files() -> dict[str, Path]:
@@ -74,6 +92,11 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if device == "cuda" and not re.fullmatch(r"sm_\d{2,3}a?", gpu_arch):
         raise fields.error("gpu_arch", f"= {gpu_arch!r} should name the CUDA arch of a cuda target, e.g. 'sm_90'")
     dtype = fields.choice("dtype", DTYPES)
+    attention = fields.choice("attention", ATTENTION_BACKENDS, "sdpa")
+    parallel = fields.choice("parallel", PARALLEL_MODES, "none")
+    if conflict := attention_parallel_conflict(attention, parallel):
+        raise RecipeError(f"{fields.source}: {conflict}",
+                          f"edit attention or parallel in {fields.source}: {_ATTENTION_PARALLEL_FIX}")
     recipe = Recipe(
         name=fields.value("name", str),
         description=fields.value("description", str, ""),
@@ -82,7 +105,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         dtype=dtype,
         lora_dtype=fields.choice("lora_dtype", DTYPES, dtype),
         quantization=fields.choice("quantization", QUANTIZATIONS, "none"),
-        attention=fields.choice("attention", ATTENTION_BACKENDS, "sdpa"),
+        attention=attention,
         max_rank=fields.positive("max_rank"),
         slots=fields.strings("slots", ["*"]),
         layout=fields.choice("layout", LAYOUTS, "regional"),
@@ -97,7 +120,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
-        parallel=fields.choice("parallel", PARALLEL_MODES, "none"),
+        parallel=parallel,
     )
     fields.refuse_unknown()
     for field in ("batch", "image_tokens", "text_tokens"):

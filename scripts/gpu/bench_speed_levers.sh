@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 11 levers on the full random:flux-dev, one GPU call (carry .device, which holds the
+# nvidia-cudnn-frontend wheel, and artifacts/h200/package-joint.tar, the default h200 package):
+# 1. the op check: aotpack::fp8_sdpa's CUDA kernel vs its CPU reference, eager and graph-replayed;
+# 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
+#    fp8attn: attention = "cudnn_fp8" (FP8 attention through cuDNN);
+#    cdt: [inductor] coordinate_descent_tuning = true (Triton reduction configs tuned at build);
+# 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at SIZE^2;
+# 4. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at SIZE^2.
+# Results under $OUT; about 6-7 minutes at 1024^2.
+# The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
+# (1.32.0 was used; scripts/gpu/env.sh installs it with the others).
+source scripts/gpu/env.sh
+LEVERS=${LEVERS:-fp8attn cdt}
+SIZE=${SIZE:-1024}
+mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
+tar xf artifacts/h200/package-joint.tar -C /tmp/pkg || exit 1
+# validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
+sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
+  aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
+{ cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
+build() {  # label
+  timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
+    --workers 4 --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
+  echo "build $1: exit $? after $SECONDS s" | tee -a "$OUT/builds.txt"
+}
+# The op's CUDA kernel against its CPU reference (same quantized inputs), eagerly and replayed from a CUDA graph.
+python3 - > "$OUT/fp8_op_check.json" <<'PY'
+import json, torch
+from aotpack.models.fp8_attention import quantize
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 4608, 24, 128, generator=g) for _ in range(3))
+(q8, dq), (k8, dk), (v8, dv) = (quantize(t) for t in (q, k, v))
+cpu = torch.ops.aotpack.fp8_sdpa(q8, k8, v8, dq, dk, dv).float() * dv
+args = [t.cuda() for t in (q8, k8, v8, dq, dk, dv)]
+gpu = torch.ops.aotpack.fp8_sdpa(*args)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    replayed = torch.ops.aotpack.fp8_sdpa(*args)
+graph.replay(); torch.cuda.synchronize()
+rel = lambda a, b: float((a - b).norm() / b.norm())
+print(json.dumps({"gpu_vs_cpu_reference": rel(gpu.float().cpu() * dv, cpu),
+                  "graph_replay_equals_eager": bool(torch.equal(replayed.view(torch.uint8), gpu.view(torch.uint8)))}))
+PY
+cat "$OUT/fp8_op_check.json"
+SECONDS=0
+for label in $LEVERS; do build "$label" & done
+wait
+args=(--variant default=/tmp/pkg)
+for label in $LEVERS; do
+  grep -m3 -n -E "Error|error:" "$OUT/build-$label.log"; tail -4 "$OUT/build-$label.log"
+  args+=(--variant "$label=/tmp/levers/$label")
+done
+cp /tmp/levers/fp8attn/manifest.json "$OUT/manifest-fp8attn.json" 2>/dev/null
+timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$OUT" --height "$SIZE" --width "$SIZE" \
+  "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
+if [ "${FP8_SPEED:-1}" = 1 ]; then
+  timeout 200 python3 -m aotpack.bench.speed --package /tmp/levers/fp8attn --model random:flux-dev \
+    --out "$OUT/fp8attn" --sizes "$SIZE" --skip-recipe --lora-std 0.15 > "$OUT/fp8attn-speed.log" 2>&1
+  echo "speed bench fp8attn: exit $?"
+  head -40 "$OUT/fp8attn/speed.md" 2>/dev/null
+fi
