@@ -149,12 +149,14 @@ def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, request
     return result, output
 
 
-def shared_workload(config: dict, *, height: int, width: int, steps: int, text_tokens: int, dtype, device):
+def shared_workload(config: dict, *, height: int, width: int, steps: int, text_tokens: int, dtype, device,
+                    batch: int = 1):
     """The transformer inputs (seed 5) and the pipeline request every contender gets."""
-    inputs = transformer_inputs(config, batch=1, image_tokens=(height // 16) * (width // 16), text_tokens=text_tokens,
-                                dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
+    inputs = transformer_inputs(config, batch=batch, image_tokens=(height // 16) * (width // 16),
+                                text_tokens=text_tokens, dtype=dtype, device=device,
+                                generator=torch.Generator().manual_seed(5))
     request = dict(zip(("prompt_embeds", "pooled_prompt_embeds"),
-                       random_prompt_embeds(config, 1, text_tokens, dtype, device)),
+                       random_prompt_embeds(config, batch, text_tokens, dtype, device)),
                    height=height, width=width, num_inference_steps=steps, guidance_scale=3.5)
     return inputs, request
 

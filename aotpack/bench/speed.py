@@ -224,18 +224,18 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size)
 
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
-        repeats: int = 10, build: dict | None = None, lora_std: float = 0.02) -> dict:
+        repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "speed.json")
     ref = parse_model_ref(model)
     config = load_transformer_config(ref)
     device, dtype = bench_device()
-    report["setup"] = {"model": model, "sizes": list(sizes), "text_tokens": text_tokens, "lora": LORA,
+    report["setup"] = {"model": model, "sizes": list(sizes), "batch": batch, "text_tokens": text_tokens, "lora": LORA,
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "build": build or {}}
     loras = write_bench_loras(config, lora_dir, names=["r16-attn", LORA], std=lora_std)
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
-                                       dtype=dtype, device=device)[0] for size in sizes}
+                                       dtype=dtype, device=device, batch=batch)[0] for size in sizes}
     breakdown_size = 1024 if 1024 in workloads else next(iter(workloads))
     refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats)
     report["eager_bf16_peft"] = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
@@ -272,7 +272,8 @@ def _num(row, key, fmt="{:.4f}") -> str:
 def markdown(data: dict) -> str:
     setup, ours, recipe_data = data["setup"], data.get("aotpack", {}), data.get("recipe", {})
     lines = [f"# aotpack speed ({setup['date']}, {setup.get('gpu') or 'cpu'}, torch {setup['torch']})", "",
-             (f"Model {setup['model']}, {setup['text_tokens']} text tokens, LoRA {setup['lora']} at scale 1.0; "
+             (f"Model {setup['model']}, batch {setup.get('batch', 1)}, {setup['text_tokens']} text tokens, "
+              f"LoRA {setup['lora']} at scale 1.0; "
               f"build: {setup.get('build', {})}"), ""]
     effect = data["eager_bf16_peft"].get("lora_effect_relative")
     if effect:
@@ -349,6 +350,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sizes", default="1024", help="comma-separated square sizes, e.g. 512,1024,2048")
     parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1, help="images per step (the package's batch range)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
     parser.add_argument("--skip-recipe", action="store_true")
@@ -362,7 +364,7 @@ def main(argv=None) -> None:
     build = json.loads(args.build_json.read_text()) if args.build_json else None
     run(args.package, args.model, args.out, sizes=[int(s) for s in args.sizes.split(",")], text_tokens=args.text_tokens,
         lora_dir=args.lora_dir, skip_recipe=args.skip_recipe, repeats=args.repeats, build=build,
-        lora_std=args.lora_std)
+        lora_std=args.lora_std, batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ eager warm-up and one capture.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class _Captured:
@@ -36,6 +39,7 @@ class StepGraphs:
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None  # one memory pool for all graphs: they never replay concurrently
         self.captures = 0  # how many graphs were captured (benchmarks report it)
+        self.failed: str | None = None  # why a capture failed: from then on every step runs the plain chain
 
     @staticmethod
     def key(variant: str, inputs: list[torch.Tensor]) -> tuple:
@@ -52,9 +56,18 @@ class StepGraphs:
 
         Returns a fresh tensor: the graph's own output is overwritten by the next replay, and a
         pipeline with true CFG calls the transformer twice before it reads either output."""
+        if self.failed:
+            return body(inputs)
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._capture(inputs, body)
+            try:
+                captured = self._capture(inputs, body)
+            except Exception as err:  # noqa: BLE001 -- a speed-up that cannot apply must not fail the request
+                self.failed = f"{type(err).__name__}: {err}"[:300]
+                logger.warning("CUDA graph capture failed (%s); steps run without graphs from now on "
+                               "(turn them off with --no-cuda-graphs / cuda_graphs=False)", self.failed)
+                self._graphs.clear()
+                return body(inputs)
             self._graphs[key] = captured
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

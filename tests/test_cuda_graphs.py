@@ -1,0 +1,52 @@
+"""CUDA graphs of the step chain (runtime/cuda_graphs.py): where they apply, and the fallback when a
+capture fails. Capture and replay themselves need a GPU: the speed bench checks them there, bit for bit
+against the plain chain (benchmarks/results/2026-12-01b-h200-cuda-graphs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aotpack.errors import UnsupportedCallError
+
+
+def test_graphs_stay_off_on_the_cpu_by_default_and_are_refused_when_asked(tiny_package):
+    import aotpack
+
+    served = aotpack.load(tiny_package, model="tiny")
+    assert not served.transformer.cuda_graphs_apply and not served.transformer.cuda_graphs
+    with pytest.raises(UnsupportedCallError, match="CUDA graphs need a CUDA device"):
+        served.transformer.use_cuda_graphs(True)
+    served.transformer.use_cuda_graphs(False)  # turning them off is always fine
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_the_plain_chain_once(caplog):
+    """CUDA graphs are on by default on a GPU: a capture that fails (a driver, a custom op) must cost the
+    request nothing. The step runs the plain chain, a warning says why and how to turn graphs off, and no
+    later step tries to capture again. (The capture itself needs a GPU: benchmarks check it there.)"""
+    import logging
+
+    import torch
+
+    from aotpack.runtime.cuda_graphs import StepGraphs
+
+    graphs = StepGraphs(torch.device("cpu"))
+    attempts, calls = [], []
+
+    def failing_capture(inputs, body):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = failing_capture
+
+    def body(inputs):
+        calls.append(1)
+        return inputs[0] * 2
+
+    x = torch.arange(4.0)
+    with caplog.at_level(logging.WARNING, logger="aotpack.runtime.cuda_graphs"):
+        first = graphs.run(graphs.key("slots", [x]), [x], body)
+        second = graphs.run(graphs.key("slots", [x + 1]), [x + 1], body)
+    assert torch.equal(first, x * 2) and torch.equal(second, (x + 1) * 2)
+    assert len(attempts) == 1 and len(calls) == 2 and len(graphs) == 0
+    assert "operation not permitted" in graphs.failed
+    assert "CUDA graph capture failed" in caplog.text and "--no-cuda-graphs" in caplog.text
