@@ -177,7 +177,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     instances = sum(len(p.instances) for p in manifest.programs)
     with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
-        compiled.use_cuda_graphs(compiled.cuda_graphs_apply if cuda_graphs is None else cuda_graphs)
+        compiled.use_cuda_graphs(cuda_graphs)
     with report.stage("load text encoders, VAE and scheduler"):
         pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
                                  text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))
@@ -189,9 +189,11 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     return served
 
 
-def bind_package(transformer, package, *, device: str | None = None) -> CompiledFluxTransformer:
+def bind_package(transformer, package, *, device: str | None = None,
+                 cuda_graphs: bool | None = None) -> CompiledFluxTransformer:
     """`package`'s compiled transformer bound to `transformer`'s weights (an eager
-    `FluxTransformer2DModel`, quantized and slotted in place as the package's recipe says)."""
+    `FluxTransformer2DModel`, quantized and slotted in place as the package's recipe says).
+    `cuda_graphs` as for `load_package` (None: on where they apply)."""
     from diffusers import FluxTransformer2DModel
 
     from ..errors import UnsupportedCallError
@@ -210,10 +212,12 @@ def bind_package(transformer, package, *, device: str | None = None) -> Compiled
     device = device or ("cuda" if manifest.device == "cuda" else "cpu")
     prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
                         quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
-    return CompiledFluxTransformer(manifest, package_dir, transformer, device)
+    compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
+    compiled.use_cuda_graphs(cuda_graphs)
+    return compiled
 
 
-def apply(pipe, package, *, device: str | None = None):
+def apply(pipe, package, *, device: str | None = None, cuda_graphs: bool | None = None):
     """Swap `pipe.transformer` (an eager `FluxTransformer2DModel`) for `package`'s compiled programs,
     bound to that transformer's own weights; returns `pipe` (as ZeroGPU's `aoti_apply` does).
 
@@ -221,7 +225,7 @@ def apply(pipe, package, *, device: str | None = None):
     usual calls afterwards: `pipe.load_lora_weights(file, adapter_name=...)`, `pipe.set_adapters(...)`
     drive the slots.
     """
-    pipe.transformer = bind_package(pipe.transformer, package, device=device)
+    pipe.transformer = bind_package(pipe.transformer, package, device=device, cuda_graphs=cuda_graphs)
     return pipe
 
 

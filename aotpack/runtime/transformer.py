@@ -255,11 +255,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         return (self._device.type == "cuda" and WHOLE not in self._programs
                 and self.manifest.recipe.get("parallel", "none") == "none")
 
-    def use_cuda_graphs(self, enabled: bool = True) -> None:
-        """Replay each step's program chain from a CUDA graph captured per input shape (cuda_graphs.py).
+    def use_cuda_graphs(self, enabled: bool | None = True) -> None:
+        """Replay each step's program chain from a CUDA graph captured per input shape (cuda_graphs.py);
+        None: wherever they apply (`cuda_graphs_apply`), the loaders' default.
 
         H200, 2026-12-01 (benchmarks/results/2026-12-01b-h200-cuda-graphs): 512^2 with a r64 LoRA in
         slots 43.9 -> 38.9 ms/step; 1024^2 112.2 -> 111.1 ms (GPU-bound there); outputs bit-identical."""
+        if enabled is None:
+            enabled = self.cuda_graphs_apply
         if not enabled:
             self._step_graphs = None
             return
