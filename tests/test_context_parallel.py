@@ -65,7 +65,39 @@ def _rank_fails(ctx, package, inputs):
     return _forward(served, inputs)  # rank 0 waits in the first all-to-all until it is ended
 
 
+def _rank_attend(ctx, seq_sizes, chunk_options):
+    """This rank's attention output for each `overlap_chunks` value, on its shard of a seeded q/k/v."""
+    full = torch.randn(8, 3, 2, sum(seq_sizes), 16, generator=torch.Generator().manual_seed(0))  # [H, 3, B, S, D]
+    start = sum(seq_sizes[: ctx.rank])
+    mine = full[:, :, :, start:start + seq_sizes[ctx.rank]].contiguous()
+    outputs, overlapped = {}, []
+    original = ctx.comm._attend_overlapped
+    ctx.comm._attend_overlapped = lambda *args: overlapped.append(args[-1]) or original(*args)
+    for chunks in chunk_options:
+        ctx.comm.overlap_chunks = chunks
+        outputs[chunks] = ctx.comm.attend(mine, seq_sizes)
+    return outputs, overlapped
+
+
 # -- tests ---------------------------------------------------------------------------------------------
+def test_overlapped_all_to_all_gives_the_same_attention_as_one_transfer():
+    """Heads in chunks, each chunk's all-to-all asynchronous and overlapping another chunk's attention
+    (`Ulysses.overlap_chunks`): rank 0's tokens get exactly the full-sequence attention, for 1, 2 and 4
+    chunks of its 4 heads, and 3 (does not divide 4: one transfer) too. Uneven shards (5 + 4 tokens)."""
+    from aotpack.models.split_regions import attention
+    from aotpack.runtime.parallel import launch
+
+    seq_sizes = [5, 4]
+    results, overlapped = launch(_rank_attend, 2, seq_sizes, [1, 2, 4, 3])
+    assert overlapped == [2, 4]  # the chunked path ran for the chunk counts that divide 4 heads
+    full = torch.randn(8, 3, 2, sum(seq_sizes), 16, generator=torch.Generator().manual_seed(0))
+    expected = attention(full)[:, : seq_sizes[0]]
+    for chunks, output in results.items():
+        assert output.shape == expected.shape == (2, 5, 8 * 16)
+        assert relative_error(output, expected) <= TOLERANCE, chunks
+    assert torch.equal(results[2], results[1]) and torch.equal(results[4], results[1])
+
+
 def test_split_blocks_match_diffusers_blocks_in_eager():
     from aotpack.models.checkpoint import load_transformer, parse_model_ref
     from aotpack.models.regions import PROLOGUE, make_region, prologue_arguments

@@ -69,6 +69,9 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
         step()
         entry["comm_ms_per_step"] = comm.timer.take_seconds() * 1000
         comm.timer.enabled = False
+        if ctx.world_size > 1:  # the overlapped all-to-all (Ulysses.overlap_chunks), same process
+            entry["overlap2"] = _overlapped(comm, step, output, device, repeats)
+            entry["overlap2"]["applied"] = (config["num_attention_heads"] // ctx.world_size) % 2 == 0
         first = not result["sizes"]
         with Stopwatch(device) as watch:
             latents = served.pipeline(**request, generator=torch.Generator("cpu").manual_seed(42),
@@ -80,6 +83,24 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
             result["spawn_to_first_image_seconds"] = time.time() - started
         result["sizes"][str(size)] = entry
     return result
+
+
+def _overlapped(comm, step, plain_output, device, repeats, chunks: int = 2) -> dict:
+    """Step with each rank's heads in `chunks` overlapped transfers: time, exposed communication (the
+    waits left on the compute stream), and whether the output equals the one-transfer step's."""
+    comm.overlap_chunks = chunks
+    try:
+        output = step()
+        result = {"chunks": chunks, "step": time_ms(step, device, warmup=2, repeats=repeats),
+                  "output_equal": bool(torch.equal(output, plain_output))}
+        comm.timer.enabled = True
+        comm.timer.take_seconds()
+        step()
+        result["exposed_comm_ms_per_step"] = comm.timer.take_seconds() * 1000
+        comm.timer.enabled = False
+        return result
+    finally:
+        comm.overlap_chunks = 1
 
 
 def run(package: str, model: str, out: Path, *, gpus, sizes, steps: int, text_tokens: int, lora_dir: Path,
@@ -129,6 +150,13 @@ def markdown(data: dict) -> str:
             lines.append(f"| {size}² | {ranks} | {entry['step']['median_ms']:.1f} | "
                          f"{entry['step']['median_ms'] / base:.2f} | {entry['comm_ms_per_step']:.1f} | "
                          f"{entry['image_seconds']:.2f} | {'' if error is None else f'{error:.1e}'} |")
+            overlap = entry.get("overlap2")
+            if overlap:
+                label = "overlapped" if overlap.get("applied", True) else "overlap asked, heads do not divide"
+                lines.append(f"| {size}² | {ranks}, {label} x{overlap['chunks']} | "
+                             f"{overlap['step']['median_ms']:.1f} | {overlap['step']['median_ms'] / base:.2f} | "
+                             f"{overlap['exposed_comm_ms_per_step']:.1f} exposed | | "
+                             f"{'same output' if overlap['output_equal'] else 'output differs'} |")
     lines += ["", "| ranks | load s | spawn to first image s | LoRA switch from file ms | cached ms |",
               "| --- | --- | --- | --- | --- |"]
     for ranks, run in sorted(data["runs"].items(), key=lambda item: int(item[0])):

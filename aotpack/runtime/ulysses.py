@@ -58,11 +58,15 @@ class CommTimer:
 class Ulysses:
     """The communication of one rank: head/sequence all-to-alls and the final all-gather."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, group=None, device="cpu", attention_backend="sdpa"):
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None, device="cpu", attention_backend="sdpa",
+                 overlap_chunks: int = 1):
         self.rank, self.world_size, self.group = rank, world_size, group
         self.device = torch.device(device)
         self.attention_backend = attention_backend
         self.timer = CommTimer(self.device)
+        # > 1: each rank's heads go in that many chunks, so a chunk's all-to-all runs while another chunk
+        # attends (`_attend_overlapped`); 1 (default until measured on two GPUs): one all-to-all each way.
+        self.overlap_chunks = overlap_chunks
 
     def _all_to_all(self, output: torch.Tensor, data: torch.Tensor, out_sizes, in_sizes) -> None:
         dist.all_to_all_single(output, data, out_sizes, in_sizes, group=self.group)
@@ -74,6 +78,8 @@ class Ulysses:
             return self._attention(qkv).contiguous()
         heads, _, batch, local, head_dim = qkv.shape
         h = heads // n
+        if self.overlap_chunks > 1 and h % self.overlap_chunks == 0:
+            return self._attend_overlapped(qkv, seq_sizes, self.overlap_chunks)
         per_token = h * 3 * batch * head_dim
         received = torch.empty(sum(seq_sizes) * per_token, dtype=qkv.dtype, device=qkv.device)
         self.timer(self._all_to_all, received, qkv.reshape(-1), [s * per_token for s in seq_sizes],
@@ -90,6 +96,43 @@ class Ulysses:
                    [s * per_token for s in seq_sizes])
         # [N (head group), S_rank, B, h, D] -> [B, S_rank, N * h * D] (head groups in rank order = head order)
         return back.view(n, local, batch, h, head_dim).permute(2, 1, 0, 3, 4).reshape(batch, local, heads * head_dim)
+
+    def _attend_overlapped(self, qkv: torch.Tensor, seq_sizes: list[int], chunks: int) -> torch.Tensor:
+        """`attend` with each rank's h heads in `chunks` groups of c: every q/k/v all-to-all starts at
+        once (asynchronous), chunk i attends as soon as its own arrived, and its output goes back
+        asynchronously while chunk i + 1 attends. Only the first chunk's inbound and the last chunk's
+        outbound transfer stay exposed. The timer then measures those waits (exposed communication),
+        not the transfers. Head order: global head = rank * h + chunk * c + k, as in one transfer."""
+        n = self.world_size
+        heads, _, batch, local, head_dim = qkv.shape
+        h = heads // n
+        c = h // chunks
+        grouped = qkv.view(n, chunks, c, 3, batch, local, head_dim)
+        per_token = c * 3 * batch * head_dim
+        inbound_sizes = [s * per_token for s in seq_sizes]
+        sends = [grouped[:, i].contiguous() for i in range(chunks)]  # [n, c, 3, B, S_rank, D]: rank j gets [j]
+        received = [torch.empty(sum(seq_sizes) * per_token, dtype=qkv.dtype, device=qkv.device)
+                    for _ in range(chunks)]
+        inbound = [dist.all_to_all_single(received[i], sends[i].reshape(-1), inbound_sizes,
+                                          [local * per_token] * n, group=self.group, async_op=True)
+                   for i in range(chunks)]
+        out_per_token = batch * c * head_dim
+        backs, outbound = [], []
+        for i in range(chunks):
+            self.timer(inbound[i].wait)
+            pieces = [p.view(c, 3, batch, s, head_dim) for p, s in zip(received[i].split(inbound_sizes), seq_sizes)]
+            out = self._attention(torch.cat(pieces, dim=3))  # [B, S, c * D]
+            send = out.view(batch, -1, c, head_dim).permute(1, 0, 2, 3).contiguous()  # [S, B, c, D]
+            back = torch.empty(n * local * out_per_token, dtype=out.dtype, device=out.device)
+            outbound.append((dist.all_to_all_single(back, send.reshape(-1), [local * out_per_token] * n,
+                                                    [s * out_per_token for s in seq_sizes], group=self.group,
+                                                    async_op=True), send))
+            backs.append(back)
+        for work, _send in outbound:  # _send stays referenced until its transfer is done
+            self.timer(work.wait)
+        # per chunk [N, S_rank, B, c, D] -> [N, S_rank, B, chunks, c, D] -> [B, S_rank, N * chunks * c * D]
+        joined = torch.stack([b.view(n, local, batch, c, head_dim) for b in backs], dim=3)
+        return joined.permute(2, 1, 0, 3, 4, 5).reshape(batch, local, heads * head_dim)
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda" or self.attention_backend in ("sdpa", "fa3"):
