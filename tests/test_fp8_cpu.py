@@ -93,3 +93,52 @@ def test_base_only_fp8_package_keeps_biases_out_of_the_fp8_matmul(tmp_path_facto
         served = aotpack.load(package, model="tiny")
     with pytest.raises(AdapterLayerError, match="slot"):
         served.set_loras([(demo_loras["tiny-style-attn"], 1.0)])
+
+
+def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo_loras):
+    """FP8 packages carry merge_rows.pt2 (verified by sha256 like every program). A merge runs it per
+    layer: the new rows equal `merged_rows` on the saved originals bit for bit, the output moves as the
+    slots' output does, and the unmerge restores the FP8 weights bit for bit."""
+    import torchao.quantization.quant_api as quant_api
+    from reference import rel_error
+
+    import aotpack
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.models.merge_rows import merged_rows
+    from aotpack.runtime.merge import _weight_storages
+
+    manifest = read_manifest(fp8_package)
+    assert manifest.merge_program == "merge_rows.pt2" and manifest.merge_program in manifest.files
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(fp8_package, model="tiny")
+    transformer = served.transformer
+    assert transformer.compiled_merge is not None
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                                device="cpu", generator=torch.Generator().manual_seed(2))
+    lora = [(str(demo_loras["tiny-style-attn"]), 0.8)]
+    calls = []
+    original_program = transformer.compiled_merge.program
+    transformer.compiled_merge.program = lambda flat: calls.append(flat) or original_program(flat)
+    with torch.no_grad():
+        base = transformer(**inputs, return_dict=False)[0].float()
+        served.set_loras(lora)
+        slots = transformer(**inputs, return_dict=False)[0].float()
+        layer = "transformer_blocks.0.attn.to_q"
+        weight = transformer.lora_modes._layer_weight(layer)
+        before = [t.clone() for t in _weight_storages(weight)]
+        served.set_loras(lora, merge=True)
+        merged = transformer(**inputs, return_dict=False)[0].float()
+    assert transformer.merged and calls  # the compiled program did the merge
+    # the layer's factors as the program got them (stacked, scaled, padded): the eager math on the originals
+    _, _, a_all, b_all = next(flat for flat in calls if flat[0].data_ptr() == weight.qdata.data_ptr())
+    expected_qdata, expected_scale = merged_rows(before[0], before[1].view(-1, 1), a_all, b_all)
+    assert torch.equal(weight.qdata.view(torch.uint8), expected_qdata.view(torch.uint8))
+    assert torch.equal(weight.scale.view(-1, 1), expected_scale)
+    effect = rel_error(slots, base)
+    assert effect > 1e-2 and rel_error(merged, slots) < 0.25 * effect  # merged = slots, up to FP8 re-rounding
+    with torch.no_grad():
+        served.set_loras([])
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+               for a, b in zip(_weight_storages(weight), before))

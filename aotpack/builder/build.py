@@ -20,6 +20,7 @@ from ..models.checkpoint import (
     structural_config,
 )
 from ..models.examples import transformer_inputs
+from ..models.merge_rows import MERGE_PROGRAM, export_merge_rows
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
 from ..models.regions import (
@@ -212,11 +213,19 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     with attention_context(transformer, recipe.attention):
         exported = _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report)
     export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
-    workers = compile_workers or default_compile_workers(device, len(exported))
-    compile_seconds = compile_programs([(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported],
-                                       workers=workers, inductor_configs=recipe.inductor_configs,
+    jobs = [(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported]
+    merge_program = None
+    if recipe.quantization == "fp8_rowwise" and recipe.max_rank > 0:  # merged LoRA sets re-quantize rows
+        merge_program = f"{MERGE_PROGRAM}.pt2"
+        with report.stage(f"export {MERGE_PROGRAM}"):
+            jobs.append((MERGE_PROGRAM, export_merge_rows(recipe.max_rank, torch_dtype(recipe.lora_dtype), device),
+                         staging / merge_program))
+    workers = compile_workers or default_compile_workers(device, len(jobs))
+    compile_seconds = compile_programs(jobs, workers=workers, inductor_configs=recipe.inductor_configs,
                                        attention=recipe.attention, needs_torchao=recipe.quantization != "none",
                                        report=report)
+    if merge_program:
+        check_package_shared_objects(staging / merge_program)
     programs = []
     for kind, instances, region, activations, _ in exported:
         path = staging / f"{kind}.pt2"
@@ -235,7 +244,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         dtype=recipe.dtype, lora_dtype=recipe.lora_dtype, quantization=quantization_record(recipe.quantization),
         attention=recipe.attention, max_rank=recipe.max_rank, slot_patterns=list(recipe.slots), slots=slot_specs,
         shapes=shapes, layout=recipe.layout, programs=programs, validation={},
-        build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(),
+        build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(), merge_program=merge_program,
     )
     with report.stage("validate against eager diffusers"):
         manifest.validation = validate_package(staging, manifest, transformer, recipe, device, report)
@@ -251,7 +260,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     }
     for spec in programs:  # the compiled max_rank/slots/inputs travel inside each program (covered by its sha256)
         stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table())
-    manifest.files = {p.file: sha256_file(staging / p.file) for p in programs}
+    manifest.files = {f: sha256_file(staging / f) for f in [p.file for p in programs] + [merge_program] if f}
     manifest.write(staging)
     output.commit()  # atomic swap under out's lock; a replaced package is removed only afterwards
     size_mb = manifest.total_bytes(out) / 1e6

@@ -16,7 +16,11 @@ delta, torchao `from_hp` per layer: ~70 bytes moved per weight) took 407-507 ms;
 and took 203-205 ms (2026-12-01), still above the 150 ms goal with the 27 ms unmerge. Profiled
 (`scripts/gpu/probe_merge.py`): the eager passes that touch FP8 or mix dtypes run at 0.6-1.0 TB/s;
 one fused, ahead-of-time compiled kernel per shape is the next step (results README, 2026-12-01).
-Non-quantized weights (bf16/fp32 targets) take the products in place with `addmm_`.
+Packages built since carry it: `merge_rows.pt2` (models/merge_rows.py, `CompiledMerge` below), one
+program for every weight shape, which forms the merged rows in fp32 and re-quantizes them in one fused
+pass. On the CPU it equals the eager math bit for bit (tests); its H200 time is not measured yet.
+Packages without it take the eager passes below. Non-quantized weights (bf16/fp32 targets) take the
+products in place with `addmm_`.
 """
 
 from __future__ import annotations
@@ -50,11 +54,40 @@ def _requantize_rows_into(value: torch.Tensor, qdata: torch.Tensor, scale: torch
     torch.div(value, new_scale, out=qdata)
 
 
+class CompiledMerge:
+    """The package's merge program (models/merge_rows.py) with the rank and factor dtype it was exported
+    for: the factors of one layer's parts go in stacked and zero-padded to that rank, the new FP8 rows
+    and scales come back and are copied into the bound storages."""
+
+    def __init__(self, program, rank: int, dtype: torch.dtype):
+        self.program, self.rank, self.dtype = program, rank, dtype
+
+    def __call__(self, weight, parts) -> None:
+        qdata, scale = weight.qdata, weight.scale
+        rows, cols = qdata.shape
+        a_all = torch.zeros(self.rank, cols, dtype=self.dtype, device=qdata.device)
+        b_all = torch.zeros(rows, self.rank, dtype=self.dtype, device=qdata.device)
+        offset = 0
+        for a, b, *part_scale in parts:  # B @ A is then the sum of the parts' scaled products
+            r = a.shape[0]
+            a_all[offset:offset + r].copy_(a)
+            torch.mul(b.to(device=qdata.device, dtype=self.dtype), float(part_scale[0]) if part_scale else 1.0,
+                      out=b_all[:, offset:offset + r])
+            offset += r
+        new_qdata, new_scale = self.program([qdata, scale.view(-1, 1), a_all, b_all])
+        qdata.copy_(new_qdata)
+        scale.copy_(new_scale.view(scale.shape))
+
+
 @torch.no_grad()
-def fold_into(weight, parts) -> None:
-    """Add the adapter products to `weight` in place (same storages)."""
+def fold_into(weight, parts, compiled: CompiledMerge | None = None) -> None:
+    """Add the adapter products to `weight` in place (same storages); FP8 weights through the package's
+    compiled merge when it has one."""
     if not hasattr(weight, "qdata"):
         _add_products(weight.data, parts)
+        return
+    if compiled is not None:
+        compiled(weight, parts)
         return
     value = torch.empty(weight.qdata.shape, dtype=weight.dtype, device=weight.qdata.device)
     value.copy_(weight.qdata)  # fp8 -> bf16 is exact
@@ -118,7 +151,7 @@ class LoRAModes:
         keep_on = self._keep_device([s for w in weights.values() for s in _weight_storages(w)])
         for name, weight in weights.items():
             self._saved[name] = [self._keep(s, keep_on) for s in _weight_storages(weight)]
-            fold_into(weight, layers[name])
+            fold_into(weight, layers[name], getattr(self.transformer, "compiled_merge", None))
         self.transformer.merged = True
         self.mode = MERGED
 

@@ -29,7 +29,7 @@ from ..models.units import make_region
 from ..store.manifest import Manifest
 from . import program as program_files
 from .lora_contract import LoraContractMixin
-from .merge import LoRAModes
+from .merge import CompiledMerge, LoRAModes
 from .program import CompiledProgram
 from .slot_bank import SlotBank
 
@@ -106,6 +106,11 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
             target[spec.kind] = [self._load_instance(source, spec, instance, constants)
                                  for instance in spec.instances]
+        # FP8 packages carry the compiled merge (models/merge_rows.py); older ones merge in eager passes
+        self.compiled_merge = (CompiledMerge(program_files.open_program(Path(package_dir) / manifest.merge_program)
+                                             .instantiate(str(self._device)), manifest.max_rank,
+                                             torch_dtype(manifest.lora_dtype))
+                               if manifest.merge_program else None)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
         self.lora_modes = LoRAModes(self)
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran

@@ -57,12 +57,15 @@ class Manifest:
     recipe: dict
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
+    merge_program: str | None = None  # FP8 packages: merge_rows.pt2, the compiled merge (models/merge_rows.py)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["slots"] = [s.to_json() for s in self.slots]
         data["programs"] = [p.to_json() for p in self.programs]
+        if data["merge_program"] is None:  # absent rather than null: older runtimes read such packages
+            del data["merge_program"]
         return {"format_version": data.pop("format_version"), **data}
 
     @classmethod
