@@ -118,6 +118,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     try:
         merge["merge_ms"] = _timed(device, lambda: served.set_loras(lora, merge=True))
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
+        # merge_rows.pt2 (packages since 2026-12-01) or the eager passes (the torchao check below is theirs)
+        merge["compiled_merge"] = getattr(served.transformer, "compiled_merge", None) is not None
         result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
         merge["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
         first = next(iter(workloads))
