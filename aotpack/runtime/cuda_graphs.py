@@ -48,9 +48,6 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def clear(self) -> None:
-        self._graphs.clear()
-
     def run(self, key: tuple, inputs: list[torch.Tensor], body: Callable[[list[torch.Tensor]], torch.Tensor]):
         """`body(inputs)` replayed from a graph captured for `key` (captured on first use).
 

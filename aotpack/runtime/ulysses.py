@@ -68,41 +68,29 @@ class Ulysses:
         # attends (`_attend_overlapped`); 1 (default until measured on two GPUs): one all-to-all each way.
         self.overlap_chunks = overlap_chunks
 
-    def _all_to_all(self, output: torch.Tensor, data: torch.Tensor, out_sizes, in_sizes) -> None:
-        dist.all_to_all_single(output, data, out_sizes, in_sizes, group=self.group)
-
     def attend(self, qkv: torch.Tensor, seq_sizes: list[int]) -> torch.Tensor:
         """`[H, 3, B, S_rank, D]` q/k/v of this rank's tokens -> `[B, S_rank, H * D]` attention output."""
         n = self.world_size
         if n == 1:
             return self._attention(qkv).contiguous()
-        heads, _, batch, local, head_dim = qkv.shape
-        h = heads // n
-        if self.overlap_chunks > 1 and h % self.overlap_chunks == 0:
-            return self._attend_overlapped(qkv, seq_sizes, self.overlap_chunks)
-        per_token = h * 3 * batch * head_dim
-        received = torch.empty(sum(seq_sizes) * per_token, dtype=qkv.dtype, device=qkv.device)
-        self.timer(self._all_to_all, received, qkv.reshape(-1), [s * per_token for s in seq_sizes],
-                   [local * per_token] * n)
-        # From rank j: [h, 3, B, S_j, D]; join the sequence pieces (rank order) for our h heads.
-        pieces = [p.view(h, 3, batch, s, head_dim) for p, s in zip(received.split([s * per_token for s in seq_sizes]),
-                                                                    seq_sizes)]
-        out = self._attention(torch.cat(pieces, dim=3))  # [B, S, h * D]
-        # Back: rank j gets its S_j tokens of our h heads, laid out [S_j, B, h, D].
-        send = out.view(batch, -1, h, head_dim).permute(1, 0, 2, 3).contiguous()
-        back = torch.empty(n * local * batch * h * head_dim, dtype=out.dtype, device=out.device)
-        per_token = batch * h * head_dim
-        self.timer(self._all_to_all, back, send.reshape(-1), [local * per_token] * n,
-                   [s * per_token for s in seq_sizes])
-        # [N (head group), S_rank, B, h, D] -> [B, S_rank, N * h * D] (head groups in rank order = head order)
-        return back.view(n, local, batch, h, head_dim).permute(2, 1, 0, 3, 4).reshape(batch, local, heads * head_dim)
+        chunks = self.overlap_chunks
+        if chunks > 1 and (qkv.shape[0] // n) % chunks == 0:
+            return self._attend_overlapped(qkv, seq_sizes, chunks)
+        return self._attend_in_chunks(qkv, seq_sizes, 1)
 
     def _attend_overlapped(self, qkv: torch.Tensor, seq_sizes: list[int], chunks: int) -> torch.Tensor:
-        """`attend` with each rank's h heads in `chunks` groups of c: every q/k/v all-to-all starts at
+        """The overlapped path, under its own name so tests and benchmarks can tell which path ran."""
+        return self._attend_in_chunks(qkv, seq_sizes, chunks)
+
+    def _attend_in_chunks(self, qkv: torch.Tensor, seq_sizes: list[int], chunks: int) -> torch.Tensor:
+        """All-to-all the sequence shards of all heads for all tokens of this rank's h = H/N heads, attend,
+        and send each rank its tokens back with all heads.
+
+        With `chunks` > 1 the h heads go in groups of c = h / chunks: every inbound all-to-all starts at
         once (asynchronous), chunk i attends as soon as its own arrived, and its output goes back
-        asynchronously while chunk i + 1 attends. Only the first chunk's inbound and the last chunk's
-        outbound transfer stay exposed. The timer then measures those waits (exposed communication),
-        not the transfers. Head order: global head = rank * h + chunk * c + k, as in one transfer."""
+        asynchronously while chunk i + 1 attends; only the first inbound and the last outbound transfer
+        stay exposed. The timer measures the waits on them (with one chunk: the transfers themselves).
+        Head order: global head = rank * h + chunk * c + k, for any chunk count."""
         n = self.world_size
         heads, _, batch, local, head_dim = qkv.shape
         h = heads // n
@@ -120,6 +108,7 @@ class Ulysses:
         backs, outbound = [], []
         for i in range(chunks):
             self.timer(inbound[i].wait)
+            # from rank j: [c, 3, B, S_j, D]; join the sequence pieces (rank order) for these c heads
             pieces = [p.view(c, 3, batch, s, head_dim) for p, s in zip(received[i].split(inbound_sizes), seq_sizes)]
             out = self._attention(torch.cat(pieces, dim=3))  # [B, S, c * D]
             send = out.view(batch, -1, c, head_dim).permute(1, 0, 2, 3).contiguous()  # [S, B, c, D]
@@ -131,7 +120,8 @@ class Ulysses:
         for work, _send in outbound:  # _send stays referenced until its transfer is done
             self.timer(work.wait)
         # per chunk [N, S_rank, B, c, D] -> [N, S_rank, B, chunks, c, D] -> [B, S_rank, N * chunks * c * D]
-        joined = torch.stack([b.view(n, local, batch, c, head_dim) for b in backs], dim=3)
+        joined = (backs[0].view(n, local, batch, 1, c, head_dim) if chunks == 1
+                  else torch.stack([b.view(n, local, batch, c, head_dim) for b in backs], dim=3))
         return joined.permute(2, 1, 0, 3, 4, 5).reshape(batch, local, heads * head_dim)
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
