@@ -49,8 +49,9 @@ def _breakdown(model, inputs, device) -> dict:
         return kernel_breakdown(lambda: model(**inputs), device)
 
 
-def eager(name, dtype, device, workloads, lora: Path, repeats) -> dict:
-    """diffusers eager + PEFT (unfused): the reference outputs with and without the LoRA, and its step."""
+def eager(name, dtype, device, workloads, lora: Path, repeats, sweep: dict | None = None) -> dict:
+    """diffusers eager + PEFT (unfused): the reference outputs with and without the LoRA, and its step;
+    for each `sweep` LoRA (std -> file), its output at the first size."""
     reset_peak_memory(device)
     model = make_transformer(name, dtype, device)
     result = {size: {"base": _out(model, inputs)} for size, inputs in workloads.items()}
@@ -61,9 +62,34 @@ def eager(name, dtype, device, workloads, lora: Path, repeats) -> dict:
         # well above the FP8 paths' own error vs eager (~0.02); below it, it measures noise.
         result[size]["lora_effect_relative"] = relative_error(result[size]["lora"], result[size]["base"])
         result[size]["step"] = _step(model, inputs, device, repeats)
+    first = next(iter(workloads))
+    result["sweep"] = {}
+    for std, path in (sweep or {}).items():
+        model.delete_adapters("r64")
+        model.load_lora_adapter(str(path), adapter_name="r64", prefix="transformer")
+        output = _out(model, workloads[first])
+        result["sweep"][std] = {"lora": output, "lora_effect_relative": relative_error(output, result[first]["base"])}
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(model)
     return result
+
+
+def fidelity_sweep(apply, output, base_output, refs: dict, size, sweep: dict) -> dict:
+    """LoRA fidelity at each sweep strength (first size): `apply(path)` makes the model run that LoRA,
+    `output()` is its output then. One LoRA direction at growing strengths: an error that falls as
+    the effect grows is FP8 noise; a weakened LoRA would keep its error and an effect strength < 1."""
+    rows = {}
+    for std, path in sweep.items():
+        apply(path)
+        ref = refs["sweep"][std]
+        rows[std] = {"lora_effect_relative": ref["lora_effect_relative"],
+                     **_fidelity(output(), base_output, ref["lora"], refs[size]["base"])}
+    return rows
+
+
+def _fidelity(output, base_output, ref_lora, ref_base) -> dict:
+    return {"lora_fidelity_error": lora_effect_error(output, base_output, ref_lora, ref_base),
+            "lora_effect_strength": effect_strength(output, base_output, ref_lora, ref_base)}
 
 
 def _mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size, *, with_lora=True) -> dict:
@@ -75,8 +101,7 @@ def _mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size,
         ref = refs[size]
         row["rel_error_vs_eager"] = relative_error(output, ref["lora" if with_lora else "base"].to(output.device))
         if with_lora and size in base_outputs:
-            row["lora_fidelity_error"] = lora_effect_error(output, base_outputs[size], ref["lora"], ref["base"])
-            row["lora_effect_strength"] = effect_strength(output, base_outputs[size], ref["lora"], ref["base"])
+            row.update(_fidelity(output, base_outputs[size], ref["lora"], ref["base"]))
         sizes[size] = row
         sizes[size]["_output"] = output
     result = {"sizes": sizes}
@@ -91,7 +116,8 @@ def _timed(device, fn) -> float:
     return watch.seconds * 1000
 
 
-def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, breakdown_size) -> dict:
+def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, breakdown_size,
+                  sweep: dict | None = None) -> dict:
     import aotpack
 
     started = time.perf_counter()
@@ -131,6 +157,15 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]
     result["merge"] = merge
+    if sweep:
+        first = next(iter(workloads))
+        output = lambda: _out(served.transformer, workloads[first])  # noqa: E731
+        result["fidelity_sweep"] = {}
+        for mode, merge_it in (("slots", False), ("merged", True)):
+            result["fidelity_sweep"][mode] = fidelity_sweep(
+                lambda path, m=merge_it: (served.set_loras([]), served.set_loras([(path, 1.0)], merge=m)),
+                output, base_outputs[first], refs, first, sweep)
+        served.set_loras([])
     if device == "cuda":
         result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, breakdown_size)
     result["peak_gpu_gb"] = peak_memory_gb(device)
@@ -203,7 +238,7 @@ def requantization_matches_torchao(value: torch.Tensor, float8_dtype, kernel_pre
                 and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
 
 
-def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size) -> dict:
+def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size, sweep: dict | None = None) -> dict:
     """The published recipe (compare.recipe_transformer). Its base output runs the same model with the
     LoRA disabled under `force_eager` (no recompile); the fidelity thus includes compile-vs-eager noise."""
     torch._dynamo.reset()
@@ -220,13 +255,19 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size)
             base_outputs[size] = _out(model, inputs)
     model.enable_lora()
     result.update(_mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size))
+    if sweep:  # same rank: PEFT hotswaps the factors in place, no recompile
+        result["fidelity_sweep"] = fidelity_sweep(
+            lambda path: model.load_lora_adapter(str(path), adapter_name="default_0", prefix="transformer",
+                                                 hotswap=True),
+            lambda: _out(model, workloads[first]), base_outputs[first], refs, first, sweep)
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(model)
     return result
 
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
-        repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1) -> dict:
+        repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1,
+        fidelity_stds=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "speed.json")
     ref = parse_model_ref(model)
@@ -236,18 +277,20 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "build": build or {}}
     loras = write_bench_loras(config, lora_dir, names=["r16-attn", LORA], std=lora_std)
+    sweep = {std: write_bench_loras(config, lora_dir, names=[LORA], std=std)[LORA] for std in fidelity_stds}
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
                                        dtype=dtype, device=device, batch=batch)[0] for size in sizes}
     breakdown_size = 1024 if 1024 in workloads else next(iter(workloads))
-    refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats)
+    refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats, sweep)
     report["eager_bf16_peft"] = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
                                  "lora_effect_relative": {s: refs[s]["lora_effect_relative"] for s in workloads},
                                  "lora_std": lora_std}
-    report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, breakdown_size))
+    report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, breakdown_size,
+                                             sweep))
     if not skip_recipe:
         try:
             report["recipe"] = _strip(recipe(ref.location, dtype, device, workloads, loras, refs, repeats,
-                                             breakdown_size))
+                                             breakdown_size, sweep))
         except Exception as err:  # noqa: BLE001 -- recorded; aotpack's figures stand on their own
             report["recipe"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     (out / "speed.md").write_text(markdown(report.data))
@@ -318,6 +361,7 @@ def markdown(data: dict) -> str:
                              f"{row.get('first_call_with_capture_s', 0):.2f} |")
         if graphs.get("error"):
             lines.append(f"\nCUDA graphs failed: {graphs['error']}")
+    lines += _sweep_markdown(data)
     merge = ours.get("merge", {})
     lines += ["", f"Merge r64-all: {merge}", "",
               "Cached switches (ms): " + ", ".join(f"{k} first {v['first']:.1f} / later {v['later_median']:.1f}"
@@ -341,6 +385,23 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_markdown(data: dict) -> list[str]:
+    ours, recipe_data = data.get("aotpack", {}).get("fidelity_sweep"), data.get("recipe", {}).get("fidelity_sweep")
+    if not ours:
+        return []
+    columns = [("aotpack slots", ours.get("slots", {})), ("aotpack merged", ours.get("merged", {})),
+               ("recipe", recipe_data or {})]
+    lines = ["", f"### LoRA fidelity sweep ({data['setup']['sizes'][0]}², {LORA}, one direction at growing strength)",
+             "", "Each cell: fidelity error / effect strength.", "",
+             "| factor std | LoRA effect on eager's output | " + " | ".join(c for c, _ in columns) + " |",
+             "| --- | --- |" + " --- |" * len(columns)]
+    for std, row in ours.get("slots", {}).items():
+        cells = [(f"{r[std]['lora_fidelity_error']:.4f} / {r[std]['lora_effect_strength']:.3f}" if std in r else "")
+                 for _, r in columns]
+        lines.append(f"| {std} | {row['lora_effect_relative']:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 _CATEGORY_LABELS = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise",
                     "other")
 
@@ -359,6 +420,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-std", type=float, default=0.02,
                         help="std of the random LoRA factors; raise it so the LoRA's effect on the output stands "
                              "well above FP8 noise when the LoRA fidelity is the point")
+    parser.add_argument("--fidelity-stds", default="",
+                        help="comma-separated LoRA factor stds for a fidelity sweep at the first size (same LoRA "
+                             "direction, growing effect), e.g. 0.25,0.4")
     parser.add_argument("--build-json", type=Path, help="a JSON file with build facts to record (seconds, MB)")
     args = parser.parse_args(argv)
     import json
@@ -366,7 +430,8 @@ def main(argv=None) -> None:
     build = json.loads(args.build_json.read_text()) if args.build_json else None
     run(args.package, args.model, args.out, sizes=[int(s) for s in args.sizes.split(",")], text_tokens=args.text_tokens,
         lora_dir=args.lora_dir, skip_recipe=args.skip_recipe, repeats=args.repeats, build=build,
-        lora_std=args.lora_std, batch=args.batch)
+        lora_std=args.lora_std, batch=args.batch,
+        fidelity_stds=[float(s) for s in args.fidelity_stds.split(",") if s])
 
 
 if __name__ == "__main__":

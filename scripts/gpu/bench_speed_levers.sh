@@ -5,15 +5,17 @@
 # 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
 #    fp8attn: attention = "cudnn_fp8" (FP8 attention through cuDNN);
 #    cdt: [inductor] coordinate_descent_tuning = true (Triton reduction configs tuned at build);
-# 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at SIZE^2;
-# 4. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at SIZE^2.
+# 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
+#    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
+# 4. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size.
 # Results under $OUT; about 6-7 minutes at 1024^2.
 # The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
 # (1.32.0 was used; scripts/gpu/env.sh installs it with the others).
 source scripts/gpu/env.sh
 LEVERS=${LEVERS:-fp8attn cdt}
-SIZE=${SIZE:-1024}
+SIZES=${SIZES:-${SIZE:-1024}}
+SIZE=${SIZES%% *}
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
 tar xf artifacts/h200/package-joint.tar -C /tmp/pkg || exit 1
 # validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
@@ -53,8 +55,11 @@ for label in $LEVERS; do
   args+=(--variant "$label=/tmp/levers/$label")
 done
 cp /tmp/levers/fp8attn/manifest.json "$OUT/manifest-fp8attn.json" 2>/dev/null
-timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$OUT" --height "$SIZE" --width "$SIZE" \
-  "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
+for size in $SIZES; do
+  out="$OUT"; [ "$size" = "$SIZE" ] || out="$OUT/$size"
+  timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$out" --height "$size" --width "$size" \
+    "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
+done
 if [ "${FP8_SPEED:-1}" = 1 ]; then
   timeout 200 python3 -m aotpack.bench.speed --package /tmp/levers/fp8attn --model random:flux-dev \
     --out "$OUT/fp8attn" --sizes "$SIZE" --skip-recipe --lora-std 0.15 > "$OUT/fp8attn-speed.log" 2>&1
