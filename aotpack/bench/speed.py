@@ -159,7 +159,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     result["merge"] = merge
     if sweep:
         first = next(iter(workloads))
-        output = lambda: _out(served.transformer, workloads[first])  # noqa: E731
+        output = lambda: _out(served.transformer, workloads[first])
         result["fidelity_sweep"] = {}
         for mode, merge_it in (("slots", False), ("merged", True)):
             result["fidelity_sweep"][mode] = fidelity_sweep(
@@ -310,6 +310,10 @@ def _ms(row) -> str:
     return f"{row['step']['median_ms']:.2f}" if row and "step" in row else ""
 
 
+def _ratio(row, other) -> str:
+    return f"{row['step']['median_ms'] / other['step']['median_ms']:.2f}x" if other and "step" in other else ""
+
+
 def _num(row, key, fmt="{:.4f}") -> str:
     return fmt.format(row[key]) if row and key in row else ""
 
@@ -354,9 +358,7 @@ def markdown(data: dict) -> str:
             for size, row in graphs.get(mode, {}).get("sizes", {}).items():
                 plain = ours.get(mode.replace("_after_merge", ""), {}).get("sizes", {}).get(size)
                 recipe_row = (recipe_data.get("sizes", {}) if recipe_data else {}).get(size)
-                vs = lambda other: (f"{row['step']['median_ms'] / other['step']['median_ms']:.2f}x"  # noqa: E731
-                                    if other and "step" in other else "")
-                lines.append(f"| {size} | {mode} | {_ms(row)} | {vs(recipe_row)} | {vs(plain)} | "
+                lines.append(f"| {size} | {mode} | {_ms(row)} | {_ratio(row, recipe_row)} | {_ratio(row, plain)} | "
                              f"{row.get('bit_identical_to_plain_chain', '')} | "
                              f"{row.get('first_call_with_capture_s', 0):.2f} |")
         if graphs.get("error"):
