@@ -39,18 +39,17 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def cpu_test_recipe(name: str, fields: str, *, tolerance: float, end_to_end: float) -> str:
+def cpu_test_recipe(name: str, fields: str, *, tolerance: float, end_to_end: float, shapes=None) -> str:
     """A small CPU recipe (TOML) for test packages: `fields` are its top-level lines (dtype, attention,
-    quantization, max_rank...); shapes and the example are the ones the CPU tests share."""
+    quantization, max_rank...); shapes (name -> [min, max]) default to the ranges the CPU tests share,
+    the example is theirs too."""
+    shapes = shapes or {"batch": [1, 4], "image_tokens": [16, 256], "text_tokens": [8, 64]}
     return f"""
 name = "{name}"
 device = "cpu"
 {fields.strip()}
 [shapes]
-batch = [1, 4]
-image_tokens = [16, 256]
-text_tokens = [8, 64]
-[example]
+""" + "".join(f"{axis} = {list(bounds)}\n" for axis, bounds in shapes.items()) + f"""[example]
 batch = 1
 image_tokens = 64
 text_tokens = 16

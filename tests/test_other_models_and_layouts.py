@@ -8,12 +8,12 @@ import zipfile
 import pytest
 import torch
 from click.testing import CliRunner
-from reference import REQUEST, latents, reference_latents, rel_error
+from reference import REQUEST, cpu_test_recipe, latents, reference_latents, rel_error
 from safetensors.torch import load_file
 
 from aotpack.builder.build import build_package
 from aotpack.cli import cli
-from aotpack.errors import AdapterLayerError, AdapterRankError
+from aotpack.errors import AdapterLayerError, AdapterRankError, UnsupportedCallError
 from aotpack.store.manifest import read_manifest
 
 TOLERANCE = 1e-3
@@ -150,3 +150,35 @@ def test_t5_nf4_policy_needs_bitsandbytes_and_says_so(other_pipeline_dir):
     with pytest.raises(ModelSourceError) as err:
         load_pipeline(parse_model_ref(str(other_pipeline_dir)), torch.float32, text_encoder_policy="t5_nf4")
     assert "bitsandbytes" in str(err.value) and "text_encoder_policy" in str(err.value)
+
+
+def test_a_static_shape_recipe_builds_its_one_shape_and_refuses_others(other_pipeline_dir, tmp_path):
+    """[shapes] ranges of one value make programs specialised to that shape (as the compiled recipe's
+    first compile is; docs/design.md says why one would try it): the build validates that shape only,
+    the package matches diffusers there and refuses any other with the range it has."""
+    from diffusers import FluxTransformer2DModel
+
+    import aotpack
+    from aotpack.models.examples import transformer_inputs
+
+    recipe = tmp_path / "cpu-static.toml"
+    recipe.write_text(cpu_test_recipe("cpu-static", 'dtype = "float32"\nmax_rank = 4', tolerance=1e-4,
+                                      end_to_end=1e-3,
+                                      shapes={"batch": [1, 1], "image_tokens": [64, 64], "text_tokens": [16, 16]}))
+    package = build_package(str(other_pipeline_dir), str(recipe), out=tmp_path / "static", progress=False)
+    manifest = read_manifest(package)
+    assert manifest.shapes == {"batch": [1, 1], "image_tokens": [64, 64], "text_tokens": [16, 16]}
+    assert [(c["batch"], c["image_tokens"], c["text_tokens"]) for c in manifest.validation["cases"]] == [(1, 64, 16)]
+
+    served = aotpack.load(str(package), model=str(other_pipeline_dir))
+    eager = FluxTransformer2DModel.from_pretrained(other_pipeline_dir / "transformer").eval()
+
+    def inputs(text_tokens):
+        return transformer_inputs(eager.config, batch=1, image_tokens=64, text_tokens=text_tokens,
+                                  dtype=torch.float32, device="cpu", generator=torch.Generator().manual_seed(2))
+
+    with torch.no_grad():
+        ours = served.transformer(**inputs(16), return_dict=False)[0]
+        assert rel_error(ours, eager(**inputs(16), return_dict=False)[0]) < TOLERANCE
+        with pytest.raises(UnsupportedCallError, match=r"text_tokens = 17 is outside .* \[16, 16\]"):
+            served.transformer(**inputs(17), return_dict=False)

@@ -140,3 +140,14 @@ def test_fp8_attention_with_ulysses_names_both_values_and_the_file(tmp_path):
     with pytest.raises(RecipeError, match="'ulysses'"):
         fp8.replace(parallel="ulysses")
     assert load_recipe("h100").replace(parallel="ulysses").parallel == "ulysses"  # other attention values may
+
+
+def test_validation_takes_a_second_shape_only_where_the_ranges_leave_room(tmp_path):
+    from aotpack.builder.validate import validation_cases
+
+    dynamic = load_recipe("h200")
+    assert validation_cases(dynamic) == [(1, 4096, 512), (2, 256, 9)]
+    static = write_variant(tmp_path, "batch = [1, 4]", "batch = [1, 1]")
+    text = static.read_text().replace("image_tokens = [256, 16384]", "image_tokens = [4096, 4096]")
+    static.write_text(text.replace("text_tokens = [8, 512]", "text_tokens = [512, 512]"))
+    assert validation_cases(load_recipe(static)) == [(1, 4096, 512)]

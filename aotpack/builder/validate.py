@@ -20,6 +20,15 @@ from ..runtime.transformer import CompiledFluxTransformer
 from ..store.manifest import Manifest
 
 
+def validation_cases(recipe: Recipe) -> list[tuple[int, int, int]]:
+    """(batch, image tokens, text tokens) to validate: the example, and one more shape inside the
+    recipe's ranges where they leave room (a static-shape recipe has only its one shape)."""
+    example = (recipe.example_batch, recipe.example_image_tokens, recipe.example_text_tokens)
+    other = (min(recipe.batch[1], recipe.example_batch + 1), recipe.image_tokens[0],
+             min(recipe.text_tokens[1], recipe.text_tokens[0] + 1))
+    return [example] if other == example else [example, other]
+
+
 def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe, device: str,
               progress: Progress) -> dict:
     """Check the package (bound to this very model) against eager, with random LoRA tensors in the slots.
@@ -28,8 +37,7 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
     whole transformer against diffusers' own forward, which also covers how the runtime chains the
     programs (`end_to_end_tolerance`; rounding differences compound across blocks).
     """
-    cases = [(recipe.example_batch, recipe.example_image_tokens, recipe.example_text_tokens)]
-    cases.append((min(recipe.batch[1], recipe.example_batch + 1), recipe.image_tokens[0], recipe.text_tokens[0] + 1))
+    cases = validation_cases(recipe)
     generator = torch.Generator().manual_seed(1234)
     lora = random_slot_tensors(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device, generator)
     references = []
