@@ -224,12 +224,11 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     compile_seconds = compile_programs(jobs, workers=workers, inductor_configs=recipe.inductor_configs,
                                        attention=recipe.attention, needs_torchao=recipe.quantization != "none",
                                        report=report)
-    if merge_program:
-        check_package_shared_objects(staging / merge_program)
+    for _, _, path in jobs:
+        check_package_shared_objects(path)
     programs = []
     for kind, instances, region, activations, _ in exported:
         path = staging / f"{kind}.pt2"
-        check_package_shared_objects(path)
         variant_of = kind.removesuffix(NO_SLOT_SUFFIX)
         programs.append(ProgramSpec(name=kind, kind=variant_of, file=path.name, instances=list(instances),
                                     inputs=describe_inputs(region, activations), slots=region.slot_names(),

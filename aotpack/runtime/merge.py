@@ -18,7 +18,9 @@ and took 203-205 ms (2026-12-01), still above the 150 ms goal with the 27 ms unm
 one fused, ahead-of-time compiled kernel per shape is the next step (results README, 2026-12-01).
 Packages built since carry it: `merge_rows.pt2` (models/merge_rows.py, `CompiledMerge` below), one
 program for every weight shape, which forms the merged rows in fp32 and re-quantizes them in one fused
-pass. On the CPU it equals the eager math bit for bit (tests); its H200 time is not measured yet.
+pass. On the CPU it equals the eager math bit for bit (tests); on the H200 a merge of r64 into all
+block linears took 93-152 ms over three runs, the unmerge 25-40 ms
+(benchmarks/results/2026-12-01e-h200-merge-fidelity).
 Packages without it take the eager passes below. Non-quantized weights (bf16/fp32 targets) take the
 products in place with `addmm_`.
 """
