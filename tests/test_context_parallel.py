@@ -65,17 +65,29 @@ def _rank_fails(ctx, package, inputs):
     return _forward(served, inputs)  # rank 0 waits in the first all-to-all until it is ended
 
 
-def _rank_attend(ctx, seq_sizes, chunk_options):
+def _seeded_qkv(total_tokens):
+    return torch.randn(8, 3, 2, total_tokens, 16, generator=torch.Generator().manual_seed(0))  # [H, 3, B, S, D]
+
+
+def _rank_tokens(rank, text_sizes, image_sizes):
+    """Rank `rank`'s rows of the one-GPU sequence [all text; all image]: its text, then its image."""
+    text_at, image_at = sum(text_sizes[:rank]), sum(text_sizes) + sum(image_sizes[:rank])
+    return list(range(text_at, text_at + text_sizes[rank])) + list(range(image_at, image_at + image_sizes[rank]))
+
+
+def _rank_attend(ctx, text_sizes, image_sizes, chunk_options):
     """This rank's attention output for each `overlap_chunks` value, on its shard of a seeded q/k/v."""
-    full = torch.randn(8, 3, 2, sum(seq_sizes), 16, generator=torch.Generator().manual_seed(0))  # [H, 3, B, S, D]
-    start = sum(seq_sizes[: ctx.rank])
-    mine = full[:, :, :, start:start + seq_sizes[ctx.rank]].contiguous()
+    full = _seeded_qkv(sum(text_sizes) + sum(image_sizes))
+    mine = full[:, :, :, _rank_tokens(ctx.rank, text_sizes, image_sizes)].contiguous()
+    seq_sizes = [t + i for t, i in zip(text_sizes, image_sizes)]
     outputs, overlapped = {}, []
     original = ctx.comm._attend_overlapped
     ctx.comm._attend_overlapped = lambda *args: overlapped.append(args[-1]) or original(*args)
     for chunks in chunk_options:
         ctx.comm.overlap_chunks = chunks
-        outputs[chunks] = ctx.comm.attend(mine, seq_sizes)
+        outputs[chunks] = ctx.comm.attend(mine, seq_sizes, text_sizes)
+    ctx.comm.overlap_chunks, ctx.comm.token_order = 1, "rank"  # keys in rank order: the same up to summation order
+    outputs["rank order"] = ctx.comm.attend(mine, seq_sizes, text_sizes)
     # drop the spy: left on, it ties the communicator (and its process group) into a reference cycle that
     # is only freed at interpreter exit, where gloo's teardown aborted about 1 rank process in 6
     del ctx.comm._attend_overlapped
@@ -85,20 +97,22 @@ def _rank_attend(ctx, seq_sizes, chunk_options):
 # -- tests ---------------------------------------------------------------------------------------------
 def test_overlapped_all_to_all_gives_the_same_attention_as_one_transfer():
     """Heads in chunks, each chunk's all-to-all asynchronous and overlapping another chunk's attention
-    (`Ulysses.overlap_chunks`): rank 0's tokens get exactly the full-sequence attention, for 1, 2 and 4
-    chunks of its 4 heads, and 3 (does not divide 4: one transfer) too. Uneven shards (5 + 4 tokens)."""
+    (`Ulysses.overlap_chunks`): rank 0's tokens get exactly the one-GPU attention, for 1, 2 and 4
+    chunks of its 4 heads, and 3 (does not divide 4: one transfer) too. Uneven shards: 2 + 1 text and
+    3 + 3 image tokens; attention runs over [all text; all image], the one-GPU order, so the result
+    is bit-identical to one GPU's (with FP8 programs any last-bit change is amplified downstream)."""
     from aotpack.models.split_regions import attention
     from aotpack.runtime.parallel import launch
 
-    seq_sizes = [5, 4]
-    results, overlapped = launch(_rank_attend, 2, seq_sizes, [1, 2, 4, 3])
+    text_sizes, image_sizes = [2, 1], [3, 3]
+    results, overlapped = launch(_rank_attend, 2, text_sizes, image_sizes, [1, 2, 4, 3])
     assert overlapped == [2, 4]  # the chunked path ran for the chunk counts that divide 4 heads
-    full = torch.randn(8, 3, 2, sum(seq_sizes), 16, generator=torch.Generator().manual_seed(0))
-    expected = attention(full)[:, : seq_sizes[0]]
+    expected = attention(_seeded_qkv(9))[:, _rank_tokens(0, text_sizes, image_sizes)]
+    rank_order = results.pop("rank order")
     for chunks, output in results.items():
         assert output.shape == expected.shape == (2, 5, 8 * 16)
-        assert relative_error(output, expected) <= TOLERANCE, chunks
-    assert torch.equal(results[2], results[1]) and torch.equal(results[4], results[1])
+        assert torch.equal(output, expected), (chunks, relative_error(output, expected))
+    assert relative_error(rank_order, expected) <= TOLERANCE
 
 
 def test_split_blocks_match_diffusers_blocks_in_eager():
@@ -167,7 +181,8 @@ def test_two_ranks_equal_one_rank_and_the_normal_package_across_switches(split_p
         single_split.set_loras(loras)
         normal.set_loras(loras)
         one_rank, reference = _forward(single_split, inputs), _forward(normal, inputs)
-        assert relative_error(result[-1], one_rank) <= TOLERANCE, (index, loras)
+        # bit-identical: the same programs, attention over the same token order (ulysses.py)
+        assert torch.equal(result[-1], one_rank), (index, loras, relative_error(result[-1], one_rank))
         assert relative_error(result[-1], reference) <= TOLERANCE, (index, loras)
         assert relative_error(one_rank, reference) <= TOLERANCE, (index, loras)
     # the LoRA sets really changed the output (the comparison above is not trivially of zeros)
@@ -218,6 +233,11 @@ def test_run_with_gpus_refuses_what_cannot_split(split_package, tiny_package):
     assert unsplit.exit_code != 0 and "not built for context parallelism" in unsplit.output
     odd = CliRunner().invoke(cli, ["run", str(split_package), "--gpus", "3", *base])
     assert odd.exit_code != 0 and "--gpus 1, 2" in odd.output
+    # CUDA graphs are taken to every rank (on GPUs they capture the collectives too); on CPU ranks they are
+    # refused on every rank, and the run ends with the fix
+    graphs = CliRunner().invoke(cli, ["run", str(split_package), "--gpus", "2", "--cuda-graphs", *base])
+    assert graphs.exit_code == 1, graphs.output
+    assert "CUDA graphs need a CUDA device" in graphs.output and "drop --cuda-graphs" in graphs.output
 
 
 def test_recipe_field_parallel():

@@ -50,3 +50,35 @@ def test_a_failed_cuda_graph_capture_falls_back_to_the_plain_chain_once(caplog):
     assert len(attempts) == 1 and len(calls) == 2 and len(graphs) == 0
     assert "operation not permitted" in graphs.failed
     assert "CUDA graph capture failed" in caplog.text and "--no-cuda-graphs" in caplog.text
+
+
+def test_ranks_that_do_not_all_capture_all_run_the_plain_chain(caplog):
+    """Context-parallel ranks capture their collectives with the programs: if one rank's capture fails,
+    the others must not replay graphs (their collectives would wait for a rank that runs the plain
+    chain). `agree` (an all-reduce across ranks on GPUs) says whether every rank captured."""
+    import logging
+
+    import torch
+
+    from aotpack.runtime.cuda_graphs import StepGraphs, _Captured
+
+    graphs = StepGraphs(torch.device("cpu"))
+    graphs._capture = lambda inputs, body: _Captured(None, inputs, body(inputs))  # this rank captured
+    votes, calls = [], []
+
+    def agree(captured_here):  # another rank failed
+        votes.append(captured_here)
+        return False
+
+    def body(inputs):
+        calls.append(1)
+        return inputs[0] + 1
+
+    x = torch.arange(3.0)
+    with caplog.at_level(logging.WARNING, logger="aotpack.runtime.cuda_graphs"):
+        out = graphs.run(graphs.key("slots", [x]), [x], body, agree=agree)
+        again = graphs.run(graphs.key("slots", [x]), [x], body, agree=agree)
+    assert torch.equal(out, x + 1) and torch.equal(again, x + 1)
+    assert votes == [True]  # asked once; from then on no rank captures again
+    assert len(graphs) == 0 and graphs.failed == "another rank's capture failed"
+    assert len(calls) == 3  # the capture's body, then the plain chain twice

@@ -100,7 +100,8 @@ def top_kernels(fn, device, *, steps: int = 2, limit: int = 15) -> list[dict]:
     return [{**r, "kernel": r["kernel"][:120], "share": r["ms_per_call"] / total} for r in rows[:limit]]
 
 
-CATEGORIES = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise", "other")
+CATEGORIES = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise",
+              "communication", "other")
 
 
 def kernel_category(name: str) -> str:
@@ -112,6 +113,8 @@ def kernel_category(name: str) -> str:
     preceding norm or GELU, so it counts as quantization).
     """
     low = name.lower()
+    if "nccl" in low:  # context-parallel ranks' collectives
+        return "communication"
     if any(k in low for k in ("sdpa", "flash", "fmha", "attention", "attn_fwd")):
         return "attention"
     gemm = any(k in low for k in ("nvjet", "gemm", "cutlass", "xmma", "matmul", "_mm_", "aten::mm", "aten::addmm",

@@ -145,8 +145,8 @@ def targets():
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ranks for one image (context parallel; the package must be built with --parallel ulysses).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
-              help="Replay each step from a CUDA graph captured per shape (default: on where it applies: one "
-                   "GPU, a CUDA package of regional programs).")
+              help="Replay each step from a CUDA graph captured per shape (default: on where it applies: a CUDA "
+                   "package of regional programs, on one GPU or every rank of --gpus N).")
 def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, steps, height,
         width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
     """Generate images with a package, switching LoRAs per request without recompiling.
@@ -210,12 +210,10 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
 
     bar = len(requests) > 1 and sys.stderr.isatty() and logger.isEnabledFor(logging.INFO)  # a terminal only
     started = time.perf_counter()
-    if gpus > 1 and cuda_graphs:
-        raise click.UsageError("--cuda-graphs runs on one GPU; drop it or --gpus")
     if gpus > 1:  # context parallel: one process per GPU loads and runs; rank 0 writes the outputs
         from ..runtime.parallel import generate
 
-        outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision)
+        outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision, cuda_graphs=cuda_graphs)
         logger.info("%d ranks loaded and ran in %.2f s", gpus, time.perf_counter() - started)
         for outcome in outcomes:
             show(outcome)

@@ -176,13 +176,17 @@ def split_region(block: nn.Module, kind: str) -> SplitRegion:
     return _CLASSES[kind](block, kind)
 
 
-def attention(qkv: torch.Tensor) -> torch.Tensor:
-    """Attention over a `[H, 3, B, S, D]` q/k/v stack -> `[B, S, H * D]` (FluxAttnProcessor's layout).
+def attention_per_head(qkv: torch.Tensor) -> torch.Tensor:
+    """Attention over a `[H, 3, B, S, D]` q/k/v stack -> `[B, H, S, D]` (SDPA's own output, not copied).
 
     Under the caller's `sdpa_kernel` context on CUDA (the recipe's backend)."""
     query, key, value = qkv.permute(1, 2, 0, 3, 4).unbind(0)  # [B, H, S, D] views
-    out = F.scaled_dot_product_attention(query, key, value)
-    return out.transpose(1, 2).flatten(2, 3).to(qkv.dtype)
+    return F.scaled_dot_product_attention(query, key, value).to(qkv.dtype)
+
+
+def attention(qkv: torch.Tensor) -> torch.Tensor:
+    """Attention over a `[H, 3, B, S, D]` q/k/v stack -> `[B, S, H * D]` (FluxAttnProcessor's layout)."""
+    return attention_per_head(qkv).transpose(1, 2).flatten(2, 3)
 
 
 def make_split_region(transformer, kind: str, instance: str) -> SplitRegion:

@@ -48,19 +48,27 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def run(self, key: tuple, inputs: list[torch.Tensor], body: Callable[[list[torch.Tensor]], torch.Tensor]):
+    def run(self, key: tuple, inputs: list[torch.Tensor], body: Callable[[list[torch.Tensor]], torch.Tensor],
+            agree: Callable[[bool], bool] | None = None):
         """`body(inputs)` replayed from a graph captured for `key` (captured on first use).
 
+        `agree(captured_here)` (context-parallel ranks) returns whether every rank captured: the ranks'
+        collectives must stay matched, so one rank's failed capture sends every rank to the plain chain.
         Returns a fresh tensor: the graph's own output is overwritten by the next replay, and a
         pipeline with true CFG calls the transformer twice before it reads either output."""
         if self.failed:
             return body(inputs)
         captured = self._graphs.get(key)
         if captured is None:
+            failure = None
             try:
                 captured = self._capture(inputs, body)
             except Exception as err:  # noqa: BLE001 -- a speed-up that cannot apply must not fail the request
-                self.failed = f"{type(err).__name__}: {err}"[:300]
+                failure = f"{type(err).__name__}: {err}"[:300]
+            if agree is not None and not agree(failure is None):
+                failure = failure or "another rank's capture failed"
+            if failure:
+                self.failed = failure
                 logger.warning("CUDA graph capture failed (%s); steps run without graphs from now on "
                                "(turn them off with --no-cuda-graphs / cuda_graphs=False)", self.failed)
                 self._graphs.clear()

@@ -186,19 +186,21 @@ class RankPipeline:
         return result
 
 
-def load_rank(ctx: RankContext, package, model: str, revision: str | None = None) -> RankPipeline:
-    """This rank's pipeline: the package loaded on its device, its transformer joined to the run."""
+def load_rank(ctx: RankContext, package, model: str, revision: str | None = None,
+              cuda_graphs: bool | None = None) -> RankPipeline:
+    """This rank's pipeline: the package loaded on its device, its transformer joined to the run.
+    `cuda_graphs` as for `load_package` (None: on for GPUs; every rank must pass the same value)."""
     from .pipeline import load_package
 
-    served = load_package(package, model, revision=revision, device=str(ctx.device))
+    served = load_package(package, model, revision=revision, device=str(ctx.device), cuda_graphs=cuda_graphs)
     attach(served.transformer, ctx.comm)
     return RankPipeline(served, ctx)
 
 
-def _serve_requests(ctx: RankContext, package, model, revision, requests):
+def _serve_requests(ctx: RankContext, package, model, revision, requests, cuda_graphs=None):
     from .jobs import JobOutcome, run_request
 
-    served = load_rank(ctx, package, model, revision)
+    served = load_rank(ctx, package, model, revision, cuda_graphs)
     outcomes = []
     for index, request in enumerate(requests, start=1):
         if not ctx.is_main:  # rank 0 owns the outputs; the others only take part in the steps
@@ -213,10 +215,11 @@ def _serve_requests(ctx: RankContext, package, model, revision, requests):
 
 
 def generate(package, model: str, requests, *, gpus: int, revision: str | None = None,
-             device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+             device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, cuda_graphs: bool | None = None):
     """Run `requests` (jobs.Request) with `package` on `gpus` ranks; returns rank 0's JobOutcomes.
 
-    `device` defaults to the package's ("cuda": one GPU per rank, NCCL; "cpu": gloo, for tests).
+    `device` defaults to the package's ("cuda": one GPU per rank, NCCL; "cpu": gloo, for tests);
+    `cuda_graphs` as for `load_package` (None: on for GPUs).
     """
     from ..store.manifest import read_manifest
     from ..store.publish import locate_package
@@ -225,5 +228,5 @@ def generate(package, model: str, requests, *, gpus: int, revision: str | None =
     manifest = read_manifest(package_dir)
     check_world_size(manifest, gpus)
     device = device or ("cuda" if manifest.device == "cuda" else "cpu")
-    return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), device=device,
-                  timeout_s=timeout_s)
+    return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), cuda_graphs,
+                  device=device, timeout_s=timeout_s)

@@ -154,8 +154,8 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
 
     The package is checked (sha256 of every file, torch series, GPU arch, model fingerprint) before
     any compiled code is loaded. `cuda_graphs` replays each step from a CUDA graph captured per shape
-    (runtime/cuda_graphs.py); None (default) turns them on where they apply: one CUDA device, regional
-    programs, no context parallel.
+    (runtime/cuda_graphs.py); None (default) turns them on where they apply: a CUDA device and regional
+    programs (context-parallel ranks included: their collectives are captured too).
     """
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     package_dir = _resolve_package_dir(package)

@@ -31,17 +31,17 @@ def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None
     if n > 1:
         hidden = hidden[:, image_at:image_at + image].contiguous()
         encoder = encoder[:, text_at:text_at + text].contiguous()
-        rows = torch.cat([torch.arange(text_at, text_at + text),
-                          torch.arange(image_at, image_at + image) + sum(text_sizes)]).to(cos.device)
+        rows = torch.cat([torch.arange(text_at, text_at + text, device=cos.device),  # on the device: capturable
+                          torch.arange(image_at, image_at + image, device=cos.device) + sum(text_sizes)])
         cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
     seq_sizes = [t + i for t, i in zip(text_sizes, image_sizes)]
     for pre, post in zip(programs.get(DOUBLE_PRE, []), programs.get(DOUBLE_POST, [])):
         qkv, modulation = pre(hidden, encoder, temb, cos, sin)
-        encoder, hidden = post(comm.attend(qkv, seq_sizes), hidden, encoder, modulation)
+        encoder, hidden = post(comm.attend(qkv, seq_sizes, text_sizes), hidden, encoder, modulation)
     def single(pre, post):  # on this rank's [text; image] shard
         def run(joint):
             qkv, mlp, gate = pre(joint, temb, cos, sin)
-            return post(comm.attend(qkv, seq_sizes), mlp, gate, joint)
+            return post(comm.attend(qkv, seq_sizes, text_sizes), mlp, gate, joint)
         return run
 
     singles = [single(pre, post) for pre, post in zip(programs.get(SINGLE_PRE, []), programs.get(SINGLE_POST, []))]

@@ -3,9 +3,10 @@
 Every rank holds a shard of the joint sequence `[text; image]` (text and image tokens each cut
 into N nearly equal pieces). Before attention an all-to-all trades the sequence shards of all
 heads for all tokens of H/N heads; after attention the inverse all-to-all brings each rank its
-tokens back with all heads. Attention sees the keys in rank order rather than `[text; image]`
-order, which it does not depend on (no mask; only the summation order of the softmax changes).
-With one rank nothing is communicated.
+tokens back with all heads. The received pieces are joined in the one-GPU order (all text, then
+all image), so attention sums exactly as on one GPU: with FP8 programs a different summation order
+is not harmless, since a last-bit change flips FP8 roundings downstream (1.3e-2 relative error vs
+one GPU at 1024² on the H200 with rank order, 2026-12-01). With one rank nothing is communicated.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..models.split_regions import attention
+from ..models.split_regions import attention, attention_per_head
 
 
 def shard_sizes(total: int, parts: int) -> list[int]:
@@ -59,7 +60,7 @@ class Ulysses:
     """The communication of one rank: head/sequence all-to-alls and the final all-gather."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, group=None, device="cpu", attention_backend="sdpa",
-                 overlap_chunks: int = 1):
+                 overlap_chunks: int = 1, token_order: str = "joint"):
         self.rank, self.world_size, self.group = rank, world_size, group
         self.device = torch.device(device)
         self.attention_backend = attention_backend
@@ -67,24 +68,49 @@ class Ulysses:
         # > 1: each rank's heads go in that many chunks, so a chunk's all-to-all runs while another chunk
         # attends (`_attend_overlapped`); 1 (default until measured on two GPUs): one all-to-all each way.
         self.overlap_chunks = overlap_chunks
+        # "joint": attention over [all text; all image], bit-identical to one GPU where the programs are
+        # (CPU); "rank": rank 0's tokens, then rank 1's, ... (the received pieces joined as they are)
+        self.token_order = token_order
+        self._orders: dict[tuple, torch.Tensor] = {}  # _joint_to_rank_order's cache
 
-    def attend(self, qkv: torch.Tensor, seq_sizes: list[int]) -> torch.Tensor:
-        """`[H, 3, B, S_rank, D]` q/k/v of this rank's tokens -> `[B, S_rank, H * D]` attention output."""
+    def attend(self, qkv: torch.Tensor, seq_sizes: list[int], text_sizes: list[int] | None = None) -> torch.Tensor:
+        """`[H, 3, B, S_rank, D]` q/k/v of this rank's tokens -> `[B, S_rank, H * D]` attention output.
+
+        `seq_sizes[j]`: rank j's token count, of which the first `text_sizes[j]` are text (None: no text);
+        attention runs over all ranks' text tokens, then all ranks' image tokens (the one-GPU order)."""
         n = self.world_size
         if n == 1:
             return self._attention(qkv).contiguous()
+        text_sizes = list(text_sizes) if text_sizes is not None and self.token_order == "joint" else [0] * n
         chunks = self.overlap_chunks
         if chunks > 1 and (qkv.shape[0] // n) % chunks == 0:
-            return self._attend_overlapped(qkv, seq_sizes, chunks)
-        return self._attend_in_chunks(qkv, seq_sizes, 1)
+            return self._attend_overlapped(qkv, seq_sizes, text_sizes, chunks)
+        return self._attend_in_chunks(qkv, seq_sizes, text_sizes, 1)
 
-    def _attend_overlapped(self, qkv: torch.Tensor, seq_sizes: list[int], chunks: int) -> torch.Tensor:
+    def _attend_overlapped(self, qkv, seq_sizes: list[int], text_sizes: list[int], chunks: int) -> torch.Tensor:
         """The overlapped path, under its own name so tests and benchmarks can tell which path ran."""
-        return self._attend_in_chunks(qkv, seq_sizes, chunks)
+        return self._attend_in_chunks(qkv, seq_sizes, text_sizes, chunks)
 
-    def _attend_in_chunks(self, qkv: torch.Tensor, seq_sizes: list[int], chunks: int) -> torch.Tensor:
-        """All-to-all the sequence shards of all heads for all tokens of this rank's h = H/N heads, attend,
-        and send each rank its tokens back with all heads.
+    def _joint_to_rank_order(self, seq_sizes: list[int], text_sizes: list[int]) -> torch.Tensor:
+        """Indices into the one-GPU sequence `[text of ranks 0..N-1; image of ranks 0..N-1]` that list
+        rank 0's tokens (its text, then its image), then rank 1's, ... (cached per shard layout)."""
+        key = (tuple(seq_sizes), tuple(text_sizes))
+        order = self._orders.get(key)
+        if order is None:
+            image_sizes = [s - t for s, t in zip(seq_sizes, text_sizes)]
+            total_text = sum(text_sizes)
+            parts = []
+            for j in range(len(seq_sizes)):
+                text_at, image_at = sum(text_sizes[:j]), total_text + sum(image_sizes[:j])
+                parts += [torch.arange(text_at, text_at + text_sizes[j], device=self.device),
+                          torch.arange(image_at, image_at + image_sizes[j], device=self.device)]
+            order = self._orders[key] = torch.cat(parts)
+        return order
+
+    def _attend_in_chunks(self, qkv: torch.Tensor, seq_sizes: list[int], text_sizes: list[int],
+                          chunks: int) -> torch.Tensor:
+        """All-to-all the sequence shards of all heads for all tokens of this rank's h = H/N heads, attend
+        (in the one-GPU token order), and send each rank its tokens back with all heads.
 
         With `chunks` > 1 the h heads go in groups of c = h / chunks: every inbound all-to-all starts at
         once (asynchronous), chunk i attends as soon as its own arrived, and its output goes back
@@ -105,13 +131,18 @@ class Ulysses:
                                           [local * per_token] * n, group=self.group, async_op=True)
                    for i in range(chunks)]
         out_per_token = batch * c * head_dim
+        order = self._joint_to_rank_order(seq_sizes, text_sizes)
         backs, outbound = [], []
         for i in range(chunks):
             self.timer(inbound[i].wait)
-            # from rank j: [c, 3, B, S_j, D]; join the sequence pieces (rank order) for these c heads
+            # from rank j: [c, 3, B, S_j, D]; join every rank's text, then every rank's image (one-GPU order)
             pieces = [p.view(c, 3, batch, s, head_dim) for p, s in zip(received[i].split(inbound_sizes), seq_sizes)]
-            out = self._attention(torch.cat(pieces, dim=3))  # [B, S, c * D]
-            send = out.view(batch, -1, c, head_dim).permute(1, 0, 2, 3).contiguous()  # [S, B, c, D]
+            texts = [p[:, :, :, :t] for p, t in zip(pieces, text_sizes) if t]
+            images = [p[:, :, :, t:] for p, t in zip(pieces, text_sizes)]
+            out = self._attention(torch.cat(texts + images, dim=3), per_head=True)  # [B, c, S, D]
+            # [S, B, c, D] in rank order, one gather straight from SDPA's output: rank j's tokens are the
+            # j-th slice sent back
+            send = out.permute(2, 0, 1, 3).index_select(0, order)
             back = torch.empty(n * local * out_per_token, dtype=out.dtype, device=out.device)
             outbound.append((dist.all_to_all_single(back, send.reshape(-1), [local * out_per_token] * n,
                                                     [s * out_per_token for s in seq_sizes], group=self.group,
@@ -124,9 +155,11 @@ class Ulysses:
                   else torch.stack([b.view(n, local, batch, c, head_dim) for b in backs], dim=3))
         return joined.permute(2, 1, 0, 3, 4, 5).reshape(batch, local, heads * head_dim)
 
-    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """`attention` (`[B, S, H * D]`), or with `per_head` `attention_per_head` (`[B, H, S, D]`)."""
+        attend = attention_per_head if per_head else attention
         if self.device.type != "cuda" or self.attention_backend in ("sdpa", "fa3"):
-            return attention(qkv)
+            return attend(qkv)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         # The recipe's backend first; the others only if it refuses these strides/shapes (never an error).
@@ -134,7 +167,20 @@ class Ulysses:
         others = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         with sdpa_kernel([first, *others], set_priority=True):
-            return attention(qkv)
+            return attend(qkv)
+
+    @property
+    def graph_variant(self) -> str:
+        """What a captured step depends on besides its inputs (part of the CUDA-graph key)."""
+        return f"overlap{self.overlap_chunks}/{self.token_order}"
+
+    def all_agree(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (one small all-reduce; outside any graph capture)."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([int(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
     def gather_tokens(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Every rank's `[B, S_rank, C]` shard joined along the tokens, on every rank."""

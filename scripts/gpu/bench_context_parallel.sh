@@ -19,7 +19,7 @@ if [ -n "${SMOKE:-}" ]; then
   [ -f "$PKG/manifest.json" ] || $PY -m aotpack build --model tiny --target cpu --parallel ulysses --out "$PKG" \
     2>&1 | tail -3 || exit 1
   exec $PY -m aotpack.bench.context_parallel --package "$PKG" --model tiny --out "$OUT" --gpus ${GPUS:-2} \
-    --sizes 64 128 --steps 2 --text-tokens 32 --repeats 2 --lora r16-attn
+    --sizes 64 128 --steps 2 --text-tokens 32 --repeats 2 --lora r16-attn --overlap-chunks 2
 fi
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
@@ -33,6 +33,9 @@ fi
 cp "$PKG/manifest.json" "$OUT/manifest.json"
 # The package (programs only; weights are bound at load) comes back for a second call: untar it into a
 # carried folder and pass PKG=that/folder SIZES="1024 2048".
-[ -n "${KEEP_PACKAGE:-1}" ] && tar cf "$OUT/package.tar" -C "$PKG" .
-python3 -m aotpack.bench.context_parallel --package "$PKG" --model random:flux-dev --out "$OUT" --gpus ${GPUS:-2} \
-  --sizes ${SIZES:-1024} --steps 28 2>&1 | tee "$OUT/context_parallel.log"
+[ "${KEEP_PACKAGE:-1}" = 1 ] && tar cf "$OUT/package.tar" -C "$PKG" .
+# OVERLAP: Ulysses.overlap_chunks values timed beside 1; GRAPHS=1: also steps replayed from CUDA graphs
+# (collectives captured), in launches of their own after the main rows; BENCH_TIMEOUT bounds a hang there.
+timeout ${BENCH_TIMEOUT:-540} python3 -m aotpack.bench.context_parallel --package "$PKG" --model random:flux-dev \
+  --out "$OUT" --gpus ${GPUS:-2} --sizes ${SIZES:-1024} --steps 28 --overlap-chunks ${OVERLAP:-2 4} \
+  ${GRAPHS:+--cuda-graphs} 2>&1 | tee "$OUT/context_parallel.log"

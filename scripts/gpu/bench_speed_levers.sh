@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 levers on the full random:flux-dev, one GPU call (carry .device, which holds the
 # nvidia-cudnn-frontend wheel, and the default h200 package as a tar: PACKAGE_TAR, by default
-# artifacts/h200/package-joint.tar):
+# artifacts/h200/package-merge.tar; without that file the default package is built in the same call):
 # 1. with fp8attn among LEVERS, the op check: aotpack::fp8_sdpa's CUDA kernel vs its CPU reference, eager and graph-replayed;
 # 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
 #    fp8attn: attention = "cudnn_fp8" (FP8 attention through cuDNN);
@@ -21,7 +21,14 @@ LEVERS=${LEVERS:-fp8attn cdt}
 SIZES=${SIZES:-${SIZE:-1024}}
 SIZE=${SIZES%% *}
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
-tar xf "${PACKAGE_TAR:-artifacts/h200/package-joint.tar}" -C /tmp/pkg || exit 1
+PACKAGE_TAR=${PACKAGE_TAR:-artifacts/h200/package-merge.tar}
+if [ -f "$PACKAGE_TAR" ]; then
+  tar xf "$PACKAGE_TAR" -C /tmp/pkg || exit 1
+else  # no carried default package: build it beside the levers (same call, concurrently)
+  echo "no $PACKAGE_TAR: building the default h200 package too"
+  BUILD_DEFAULT=1
+  cp aotpack/recipes/h200.toml /tmp/recipes/default.toml
+fi
 # validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
 sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
   aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
@@ -30,7 +37,7 @@ sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
   timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
-    --workers 4 --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
+    --workers "${WORKERS:-4}" --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
   echo "build $1: exit $? after $SECONDS s" | tee -a "$OUT/builds.txt"
 }
 if [[ " $LEVERS " == *" fp8attn "* ]]; then  # the FP8-attention op check only where that lever is built
@@ -55,8 +62,9 @@ PY
 cat "$OUT/fp8_op_check.json"
 fi
 SECONDS=0
-for label in $LEVERS; do build "$label" & done
+for label in ${BUILD_DEFAULT:+default} $LEVERS; do build "$label" & done
 wait
+[ -n "${BUILD_DEFAULT:-}" ] && { tail -2 "$OUT/build-default.log"; rm -rf /tmp/pkg; ln -s /tmp/levers/default /tmp/pkg; }
 args=(--variant default=/tmp/pkg)
 for label in $LEVERS; do
   grep -m3 -n -E "Error|error:" "$OUT/build-$label.log"; tail -4 "$OUT/build-$label.log"
