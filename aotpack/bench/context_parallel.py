@@ -1,14 +1,18 @@
 """Context parallel on 1 vs N GPUs of one host, same split package, same random weights and LoRA.
 
     python -m aotpack.bench.context_parallel --package DIR --out OUT [--model random:flux-dev]
-        [--gpus 2] [--sizes 1024 2048] [--steps 28]
+        [--gpus 2] [--sizes 1024 2048] [--steps 28] [--overlap-chunks 2] [--cuda-graphs]
 
-For each rank count (1, then --gpus) one `launch` of rank processes: load (cold start), switch to
-the rank-64 LoRA from file then cached, transformer time per step (CUDA events, median), the
-all-to-all/all-gather time inside one step, one full image (28 steps + VAE decode on rank 0).
-Rank 0's step output is kept to compare N ranks with 1. Writes OUT/context_parallel.json
-progressively and OUT/context_parallel.md. On a machine without GPUs it runs the same code with
-gloo ranks on the CPU (a smoke test: `--model tiny --package <tiny --parallel ulysses build>`).
+For each rank count (1, then --gpus) one `launch` of rank processes, on the plain chain (no CUDA
+graphs): load (cold start), switch to the rank-64 LoRA from file then cached, transformer time per
+step (CUDA events, median), the host's time to enqueue a step, the all-to-all/all-gather time inside
+one step, device time by kind at the first size (profiler), the overlapped all-to-all, one full image
+(28 steps + VAE decode on rank 0). Rank 0's step output is kept to compare N ranks with 1 and, for
+random weights, 1 and N ranks with diffusers eager + PEFT. With --cuda-graphs (GPUs), launches of
+their own then time the steps replayed from CUDA graphs, the runtime's default there. Writes
+OUT/context_parallel.json progressively and OUT/context_parallel.md. On a machine without GPUs it
+runs the same code with gloo ranks on the CPU (a smoke test: `--model tiny --package <tiny
+--parallel ulysses build>`).
 """
 
 from __future__ import annotations
@@ -303,7 +307,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overlap-chunks", type=int, nargs="+", default=[2],
                         help="Ulysses.overlap_chunks values timed beside 1 (heads per rank must divide)")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time steps replayed from CUDA graphs (collectives captured), in launches of their own")
+                        help="also time steps replayed from CUDA graphs (the GPU default; collectives captured), "
+                             "in launches of their own")
     args = parser.parse_args(argv)
     run(args.package, args.model, args.out, gpus=args.gpus, sizes=args.sizes, steps=args.steps,
         text_tokens=args.text_tokens, lora_dir=args.lora_dir, repeats=args.repeats, lora_name=args.lora,

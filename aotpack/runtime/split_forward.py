@@ -12,13 +12,19 @@ from ..models.split_regions import DOUBLE_POST, DOUBLE_PRE, SINGLE_POST, SINGLE_
 from .ulysses import Ulysses, shard_sizes
 
 
-def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None = None) -> torch.Tensor:
-    """The transformer forward of a split package on this rank (any world size, 1 included);
-    `programs` are the instances to run by kind (the transformer's choice of variant)."""
+def communicator(transformer) -> Ulysses:
+    """The transformer's rank communicator: the one `parallel.attach` gave it, else one rank's own."""
     comm = getattr(transformer, "context_parallel", None)
     if comm is None:
         comm = transformer.context_parallel = Ulysses(device=transformer.device,
                                                       attention_backend=transformer.manifest.attention)
+    return comm
+
+
+def split_forward(transformer, inputs: list[torch.Tensor], programs: dict | None = None) -> torch.Tensor:
+    """The transformer forward of a split package on this rank (any world size, 1 included);
+    `programs` are the instances to run by kind (the transformer's choice of variant)."""
+    comm = communicator(transformer)
     programs = programs or transformer._programs
     hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*inputs)
     n, rank = comm.world_size, comm.rank

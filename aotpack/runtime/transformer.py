@@ -310,15 +310,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if WHOLE in programs:
             sample = programs[WHOLE][0](*self._cast(WHOLE, inputs))
         elif self.manifest.recipe.get("parallel", "none") != "none":  # blocks split around attention
-            from .split_forward import split_forward
+            from .split_forward import communicator, split_forward
 
             cast = self._cast(PROLOGUE, inputs)
             if self._step_graphs is not None:  # every rank captures the same step, collectives included
-                comm = getattr(self, "context_parallel", None)
-                variant = f"{self.last_variant}/{comm.graph_variant if comm is not None else ''}"
-                sample = self._step_graphs.run(self._step_graphs.key(variant, cast), cast,
-                                               lambda args: split_forward(self, args, programs),
-                                               agree=comm.all_agree if comm is not None else None)
+                comm = communicator(self)
+                sample = self._step_graphs.run(self._step_graphs.key(f"{self.last_variant}/{comm.graph_variant}", cast),
+                                               cast, lambda args: split_forward(self, args, programs),
+                                               agree=comm.all_agree)
             else:
                 sample = split_forward(self, cast, programs)
         else:

@@ -66,10 +66,12 @@ class Ulysses:
         self.attention_backend = attention_backend
         self.timer = CommTimer(self.device)
         # > 1: each rank's heads go in that many chunks, so a chunk's all-to-all runs while another chunk
-        # attends (`_attend_overlapped`); 1 (default until measured on two GPUs): one all-to-all each way.
+        # attends (`_attend_overlapped`); 1 (default): one all-to-all each way. 2xH200, 1024^2, graphs:
+        # 2 and 4 chunks 82.8-85.4 ms per step against 78.9-79.9 ms for 1 (2026-12-01, random weights).
         self.overlap_chunks = overlap_chunks
         # "joint": attention over [all text; all image], bit-identical to one GPU where the programs are
-        # (CPU); "rank": rank 0's tokens, then rank 1's, ... (the received pieces joined as they are)
+        # (CPU); "rank": rank 0's tokens, then rank 1's, ... (the received pieces joined as they are).
+        # Same speed (79.4 ms either way, same run as above).
         self.token_order = token_order
         self._orders: dict[tuple, torch.Tensor] = {}  # _joint_to_rank_order's cache
 
