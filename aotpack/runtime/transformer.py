@@ -315,8 +315,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             cast = self._cast(PROLOGUE, inputs)
             if self._step_graphs is not None:  # every rank captures the same step, collectives included
                 comm = communicator(self)
-                sample = self._step_graphs.run(self._step_graphs.key(f"{self.last_variant}/{comm.graph_variant}", cast),
-                                               cast, lambda args: split_forward(self, args, programs),
+                key = self._step_graphs.key(f"{self.last_variant}/{comm.graph_variant}", cast)
+                sample = self._step_graphs.run(key, cast, lambda args: split_forward(self, args, programs),
                                                agree=comm.all_agree)
             else:
                 sample = split_forward(self, cast, programs)

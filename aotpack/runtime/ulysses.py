@@ -4,9 +4,11 @@ Every rank holds a shard of the joint sequence `[text; image]` (text and image t
 into N nearly equal pieces). Before attention an all-to-all trades the sequence shards of all
 heads for all tokens of H/N heads; after attention the inverse all-to-all brings each rank its
 tokens back with all heads. The received pieces are joined in the one-GPU order (all text, then
-all image), so attention sums exactly as on one GPU: with FP8 programs a different summation order
-is not harmless, since a last-bit change flips FP8 roundings downstream (1.3e-2 relative error vs
-one GPU at 1024² on the H200 with rank order, 2026-12-01). With one rank nothing is communicated.
+all image), so attention sums exactly as on one GPU: on the CPU two ranks are bit-identical to one.
+On the H200 the FP8 GEMMs pick other kernels for other row counts, and any last-bit change grows
+to 1.3e-2 relative at the output (FP8 roundings flip downstream; rank order alone does the same,
+2026-12-01), while 1 and N ranks stay equally far from diffusers. With one rank nothing is
+communicated.
 """
 
 from __future__ import annotations
