@@ -45,6 +45,35 @@ def _submit_ms(step, device, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
+def _stepper(transformer, inputs):
+    """One transformer step on `inputs`, as `time_ms` and the profilers call it."""
+    def step():
+        with torch.no_grad():
+            return transformer(**inputs, return_dict=False)[0]
+    return step
+
+
+def _comm_ms(comm, step) -> float:
+    """Milliseconds one `step()` spends in (or, overlapped, waiting on) collectives."""
+    comm.timer.enabled = True
+    comm.timer.take_seconds()
+    try:
+        step()
+        return comm.timer.take_seconds() * 1000
+    finally:
+        comm.timer.enabled = False
+
+
+def _image_seconds(served, ctx, request: dict, size: int) -> float:
+    """One full image (every rank steps; rank 0 decodes), wall seconds."""
+    with Stopwatch(ctx.device) as watch:
+        latents = served.pipeline(**request, generator=torch.Generator("cpu").manual_seed(42),
+                                  output_type="latent").images
+        if ctx.is_main:
+            served.decode_latents(latents, size, size)
+    return watch.seconds
+
+
 def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, started, overlap_chunks=(2,)):
     """One rank's measurements; rank 0's dict is returned by `launch`."""
     from ..runtime.parallel import load_rank
@@ -73,21 +102,13 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
                                           dtype=dtype, device=device)
         request["max_sequence_length"] = text_tokens
         entry = {}
-
-        def step(inputs=inputs):
-            with torch.no_grad():
-                return served.transformer(**inputs, return_dict=False)[0]
-
+        step = _stepper(served.transformer, inputs)
         output = step()
         if ctx.is_main:
             entry["output"] = output.float().cpu()
         entry["step"] = time_ms(step, device, warmup=2, repeats=repeats)
         entry["host_submit_ms"] = _submit_ms(step, device)
-        comm.timer.enabled = True
-        comm.timer.take_seconds()
-        step()
-        entry["comm_ms_per_step"] = comm.timer.take_seconds() * 1000
-        comm.timer.enabled = False
+        entry["comm_ms_per_step"] = _comm_ms(comm, step)
         if size == sizes[0]:  # where the device time goes (every rank profiles itself: collectives need all)
             entry["kernels"] = kernel_breakdown(step, device)
         if ctx.world_size > 1:  # the overlapped all-to-all (Ulysses.overlap_chunks), same process
@@ -96,12 +117,7 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
                                               "applied": heads % chunks == 0}
                                 for chunks in overlap_chunks}
         first = not result["sizes"]
-        with Stopwatch(device) as watch:
-            latents = served.pipeline(**request, generator=torch.Generator("cpu").manual_seed(42),
-                                      output_type="latent").images
-            if ctx.is_main:
-                served.decode_latents(latents, size, size)
-        entry["image_seconds"] = watch.seconds
+        entry["image_seconds"] = _image_seconds(served, ctx, request, size)
         if first:
             result["spawn_to_first_image_seconds"] = time.time() - started
         result["sizes"][str(size)] = entry
@@ -114,14 +130,9 @@ def _overlapped(comm, step, plain_output, device, repeats, chunks: int) -> dict:
     default, comm.overlap_chunks = comm.overlap_chunks, chunks
     try:
         output = step()
-        result = {"chunks": chunks, "step": time_ms(step, device, warmup=2, repeats=repeats),
-                  "output_equal": bool(torch.equal(output, plain_output))}
-        comm.timer.enabled = True
-        comm.timer.take_seconds()
-        step()
-        result["exposed_comm_ms_per_step"] = comm.timer.take_seconds() * 1000
-        comm.timer.enabled = False
-        return result
+        return {"chunks": chunks, "step": time_ms(step, device, warmup=2, repeats=repeats),
+                "output_equal": bool(torch.equal(output, plain_output)),
+                "exposed_comm_ms_per_step": _comm_ms(comm, step)}
     finally:
         comm.overlap_chunks = default
 
@@ -141,15 +152,12 @@ def _bench_graphs(ctx, package, model, sizes, steps, text_tokens, lora, repeats,
         inputs, request = shared_workload(config, height=size, width=size, steps=steps, text_tokens=text_tokens,
                                           dtype=transformer.dtype, device=ctx.device)
         request["max_sequence_length"] = text_tokens
-
-        def step(inputs=inputs):
-            with torch.no_grad():
-                return transformer(**inputs, return_dict=False)[0]
-
+        step = _stepper(transformer, inputs)
         entry = result["sizes"][str(size)] = {}
-        # (label, overlap chunks, token order); the default first: its image is timed
+        # (label, overlap chunks, token order); the default first: the others are compared with it
         variants = [("1", 1, "joint")] + ([(str(c), c, "joint") for c in chunk_options if c > 1]
                                           + [("1-rank-order", 1, "rank")] if ctx.world_size > 1 else [])
+        default_output = None
         for label, chunks, token_order in variants:
             comm.overlap_chunks, comm.token_order = chunks, token_order
             transformer.use_cuda_graphs(False)
@@ -157,18 +165,13 @@ def _bench_graphs(ctx, package, model, sizes, steps, text_tokens, lora, repeats,
             transformer.use_cuda_graphs(True)
             graphed = step()
             failed = transformer._step_graphs.failed
-            default_output = graphed if label == "1" else default_output
+            default_output = graphed if default_output is None else default_output
             entry[label] = {"failed": failed, "output_equal": bool(torch.equal(plain, graphed)),
                             "rel_error_vs_default": relative_error(graphed.float(), default_output.float()),
                             "step": time_ms(step, ctx.device, warmup=2, repeats=repeats),
                             "host_submit_ms": _submit_ms(step, ctx.device)}
             if label == "1" and not failed:
-                with Stopwatch(ctx.device) as watch:
-                    latents = served.pipeline(**request, generator=torch.Generator("cpu").manual_seed(42),
-                                              output_type="latent").images
-                    if ctx.is_main:
-                        served.decode_latents(latents, size, size)
-                entry[label]["image_seconds"] = watch.seconds
+                entry[label]["image_seconds"] = _image_seconds(served, ctx, request, size)
             transformer.use_cuda_graphs(False)
         comm.overlap_chunks, comm.token_order = 1, "joint"
     return result

@@ -309,24 +309,21 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         programs = self._programs_for_call()
         if WHOLE in programs:
             sample = programs[WHOLE][0](*self._cast(WHOLE, inputs))
-        elif self.manifest.recipe.get("parallel", "none") != "none":  # blocks split around attention
-            from .split_forward import communicator, split_forward
-
-            cast = self._cast(PROLOGUE, inputs)
-            if self._step_graphs is not None:  # every rank captures the same step, collectives included
-                comm = communicator(self)
-                key = self._step_graphs.key(f"{self.last_variant}/{comm.graph_variant}", cast)
-                sample = self._step_graphs.run(key, cast, lambda args: split_forward(self, args, programs),
-                                               agree=comm.all_agree)
-            else:
-                sample = split_forward(self, cast, programs)
         else:
             cast = self._cast(PROLOGUE, inputs)
-            if self._step_graphs is not None:
-                sample = self._step_graphs.run(self._step_graphs.key(self.last_variant, cast), cast,
-                                               lambda args: self._chain(programs, args))
+            variant, agree = self.last_variant, None
+            if self.manifest.recipe.get("parallel", "none") != "none":  # blocks split around attention
+                from .split_forward import communicator, split_forward
+
+                comm = communicator(self)  # every rank captures the same step, collectives included
+                variant, agree = f"{variant}/{comm.graph_variant}", comm.all_agree
+                body = lambda args: split_forward(self, args, programs)  # noqa: E731
             else:
-                sample = self._chain(programs, cast)
+                body = lambda args: self._chain(programs, args)  # noqa: E731
+            if self._step_graphs is not None:
+                sample = self._step_graphs.run(self._step_graphs.key(variant, cast), cast, body, agree=agree)
+            else:
+                sample = body(cast)
         if isinstance(sample, (tuple, list)):
             (sample,) = sample
         if not return_dict:
