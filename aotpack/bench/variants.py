@@ -5,8 +5,8 @@
 
 For each package (same model, same request): build and compile seconds and package size from its
 manifest, load time, and the transformer step (median of 10, CUDA events) with a rank-64 LoRA
-active where the package has slots; on a GPU also the step replayed as one CUDA graph. Writes
-OUT/variants.json.
+active where the package has slots; on a GPU also the kernel-time breakdown with the heaviest
+kernels, and the step replayed as one CUDA graph. Writes OUT/variants.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from ..models.examples import transformer_inputs
 from ..runtime.pipeline import load_package
 from .loras import write_bench_loras
-from .timing import time_ms
+from .timing import kernel_breakdown, time_ms
 
 
 def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path,
@@ -55,6 +55,8 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                 result["step_cuda_graph"] = time_ms(step, device, warmup=3, repeats=10)
             except Exception as err:  # a lever that does not apply is a result, not a crash
                 result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
+        elif device.type == "cuda":  # where the variants differ, kernel by kernel (plain chain)
+            result["breakdown"] = kernel_breakdown(step, device, top_kernels=12)
     print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
     return result
 
