@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.export import Dim
 
@@ -85,7 +87,10 @@ def describe_inputs(region: Region, activations: tuple) -> list[dict]:
 
 def export_region(region: Region, activations: tuple, lora: dict, shapes: dict):
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The region binds each slot's A/B program inputs to module attributes while it traces;
+            # export warns they are not buffers, which is the point (they are inputs, not state).
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             return torch.export.export(
                 region, (*activations, lora), dynamic_shapes=dynamic_shapes(region, activations, shapes), strict=False
             )
