@@ -118,3 +118,40 @@ def test_variant_export_keeps_constant_names(kind):
     plain = _without_slots(region)
     assert region.slot_names() and plain.slot_names() == [] and plain.lora_names() == []
     assert list(plain.state_dict()) == list(region.state_dict())
+
+
+def test_build_validation_refuses_outputs_that_do_not_repeat(tiny_package, monkeypatch):
+    """The build runs each variant twice, the other in between, and wants the same bits: exact unmerge and
+    graph replay rely on it (an H200 build with coordinate-descent tuning broke it for the no-slot
+    programs). A chain whose no-LoRA output drifts on its second run must fail the build, naming it."""
+    import itertools
+
+    from aotpack.builder.validate import validate_package
+    from aotpack.errors import ValidationFailedError
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+    from aotpack.models.prepare import prepare_transformer
+    from aotpack.progress import Progress
+    from aotpack.recipes.recipe import load_recipe
+    from aotpack.runtime.transformer import CompiledFluxTransformer
+    from aotpack.store.manifest import read_manifest
+
+    def validate():
+        manifest = read_manifest(tiny_package)
+        transformer = load_transformer(parse_model_ref("tiny"), torch.float32, "cpu")
+        prepare_transformer(transformer, dtype=manifest.dtype, device="cpu",
+                            quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
+        return validate_package(tiny_package, manifest, transformer, load_recipe("cpu"), "cpu", Progress(False))
+
+    assert read_manifest(tiny_package).validation["repeatable"] is True  # what the real build recorded
+    assert validate()["repeatable"] is True
+    calls, forward = itertools.count(), CompiledFluxTransformer.forward
+
+    def drifting(self, *args, **kwargs):  # the third call of a case is the no-LoRA chain's second run
+        output = forward(self, *args, **kwargs)
+        if next(calls) == 2:
+            output[0].add_(1e-3)
+        return output
+
+    monkeypatch.setattr(CompiledFluxTransformer, "forward", drifting)
+    with pytest.raises(ValidationFailedError, match=r"not deterministic.*no LoRA, batch 1: 0\.001"):
+        validate()
