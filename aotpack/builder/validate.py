@@ -56,7 +56,7 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
     for spec in manifest.programs:
         spec.constants = compiled.program_constants(spec.kind)
     full_lora = {spec.name: [(lora[a], lora[b])] for spec in manifest.slots for a, b in [lora_input_names(spec.name)]}
-    results, worst_end_to_end, program_errors, unrepeatable = [], 0.0, {}, {}
+    results, worst_end_to_end, program_errors, unrepeatable, culprits = [], 0.0, {}, {}, {}
     with torch.no_grad():
         for (batch, image_tokens, text_tokens), (inputs, with_lora, without_lora) in zip(cases, references):
             outputs = {}
@@ -66,6 +66,7 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
                 first = outputs.setdefault(label, output)
                 if output is not first and not torch.equal(output, first):
                     unrepeatable[f"{label}, batch {batch}"] = float((output.float() - first.float()).abs().max())
+                    culprits.update(compiled.unrepeatable_programs(**inputs))  # the bank still holds `active`
             error_plain = relative_error(outputs["no LoRA"], without_lora)
             error_lora = relative_error(outputs["random LoRA"], with_lora)
             for kind, error in compiled.program_errors(inputs).items():
@@ -84,7 +85,9 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
     if unrepeatable:
         raise ValidationFailedError(
             "the compiled programs are not deterministic: the same inputs gave different outputs (max abs "
-            "difference " + ", ".join(f"{k}: {v:.3g}" for k, v in unrepeatable.items()) + ")",
+            "difference " + ", ".join(f"{k}: {v:.3g}" for k, v in unrepeatable.items()) + "); programs whose own "
+            "second run differed: " + (", ".join(f"{k} ({v:.3g})" for k, v in sorted(culprits.items()))
+                                       or "none alone (look at what the chain passes between them)"),
             "exact unmerge and CUDA-graph replay rely on repeatable outputs; drop non-default [inductor] "
             "settings from the recipe (coordinate_descent_tuning broke this on the H200), else report it "
             "with `aotpack doctor` output",

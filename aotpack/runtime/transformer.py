@@ -64,6 +64,10 @@ class _Instance:
         return self.program([*activations, *self.lora_tensors])
 
 
+def _as_tuple(output) -> tuple:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
 class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
     """Drop-in for `FluxTransformer2DModel` inside a `FluxPipeline`, backed by AOTInductor programs.
 
@@ -154,7 +158,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             program = self._programs[kind][self._instance_index[kind][instance]]
             actual = program(*self._cast(kind, [a for a in activations if a is not None]))
             expected = expected if isinstance(expected, tuple) else (expected,)
-            actual = tuple(actual) if isinstance(actual, (tuple, list)) else (actual,)
+            actual = _as_tuple(actual)
             worst = max(relative_error(a, e) for a, e in zip(actual, expected))
             errors[kind] = max(errors.get(kind, 0.0), worst)
             return expected
@@ -171,6 +175,33 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         hidden = self._single_blocks(singles, hidden, encoder, temb, cos, sin)
         compare(EPILOGUE, None, (hidden, temb))
         return errors
+
+    def unrepeatable_programs(self, **inputs) -> dict[str, float]:
+        """One forward in which every program of the variant the bank selects runs twice on the same
+        inputs: the programs whose second run gave other bits, with the largest difference. Build
+        validation asks this when the whole chain does not repeat, to name where to look."""
+        differences, saved = {}, (self._programs, self._no_slot_programs, self._step_graphs)
+
+        def twice(name, instance):
+            def run(*activations):
+                first, second = instance(*activations), instance(*activations)
+                for a, b in zip(_as_tuple(first), _as_tuple(second)):
+                    if not torch.equal(a, b):
+                        differences[name] = max(differences.get(name, 0.0), float((a.float() - b.float()).abs().max()))
+                return first
+            return run
+
+        def wrapped(programs, suffix):
+            return {kind: [twice(kind + suffix, i) for i in instances] for kind, instances in programs.items()}
+
+        self._programs, self._no_slot_programs = wrapped(saved[0], ""), wrapped(saved[1], ".noslot")
+        self._step_graphs = None  # a replayed graph would not call the wrappers
+        try:
+            with torch.no_grad():
+                self.forward(**inputs, return_dict=False)
+        finally:
+            self._programs, self._no_slot_programs, self._step_graphs = saved
+        return differences
 
     def program_constants(self, kind: str) -> list[str]:
         """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening)."""
