@@ -157,7 +157,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             region.bind_lora(None)
             program = self._programs[kind][self._instance_index[kind][instance]]
             actual = program(*self._cast(kind, [a for a in activations if a is not None]))
-            expected = expected if isinstance(expected, tuple) else (expected,)
+            expected = _as_tuple(expected)
             actual = _as_tuple(actual)
             worst = max(relative_error(a, e) for a, e in zip(actual, expected))
             errors[kind] = max(errors.get(kind, 0.0), worst)
