@@ -25,6 +25,7 @@ def _build_fp8(tmp_path_factory, max_rank=None):
 dtype = "bfloat16"
 quantization = "fp8_rowwise"
 max_rank = 16
+gelu_via_sigmoid = "all"
 """, tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
@@ -43,6 +44,7 @@ def fp8_package(tmp_path_factory):
 def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     manifest = read_manifest(fp8_package)
     assert manifest.quantization["method"] == "fp8_rowwise"
+    assert manifest.recipe["gelu_via_sigmoid"] == "all"  # the programs compute every GELU as x * sigmoid(2u)
     assert manifest.build["compile_workers"] == 2
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear

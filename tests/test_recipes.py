@@ -81,6 +81,8 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
     ("image_tokens = [256, 16384]", 'image_tokens = "lots"', ["shapes.image_tokens", "'lots'"]),
     ("tolerance = 3e-2", "tolerance = -1.0", ["validation.tolerance", "> 0"]),
     ('layout = "regional"', 'layout = "regional"\ngroup_lora_down = "yes"', ["group_lora_down", "'yes'", "true or false"]),
+    ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = true', ["gelu_via_sigmoid", "True", "string"]),
+    ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = "ff"', ["gelu_via_sigmoid", "'ff'", "feed_forward"]),
 ])
 def test_a_bad_value_names_the_field_the_value_and_the_file(tmp_path, old, new, expected):
     path = write_variant(tmp_path, old, new)

@@ -12,6 +12,7 @@ import torch
 from ..errors import AotpackError
 from ..machine.compat import check_can_build, gpu_name, versions
 from ..machine.toolchain import check_package_shared_objects, require_working_toolchain
+from ..models.activations import use_sigmoid_gelu
 from ..models.attention import attention_context, kernels_in_package
 from ..models.checkpoint import (
     config_fingerprint,
@@ -200,6 +201,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
                                          quantization=recipe.quantization, slot_names=names)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
+        if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
+            report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
 
     staging = output.open()  # this build's own folder next to `out`; removed if the build fails
     shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),

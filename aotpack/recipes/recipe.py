@@ -16,6 +16,7 @@ LAYOUTS = ("regional", "whole")
 PARALLEL_MODES = ("none", "ulysses")  # "ulysses": block programs split around attention (context parallel)
 TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
 DTYPES = ("float32", "bfloat16", "float16")  # the names `prepare.DTYPES` maps to torch dtypes
+GELU_SCOPES = ("none", "feed_forward", "all")  # `gelu_via_sigmoid`: which GELUs `activations.use_sigmoid_gelu` swaps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Recipe:
     inductor_configs: dict
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
+    gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
 
     def __post_init__(self):
@@ -120,6 +122,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
+        gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
     )
     fields.refuse_unknown()

@@ -6,12 +6,15 @@
 # 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
 #    fp8attn: attention = "cudnn_fp8" (FP8 attention through cuDNN);
 #    cdt: [inductor] coordinate_descent_tuning = true (Triton reduction configs tuned at build);
+#    gelu: gelu_via_sigmoid = "all" (GELU's tanh form computed as x * sigmoid(2u), models/activations.py);
+#    gelu_ff: gelu_via_sigmoid = "feed_forward" (the double blocks' feed-forward GELUs only);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
 #    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
-# 4. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size.
+# 4. with KEEP_PACKAGES=1, each lever's package as $OUT/package-LABEL.tar (to carry as PACKAGE_TAR later);
+# 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size.
 # Results under $OUT; about 6-7 minutes at 1024^2.
 # The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
@@ -33,6 +36,8 @@ fi
 sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
   aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
 { cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
+sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu.toml
+sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu_ff.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
@@ -68,9 +73,13 @@ wait
 args=(--variant default=/tmp/pkg)
 for label in $LEVERS; do
   grep -m3 -n -E "Error|error:" "$OUT/build-$label.log"; tail -4 "$OUT/build-$label.log"
-  args+=(--variant "$label=/tmp/levers/$label")
+  # a lever whose build failed (e.g. its validation refused it) is reported above and left out
+  [ -f "/tmp/levers/$label/manifest.json" ] && args+=(--variant "$label=/tmp/levers/$label")
 done
 cp /tmp/levers/fp8attn/manifest.json "$OUT/manifest-fp8attn.json" 2>/dev/null
+if [ "${KEEP_PACKAGES:-0}" = 1 ]; then
+  for label in $LEVERS; do [ -d "/tmp/levers/$label" ] && tar cf "$OUT/package-$label.tar" -C "/tmp/levers/$label" . ; done
+fi
 for size in $SIZES; do
   out="$OUT"; [ "$size" = "$SIZE" ] || out="$OUT/$size"
   timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$out" --height "$size" --width "$size" \
