@@ -61,6 +61,7 @@ $PYTHON -m aotpack.bench.speed --package "$PKG" --model "$MODEL" --out "$OUT" --
   2>&1 | tee "$OUT/speed.log"
 if [ -n "${KERNEL_SOURCES:-}" ]; then  # Triton sources (*.py) and autotune picks (*.best_config) only
   for which in build:aotpack bench:recipe; do
+    [ -d "/tmp/inductor-${which%%:*}" ] || continue  # no build in this call (PACKAGE_TAR): no aotpack kernels
     (cd /tmp/inductor-${which%%:*} && find . \( -name '*.py' -o -name '*.best_config' \) -print0 |
       tar czf "$OUT/kernels-${which##*:}.tar.gz" --null -T -)
   done
