@@ -17,18 +17,26 @@ from aotpack.builder.build import build_package
 from aotpack.store.manifest import read_manifest
 
 
+FUSED_CALLS: list[bool] = []
+
+
 def _build_fp8(tmp_path_factory, max_rank=None):
+    """The h200 recipe's mechanics at tiny size, with the opt-in lever fused_gelu_quant on."""
     import torchao.quantization.quant_api as quant_api
+
+    from aotpack.models import fused_quant
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
     recipe.write_text(cpu_test_recipe("cpu-fp8", """
 dtype = "bfloat16"
 quantization = "fp8_rowwise"
 max_rank = 16
-gelu_via_sigmoid = "all"
+fused_gelu_quant = true
 """, tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op
+                  lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[2]) or _reference(*args))
     try:
         return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
                              max_rank=max_rank, progress=False)
@@ -44,7 +52,7 @@ def fp8_package(tmp_path_factory):
 def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     manifest = read_manifest(fp8_package)
     assert manifest.quantization["method"] == "fp8_rowwise"
-    assert manifest.recipe["gelu_via_sigmoid"] == "all"  # the programs compute every GELU as x * sigmoid(2u)
+    assert manifest.recipe["fused_gelu_quant"] is True and FUSED_CALLS  # GELU + quantization went through the op
     assert manifest.build["compile_workers"] == 2
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear

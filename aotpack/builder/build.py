@@ -21,6 +21,7 @@ from ..models.checkpoint import (
     structural_config,
 )
 from ..models.examples import transformer_inputs
+from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_rows
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
@@ -201,6 +202,10 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
                                          quantization=recipe.quantization, slot_names=names)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
+        if recipe.fused_gelu_quant:  # GELU (+ concat) + FP8 quantization in one op; names do not change
+            report.info(f"    {install_fused_gelu_quant(transformer)} MLP GELUs fused into the FP8 quantization")
+            if torch.device(device).type == "cuda":
+                check_kernel_against_reference(device)
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
 

@@ -66,12 +66,15 @@ class LoRASlotLinear(BiasAfterLinear):
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
 
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """`B (A x)` in the LoRA dtype (the slot must be bound)."""
+        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if self.lora_A is None:
             return y
-        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + delta.to(y.dtype)
+        return y + self.lora_delta(x).to(y.dtype)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

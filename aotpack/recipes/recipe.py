@@ -43,6 +43,7 @@ class Recipe:
     inductor_configs: dict
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
+    fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
 
@@ -122,10 +123,17 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
+        fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
     )
     fields.refuse_unknown()
+    if recipe.fused_gelu_quant and recipe.quantization != "fp8_rowwise":
+        raise fields.error("fused_gelu_quant", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
+                                               f"{recipe.quantization!r}): it fuses the FP8 quantization")
+    if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
+        raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
+                                               "whose kernel computes the GELU itself; set it to \"none\"")
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)
         example_value = getattr(recipe, f"example_{field}")

@@ -1,0 +1,247 @@
+"""One pass for "GELU (+ concat) + row-wise FP8 quantization": the recipe lever `fused_gelu_quant`.
+
+The linear after each Flux MLP GELU (the double blocks' `ff.net.2` and `ff_context.net.2`, the single
+blocks' `proj_out` on `[attention, GELU(mlp)]`) quantizes its input row by row to FP8. Inductor fuses
+GELU, concat and quantization into one looped reduction, which is 2.2-2.5x slower than a hand-written
+one-pass Triton kernel (load the row once, GELU once, amax, scale, store FP8). Measured on the H200,
+torch 2.11, 2026-12-01, random inputs at 1024^2 shapes (`scripts/gpu/probe_quant_fusion.py`,
+`benchmarks/results/2026-12-01k-h200-gelu-sigmoid/`): 0.092 vs 0.231 ms for the single block's
+4608 x 15360, 0.065 vs 0.144 ms for the double block's 4096 x 12288, about 6-7 ms of a 1024^2 step.
+
+This module is that path, opt-in and NOT YET MEASURED IN A PACKAGE on a GPU:
+- `torch.ops.aotpack.gelu_quant_fp8(prefix, pre, keep_input)`: a `torch.library.triton_op`. On CUDA
+  its body launches the Triton kernel through `wrap_triton`, so AOTInductor compiles the kernel into
+  the program (no Python at run time); elsewhere, and as the reference, it runs `gelu_quant_reference`
+  in torch ops (what the CPU tests build and run).
+- the FP8 linear then takes the quantized activation directly (`fp8_linear_prequantized`; torch's
+  side of this checked by `scripts/probe_prequantized_fp8_linear.py`);
+- nothing else changes: the weights keep their names and torchao metadata, a single block run by
+  diffusers' own forward (the build's end-to-end reference, context-parallel split programs) is the
+  unfused block.
+- a slot's LoRA path reads the GELU output in the activation dtype, which the kernel also writes
+  when that slot is bound (`keep_input`).
+
+Numerics: those of torchao's eager quantization after torch's GELU, bit for bit on the CPU (the tests
+check the whole transformer): GELU rounded to the activation dtype, the scale amax / 448 rounded to that
+dtype too. Two differences: the kernel computes the tanh GELU as x * sigmoid(2u) (activations.py: at
+most one last-bit flip), and the scale is floored at 1e-12 so an all-zero row quantizes to zeros, where
+torchao's gives NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .slots import BiasAfterLinear, LoRASlotLinear
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MIN_SCALE = 1e-12
+
+
+def gelu_quant_reference(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool):
+    """`(q, scale, h)`: h = [prefix, gelu_tanh(pre)] on the last axis, q its row-wise FP8 quantization,
+    scale [..., 1] float32 with h ~ q * scale; h itself only if `keep_input` (else an empty tensor)."""
+    gelu = F.gelu(pre, approximate="tanh")
+    h = torch.cat([prefix, gelu], dim=-1) if prefix.shape[-1] else gelu
+    # amax / 448 in h's dtype, as torchao's eager quantization computes it; floored so a zero row stays finite
+    scale = (h.abs().amax(-1, keepdim=True) / FP8_MAX).float().clamp_min(MIN_SCALE)
+    q = (h.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale, (h if keep_input else pre.new_empty(0))
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, made on first use: the CPU-only install has no triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_quant_fp8_kernel(prefix_ptr, pre_ptr, q_ptr, scale_ptr, h_ptr, PREFIX: tl.constexpr,
+                              WIDTH: tl.constexpr, BLOCK: tl.constexpr, KEEP_INPUT: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        in_prefix = cols < PREFIX
+        in_pre = (cols >= PREFIX) & (cols < PREFIX + WIDTH)
+        a = tl.load(prefix_ptr + row * PREFIX + cols, mask=in_prefix, other=0.0).to(tl.float32)
+        x = tl.load(pre_ptr + row * WIDTH + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)
+        # tanh GELU as x * sigmoid(2u): an exponential instead of libdevice's tanh
+        g = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        h = tl.where(in_prefix, a, g).to(h_ptr.dtype.element_ty)  # rounded (RNE) as torch rounds
+        hf = h.to(tl.float32)
+        # amax / 448 rounded to the activation dtype (torchao's eager scale), floored for all-zero rows
+        scale = tl.maximum((tl.max(tl.abs(hf), axis=0) / 448.0).to(h_ptr.dtype.element_ty).to(tl.float32), 1e-12)
+        q = tl.clamp(hf / scale, -448.0, 448.0)
+        inside = cols < PREFIX + WIDTH
+        tl.store(q_ptr + row * (PREFIX + WIDTH) + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
+        tl.store(scale_ptr + row, scale)
+        if KEEP_INPUT:
+            tl.store(h_ptr + row * (PREFIX + WIDTH) + cols, h, mask=inside)
+
+    return gelu_quant_fp8_kernel
+
+
+def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool):
+    import triton
+    from torch.library import wrap_triton
+
+    prefix, pre = prefix.contiguous(), pre.contiguous()
+    lead, width, prefix_width = pre.shape[:-1], pre.shape[-1], prefix.shape[-1]
+    total = prefix_width + width
+    rows = pre.numel() // width
+    q = torch.empty(*lead, total, dtype=FP8, device=pre.device)
+    scale = torch.empty(*lead, 1, dtype=torch.float32, device=pre.device)
+    # without keep_input the kernel never writes h; a one-element buffer stands in for its pointer
+    h = torch.empty(*lead, total, dtype=pre.dtype, device=pre.device) if keep_input else pre.new_empty(0)
+    h_target = h if keep_input else pre.new_empty(1)
+    block = triton.next_power_of_2(total)
+    wrap_triton(_kernel())[(rows,)](prefix if prefix_width else pre, pre, q, scale, h_target, PREFIX=prefix_width,
+                                    WIDTH=width, BLOCK=block, KEEP_INPUT=keep_input,
+                                    num_warps=8 if block <= 16384 else 16)  # 8 warps: 0.065 vs 0.085 ms (16)
+    return q, scale, h
+
+
+def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    if pre.device.type == "cuda":
+        return _gelu_quant_triton(prefix, pre, keep_input)
+    return gelu_quant_reference(prefix, pre, keep_input)
+
+
+def _register_op():
+    # On a machine without triton, torch logs "Triton not available" when the op is defined; the CPU path
+    # does not need triton, so that line would only alarm users of the CPU install.
+    logger = logging.getLogger("torch._library.triton")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return torch.library.triton_op("aotpack::gelu_quant_fp8", mutates_args=())(_gelu_quant_fp8)
+    finally:
+        logger.setLevel(level)
+
+
+gelu_quant_fp8 = _register_op()
+
+
+def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """`linear` (torchao FP8 row-wise) on the already-quantized activation `q, scale`.
+
+    torchao quantizes a linear's input itself unless the weight's `act_quant_kwargs` is None: the matmul
+    takes a view of the weight without it (same data and scale; export reads them as the weight's inner
+    tensors), so the module keeps its usual behaviour everywhere else."""
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    weight = linear.weight
+    weight_view = Float8Tensor(weight.qdata, weight.scale, weight.block_size, weight.mm_config, None,
+                               weight.kernel_preference, weight.dtype)
+    activation = Float8Tensor(q, scale, [1] * (q.dim() - 1) + [q.shape[-1]], weight.mm_config, None,
+                              weight.kernel_preference, dtype)
+    return F.linear(activation, weight_view)
+
+
+def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """`layer([prefix, gelu(pre)])` for an FP8 layer (a slot or a bias-after linear), the GELU, concat and
+    quantization in one op."""
+    lora = isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
+    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, lora)
+    y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y + layer.lora_delta(h).to(y.dtype) if lora else y
+
+
+class FusedFeedForward(nn.Module):
+    """Stands in for a double block's diffusers `FeedForward` ([GELU(proj), Dropout, Linear]); keeps its
+    `net` (so `net.0.proj` and `net.2` keep their names) and runs `net.2` through `linear_after_gelu`."""
+
+    def __init__(self, feed_forward: nn.Module):
+        super().__init__()
+        self.net = feed_forward.net
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        pre = self.net[0].proj(hidden_states)
+        return linear_after_gelu(self.net[2], pre[..., :0], pre)
+
+
+class GeluIntoProjOut(nn.Module):
+    """A single block's `act_mlp` whose GELU the block's `proj_out` runs (`fused_single_block`, from
+    `JointSingleBlockRegion`). Called on its own it is the plain tanh GELU, so paths that do not fuse
+    (diffusers' forward, context-parallel split programs, the whole layout) run the unfused block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def fused_single_block(block: nn.Module, joint: torch.Tensor, temb: torch.Tensor, rotary) -> torch.Tensor:
+    """diffusers' `FluxSingleTransformerBlock.forward` on the joint sequence, with `proj_out(cat([attention,
+    gelu(mlp)]))` as one `linear_after_gelu` (the concat is never written out)."""
+    norm_hidden_states, gate = block.norm(joint, emb=temb)
+    mlp = block.proj_mlp(norm_hidden_states)
+    attention = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=rotary)
+    joint = joint + gate.unsqueeze(1) * linear_after_gelu(block.proj_out, attention, mlp)
+    return joint.clip(-65504, 65504) if joint.dtype == torch.float16 else joint
+
+
+def install_fused_gelu_quant(transformer: nn.Module) -> int:
+    """Route every MLP GELU of `transformer` (FP8-quantized) into the next linear's quantization, in place;
+    returns how many. Weight and slot names do not change."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    routed = 0
+    for block in transformer.transformer_blocks:
+        for name in ("ff", "ff_context"):
+            feed_forward = getattr(block, name)
+            if isinstance(feed_forward, FeedForward) and isinstance(feed_forward.net[0], GELU):
+                _require_fp8(feed_forward.net[2])
+                setattr(block, name, FusedFeedForward(feed_forward))
+                routed += 1
+    for block in transformer.single_transformer_blocks:
+        _require_fp8(block.proj_out)
+        block.act_mlp = GeluIntoProjOut()
+        routed += 1
+    return routed
+
+
+def _require_fp8(layer: nn.Module) -> None:
+    from ..errors import RecipeError
+
+    weight = getattr(getattr(layer, "base", None), "weight", None)
+    if not hasattr(weight, "act_quant_kwargs"):
+        raise RecipeError(f"fused_gelu_quant needs FP8 row-wise linears; {type(layer).__name__} holds a "
+                          f"{type(weight).__name__}", "set quantization = \"fp8_rowwise\" or fused_gelu_quant = false")
+
+
+def kernel_errors(device, rows: int = 257) -> dict[str, float]:
+    """The op on `device` against `gelu_quant_reference`, on the single block's and the double block's
+    shapes (random bf16 inputs): relative L2 of the dequantized outputs and of the GELU outputs."""
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    for name, prefix_width in (("single_block", 3072), ("double_block", 0)):
+        prefix, pre = (3 * torch.randn(rows, width, generator=generator) for width in (prefix_width, 12288))
+        prefix, pre = prefix.to(device, torch.bfloat16), pre.to(device, torch.bfloat16)
+        q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, True)
+        q_ref, scale_ref, h_ref = gelu_quant_reference(prefix, pre, True)
+        errors[name] = max(float((q.float() * scale - q_ref.float() * scale_ref).norm() / (q_ref.float() * scale_ref).norm()),
+                           float((h.float() - h_ref.float()).norm() / h_ref.float().norm()))
+        _, _, nothing = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, False)
+        errors[name] = errors[name] if nothing.numel() == 0 else float("inf")
+    return errors
+
+
+def check_kernel_against_reference(device, tolerance: float = 1e-2) -> None:
+    """Refuse a build whose GPU kernel parts from the reference: the build validation compares programs
+    with eager runs of the same op, so it would not see a kernel that is wrong in both."""
+    from ..errors import ValidationFailedError
+
+    errors = kernel_errors(device)
+    if max(errors.values()) > tolerance:
+        raise ValidationFailedError(
+            f"the fused GELU + FP8 quantization kernel disagrees with its reference on {device}: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()) + f" (relative L2; limit {tolerance})",
+            "set fused_gelu_quant = false in the recipe and report it with `aotpack doctor` output")
