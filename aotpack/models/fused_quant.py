@@ -15,11 +15,11 @@ This module is that path, opt-in and NOT YET MEASURED IN A PACKAGE on a GPU:
   in torch ops (what the CPU tests build and run).
 - the FP8 linear then takes the quantized activation directly (`fp8_linear_prequantized`; torch's
   side of this checked by `scripts/probe_prequantized_fp8_linear.py`);
+- a slot's LoRA path reads the GELU output in the activation dtype, which the kernel also writes
+  when that slot is bound (`keep_input`).
 - nothing else changes: the weights keep their names and torchao metadata, a single block run by
   diffusers' own forward (the build's end-to-end reference, context-parallel split programs) is the
   unfused block.
-- a slot's LoRA path reads the GELU output in the activation dtype, which the kernel also writes
-  when that slot is bound (`keep_input`).
 
 Numerics: those of torchao's eager quantization after torch's GELU, bit for bit on the CPU (the tests
 check the whole transformer): GELU rounded to the activation dtype, the scale amax / 448 rounded to that
