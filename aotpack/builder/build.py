@@ -151,15 +151,16 @@ def _shard_shapes(shapes: dict, kind: str, parallel: str) -> dict:
 
 
 def default_compile_workers(device: str, programs: int) -> int:
-    """Parallel compile processes: one per program on a many-core GPU build machine, else 1.
+    """Parallel compile processes, at most one per program.
 
-    Two cores per process: with the no-slot variants a package has 8 programs, which a 16-core
-    build machine then compiles all at once (Inductor's codegen is mostly single-threaded)."""
+    GPU builds: two cores per process. With the no-slot variants a package has 8 programs, which a
+    16-core build machine then compiles all at once (Inductor's codegen is mostly single-threaded).
+    CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
+    package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os
 
-    if device == "cpu":
-        return 1
-    return max(1, min(programs, (os.cpu_count() or 1) // 2))
+    cores = os.cpu_count() or 1
+    return max(1, min(programs, cores if device == "cpu" else cores // 2))
 
 
 def default_package_dir(model_id: str, target: str) -> Path:
