@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, ".")
+from aotpack.models.activations import gelu_tanh_via_sigmoid  # noqa: E402  x * sigmoid(2u)
 
 FP8 = torch.float8_e4m3fn
 TOKENS = 4608  # 1024²: 4096 image + 512 text tokens
@@ -34,13 +35,6 @@ def fp8_linear(in_features, out_features):
     lin = nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
     quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     return lin
-
-
-def gelu_tanh_via_sigmoid(x):
-    """GELU's tanh form written as `x * sigmoid(2u)` (= 0.5 x (1 + tanh u)): Triton lowers sigmoid to
-    exp, where torch's tanh becomes libdevice's (slower) tanh."""
-    xf = x.float()
-    return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 def cases(gelu=lambda x: F.gelu(x, approximate="tanh")):
