@@ -7,7 +7,7 @@ No GPU needed. The interpreter's float conversions are not the GPU's: it truncat
 rounds some fp32 -> e4m3 values toward zero, where the GPU (and torch) round to nearest even. So the
 check runs in float32 (no bf16 rounding inside the kernel) and compares the kernel's FP8 output with
 the interpreter's own conversion of the reference's scaled values: equal means the kernel's logic
-(GELU, concat layout, masks, scale, clamp, the optional GELU output, all-zero rows) matches the
+(epilogue adds, GELU, concat layout, masks, scale, clamp, the optional GELU output, all-zero rows) matches the
 reference; the GPU's rounding is checked by the build itself (`check_kernel_against_reference`).
 2026-12-01, triton 3.9.0, torch 2.13.0 CPU: all cases pass.
 """
@@ -39,18 +39,23 @@ def _interpreter_fp8(values: torch.Tensor) -> torch.Tensor:
     return out[:values.numel()].view(values.shape)
 
 
-def check(prefix_width: int, width: int, keep_input: bool, rows: int = 7) -> bool:
+def check(prefix_width: int, width: int, keep_input: bool, epilogue: bool, rows: int = 7) -> bool:
     generator = torch.Generator().manual_seed(prefix_width + width)
     prefix = 3 * torch.randn(rows, prefix_width, generator=generator)
     pre = 3 * torch.randn(rows, width, generator=generator)
-    prefix[3], pre[3] = 0, 0  # an all-zero row
+    bias, delta = (torch.randn(*shape, generator=generator) if epilogue else torch.empty(0)
+                   for shape in ((width,), (rows, width)))
+    prefix[3], pre[3] = 0, 0  # an all-zero row (with the epilogue: pre = -bias, delta 0)
+    if epilogue:
+        pre[3], delta[3] = -bias, 0
     total = prefix_width + width
     q = torch.empty(rows, total, dtype=torch.float8_e4m3fn)
     scale = torch.empty(rows, 1)
     h = torch.full((rows, total) if keep_input else (1,), 123.0)
-    _kernel()[(rows,)](prefix if prefix_width else pre, pre, q, scale, h, PREFIX=prefix_width, WIDTH=width,
-                       BLOCK=triton.next_power_of_2(total), KEEP_INPUT=keep_input)
-    q_ref, scale_ref, h_ref = gelu_quant_reference(prefix, pre, True)
+    _kernel()[(rows,)](prefix if prefix_width else pre, pre, bias if epilogue else pre, delta if epilogue else pre,
+                       q, scale, h, PREFIX=prefix_width, WIDTH=width, BLOCK=triton.next_power_of_2(total),
+                       HAS_BIAS=epilogue, HAS_DELTA=epilogue, KEEP_INPUT=keep_input)
+    q_ref, scale_ref, h_ref = gelu_quant_reference(prefix, pre, bias, delta, True)
     expected_q = _interpreter_fp8((h_ref / scale_ref).clamp(-448, 448))
     checks = {
         "scale": torch.equal(scale, scale_ref),
@@ -59,11 +64,12 @@ def check(prefix_width: int, width: int, keep_input: bool, rows: int = 7) -> boo
         "gelu output": torch.allclose(h, h_ref, rtol=2e-6, atol=2e-6) if keep_input else bool((h == 123.0).all()),
         "zero row": bool((q[3].float() == 0).all()),
     }
-    print(f"prefix {prefix_width}, width {width}, keep_input {keep_input}: "
+    print(f"prefix {prefix_width}, width {width}, keep_input {keep_input}, epilogue {epilogue}: "
           + ", ".join(f"{name} {'ok' if ok else 'DIFFERS'}" for name, ok in checks.items()))
     return all(checks.values())
 
 
 if __name__ == "__main__":
-    cases = [(48, 160, True), (48, 160, False), (0, 160, True), (0, 96, False), (3, 13, True)]
+    cases = [(48, 160, True, False), (48, 160, False, True), (0, 160, True, True), (0, 96, False, False),
+             (3, 13, True, True)]
     raise SystemExit(0 if all([check(*case) for case in cases]) else 1)

@@ -36,7 +36,7 @@ fused_gelu_quant = true
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op
-                  lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[2]) or _reference(*args))
+                  lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[4]) or _reference(*args))
     try:
         return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
                              max_rank=max_rank, progress=False)

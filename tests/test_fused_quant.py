@@ -28,7 +28,8 @@ def test_reference_quantizes_rows_of_the_concat_with_gelu():
     pre = (3 * torch.randn(2, 5, 24, generator=generator)).to(torch.bfloat16)
     pre[1, 2] = 0  # with the prefix row zeroed too: an all-zero row quantizes to zeros, not NaN
     prefix[1, 2] = 0
-    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, True)
+    none = pre.new_empty(0)
+    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, none, none, True)
     assert torch.equal(h, torch.cat([prefix, F.gelu(pre, approximate="tanh")], -1))
     assert q.dtype == torch.float8_e4m3fn and q.shape == (2, 5, 32) and scale.shape == (2, 5, 1)
     assert torch.isfinite(scale).all() and (q[1, 2].float() == 0).all()
@@ -38,12 +39,18 @@ def test_reference_quantizes_rows_of_the_concat_with_gelu():
     # e4m3 keeps 3 mantissa bits: within half a step (2^-4 relative) of each normal value
     normal = h.float().abs() > 2 ** -6 * scale
     assert ((dequantized - h.float()).abs()[normal] <= 2 ** -4 * h.float().abs()[normal] + 1e-6).all()
-    _, _, nothing = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, False)
+    _, _, nothing = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, none, none, False)
     assert nothing.numel() == 0  # the GELU output is only written when a LoRA slot reads it
-    q2, scale2, _ = torch.ops.aotpack.gelu_quant_fp8(prefix[..., :0], pre, False)  # no prefix: GELU only
+    q2, scale2, _ = torch.ops.aotpack.gelu_quant_fp8(prefix[..., :0], pre, none, none, False)  # no prefix: GELU only
     assert q2.shape == (2, 5, 24) and torch.equal(q2.view(torch.uint8), gelu_quant_reference(
-        prefix[..., :0], pre, False)[0].view(torch.uint8))
-    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0}  # the build's GPU check, on the CPU
+        prefix[..., :0], pre, none, none, False)[0].view(torch.uint8))
+    # the preceding linear's epilogue: bias, then LoRA delta, each add rounded as the eager slot rounds it
+    bias, delta = torch.randn(24, generator=generator).to(torch.bfloat16), torch.randn(2, 5, 24, generator=generator).to(torch.bfloat16)
+    _, _, h3 = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, True)
+    assert torch.equal(h3, torch.cat([prefix, F.gelu((pre + bias) + delta, approximate="tanh")], -1))
+    assert not torch.equal(h3, h)
+    # the build's GPU check, on the CPU
+    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0, "bare": 0.0}
 
 
 def _fp8_tiny(monkeypatch, rank: int):
@@ -90,7 +97,7 @@ def test_rewired_transformer_keeps_names_and_output(monkeypatch, rank):
                                        image_rotary_emb=rotary)
         routed = install_fused_gelu_quant(transformer)
         monkeypatch.setattr("aotpack.models.fused_quant.gelu_quant_reference",
-                            lambda *args, _ref=gelu_quant_reference: calls.append(args[2]) or _ref(*args))
+                            lambda *args, _ref=gelu_quant_reference: calls.append(args[4]) or _ref(*args))
         after = transformer(**inputs, return_dict=False)[0].float()
         doubles = len(transformer.transformer_blocks)
         assert len(calls) == 2 * doubles  # ff and ff_context of every double block went through the op

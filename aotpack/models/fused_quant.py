@@ -13,6 +13,10 @@ This module is that path, opt-in and NOT YET MEASURED IN A PACKAGE on a GPU:
   its body launches the Triton kernel through `wrap_triton`, so AOTInductor compiles the kernel into
   the program (no Python at run time); elsewhere, and as the reference, it runs `gelu_quant_reference`
   in torch ops (what the CPU tests build and run).
+- the op also takes the epilogue of the linear before the GELU (its bias and its LoRA delta, added to
+  the FP8 GEMM's output in the kernel): Inductor fuses those adds into its own reduction, so without
+  them the sum was written out and read back, 2.99 + 1.84 ms per 1024^2 step more in the first
+  package measured (H200, 2026-12-01, `benchmarks/results/2026-12-01m-h200-fused-quant/`);
 - the FP8 linear then takes the quantized activation directly (`fp8_linear_prequantized`; torch's
   side of this checked by `scripts/probe_prequantized_fp8_linear.py`);
 - a slot's LoRA path reads the GELU output in the activation dtype, which the kernel also writes
@@ -42,9 +46,16 @@ from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .slots import BiasAfterLinear, LoRASlotLinear
 
 
-def gelu_quant_reference(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool):
-    """`(q, scale, h)`: h = [prefix, gelu_tanh(pre)] on the last axis, q its row-wise FP8 quantization,
-    scale [..., 1] float32 with h ~ q * scale; h itself only if `keep_input` (else an empty tensor)."""
+def gelu_quant_reference(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
+                         keep_input: bool):
+    """`(q, scale, h)`: h = [prefix, gelu_tanh(pre + bias + delta)] on the last axis (`bias` [W] and `delta`
+    like `pre`, each skipped when empty, added in that order and rounded as `LoRASlotLinear` adds them),
+    q its row-wise FP8 quantization, scale [..., 1] float32 with h ~ q * scale; h itself only if
+    `keep_input` (else an empty tensor)."""
+    if bias.numel():
+        pre = pre + bias
+    if delta.numel():
+        pre = pre + delta
     gelu = F.gelu(pre, approximate="tanh")
     h = torch.cat([prefix, gelu], dim=-1) if prefix.shape[-1] else gelu
     # amax / 448 in h's dtype, as torchao's eager quantization computes it; floored so a zero row stays finite
@@ -60,14 +71,22 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def gelu_quant_fp8_kernel(prefix_ptr, pre_ptr, q_ptr, scale_ptr, h_ptr, PREFIX: tl.constexpr,
-                              WIDTH: tl.constexpr, BLOCK: tl.constexpr, KEEP_INPUT: tl.constexpr):
+    def gelu_quant_fp8_kernel(prefix_ptr, pre_ptr, bias_ptr, delta_ptr, q_ptr, scale_ptr, h_ptr,
+                              PREFIX: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, KEEP_INPUT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         in_prefix = cols < PREFIX
         in_pre = (cols >= PREFIX) & (cols < PREFIX + WIDTH)
         a = tl.load(prefix_ptr + row * PREFIX + cols, mask=in_prefix, other=0.0).to(tl.float32)
         x = tl.load(pre_ptr + row * WIDTH + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)
+        # the linear's epilogue, each add rounded to the activation dtype as the eager adds round
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)
+            x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_DELTA:
+            x += tl.load(delta_ptr + row * WIDTH + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)
+            x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
         # tanh GELU as x * sigmoid(2u) (activations.gelu_tanh_via_sigmoid): an exponential, not libdevice's tanh
         g = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         h = tl.where(in_prefix, a, g).to(h_ptr.dtype.element_ty)  # rounded (RNE) as torch rounds
@@ -84,11 +103,12 @@ def _kernel():
     return gelu_quant_fp8_kernel
 
 
-def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool):
+def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
+                       keep_input: bool):
     import triton
     from torch.library import wrap_triton
 
-    prefix, pre = prefix.contiguous(), pre.contiguous()
+    prefix, pre, bias, delta = prefix.contiguous(), pre.contiguous(), bias.contiguous(), delta.contiguous()
     lead, width, prefix_width = pre.shape[:-1], pre.shape[-1], prefix.shape[-1]
     total = prefix_width + width
     rows = pre.numel() // width
@@ -98,17 +118,20 @@ def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool
     h = torch.empty(*lead, total, dtype=pre.dtype, device=pre.device) if keep_input else pre.new_empty(0)
     h_target = h if keep_input else pre.new_empty(1)
     block = triton.next_power_of_2(total)
-    wrap_triton(_kernel())[(rows,)](prefix if prefix_width else pre, pre, q, scale, h_target, PREFIX=prefix_width,
-                                    WIDTH=width, BLOCK=block, KEEP_INPUT=keep_input,
+    # an empty input's pointer is never read (its flag is off): `pre` stands in for it
+    wrap_triton(_kernel())[(rows,)](prefix if prefix_width else pre, pre, bias if bias.numel() else pre,
+                                    delta if delta.numel() else pre, q, scale, h_target, PREFIX=prefix_width,
+                                    WIDTH=width, BLOCK=block, HAS_BIAS=bias.numel() > 0,
+                                    HAS_DELTA=delta.numel() > 0, KEEP_INPUT=keep_input,
                                     num_warps=8 if block <= 16384 else 16)  # 8 warps: 0.065 vs 0.085 ms (16)
     return q, scale, h
 
 
-def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, keep_input: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor]:
+def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
+                    keep_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if pre.device.type == "cuda":
-        return _gelu_quant_triton(prefix, pre, keep_input)
-    return gelu_quant_reference(prefix, pre, keep_input)
+        return _gelu_quant_triton(prefix, pre, bias, delta, keep_input)
+    return gelu_quant_reference(prefix, pre, bias, delta, keep_input)
 
 
 def _register_op():
@@ -142,11 +165,28 @@ def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Ten
     return F.linear(activation, weight_view)
 
 
-def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """`layer([prefix, gelu(pre)])` for an FP8 layer (a slot or a bias-after linear), the GELU, concat and
-    quantization in one op."""
-    lora = isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
-    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, lora)
+def _bound_lora(layer: nn.Module) -> bool:
+    return isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
+
+
+def _unsummed_linear(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
+    sum is what `layer(x)` returns, left to the op to add."""
+    if not isinstance(layer, BiasAfterLinear):
+        y = layer(x)
+        return y, y.new_empty(0), y.new_empty(0)
+    y = layer.base(x)
+    bias = layer.bias if layer.bias is not None else y.new_empty(0)
+    return y, bias, (layer.lora_delta(x).to(y.dtype) if _bound_lora(layer) else y.new_empty(0))
+
+
+def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module,
+                      x: torch.Tensor) -> torch.Tensor:
+    """`layer([prefix, gelu(before(x))])` for an FP8 layer (a slot or a bias-after linear): the epilogue of
+    `before`, the GELU, the concat and the quantization in one op."""
+    lora = _bound_lora(layer)
+    pre, bias, delta = _unsummed_linear(before, x)
+    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
     if layer.bias is not None:
         y = y + layer.bias
@@ -162,8 +202,7 @@ class FusedFeedForward(nn.Module):
         self.net = feed_forward.net
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pre = self.net[0].proj(hidden_states)
-        return linear_after_gelu(self.net[2], pre[..., :0], pre)
+        return linear_after_gelu(self.net[2], hidden_states[..., :0], self.net[0].proj, hidden_states)
 
 
 class GeluIntoProjOut(nn.Module):
@@ -179,9 +218,9 @@ def fused_single_block(block: nn.Module, joint: torch.Tensor, temb: torch.Tensor
     """diffusers' `FluxSingleTransformerBlock.forward` on the joint sequence, with `proj_out(cat([attention,
     gelu(mlp)]))` as one `linear_after_gelu` (the concat is never written out)."""
     norm_hidden_states, gate = block.norm(joint, emb=temb)
-    mlp = block.proj_mlp(norm_hidden_states)
     attention = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=rotary)
-    joint = joint + gate.unsqueeze(1) * linear_after_gelu(block.proj_out, attention, mlp)
+    projected = linear_after_gelu(block.proj_out, attention, block.proj_mlp, norm_hidden_states)
+    joint = joint + gate.unsqueeze(1) * projected
     return joint.clip(-65504, 65504) if joint.dtype == torch.float16 else joint
 
 
@@ -216,16 +255,20 @@ def _require_fp8(layer: nn.Module) -> None:
 
 
 def kernel_errors(device, rows: int = 257) -> dict[str, float]:
-    """The op on `device` against `gelu_quant_reference`, on the single block's and the double block's
-    shapes (random bf16 inputs): relative L2 of the dequantized outputs and of the GELU outputs."""
+    """The op on `device` against `gelu_quant_reference`, on the single block's shapes with a LoRA slot
+    (bias and delta), the double block's without (bias only) and a bare GELU (random bf16 inputs):
+    relative L2 of the dequantized outputs and of the GELU outputs."""
     generator = torch.Generator().manual_seed(0)
     errors = {}
-    for name, prefix_width in (("single_block", 3072), ("double_block", 0)):
-        prefix, pre = (3 * torch.randn(rows, width, generator=generator) for width in (prefix_width, 12288))
-        prefix, pre = prefix.to(device, torch.bfloat16), pre.to(device, torch.bfloat16)
-        q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, True)
-        q_ref, scale_ref, h_ref = gelu_quant_reference(prefix, pre, True)
-        _, _, not_kept = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, False)
+    for name, prefix_width, has_bias, has_delta in (("single_block", 3072, True, True),
+                                                    ("double_block", 0, True, False), ("bare", 0, False, False)):
+        prefix, pre, delta = (3 * torch.randn(rows, width, generator=generator)
+                              for width in (prefix_width, 12288, 12288 if has_delta else 0))
+        bias = torch.randn(12288 if has_bias else 0, generator=generator)
+        prefix, pre, bias, delta = (t.to(device, torch.bfloat16) for t in (prefix, pre, bias, delta))
+        q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, True)
+        q_ref, scale_ref, h_ref = gelu_quant_reference(prefix, pre, bias, delta, True)
+        _, _, not_kept = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, False)
         errors[name] = float("inf") if not_kept.numel() else max(
             relative_error(q.float() * scale, q_ref.float() * scale_ref), relative_error(h, h_ref))
     return errors
