@@ -118,10 +118,11 @@ def test_lever_needs_fp8_and_excludes_the_sigmoid_gelu(tmp_path):
 
     from aotpack.recipes import recipe as recipes
 
-    text = (Path(recipes.__file__).parent / "h200.toml").read_text().replace("[shapes]", "fused_gelu_quant = true\n[shapes]", 1)
-    good = tmp_path / "fused.toml"
-    good.write_text(text)
-    assert recipes.load_recipe(good).fused_gelu_quant is True
+    text = (Path(recipes.__file__).parent / "h200.toml").read_text()
+    assert "\nfused_gelu_quant = true\n" in text and recipes.load_recipe("h200").fused_gelu_quant is True  # the default there
+    unfused = tmp_path / "unfused.toml"
+    unfused.write_text(text.replace("fused_gelu_quant = true", "fused_gelu_quant = false"))
+    assert recipes.load_recipe(unfused).fused_gelu_quant is False
     for bad_text, words in ((text.replace('quantization = "fp8_rowwise"', 'quantization = "none"'),
                              ["fused_gelu_quant", "fp8_rowwise", "'none'"]),
                             (text.replace("[shapes]", 'gelu_via_sigmoid = "all"\n[shapes]', 1),
