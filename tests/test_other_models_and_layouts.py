@@ -57,16 +57,21 @@ def peft_lora(other_pipeline_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_package(other_pipeline_dir, tmp_path_factory):
+    # no_slot_programs = false: half the programs to compile (their path is covered by test_no_slot_programs);
+    # with no LoRA live the slotted programs run, checked below
     return build_package(str(other_pipeline_dir), "cpu", out=tmp_path_factory.mktemp("pkg") / "other",
-                         progress=False)
+                         no_slot_programs=False, progress=False)
 
 
 def test_package_of_another_model_matches_diffusers(other_package, other_pipeline_dir, peft_lora, tmp_path):
     from diffusers import FluxPipeline
 
+    import aotpack
+
     manifest = read_manifest(other_package)
     assert manifest.model["config"]["num_single_layers"] == 3 and not manifest.model["config"]["guidance_embeds"]
-    assert [len(p.instances) for p in manifest.programs if p.name == p.kind] == [1, 1, 3, 1]  # variants aside
+    assert [len(p.instances) for p in manifest.programs] == [1, 1, 3, 1]  # no no-slot variants (fixture)
+    assert manifest.recipe["no_slot_programs"] is False
     out = tmp_path / "lat.safetensors"
     result = CliRunner().invoke(cli, [
         "run", str(other_package), "--model", str(other_pipeline_dir), "--prompt", REQUEST["prompt"],
@@ -77,7 +82,12 @@ def test_package_of_another_model_matches_diffusers(other_package, other_pipelin
     reference.set_progress_bar_config(disable=True)
     expected = reference_latents(reference, [(peft_lora, 0.9)])
     assert rel_error(load_file(str(out))["latents"], expected) <= TOLERANCE
-    assert rel_error(expected, reference_latents(reference, [])) > 100 * TOLERANCE
+    no_lora = reference_latents(reference, [])
+    assert rel_error(expected, no_lora) > 100 * TOLERANCE
+    # without no-slot programs, no LoRA runs the slotted programs with empty slots: still diffusers' output
+    served = aotpack.load(str(other_package), model=str(other_pipeline_dir))
+    assert served.transformer.bank.is_empty
+    assert rel_error(latents(served), no_lora) <= TOLERANCE and served.transformer.last_variant == "slots"
 
 
 def test_package_size_does_not_grow_with_the_weights(other_package, other_pipeline_dir):
@@ -94,7 +104,8 @@ def test_package_size_does_not_grow_with_the_weights(other_package, other_pipeli
 def whole_package(tmp_path_factory):
     """The tiny model as one whole program, slots only in the blocks, max_rank 8."""
     return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("pkg") / "whole", layout="whole",
-                         slots=["transformer_blocks.*", "single_transformer_blocks.*"], max_rank=8, progress=False)
+                         slots=["transformer_blocks.*", "single_transformer_blocks.*"], max_rank=8,
+                         no_slot_programs=False, progress=False)  # the whole program alone: CI time
 
 
 def _write_lora(path, patterns, rank, seed):
@@ -112,7 +123,7 @@ def test_whole_layout_with_narrowed_slots(whole_package, tmp_path):
     from aotpack.models.tiny import make_pipeline
 
     manifest = read_manifest(whole_package)
-    assert [p.kind for p in manifest.programs if p.name == p.kind] == ["whole"]  # and its no-slot variant
+    assert [p.name for p in manifest.programs] == ["whole"]
     assert all(s.name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for s in manifest.slots)
     block_lora = _write_lora(tmp_path / "blocks.safetensors", ["*transformer_blocks.*"], rank=4, seed=1)
     served = aotpack.load(whole_package, model="tiny")
@@ -162,11 +173,13 @@ def test_a_static_shape_recipe_builds_its_one_shape_and_refuses_others(other_pip
     from aotpack.models.examples import transformer_inputs
 
     recipe = tmp_path / "cpu-static.toml"
-    recipe.write_text(cpu_test_recipe("cpu-static", 'dtype = "float32"\nmax_rank = 4', tolerance=1e-4,
-                                      end_to_end=1e-3,
+    # no_slot_programs = false (the recipe field): half the programs to compile
+    recipe.write_text(cpu_test_recipe("cpu-static", 'dtype = "float32"\nmax_rank = 4\nno_slot_programs = false',
+                                      tolerance=1e-4, end_to_end=1e-3,
                                       shapes={"batch": [1, 1], "image_tokens": [64, 64], "text_tokens": [16, 16]}))
     package = build_package(str(other_pipeline_dir), str(recipe), out=tmp_path / "static", progress=False)
     manifest = read_manifest(package)
+    assert [p.name for p in manifest.programs] == [p.kind for p in manifest.programs]  # no no-slot variants
     assert manifest.shapes == {"batch": [1, 1], "image_tokens": [64, 64], "text_tokens": [16, 16]}
     assert [(c["batch"], c["image_tokens"], c["text_tokens"]) for c in manifest.validation["cases"]] == [(1, 64, 16)]
 

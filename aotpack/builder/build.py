@@ -52,8 +52,11 @@ from .output import OutputDir, removes_staging_on_error
 from .validate import validate_package
 
 
-def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, parallel=None) -> Recipe:
+def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, parallel=None,
+                    no_slot_programs=None) -> Recipe:
     changes = {}
+    if no_slot_programs is not None:
+        changes["no_slot_programs"] = bool(no_slot_programs)
     if parallel:
         changes["parallel"] = parallel
     if max_rank is not None:
@@ -116,7 +119,7 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
                 report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
         exported.append((kind, instances, region, activations, program))
-        if recipe.max_rank and region.slot_names():  # the same weights without slots: no slot tax when idle
+        if recipe.no_slot_programs and recipe.max_rank and region.slot_names():  # same weights, no slot tax when idle
             plain = _without_slots(region)
             with report.stage(f"export {kind}{NO_SLOT_SUFFIX}"):
                 program = export_region(plain, activations, {}, _shard_shapes(shapes, kind, recipe.parallel))
@@ -171,11 +174,14 @@ def default_package_dir(model_id: str, target: str) -> Path:
 def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwrite: bool = False,
                   revision: str | None = None,
                   max_rank: int | None = None, slots=None, layout: str | None = None, parallel: str | None = None,
-                  compile_workers: int | None = None, progress: bool | Progress = True) -> Path:
-    """Build a package for `model` on `target` and return its directory."""
+                  compile_workers: int | None = None, no_slot_programs: bool | None = None,
+                  progress: bool | Progress = True) -> Path:
+    """Build a package for `model` on `target` and return its directory. Keyword arguments left None
+    take the recipe's values."""
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     started = time.perf_counter()
-    recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout, parallel=parallel)
+    recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout, parallel=parallel,
+                             no_slot_programs=no_slot_programs)
     check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
     cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load
     ref = parse_model_ref(model, revision)

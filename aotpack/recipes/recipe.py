@@ -46,6 +46,9 @@ class Recipe:
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
+    # each slotted program also compiled without slots, run while no LoRA is live or the set is merged;
+    # false halves the programs to compile, and idle or merged requests pay the slot tax (11-15% on the H200)
+    no_slot_programs: bool = True
 
     def __post_init__(self):
         # also guards `replace` (the build's --parallel override never goes through parse_recipe)
@@ -126,6 +129,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
+        no_slot_programs=fields.value("no_slot_programs", bool, True),
     )
     fields.refuse_unknown()
     if recipe.fused_gelu_quant and recipe.quantization != "fp8_rowwise":
