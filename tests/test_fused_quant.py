@@ -113,6 +113,34 @@ def test_rewired_transformer_keeps_names_and_output(monkeypatch, rank):
     assert torch.equal(single_after, single_before)
 
 
+@pytest.mark.parametrize("rank", [0, 8])
+def test_context_parallel_split_blocks_fuse_and_keep_the_output(monkeypatch, rank):
+    """A context-parallel package's blocks (pre -> attention -> post): the single block's pre part hands
+    the GELU's input to the post part, whose proj_out runs through the op; bit for bit the unfused output."""
+    from aotpack.models.regions import PROLOGUE, make_region, prologue_arguments
+    from aotpack.models.split_regions import SplitRegion, split_block_eager
+
+    transformer, _ = _fp8_tiny(monkeypatch, rank)
+    monkeypatch.setattr(SplitRegion, "bind_lora", lambda self, lora: None)  # keep _fp8_tiny's slots bound
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16,
+                                dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
+    calls = []
+    with torch.no_grad():
+        prologue = make_region(transformer, PROLOGUE)(*prologue_arguments(inputs), None)
+        blocks = ((transformer.transformer_blocks[0], True), (transformer.single_transformer_blocks[0], False))
+        before = [split_block_eager(block, double, *prologue) for block, double in blocks]
+        install_fused_gelu_quant(transformer)
+        monkeypatch.setattr("aotpack.models.fused_quant.gelu_quant_reference",
+                            lambda *args, _ref=gelu_quant_reference: calls.append(args) or _ref(*args))
+        after = [split_block_eager(block, double, *prologue) for block, double in blocks]
+    assert len(calls) == 3  # the double block's ff and ff_context, the single block's proj_out
+    prefix, pre, bias, delta, keep = calls[2]
+    assert prefix.shape[-1] == transformer.inner_dim and bias.numel() == delta.numel() == 0 and keep == bool(rank)
+    for outputs_before, outputs_after in zip(before, after):
+        for b, a in zip(outputs_before, outputs_after):
+            assert torch.equal(a, b)
+
+
 def test_lever_needs_fp8_and_excludes_the_sigmoid_gelu(tmp_path):
     from pathlib import Path
 

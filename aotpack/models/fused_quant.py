@@ -23,8 +23,9 @@ the unfused package (H200, 2026-12-01, random weights, `benchmarks/results/2026-
 - a slot's LoRA path reads the GELU output in the activation dtype, which the kernel also writes
   when that slot is bound (`keep_input`).
 - nothing else changes: the weights keep their names and torchao metadata, a single block run by
-  diffusers' own forward (the build's end-to-end reference, context-parallel split programs) is the
-  unfused block.
+  diffusers' own forward (the build's end-to-end reference) is the unfused block. A context-parallel
+  package's single block hands the GELU's input from its pre program to its post program, whose
+  proj_out runs through the op (split_regions.py; not measured on GPUs yet).
 
 Numerics: those of torchao's eager quantization after torch's GELU, bit for bit on the CPU (the tests
 check the whole transformer): GELU rounded to the activation dtype, the scale amax / 448 rounded to that
@@ -170,9 +171,11 @@ def _bound_lora(layer: nn.Module) -> bool:
     return isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
 
 
-def _unsummed_linear(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
-    sum is what `layer(x)` returns, left to the op to add."""
+    sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself."""
+    if layer is None:
+        return x, x.new_empty(0), x.new_empty(0)
     if not isinstance(layer, BiasAfterLinear):
         y = layer(x)
         return y, y.new_empty(0), y.new_empty(0)
@@ -181,10 +184,11 @@ def _unsummed_linear(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return y, bias, (layer.lora_delta(x).to(y.dtype) if _bound_lora(layer) else y.new_empty(0))
 
 
-def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module,
+def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module | None,
                       x: torch.Tensor) -> torch.Tensor:
     """`layer([prefix, gelu(before(x))])` for an FP8 layer (a slot or a bias-after linear): the epilogue of
-    `before`, the GELU, the concat and the quantization in one op."""
+    `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
+    (a context-parallel single block's post program gets it from the pre program)."""
     lora = _bound_lora(layer)
     pre, bias, delta = _unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
+from .fused_quant import GeluIntoProjOut, linear_after_gelu
 from .regions import Region
 
 DOUBLE_PRE, DOUBLE_POST = "double_pre", "double_post"
@@ -33,7 +34,7 @@ PARTS = {
                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_q", "attn.norm_added_k"),
     DOUBLE_POST: ("attn.to_out", "attn.to_add_out", "norm2", "ff", "norm2_context", "ff_context"),
     SINGLE_PRE: ("norm", "proj_mlp", "act_mlp", "attn.to_q", "attn.to_k", "attn.to_v", "attn.norm_q", "attn.norm_k"),
-    SINGLE_POST: ("proj_out",),
+    SINGLE_POST: ("act_mlp", "proj_out"),  # act_mlp (no weights) says whether the GELU is fused into proj_out
 }
 
 # Dynamic shape symbols of each input (export.input_layouts reads `Region.input_layouts`).
@@ -132,14 +133,21 @@ class SplitRegion(Region):
     def _single_pre(self, joint, temb, rotary_cos, rotary_sin):
         b, attn, d = self.body, self.body.attn, self.head_dim
         norm_hidden, gate = b.norm(joint, emb=temb)
-        mlp = b.act_mlp(b.proj_mlp(norm_hidden))
+        mlp = b.proj_mlp(norm_hidden)
+        if not isinstance(b.act_mlp, GeluIntoProjOut):  # fused_gelu_quant: the post program applies the GELU
+            mlp = b.act_mlp(mlp)
         query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
         key = attn.norm_k(_heads(attn.to_k(norm_hidden), d))
         value = _heads(attn.to_v(norm_hidden), d)
         return _rope_stack(query, key, value, rotary_cos, rotary_sin), mlp, gate
 
     def _single_post(self, attention, mlp, gate, joint):
-        joint = joint + gate.unsqueeze(1) * self.body.proj_out(torch.cat([attention, mlp], dim=2))
+        b = self.body
+        if isinstance(b.act_mlp, GeluIntoProjOut):  # GELU + concat + FP8 quantization in one kernel
+            projected = linear_after_gelu(b.proj_out, attention, None, mlp)
+        else:
+            projected = b.proj_out(torch.cat([attention, mlp], dim=2))
+        joint = joint + gate.unsqueeze(1) * projected
         if joint.dtype == torch.float16:
             joint = joint.clip(-65504, 65504)
         return (joint.contiguous(),)
