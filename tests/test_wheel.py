@@ -138,14 +138,23 @@ def test_every_subcommand_help_from_outside_the_repository(fresh):
     assert "cpu" in targets and "h100" in targets
 
 
-def test_tiny_build_and_run_from_the_wheel(fresh):
+def test_tiny_build_and_run_from_the_wheel(fresh, demo_loras):
     from PIL import Image
 
     bin_dir, env, work = fresh
-    # --max-rank 0: a base-only package, 4 programs instead of 8 (CI time); the run below uses no LoRA
+    # --max-rank 0: a base-only package (no LoRA inputs at all, the slot-overhead baseline), 4 programs
+    # instead of 8 (CI time)
     _run([bin_dir / "aotpack", "build", "--model", "tiny", "--target", "cpu", "--max-rank", "0", "--out", "pkg"],
          cwd=work, env=env, timeout=600)
-    assert (work / "pkg" / "manifest.json").is_file()
+    manifest = json.loads((work / "pkg" / "manifest.json").read_text())
+    assert manifest["max_rank"] == 0 and manifest["slots"] == [] and manifest["validation"]["max_rel_error"] < 1e-3
+    assert not [i for p in manifest["programs"] for i in p["inputs"] if "lora" in i["name"]]
+    refused = subprocess.run([str(bin_dir / "aotpack"), "run", "pkg", "--model", "tiny", "--prompt", "a red fox",
+                              "--steps", "1", "--height", "64", "--width", "64",
+                              "--lora", f"{demo_loras['tiny-style-attn']}:1.0", "--out", "refused.png"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 1 and "slot" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert not (work / "refused.png").exists()
     _run([bin_dir / "aotpack", "run", "pkg", "--model", "tiny", "--prompt", "a red fox", "--steps", 2,
           "--height", 64, "--width", 64, "--seed", 1, "--out", "img.png"], cwd=work, env=env, timeout=300)
     with Image.open(work / "img.png") as image:
