@@ -106,7 +106,7 @@ def _kernel():
 
 
 def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
-                       keep_input: bool):
+                       keep_input: bool, num_warps: int | None = None):
     import triton
     from torch.library import wrap_triton
 
@@ -125,7 +125,10 @@ def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
                                     delta if delta.numel() else pre, q, scale, h_target, PREFIX=prefix_width,
                                     WIDTH=width, BLOCK=block, HAS_BIAS=bias.numel() > 0,
                                     HAS_DELTA=delta.numel() > 0, KEEP_INPUT=keep_input,
-                                    num_warps=8 if block <= 16384 else 16)  # 8 warps: 0.065 vs 0.085 ms (16)
+                                    # 8 warps: best or near it at every 1024^2 shape but the slotted double
+                                    # block, where 16 took 0.097 vs 0.116 ms (H200, scripts/gpu/
+                                    # probe_gelu_quant_kernel.py, 2026-12-01m); not yet rebuilt with that
+                                    num_warps=num_warps or (8 if block <= 16384 else 16))
     return q, scale, h
 
 
@@ -217,6 +220,11 @@ class GeluIntoProjOut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
+
+
+def gelu_goes_into_proj_out(block: nn.Module) -> bool:
+    """Whether a single block's MLP GELU runs inside its `proj_out` (`install_fused_gelu_quant` marked it)."""
+    return isinstance(getattr(block, "act_mlp", None), GeluIntoProjOut)
 
 
 def fused_single_block(block: nn.Module, joint: torch.Tensor, temb: torch.Tensor, rotary) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_quant import GeluIntoProjOut, fused_single_block
+from .fused_quant import fused_single_block, gelu_goes_into_proj_out
 from .slots import LoRASlotLinear, bind_slot_tensors, lora_input_names, slot_modules
 
 PROLOGUE, DOUBLE_BLOCK, SINGLE_BLOCK, EPILOGUE, WHOLE = "prologue", "double_block", "single_block", "epilogue", "whole"
@@ -146,7 +146,7 @@ class JointSingleBlockRegion(Region):
 
     def forward(self, joint_hidden_states, temb, rotary_cos, rotary_sin, lora):
         self.bind_lora(lora)
-        if isinstance(self.body.act_mlp, GeluIntoProjOut):  # recipe lever fused_gelu_quant
+        if gelu_goes_into_proj_out(self.body):  # recipe lever fused_gelu_quant
             return (fused_single_block(self.body, joint_hidden_states, temb, (rotary_cos, rotary_sin)).contiguous(),)
         # diffusers' block, unchanged, with an empty text part: its concatenation and split are no-ops
         _, joint = self.body(hidden_states=joint_hidden_states, encoder_hidden_states=joint_hidden_states[:, :0],

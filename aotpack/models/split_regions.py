@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from .fused_quant import GeluIntoProjOut, linear_after_gelu
+from .fused_quant import gelu_goes_into_proj_out, linear_after_gelu
 from .regions import Region
 
 DOUBLE_PRE, DOUBLE_POST = "double_pre", "double_post"
@@ -134,7 +134,7 @@ class SplitRegion(Region):
         b, attn, d = self.body, self.body.attn, self.head_dim
         norm_hidden, gate = b.norm(joint, emb=temb)
         mlp = b.proj_mlp(norm_hidden)
-        if not isinstance(b.act_mlp, GeluIntoProjOut):  # fused_gelu_quant: the post program applies the GELU
+        if not gelu_goes_into_proj_out(b):  # fused_gelu_quant: the post program applies the GELU
             mlp = b.act_mlp(mlp)
         query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
         key = attn.norm_k(_heads(attn.to_k(norm_hidden), d))
@@ -143,7 +143,7 @@ class SplitRegion(Region):
 
     def _single_post(self, attention, mlp, gate, joint):
         b = self.body
-        if isinstance(b.act_mlp, GeluIntoProjOut):  # GELU + concat + FP8 quantization in one kernel
+        if gelu_goes_into_proj_out(b):  # GELU + concat + FP8 quantization in one kernel
             projected = linear_after_gelu(b.proj_out, attention, None, mlp)
         else:
             projected = b.proj_out(torch.cat([attention, mlp], dim=2))
