@@ -57,3 +57,24 @@ text_tokens = 16
 tolerance = {tolerance}
 end_to_end_tolerance = {end_to_end}
 """
+
+
+def fp8_tiny_transformer(monkeypatch, rank: int):
+    """The tiny transformer in bf16 with FP8 row-wise linears (torchao's hardware check lifted) and, with
+    `rank`, random LoRA factors bound to every slot; returns it and its slot count."""
+    import torchao.quantization.quant_api as quant_api
+
+    from aotpack.models.prepare import prepare_transformer, regional_slot_names
+    from aotpack.models.slots import bind_slot_tensors, random_slot_tensors, slot_modules
+    from aotpack.models.tiny import make_transformer
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    torch.manual_seed(0)
+    transformer = make_transformer(torch.bfloat16).eval()
+    names = regional_slot_names(transformer, ["*"]) if rank else []
+    specs = prepare_transformer(transformer, dtype="bfloat16", device="cpu", quantization="fp8_rowwise",
+                                slot_names=names)
+    if rank:
+        lora = random_slot_tensors(specs, rank, torch.bfloat16, "cpu", torch.Generator().manual_seed(3), std=0.2)
+        bind_slot_tensors(transformer, lora)
+    return transformer, len(slot_modules(transformer))

@@ -18,13 +18,14 @@ from aotpack.store.manifest import read_manifest
 
 
 FUSED_CALLS: list[bool] = []
+QK_CALLS: list[int] = []
 
 
 def _build_fp8(tmp_path_factory):
-    """The h200 recipe's mechanics at tiny size, with the opt-in lever fused_gelu_quant on."""
+    """The h200 recipe's mechanics at tiny size, with its kernel levers fused_gelu_quant and fused_qk_norm_rope on."""
     import torchao.quantization.quant_api as quant_api
 
-    from aotpack.models import fused_quant
+    from aotpack.models import fused_quant, qk_norm_rope
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
     recipe.write_text(cpu_test_recipe("cpu-fp8", """
@@ -32,11 +33,15 @@ dtype = "bfloat16"
 quantization = "fp8_rowwise"
 max_rank = 16
 fused_gelu_quant = true
+fused_qk_norm_rope = true
 """, tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op
                   lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[4]) or _reference(*args))
+    patch.setattr(qk_norm_rope, "qk_norm_rope_reference",  # the same for the q/k norm + RoPE op
+                  lambda *args, _reference=qk_norm_rope.qk_norm_rope_reference: QK_CALLS.append(args[4].shape[1])
+                  or _reference(*args))
     try:
         return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
                              progress=False)
@@ -53,6 +58,7 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     manifest = read_manifest(fp8_package)
     assert manifest.quantization["method"] == "fp8_rowwise"
     assert manifest.recipe["fused_gelu_quant"] is True and FUSED_CALLS  # GELU + quantization went through the op
+    assert manifest.recipe["fused_qk_norm_rope"] is True and QK_CALLS  # and q/k norms + RoPE through theirs
     assert manifest.build["compile_workers"] == 2
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear

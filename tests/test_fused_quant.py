@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import fp8_tiny_transformer
 
 from aotpack.errors import RecipeError
 from aotpack.models.examples import transformer_inputs
@@ -53,25 +54,6 @@ def test_reference_quantizes_rows_of_the_concat_with_gelu():
     assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0, "bare": 0.0}
 
 
-def _fp8_tiny(monkeypatch, rank: int):
-    import torchao.quantization.quant_api as quant_api
-
-    from aotpack.models.prepare import prepare_transformer, regional_slot_names
-    from aotpack.models.slots import bind_slot_tensors, random_slot_tensors, slot_modules
-    from aotpack.models.tiny import make_transformer
-
-    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-    torch.manual_seed(0)
-    transformer = make_transformer(torch.bfloat16).eval()
-    names = regional_slot_names(transformer, ["*"]) if rank else []
-    specs = prepare_transformer(transformer, dtype="bfloat16", device="cpu", quantization="fp8_rowwise",
-                                slot_names=names)
-    if rank:
-        lora = random_slot_tensors(specs, rank, torch.bfloat16, "cpu", torch.Generator().manual_seed(3), std=0.2)
-        bind_slot_tensors(transformer, lora)
-    return transformer, len(slot_modules(transformer))
-
-
 @pytest.mark.parametrize("rank", [0, 8])
 def test_rewired_transformer_keeps_names_and_output(monkeypatch, rank):
     """Eagerly, with and without LoRA slots: the same parameters under the same names, and the same output
@@ -80,7 +62,7 @@ def test_rewired_transformer_keeps_names_and_output(monkeypatch, rank):
     model's eager forward runs diffusers' own, where `act_mlp` is the plain GELU)."""
     from aotpack.models.regions import SINGLE_BLOCK, make_region
 
-    transformer, slots = _fp8_tiny(monkeypatch, rank)
+    transformer, slots = fp8_tiny_transformer(monkeypatch, rank)
     names = [name for name, _ in transformer.named_parameters()]
     inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16,
                                 dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
@@ -120,8 +102,8 @@ def test_context_parallel_split_blocks_fuse_and_keep_the_output(monkeypatch, ran
     from aotpack.models.regions import PROLOGUE, make_region, prologue_arguments
     from aotpack.models.split_regions import SplitRegion, split_block_eager
 
-    transformer, _ = _fp8_tiny(monkeypatch, rank)
-    monkeypatch.setattr(SplitRegion, "bind_lora", lambda self, lora: None)  # keep _fp8_tiny's slots bound
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
+    monkeypatch.setattr(SplitRegion, "bind_lora", lambda self, lora: None)  # keep fp8_tiny_transformer's slots bound
     inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16,
                                 dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
     calls = []

@@ -6,7 +6,8 @@
 For each package (same model, same request): build and compile seconds and package size from its
 manifest, load time, and the transformer step (median of 10, CUDA events) with a rank-64 LoRA
 active where the package has slots; on a GPU also the kernel-time breakdown with the heaviest
-kernels, and the step replayed as one CUDA graph. Writes OUT/variants.json.
+kernels, the same with no LoRA active (the no-slot programs, where the package has them), and the step
+replayed as one CUDA graph. Writes OUT/variants.json.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                 result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
         elif device.type == "cuda":  # where the variants differ, kernel by kernel (plain chain)
             result["breakdown"] = kernel_breakdown(step, device, top_kernels=12)
+            if manifest.slots and served.transformer.has_no_slot_programs:  # and with no LoRA: the no-slot programs
+                served.set_loras([])
+                result["step_no_lora"] = time_ms(step, device, warmup=3, repeats=10)
+                result["breakdown_no_lora"] = kernel_breakdown(step, device, top_kernels=12)
     print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
     return result
 

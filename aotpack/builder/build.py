@@ -22,6 +22,8 @@ from ..models.checkpoint import (
 )
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
+from ..models.qk_norm_rope import check_kernel_against_reference as check_qk_kernel_against_reference
+from ..models.qk_norm_rope import install_fused_qk_norm_rope
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_rows
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
@@ -213,6 +215,10 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             report.info(f"    {install_fused_gelu_quant(transformer)} MLP GELUs fused into the FP8 quantization")
             if torch.device(device).type == "cuda":
                 check_kernel_against_reference(device)
+        if recipe.fused_qk_norm_rope:  # q/k epilogue + norms + RoPE in one op per tensor; names do not change
+            report.info(f"    {install_fused_qk_norm_rope(transformer)} attentions take q/k norms + RoPE in one op")
+            if torch.device(device).type == "cuda":
+                check_qk_kernel_against_reference(device)
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
 

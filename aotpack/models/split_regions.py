@@ -20,6 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from .fused_quant import gelu_goes_into_proj_out, linear_after_gelu
+from .qk_norm_rope import fused_query_key, uses_fused_qk_norm_rope
 from .regions import Region
 
 DOUBLE_PRE, DOUBLE_POST = "double_pre", "double_post"
@@ -72,11 +73,15 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
-def _rope_stack(query, key, value, cos, sin) -> torch.Tensor:
-    """RoPE on q/k ([B, S, H, D]), then q/k/v as one `[H, 3, B, S, D]` tensor."""
-    query = apply_rotary_emb(query, (cos, sin), sequence_dim=1)
-    key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
+def _stack(query, key, value) -> torch.Tensor:
+    """q/k/v ([B, S, H, D] each) as one `[H, 3, B, S, D]` tensor."""
     return torch.stack((query, key, value)).permute(3, 0, 1, 2, 4).contiguous()
+
+
+def _rope_stack(query, key, value, cos, sin) -> torch.Tensor:
+    """RoPE on q/k ([B, S, H, D]), then `_stack`."""
+    return _stack(apply_rotary_emb(query, (cos, sin), sequence_dim=1), apply_rotary_emb(key, (cos, sin), sequence_dim=1),
+                  value)
 
 
 class SplitRegion(Region):
@@ -89,6 +94,7 @@ class SplitRegion(Region):
         self.input_layouts = _LAYOUTS[kind]
         self.activation_names = tuple(_LAYOUTS[kind])
         self.head_dim = block.attn.head_dim
+        self.fused_qk = uses_fused_qk_norm_rope(block.attn)  # recipe lever fused_qk_norm_rope: norms + RoPE in one op
 
 
     # -- double block -----------------------------------------------------------------------------
@@ -97,14 +103,16 @@ class SplitRegion(Region):
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = b.norm1(hidden_states, emb=temb)
         norm_encoder, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = b.norm1_context(encoder_hidden_states,
                                                                                          emb=temb)
-        query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
-        key = attn.norm_k(_heads(attn.to_k(norm_hidden), d))
-        value = _heads(attn.to_v(norm_hidden), d)
-        encoder_query = attn.norm_added_q(_heads(attn.add_q_proj(norm_encoder), d))
-        encoder_key = attn.norm_added_k(_heads(attn.add_k_proj(norm_encoder), d))
-        encoder_value = _heads(attn.add_v_proj(norm_encoder), d)
-        qkv = _rope_stack(torch.cat([encoder_query, query], dim=1), torch.cat([encoder_key, key], dim=1),
-                          torch.cat([encoder_value, value], dim=1), rotary_cos, rotary_sin)
+        value = torch.cat([_heads(attn.add_v_proj(norm_encoder), d), _heads(attn.to_v(norm_hidden), d)], dim=1)
+        if self.fused_qk:
+            qkv = _stack(*fused_query_key(attn, norm_hidden, norm_encoder, rotary_cos, rotary_sin, d), value)
+        else:
+            query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
+            key = attn.norm_k(_heads(attn.to_k(norm_hidden), d))
+            encoder_query = attn.norm_added_q(_heads(attn.add_q_proj(norm_encoder), d))
+            encoder_key = attn.norm_added_k(_heads(attn.add_k_proj(norm_encoder), d))
+            qkv = _rope_stack(torch.cat([encoder_query, query], dim=1), torch.cat([encoder_key, key], dim=1),
+                              value, rotary_cos, rotary_sin)
         modulation = torch.stack((gate_msa, shift_mlp, scale_mlp, gate_mlp, c_gate_msa, c_shift_mlp, c_scale_mlp,
                                   c_gate_mlp), dim=1)
         return qkv, modulation
@@ -136,9 +144,11 @@ class SplitRegion(Region):
         mlp = b.proj_mlp(norm_hidden)
         if not gelu_goes_into_proj_out(b):  # fused_gelu_quant: the post program applies the GELU
             mlp = b.act_mlp(mlp)
+        value = _heads(attn.to_v(norm_hidden), d)
+        if self.fused_qk:
+            return _stack(*fused_query_key(attn, norm_hidden, None, rotary_cos, rotary_sin, d), value), mlp, gate
         query = attn.norm_q(_heads(attn.to_q(norm_hidden), d))
         key = attn.norm_k(_heads(attn.to_k(norm_hidden), d))
-        value = _heads(attn.to_v(norm_hidden), d)
         return _rope_stack(query, key, value, rotary_cos, rotary_sin), mlp, gate
 
     def _single_post(self, attention, mlp, gate, joint):

@@ -44,6 +44,7 @@ class Recipe:
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
+    fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
     # each slotted program also compiled without slots, run while no LoRA is live or the set is merged;
@@ -127,6 +128,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
+        fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),

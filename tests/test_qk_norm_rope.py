@@ -1,0 +1,101 @@
+"""`fused_qk_norm_rope`: each Flux attention's q/k epilogue, RMSNorm and RoPE as one op.
+
+On the CPU the op runs its torch reference (the GPU runs a Triton kernel that the build checks against
+this reference; scripts/check_qk_norm_rope_kernel.py runs the kernel itself in Triton's interpreter).
+These tests pin the reference to diffusers' own processor and the rewiring to the unfused model, bit for
+bit; the FP8 package built with the lever on is in test_fp8_cpu.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from reference import fp8_tiny_transformer
+
+from aotpack.errors import RecipeError
+from aotpack.models import qk_norm_rope
+from aotpack.models.examples import transformer_inputs
+from aotpack.models.qk_norm_rope import install_fused_qk_norm_rope, kernel_errors, uses_fused_qk_norm_rope
+
+
+def test_reference_is_diffusers_norm_concat_and_rope():
+    generator = torch.Generator().manual_seed(0)
+    heads, head_dim = 3, 16
+    norm_text, norm_image = (torch.nn.RMSNorm(head_dim, eps=1e-6).to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        for norm in (norm_text, norm_image):
+            norm.weight.copy_(1 + 0.3 * torch.randn(head_dim, generator=generator))
+    text, image = (3 * torch.randn(2, n, heads * head_dim, generator=generator).to(torch.bfloat16) for n in (5, 7))
+    bias = torch.randn(heads * head_dim, generator=generator).to(torch.bfloat16)
+    delta = torch.randn(2, 7, heads * head_dim, generator=generator).to(torch.bfloat16)
+    angles = 5 * torch.randn(12, head_dim, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    none = text.new_empty(0)
+    got = torch.ops.aotpack.qk_norm_rope(text, none, none, norm_text.weight, image, bias, delta, norm_image.weight,
+                                         cos, sin, 1e-6, head_dim)
+    # diffusers' FluxAttnProcessor: norms per part, concat text first, then RoPE (image part: bias, then delta)
+    expected = apply_rotary_emb(torch.cat([norm_text(text.unflatten(-1, (heads, head_dim))),
+                                           norm_image(((image + bias) + delta).unflatten(-1, (heads, head_dim)))], 1),
+                                (cos, sin), sequence_dim=1)
+    assert got.shape == (2, 12, heads, head_dim) and torch.equal(got, expected)
+    # a single block: no text part
+    alone = torch.ops.aotpack.qk_norm_rope(image[:, :0], none, none, norm_text.weight, image, none, none,
+                                           norm_image.weight, cos[:7], sin[:7], 1e-6, head_dim)
+    assert torch.equal(alone, apply_rotary_emb(norm_image(image.unflatten(-1, (heads, head_dim))), (cos[:7], sin[:7]),
+                                               sequence_dim=1))
+    assert kernel_errors("cpu") == {"double_block": 0.0, "single_block": 0.0}  # the build's GPU check, on the CPU
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_fused_attention_keeps_names_and_output(monkeypatch, rank):
+    """Eagerly, with and without LoRA slots: same parameters, same output as diffusers' processor, bit for
+    bit; every attention's q and k went through the op, and the split (context-parallel) blocks too."""
+    from aotpack.models.regions import PROLOGUE, make_region, prologue_arguments
+    from aotpack.models.split_regions import SplitRegion, split_block_eager
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
+    monkeypatch.setattr(SplitRegion, "bind_lora", lambda self, lora: None)  # keep fp8_tiny_transformer's slots bound
+    names = [name for name, _ in transformer.named_parameters()]
+    inputs = transformer_inputs(transformer.config, batch=2, image_tokens=64, text_tokens=16,
+                                dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
+    blocks = ((transformer.transformer_blocks[0], True), (transformer.single_transformer_blocks[0], False))
+    calls = []
+    with torch.no_grad():
+        prologue = make_region(transformer, PROLOGUE)(*prologue_arguments(inputs), None)
+        before = transformer(**inputs, return_dict=False)[0]
+        split_before = [split_block_eager(block, double, *prologue) for block, double in blocks]
+        fused = install_fused_qk_norm_rope(transformer)
+        monkeypatch.setattr(qk_norm_rope, "qk_norm_rope_reference",
+                            lambda *args, _ref=qk_norm_rope.qk_norm_rope_reference: calls.append(args) or _ref(*args))
+        after = transformer(**inputs, return_dict=False)[0]
+        attentions = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        assert fused == attentions and len(calls) == 2 * attentions
+        split_after = [split_block_eager(block, double, *prologue) for block, double in blocks]
+    assert len(calls) == 2 * attentions + 4
+    text_y, _, text_delta, _, image_y, image_bias, image_delta, *_ = calls[0]  # the first double block's query
+    assert text_y.shape[1] == 16 and image_y.shape[1] == 64 and image_bias.numel() > 0
+    assert (image_delta.numel() > 0) == bool(rank) and (text_delta.numel() > 0) == bool(rank)
+    assert all(uses_fused_qk_norm_rope(block.attn) for block, _ in blocks)
+    assert [name for name, _ in transformer.named_parameters()] == names
+    assert torch.equal(after, before)
+    for outputs_before, outputs_after in zip(split_before, split_after):
+        for b, a in zip(outputs_before, outputs_after):
+            assert torch.equal(a, b)
+
+
+def test_lever_is_a_recipe_field(tmp_path):
+    from pathlib import Path
+
+    from aotpack.recipes import recipe as recipes
+
+    text = re.sub(r"\nfused_qk_norm_rope = \w+\n", "\n", (Path(recipes.__file__).parent / "h200.toml").read_text())
+    on = tmp_path / "on.toml"
+    on.write_text(text.replace("[shapes]", "fused_qk_norm_rope = true\n[shapes]", 1))
+    assert recipes.load_recipe(on).fused_qk_norm_rope is True and recipes.load_recipe(on).to_json()["fused_qk_norm_rope"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("[shapes]", "fused_qk_norm_rope = 1\n[shapes]", 1))
+    with pytest.raises(RecipeError, match="fused_qk_norm_rope = 1 should be true or false"):
+        recipes.load_recipe(bad)
