@@ -91,6 +91,7 @@ def test_lever_is_a_recipe_field(tmp_path):
 
     from aotpack.recipes import recipe as recipes
 
+    assert recipes.load_recipe("h200").fused_qk_norm_rope is True  # the default there (and in h100)
     text = re.sub(r"\nfused_qk_norm_rope = \w+\n", "\n", (Path(recipes.__file__).parent / "h200.toml").read_text())
     on = tmp_path / "on.toml"
     on.write_text(text.replace("[shapes]", "fused_qk_norm_rope = true\n[shapes]", 1))
@@ -99,3 +100,22 @@ def test_lever_is_a_recipe_field(tmp_path):
     bad.write_text(text.replace("[shapes]", "fused_qk_norm_rope = 1\n[shapes]", 1))
     with pytest.raises(RecipeError, match="fused_qk_norm_rope = 1 should be true or false"):
         recipes.load_recipe(bad)
+
+
+def test_fused_processor_keeps_fp8_attention_and_its_norm_bound_scales():
+    """With the opt-in FP8 attention (recipe attention = "cudnn_fp8"), the fused processor still routes
+    attention through `aotpack::fp8_sdpa`, whose q/k scales read the attention module's norms: same output."""
+    from aotpack.models.attention import attention_context
+    from aotpack.models.tiny import make_transformer
+
+    transformer = make_transformer()
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.float32,
+                                device="cpu", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attention_context(transformer, "cudnn_fp8"):
+        unfused = transformer(**inputs, return_dict=False)[0]
+        install_fused_qk_norm_rope(transformer)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            fused = transformer(**inputs, return_dict=False)[0]
+    names = [e.name for e in profile.events()]
+    assert names.count("aotpack::fp8_sdpa") == 4 and names.count("aotpack::qk_norm_rope") == 8
+    assert torch.equal(fused, unfused)

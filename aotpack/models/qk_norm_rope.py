@@ -118,7 +118,9 @@ def _head_block(heads: int) -> int:
 
 
 def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta,
-                         image_weight, cos, sin, eps: float, head_dim: int) -> torch.Tensor:
+                         image_weight, cos, sin, eps: float, head_dim: int, head_block: int | None = None,
+                         num_warps: int = 4) -> torch.Tensor:
+    """The kernel launches; `head_block` and `num_warps` override the launch config (the probe's sweep)."""
     from torch.library import wrap_triton
 
     batch, image_tokens, width = image_y.shape
@@ -127,7 +129,7 @@ def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, im
     total = text_tokens + image_tokens
     out = torch.empty(batch, total, heads, head_dim, dtype=image_y.dtype, device=image_y.device)
     cos, sin = cos.contiguous(), sin.contiguous()
-    block = _head_block(heads)
+    block = head_block or _head_block(heads)
     for first, (y, bias, delta, weight) in ((0, (text_y, text_bias, text_delta, text_weight)),
                                             (text_tokens, (image_y, image_bias, image_delta, image_weight))):
         tokens = y.shape[1]
@@ -138,7 +140,7 @@ def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, im
         wrap_triton(_kernel())[(tokens * (heads // block), batch)](
             y, bias if bias.numel() else y, delta if delta.numel() else y, weight, cos, sin, out, tokens, first,
             total, eps, HEADS=heads, HEAD_DIM=head_dim, HEAD_BLOCK=block, HAS_BIAS=bias.numel() > 0,
-            HAS_DELTA=delta.numel() > 0, num_warps=4)
+            HAS_DELTA=delta.numel() > 0, num_warps=num_warps)
     return out
 
 

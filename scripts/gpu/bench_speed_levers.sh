@@ -11,8 +11,9 @@
 #    gelu_ff: gelu_via_sigmoid = "feed_forward" (the double blocks' feed-forward GELUs only; same);
 #    unfused: fused_gelu_quant = false (Inductor's own GELU + quantization reductions; the default
 #      fuses them in one Triton kernel, models/fused_quant.py, since 2026-12-01m);
-#    qkrope: fused_qk_norm_rope = true (q/k epilogue + RMSNorm + RoPE in one Triton kernel per tensor,
-#      models/qk_norm_rope.py); the variants bench also steps each package with no LoRA (no-slot programs);
+#    qk_unfused: fused_qk_norm_rope = false (Inductor's own q/k norm + RoPE kernels; the default runs them as
+#      one Triton kernel per tensor, models/qk_norm_rope.py, since 2026-12-01n); the variants bench also steps
+#      each package with no LoRA (no-slot programs);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
@@ -44,7 +45,7 @@ sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/toleranc
 sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/unfused.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
-sed 's/^\[shapes\]/fused_qk_norm_rope = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/qkrope.toml
+sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' aotpack/recipes/h200.toml > /tmp/recipes/qk_unfused.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
