@@ -125,3 +125,26 @@ def test_bank_warm_up_touches_every_write_path_and_leaves_the_bank_zero(monkeypa
     assert all(not t.any() for t in bank.tensors.values())
     assert set(bank.used_rank.values()) == {0}
     assert {name: t.data_ptr() for name, t in bank.tensors.items()} == addresses  # programs hold these
+
+
+def test_bank_write_batches_copies_and_scales_b():
+    """A and every unscaled B go in one batched copy (no per-layer launches at scale 1); a scaled B is
+    `B * scale` rounded once, as torch.mul rounds it; ranks below max_rank fill the first rows/columns."""
+    from aotpack.models.slots import SlotSpec
+    from aotpack.runtime.slot_bank import SlotBank
+
+    g = torch.Generator().manual_seed(0)
+    bank = SlotBank([SlotSpec("a", 8, 6), SlotSpec("b", 8, 4)], 4, torch.bfloat16, "cpu")
+    a1, b1, a2, b2 = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((2, 8), (6, 2), (4, 8), (4, 4)))
+    copies = []
+    original = torch._foreach_copy_
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "_foreach_copy_", lambda dst, src, **k: (copies.append(len(dst)), original(dst, src, **k))[1])
+        patch.setattr(torch.Tensor, "copy_", lambda *a, **k: pytest.fail("a per-tensor copy"))
+        bank.write({"a": [(a1, b1, 1.0)], "b": [(a2, b2)]})
+    assert copies == [4]  # both slots' A and B in one call
+    a_buf, b_buf = bank.tensors["a.lora_A"], bank.tensors["a.lora_B"]
+    assert torch.equal(a_buf[:2], a1) and not a_buf[2:].any() and torch.equal(b_buf[:, :2], b1) and not b_buf[:, 2:].any()
+    bank.write({"a": [(a1, b1, 0.8)]})
+    assert torch.equal(bank.tensors["a.lora_B"][:, :2], torch.mul(b1, 0.8)) and not bank.tensors["b.lora_A"].any()
+    assert bank.used_rank == {"a": 2, "b": 0}
