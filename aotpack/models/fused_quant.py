@@ -48,16 +48,22 @@ from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .slots import BiasAfterLinear, LoRASlotLinear
 
 
+def epilogue_sum(y: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`y + bias + delta` (each skipped when empty), added and rounded in the order `LoRASlotLinear` adds them."""
+    if bias.numel():
+        y = y + bias
+    if delta.numel():
+        y = y + delta
+    return y
+
+
 def gelu_quant_reference(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
                          keep_input: bool):
     """`(q, scale, h)`: h = [prefix, gelu_tanh(pre + bias + delta)] on the last axis (`bias` [W] and `delta`
     like `pre`, each skipped when empty, added in that order and rounded as `LoRASlotLinear` adds them),
     q its row-wise FP8 quantization, scale [..., 1] float32 with h ~ q * scale; h itself only if
     `keep_input` (else an empty tensor)."""
-    if bias.numel():
-        pre = pre + bias
-    if delta.numel():
-        pre = pre + delta
+    pre = epilogue_sum(pre, bias, delta)
     gelu = F.gelu(pre, approximate="tanh")
     h = torch.cat([prefix, gelu], dim=-1) if prefix.shape[-1] else gelu
     # amax / 448 in h's dtype, as torchao's eager quantization computes it; floored so a zero row stays finite
@@ -174,7 +180,7 @@ def _bound_lora(layer: nn.Module) -> bool:
     return isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
 
 
-def _unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
     sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself."""
     if layer is None:
@@ -193,7 +199,7 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
     (a context-parallel single block's post program gets it from the pre program)."""
     lora = _bound_lora(layer)
-    pre, bias, delta = _unsummed_linear(before, x)
+    pre, bias, delta = unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
     if layer.bias is not None:

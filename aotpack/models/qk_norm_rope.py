@@ -33,15 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .examples import relative_error
-from .fused_quant import _unsummed_linear
-
-
-def _epilogue_sum(y: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    if bias.numel():
-        y = y + bias
-    if delta.numel():
-        y = y + delta
-    return y
+from .fused_quant import epilogue_sum, unsummed_linear
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,7 +53,7 @@ def qk_norm_rope_reference(text_y, text_bias, text_delta, text_weight, image_y, 
                                    (image_y, image_bias, image_delta, image_weight)):
         if y.shape[1] == 0:
             continue
-        x = _epilogue_sum(y, bias, delta).unflatten(-1, (-1, head_dim))
+        x = epilogue_sum(y, bias, delta).unflatten(-1, (-1, head_dim))
         parts.append(F.rms_norm(x, (head_dim,), weight, eps))  # what Flux's torch.nn.RMSNorm q/k norms run
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return _rotary(x, cos, sin)
@@ -174,7 +166,7 @@ qk_norm_rope = _register_op()
 
 
 def _projection_parts(linear, x: torch.Tensor, norm) -> tuple:
-    return (*_unsummed_linear(linear, x), norm.weight)
+    return (*unsummed_linear(linear, x), norm.weight)
 
 
 def fused_query_key(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, cos: torch.Tensor,
