@@ -74,7 +74,7 @@ class SlotBank:
             a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))
             return [(torch.zeros_like(a_buf[:r]), torch.zeros_like(b_buf[:, :r]), scale)]
 
-        # a scaled copy (mul) and a plain one (copy_); then a partial clear (B's columns beyond rank 1)
+        # a scaled copy (mul) and a plain one (the batched copy); then a partial clear (B's columns beyond rank 1)
         # with the other slot cleared whole; then everything cleared
         self.write({names[0]: zeros(names[0], rank, 0.5), **{n: zeros(n, 1, 1.0) for n in names[1:]}})
         self.write({names[0]: zeros(names[0], 1, 0.5)})
