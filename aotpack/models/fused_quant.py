@@ -145,19 +145,21 @@ def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor,
     return gelu_quant_reference(prefix, pre, bias, delta, keep_input)
 
 
-def _register_op():
-    # On a machine without triton, torch logs "Triton not available" when the op is defined; the CPU path
-    # does not need triton, so that line would only alarm users of the CPU install.
+def register_triton_op(name: str, fn):
+    """`torch.library.triton_op(name)(fn)`, for aotpack's kernel ops (this module's and qk_norm_rope's).
+
+    On a machine without triton, torch logs "Triton not available" when the op is defined; the CPU path
+    does not need triton, so that line would only alarm users of the CPU install."""
     logger = logging.getLogger("torch._library.triton")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return torch.library.triton_op("aotpack::gelu_quant_fp8", mutates_args=())(_gelu_quant_fp8)
+        return torch.library.triton_op(name, mutates_args=())(fn)
     finally:
         logger.setLevel(level)
 
 
-gelu_quant_fp8 = _register_op()
+gelu_quant_fp8 = register_triton_op("aotpack::gelu_quant_fp8", _gelu_quant_fp8)
 
 
 def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:

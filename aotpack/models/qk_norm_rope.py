@@ -27,13 +27,12 @@ step for step (bit for bit on the CPU: the tests check whole models), each add o
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
 from .examples import relative_error
-from .fused_quant import epilogue_sum, unsummed_linear
+from .fused_quant import epilogue_sum, register_triton_op, unsummed_linear
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,18 +150,7 @@ def _qk_norm_rope(text_y: torch.Tensor, text_bias: torch.Tensor, text_delta: tor
     return qk_norm_rope_reference(*args)
 
 
-def _register_op():
-    # as fused_quant._register_op: keep torch's "Triton not available" line away from CPU-only users
-    logger = logging.getLogger("torch._library.triton")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        return torch.library.triton_op("aotpack::qk_norm_rope", mutates_args=())(_qk_norm_rope)
-    finally:
-        logger.setLevel(level)
-
-
-qk_norm_rope = _register_op()
+qk_norm_rope = register_triton_op("aotpack::qk_norm_rope", _qk_norm_rope)
 
 
 def _projection_parts(linear, x: torch.Tensor, norm) -> tuple:
