@@ -125,6 +125,31 @@ def test_switch_away_unmerges_and_rejected_set_keeps_merge(served_tiny, demo_lor
         served_tiny.set_loras([])
 
 
+def test_fold_failing_midway_restores_every_weight(served_tiny, demo_loras, monkeypatch):
+    """A merge that fails after some layers were folded (e.g. out of memory) leaves no half-merged set: every
+    weight is back bit for bit, the bank is empty, no LoRA is reported active and the error reaches the caller."""
+    from aotpack.runtime import merge as merge_module
+
+    compiled = served_tiny.transformer
+    served_tiny.set_loras([])
+    originals = _snapshot(compiled)
+    real_fold, folded = merge_module.fold_into, []
+
+    def fold_then_fail(weight, parts, compiled_merge=None):
+        if len(folded) == 2:
+            raise torch.cuda.OutOfMemoryError("simulated: no memory for the third layer")
+        real_fold(weight, parts, compiled_merge)
+        folded.append(weight)
+
+    monkeypatch.setattr(merge_module, "fold_into", fold_then_fail)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)], merge=True)
+    assert len(folded) == 2 and not compiled.merged and compiled.lora_modes.mode == NONE and compiled.bank.is_empty
+    assert served_tiny.active == []
+    for name, tensors in _snapshot(compiled).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+
+
 def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
     compiled = served_tiny.transformer
     lora = [(demo_loras["tiny-style-mlp"], 0.7)]

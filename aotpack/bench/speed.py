@@ -144,6 +144,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     try:
         merge["merge_ms"] = _timed(device, lambda: served.set_loras(lora, merge=True))
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
+        merge["host_seconds"] = dict(served.transformer.lora_modes.last_merge_seconds)  # save / fold phases
         # merge_rows.pt2 (packages since 2026-12-01) or the eager passes (the torchao check below is theirs)
         merge["compiled_merge"] = getattr(served.transformer, "compiled_merge", None) is not None
         result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
@@ -152,7 +153,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         merge["base_output_bit_identical_after_unmerge"] = bool(
             torch.equal(_out(served.transformer, workloads[first]), base_outputs[first]))
         again = _timed(device, lambda: served.set_loras(lora, merge=True))  # allocator warm
-        merge["second"] = {"merge_ms": again, "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
+        merge["second"] = {"merge_ms": again, "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds),
+                           "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
         merge["requantization_equals_torchao_from_hp"] = _requantization_matches_torchao(served.transformer)
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]

@@ -111,7 +111,12 @@ class AotpackPipeline:
         if self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
             merge = True  # the same set N times in a row: fold it in (see merge.py)
         marks.append(time.perf_counter())
-        self.transformer.lora_modes.enter(layers, merge=merge)
+        try:
+            self.transformer.lora_modes.enter(layers, merge=merge)
+        except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
+            self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
+            self.active, self._last_set, self._same_set_count = [], None, 0
+            raise
         marks.append(time.perf_counter())
         _synchronize(self.device)
         marks.append(time.perf_counter())
