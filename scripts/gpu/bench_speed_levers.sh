@@ -14,13 +14,16 @@
 #    qk_unfused: fused_qk_norm_rope = false (Inductor's own q/k norm + RoPE kernels; the default runs them as
 #      one Triton kernel per tensor, models/qk_norm_rope.py, since 2026-12-01n); the variants bench also steps
 #      each package with no LoRA (no-slot programs);
+#    rebuilt: h200.toml as it is, built by this checkout (against PACKAGE_TAR, built by an earlier one: a code
+#      change that is not a recipe field, e.g. a kernel's launch config or what an op computes);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
 #    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
 # 4. with KEEP_PACKAGES=1, each lever's package as $OUT/package-LABEL.tar (to carry as PACKAGE_TAR later);
-# 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size.
+# 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
+#    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity).
 # Results under $OUT; about 6-7 minutes at 1024^2.
 # The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
@@ -46,6 +49,7 @@ sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' aotpack/recipes/h200.
 sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
 sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' aotpack/recipes/h200.toml > /tmp/recipes/qk_unfused.toml
+cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
@@ -93,9 +97,11 @@ for size in $SIZES; do
   timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$out" --height "$size" --width "$size" \
     "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
 done
-if [ "${FP8_SPEED:-1}" = 1 ] && [[ " $LEVERS " == *" fp8attn "* ]]; then
-  timeout 200 python3 -m aotpack.bench.speed --package /tmp/levers/fp8attn --model random:flux-dev \
-    --out "$OUT/fp8attn" --sizes "$SIZE" --skip-recipe --lora-std 0.15 > "$OUT/fp8attn-speed.log" 2>&1
-  echo "speed bench fp8attn: exit $?"
-  head -40 "$OUT/fp8attn/speed.md" 2>/dev/null
+speed_lever=${SPEED_LEVER:-}
+[ "${FP8_SPEED:-1}" = 1 ] && [[ " $LEVERS " == *" fp8attn "* ]] && speed_lever=fp8attn
+if [ -n "$speed_lever" ]; then
+  timeout 200 python3 -m aotpack.bench.speed --package "/tmp/levers/$speed_lever" --model random:flux-dev \
+    --out "$OUT/$speed_lever" --sizes "$SIZE" --skip-recipe --lora-std 0.15 > "$OUT/$speed_lever-speed.log" 2>&1
+  echo "speed bench $speed_lever: exit $?"
+  head -40 "$OUT/$speed_lever/speed.md" 2>/dev/null
 fi
