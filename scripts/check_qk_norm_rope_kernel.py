@@ -19,12 +19,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
 
-from aotpack.models.qk_norm_rope import (_TOKEN_BLOCK, _head_block, _kernels,  # noqa: E402
-                                         qk_norm_rope_reference)
+from aotpack.models.qk_norm_rope import _head_block, _kernels, qk_norm_rope_reference  # noqa: E402
 
 
 def check(heads: int, head_dim: int, text_tokens: int, image_tokens: int, bias: bool, rank: int,
-          batch: int = 2) -> bool:
+          batch: int = 2, tile: tuple[int, int] = (32, 1)) -> bool:
     """rank 0: no LoRA; rank < 16: the per-token kernel with the delta formed before it (as the op does);
     else the token-tile kernel with the up-projection as a tl.dot, `A x` a strided view of a grouped product."""
     generator = torch.Generator().manual_seed(heads * head_dim + text_tokens + rank)
@@ -50,10 +49,11 @@ def check(heads: int, head_dim: int, text_tokens: int, image_tokens: int, bias: 
         if not tokens:
             continue
         if rank >= 16:
-            per_tile[((tokens + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK * heads, batch)](
+            tile_tokens, tile_heads = tile
+            per_tile[((tokens + tile_tokens - 1) // tile_tokens * (heads // tile_heads), batch)](
                 y, b if bias else y, hidden, up, w, cos, sin, out, tokens, first, total, hidden.stride(0),
                 hidden.stride(1), up.stride(0), 1e-6, HEADS=heads, HEAD_DIM=head_dim, RANK=rank,
-                TOKEN_BLOCK=_TOKEN_BLOCK, HAS_BIAS=bias)
+                TOKEN_BLOCK=tile_tokens, HEAD_GROUP=tile_heads, HAS_BIAS=bias)
         else:
             delta = torch.nn.functional.linear(hidden, up) if rank else y
             per_token[(tokens * (heads // block), batch)](
@@ -62,8 +62,8 @@ def check(heads: int, head_dim: int, text_tokens: int, image_tokens: int, bias: 
     reference = qk_norm_rope_reference(*text, *image, cos, sin, 1e-6, head_dim)
     # tl.dot's fp32 sum of rank products may round apart from torch's matmul in the last bits
     ok = torch.allclose(out, reference, rtol=1e-4, atol=1e-4)
-    print(f"heads {heads} (x{block} per program), head_dim {head_dim}, text {text_tokens}, image {image_tokens}, "
-          f"bias {bias}, rank {rank}: max |diff| {(out - reference).abs().max():.2e} {'ok' if ok else 'DIFFERS'}")
+    print(f"heads {heads} (x{block} per program; tile {tile}), head_dim {head_dim}, text {text_tokens}, "
+          f"image {image_tokens}, bias {bias}, rank {rank}: max |diff| {(out - reference).abs().max():.2e} {'ok' if ok else 'DIFFERS'}")
     return ok
 
 
@@ -71,5 +71,6 @@ if __name__ == "__main__":
     cases = [(24, 128, 5, 11, True, 4), (24, 128, 0, 9, True, 0), (6, 16, 3, 4, False, 0),
              (2, 16, 7, 2, False, 8), (3, 32, 0, 5, True, 2),
              # token tiles with a tl.dot: Flux's shapes with a rank-64 slot, token counts off the tile size
-             (24, 128, 13, 67, True, 64), (4, 64, 0, 40, False, 16), (2, 128, 33, 1, True, 32)]
+             (24, 128, 13, 67, True, 64), (4, 64, 0, 40, False, 16), (2, 128, 33, 1, True, 32),
+             (24, 128, 13, 67, True, 64, 1, (16, 8)), (4, 64, 5, 40, True, 16, 2, (64, 2))]
     raise SystemExit(0 if all([check(*case) for case in cases]) else 1)

@@ -92,23 +92,26 @@ def _head_block(heads: int) -> int:
 # benchmarks/results/2026-12-01n-h200-qk-norm-rope/d-kernel-configs): one warp per program was fastest,
 # 0.0176 vs 0.0210 ms per single-block tensor with 8 heads per program.
 _WARPS_PER_TOKEN = 1
-# The token-tile kernel: 32 tokens x one head per program, 4 warps (a [32, 64] x [64, 128] tl.dot).
-_TOKEN_BLOCK, _WARPS_PER_TILE = 32, 4
+# The token-tile kernel: (tokens, heads, warps) per program.
+_TILE = (32, 1, 4)
 
 
-def _dot_takes(hidden: torch.Tensor, up: torch.Tensor) -> bool:
+def _dot_takes(hidden: torch.Tensor, up: torch.Tensor, head_dim: int) -> bool:
     """Whether the token-tile kernel can run this slot's up-projection: tl.dot on 16-bit factors of one dtype
-    (fp32 ones would go through TF32), a power-of-two rank of at least 16, unit stride along the rank."""
+    (fp32 ones would go through TF32), a power-of-two rank of at least 16 (tl.dot's least), half a head of at
+    least 16 lanes, unit stride along the rank."""
     rank = hidden.shape[-1]
     return (hidden.dtype == up.dtype and hidden.dtype in (torch.bfloat16, torch.float16) and rank >= 16
-            and rank & (rank - 1) == 0 and hidden.stride(-1) == 1 and up.stride(-1) == 1)
+            and rank & (rank - 1) == 0 and head_dim >= 32 and hidden.stride(-1) == 1 and up.stride(-1) == 1)
 
 
 def _qk_norm_rope_triton(text_y, text_bias, text_hidden, text_up, text_weight, image_y, image_bias, image_hidden,
                          image_up, image_weight, cos, sin, eps: float, head_dim: int, head_block: int | None = None,
-                         num_warps: int = _WARPS_PER_TOKEN) -> torch.Tensor:
-    """The kernel launches; `head_block` and `num_warps` override the per-token kernel's launch config (the
-    probe's sweep)."""
+                         num_warps: int = _WARPS_PER_TOKEN, tile: tuple[int, int, int] = _TILE,
+                         up_in_kernel: bool = True) -> torch.Tensor:
+    """The kernel launches. The per-token kernel's `head_block` and `num_warps`, the token-tile kernel's `tile`
+    (tokens, heads, warps per program) and `up_in_kernel` (False: the delta from torch, then the per-token
+    kernel) are for the probe's sweep."""
     from torch.library import wrap_triton
 
     per_token, per_tile = _kernels()
@@ -119,6 +122,7 @@ def _qk_norm_rope_triton(text_y, text_bias, text_hidden, text_up, text_weight, i
     out = torch.empty(batch, total, heads, head_dim, dtype=image_y.dtype, device=image_y.device)
     cos, sin = cos.contiguous(), sin.contiguous()
     block = head_block or _head_block(heads)
+    tile_tokens, tile_heads, tile_warps = tile
     for first, (y, bias, hidden, up, weight) in (
             (0, (text_y, text_bias, text_hidden, text_up, text_weight)),
             (text_tokens, (image_y, image_bias, image_hidden, image_up, image_weight))):
@@ -127,12 +131,12 @@ def _qk_norm_rope_triton(text_y, text_bias, text_hidden, text_up, text_weight, i
             continue
         y, bias, weight = y.contiguous(), bias.contiguous(), weight.contiguous()
         # an empty input's pointer is never read (its flag is off): `y` stands in for it
-        if hidden.numel() and _dot_takes(hidden, up):
-            wrap_triton(per_tile)[((tokens + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK * heads, batch)](
+        if up_in_kernel and hidden.numel() and _dot_takes(hidden, up, head_dim) and heads % tile_heads == 0:
+            wrap_triton(per_tile)[((tokens + tile_tokens - 1) // tile_tokens * (heads // tile_heads), batch)](
                 y, bias if bias.numel() else y, hidden, up, weight, cos, sin, out, tokens, first, total,
                 hidden.stride(0), hidden.stride(1), up.stride(0), eps, HEADS=heads, HEAD_DIM=head_dim,
-                RANK=hidden.shape[-1], TOKEN_BLOCK=_TOKEN_BLOCK, HAS_BIAS=bias.numel() > 0,
-                num_warps=_WARPS_PER_TILE)
+                RANK=hidden.shape[-1], TOKEN_BLOCK=tile_tokens, HEAD_GROUP=tile_heads, HAS_BIAS=bias.numel() > 0,
+                num_warps=tile_warps)
             continue
         delta = lora_delta(y, hidden, up).contiguous()
         wrap_triton(per_token)[(tokens * (heads // block), batch)](
