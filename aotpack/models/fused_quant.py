@@ -182,19 +182,17 @@ def _bound_lora(layer: nn.Module) -> bool:
     return isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
 
 
-def unsummed_linear(layer: nn.Module | None, x: torch.Tensor, *, factored: bool = False) -> tuple[torch.Tensor, ...]:
+def unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
-    sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself. `factored`: the delta as its
-    two factors instead, (GEMM output, bias, A x, B), for an op that runs the up-projection itself."""
-    none = x.new_empty(0)
+    sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself."""
     if layer is None:
-        return (x, none, none, none) if factored else (x, none, none)
-    y = layer.base(x) if isinstance(layer, BiasAfterLinear) else layer(x)
-    bias = layer.bias if isinstance(layer, BiasAfterLinear) and layer.bias is not None else none
-    if not _bound_lora(layer):
-        return (y, bias, none, none) if factored else (y, bias, none)
-    hidden = F.linear(x.to(layer.lora_A.dtype), layer.lora_A)  # LoRASlotLinear.lora_delta's first product
-    return (y, bias, hidden, layer.lora_B) if factored else (y, bias, F.linear(hidden, layer.lora_B).to(y.dtype))
+        return x, x.new_empty(0), x.new_empty(0)
+    if not isinstance(layer, BiasAfterLinear):
+        y = layer(x)
+        return y, y.new_empty(0), y.new_empty(0)
+    y = layer.base(x)
+    bias = layer.bias if layer.bias is not None else y.new_empty(0)
+    return y, bias, (layer.lora_delta(x).to(y.dtype) if _bound_lora(layer) else y.new_empty(0))
 
 
 def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module | None,

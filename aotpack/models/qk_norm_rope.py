@@ -9,18 +9,11 @@ in a 2-D tiled kernel with masked half loads), the slotted programs' ~6 ms for b
 weights). The minimum is one read of the GEMM output and one write of the result: ~2 ms per step.
 
 - `torch.ops.aotpack.qk_norm_rope(text parts, image parts, cos, sin, eps, head_dim)`: a
-  `torch.library.triton_op`. Each part is a projection's (GEMM output, bias, A x, B, norm weight): a bound
-  slot's LoRA comes as its two factors, so the kernel runs the up-projection itself (below); empty
-  tensors where absent; the text part may have no tokens (single blocks). It returns
+  `torch.library.triton_op`. Each part is a projection's (GEMM output, bias, LoRA delta, norm weight),
+  empty tensors where absent; the text part may have no tokens (single blocks). It returns
   `[B, S_text + S_image, heads, head_dim]`, what the processor hands to attention. On CUDA the body
-  launches one Triton kernel per part through `wrap_triton` (compiled into the programs;
-  qk_norm_rope_kernels.py); elsewhere, and as the reference, it runs `qk_norm_rope_reference`, diffusers'
-  own arithmetic in torch ops.
-- Parts with a LoRA take the token-tile kernel: 32 tokens x one head per program, the head's slice of the
-  up-projection as a `tl.dot` ([32, rank] x [rank, 128]), so the delta (a [tokens, 3072] bf16 tensor per q
-  and k) is neither written by a GEMM nor read back: ~6.5 GB per 1024^2 step, ~1.4 ms of H200 bandwidth.
-  Ranks below 16 (tl.dot's least) or not a power of two get the delta from torch first, then the per-token
-  kernel.
+  launches one Triton kernel per part through `wrap_triton` (compiled into the programs); elsewhere, and
+  as the reference, it runs `qk_norm_rope_reference`, diffusers' own arithmetic in torch ops.
 - `FusedQKNormRopeProcessor` is diffusers' `FluxAttnProcessor` with the q/k path through the op; the
   value path, attention and the output projections are unchanged. `install_fused_qk_norm_rope` sets it
   on every Flux attention (`attn.set_processor`); weight and slot names do not change. Context-parallel
@@ -50,34 +43,61 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-def lora_delta(y: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """A slot's LoRA delta from its factors (`hidden` = A x, `up` = B), as `LoRASlotLinear.lora_delta` finishes it
-    and rounded to `y`'s dtype; empty when the part has no LoRA."""
-    return F.linear(hidden, up).to(y.dtype) if hidden.numel() else y.new_empty(0)
-
-
-def qk_norm_rope_reference(text_y, text_bias, text_hidden, text_up, text_weight, image_y, image_bias, image_hidden,
-                           image_up, image_weight, cos, sin, eps: float, head_dim: int) -> torch.Tensor:
+def qk_norm_rope_reference(text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta,
+                           image_weight, cos, sin, eps: float, head_dim: int) -> torch.Tensor:
     """`rope(cat([norm_text(text), norm_image(image)], tokens))` in `[B, S, heads, head_dim]`, where each part is
-    `y + bias + up @ hidden` ([B, S_part, heads * head_dim]) unflattened to heads."""
+    `y + bias + delta` ([B, S_part, heads * head_dim]) unflattened to heads."""
     parts = []
-    for y, bias, hidden, up, weight in ((text_y, text_bias, text_hidden, text_up, text_weight),
-                                        (image_y, image_bias, image_hidden, image_up, image_weight)):
+    for y, bias, delta, weight in ((text_y, text_bias, text_delta, text_weight),
+                                   (image_y, image_bias, image_delta, image_weight)):
         if y.shape[1] == 0:
             continue
-        x = epilogue_sum(y, bias, lora_delta(y, hidden, up)).unflatten(-1, (-1, head_dim))
+        x = epilogue_sum(y, bias, delta).unflatten(-1, (-1, head_dim))
         parts.append(F.rms_norm(x, (head_dim,), weight, eps))  # what Flux's torch.nn.RMSNorm q/k norms run
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return _rotary(x, cos, sin)
 
 
 @functools.cache
-def _kernels():
-    """The Triton kernels (per token; per token tile with the LoRA up-projection), imported on first use: the
-    CPU-only install has no triton."""
-    from . import qk_norm_rope_kernels
+def _kernel():
+    """The Triton kernel, made on first use: the CPU-only install has no triton."""
+    import triton
+    import triton.language as tl
 
-    return qk_norm_rope_kernels.qk_norm_rope_kernel, qk_norm_rope_kernels.qk_lora_norm_rope_kernel
+    @triton.jit
+    def qk_norm_rope_kernel(y_ptr, bias_ptr, delta_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, tokens,
+                            first_token, total_tokens, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            HEAD_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr):
+        # one program: HEAD_BLOCK heads of one token of one batch row; even/odd lanes are RoPE's pairs
+        groups: tl.constexpr = HEADS // HEAD_BLOCK
+        program = tl.program_id(0)
+        batch = tl.program_id(1).to(tl.int64)
+        token = program // groups
+        heads = (program % groups) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)[:, None]
+        cols = heads * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [HEAD_BLOCK, HEAD_DIM] within the token
+        x = tl.load(y_ptr + (batch * tokens + token) * (HEADS * HEAD_DIM) + cols).to(tl.float32)
+        # the linear's epilogue, each add rounded to the activation dtype as the eager adds round
+        if HAS_BIAS:
+            x = (x + tl.load(bias_ptr + cols).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_DELTA:
+            x += tl.load(delta_ptr + (batch * tokens + token) * (HEADS * HEAD_DIM) + cols).to(tl.float32)
+            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        # RMSNorm as torch's rms_norm: x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once
+        variance = tl.sum(x * x, axis=1)[:, None] / HEAD_DIM
+        weight = tl.load(weight_ptr + tl.arange(0, HEAD_DIM)[None, :]).to(tl.float32)
+        normed = (x * tl.math.rsqrt(variance + eps) * weight).to(out_ptr.dtype.element_ty).to(tl.float32)
+        # RoPE on pairs (2i, 2i+1): out = x * cos + [-x_odd, x_even] * sin
+        position = first_token + token
+        angle = position * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        cos = tl.load(cos_ptr + angle)
+        sin = tl.load(sin_ptr + angle)
+        even, odd = tl.split(tl.reshape(normed, (HEAD_BLOCK, HEAD_DIM // 2, 2)))
+        rotated = tl.reshape(tl.join(-odd, even), (HEAD_BLOCK, HEAD_DIM))
+        out = normed * cos + rotated * sin
+        tl.store(out_ptr + (batch * total_tokens + position) * (HEADS * HEAD_DIM) + cols,
+                 out.to(out_ptr.dtype.element_ty))
+
+    return qk_norm_rope_kernel
 
 
 def _head_block(heads: int) -> int:
@@ -88,33 +108,18 @@ def _head_block(heads: int) -> int:
     return block
 
 
-# Launch configs from the kernel probe (H200, 1024^2 shapes, launches replayed from a CUDA graph;
-# benchmarks/results/2026-12-01n-h200-qk-norm-rope/d-kernel-configs): one warp per program was fastest,
-# 0.0176 vs 0.0210 ms per single-block tensor with 8 heads per program.
-_WARPS_PER_TOKEN = 1
-# The token-tile kernel: (tokens, heads, warps) per program.
-_TILE = (32, 1, 4)
+# One warp per program: the kernel probe's fastest config (H200, 1024^2 shapes, launches replayed from a CUDA
+# graph): 0.0172-0.0176 vs 0.0210 ms per single-block tensor with 4 warps; in the package the kernel's time per
+# step with no LoRA went 3.48 -> 2.67 ms (benchmarks/results/2026-12-02-h200-qk-lora-up/).
+_WARPS = 1
 
 
-def _dot_takes(hidden: torch.Tensor, up: torch.Tensor, head_dim: int) -> bool:
-    """Whether the token-tile kernel can run this slot's up-projection: tl.dot on 16-bit factors of one dtype
-    (fp32 ones would go through TF32), a power-of-two rank of at least 16 (tl.dot's least), half a head of at
-    least 16 lanes, unit stride along the rank."""
-    rank = hidden.shape[-1]
-    return (hidden.dtype == up.dtype and hidden.dtype in (torch.bfloat16, torch.float16) and rank >= 16
-            and rank & (rank - 1) == 0 and head_dim >= 32 and hidden.stride(-1) == 1 and up.stride(-1) == 1)
-
-
-def _qk_norm_rope_triton(text_y, text_bias, text_hidden, text_up, text_weight, image_y, image_bias, image_hidden,
-                         image_up, image_weight, cos, sin, eps: float, head_dim: int, head_block: int | None = None,
-                         num_warps: int = _WARPS_PER_TOKEN, tile: tuple[int, int, int] = _TILE,
-                         up_in_kernel: bool = True) -> torch.Tensor:
-    """The kernel launches. The per-token kernel's `head_block` and `num_warps`, the token-tile kernel's `tile`
-    (tokens, heads, warps per program) and `up_in_kernel` (False: the delta from torch, then the per-token
-    kernel) are for the probe's sweep."""
+def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta,
+                         image_weight, cos, sin, eps: float, head_dim: int, head_block: int | None = None,
+                         num_warps: int = _WARPS) -> torch.Tensor:
+    """The kernel launches; `head_block` and `num_warps` override the launch config (the probe's sweep)."""
     from torch.library import wrap_triton
 
-    per_token, per_tile = _kernels()
     batch, image_tokens, width = image_y.shape
     text_tokens = text_y.shape[1]
     heads = width // head_dim
@@ -122,24 +127,14 @@ def _qk_norm_rope_triton(text_y, text_bias, text_hidden, text_up, text_weight, i
     out = torch.empty(batch, total, heads, head_dim, dtype=image_y.dtype, device=image_y.device)
     cos, sin = cos.contiguous(), sin.contiguous()
     block = head_block or _head_block(heads)
-    tile_tokens, tile_heads, tile_warps = tile
-    for first, (y, bias, hidden, up, weight) in (
-            (0, (text_y, text_bias, text_hidden, text_up, text_weight)),
-            (text_tokens, (image_y, image_bias, image_hidden, image_up, image_weight))):
+    for first, (y, bias, delta, weight) in ((0, (text_y, text_bias, text_delta, text_weight)),
+                                            (text_tokens, (image_y, image_bias, image_delta, image_weight))):
         tokens = y.shape[1]
         if tokens == 0:
             continue
-        y, bias, weight = y.contiguous(), bias.contiguous(), weight.contiguous()
+        y, bias, delta, weight = y.contiguous(), bias.contiguous(), delta.contiguous(), weight.contiguous()
         # an empty input's pointer is never read (its flag is off): `y` stands in for it
-        if up_in_kernel and hidden.numel() and _dot_takes(hidden, up, head_dim) and heads % tile_heads == 0:
-            wrap_triton(per_tile)[((tokens + tile_tokens - 1) // tile_tokens * (heads // tile_heads), batch)](
-                y, bias if bias.numel() else y, hidden, up, weight, cos, sin, out, tokens, first, total,
-                hidden.stride(0), hidden.stride(1), up.stride(0), eps, HEADS=heads, HEAD_DIM=head_dim,
-                RANK=hidden.shape[-1], TOKEN_BLOCK=tile_tokens, HEAD_GROUP=tile_heads, HAS_BIAS=bias.numel() > 0,
-                num_warps=tile_warps)
-            continue
-        delta = lora_delta(y, hidden, up).contiguous()
-        wrap_triton(per_token)[(tokens * (heads // block), batch)](
+        wrap_triton(_kernel())[(tokens * (heads // block), batch)](
             y, bias if bias.numel() else y, delta if delta.numel() else y, weight, cos, sin, out, tokens, first,
             total, eps, HEADS=heads, HEAD_DIM=head_dim, HEAD_BLOCK=block, HAS_BIAS=bias.numel() > 0,
             HAS_DELTA=delta.numel() > 0, num_warps=num_warps)
@@ -150,12 +145,12 @@ def _supported_by_kernel(head_dim: int) -> bool:
     return head_dim >= 2 and head_dim & (head_dim - 1) == 0  # tl.arange needs a power of two
 
 
-def _qk_norm_rope(text_y: torch.Tensor, text_bias: torch.Tensor, text_hidden: torch.Tensor, text_up: torch.Tensor,
-                  text_weight: torch.Tensor, image_y: torch.Tensor, image_bias: torch.Tensor,
-                  image_hidden: torch.Tensor, image_up: torch.Tensor, image_weight: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor:
-    args = (text_y, text_bias, text_hidden, text_up, text_weight, image_y, image_bias, image_hidden, image_up,
-            image_weight, cos, sin, eps, head_dim)
+def _qk_norm_rope(text_y: torch.Tensor, text_bias: torch.Tensor, text_delta: torch.Tensor, text_weight: torch.Tensor,
+                  image_y: torch.Tensor, image_bias: torch.Tensor, image_delta: torch.Tensor,
+                  image_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  head_dim: int) -> torch.Tensor:
+    args = (text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta, image_weight, cos, sin,
+            eps, head_dim)
     if image_y.device.type == "cuda" and _supported_by_kernel(head_dim):
         return _qk_norm_rope_triton(*args)
     return qk_norm_rope_reference(*args)
@@ -165,7 +160,7 @@ qk_norm_rope = register_triton_op("aotpack::qk_norm_rope", _qk_norm_rope)
 
 
 def _projection_parts(linear, x: torch.Tensor, norm) -> tuple:
-    return (*unsummed_linear(linear, x, factored=True), norm.weight)
+    return (*unsummed_linear(linear, x), norm.weight)
 
 
 def fused_query_key(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, cos: torch.Tensor,
@@ -178,8 +173,7 @@ def fused_query_key(attn, hidden_states: torch.Tensor, encoder_hidden_states: to
         text_k = _projection_parts(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
     else:
         empty = hidden_states[:, :0]
-        none = empty.new_empty(0)
-        text_q = text_k = (empty, none, none, none, attn.norm_q.weight)
+        text_q = text_k = (empty, empty.new_empty(0), empty.new_empty(0), attn.norm_q.weight)
     eps = attn.norm_q.eps
     query = torch.ops.aotpack.qk_norm_rope(*text_q, *_projection_parts(attn.to_q, hidden_states, attn.norm_q),
                                            cos, sin, eps, head_dim)
@@ -260,24 +254,19 @@ def install_fused_qk_norm_rope(transformer) -> int:
 
 def kernel_errors(device, tokens: int = 67) -> dict[str, float]:
     """The op on `device` against `qk_norm_rope_reference` on Flux shapes (24 heads of 128), with random bf16
-    inputs: a double block's text + image parts with bias and a rank-64 LoRA whose `A x` is a strided view (as
-    the grouped down-projection hands it over), a single block's image part with bias only, and a rank-8 LoRA
-    (below tl.dot's smallest rank: the delta is formed before the kernel). Relative L2 of the outputs."""
+    inputs: a double block's text + image parts with bias and LoRA delta, and a single block's image part
+    with bias only. Relative L2 of the outputs."""
     generator = torch.Generator().manual_seed(0)
     width, errors = 24 * 128, {}
-    for name, text_tokens, rank in (("double_block", 13, 64), ("single_block", 0, 0), ("small_rank", 5, 8)):
+    for name, text_tokens, has_delta in (("double_block", 13, True), ("single_block", 0, False)):
         def part(n):
             y = 3 * torch.randn(2, n, width, generator=generator)
-            grouped = torch.randn(2, n, 3 * rank, generator=generator)  # [A_q x, A_k x, A_v x]
-            up = 0.1 * torch.randn(width, rank, generator=generator) if rank else torch.zeros(0)
-            return [y, torch.randn(width, generator=generator), grouped, up,
-                    1 + 0.1 * torch.randn(128, generator=generator)]
+            delta = torch.randn(2, n, width, generator=generator) if has_delta else torch.zeros(0)
+            return [y, torch.randn(width, generator=generator), delta, 1 + 0.1 * torch.randn(128, generator=generator)]
 
-        args = [t.to(device, torch.bfloat16) for t in part(text_tokens) + part(tokens)]
-        for at in (2, 7):  # hidden: the middle third of the grouped product, a view with token stride 3 x rank
-            args[at] = args[at][..., rank:2 * rank] if rank else args[at].new_empty(0)
+        args = part(text_tokens) + part(tokens)
         angles = torch.randn(text_tokens + tokens, 128, generator=generator)
-        args += [t.to(device) for t in (angles.cos(), angles.sin())]
+        args = [t.to(device, torch.bfloat16) for t in args] + [t.to(device) for t in (angles.cos(), angles.sin())]
         got = torch.ops.aotpack.qk_norm_rope(*args, 1e-6, 128)
         errors[name] = relative_error(got.float(), qk_norm_rope_reference(*args, 1e-6, 128).float())
     return errors
