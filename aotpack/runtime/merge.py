@@ -66,6 +66,15 @@ class CompiledMerge:
     def __init__(self, program, rank: int, dtype: torch.dtype):
         self.program, self.rank, self.dtype = program, rank, dtype
 
+    def warm(self, shapes, device, qdata_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+        """Run the program once per weight shape `(rows, cols)` on scratch zeros, so that a merge does not pay for
+        the program's first call per shape (`CompiledFluxTransformer` calls it at load on CUDA; numbers there)."""
+        for rows, cols in sorted(set(shapes)):
+            self.program([torch.zeros(rows, cols, dtype=qdata_dtype, device=device),
+                          torch.ones(rows, 1, dtype=torch.float32, device=device),
+                          torch.zeros(self.rank, cols, dtype=self.dtype, device=device),
+                          torch.zeros(rows, self.rank, dtype=self.dtype, device=device)])
+
     def __call__(self, weight, parts) -> None:
         qdata, scale = weight.qdata, weight.scale
         rows, cols = qdata.shape

@@ -115,6 +115,10 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                                              .instantiate(str(self._device)), manifest.max_rank,
                                              torch_dtype(manifest.lora_dtype))
                                if manifest.merge_program else None)
+        if self.compiled_merge is not None and self._device.type == "cuda":
+            # each weight shape's first call of the merge program took ~8 ms on the H200: a process's first merge
+            # of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py, 2026-12-02)
+            self.compiled_merge.warm({(s.out_features, s.in_features) for s in manifest.slots}, self._device)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
         self.lora_modes = LoRAModes(self)
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran

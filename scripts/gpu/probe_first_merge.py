@@ -1,0 +1,90 @@
+"""Where a process's first merge of r64 into all block linears spends its time, against the later ones.
+
+The speed bench measured merge + unmerge of r64-all at 180.5 + 22.8 ms the first time in a process and
+101.0 + 22.7 ms the second (H200, 2026-12-02 01:20 UTC, random weights); issue 11's goal is 150 ms. Host
+seconds of the two phases (LoRAModes.last_merge_seconds): save 31 vs 16 ms, fold 119 vs 68 ms.
+
+This probe loads the package twice, in two processes (`--profile` off, then on):
+- off: slots once (the LoRA file parsed and cached, as in the bench), then merge / unmerge four times,
+  each timed to a device sync, with the switch's phases and the merge's host phases;
+- on: the same, with the first and second merges under torch.profiler (CPU + CUDA), whose self CPU time
+  per op / CUDA runtime call (cudaMalloc, module loads, launches) says what the first merge does more.
+
+`--cprofile`: the first two merges under cProfile (host time per Python-visible call).
+`--warm`: `CompiledMerge.warm` (the merge program once per weight shape, on scratch zeros) before the first
+merge: does the first merge pay for the program's first calls?
+
+On the GPU machine: `python3 scripts/gpu/probe_first_merge.py PACKAGE $OUT/first_merge[-profile].json [--profile | --cprofile] [--warm]`
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+
+
+def _timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) * 1000, result
+
+
+def main(package: str, out_path: str, profile: bool, warm: bool, python_profile: bool) -> None:
+    import aotpack
+    from aotpack.bench.loras import write_bench_loras
+
+    started = time.perf_counter()
+    served = aotpack.load(package, model="random:flux-dev", cuda_graphs=False)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "profile": profile,
+              "load_s": round(time.perf_counter() - started, 1), "merges": []}
+    if warm:  # CompiledMerge.warm: the merge program once per weight shape before the first merge
+        compiled = served.transformer.compiled_merge
+        shapes = [(spec.out_features, spec.in_features) for spec in served.manifest.slots]
+        report["warm_ms"], _ = _timed(lambda: compiled.warm(shapes, "cuda"))
+        report["warm_shapes"] = len(set(shapes))
+    lora = [(write_bench_loras(served.transformer.config, "/tmp/bench-loras", names=["r64-all"])["r64-all"], 1.0)]
+    report["slots_ms"], _ = _timed(lambda: served.set_loras(lora))
+    report["clear_ms"], _ = _timed(lambda: served.set_loras([]))
+    for i in range(4):
+        if profile and i < 2:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                merge_ms, result = _timed(lambda: served.set_loras(lora, merge=True))
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            print(f"== merge {i + 1} under the profiler\n{table}", flush=True)
+        elif python_profile and i < 2:  # cProfile: which Python-visible call holds the host time
+            import cProfile
+            import io
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            merge_ms, result = _timed(lambda: served.set_loras(lora, merge=True))
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+            table = text.getvalue()
+            print(f"== merge {i + 1} under cProfile\n{table}", flush=True)
+        else:
+            merge_ms, result, table = *_timed(lambda: served.set_loras(lora, merge=True)), None
+        unmerge_ms, _ = _timed(lambda: served.set_loras([]))
+        entry = {"merge_ms": round(merge_ms, 1), "unmerge_ms": round(unmerge_ms, 1),
+                 "switch_phases_ms": {k: round(v, 1) for k, v in result.phases_ms.items()},
+                 "merge_host_ms": {k: round(v * 1000, 1)
+                                   for k, v in served.transformer.lora_modes.last_merge_seconds.items()},
+                 **({"profile_table": table} if table else {})}
+        report["merges"].append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "profile_table"}), flush=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    flags = sys.argv[3:]
+    main(sys.argv[1], sys.argv[2], "--profile" in flags, "--warm" in flags, "--cprofile" in flags)
