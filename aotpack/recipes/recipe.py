@@ -47,8 +47,8 @@ class Recipe:
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
-    # each slotted program also compiled without slots, run while no LoRA is live or the set is merged;
-    # false halves the programs to compile, and idle or merged requests pay the slot tax (11-15% on the H200)
+    # each slotted block program also compiled without slots, run while no LoRA is live or the set is merged;
+    # false compiles fewer programs, and idle or merged requests pay the slot tax (11-15% on the H200)
     no_slot_programs: bool = True
 
     def __post_init__(self):
