@@ -11,10 +11,11 @@ This probe loads the package twice, in two processes (`--profile` off, then on):
   per op / CUDA runtime call (cudaMalloc, module loads, launches) says what the first merge does more.
 
 `--cprofile`: the first two merges under cProfile (host time per Python-visible call).
+`--steps N`: N transformer steps at 1024^2 in slots before the merges (the speed bench's order).
 `--warm`: `CompiledMerge.warm` (the merge program once per weight shape, on scratch zeros) before the first
 merge: does the first merge pay for the program's first calls?
 
-On the GPU machine: `python3 scripts/gpu/probe_first_merge.py PACKAGE $OUT/first_merge[-profile].json [--profile | --cprofile] [--warm]`
+On the GPU machine: `python3 scripts/gpu/probe_first_merge.py PACKAGE $OUT/first_merge[-profile].json [--profile | --cprofile] [--warm] [--steps N]`
 """
 
 import json
@@ -34,7 +35,7 @@ def _timed(fn) -> tuple[float, object]:
     return (time.perf_counter() - started) * 1000, result
 
 
-def main(package: str, out_path: str, profile: bool, warm: bool, python_profile: bool) -> None:
+def main(package: str, out_path: str, profile: bool, warm: bool, python_profile: bool, steps: int) -> None:
     import aotpack
     from aotpack.bench.loras import write_bench_loras
 
@@ -49,6 +50,14 @@ def main(package: str, out_path: str, profile: bool, warm: bool, python_profile:
         report["warm_shapes"] = len(set(shapes))
     lora = [(write_bench_loras(served.transformer.config, "/tmp/bench-loras", names=["r64-all"])["r64-all"], 1.0)]
     report["slots_ms"], _ = _timed(lambda: served.set_loras(lora))
+    if steps:  # as in the speed bench, where merges come after steps at 1024^2
+        from aotpack.models.examples import transformer_inputs
+
+        inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=4096, text_tokens=512,
+                                    dtype=torch.bfloat16, device="cuda", generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            report["step_ms"] = [round(_timed(lambda: served.transformer(**inputs, return_dict=False))[0], 1)
+                                 for _ in range(steps)]
     report["clear_ms"], _ = _timed(lambda: served.set_loras([]))
     for i in range(4):
         if profile and i < 2:
@@ -87,4 +96,5 @@ def main(package: str, out_path: str, profile: bool, warm: bool, python_profile:
 
 if __name__ == "__main__":
     flags = sys.argv[3:]
-    main(sys.argv[1], sys.argv[2], "--profile" in flags, "--warm" in flags, "--cprofile" in flags)
+    steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 0
+    main(sys.argv[1], sys.argv[2], "--profile" in flags, "--warm" in flags, "--cprofile" in flags, steps)
