@@ -20,7 +20,9 @@ Packages built since carry it: `merge_rows.pt2` (models/merge_rows.py, `Compiled
 program for every weight shape, which forms the merged rows in fp32 and re-quantizes them in one fused
 pass. On the CPU it equals the eager math bit for bit (tests); on the H200 a merge of r64 into all
 block linears took 93-152 ms over three runs, the unmerge 25-40 ms
-(benchmarks/results/2026-12-01e-h200-merge-fidelity).
+(benchmarks/results/2026-12-01e-h200-merge-fidelity); with the program warmed per weight shape at load
+(`CompiledMerge.warm`), 96-119 + 22-24 ms from a process's first merge on
+(benchmarks/results/2026-12-02-h200-qk-lora-up).
 Packages without it take the eager passes below. Non-quantized weights (bf16/fp32 targets) take the
 products in place with `addmm_`.
 """
