@@ -150,6 +150,27 @@ def test_fold_failing_midway_restores_every_weight(served_tiny, demo_loras, monk
         assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
 
 
+def test_compiled_merge_factors_pad_and_scale_as_the_program_expects():
+    """The compiled merge's inputs: parts stacked along the rank and zero-padded, each B scaled; a single part of
+    the program's full rank goes in unpadded, with the very same values."""
+    from aotpack.runtime.merge import CompiledMerge
+
+    generator = torch.Generator().manual_seed(0)
+    merge = CompiledMerge(program=None, rank=8, dtype=torch.bfloat16)
+    a1, b1 = torch.randn(3, 5, generator=generator), torch.randn(4, 3, generator=generator)
+    a2, b2 = torch.randn(2, 5, generator=generator), torch.randn(4, 2, generator=generator)
+    a_all, b_all = merge.factors([(a1, b1, 0.5), (a2, b2)], 4, 5, "cpu")
+    assert a_all.shape == (8, 5) and b_all.shape == (4, 8) and a_all.dtype == b_all.dtype == torch.bfloat16
+    assert torch.equal(a_all[:3], a1.bfloat16()) and torch.equal(a_all[3:5], a2.bfloat16()) and not a_all[5:].any()
+    assert torch.equal(b_all[:, :3], b1.bfloat16() * 0.5) and torch.equal(b_all[:, 3:5], b2.bfloat16())
+    assert not b_all[:, 5:].any()
+    full_a, full_b = torch.randn(8, 5, generator=generator), torch.randn(8, 4, generator=generator).t()  # a view
+    a_all, b_all = merge.factors([(full_a, full_b, 0.8)], 4, 5, "cpu")
+    padded = CompiledMerge(program=None, rank=9, dtype=torch.bfloat16).factors([(full_a, full_b, 0.8)], 4, 5, "cpu")
+    assert torch.equal(a_all, padded[0][:8]) and torch.equal(b_all, padded[1][:, :8])
+    assert a_all.is_contiguous() and b_all.is_contiguous()
+
+
 def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
     compiled = served_tiny.transformer
     lora = [(demo_loras["tiny-style-mlp"], 0.7)]

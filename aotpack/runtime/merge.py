@@ -77,18 +77,31 @@ class CompiledMerge:
                           torch.zeros(self.rank, cols, dtype=self.dtype, device=device),
                           torch.zeros(rows, self.rank, dtype=self.dtype, device=device)])
 
-    def __call__(self, weight, parts) -> None:
-        qdata, scale = weight.qdata, weight.scale
-        rows, cols = qdata.shape
-        a_all = torch.zeros(self.rank, cols, dtype=self.dtype, device=qdata.device)
-        b_all = torch.zeros(rows, self.rank, dtype=self.dtype, device=qdata.device)
+    def factors(self, parts, rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts' A stacked and their scaled B side by side, zero-padded to the program's rank: B @ A is then
+        the sum of the parts' scaled products. One part of the full rank goes in without padding buffers (3
+        launches fewer per layer: the fold is host-bound, and under cProfile the padding buffers' zeros and copies
+        took ~14 ms of its 52-69 ms of host time for r64-all on the H200; scripts/gpu/probe_first_merge.py,
+        2026-12-02; the effect of this path itself is not measured yet)."""
+        if len(parts) == 1 and parts[0][0].shape[0] == self.rank:
+            a, b, *part_scale = parts[0]
+            return (a.to(device=device, dtype=self.dtype).contiguous(),
+                    torch.mul(b.to(device=device, dtype=self.dtype),
+                              float(part_scale[0]) if part_scale else 1.0).contiguous())
+        a_all = torch.zeros(self.rank, cols, dtype=self.dtype, device=device)
+        b_all = torch.zeros(rows, self.rank, dtype=self.dtype, device=device)
         offset = 0
-        for a, b, *part_scale in parts:  # B @ A is then the sum of the parts' scaled products
+        for a, b, *part_scale in parts:
             r = a.shape[0]
             a_all[offset:offset + r].copy_(a)
-            torch.mul(b.to(device=qdata.device, dtype=self.dtype), float(part_scale[0]) if part_scale else 1.0,
+            torch.mul(b.to(device=device, dtype=self.dtype), float(part_scale[0]) if part_scale else 1.0,
                       out=b_all[:, offset:offset + r])
             offset += r
+        return a_all, b_all
+
+    def __call__(self, weight, parts) -> None:
+        qdata, scale = weight.qdata, weight.scale
+        a_all, b_all = self.factors(parts, *qdata.shape, qdata.device)
         new_qdata, new_scale = self.program([qdata, scale.view(-1, 1), a_all, b_all])
         qdata.copy_(new_qdata)
         scale.copy_(new_scale.view(scale.shape))
