@@ -94,9 +94,9 @@ def test_fp8_package_serves(fp8_package):
 
 
 def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo_loras):
-    """FP8 packages carry merge_rows.pt2 (verified by sha256 like every program). A merge runs it per
-    layer: the new rows equal `merged_rows` on the saved originals bit for bit, the output moves as the
-    slots' output does, and the unmerge restores the FP8 weights bit for bit."""
+    """FP8 packages carry merge_layers.pt2 (verified by sha256 like every program). A merge runs it once per group
+    of layers of one shape: the new rows equal `merged_rows` on the saved originals bit for bit, the output moves as
+    the slots' output does, and the unmerge restores the FP8 weights bit for bit."""
     import torchao.quantization.quant_api as quant_api
     from reference import rel_error
 
@@ -106,7 +106,7 @@ def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo
     from aotpack.runtime.merge import _weight_storages
 
     manifest = read_manifest(fp8_package)
-    assert manifest.merge_program == "merge_rows.pt2" and manifest.merge_program in manifest.files
+    assert manifest.merge_program == "merge_layers.pt2" and manifest.merge_program in manifest.files
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
         served = aotpack.load(fp8_package, model="tiny")
@@ -121,28 +121,69 @@ def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo
     # the loader warms the program per weight shape on CUDA (its first call per shape costs ~8 ms there): scratch
     # inputs, one call per shape
     shapes = {(spec.out_features, spec.in_features) for spec in manifest.slots}
-    transformer.compiled_merge.warm(shapes, "cpu")
-    assert sorted(tuple(flat[0].shape) for flat in calls) == sorted(shapes)
+    transformer.compiled_merge.warm(shapes, manifest.max_rank, "cpu")
+    assert sorted(tuple(flat[0].shape) for flat in calls) == sorted((1, *shape) for shape in shapes)
     calls.clear()
     with torch.no_grad():
         base = transformer(**inputs, return_dict=False)[0].float()
         served.set_loras(lora)
         slots = transformer(**inputs, return_dict=False)[0].float()
-        layer = "transformer_blocks.0.attn.to_q"
-        weight = transformer.lora_modes._layer_weight(layer)
-        before = [t.clone() for t in _weight_storages(weight)]
+        originals = {spec.name: [t.clone() for t in _weight_storages(transformer.lora_modes._layer_weight(spec.name))]
+                     for spec in manifest.slots}
         served.set_loras(lora, merge=True)
         merged = transformer(**inputs, return_dict=False)[0].float()
-    assert transformer.merged and calls  # the compiled program did the merge
-    # the layer's factors as the program got them (stacked, scaled, padded): the eager math on the originals
-    _, _, a_all, b_all = next(flat for flat in calls if flat[0].data_ptr() == weight.qdata.data_ptr())
-    expected_qdata, expected_scale = merged_rows(before[0], before[1].view(-1, 1), a_all, b_all)
-    assert torch.equal(weight.qdata.view(torch.uint8), expected_qdata.view(torch.uint8))
-    assert torch.equal(weight.scale.view(-1, 1), expected_scale)
+    assert transformer.merged and calls  # the compiled program did the merge, layers of one shape per call
+    touched = list(transformer.lora_modes._saved)
+    assert len(calls) < len(touched) and max(flat[0].shape[0] for flat in calls) > 1
+    assert sum(flat[0].shape[0] for flat in calls) == len(touched)
+    for name in touched:  # each layer: its call's stacked factors, the eager math on its originals
+        weight, (qdata, scale) = transformer.lora_modes._layer_weight(name), originals[name]
+        flat, index = next((flat, i) for flat in calls for i in range(flat[0].shape[0])
+                           if torch.equal(flat[0][i].view(torch.uint8), qdata.view(torch.uint8)))
+        expected_qdata, expected_scale = merged_rows(qdata[None], scale.view(1, -1, 1), flat[2][index:index + 1],
+                                                     flat[3][index:index + 1])
+        assert torch.equal(weight.qdata.view(torch.uint8), expected_qdata[0].view(torch.uint8)), name
+        assert torch.equal(weight.scale.view(-1, 1), expected_scale[0]), name
     effect = rel_error(slots, base)
     assert effect > 1e-2 and rel_error(merged, slots) < 0.25 * effect  # merged = slots, up to FP8 re-rounding
     with torch.no_grad():
         served.set_loras([])
-    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-               for a, b in zip(_weight_storages(weight), before))
+    for name in touched:
+        assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+                   for a, b in zip(_weight_storages(transformer.lora_modes._layer_weight(name)), originals[name])), name
+
+
+def test_package_with_the_per_layer_merge_program_merges_in_eager_passes(fp8_package, demo_loras, tmp_path, caplog):
+    """A package of earlier builds (`merge_rows.pt2`, one layer per call): this runtime does not call that program,
+    says so, and merges in the eager passes, still restoring the base bit for bit."""
+    import json
+    import logging
+    import shutil
+
+    import torchao.quantization.quant_api as quant_api
+
+    import aotpack
+    from aotpack.runtime.merge import _weight_storages
+
+    older = tmp_path / "older"
+    shutil.copytree(fp8_package, older)
+    (older / "merge_layers.pt2").rename(older / "merge_rows.pt2")
+    data = json.loads((older / "manifest.json").read_text())
+    data["merge_program"] = "merge_rows.pt2"
+    data["files"]["merge_rows.pt2"] = data["files"].pop("merge_layers.pt2")
+    (older / "manifest.json").write_text(json.dumps(data))
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, logger="aotpack.runtime.transformer"):
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(older, model="tiny")
+    assert served.transformer.compiled_merge is None
+    assert "per-layer merge program" in caplog.text and "rebuild the package" in caplog.text
+    layer = "transformer_blocks.0.attn.to_q"
+    weight = served.transformer.lora_modes._layer_weight(layer)
+    before = [t.clone() for t in _weight_storages(weight)]
+    served.set_loras([(str(demo_loras["tiny-style-attn"]), 0.8)], merge=True)
+    assert served.transformer.merged
+    assert not torch.equal(weight.qdata.view(torch.uint8), before[0].view(torch.uint8))  # the eager passes merged
+    served.set_loras([])
+    assert torch.equal(weight.qdata.view(torch.uint8), before[0].view(torch.uint8))
+    assert torch.equal(weight.scale, before[1])

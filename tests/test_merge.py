@@ -135,10 +135,10 @@ def test_fold_failing_midway_restores_every_weight(served_tiny, demo_loras, monk
     originals = _snapshot(compiled)
     real_fold, folded = merge_module.fold_into, []
 
-    def fold_then_fail(weight, parts, compiled_merge=None):
+    def fold_then_fail(weight, parts):
         if len(folded) == 2:
             raise torch.cuda.OutOfMemoryError("simulated: no memory for the third layer")
-        real_fold(weight, parts, compiled_merge)
+        real_fold(weight, parts)
         folded.append(weight)
 
     monkeypatch.setattr(merge_module, "fold_into", fold_then_fail)
@@ -150,25 +150,41 @@ def test_fold_failing_midway_restores_every_weight(served_tiny, demo_loras, monk
         assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
 
 
-def test_compiled_merge_factors_pad_and_scale_as_the_program_expects():
-    """The compiled merge's inputs: parts stacked along the rank and zero-padded, each B scaled; a single part of
-    the program's full rank goes in unpadded, with the very same values."""
+def test_compiled_merge_stacks_layers_of_one_shape_and_equals_the_math_per_layer():
+    """The compiled merge's calls: layers grouped by shape and by their parts' ranks, cut at `call_bytes`, each
+    call's A/B the parts stacked over the layers and side by side along the rank, each B scaled. Every weight ends
+    up as `merged_rows` of its own originals and factors, bit for bit (the program here is the eager math)."""
+    from aotpack.models.merge_rows import merged_rows
     from aotpack.runtime.merge import CompiledMerge
 
     generator = torch.Generator().manual_seed(0)
-    merge = CompiledMerge(program=None, rank=8, dtype=torch.bfloat16)
-    a1, b1 = torch.randn(3, 5, generator=generator), torch.randn(4, 3, generator=generator)
-    a2, b2 = torch.randn(2, 5, generator=generator), torch.randn(4, 2, generator=generator)
-    a_all, b_all = merge.factors([(a1, b1, 0.5), (a2, b2)], 4, 5, "cpu")
-    assert a_all.shape == (8, 5) and b_all.shape == (4, 8) and a_all.dtype == b_all.dtype == torch.bfloat16
-    assert torch.equal(a_all[:3], a1.bfloat16()) and torch.equal(a_all[3:5], a2.bfloat16()) and not a_all[5:].any()
-    assert torch.equal(b_all[:, :3], b1.bfloat16() * 0.5) and torch.equal(b_all[:, 3:5], b2.bfloat16())
-    assert not b_all[:, 5:].any()
-    full_a, full_b = torch.randn(8, 5, generator=generator), torch.randn(8, 4, generator=generator).t()  # a view
-    a_all, b_all = merge.factors([(full_a, full_b, 0.8)], 4, 5, "cpu")
-    padded = CompiledMerge(program=None, rank=9, dtype=torch.bfloat16).factors([(full_a, full_b, 0.8)], 4, 5, "cpu")
-    assert torch.equal(a_all, padded[0][:8]) and torch.equal(b_all, padded[1][:, :8])
-    assert a_all.is_contiguous() and b_all.is_contiguous()
+
+    def fp8_weight(rows, cols):
+        value = torch.randn(rows, cols, generator=generator)
+        scale = value.abs().amax(dim=1, keepdim=True) / 448
+        return types.SimpleNamespace(qdata=(value / scale).to(torch.float8_e4m3fn), scale=scale)
+
+    def part(rows, cols, rank, *scale):
+        return (torch.randn(rank, cols, generator=generator), torch.randn(rows, rank, generator=generator), *scale)
+
+    layers = [(fp8_weight(6, 5), [part(6, 5, 4, 0.5)]) for _ in range(5)]  # 5 layers of one shape: 2 calls of 3 + 2
+    layers += [(fp8_weight(6, 5), [part(6, 5, 3, 0.8), part(6, 5, 2)]) for _ in range(2)]  # a stack: its own call
+    layers += [(fp8_weight(7, 5), [part(7, 5, 4)])]  # another shape
+    originals = [(w.qdata.clone(), w.scale.clone()) for w, _ in layers]
+    calls = []
+    merge = CompiledMerge(program=lambda flat: calls.append(flat) or merged_rows(*flat), dtype=torch.bfloat16,
+                          call_bytes=3 * 6 * 5)
+    merge(layers)
+    assert [tuple(flat[0].shape) for flat in calls] == [(3, 6, 5), (2, 6, 5), (2, 6, 5), (1, 7, 5)]
+    assert [tuple(flat[2].shape) for flat in calls] == [(3, 4, 5), (2, 4, 5), (2, 5, 5), (1, 4, 5)]
+    assert all(flat[2].dtype == flat[3].dtype == torch.bfloat16 for flat in calls)
+    for (weight, parts), (qdata, scale) in zip(layers, originals):
+        a = torch.cat([a for a, *_ in parts]).bfloat16()
+        b = torch.cat([torch.mul(b.bfloat16(), s[0] if s else 1.0) for _, b, *s in parts], dim=1)
+        expected_qdata, expected_scale = merged_rows(qdata[None], scale[None], a[None], b[None])
+        assert torch.equal(weight.qdata.view(torch.uint8), expected_qdata[0].view(torch.uint8))
+        assert torch.equal(weight.scale, expected_scale[0])
+        assert not torch.equal(weight.qdata.view(torch.uint8), qdata.view(torch.uint8))
 
 
 def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
@@ -223,6 +239,24 @@ def test_fp8_merge_requantizes_and_restores_bit_identical(monkeypatch):
         assert rel_error(_high_precision(weight), expected) <= 0.05  # FP8 rounding of the merged weight
     modes.enter({}, merge=False)
     assert not holder.merged and modes.mode == NONE
+    for n, w in weights.items():
+        assert all(torch.equal(a, b) for a, b in zip(_weight_storages(w), before[n])), n
+    # through a compiled merge (here the eager math) whose second call fails: the first call's layers come back too
+    from aotpack.models.merge_rows import merged_rows
+    from aotpack.runtime.merge import CompiledMerge
+
+    calls = []
+
+    def fail_second(flat):
+        calls.append(flat)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("simulated: no memory for the second call")
+        return merged_rows(*flat)
+
+    holder.compiled_merge = CompiledMerge(fail_second, torch.bfloat16)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        modes.enter(layers, merge=True)
+    assert len(calls) == 2 and not holder.merged and modes.mode == NONE and holder.bank.is_empty
     for n, w in weights.items():
         assert all(torch.equal(a, b) for a, b in zip(_weight_storages(w), before[n])), n
 

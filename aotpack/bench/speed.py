@@ -145,7 +145,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         merge["merge_ms"] = _timed(device, lambda: served.set_loras(lora, merge=True))
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
         merge["host_seconds"] = dict(served.transformer.lora_modes.last_merge_seconds)  # save / fold phases
-        # merge_rows.pt2 (packages since 2026-12-01) or the eager passes (the torchao check below is theirs)
+        # merge_layers.pt2 (layers of one shape per call) or the eager passes (the torchao check below is theirs)
         merge["compiled_merge"] = getattr(served.transformer, "compiled_merge", None) is not None
         result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
         merge["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
@@ -156,6 +156,20 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         merge["second"] = {"merge_ms": again, "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds),
                            "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
         merge["requantization_equals_torchao_from_hp"] = _requantization_matches_torchao(served.transformer)
+        compiled = getattr(served.transformer, "compiled_merge", None)
+        if compiled is not None:  # the lever: one layer per program call (the earlier form) in the same process
+            merged_output = result["merged"]["sizes"][first]["_output"]
+            default_bytes, compiled.call_bytes = compiled.call_bytes, 0
+            try:
+                per_layer = {"merge_ms": _timed(device, lambda: served.set_loras(lora, merge=True)),
+                             "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds)}
+                per_layer["output_bit_identical_to_batched"] = bool(
+                    torch.equal(_out(served.transformer, workloads[first]), merged_output))
+                per_layer["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
+            finally:
+                compiled.call_bytes = default_bytes
+            merge["one_layer_per_call"] = per_layer
+            merge["call_bytes"] = default_bytes
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]
     result["merge"] = merge

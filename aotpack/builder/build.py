@@ -24,7 +24,7 @@ from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
 from ..models.qk_norm_rope import check_kernel_against_reference as check_qk_kernel_against_reference
 from ..models.qk_norm_rope import install_fused_qk_norm_rope
-from ..models.merge_rows import MERGE_PROGRAM, export_merge_rows
+from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
 from ..models.regions import (
@@ -244,7 +244,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     if recipe.quantization == "fp8_rowwise" and recipe.max_rank > 0:  # merged LoRA sets re-quantize rows
         merge_program = f"{MERGE_PROGRAM}.pt2"
         with report.stage(f"export {MERGE_PROGRAM}"):
-            jobs.append((MERGE_PROGRAM, export_merge_rows(recipe.max_rank, torch_dtype(recipe.lora_dtype), device),
+            jobs.append((MERGE_PROGRAM, export_merge_layers(torch_dtype(recipe.lora_dtype), device),
                          staging / merge_program))
     workers = compile_workers or default_compile_workers(device, len(jobs))
     compile_seconds = compile_programs(jobs, workers=workers, inductor_configs=recipe.inductor_configs,

@@ -16,15 +16,16 @@ delta, torchao `from_hp` per layer: ~70 bytes moved per weight) took 407-507 ms;
 and took 203-205 ms (2026-12-01), still above the 150 ms goal with the 27 ms unmerge. Profiled
 (`scripts/gpu/probe_merge.py`): the eager passes that touch FP8 or mix dtypes run at 0.6-1.0 TB/s;
 one fused, ahead-of-time compiled kernel per shape is the next step (results README, 2026-12-01).
-Packages built since carry it: `merge_rows.pt2` (models/merge_rows.py, `CompiledMerge` below), one
-program for every weight shape, which forms the merged rows in fp32 and re-quantizes them in one fused
-pass. On the CPU it equals the eager math bit for bit (tests); on the H200 a merge of r64 into all
+Packages carry it as a program (models/merge_rows.py, `CompiledMerge` below), which forms the merged
+rows in fp32 and re-quantizes them in one fused pass. On the CPU it equals the eager math bit for bit
+(tests). Its first form (`merge_rows.pt2`) took one layer per call: on the H200 a merge of r64 into all
 block linears took 93-152 ms over three runs, the unmerge 25-40 ms
-(benchmarks/results/2026-12-01e-h200-merge-fidelity); with the program warmed per weight shape at load
-(`CompiledMerge.warm`), 96-119 + 22-24 ms from a process's first merge on
-(benchmarks/results/2026-12-02-h200-qk-lora-up).
-Packages without it take the eager passes below. Non-quantized weights (bf16/fp32 targets) take the
-products in place with `addmm_`.
+(benchmarks/results/2026-12-01e-h200-merge-fidelity); warmed per weight shape at load, 96-119 + 22-24 ms
+from a process's first merge on, and 189-192 + 40-42 ms on a slower host, the fold host-bound
+(benchmarks/results/2026-12-02-h200-qk-lora-up). The current form (`merge_layers.pt2`) takes the layers
+of one shape together (tens of calls instead of 494); its H200 time is not measured yet.
+Packages without it (or with the per-layer form, which this runtime no longer calls) take the eager
+passes below. Non-quantized weights (bf16/fp32 targets) take the products in place with `addmm_`.
 """
 
 from __future__ import annotations
@@ -60,68 +61,97 @@ def _requantize_rows_into(value: torch.Tensor, qdata: torch.Tensor, scale: torch
     torch.div(value, new_scale, out=qdata)
 
 
+MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call (its temporaries are ~4x that)
+
+
 class CompiledMerge:
-    """The package's merge program (models/merge_rows.py) with the rank and factor dtype it was exported
-    for: the factors of one layer's parts go in stacked and zero-padded to that rank, the new FP8 rows
-    and scales come back and are copied into the bound storages."""
+    """The package's merge program (models/merge_rows.py, `merge_layers.pt2`) with the factor dtype it was
+    exported for. Touched FP8 layers are grouped by weight shape and by the ranks of their parts; each group goes
+    in as stacks (qdata `[L, N, K]`, scales, the parts' A stacked and concatenated along the rank, their scaled B
+    beside them), in calls of at most `call_bytes` of FP8 weight, and the new rows are copied back into the bound
+    storages with one batched copy per call. A group costs a handful of launches however many layers it holds:
+    one call per layer was host-bound on the H200 (module docstring of models/merge_rows.py)."""
 
-    def __init__(self, program, rank: int, dtype: torch.dtype):
-        self.program, self.rank, self.dtype = program, rank, dtype
+    def __init__(self, program, dtype: torch.dtype, call_bytes: int = MERGE_CALL_BYTES):
+        self.program, self.dtype, self.call_bytes = program, dtype, call_bytes
 
-    def warm(self, shapes, device, qdata_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
-        """Run the program once per weight shape `(rows, cols)` on scratch zeros, so that a merge does not pay for
-        the program's first call per shape (`CompiledFluxTransformer` calls it at load on CUDA; numbers there)."""
+    def warm(self, shapes, rank: int, device, qdata_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+        """Run the program once per weight shape `(rows, cols)` on scratch zeros (one layer, rank `rank`), so that a
+        merge does not pay for the program's first call per shape (`CompiledFluxTransformer` calls it at load on
+        CUDA; numbers there)."""
         for rows, cols in sorted(set(shapes)):
-            self.program([torch.zeros(rows, cols, dtype=qdata_dtype, device=device),
-                          torch.ones(rows, 1, dtype=torch.float32, device=device),
-                          torch.zeros(self.rank, cols, dtype=self.dtype, device=device),
-                          torch.zeros(rows, self.rank, dtype=self.dtype, device=device)])
+            self.program([torch.zeros(1, rows, cols, dtype=qdata_dtype, device=device),
+                          torch.ones(1, rows, 1, dtype=torch.float32, device=device),
+                          torch.zeros(1, rank, cols, dtype=self.dtype, device=device),
+                          torch.zeros(1, rows, rank, dtype=self.dtype, device=device)])
 
-    def factors(self, parts, rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parts' A stacked and their scaled B side by side, zero-padded to the program's rank: B @ A is then
-        the sum of the parts' scaled products. One part of the full rank goes in without padding buffers (3
-        launches fewer per layer: the fold is host-bound, and under cProfile the padding buffers' zeros and copies
-        took ~14 ms of its 52-69 ms of host time for r64-all on the H200; scripts/gpu/probe_first_merge.py,
-        2026-12-02; the effect of this path itself is not measured yet)."""
-        if len(parts) == 1 and parts[0][0].shape[0] == self.rank:
-            a, b, *part_scale = parts[0]
-            return (a.to(device=device, dtype=self.dtype).contiguous(),
-                    torch.mul(b.to(device=device, dtype=self.dtype),
-                              float(part_scale[0]) if part_scale else 1.0).contiguous())
-        a_all = torch.zeros(self.rank, cols, dtype=self.dtype, device=device)
-        b_all = torch.zeros(rows, self.rank, dtype=self.dtype, device=device)
-        offset = 0
-        for a, b, *part_scale in parts:
-            r = a.shape[0]
-            a_all[offset:offset + r].copy_(a)
-            torch.mul(b.to(device=device, dtype=self.dtype), float(part_scale[0]) if part_scale else 1.0,
-                      out=b_all[:, offset:offset + r])
-            offset += r
-        return a_all, b_all
+    def calls(self, layers: list[tuple]) -> list[list[tuple]]:
+        """`(weight, parts)` pairs cut into program calls: one shape and one list of part ranks per call, at most
+        `call_bytes` of FP8 weight (at least one layer), in the order the layers came."""
+        groups: dict[tuple, list[tuple]] = {}
+        for weight, parts in layers:
+            key = (tuple(weight.qdata.shape), weight.qdata.dtype, weight.qdata.device,
+                   tuple(a.shape[0] for a, *_ in parts))
+            groups.setdefault(key, []).append((weight, parts))
+        calls = []
+        for group in groups.values():
+            per_call = max(1, self.call_bytes // group[0][0].qdata.nbytes)
+            calls += [group[i:i + per_call] for i in range(0, len(group), per_call)]
+        return calls
 
-    def __call__(self, weight, parts) -> None:
-        qdata, scale = weight.qdata, weight.scale
-        a_all, b_all = self.factors(parts, *qdata.shape, qdata.device)
-        new_qdata, new_scale = self.program([qdata, scale.view(-1, 1), a_all, b_all])
-        qdata.copy_(new_qdata)
-        scale.copy_(new_scale.view(scale.shape))
+    def factors(self, layers: list[tuple], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' A `[L, R, K]` and scaled B `[L, N, R]`: each part stacked over the layers, the parts side by
+        side along the rank (B @ A is then the sum of the parts' scaled products). Each B is scaled in its own dtype
+        as `torch.mul(b, scale)` would (fp32 math, one rounding)."""
+        a_parts, b_parts = [], []
+        for index in range(len(layers[0][1])):
+            parts = [parts[index] for _, parts in layers]
+            a_parts.append(torch.stack([a.to(device=device, dtype=self.dtype) for a, *_ in parts]))
+            bs = [b.to(device=device, dtype=self.dtype) for _, b, *_ in parts]
+            scales = [float(scale[0]) if scale else 1.0 for _, _, *scale in parts]
+            if any(s != 1.0 for s in scales):
+                bs = torch._foreach_mul(bs, scales)
+            b_parts.append(torch.stack(bs))
+        if len(a_parts) == 1:
+            return a_parts[0], b_parts[0]
+        return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2)
+
+    def __call__(self, layers: list[tuple]) -> None:
+        """Fold `(weight, parts)` pairs (FP8 weights) into their bound storages in place."""
+        for call in self.calls(layers):
+            weights = [weight for weight, _ in call]
+            qdata_dtype, device = weights[0].qdata.dtype, weights[0].qdata.device
+            # stacked and copied back as bytes: the copy kernels need no FP8 support that way
+            qdata = torch.stack([w.qdata.view(torch.uint8) for w in weights]).view(qdata_dtype)
+            scale = torch.stack([w.scale.view(-1, 1) for w in weights])
+            new_qdata, new_scale = self.program([qdata, scale, *self.factors(call, device)])
+            torch._foreach_copy_([w.qdata.view(torch.uint8) for w in weights],
+                                 list(new_qdata.view(torch.uint8).unbind(0)))
+            torch._foreach_copy_([w.scale.view(-1, 1) for w in weights], list(new_scale.unbind(0)))
 
 
 @torch.no_grad()
-def fold_into(weight, parts, compiled: CompiledMerge | None = None) -> None:
-    """Add the adapter products to `weight` in place (same storages); FP8 weights through the package's
-    compiled merge when it has one."""
+def fold_into(weight, parts) -> None:
+    """Add the adapter products to `weight` in place (same storages), in eager passes: the weights that the
+    package's compiled merge does not take (non-quantized targets; packages built without it)."""
     if not hasattr(weight, "qdata"):
         _add_products(weight.data, parts)
-        return
-    if compiled is not None:
-        compiled(weight, parts)
         return
     value = torch.empty(weight.qdata.shape, dtype=weight.dtype, device=weight.qdata.device)
     value.copy_(weight.qdata)  # fp8 -> bf16 is exact
     value.mul_(weight.scale.view(-1, 1))  # the exact fp32 product, rounded once
     _add_products(value, parts)
     _requantize_rows_into(value, weight.qdata, weight.scale)
+
+
+@torch.no_grad()
+def fold_all(layers: list[tuple], compiled: CompiledMerge | None = None) -> None:
+    """Fold every `(weight, parts)` pair: FP8 weights through the package's compiled merge when it has one."""
+    if compiled is not None:
+        compiled([(weight, parts) for weight, parts in layers if hasattr(weight, "qdata")])
+        layers = [(weight, parts) for weight, parts in layers if not hasattr(weight, "qdata")]
+    for weight, parts in layers:
+        fold_into(weight, parts)
 
 
 class LoRAModes:
@@ -197,8 +227,8 @@ class LoRAModes:
         saved = time.perf_counter()
         self.mode = MERGED  # from here on `leave` restores the originals, also after a failed fold
         try:
-            for name, weight in weights.items():
-                fold_into(weight, layers[name], getattr(self.transformer, "compiled_merge", None))
+            fold_all([(weight, layers[name]) for name, weight in weights.items()],
+                     getattr(self.transformer, "compiled_merge", None))
         except BaseException:
             self.leave()  # no half-merged set stays behind
             raise

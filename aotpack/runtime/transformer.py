@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
+from ..models.merge_rows import MERGE_PROGRAM
 from ..models.prepare import torch_dtype
 from ..models.regions import (
     DOUBLE_BLOCK,
@@ -32,6 +34,8 @@ from .lora_contract import LoraContractMixin
 from .merge import CompiledMerge, LoRAModes
 from .program import CompiledProgram
 from .slot_bank import SlotBank
+
+logger = logging.getLogger(__name__)
 
 
 def region_constants(transformer, kind: str, instance: str | None) -> dict[str, torch.Tensor]:
@@ -111,14 +115,19 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             target[spec.kind] = [self._load_instance(source, spec, instance, constants)
                                  for instance in spec.instances]
         # FP8 packages carry the compiled merge (models/merge_rows.py); older ones merge in eager passes
-        self.compiled_merge = (CompiledMerge(program_files.open_program(Path(package_dir) / manifest.merge_program)
-                                             .instantiate(str(self._device)), manifest.max_rank,
-                                             torch_dtype(manifest.lora_dtype))
-                               if manifest.merge_program else None)
+        self.compiled_merge = None
+        if manifest.merge_program == f"{MERGE_PROGRAM}.pt2":
+            self.compiled_merge = CompiledMerge(program_files.open_program(Path(package_dir) / manifest.merge_program)
+                                                .instantiate(str(self._device)), torch_dtype(manifest.lora_dtype))
+        elif manifest.merge_program:
+            logger.info("%s holds the per-layer merge program of earlier builds, which this runtime no longer calls: "
+                     "merges take the eager passes (rebuild the package for the compiled merge)", package_dir)
         if self.compiled_merge is not None and self._device.type == "cuda":
-            # each weight shape's first call of the merge program took ~8 ms on the H200: a process's first merge
-            # of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py, 2026-12-02)
-            self.compiled_merge.warm({(s.out_features, s.in_features) for s in manifest.slots}, self._device)
+            # each weight shape's first call of the (per-layer) merge program took ~8 ms on the H200: a process's
+            # first merge of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py,
+            # 2026-12-02)
+            self.compiled_merge.warm({(s.out_features, s.in_features) for s in manifest.slots}, manifest.max_rank,
+                                     self._device)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
         self.lora_modes = LoRAModes(self)
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran

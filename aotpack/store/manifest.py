@@ -57,7 +57,7 @@ class Manifest:
     recipe: dict
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
-    merge_program: str | None = None  # FP8 packages: merge_rows.pt2, the compiled merge (models/merge_rows.py)
+    merge_program: str | None = None  # FP8 packages: merge_layers.pt2 (earlier: merge_rows.pt2), the compiled merge
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:

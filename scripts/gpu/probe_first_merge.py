@@ -46,7 +46,7 @@ def main(package: str, out_path: str, profile: bool, warm: bool, python_profile:
     if warm:  # CompiledMerge.warm: the merge program once per weight shape before the first merge
         compiled = served.transformer.compiled_merge
         shapes = [(spec.out_features, spec.in_features) for spec in served.manifest.slots]
-        report["warm_ms"], _ = _timed(lambda: compiled.warm(shapes, "cuda"))
+        report["warm_ms"], _ = _timed(lambda: compiled.warm(shapes, served.manifest.max_rank, "cuda"))
         report["warm_shapes"] = len(set(shapes))
     lora = [(write_bench_loras(served.transformer.config, "/tmp/bench-loras", names=["r64-all"])["r64-all"], 1.0)]
     report["slots_ms"], _ = _timed(lambda: served.set_loras(lora))
