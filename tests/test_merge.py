@@ -277,3 +277,21 @@ def test_row_requantization_is_torchaos_from_hp_bit_for_bit(monkeypatch):
     _requantize_rows_into(value, qdata, scale)
     assert torch.equal(scale, reference.scale)
     assert torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
+
+
+def test_copy_by_dtype_sends_one_batched_copy_per_dtype(monkeypatch):
+    """Saving and restoring ~1000 storages of two dtypes (FP8 qdata, fp32 scales): CUDA's `_foreach_copy_` copies
+    tensor by tensor when a list mixes dtypes, so the copies go as one list per dtype, and land exactly."""
+    from aotpack.runtime.merge import copy_by_dtype
+
+    generator = torch.Generator().manual_seed(1)
+    srcs = [t for _ in range(3) for t in (torch.randn(4, 6, generator=generator).to(torch.float8_e4m3fn),
+                                          torch.rand(4, 1, generator=generator))]
+    dsts = [torch.zeros_like(t) for t in srcs]
+    lists = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: lists.append([t.dtype for t in d]) or real(d, s))
+    copy_by_dtype(dsts, srcs)
+    assert sorted(lists, key=str) == [[torch.float32] * 3, [torch.float8_e4m3fn] * 3]
+    assert all(torch.equal(d.view(torch.uint8) if d.dtype == torch.float8_e4m3fn else d,
+                           s.view(torch.uint8) if s.dtype == torch.float8_e4m3fn else s) for d, s in zip(dsts, srcs))

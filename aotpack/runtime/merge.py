@@ -64,6 +64,20 @@ def _requantize_rows_into(value: torch.Tensor, qdata: torch.Tensor, scale: torch
 MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call (its temporaries are ~4x that)
 
 
+def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """`dst.copy_(src)` for every pair, as one `_foreach_copy_` per dtype and device pair: CUDA's multi-tensor copy
+    takes its fast path only when all sources share one dtype and all destinations another (torch's
+    ForeachBinaryOpList.cu), and otherwise copies tensor by tensor: ~1000 launches for the qdata and scales of r64 on
+    all FLUX.1-dev block linears."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for dst, src in zip(dsts, srcs, strict=True):
+        group = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
+        group[0].append(dst)
+        group[1].append(src)
+    for group_dsts, group_srcs in groups.values():
+        torch._foreach_copy_(group_dsts, group_srcs)
+
+
 class CompiledMerge:
     """The package's merge program (models/merge_rows.py, `merge_layers.pt2`) with the factor dtype it was
     exported for. Touched FP8 layers are grouped by weight shape and by the ranks of their parts; each group goes
@@ -121,13 +135,12 @@ class CompiledMerge:
         for call in self.calls(layers):
             weights = [weight for weight, _ in call]
             qdata_dtype, device = weights[0].qdata.dtype, weights[0].qdata.device
-            # stacked and copied back as bytes: the copy kernels need no FP8 support that way
+            # stacked as bytes: no FP8 support needed in the concatenation kernel
             qdata = torch.stack([w.qdata.view(torch.uint8) for w in weights]).view(qdata_dtype)
             scale = torch.stack([w.scale.view(-1, 1) for w in weights])
             new_qdata, new_scale = self.program([qdata, scale, *self.factors(call, device)])
-            torch._foreach_copy_([w.qdata.view(torch.uint8) for w in weights],
-                                 list(new_qdata.view(torch.uint8).unbind(0)))
-            torch._foreach_copy_([w.scale.view(-1, 1) for w in weights], list(new_scale.unbind(0)))
+            copy_by_dtype([w.qdata for w in weights] + [w.scale.view(-1, 1) for w in weights],
+                          [*new_qdata.unbind(0), *new_scale.unbind(0)])
 
 
 @torch.no_grad()
@@ -190,8 +203,8 @@ class LoRAModes:
     @staticmethod
     def _copies(storages: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Copies of `storages` on `device` (pinned when that is the host), carved from one allocation and
-        written by one batched copy: a merge of r64 into all block linears keeps ~1000 storages, which took
-        one allocation and one copy launch each (`last_merge_seconds` shows the phase's share)."""
+        written by one batched copy per dtype: a merge of r64 into all block linears keeps ~1000 storages, which
+        took one allocation and one copy launch each (`last_merge_seconds` shows the phase's share)."""
         if not storages:
             return []
         align = 256
@@ -202,7 +215,7 @@ class LoRAModes:
         pin = device.type == "cpu" and any(s.is_cuda for s in storages)
         flat = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
         copies = [flat[offset:offset + s.nbytes].view(s.dtype).view(s.shape) for offset, s in zip(offsets, storages)]
-        torch._foreach_copy_(copies, [s.detach() for s in storages])
+        copy_by_dtype(copies, [s.detach() for s in storages])
         return copies
 
     def _layer_weight(self, name: str):
@@ -242,7 +255,7 @@ class LoRAModes:
         if self.mode == MERGED:
             storages = [s for name in self._saved for s in _weight_storages(self._layer_weight(name))]
             if storages:
-                torch._foreach_copy_(storages, [original for layer in self._saved.values() for original in layer])
+                copy_by_dtype(storages, [original for layer in self._saved.values() for original in layer])
             self._saved = {}
             self.transformer.merged = False
         elif self.mode == SLOTS:
