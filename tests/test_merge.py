@@ -295,3 +295,17 @@ def test_copy_by_dtype_sends_one_batched_copy_per_dtype(monkeypatch):
     assert sorted(lists, key=str) == [[torch.float32] * 3, [torch.float8_e4m3fn] * 3]
     assert all(torch.equal(d.view(torch.uint8) if d.dtype == torch.float8_e4m3fn else d,
                            s.view(torch.uint8) if s.dtype == torch.float8_e4m3fn else s) for d, s in zip(dsts, srcs))
+
+
+def test_merge_calls_shrink_to_the_free_gpu_memory(monkeypatch):
+    """A call stacks `call_bytes` of FP8 weight, fewer layers where the GPU's free memory would not hold the call's
+    temporaries (a 24 GB card), and always at least one."""
+    from aotpack.runtime import merge as merge_module
+
+    merge = merge_module.CompiledMerge(program=None, dtype=torch.bfloat16, call_bytes=1000)
+    assert merge.layers_per_call(100, "cpu") == 10 and merge.layers_per_call(3000, "cpu") == 1
+    free = merge_module.TEMPORARIES_PER_WEIGHT_BYTE * 300
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10 * free))
+    assert merge.layers_per_call(100, "cuda:0") == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 10 * free))
+    assert merge.layers_per_call(100, "cuda:0") == 1

@@ -30,6 +30,7 @@ passes below. Non-quantized weights (bf16/fp32 targets) take the products in pla
 
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
@@ -62,6 +63,7 @@ def _requantize_rows_into(value: torch.Tensor, qdata: torch.Tensor, scale: torch
 
 
 MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call (its temporaries are ~4x that)
+TEMPORARIES_PER_WEIGHT_BYTE = 5  # stacked qdata, the bf16 product (2), new qdata, and slack: a call's bytes x this
 
 
 def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -83,25 +85,36 @@ class CompiledMerge:
     exported for. Touched FP8 layers are grouped by weight shape and by the ranks of their parts; each group goes
     in as stacks (qdata `[L, N, K]`, scales, the parts' A stacked and concatenated along the rank, their scaled B
     beside them), in calls of at most `call_bytes` of FP8 weight, and the new rows are copied back into the bound
-    storages with one batched copy per call. A group costs a handful of launches however many layers it holds:
+    storages with batched copies. A group costs a handful of launches however many layers it holds:
     one call per layer was host-bound on the H200 (module docstring of models/merge_rows.py)."""
 
     def __init__(self, program, dtype: torch.dtype, call_bytes: int = MERGE_CALL_BYTES):
         self.program, self.dtype, self.call_bytes = program, dtype, call_bytes
 
     def warm(self, shapes, rank: int, device, qdata_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
-        """Run the program once per weight shape `(rows, cols)` on scratch zeros (one layer, rank `rank`), so that a
-        merge does not pay for the program's first call per shape (`CompiledFluxTransformer` calls it at load on
-        CUDA; numbers there)."""
-        for rows, cols in sorted(set(shapes)):
-            self.program([torch.zeros(1, rows, cols, dtype=qdata_dtype, device=device),
-                          torch.ones(1, rows, 1, dtype=torch.float32, device=device),
-                          torch.zeros(1, rank, cols, dtype=self.dtype, device=device),
-                          torch.zeros(1, rows, rank, dtype=self.dtype, device=device)])
+        """Run the program once per weight shape on scratch zeros, as many layers at once as a merge of every layer
+        of that shape would stack (`shapes`: one `(rows, cols)` per layer), so that a merge does not pay for the
+        program's first call per shape nor for growing the allocator's cache (`CompiledFluxTransformer` calls it
+        at load on CUDA; numbers there)."""
+        for (rows, cols), count in sorted(collections.Counter(shapes).items()):
+            layers = min(count, self.layers_per_call(rows * cols * qdata_dtype.itemsize, device))
+            self.program([torch.zeros(layers, rows, cols, dtype=qdata_dtype, device=device),
+                          torch.ones(layers, rows, 1, dtype=torch.float32, device=device),
+                          torch.zeros(layers, rank, cols, dtype=self.dtype, device=device),
+                          torch.zeros(layers, rows, rank, dtype=self.dtype, device=device)])
+
+    def layers_per_call(self, layer_bytes: int, device) -> int:
+        """Layers of `layer_bytes` each per call: `call_bytes` of them, fewer where the device's free memory would
+        not hold a call's temporaries (a 24 GB card), at least one."""
+        budget = self.call_bytes
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(budget, free // TEMPORARIES_PER_WEIGHT_BYTE)
+        return max(1, budget // layer_bytes)
 
     def calls(self, layers: list[tuple]) -> list[list[tuple]]:
         """`(weight, parts)` pairs cut into program calls: one shape and one list of part ranks per call, at most
-        `call_bytes` of FP8 weight (at least one layer), in the order the layers came."""
+        `layers_per_call` layers, in the order the layers came."""
         groups: dict[tuple, list[tuple]] = {}
         for weight, parts in layers:
             key = (tuple(weight.qdata.shape), weight.qdata.dtype, weight.qdata.device,
@@ -109,7 +122,7 @@ class CompiledMerge:
             groups.setdefault(key, []).append((weight, parts))
         calls = []
         for group in groups.values():
-            per_call = max(1, self.call_bytes // group[0][0].qdata.nbytes)
+            per_call = self.layers_per_call(group[0][0].qdata.nbytes, group[0][0].qdata.device)
             calls += [group[i:i + per_call] for i in range(0, len(group), per_call)]
         return calls
 

@@ -125,9 +125,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if self.compiled_merge is not None and self._device.type == "cuda":
             # each weight shape's first call of the (per-layer) merge program took ~8 ms on the H200: a process's
             # first merge of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py,
-            # 2026-12-02)
-            self.compiled_merge.warm({(s.out_features, s.in_features) for s in manifest.slots}, manifest.max_rank,
-                                     self._device)
+            # 2026-12-02). The grouped program is warmed at the stack sizes a merge of every slot would use.
+            try:
+                self.compiled_merge.warm([(s.out_features, s.in_features) for s in manifest.slots], manifest.max_rank,
+                                         self._device)
+            except torch.cuda.OutOfMemoryError:  # a speed-up only: a merge then sizes its calls to the free memory
+                logger.warning("not enough free GPU memory to warm the merge program at load; the first merge per "
+                               "weight shape will take a few ms longer")
+                torch.cuda.empty_cache()
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
         self.lora_modes = LoRAModes(self)
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
