@@ -192,6 +192,7 @@ class LoRAModes:
         self.mode = NONE
         self.master_device = master_device  # None: keep originals on the weights' device
         self._saved: dict[str, list[torch.Tensor]] = {}  # layer -> original storages (copies)
+        self._restore: tuple[list, list] = ([], [])  # the bound storages and their saved copies, in one order
         self.last_merge_seconds: dict[str, float] = {}
         transformer.bank.before_write = self._bank_written
 
@@ -248,8 +249,10 @@ class LoRAModes:
         storages = {name: _weight_storages(weight) for name, weight in weights.items()}
         flat = [s for layer in storages.values() for s in layer]
         started = time.perf_counter()
-        copies = iter(self._copies(flat, self._keep_device(flat)))
-        self._saved = {name: [next(copies) for _ in layer] for name, layer in storages.items()}
+        copies = self._copies(flat, self._keep_device(flat))
+        remaining = iter(copies)
+        self._saved = {name: [next(remaining) for _ in layer] for name, layer in storages.items()}
+        self._restore = (flat, copies)  # what `leave` copies back: no module lookups there
         saved = time.perf_counter()
         self.mode = MERGED  # from here on `leave` restores the originals, also after a failed fold
         try:
@@ -266,10 +269,10 @@ class LoRAModes:
     def leave(self) -> None:
         """Back to the base weights and an empty bank (from any mode)."""
         if self.mode == MERGED:
-            storages = [s for name in self._saved for s in _weight_storages(self._layer_weight(name))]
+            storages, originals = self._restore
             if storages:
-                copy_by_dtype(storages, [original for layer in self._saved.values() for original in layer])
-            self._saved = {}
+                copy_by_dtype(storages, originals)
+            self._saved, self._restore = {}, ([], [])
             self.transformer.merged = False
         elif self.mode == SLOTS:
             self.transformer.bank.write({})
