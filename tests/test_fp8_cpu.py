@@ -133,7 +133,7 @@ def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo
         served.set_loras(lora, merge=True)
         merged = transformer(**inputs, return_dict=False)[0].float()
     assert transformer.merged and calls  # the compiled program did the merge, layers of one shape per call
-    touched = list(transformer.lora_modes._saved)
+    touched = list(transformer.lora_modes.merged_layers)
     assert len(calls) < len(touched) and max(flat[0].shape[0] for flat in calls) > 1
     assert sum(flat[0].shape[0] for flat in calls) == len(touched)
     for name in touched:  # each layer: its call's stacked factors, the eager math on its originals

@@ -146,7 +146,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
         merge["host_seconds"] = dict(served.transformer.lora_modes.last_merge_seconds)  # save / fold phases
         # merge_layers.pt2 (layers of one shape per call) or the eager passes (the torchao check below is theirs)
-        merge["compiled_merge"] = getattr(served.transformer, "compiled_merge", None) is not None
+        compiled = getattr(served.transformer, "compiled_merge", None)
+        merge["compiled_merge"] = compiled is not None
         result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
         merge["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
         first = next(iter(workloads))
@@ -156,7 +157,6 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         merge["second"] = {"merge_ms": again, "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds),
                            "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
         merge["requantization_equals_torchao_from_hp"] = _requantization_matches_torchao(served.transformer)
-        compiled = getattr(served.transformer, "compiled_merge", None)
         if compiled is not None:  # the lever: one layer per program call (the earlier form) in the same process
             merged_output = result["merged"]["sizes"][first]["_output"]
             default_bytes, compiled.call_bytes = compiled.call_bytes, 0

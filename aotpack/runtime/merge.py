@@ -62,8 +62,8 @@ def _requantize_rows_into(value: torch.Tensor, qdata: torch.Tensor, scale: torch
     torch.div(value, new_scale, out=qdata)
 
 
-MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call (its temporaries are ~4x that)
-TEMPORARIES_PER_WEIGHT_BYTE = 5  # stacked qdata, the bf16 product (2), new qdata, and slack: a call's bytes x this
+MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call
+TEMPORARIES_PER_WEIGHT_BYTE = 5  # a call's temporaries per weight byte: stacked qdata, bf16 product (2), new qdata, slack
 
 
 def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -174,10 +174,10 @@ def fold_into(weight, parts) -> None:
 def fold_all(layers: list[tuple], compiled: CompiledMerge | None = None) -> None:
     """Fold every `(weight, parts)` pair: FP8 weights through the package's compiled merge when it has one."""
     if compiled is not None:
-        compiled([(weight, parts) for weight, parts in layers if hasattr(weight, "qdata")])
-        layers = [(weight, parts) for weight, parts in layers if not hasattr(weight, "qdata")]
+        compiled([pair for pair in layers if hasattr(pair[0], "qdata")])
     for weight, parts in layers:
-        fold_into(weight, parts)
+        if compiled is None or not hasattr(weight, "qdata"):
+            fold_into(weight, parts)
 
 
 class LoRAModes:
@@ -191,8 +191,8 @@ class LoRAModes:
         self.transformer = transformer
         self.mode = NONE
         self.master_device = master_device  # None: keep originals on the weights' device
-        self._saved: dict[str, list[torch.Tensor]] = {}  # layer -> original storages (copies)
-        self._restore: tuple[list, list] = ([], [])  # the bound storages and their saved copies, in one order
+        self.merged_layers: list[str] = []  # the layers folded in while MERGED
+        self._restore: tuple[list, list] = ([], [])  # their bound storages and the saved copies, in one order
         self.last_merge_seconds: dict[str, float] = {}
         transformer.bank.before_write = self._bank_written
 
@@ -246,13 +246,10 @@ class LoRAModes:
             return
         self.transformer.bank.write({})
         weights = {name: self._layer_weight(name) for name, parts in layers.items() if parts}
-        storages = {name: _weight_storages(weight) for name, weight in weights.items()}
-        flat = [s for layer in storages.values() for s in layer]
+        flat = [s for weight in weights.values() for s in _weight_storages(weight)]
         started = time.perf_counter()
-        copies = self._copies(flat, self._keep_device(flat))
-        remaining = iter(copies)
-        self._saved = {name: [next(remaining) for _ in layer] for name, layer in storages.items()}
-        self._restore = (flat, copies)  # what `leave` copies back: no module lookups there
+        self.merged_layers = list(weights)
+        self._restore = (flat, self._copies(flat, self._keep_device(flat)))  # `leave` copies back: no module lookups
         saved = time.perf_counter()
         self.mode = MERGED  # from here on `leave` restores the originals, also after a failed fold
         try:
@@ -272,7 +269,7 @@ class LoRAModes:
             storages, originals = self._restore
             if storages:
                 copy_by_dtype(storages, originals)
-            self._saved, self._restore = {}, ([], [])
+            self.merged_layers, self._restore = [], ([], [])
             self.transformer.merged = False
         elif self.mode == SLOTS:
             self.transformer.bank.write({})
