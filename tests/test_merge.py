@@ -279,22 +279,36 @@ def test_row_requantization_is_torchaos_from_hp_bit_for_bit(monkeypatch):
     assert torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
 
 
-def test_copy_by_dtype_sends_one_batched_copy_per_dtype(monkeypatch):
-    """Saving and restoring ~1000 storages of two dtypes (FP8 qdata, fp32 scales): CUDA's `_foreach_copy_` copies
-    tensor by tensor when a list mixes dtypes, so the copies go as one list per dtype, and land exactly."""
-    from aotpack.runtime.merge import copy_by_dtype
+def test_copy_by_dtype_sends_wide_words_in_one_batched_copy_per_dtype(monkeypatch):
+    """Saving and restoring ~1000 storages (FP8 qdata, fp32 scales): same-dtype pairs go as 8-byte words (the
+    multi-tensor copy moves a few elements per thread: bytes were slow), so qdata and scales share one list; what
+    no word views (odd byte counts, strided views) and mixed-dtype pairs go in one list per dtype pair; a large pair
+    goes as its own copy (the plain copy kernel is faster). Every copy lands exactly."""
+    from aotpack.runtime.merge import COPY_ALONE_BYTES, copy_by_dtype
 
     generator = torch.Generator().manual_seed(1)
     srcs = [t for _ in range(3) for t in (torch.randn(4, 6, generator=generator).to(torch.float8_e4m3fn),
                                           torch.rand(4, 1, generator=generator))]
     dsts = [torch.zeros_like(t) for t in srcs]
+    odd = torch.randn(3, 3, generator=generator).to(torch.float8_e4m3fn)  # 9 bytes: no word fits
+    strided = torch.randn(4, 8, generator=generator)[:, ::2]
+    mixed = torch.rand(4, 4, generator=generator)
+    large = torch.randn(COPY_ALONE_BYTES // 64, 64, generator=generator).to(torch.float8_e4m3fn)
+    srcs += [odd, strided, mixed, large]
+    dsts += [torch.zeros_like(odd), torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.bfloat16), torch.zeros_like(large)]
     lists = []
     real = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: lists.append([t.dtype for t in d]) or real(d, s))
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda d, s: lists.append([(a.dtype, b.dtype) for a, b in zip(d, s)]) or real(d, s))
     copy_by_dtype(dsts, srcs)
-    assert sorted(lists, key=str) == [[torch.float32] * 3, [torch.float8_e4m3fn] * 3]
-    assert all(torch.equal(d.view(torch.uint8) if d.dtype == torch.float8_e4m3fn else d,
-                           s.view(torch.uint8) if s.dtype == torch.float8_e4m3fn else s) for d, s in zip(dsts, srcs))
+    assert sorted(lists, key=str) == sorted([[(torch.int64, torch.int64)] * 6,
+                                             [(torch.float8_e4m3fn, torch.float8_e4m3fn)],
+                                             [(torch.float32, torch.float32)],
+                                             [(torch.bfloat16, torch.float32)]], key=str)
+    for d, s in zip(dsts, srcs):
+        if d.dtype == torch.float8_e4m3fn:
+            d, s = d.view(torch.uint8), s.view(torch.uint8)
+        assert torch.equal(d, s.to(d.dtype))
 
 
 def test_merge_calls_shrink_to_the_free_gpu_memory(monkeypatch):

@@ -66,13 +66,51 @@ MERGE_CALL_BYTES = 512 << 20  # FP8 weight bytes per merge-program call
 TEMPORARIES_PER_WEIGHT_BYTE = 5  # a call's temporaries per weight byte: stacked qdata, bf16 product (2), new qdata, slack
 
 
+COPY_WORDS = (torch.int64, torch.int32, torch.int16)  # widest first
+
+
+def word_dtype(tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The widest integer word (wider than their elements) that views every tensor of `tensors` (one dtype, each
+    contiguous, same byte count) flat, or None. Why: CUDA's multi-tensor copy and the concatenation kernel move a
+    few elements per thread, so on one-byte FP8 the copy ran at ~0.7 TB/s (30 ms to restore r64-all's 11 GB of
+    FLUX.1-dev block weights on the H200, 2026-12-02); in 8-byte words it moves 8x the bytes per element (12.4 ->
+    11.7 ms for a copy of those weights, 2.2 -> 1.8 ms to stack the 266 square ones, scripts/gpu/probe_copies.py)."""
+    size = tensors[0].element_size()
+    if any(t.dtype != tensors[0].dtype or not t.is_contiguous() or t.numel() == 0 for t in tensors):
+        return None
+    for word in COPY_WORDS:
+        if word.itemsize <= size:
+            return None
+        if all(t.numel() * size % word.itemsize == 0 and t.data_ptr() % word.itemsize == 0 for t in tensors):
+            return word
+    return None
+
+
+def as_words(tensor: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tensor` and `other` (same dtype and shape) as flat views of one wide word, for a byte-exact copy; unchanged
+    where no word fits both (`word_dtype`)."""
+    word = word_dtype([tensor, other]) if tensor.shape == other.shape else None
+    if word is None:
+        return tensor, other
+    return tensor.reshape(-1).view(word), other.reshape(-1).view(word)
+
+
+COPY_ALONE_BYTES = 1 << 20  # pairs this large go as one `copy_` each (see copy_by_dtype)
+
+
 def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """`dst.copy_(src)` for every pair, as one `_foreach_copy_` per dtype and device pair: CUDA's multi-tensor copy
-    takes its fast path only when all sources share one dtype and all destinations another (torch's
-    ForeachBinaryOpList.cu), and otherwise copies tensor by tensor: ~1000 launches for the qdata and scales of r64 on
-    all FLUX.1-dev block linears."""
+    """`dst.copy_(src)` for every pair. Large pairs go one `copy_` each: on the H200 the plain copy kernel moved the
+    11.8 GB of FLUX.1-dev's FP8 block weights at 3.3 TB/s (7.2 ms), the multi-tensor copy at 2.0 TB/s (11.7 ms, in
+    words) or 1.9 (12.4 ms, in bytes) (scripts/gpu/probe_copies.py, 2026-12-02). The small rest (the scales) goes
+    as one `_foreach_copy_` per dtype and device pair: CUDA's multi-tensor copy takes its fast path only when all
+    sources share one dtype and all destinations another (torch's ForeachBinaryOpList.cu) and otherwise copies
+    tensor by tensor. Same-dtype pairs go as wide words (`as_words`): FP8 qdata and fp32 scales share one list."""
     groups: dict[tuple, tuple[list, list]] = {}
     for dst, src in zip(dsts, srcs, strict=True):
+        dst, src = as_words(dst, src)
+        if dst.nbytes >= COPY_ALONE_BYTES:
+            dst.copy_(src)
+            continue
         group = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
         group[0].append(dst)
         group[1].append(src)
@@ -148,8 +186,10 @@ class CompiledMerge:
         for call in self.calls(layers):
             weights = [weight for weight, _ in call]
             qdata_dtype, device = weights[0].qdata.dtype, weights[0].qdata.device
-            # stacked as bytes: no FP8 support needed in the concatenation kernel
-            qdata = torch.stack([w.qdata.view(torch.uint8) for w in weights]).view(qdata_dtype)
+            # stacked as wide words (or bytes): no FP8 support needed in the concatenation kernel
+            word = word_dtype([w.qdata for w in weights]) or torch.uint8
+            qdata = torch.stack([w.qdata.reshape(-1).view(word) for w in weights])
+            qdata = qdata.view(qdata_dtype).view(len(weights), *weights[0].qdata.shape)
             scale = torch.stack([w.scale.view(-1, 1) for w in weights])
             new_qdata, new_scale = self.program([qdata, scale, *self.factors(call, device)])
             copy_by_dtype([w.qdata for w in weights] + [w.scale.view(-1, 1) for w in weights],

@@ -8,7 +8,8 @@ This probe loads the package twice, in two processes (`--profile` off, then on):
 - off: slots once (the LoRA file parsed and cached, as in the bench), then merge / unmerge four times,
   each timed to a device sync, with the switch's phases and the merge's host phases;
 - on: the same, with the first and second merges under torch.profiler (CPU + CUDA), whose self CPU time
-  per op / CUDA runtime call (cudaMalloc, module loads, launches) says what the first merge does more.
+  per op / CUDA runtime call (cudaMalloc, module loads, launches) says what the first merge does more, and whose
+  self device time per kernel says where the GPU time of a merge goes.
 
 `--cprofile`: the first two merges under cProfile (host time per Python-visible call).
 `--steps N`: N transformer steps at 1024^2 in slots before the merges (the speed bench's order).
@@ -65,7 +66,9 @@ def main(package: str, out_path: str, profile: bool, warm: bool, python_profile:
 
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 merge_ms, result = _timed(lambda: served.set_loras(lora, merge=True))
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            averages = prof.key_averages()
+            table = (averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+                     + averages.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
             print(f"== merge {i + 1} under the profiler\n{table}", flush=True)
         elif python_profile and i < 2:  # cProfile: which Python-visible call holds the host time
             import cProfile
