@@ -177,7 +177,7 @@ def test_package_with_the_per_layer_merge_program_merges_in_eager_passes(fp8_pac
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
         served = aotpack.load(older, model="tiny")
     assert served.transformer.compiled_merge is None
-    assert "per-layer merge program" in caplog.text and "rebuild the package" in caplog.text
+    assert "merge_rows.pt2" in caplog.text and "rebuild the package" in caplog.text
     layer = "transformer_blocks.0.attn.to_q"
     weight = served.transformer.lora_modes._layer_weight(layer)
     before = [t.clone() for t in _weight_storages(weight)]

@@ -120,8 +120,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             self.compiled_merge = CompiledMerge(program_files.open_program(Path(package_dir) / manifest.merge_program)
                                                 .instantiate(str(self._device)), torch_dtype(manifest.lora_dtype))
         elif manifest.merge_program:
-            logger.warning("%s holds the per-layer merge program of earlier builds, which this runtime no longer calls: "
-                           "merges take the slower eager passes (rebuild the package for the compiled merge)", package_dir)
+            logger.warning("%s holds the merge program %s, which this runtime does not call (it calls %s.pt2): "
+                           "merges take the slower eager passes (rebuild the package for the compiled merge)",
+                           package_dir, manifest.merge_program, MERGE_PROGRAM)
         if self.compiled_merge is not None and self._device.type == "cuda":
             # each weight shape's first call of the (per-layer) merge program took ~8 ms on the H200: a process's
             # first merge of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py,
