@@ -311,6 +311,28 @@ def test_copy_by_dtype_sends_wide_words_in_one_batched_copy_per_dtype(monkeypatc
         assert torch.equal(d, s.to(d.dtype))
 
 
+def test_copy_plan_runs_again_and_in_reverse_from_the_same_views():
+    """The merge saves the originals with a CopyPlan and the unmerge runs its reverse: prepared once, each run
+    copies the current values (no stale snapshot), and the reverse lands every pair exactly where it came from."""
+    from aotpack.runtime.merge import COPY_ALONE_BYTES, CopyPlan
+
+    generator = torch.Generator().manual_seed(2)
+    srcs = [torch.randn(COPY_ALONE_BYTES // 64, 64, generator=generator).to(torch.float8_e4m3fn),
+            torch.rand(64, 1, generator=generator), torch.randn(3, 3, generator=generator).to(torch.float8_e4m3fn)]
+    dsts = [torch.zeros_like(t) for t in srcs]
+    plan = CopyPlan(dsts, srcs)
+    plan.run()
+    originals = [t.clone() for t in srcs]
+    for t in srcs:  # what a merge does to the bound storages
+        t.view(torch.uint8).fill_(7) if t.dtype == torch.float8_e4m3fn else t.fill_(7.0)
+    plan.reversed().run()
+    for restored, original in zip(srcs, originals):
+        assert torch.equal(restored.view(torch.uint8), original.view(torch.uint8))
+    srcs[1].fill_(3.0)
+    plan.run()
+    assert torch.equal(dsts[1], srcs[1])
+
+
 def test_merge_calls_shrink_to_the_free_gpu_memory(monkeypatch):
     """A call stacks `call_bytes` of FP8 weight, fewer layers where the GPU's free memory would not hold the call's
     temporaries (a 24 GB card), and always at least one."""

@@ -95,27 +95,51 @@ def as_words(tensor: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, t
     return tensor.reshape(-1).view(word), other.reshape(-1).view(word)
 
 
-COPY_ALONE_BYTES = 1 << 20  # pairs this large go as one `copy_` each (see copy_by_dtype)
+COPY_ALONE_BYTES = 1 << 20  # pairs this large go as one `copy_` each (see CopyPlan)
+
+
+class CopyPlan:
+    """`dst.copy_(src)` for every pair, prepared once so that running it (and its reverse, `reversed`) only
+    launches copies: the unmerge of r64-all was host-bound at 14.3 ms against ~7.6 ms of copy kernels on the
+    H200 (2026-12-02), and preparing the ~1000 pairs' word views took ~13 µs per pair on a slow host.
+
+    Large pairs go one `copy_` each: on the H200 the plain copy kernel moved the 11.8 GB of FLUX.1-dev's FP8 block
+    weights at 3.3 TB/s (7.2 ms), the multi-tensor copy at 2.0 TB/s (11.7 ms, in words) or 1.9 (12.4 ms, in
+    bytes) (scripts/gpu/probe_copies.py, 2026-12-02). The small rest (the scales) goes as one `_foreach_copy_` per
+    dtype and device pair: CUDA's multi-tensor copy takes its fast path only when all sources share one dtype and
+    all destinations another (torch's ForeachBinaryOpList.cu) and otherwise copies tensor by tensor. Same-dtype
+    pairs go as wide words (`as_words`): FP8 qdata and fp32 scales share one list."""
+
+    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]):
+        self.alone: list[tuple[torch.Tensor, torch.Tensor]] = []
+        groups: dict[tuple, tuple[list, list]] = {}
+        for dst, src in zip(dsts, srcs, strict=True):
+            dst, src = as_words(dst, src)
+            if dst.nbytes >= COPY_ALONE_BYTES:
+                self.alone.append((dst, src))
+                continue
+            group = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
+            group[0].append(dst)
+            group[1].append(src)
+        self.batched = list(groups.values())
+
+    def run(self) -> None:
+        for dst, src in self.alone:
+            dst.copy_(src)
+        for group_dsts, group_srcs in self.batched:
+            torch._foreach_copy_(group_dsts, group_srcs)
+
+    def reversed(self) -> CopyPlan:
+        """The plan that copies every pair back (`src.copy_(dst)`), from the same views."""
+        plan = CopyPlan.__new__(CopyPlan)
+        plan.alone = [(src, dst) for dst, src in self.alone]
+        plan.batched = [(srcs, dsts) for dsts, srcs in self.batched]
+        return plan
 
 
 def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """`dst.copy_(src)` for every pair. Large pairs go one `copy_` each: on the H200 the plain copy kernel moved the
-    11.8 GB of FLUX.1-dev's FP8 block weights at 3.3 TB/s (7.2 ms), the multi-tensor copy at 2.0 TB/s (11.7 ms, in
-    words) or 1.9 (12.4 ms, in bytes) (scripts/gpu/probe_copies.py, 2026-12-02). The small rest (the scales) goes
-    as one `_foreach_copy_` per dtype and device pair: CUDA's multi-tensor copy takes its fast path only when all
-    sources share one dtype and all destinations another (torch's ForeachBinaryOpList.cu) and otherwise copies
-    tensor by tensor. Same-dtype pairs go as wide words (`as_words`): FP8 qdata and fp32 scales share one list."""
-    groups: dict[tuple, tuple[list, list]] = {}
-    for dst, src in zip(dsts, srcs, strict=True):
-        dst, src = as_words(dst, src)
-        if dst.nbytes >= COPY_ALONE_BYTES:
-            dst.copy_(src)
-            continue
-        group = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
-        group[0].append(dst)
-        group[1].append(src)
-    for group_dsts, group_srcs in groups.values():
-        torch._foreach_copy_(group_dsts, group_srcs)
+    """`dst.copy_(src)` for every pair, batched as `CopyPlan` says."""
+    CopyPlan(dsts, srcs).run()
 
 
 class CompiledMerge:
@@ -232,7 +256,7 @@ class LoRAModes:
         self.mode = NONE
         self.master_device = master_device  # None: keep originals on the weights' device
         self.merged_layers: list[str] = []  # the layers folded in while MERGED
-        self._restore: tuple[list, list] = ([], [])  # their bound storages and the saved copies, in one order
+        self._restore = CopyPlan([], [])  # copies the saved originals back into their bound storages
         self.last_merge_seconds: dict[str, float] = {}
         transformer.bank.before_write = self._bank_written
 
@@ -255,12 +279,13 @@ class LoRAModes:
         return device
 
     @staticmethod
-    def _copies(storages: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        """Copies of `storages` on `device` (pinned when that is the host), carved from one allocation and
-        written by one batched copy per dtype: a merge of r64 into all block linears keeps ~1000 storages, which
-        took one allocation and one copy launch each (`last_merge_seconds` shows the phase's share)."""
+    def _save(storages: list[torch.Tensor], device: torch.device) -> CopyPlan:
+        """Copies `storages` to `device` (pinned when that is the host) and returns the plan that copies them back.
+        The copies are carved from one allocation and written as `CopyPlan` batches them: a merge of r64 into all
+        block linears keeps ~1000 storages, which took one allocation and one copy launch each
+        (`last_merge_seconds` shows the phase's share); the restore reuses the save's views."""
         if not storages:
-            return []
+            return CopyPlan([], [])
         align = 256
         offsets, total = [], 0
         for storage in storages:
@@ -269,8 +294,9 @@ class LoRAModes:
         pin = device.type == "cpu" and any(s.is_cuda for s in storages)
         flat = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
         copies = [flat[offset:offset + s.nbytes].view(s.dtype).view(s.shape) for offset, s in zip(offsets, storages)]
-        copy_by_dtype(copies, [s.detach() for s in storages])
-        return copies
+        save = CopyPlan(copies, [s.detach() for s in storages])
+        save.run()
+        return save.reversed()
 
     def _layer_weight(self, name: str):
         module = self.transformer._weights_owner.get_submodule(name)
@@ -289,7 +315,7 @@ class LoRAModes:
         flat = [s for weight in weights.values() for s in _weight_storages(weight)]
         started = time.perf_counter()
         self.merged_layers = list(weights)
-        self._restore = (flat, self._copies(flat, self._keep_device(flat)))  # `leave` copies back: no module lookups
+        self._restore = self._save(flat, self._keep_device(flat))  # `leave` runs it: no module lookups
         saved = time.perf_counter()
         self.mode = MERGED  # from here on `leave` restores the originals, also after a failed fold
         try:
@@ -306,10 +332,8 @@ class LoRAModes:
     def leave(self) -> None:
         """Back to the base weights and an empty bank (from any mode)."""
         if self.mode == MERGED:
-            storages, originals = self._restore
-            if storages:
-                copy_by_dtype(storages, originals)
-            self.merged_layers, self._restore = [], ([], [])
+            self._restore.run()
+            self.merged_layers, self._restore = [], CopyPlan([], [])
             self.transformer.merged = False
         elif self.mode == SLOTS:
             self.transformer.bank.write({})
