@@ -72,9 +72,9 @@ COPY_WORDS = (torch.int64, torch.int32, torch.int16)  # widest first
 def word_dtype(tensors: list[torch.Tensor]) -> torch.dtype | None:
     """The widest integer word (wider than their elements) that views every tensor of `tensors` (one dtype, each
     contiguous, same byte count) flat, or None. Why: CUDA's multi-tensor copy and the concatenation kernel move a
-    few elements per thread, so on one-byte FP8 the copy ran at ~0.7 TB/s (30 ms to restore r64-all's 11 GB of
-    FLUX.1-dev block weights on the H200, 2026-12-02); in 8-byte words it moves 8x the bytes per element (12.4 ->
-    11.7 ms for a copy of those weights, 2.2 -> 1.8 ms to stack the 266 square ones, scripts/gpu/probe_copies.py)."""
+    few elements per thread; in 8-byte words they move 8x the bytes per element. On the H200 (2026-12-02,
+    scripts/gpu/probe_copies.py) a copy of FLUX.1-dev's 11.8 GB of FP8 block weights through the multi-tensor copy
+    went from 12.4 ms (bytes) to 11.7 ms (words), the stack of the 266 square ones from 2.2 to 1.8 ms."""
     size = tensors[0].element_size()
     if any(t.dtype != tensors[0].dtype or not t.is_contiguous() or t.numel() == 0 for t in tensors):
         return None
