@@ -124,9 +124,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                            "merges take the slower eager passes (rebuild the package for the compiled merge)",
                            package_dir, manifest.merge_program, MERGE_PROGRAM)
         if self.compiled_merge is not None and self._device.type == "cuda":
-            # each weight shape's first call of the (per-layer) merge program took ~8 ms on the H200: a process's
-            # first merge of r64-all 201-205 ms, 97 ms after this (12 shapes, 92 ms at load; probe_first_merge.py,
-            # 2026-12-02). The grouped program is warmed at the stack sizes a merge of every slot would use.
+            # each weight shape's first call of the merge program cost ~8 ms on the H200 (per-layer form: a
+            # process's first merge of r64-all 201-205 ms, 97 ms after warming; probe_first_merge.py, 2026-12-02).
+            # Warmed at the stack sizes a merge of every slot would use; that load cost is not measured yet.
             try:
                 self.compiled_merge.warm([(s.out_features, s.in_features) for s in manifest.slots], manifest.max_rank,
                                          self._device)
