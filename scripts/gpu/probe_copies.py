@@ -1,9 +1,11 @@
 """How fast the merge's batched copies run on the GPU, by element width: FP8 weights of every FLUX.1-dev block
 linear (shapes from a package's manifest, random bytes) copied as one `_foreach_copy_` of bytes (before), of 8-byte
-words (`copy_by_dtype` now), one `copy_` per tensor, and stacked (`torch.stack`) as bytes vs words.
+words with large tensors alone (`copy_by_dtype`, which prepares a `CopyPlan` per call; and a plan prepared once,
+as the unmerge runs it), one `copy_` per tensor, and stacked (`torch.stack`) as bytes vs words.
 
 The merge of r64-all saves ~11 GB of originals, stacks them per shape and copies the new rows back; the unmerge
-copies the originals back (30 ms on the H200, 2026-12-02: ~0.7 TB/s).
+copies the originals back (H200, 2026-12-02: 30.7 ms with byte copies, 14.3 ms with words and large tensors alone,
+host-bound against ~7.6 ms of copy kernels).
 
 On the GPU machine: `python3 scripts/gpu/probe_copies.py MANIFEST $OUT/copies.json`
 """
@@ -23,7 +25,7 @@ def _median_ms(fn) -> float:
 
 
 def main(manifest_path: str, out_path: str) -> None:
-    from aotpack.runtime.merge import copy_by_dtype
+    from aotpack.runtime.merge import CopyPlan, copy_by_dtype
 
     manifest = json.load(open(manifest_path))
     shapes = [(s["out_features"], s["in_features"]) for s in manifest["slots"]
@@ -37,6 +39,8 @@ def main(manifest_path: str, out_path: str) -> None:
     as_bytes = ([t.view(torch.uint8) for t in dsts], [t.view(torch.uint8) for t in srcs])
     report["foreach_bytes_ms"] = _median_ms(lambda: torch._foreach_copy_(*as_bytes))
     report["copy_by_dtype_words_ms"] = _median_ms(lambda: copy_by_dtype(dsts, srcs))
+    plan = CopyPlan(dsts, srcs)  # prepared once, as the merge's save prepares the unmerge
+    report["copy_plan_prepared_ms"] = _median_ms(plan.run)
     report["copy_per_tensor_ms"] = _median_ms(lambda: [d.copy_(s) for d, s in zip(dsts, srcs)])
     assert all(torch.equal(d.view(torch.uint8), s.view(torch.uint8)) for d, s in zip(dsts, srcs))
     square = [t for t in srcs if t.shape == (3072, 3072)]
