@@ -21,7 +21,7 @@
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
 #    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
-# 4. with KEEP_PACKAGES=1, each lever's package as $OUT/package-LABEL.tar (to carry as PACKAGE_TAR later);
+# 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar (to carry as PACKAGE_TAR later);
 # 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
 #    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity).
 # Results under $OUT; about 6-7 minutes at 1024^2.
@@ -90,7 +90,7 @@ for label in $LEVERS; do
 done
 cp /tmp/levers/fp8attn/manifest.json "$OUT/manifest-fp8attn.json" 2>/dev/null
 if [ "${KEEP_PACKAGES:-0}" = 1 ]; then
-  for label in $LEVERS; do [ -d "/tmp/levers/$label" ] && tar cf "$OUT/package-$label.tar" -C "/tmp/levers/$label" . ; done
+  for label in ${BUILD_DEFAULT:+default} $LEVERS; do [ -d "/tmp/levers/$label" ] && tar cf "$OUT/package-$label.tar" -C "/tmp/levers/$label" . ; done
 fi
 for size in $SIZES; do
   out="$OUT"; [ "$size" = "$SIZE" ] || out="$OUT/$size"
