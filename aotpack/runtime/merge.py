@@ -23,8 +23,8 @@ block linears took 93-152 ms over three runs, the unmerge 25-40 ms
 (benchmarks/results/2026-12-01e-h200-merge-fidelity); warmed per weight shape at load, 96-119 + 22-24 ms
 from a process's first merge on, and 189-192 + 40-42 ms on a slower host, the fold host-bound
 (benchmarks/results/2026-12-02-h200-qk-lora-up). The current form (`merge_layers.pt2`) takes the layers
-of one shape together (tens of calls instead of 494): with the copies below (`CopyPlan`), 91.4 + 14.3 ms
-against 138.4 + 12.7 ms one layer per call in the same process (benchmarks/results/2026-12-02b-h200-grouped-merge).
+of one shape together (tens of calls instead of 494): with the copies below (`CopyPlan`), 93.4 + 7.6 ms
+against 141.2 + 7.7 ms one layer per call in the same process, 112.1 + 9.1 ms at 2048² (benchmarks/results/2026-12-02d-h200-copyplan-kappend).
 Packages without it (or with the per-layer form, which this runtime no longer calls) take the eager
 passes below. Non-quantized weights (bf16/fp32 targets) take the products in place with `addmm_`.
 """
@@ -102,7 +102,9 @@ COPY_ALONE_BYTES = 1 << 20  # pairs this large go as one `copy_` each (see CopyP
 class CopyPlan:
     """`dst.copy_(src)` for every pair, prepared once so that running it (and its reverse, `reversed`) only
     launches copies: the unmerge of r64-all was host-bound at 14.3 ms against ~7.6 ms of copy kernels on the
-    H200 (2026-12-02), and preparing the ~1000 pairs' word views took ~13 µs per pair on a slow host.
+    H200 (2026-12-02), and preparing the ~1000 pairs' word views took ~13 µs per pair on a slow host. Prepared
+    once, the unmerge took 7.6 ms (the 11.8 GB at 3.3 TB/s, as fast as one `copy_` per pair; preparing in the call:
+    14.4 ms; benchmarks/results/2026-12-02d-h200-copyplan-kappend).
 
     Large pairs go one `copy_` each: on the H200 the plain copy kernel moved the 11.8 GB of FLUX.1-dev's FP8 block
     weights at 3.3 TB/s (7.2 ms), the multi-tensor copy at 2.0 TB/s (11.7 ms, in words) or 1.9 (12.4 ms, in

@@ -126,7 +126,10 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if self.compiled_merge is not None and self._device.type == "cuda":
             # each weight shape's first call of the merge program cost ~8 ms on the H200 (per-layer form: a
             # process's first merge of r64-all 201-205 ms, 97 ms after warming; probe_first_merge.py, 2026-12-02).
-            # Warmed at the stack sizes a merge of every slot would use; that load cost is not measured yet.
+            # Warmed at the stack sizes a merge of every slot would use: 99-138 ms of load and 2.1 GB more
+            # reserved by the allocator; a merge that is a process's first GPU work then takes 130 ms, not 165
+            # (after a few steps it buys 0-6 ms; scripts/gpu/probe_load_warm.py,
+            # benchmarks/results/2026-12-02d-h200-copyplan-kappend).
             try:
                 self.compiled_merge.warm([(s.out_features, s.in_features) for s in manifest.slots], manifest.max_rank,
                                          self._device)
