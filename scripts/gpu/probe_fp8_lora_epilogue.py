@@ -17,9 +17,9 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from probe_lora_kappend import graph_ms, rowwise  # same folder: the timing and the row-wise quantization
 
 RANK = 64
-FP8 = torch.float8_e4m3fn
 SHAPES = {(4096, 3072, 3072): 76, (4096, 3072, 12288): 19, (4096, 12288, 3072): 19,
           (4608, 3072, 3072): 114, (4608, 3072, 12288): 38, (4608, 15360, 3072): 38}
 
@@ -71,33 +71,6 @@ def triton_gemm(x_q, w_q, s_x, s_w, u=None, b=None):
     fp8_gemm_lora[grid](x_q, w_q, s_x, s_w, u if u is not None else y, b if b is not None else y, y, m, n, k,
                         R=RANK, HAS_LORA=u is not None)
     return y
-
-
-def graph_ms(fn, calls: int = 20, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
-def rowwise(x):
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(FP8).max
-    return (x.float() / scale).to(FP8), scale
 
 
 def probe(tokens, k, n, generator):
