@@ -98,3 +98,27 @@ def test_kernel_categories_and_fidelity_metric():
     weak = base + effect * (2 / 3)  # the FP8 complaint: the LoRA at two thirds of its strength
     assert abs(lora_effect_error(weak, base, base + effect, base) - 1 / 3) < 1e-6  # float32 inputs
     assert abs(effect_strength(weak, base, base + effect, base) - 2 / 3) < 1e-6
+
+
+def test_speed_report_names_a_host_bound_mode():
+    from aotpack.bench.speed import host_bound_notes, markdown
+
+    def mode(step, kernels, low, high):
+        categories = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise",
+                      "other")
+        return {"sizes": {"1024": {"step": {"median_ms": step, "min_ms": low, "max_ms": high}}},
+                "breakdown": {"total_ms": kernels, "ms_per_step": dict.fromkeys(categories, kernels / 6)}}
+
+    # the figures of the H200 run of 2026-12-02 10:30 UTC: the recipe's step far above its kernels, aotpack's not
+    data = {"setup": {"date": "d", "torch": "t", "model": "m", "text_tokens": 512, "lora": "r64-all",
+                      "sizes": [1024]},
+            "eager_bf16_peft": {"step": {"1024": {"median_ms": 201.0}}},
+            "recipe": mode(164.27, 100.85, 152.14, 178.33),
+            "aotpack": {"slots": mode(106.36, 101.27, 105.9, 107.0), "merge": {"merge_ms": 93.4}}}
+    notes = host_bound_notes(data)
+    assert notes[1:] == ["**recipe ran host-bound at 1024:** 164.27 ms a step (min 152.14, max 178.33) on 100.85 ms "
+                         "of kernels; ratios against it measure this process's host, not the kernels."]
+    data["recipe"] = mode(120.80, 104.93, 119.9, 121.6)  # an ordinary process: 1.15x, no note
+    assert host_bound_notes(data) == []
+    data["aotpack"]["slots"] = mode(150.0, 101.27, 140.0, 160.0)
+    assert "**aotpack slots ran host-bound at 1024:**" in markdown(data)

@@ -296,7 +296,7 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     sweep = {std: write_bench_loras(config, lora_dir, names=[LORA], std=std)[LORA] for std in fidelity_stds}
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
                                        dtype=dtype, device=device, batch=batch)[0] for size in sizes}
-    breakdown_size = 1024 if 1024 in workloads else next(iter(workloads))
+    breakdown_size = _breakdown_size(list(workloads))
     refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats, sweep)
     report["eager_bf16_peft"] = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
                                  "lora_effect_relative": {s: refs[s]["lora_effect_relative"] for s in workloads},
@@ -311,6 +311,37 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
             report["recipe"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     (out / "speed.md").write_text(markdown(report.data))
     return report.data
+
+
+def _breakdown_size(sizes: list) -> int:
+    """The size whose kernel breakdown the bench records: 1024 where it runs, else the first."""
+    return 1024 if 1024 in sizes else sizes[0]
+
+
+# A mode whose step takes this much longer than its kernels (profiled per step, same size) was host-bound in that
+# process: the recipe ran 164.3 ms a step on 100.85 ms of kernels on the H200 (2026-12-02 10:30 UTC), against
+# 120.8 on 104.9 ms in another process; aotpack's modes run at 1.02-1.06x.
+HOST_BOUND_RATIO = 1.3
+
+
+def host_bound_notes(data: dict) -> list[str]:
+    """A line for each mode whose step at the breakdown size exceeds `HOST_BOUND_RATIO` x its kernel time: ratios
+    against such a mode measure that process's host, not the kernels."""
+    size = _breakdown_size(data["setup"]["sizes"])
+    modes = [("recipe", data.get("recipe") or {})] + [(f"aotpack {name}", mode) for name, mode in
+                                                        (data.get("aotpack") or {}).items() if isinstance(mode, dict)]
+    notes = []
+    for label, mode in modes:
+        sizes, breakdown = mode.get("sizes") or {}, mode.get("breakdown")
+        row = sizes.get(size) or sizes.get(str(size))
+        if not breakdown or not row or "step" not in row:
+            continue
+        step, kernels = row["step"], breakdown["total_ms"]
+        if step["median_ms"] > HOST_BOUND_RATIO * kernels:
+            notes.append(f"**{label} ran host-bound at {size}:** {step['median_ms']:.2f} ms a step (min "
+                         f"{step['min_ms']:.2f}, max {step['max_ms']:.2f}) on {kernels:.2f} ms of kernels; "
+                         "ratios against it measure this process's host, not the kernels.")
+    return ["", *notes] if notes else []
 
 
 def _strip(result: dict) -> dict:
@@ -365,6 +396,7 @@ def markdown(data: dict) -> str:
             lines.append(f"| {size} | {label} | {_ms(row)} | {ratio} | {_num(row, 'rel_error_vs_eager')} | "
                          f"{_num(row, 'lora_fidelity_error')} | {_num(row, 'lora_effect_strength', '{:.3f}')} | "
                          f"{row.get('variant') or ''} |")
+    lines += host_bound_notes(data)
     graphs = ours.get("cuda_graphs", {})
     if graphs:
         lines += ["", "### CUDA graphs (same process; one graph per shape and variant)", "",
