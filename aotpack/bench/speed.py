@@ -313,6 +313,12 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     return report.data
 
 
+def _size_row(mode: dict | None, size) -> dict | None:
+    """A mode's row for `size`: int keys in memory, str keys once read back from JSON."""
+    sizes = (mode or {}).get("sizes") or {}
+    return sizes.get(size) or sizes.get(str(size))
+
+
 def _breakdown_size(sizes: list) -> int:
     """The size whose kernel breakdown the bench records: 1024 where it runs, else the first."""
     return 1024 if 1024 in sizes else sizes[0]
@@ -332,8 +338,7 @@ def host_bound_notes(data: dict) -> list[str]:
                                                         (data.get("aotpack") or {}).items() if isinstance(mode, dict)]
     notes = []
     for label, mode in modes:
-        sizes, breakdown = mode.get("sizes") or {}, mode.get("breakdown")
-        row = sizes.get(size) or sizes.get(str(size))
+        row, breakdown = _size_row(mode, size), mode.get("breakdown")
         if not breakdown or not row or "step" not in row:
             continue
         step, kernels = row["step"], breakdown["total_ms"]
@@ -383,12 +388,12 @@ def markdown(data: dict) -> str:
              ("aotpack merged r64", ours.get("merged"))]
     for size in setup["sizes"]:
         key = size if size in data["eager_bf16_peft"]["step"] else str(size)
-        recipe_row = recipe_data.get("sizes", {}).get(key) if recipe_data else None
+        recipe_row = _size_row(recipe_data, size)
         for label, mode in modes:
             if mode is None and label.startswith("eager"):
                 row = {"step": data["eager_bf16_peft"]["step"][key]}
             else:
-                row = (mode or {}).get("sizes", {}).get(key)
+                row = _size_row(mode, size)
             if not row:
                 continue
             ratio = (f"{row['step']['median_ms'] / recipe_row['step']['median_ms']:.2f}x"

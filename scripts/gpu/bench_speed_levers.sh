@@ -21,7 +21,8 @@
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
 #    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
-# 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar (to carry as PACKAGE_TAR later);
+# 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar
+#    (to carry as PACKAGE_TAR later);
 # 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
 #    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity).
 # Results under $OUT; about 6-7 minutes at 1024^2.
