@@ -10,6 +10,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -121,3 +122,23 @@ def test_speed_report_names_a_host_bound_mode():
     assert host_bound_notes(data) == []
     data["aotpack"]["slots"] = mode(150.0, 101.27, 140.0, 160.0)
     assert "**aotpack slots ran host-bound at 1024:**" in markdown(data)
+
+
+def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_loras):
+    """`bench.images` on the CPU: the policy's image runs merged (and unmerges at the switch out), the slots' does
+    not, and the table sets each against the recipe's N x step."""
+    from aotpack.bench import images
+    from aotpack.models.examples import transformer_inputs
+
+    shapes = served_tiny.manifest.shapes
+    inputs = transformer_inputs(served_tiny.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
+                                text_tokens=shapes["text_tokens"][0], dtype=torch.float32, device="cpu",
+                                generator=torch.Generator().manual_seed(3))
+    lora = [(demo_loras["tiny-style-mlp"], 1.0)]
+    result = images.measure(served_tiny, {64: inputs}, "cpu", lora, policy="always", steps=2, repeats=1)
+    rows = result["sizes"][64]
+    assert rows["merge_policy"]["merged"] and not rows["slots"]["merged"] and not rows["no_lora"]["merged"]
+    assert all(row["best_ms"] > 0 for row in rows.values())
+    assert not served_tiny.transformer.merged and served_tiny.transformer.lora_modes.auto.policy.after_token_steps is None
+    table = images.markdown(result, {"64": {"step": {"median_ms": rows["slots"]["best_ms"] / 2}}}, "r64-all")
+    assert "| 64 | recipe (2 x step) |" in table[-4] and "| 64 | slots |" in table[-2] and "| 1.000x | False |" in table[-2]

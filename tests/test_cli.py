@@ -110,11 +110,13 @@ def test_run_defaults_to_the_model_recorded_in_the_package(tiny_package, tmp_pat
 def test_run_merge_passes_merge_to_set_loras(tiny_package, demo_loras, monkeypatch):
     from aotpack.runtime.pipeline import AotpackPipeline
 
+    from aotpack.runtime.merge_policy import MergePolicy
+
     seen = []
     original = AotpackPipeline.set_loras
 
     def spy(self, loras=(), **kwargs):
-        seen.append(kwargs["merge"])
+        seen.append((kwargs["merge"], self.transformer.lora_modes.auto.policy))
         return original(self, loras, **kwargs)
 
     monkeypatch.setattr(AotpackPipeline, "set_loras", spy)
@@ -122,7 +124,11 @@ def test_run_merge_passes_merge_to_set_loras(tiny_package, demo_loras, monkeypat
             "--max-sequence-length", 16, "--lora", f"{demo_loras['tiny-style-attn']}:0.5"]
     assert invoke(*args, "--merge").exit_code == 0
     assert invoke(*args).exit_code == 0
-    assert seen == [True, False]
+    assert invoke(*args, "--no-merge", "--merge-policy", "always").exit_code == 0
+    never, always = MergePolicy(None), MergePolicy(0)  # "auto" on the CPU is never: its costs were not measured
+    assert seen == [(True, never), (None, never), (False, always)]
+    bad = invoke(*args, "--merge-policy", "sometimes")
+    assert bad.exit_code == 2 and "'sometimes' is not one of" in bad.output
 
 
 def test_cuda_graphs_on_a_cpu_package_fail_with_the_fix(tiny_package):

@@ -180,7 +180,7 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     with Stopwatch(device) as watch:
         fitted = served.set_loras([(loras["r128-mlp"], 1.0)], fit="svd")
     levers = {"switch_r128_mlp_svd_fit_to_max_rank_ms": watch.seconds * 1000, "r128_fit_notes": fitted.notes[:3]}
-    served.set_loras([(loras["r64-all"], 1.0)])
+    served.set_loras([(loras["r64-all"], 1.0)], merge=False)  # slots: the output compared with eager's
 
     def step():
         return served.transformer(**inputs, return_dict=False)

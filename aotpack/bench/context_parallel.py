@@ -80,7 +80,8 @@ def _bench_rank(ctx, package, model, sizes, steps, text_tokens, lora, repeats, s
 
     device = ctx.device
     load_started = time.perf_counter()
-    served = load_rank(ctx, package, model, cuda_graphs=False)  # the plain chain: comm timer and profiles see it
+    # the plain chain (comm timer and profiles see it), the LoRA kept in slots (what this bench compares)
+    served = load_rank(ctx, package, model, cuda_graphs=False, merge_policy="never")
     result = {"ranks": ctx.world_size, "load_seconds": time.perf_counter() - load_started,
               "spawn_to_loaded_seconds": time.time() - started}
     dtype = served.transformer.dtype
@@ -143,7 +144,7 @@ def _bench_graphs(ctx, package, model, sizes, steps, text_tokens, lora, repeats,
     `overlap_chunks` value and keys in rank order; one full image with the default."""
     from ..runtime.parallel import load_rank
 
-    served = load_rank(ctx, package, model)
+    served = load_rank(ctx, package, model, merge_policy="never")
     served.set_loras([(lora, 1.0)])
     transformer, comm = served.transformer, served.transformer.context_parallel
     config = dict(transformer.config)

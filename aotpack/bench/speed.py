@@ -2,8 +2,9 @@
 rank-64 LoRA in its slots, with no LoRA (no-slot programs) and with the LoRA merged into the weights.
 
 Per size: step ms (CUDA events, median of 10), output error vs eager, LoRA fidelity
-(`fidelity.lora_effect_error`); once: merge + unmerge ms, cached switch ms (first and later), and
-the kernel-time breakdown by category (`timing.kernel_breakdown`). Writes speed.json and speed.md.
+(`fidelity.lora_effect_error`), and whole 28-step images with the switch in and out (`images.py`: slots
+vs the merge policy); once: merge + unmerge ms, cached switch ms (first and later), and the kernel-time
+breakdown by category (`timing.kernel_breakdown`). Writes speed.json and speed.md.
 
   python -m aotpack.bench.speed --package PKG --model random:flux-dev --out OUT [--sizes 512,1024,2048]
 """
@@ -19,6 +20,7 @@ import torch
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
+from . import images
 from .compare import Report, _free, recipe_transformer, shared_workload
 from .fidelity import effect_strength, lora_effect_error
 from .loras import write_bench_loras
@@ -121,7 +123,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     import aotpack
 
     started = time.perf_counter()
-    served = aotpack.load(package, model=model_ref, cuda_graphs=False)  # the plain chain first; graphs after
+    # the plain chain first (graphs after); every mode set explicitly (the merge policy only in `images.measure`)
+    served = aotpack.load(package, model=model_ref, cuda_graphs=False, merge_policy="never")
     result = {"load_seconds": time.perf_counter() - started,
               "has_no_slot_programs": served.transformer.has_no_slot_programs}
     lora = [(loras[LORA], 1.0)]
@@ -184,6 +187,14 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         served.set_loras([])
     if device == "cuda":
         result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, breakdown_size)
+        served.transformer.use_cuda_graphs(True)  # whole images as the runtime runs them on a GPU
+        try:
+            result["images"] = images.measure(served, workloads, device, lora, repeats=1 if max(workloads) >= 2048
+                                              else 2)
+        except Exception as err:  # noqa: BLE001 -- recorded, the step figures still count
+            result["images"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        finally:
+            served.transformer.use_cuda_graphs(False)
     result["peak_gpu_gb"] = peak_memory_gb(device)
     _free(served)
     return result
@@ -416,6 +427,7 @@ def markdown(data: dict) -> str:
                              f"{row.get('first_call_with_capture_s', 0):.2f} |")
         if graphs.get("error"):
             lines.append(f"\nCUDA graphs failed: {graphs['error']}")
+    lines += images.markdown(ours.get("images"), (recipe_data or {}).get("sizes") or {}, setup["lora"])
     lines += _sweep_markdown(data)
     merge = ours.get("merge", {})
     lines += ["", f"Merge r64-all: {merge}", "",

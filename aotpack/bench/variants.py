@@ -29,7 +29,8 @@ from .timing import kernel_breakdown, time_ms
 def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path,
             cuda_graph: bool = False) -> dict:
     started = time.perf_counter()
-    served = load_package(package, model, cuda_graphs=False)  # the plain chain; graphs measured after
+    # the plain chain (graphs measured after), a LoRA kept in slots: each variant's slotted programs
+    served = load_package(package, model, cuda_graphs=False, merge_policy="never")
     result = {"package": str(package), "load_seconds": time.perf_counter() - started}
     manifest, device = served.manifest, served.device
     result.update(layout=manifest.layout, max_rank=manifest.max_rank, slots=len(manifest.slots),

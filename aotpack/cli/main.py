@@ -133,7 +133,12 @@ def targets():
               help="JSON file for the per-request summary (ok/failed with the reason).")
 @click.option("--lora", "loras", multiple=True, help="FILE[:SCALE] (repeatable: adapters are stacked).")
 @click.option("--fit", type=click.Choice(["svd"]), default=None, help="Compress stacks above max_rank by SVD.")
-@click.option("--merge", is_flag=True, help="Fold the LoRAs into the weights (faster steps, slower switch).")
+@click.option("--merge/--no-merge", default=None,
+              help="Fold the LoRAs into the weights now (faster steps, ~0.1 s switch) or keep them in slots "
+                   "(default: as --merge-policy decides).")
+@click.option("--merge-policy", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="When a LoRA set in slots is folded into the weights unasked: auto = once its steps pay for the "
+                   "merge (CUDA; measured break-even), never, or always.")
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=1024, show_default=True)
@@ -147,8 +152,8 @@ def targets():
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Replay each step from a CUDA graph captured per shape (default: on where it applies: a CUDA "
                    "package of regional programs, on one GPU or every rank of --gpus N).")
-def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, steps, height,
-        width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
+def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, merge_policy,
+        steps, height, width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
     """Generate images with a package, switching LoRAs per request without recompiling.
 
     Every request is checked before the first runs; a failing request is reported and the others still
@@ -213,12 +218,14 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
     if gpus > 1:  # context parallel: one process per GPU loads and runs; rank 0 writes the outputs
         from ..runtime.parallel import generate
 
-        outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision, cuda_graphs=cuda_graphs)
+        outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision, cuda_graphs=cuda_graphs,
+                            merge_policy=merge_policy)
         logger.info("%d ranks loaded and ran in %.2f s", gpus, time.perf_counter() - started)
         for outcome in outcomes:
             show(outcome)
     else:
-        served = load_package(package_dir, model, revision=revision, progress=True, cuda_graphs=cuda_graphs)
+        served = load_package(package_dir, model, revision=revision, progress=True, cuda_graphs=cuda_graphs,
+                              merge_policy=merge_policy)
         logger.info("package loaded in %.2f s", time.perf_counter() - started)
         outcomes = run_jobs(served, requests, on_outcome=show, progress=bar, debug=DEBUG)
     failed = [o for o in outcomes if not o.ok]

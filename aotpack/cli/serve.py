@@ -24,12 +24,15 @@ import click
 @click.option("--request-timeout", type=float, default=600.0, show_default=True, help="Seconds per request.")
 @click.option("--no-prefetch", is_flag=True, help="Parse the next batch's adapters only at the switch.")
 @click.option("--cache-gb", type=float, default=None, help="Adapter cache budget on the device (default 4 GiB).")
+@click.option("--merge-policy", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="When a LoRA set in slots is folded into the weights unasked: auto = once its steps pay for the "
+                   "merge (CUDA; measured break-even), never, or always.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (extra aotpack[ray]).")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas (one GPU each).")
 @click.option("--max-replicas", type=int, default=None,
               help="With --ray: autoscale by queue length from --replicas up to this many.")
 def serve(package, model, revision, host, port, adapter_dirs, adapters, token, max_queue, max_wait, policy,
-          request_timeout, no_prefetch, cache_gb, use_ray, replicas, max_replicas):
+          request_timeout, no_prefetch, cache_gb, merge_policy, use_ray, replicas, max_replicas):
     """Serve a package over HTTP: POST /v1/images/generations (OpenAI Images shape + loras), /v1/adapters,
     /healthz, /readyz, /metrics."""
     from .output import quiet_libraries
@@ -49,7 +52,7 @@ def serve(package, model, revision, host, port, adapter_dirs, adapters, token, m
 
     options = ServeOptions(max_queue=max_queue, max_wait_s=max_wait, policy=policy,
                            request_timeout_s=request_timeout, prefetch=not no_prefetch, token=token,
-                           cache_budget_bytes=int(cache_gb * 2**30) if cache_gb else None)
+                           cache_budget_bytes=int(cache_gb * 2**30) if cache_gb else None, merge_policy=merge_policy)
     if use_ray:
         from ..serve.ray_app import run_ray
 

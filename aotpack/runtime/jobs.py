@@ -45,7 +45,7 @@ class Request:
     out: str | None = None
     save_latents: str | None = None
     fit: str | None = None
-    merge: bool = False  # fold the LoRAs into the weights (faster steps, slower switch); see set_loras
+    merge: bool | None = None  # True: fold the LoRAs in now; False: keep them in slots; None: the merge policy
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. the size as produced
 
 

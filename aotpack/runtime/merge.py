@@ -32,9 +32,14 @@ passes below. Non-quantized weights (bf16/fp32 targets) take the products in pla
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 import torch
+
+from .merge_policy import AutoMerge, MergePolicy
+
+logger = logging.getLogger(__name__)
 
 NONE, SLOTS, MERGED = "none", "slots", "merged"
 
@@ -254,9 +259,10 @@ class LoRAModes:
     enters the next one. Callers validate the new set first, so a rejected set changes nothing.
     """
 
-    def __init__(self, transformer, *, master_device=None):
+    def __init__(self, transformer, *, master_device=None, policy: MergePolicy | None = None):
         self.transformer = transformer
         self.mode = NONE
+        self.auto = AutoMerge(policy or MergePolicy())  # merges unasked (merge_policy.py); never by default here
         self.master_device = master_device  # None: keep originals on the weights' device
         self.merged_layers: list[str] = []  # the layers folded in while MERGED
         self._restore = CopyPlan([], [])  # copies the saved originals back into their bound storages
@@ -268,6 +274,7 @@ class LoRAModes:
         if self.mode == MERGED:
             self.leave()
         self.mode = SLOTS
+        self.auto.track(None)  # `enter` tracks its own sets; a write from outside is not one
 
     def _keep_device(self, storages: list[torch.Tensor]) -> torch.device:
         """Where the originals go for the restore: on their GPU while memory allows (fast restore), else
@@ -305,17 +312,25 @@ class LoRAModes:
         module = self.transformer._weights_owner.get_submodule(name)
         return getattr(module, "base", module).weight
 
+    def _merge_targets(self, layers: dict[str, list[tuple]]) -> tuple[dict, list[torch.Tensor]]:
+        weights = {name: self._layer_weight(name) for name, parts in layers.items() if parts}
+        return weights, [s for weight in weights.values() for s in _weight_storages(weight)]
+
     @torch.no_grad()
-    def enter(self, layers: dict[str, list[tuple]], *, merge: bool) -> None:
+    def enter(self, layers: dict[str, list[tuple]], *, merge: bool | None) -> None:
+        """Make `layers` live: merged (`merge=True`), in slots (False), or in slots that the policy may merge
+        later (None; `before_step`)."""
         if self.mode == MERGED:  # slots need no leaving: the bank write below replaces them
             self.leave()
         if not merge or not layers:
             self.transformer.bank.write(layers)
             self.mode = SLOTS if layers else NONE
+            # only a package with no-slot programs gains from a merge (older ones run the slots, empty)
+            gains = getattr(self.transformer, "has_no_slot_programs", True)
+            self.auto.track(layers if merge is None and gains else None)
             return
         self.transformer.bank.write({})
-        weights = {name: self._layer_weight(name) for name, parts in layers.items() if parts}
-        flat = [s for weight in weights.values() for s in _weight_storages(weight)]
+        weights, flat = self._merge_targets(layers)
         started = time.perf_counter()
         self.merged_layers = list(weights)
         self._restore = self._save(flat, self._keep_device(flat))  # `leave` runs it: no module lookups
@@ -330,6 +345,28 @@ class LoRAModes:
         # host seconds of the two phases (no device sync): where a slow merge spends its time
         self.last_merge_seconds = {"save": saved - started, "fold": time.perf_counter() - saved}
         self.transformer.merged = True
+
+    def before_step(self, tokens: int) -> None:
+        """Called before each step over `tokens` tokens: merge the tracked set when the policy says it pays.
+        A merge that fails here (out of memory, say) leaves the set in slots with a warning: the merge was
+        a speed-up nobody asked for, so the image goes on."""
+        layers = self.auto.take_due(tokens)
+        if layers is None:
+            return
+        storages = self._merge_targets(layers)[1]
+        if storages and self._keep_device(storages) != storages[0].device:
+            logger.info("not merging the LoRA set unasked: its originals would have to leave %s (too little free "
+                        "memory), which makes the merge and unmerge much slower", storages[0].device)
+            return
+        counted = self.auto.token_steps_run
+        try:
+            self.enter(layers, merge=True)
+        except Exception as err:  # noqa: BLE001 -- enter() restored the base weights; the slots come back
+            logger.warning("merging the LoRA set failed (%s: %s); it stays in slots", type(err).__name__, err)
+            self.enter(layers, merge=False)
+            return
+        self.auto.merges += 1
+        logger.info("merged the LoRA set into the weights after %d token-steps in slots (merge_policy)", counted)
 
     @torch.no_grad()
     def leave(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..models.checkpoint import (
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
+from .merge_policy import MergePolicy
 from .requests import check_scale
 from .transformer import CompiledFluxTransformer
 
@@ -84,12 +86,14 @@ class AotpackPipeline:
         was_cached = adapter_or_source in self.cache
         return self.cache.get(adapter_or_source), float(scale), not was_cached
 
-    def set_loras(self, loras=(), *, fit: str | None = None, merge: bool = False) -> SwitchResult:
+    def set_loras(self, loras=(), *, fit: str | None = None, merge: bool | None = None) -> SwitchResult:
         """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
         folder, a Hub file `owner/repo/file.safetensors`, an `AdapterSource(repo_id, weight_name,
         revision)` or a parsed `Adapter`. `fit="svd"` compresses stacks above max_rank.
         `merge=True` folds the set into the bound base weights and runs the no-slot programs; the
-        next switch unmerges first.
+        next switch unmerges first. `merge=None` (default) starts in slots and lets the merge policy
+        (`load_package(merge_policy=...)`, runtime/merge_policy.py) merge before a step once the set's
+        steps pay for it; `merge=False` keeps this set in slots.
 
         Everything is parsed and checked before anything changes: a rejected set leaves the
         active one exactly as it was. An empty list deactivates all adapters.
@@ -129,8 +133,19 @@ class AotpackPipeline:
                             phases_ms=phases)
 
     def __call__(self, *args, **kwargs):
-        """Call the diffusers `FluxPipeline` (same arguments and outputs)."""
-        return self.pipeline(*args, **kwargs)
+        """Call the diffusers `FluxPipeline` (same arguments and outputs). The merge policy learns how many
+        steps the call will run, so a set whose image pays for a merge merges before its first step."""
+        with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)):
+            return self.pipeline(*args, **kwargs)
+
+    def _steps_of(self, kwargs) -> int:
+        for schedule in ("sigmas", "timesteps"):
+            if kwargs.get(schedule) is not None:
+                return len(kwargs[schedule])
+        if kwargs.get("num_inference_steps") is not None:
+            return int(kwargs["num_inference_steps"])
+        default = inspect.signature(self.pipeline.__call__).parameters.get("num_inference_steps")
+        return int(default.default) if default is not None and isinstance(default.default, int) else 0
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, height: int, width: int):
@@ -153,14 +168,17 @@ def _resolve_package_dir(package) -> Path:
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
                  cache_budget_bytes: int | None = None, progress: bool | Progress = False,
-                 auto_merge_after: int | None = None, cuda_graphs: bool | None = None) -> AotpackPipeline:
+                 auto_merge_after: int | None = None, cuda_graphs: bool | None = None,
+                 merge_policy: str | MergePolicy = "auto") -> AotpackPipeline:
     """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights
     (default: the model recorded in the package's manifest).
 
     The package is checked (sha256 of every file, torch series, GPU arch, model fingerprint) before
     any compiled code is loaded. `cuda_graphs` replays each step from a CUDA graph captured per shape
     (runtime/cuda_graphs.py); None (default) turns them on where they apply: a CUDA device and regional
-    programs (context-parallel ranks included: their collectives are captured too).
+    programs (context-parallel ranks included: their collectives are captured too). `merge_policy` says
+    when a LoRA set in slots is merged unasked: "auto" (default: once its steps pay for the merge, on
+    CUDA), "never" or "always" (runtime/merge_policy.py).
     """
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     package_dir = _resolve_package_dir(package)
@@ -170,9 +188,10 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
         model, recorded_revision = recorded_model(manifest)
         revision = revision or recorded_revision
     ref = parse_model_ref(model, revision)
+    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    policy = MergePolicy.parse(merge_policy, device)  # a bad value fails before any weight is read
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
-    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
     with report.stage(f"load {ref.describe()} transformer weights"):
         transformer = load_transformer(ref, torch_dtype(manifest.dtype), device)
     with report.stage(f"quantize ({manifest.quantization['method']}) and add LoRA slots"):
@@ -183,6 +202,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
         compiled.use_cuda_graphs(cuda_graphs)
+        compiled.lora_modes.auto.policy = policy
     with report.stage("load text encoders, VAE and scheduler"):
         pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
                                  text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))
@@ -214,7 +234,6 @@ def bind_package(transformer, package, *, device: str | None = None,
     verify_files(package_dir, manifest)
     check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
     check_attention_runs_here(manifest.attention)
-    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
     prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
                         quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)

@@ -185,7 +185,7 @@ def validate_request(request, limits: PackageLimits = ANY_PACKAGE, where: str = 
     )
     if checked.fit not in (None, "svd"):
         raise RequestError(f"{_where(where, 'fit')} = {checked.fit!r} is not 'svd'", 'leave it out or give "svd"')
-    if not isinstance(checked.merge, bool):
-        raise RequestError(f"{_where(where, 'merge')} = {checked.merge!r} is not true or false",
-                           'give "merge": true or false')
+    if checked.merge is not None and not isinstance(checked.merge, bool):
+        raise RequestError(f"{_where(where, 'merge')} = {checked.merge!r} is not true, false or null",
+                           'give "merge": true (fold in now), false (keep in slots), or leave it out')
     return checked

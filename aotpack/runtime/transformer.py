@@ -32,6 +32,7 @@ from ..store.manifest import Manifest
 from . import program as program_files
 from .lora_contract import LoraContractMixin
 from .merge import CompiledMerge, LoRAModes
+from .merge_policy import MergePolicy
 from .program import CompiledProgram
 from .slot_bank import SlotBank
 
@@ -138,7 +139,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                                "weight shape will take a few ms longer")
                 torch.cuda.empty_cache()
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
-        self.lora_modes = LoRAModes(self)
+        self.lora_modes = LoRAModes(self, policy=MergePolicy.parse("auto", self._device))
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
         self._step_graphs = None  # use_cuda_graphs(): captured step graphs (cuda_graphs.py)
 
@@ -359,6 +360,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 raise UnsupportedCallError("this model embeds guidance but no guidance was passed",
                                            "pass guidance_scale to the pipeline")
             inputs.append(guidance)
+        self.lora_modes.before_step(hidden_states.shape[0] * (hidden_states.shape[1] + encoder_hidden_states.shape[1]))
         programs = self._programs_for_call()
         if WHOLE in programs:
             sample = programs[WHOLE][0](*self._cast(WHOLE, inputs))

@@ -34,6 +34,7 @@ class ServeOptions:
     token: str | None = None
     cache_budget_bytes: int | None = None
     warm_up: bool = True
+    merge_policy: str = "auto"  # load_package's: when a LoRA set in slots is merged unasked
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -59,7 +60,8 @@ class Service:
                                    max_wait_s=self.options.max_wait_s, policy=self.options.policy)
         self.metrics = Metrics()
         load = loader or (lambda: load_package(self.package_dir, model, revision=revision,
-                                               cache_budget_bytes=self.options.cache_budget_bytes))
+                                               cache_budget_bytes=self.options.cache_budget_bytes,
+                                               merge_policy=self.options.merge_policy))
         self.worker = Worker(load, self.registry, self.scheduler, self.metrics, prefetch=self.options.prefetch,
                              warm_params=self.warm_params() if self.options.warm_up else None)
         self.metrics.bind(self.scheduler, self.worker)

@@ -1,0 +1,138 @@
+"""The merge policy: a LoRA set in slots (`merge=None`) is merged before a step once the token-steps it has
+run plus those its pipeline call will run reach `after_token_steps`; `merge=False` keeps it in slots; a merge
+that fails or would keep the originals in host memory leaves the set in slots."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from reference import REQUEST, rel_error
+
+from aotpack.errors import UnsupportedCallError
+from aotpack.runtime import merge as merge_module
+from aotpack.runtime.merge import MERGED, SLOTS
+from aotpack.runtime.merge_policy import AUTO_TOKEN_STEPS, MergePolicy
+
+PEFT_TOLERANCE = 1e-4  # float32 on the CPU: merged weights vs slots, same math up to rounding
+
+
+def _latents(served, seed=7):
+    with torch.no_grad():
+        return served(**REQUEST, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+
+
+def _tokens_per_step() -> int:
+    """REQUEST's transformer tokens per step: 64² latents pack to (64/16)² image tokens, plus the text."""
+    return (REQUEST["height"] // 16) * (REQUEST["width"] // 16) + REQUEST["max_sequence_length"]
+
+
+@pytest.fixture
+def with_policy(served_tiny):
+    modes = served_tiny.transformer.lora_modes
+
+    def use(policy: MergePolicy):
+        modes.auto.policy = policy
+        modes.auto.merges = 0
+        return modes
+
+    yield use
+    modes.auto.policy = MergePolicy()
+    served_tiny.set_loras([])
+
+
+def test_an_image_that_pays_merges_before_its_first_step(served_tiny, demo_loras, with_policy):
+    lora = [(demo_loras["tiny-style-mlp"], 0.8)]
+    steps = REQUEST["num_inference_steps"]
+    modes = with_policy(MergePolicy(after_token_steps=steps * _tokens_per_step()))  # exactly one image's worth
+    served_tiny.set_loras(lora, merge=True)
+    merged_asked = _latents(served_tiny)
+    served_tiny.set_loras(lora, merge=False)
+    slots = _latents(served_tiny)
+    assert modes.mode == SLOTS and modes.auto.merges == 0  # merge=False: left in slots
+    served_tiny.set_loras([])
+
+    served_tiny.set_loras(lora)  # merge=None: the policy decides
+    assert modes.mode == SLOTS  # the switch itself stays a slot write
+    auto = _latents(served_tiny)
+    assert modes.mode == MERGED and served_tiny.transformer.merged and modes.auto.merges == 1
+    assert torch.equal(auto, merged_asked)  # merged before step 1: the very image of merge=True
+    assert rel_error(auto, slots) <= PEFT_TOLERANCE and rel_error(auto, slots) > 0
+
+
+def test_short_images_of_one_set_merge_once_their_steps_add_up(served_tiny, demo_loras, with_policy):
+    """Ski rental: 1-step images against a break-even of 2.5 steps merge before the third image's step."""
+    tokens = _tokens_per_step()
+    modes = with_policy(MergePolicy(after_token_steps=2.5 * tokens))
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    one_step = {**REQUEST, "num_inference_steps": 1}
+    for image in range(3):
+        with torch.no_grad():
+            served_tiny(**one_step, generator=torch.Generator("cpu").manual_seed(image), output_type="latent")
+        assert modes.mode == (MERGED if image == 2 else SLOTS), image
+        assert modes.auto.token_steps_run == (0 if image == 2 else (image + 1) * tokens)
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # the same set again: counts from zero, unmerged
+    assert modes.mode == SLOTS and modes.auto.token_steps_run == 0
+
+
+def test_unasked_merge_unmerges_bit_identical_at_the_next_switch(served_tiny, demo_loras, with_policy):
+    from test_merge import _snapshot
+
+    with_policy(MergePolicy.parse("always", "cpu"))
+    served_tiny.set_loras([])
+    originals = _snapshot(served_tiny.transformer)
+    base = _latents(served_tiny)
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    _latents(served_tiny)
+    assert served_tiny.transformer.merged
+    served_tiny.set_loras([])
+    assert not served_tiny.transformer.merged
+    for name, tensors in _snapshot(served_tiny.transformer).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    assert torch.equal(_latents(served_tiny), base)
+
+
+def test_a_failing_unasked_merge_leaves_the_set_in_slots(served_tiny, demo_loras, with_policy, monkeypatch, caplog):
+    lora = [(demo_loras["tiny-style-mlp"], 0.8)]
+    modes = with_policy(MergePolicy.parse("never", "cpu"))
+    served_tiny.set_loras(lora)
+    slots = _latents(served_tiny)
+    with_policy(MergePolicy.parse("always", "cpu"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the fold (test)")
+
+    monkeypatch.setattr(merge_module, "fold_all", out_of_memory)
+    served_tiny.set_loras(lora)
+    with caplog.at_level(logging.WARNING, logger="aotpack.runtime.merge"):
+        image = _latents(served_tiny)
+    assert "merging the LoRA set failed (OutOfMemoryError" in caplog.text
+    assert modes.mode == SLOTS and not served_tiny.transformer.merged and modes.auto.merges == 0
+    assert torch.equal(image, slots)  # the image ran, with the set in slots
+    assert modes.auto.layers is None  # one attempt per set
+
+
+def test_no_unasked_merge_where_the_originals_would_wait_in_host_memory(served_tiny, demo_loras, with_policy,
+                                                                        monkeypatch):
+    modes = with_policy(MergePolicy.parse("always", "cpu"))
+    # a GPU short of memory sends the originals to the host (`_keep_device`); here: anywhere but the weights' device
+    monkeypatch.setattr(type(modes), "_keep_device", lambda self, storages: torch.device("meta"))
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    _latents(served_tiny)
+    assert modes.mode == SLOTS and modes.auto.merges == 0 and modes.auto.layers is None
+
+
+def test_policy_values():
+    assert MergePolicy.parse("auto", "cpu") == MergePolicy(None)  # the CPU's costs were not measured
+    assert MergePolicy.parse("auto", "cuda") == MergePolicy(AUTO_TOKEN_STEPS)
+    assert MergePolicy.parse("always", "cuda").due(0, 1) and not MergePolicy.parse("never", "cuda").due(1e12, 1e12)
+    with pytest.raises(UnsupportedCallError, match="'sometimes' is not one of auto, never, always"):
+        MergePolicy.parse("sometimes", "cuda")
+
+
+def test_load_refuses_a_bad_policy_before_reading_weights(tiny_package):
+    import aotpack
+
+    with pytest.raises(UnsupportedCallError, match="merge policy 'later'"):
+        aotpack.load(tiny_package, model="tiny", merge_policy="later")
