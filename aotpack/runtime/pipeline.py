@@ -234,6 +234,7 @@ def bind_package(transformer, package, *, device: str | None = None,
     verify_files(package_dir, manifest)
     check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
     check_attention_runs_here(manifest.attention)
+    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
     prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
                         quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
