@@ -136,3 +136,33 @@ def test_load_refuses_a_bad_policy_before_reading_weights(tiny_package):
 
     with pytest.raises(UnsupportedCallError, match="merge policy 'later'"):
         aotpack.load(tiny_package, model="tiny", merge_policy="later")
+
+
+class _OtherRank:
+    """A context-parallel comm stand-in whose other rank answers `others` in turn (all_agree is a MIN all-reduce)."""
+
+    def __init__(self, *others: bool):
+        self.others, self.asked = list(others), []
+
+    def all_agree(self, ok: bool) -> bool:
+        self.asked.append(ok)
+        return ok and self.others.pop(0)
+
+
+@pytest.mark.parametrize("others, merged", [((False,), False), ((True, False), False), ((True, True), True)],
+                         ids=["other rank short of memory", "other rank's merge failed", "both merged"])
+def test_context_parallel_ranks_merge_together_or_not_at_all(served_tiny, demo_loras, with_policy, monkeypatch,
+                                                             others, merged):
+    lora = [(demo_loras["tiny-style-mlp"], 0.8)]
+    modes = with_policy(MergePolicy.parse("never", "cpu"))
+    served_tiny.set_loras(lora)
+    slots = _latents(served_tiny)
+    with_policy(MergePolicy.parse("always", "cpu"))
+    comm = _OtherRank(*others)
+    monkeypatch.setattr(served_tiny.transformer, "context_parallel", comm, raising=False)
+    served_tiny.set_loras(lora)
+    image = _latents(served_tiny)
+    assert modes.mode == (MERGED if merged else SLOTS) and modes.auto.merges == int(merged)
+    assert comm.asked == [True, True][:len(others)]  # this rank could and did merge; it asked the others each time
+    if not merged:
+        assert torch.equal(image, slots)  # this rank back in slots (its own merge left), as the other rank is

@@ -349,21 +349,27 @@ class LoRAModes:
     def before_step(self, tokens: int) -> None:
         """Called before each step over `tokens` tokens: merge the tracked set when the policy says it pays.
         A merge that fails here (out of memory, say) leaves the set in slots with a warning: the merge was
-        a speed-up nobody asked for, so the image goes on."""
+        a speed-up nobody asked for, so the image goes on. Context-parallel ranks decide together (one
+        all-reduce each time): a rank in another mode would run other programs and unmatched graph captures."""
         layers = self.auto.take_due(tokens)
         if layers is None:
             return
+        comm = getattr(self.transformer, "context_parallel", None)
+        agree = comm.all_agree if comm is not None else bool
         storages = self._merge_targets(layers)[1]
-        if storages and self._keep_device(storages) != storages[0].device:
-            logger.info("not merging the LoRA set unasked: its originals would have to leave %s (too little free "
-                        "memory), which makes the merge and unmerge much slower", storages[0].device)
+        if not agree(not storages or self._keep_device(storages) == storages[0].device):
+            logger.info("not merging the LoRA set unasked: its originals would have to leave the GPU (too little "
+                        "free memory here or on another rank), which makes the merge and unmerge much slower")
             return
         counted = self.auto.token_steps_run
+        failure = None
         try:
             self.enter(layers, merge=True)
         except Exception as err:  # noqa: BLE001 -- enter() restored the base weights; the slots come back
-            logger.warning("merging the LoRA set failed (%s: %s); it stays in slots", type(err).__name__, err)
-            self.enter(layers, merge=False)
+            failure = f"{type(err).__name__}: {err}"
+        if not agree(failure is None):
+            logger.warning("merging the LoRA set failed (%s); it stays in slots", failure or "on another rank")
+            self.enter(layers, merge=False)  # leaves this rank's merge first, if it had one
             return
         self.auto.merges += 1
         logger.info("merged the LoRA set into the weights after %d token-steps in slots (merge_policy)", counted)
