@@ -189,7 +189,8 @@ def test_two_ranks_equal_one_rank_and_the_normal_package_across_switches(split_p
     assert relative_error(results[1][-1], results[0][-1]) > 1e-3
 
 
-def test_generate_on_two_ranks_writes_what_one_process_writes(split_package, demo_loras, tmp_path):
+@pytest.mark.parametrize("merge_policy", ["auto", "always"])  # on the CPU "auto" keeps slots; "always" merges
+def test_generate_on_two_ranks_writes_what_one_process_writes(split_package, demo_loras, tmp_path, merge_policy):
     from safetensors.torch import load_file
 
     import aotpack
@@ -201,14 +202,16 @@ def test_generate_on_two_ranks_writes_what_one_process_writes(split_package, dem
                         max_sequence_length=32, save_latents=str(tmp_path / "cp1.safetensors")),
                 Request(prompt="a blue cube", seed=4, steps=2, height=64, width=64, max_sequence_length=32,
                         save_latents=str(tmp_path / "cp2.safetensors"), out=str(tmp_path / "cp2.png"))]
-    outcomes = generate(split_package, "tiny", requests, gpus=2, device="cpu")
+    outcomes = generate(split_package, "tiny", requests, gpus=2, device="cpu", merge_policy=merge_policy)
     assert [o.ok for o in outcomes] == [True, True], [o.error for o in outcomes]
     assert (tmp_path / "cp2.png").stat().st_size > 0
+    lora_mode = "merged" if merge_policy == "always" else "slots"
+    assert [o.result.lora_mode for o in outcomes] == [lora_mode, "none"]  # rank 0's; the ranks agree (merge.py)
 
-    served = aotpack.load(split_package, model="tiny")
+    served = aotpack.load(split_package, model="tiny", merge_policy=merge_policy)
     for index, request in enumerate(requests):
         single = Request(**{**request.__dict__, "save_latents": str(tmp_path / f"one{index}.safetensors"), "out": None})
-        run_request(served, single)
+        assert run_request(served, single).lora_mode == outcomes[index].result.lora_mode
         two, one = (load_file(p)["latents"] for p in (request.save_latents, single.save_latents))
         assert relative_error(two, one) <= TOLERANCE
 

@@ -207,7 +207,8 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
             return
         source = "from file" if result.adapters_parsed else "cached"
         click.echo(f"request {outcome.index}: {request.steps} steps {request.width}x{request.height} in "
-                   f"{result.seconds:.2f} s; LoRA switch {result.switch_seconds * 1000:.1f} ms ({source}; "
+                   f"{result.seconds:.2f} s; LoRA switch {result.switch_seconds * 1000:.1f} ms ({source}"
+                   f"{', merged' if result.lora_mode == 'merged' else ''}; "
                    f"loras: {lora_text})" + "".join(f"; {n}" for n in result.notes), err=True)
         for path in (result.image_path, result.latents_path):
             if path:

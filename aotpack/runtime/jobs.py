@@ -58,6 +58,7 @@ class RequestResult:
     image_path: str | None
     latents_path: str | None
     notes: list[str]
+    lora_mode: str = "none"  # how the set ran at the last step: "none", "slots" or "merged" (the merge policy's doing)
 
 
 @dataclasses.dataclass
@@ -80,7 +81,7 @@ class JobOutcome:
                 "notes": list(self.request.notes)}
         if self.result:
             data.update(seconds=self.result.seconds, switch_seconds=self.result.switch_seconds,
-                        image=self.result.image_path, latents=self.result.latents_path,
+                        lora_mode=self.result.lora_mode, image=self.result.image_path, latents=self.result.latents_path,
                         notes=data["notes"] + self.result.notes)
         else:
             data.update(error=self.error, fix=self.fix)
@@ -240,6 +241,7 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
                      num_inference_steps=request.steps, guidance_scale=request.guidance,
                      max_sequence_length=request.max_sequence_length, generator=generator,
                      output_type="latent").images
+    lora_mode = served.transformer.lora_modes.mode
     check_finite_output(latents, request)
     image = served.decode_latents(latents, request.height, request.width) if request.out else None
     latents_path = _save_latents(request.save_latents, latents) if request.save_latents else None
@@ -248,7 +250,7 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
         torch.cuda.synchronize()
     return RequestResult(index=index, seconds=time.perf_counter() - started, switch_seconds=switch.seconds,
                          adapters_parsed=switch.parsed, image_path=image_path, latents_path=latents_path,
-                         notes=list(request.notes) + switch.notes)
+                         notes=list(request.notes) + switch.notes, lora_mode=lora_mode)
 
 
 def run_jobs(served, requests: list[Request], *, on_outcome=None, progress: bool = False,
