@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .options import merge_policy_option
 from .output import DEBUG, configure_logging, quiet_libraries
 
 logger = logging.getLogger("aotpack.cli")
@@ -136,9 +137,7 @@ def targets():
 @click.option("--merge/--no-merge", default=None,
               help="Fold the LoRAs into the weights now (faster steps, ~0.1 s switch) or keep them in slots "
                    "(default: as --merge-policy decides).")
-@click.option("--merge-policy", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
-              help="When a LoRA set in slots is folded into the weights unasked: auto = once its steps pay for the "
-                   "merge (CUDA; measured break-even), never, or always.")
+@merge_policy_option
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=1024, show_default=True)

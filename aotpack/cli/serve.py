@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import merge_policy_option
+
 
 @click.command()
 @click.argument("package")
@@ -24,9 +26,7 @@ import click
 @click.option("--request-timeout", type=float, default=600.0, show_default=True, help="Seconds per request.")
 @click.option("--no-prefetch", is_flag=True, help="Parse the next batch's adapters only at the switch.")
 @click.option("--cache-gb", type=float, default=None, help="Adapter cache budget on the device (default 4 GiB).")
-@click.option("--merge-policy", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
-              help="When a LoRA set in slots is folded into the weights unasked: auto = once its steps pay for the "
-                   "merge (CUDA; measured break-even), never, or always.")
+@merge_policy_option
 @click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (extra aotpack[ray]).")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas (one GPU each).")
 @click.option("--max-replicas", type=int, default=None,

@@ -21,8 +21,6 @@ import contextlib
 import dataclasses
 import logging
 
-import torch
-
 from ..errors import UnsupportedCallError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +42,8 @@ class MergePolicy:
         if isinstance(value, cls):
             return value
         if value == "auto":
+            import torch  # here: the CLI reads POLICY_NAMES without loading torch
+
             return cls(AUTO_TOKEN_STEPS if torch.device(device).type == "cuda" else None)
         if value == "never":
             return cls(None)
