@@ -166,3 +166,26 @@ def test_context_parallel_ranks_merge_together_or_not_at_all(served_tiny, demo_l
     assert comm.asked == [True, True][:len(others)]  # this rank could and did merge; it asked the others each time
     if not merged:
         assert torch.equal(image, slots)  # this rank back in slots (its own merge left), as the other rank is
+
+
+def test_serve_metrics_show_the_policy_merges_and_the_mode(served_tiny, demo_loras, with_policy):
+    """`/metrics` reads the worker's model at scrape time: merges made by the policy, and the current mode."""
+    import types
+
+    from aotpack.serve.metrics import Metrics
+
+    def scrape(metrics, name):
+        line = next(x for x in metrics.render().decode().splitlines() if x.startswith(name))
+        return float(line.rsplit(" ", 1)[1])
+
+    metrics = Metrics()
+    worker = types.SimpleNamespace(served=served_tiny, cache=served_tiny.cache, gpu_memory_bytes=lambda: 0.0)
+    metrics.bind(types.SimpleNamespace(depth=0), worker)
+    with_policy(MergePolicy.parse("always", "cpu"))
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    assert scrape(metrics, 'aotpack_lora_mode{mode="slots"}') == 1.0
+    assert scrape(metrics, "aotpack_lora_merges_total") == 0.0
+    _latents(served_tiny)
+    assert scrape(metrics, 'aotpack_lora_mode{mode="merged"}') == 1.0
+    assert scrape(metrics, 'aotpack_lora_mode{mode="slots"}') == 0.0
+    assert scrape(metrics, "aotpack_lora_merges_total") == 1.0

@@ -239,7 +239,8 @@ def test_health_ready_and_metrics(server):
     text = httpx.get(f"{server}/metrics").text
     for name in ("aotpack_request_seconds_bucket", "aotpack_queue_depth", "aotpack_lora_switches_total",
                  "aotpack_lora_switch_ms_bucket", "aotpack_adapter_cache_hits_total",
-                 "aotpack_adapter_cache_misses_total", "aotpack_step_ms_bucket", "aotpack_gpu_memory_bytes"):
+                 "aotpack_adapter_cache_misses_total", "aotpack_step_ms_bucket", "aotpack_gpu_memory_bytes",
+                 "aotpack_lora_merges_total", 'aotpack_lora_mode{mode="slots"}'):
         assert name in text, name
 
 

@@ -9,14 +9,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
-class _CacheCollector:
-    """Adapter-cache hits/misses straight from the worker's AdapterCache at scrape time."""
+class _WorkerCollector:
+    """Read from the worker's model at scrape time: adapter-cache hits/misses, the merges the merge policy made,
+    and how the active LoRA set runs (none / slots / merged)."""
 
     def __init__(self, worker):
         self.worker = worker
@@ -27,6 +28,16 @@ class _CacheCollector:
             family = CounterMetricFamily(f"aotpack_adapter_cache_{name}", f"adapter cache {name}")
             family.add_metric([], value)
             yield family
+        served = self.worker.served
+        modes = served.transformer.lora_modes if served is not None else None
+        merges = CounterMetricFamily("aotpack_lora_merges", "LoRA sets the merge policy folded into the weights")
+        merges.add_metric([], modes.auto.merges if modes is not None else 0)
+        yield merges
+        mode = GaugeMetricFamily("aotpack_lora_mode", "how the active LoRA set runs (1 on the current mode)",
+                                 labels=["mode"])
+        for name in ("none", "slots", "merged"):
+            mode.add_metric([name], float(modes is not None and modes.mode == name))
+        yield mode
 
 
 class Metrics:
@@ -52,7 +63,7 @@ class Metrics:
     def bind(self, scheduler, worker) -> None:
         self.queue_depth.set_function(lambda: scheduler.depth)
         self.gpu_memory.set_function(worker.gpu_memory_bytes)
-        self.registry.register(_CacheCollector(worker))
+        self.registry.register(_WorkerCollector(worker))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
