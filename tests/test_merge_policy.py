@@ -65,15 +65,36 @@ def test_short_images_of_one_set_merge_once_their_steps_add_up(served_tiny, demo
     """Ski rental: 1-step images against a break-even of 2.5 steps merge before the third image's step."""
     tokens = _tokens_per_step()
     modes = with_policy(MergePolicy(after_token_steps=2.5 * tokens))
-    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
     one_step = {**REQUEST, "num_inference_steps": 1}
-    for image in range(3):
+    for image in range(4):
+        # each image asks for its set, as `run --requests` lines do: the very same set stays as it is
+        served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
         with torch.no_grad():
             served_tiny(**one_step, generator=torch.Generator("cpu").manual_seed(image), output_type="latent")
-        assert modes.mode == (MERGED if image == 2 else SLOTS), image
-        assert modes.auto.token_steps_run == (0 if image == 2 else (image + 1) * tokens)
-    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # the same set again: counts from zero, unmerged
+        assert modes.mode == (MERGED if image >= 2 else SLOTS), image
+        assert modes.auto.merges == (1 if image >= 2 else 0), image  # merged once (no unmerge + merge again)
+        if image < 2:  # the count goes on across the requests
+            assert modes.auto.token_steps_run == (image + 1) * tokens
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 0.5)])  # another scale: another set, unmerged, counted anew
     assert modes.mode == SLOTS and modes.auto.token_steps_run == 0
+
+
+def test_a_same_named_file_elsewhere_is_another_set(served_tiny, demo_loras, with_policy, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    modes = with_policy(MergePolicy.parse("always", "cpu"))
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    first = _latents(served_tiny)
+    assert modes.mode == MERGED
+    twin = tmp_path / "elsewhere" / demo_loras["tiny-style-mlp"].name  # same name, other weights
+    twin.parent.mkdir()
+    shutil.copy(demo_loras["tiny-style-mlp"], twin)
+    save_file({k: v * 0.5 for k, v in load_file(twin).items()}, twin)
+    served_tiny.set_loras([(twin, 1.0)])
+    assert modes.mode == SLOTS  # the merged set left; the twin is in slots until its first step
+    assert rel_error(_latents(served_tiny), first) > 1e-3
 
 
 def test_unasked_merge_unmerges_bit_identical_at_the_next_switch(served_tiny, demo_loras, with_policy):

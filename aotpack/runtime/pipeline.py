@@ -26,6 +26,7 @@ from ..models.checkpoint import (
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
+from .merge import MERGED
 from .merge_policy import MergePolicy
 from .requests import check_scale
 from .transformer import CompiledFluxTransformer
@@ -73,6 +74,7 @@ class AotpackPipeline:
         self.active: list[tuple[str, float]] = []
         self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
         self._last_set, self._same_set_count = None, 0
+        self._live: tuple[list, str | None] = ([], None)  # the (adapter, scale) entries and fit `enter` made live
         self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
 
     @property
@@ -116,10 +118,12 @@ class AotpackPipeline:
             merge = True  # the same set N times in a row: fold it in (see merge.py)
         marks.append(time.perf_counter())
         try:
-            self.transformer.lora_modes.enter(layers, merge=merge)
+            if not self._is_live(entries, fit, merge):
+                self.transformer.lora_modes.enter(layers, merge=merge)
+                self._live = (entries, fit)
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
-            self.active, self._last_set, self._same_set_count = [], None, 0
+            self.active, self._last_set, self._same_set_count, self._live = [], None, 0, ([], None)
             raise
         marks.append(time.perf_counter())
         _synchronize(self.device)
@@ -131,6 +135,19 @@ class AotpackPipeline:
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
+
+    def _is_live(self, entries, fit, merge) -> bool:
+        """Whether the very same adapters (objects: a same-named file elsewhere is another), scales and fit are
+        live in a state `merge` accepts: then a request repeating its set neither unmerges and merges again nor
+        restarts the merge policy's count (`run --requests` asks for its set on every line)."""
+        live, live_fit = self._live
+        if not entries or fit != live_fit or len(entries) != len(live) or not all(
+                a is b and s == t for (a, s), (b, t) in zip(entries, live)):
+            return False
+        modes = self.transformer.lora_modes
+        if merge is None:  # the policy's: merged, or in slots and still counted
+            return modes.mode == MERGED or modes.auto.layers is not None
+        return merge and modes.mode == MERGED
 
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs). The merge policy learns how many
