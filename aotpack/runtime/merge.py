@@ -329,8 +329,11 @@ class LoRAModes:
             gains = getattr(self.transformer, "has_no_slot_programs", True)
             self.auto.track(layers if merge is None and gains else None)
             return
+        self._merge(layers, *self._merge_targets(layers))
+
+    def _merge(self, layers: dict[str, list[tuple]], weights: dict, flat: list[torch.Tensor]) -> None:
+        """Fold `layers` into `weights` (whose storages are `flat`), the originals saved first."""
         self.transformer.bank.write({})
-        weights, flat = self._merge_targets(layers)
         started = time.perf_counter()
         self.merged_layers = list(weights)
         self._restore = self._save(flat, self._keep_device(flat))  # `leave` runs it: no module lookups
@@ -356,7 +359,7 @@ class LoRAModes:
             return
         comm = getattr(self.transformer, "context_parallel", None)
         agree = comm.all_agree if comm is not None else bool
-        storages = self._merge_targets(layers)[1]
+        weights, storages = self._merge_targets(layers)
         if not agree(not storages or self._keep_device(storages) == storages[0].device):
             logger.info("not merging the LoRA set unasked: its originals would have to leave the GPU (too little "
                         "free memory here or on another rank), which makes the merge and unmerge much slower")
@@ -364,8 +367,8 @@ class LoRAModes:
         counted = self.auto.token_steps_run
         failure = None
         try:
-            self.enter(layers, merge=True)
-        except Exception as err:  # noqa: BLE001 -- enter() restored the base weights; the slots come back
+            self._merge(layers, weights, storages)  # from slots (the tracked set): nothing to leave first
+        except Exception as err:  # noqa: BLE001 -- _merge restored the base weights; the slots come back
             failure = f"{type(err).__name__}: {err}"
         if not agree(failure is None):
             logger.warning("merging the LoRA set failed (%s); it stays in slots", failure or "on another rank")

@@ -229,6 +229,6 @@ def generate(package, model: str, requests, *, gpus: int, revision: str | None =
     package_dir = locate_package(package)
     manifest = read_manifest(package_dir)
     check_world_size(manifest, gpus)
-    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    device = manifest.run_device(device)
     return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), cuda_graphs,
                   merge_policy, device=device, timeout_s=timeout_s)

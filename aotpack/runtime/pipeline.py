@@ -73,7 +73,7 @@ class AotpackPipeline:
         self.text_encoder_lora = TextEncoderLoRA(pipeline)
         self.active: list[tuple[str, float]] = []
         self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
-        self._last_set, self._same_set_count = None, 0
+        self._same_set_count = 0  # consecutive calls with the live set (auto_merge_after)
         self._live: tuple[list, str | None] = ([], None)  # the (adapter, scale) entries and fit `enter` made live
         self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
 
@@ -111,19 +111,18 @@ class AotpackPipeline:
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
         self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
-        key = tuple((adapter.name, scale) for adapter, scale in entries)
-        self._same_set_count = self._same_set_count + 1 if key == self._last_set else 1
-        self._last_set = key
+        same = self._is_live_set(entries, fit)
+        self._same_set_count = self._same_set_count + 1 if same else 1
         if self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
             merge = True  # the same set N times in a row: fold it in (see merge.py)
         marks.append(time.perf_counter())
         try:
-            if not self._is_live(entries, fit, merge):
+            if not (entries and same and self._live_mode_accepts(merge)):
                 self.transformer.lora_modes.enter(layers, merge=merge)
                 self._live = (entries, fit)
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
-            self.active, self._last_set, self._same_set_count, self._live = [], None, 0, ([], None)
+            self.active, self._same_set_count, self._live = [], 0, ([], None)
             raise
         marks.append(time.perf_counter())
         _synchronize(self.device)
@@ -136,14 +135,15 @@ class AotpackPipeline:
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
 
-    def _is_live(self, entries, fit, merge) -> bool:
-        """Whether the very same adapters (objects: a same-named file elsewhere is another), scales and fit are
-        live in a state `merge` accepts: then a request repeating its set neither unmerges and merges again nor
-        restarts the merge policy's count (`run --requests` asks for its set on every line)."""
+    def _is_live_set(self, entries, fit) -> bool:
+        """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
+        elsewhere is another adapter) with the same scales."""
         live, live_fit = self._live
-        if not entries or fit != live_fit or len(entries) != len(live) or not all(
-                a is b and s == t for (a, s), (b, t) in zip(entries, live)):
-            return False
+        return fit == live_fit and [(a.uid, s) for a, s in entries] == [(a.uid, s) for a, s in live]
+
+    def _live_mode_accepts(self, merge) -> bool:
+        """Whether the live set's mode is what `merge` asks for: then a request repeating its set neither
+        unmerges and merges again nor restarts the merge policy's count (`run --requests` asks on every line)."""
         modes = self.transformer.lora_modes
         if merge is None:  # the policy's: merged, or in slots and still counted
             return modes.mode == MERGED or modes.auto.layers is not None
@@ -205,7 +205,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
         model, recorded_revision = recorded_model(manifest)
         revision = revision or recorded_revision
     ref = parse_model_ref(model, revision)
-    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    device = manifest.run_device(device)
     policy = MergePolicy.parse(merge_policy, device)  # a bad value fails before any weight is read
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
@@ -251,7 +251,7 @@ def bind_package(transformer, package, *, device: str | None = None,
     verify_files(package_dir, manifest)
     check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
     check_attention_runs_here(manifest.attention)
-    device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+    device = manifest.run_device(device)
     prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
                         quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
@@ -280,6 +280,6 @@ class AotpackFluxTransformer:
                         device: str | None = None) -> CompiledFluxTransformer:
         package_dir = _resolve_package_dir(package)  # pulled once; bind_package takes the directory
         manifest = read_manifest(package_dir)
-        device = device or ("cuda" if manifest.device == "cuda" else "cpu")
+        device = manifest.run_device(device)
         transformer = load_transformer(parse_model_ref(model, revision), torch_dtype(manifest.dtype), device)
         return bind_package(transformer, package_dir, device=device)

@@ -88,6 +88,10 @@ class Manifest:
     def fingerprint(self) -> str:
         return self.model["fingerprint"]
 
+    def run_device(self, requested: str | None = None) -> str:
+        """`requested`, or where the package runs by default: "cuda" for GPU packages, else "cpu"."""
+        return requested or ("cuda" if self.device == "cuda" else "cpu")
+
     def slot_table(self) -> dict[str, SlotSpec]:
         return {s.name: s for s in self.slots}
 
