@@ -107,11 +107,13 @@ def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo
 
     manifest = read_manifest(fp8_package)
     assert manifest.merge_program == "merge_layers.pt2" and manifest.merge_program in manifest.files
+    # the merge by address writes through a GPU kernel: CUDA packages only (tests/test_address_merge.py)
+    assert manifest.merge_by_address_program is None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
         served = aotpack.load(fp8_package, model="tiny")
     transformer = served.transformer
-    assert transformer.compiled_merge is not None
+    assert transformer.compiled_merge is not None and transformer.address_merge is None
     inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
                                 device="cpu", generator=torch.Generator().manual_seed(2))
     lora = [(str(demo_loras["tiny-style-attn"]), 0.8)]

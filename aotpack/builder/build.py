@@ -22,6 +22,8 @@ from ..models.checkpoint import (
 )
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
+from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
+from ..models.merge_by_address import check_program as check_merge_program
 from ..models.qk_norm_rope import check_kernel_against_reference as check_qk_kernel_against_reference
 from ..models.qk_norm_rope import install_fused_qk_norm_rope
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
@@ -44,6 +46,7 @@ from ..models.slots import (
 from ..models.units import make_region
 from ..progress import Progress
 from ..recipes.recipe import Recipe, load_recipe
+from ..runtime.program import open_program
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
 from ..store.package_ref import DEFAULT_OUT
 from ..store.program_metadata import stamp_program
@@ -240,12 +243,17 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         exported = _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report)
     export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
     jobs = [(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported]
-    merge_program = None
+    merge_program = merge_by_address_program = None
     if recipe.quantization == "fp8_rowwise" and recipe.max_rank > 0:  # merged LoRA sets re-quantize rows
         merge_program = f"{MERGE_PROGRAM}.pt2"
         with report.stage(f"export {MERGE_PROGRAM}"):
             jobs.append((MERGE_PROGRAM, export_merge_layers(torch_dtype(recipe.lora_dtype), device),
                          staging / merge_program))
+        if torch.device(device).type == "cuda":  # its kernels write by address: a CUDA-only program
+            merge_by_address_program = f"{MERGE_BY_ADDRESS_PROGRAM}.pt2"
+            with report.stage(f"export {MERGE_BY_ADDRESS_PROGRAM}"):
+                jobs.append((MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address(torch_dtype(recipe.lora_dtype), device),
+                             staging / merge_by_address_program))
     workers = compile_workers or default_compile_workers(device, len(jobs))
     compile_seconds = compile_programs(jobs, workers=workers, inductor_configs=recipe.inductor_configs,
                                        attention=recipe.attention, needs_torchao=recipe.quantization != "none",
@@ -270,9 +278,15 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         attention=recipe.attention, max_rank=recipe.max_rank, slot_patterns=list(recipe.slots), slots=slot_specs,
         shapes=shapes, layout=recipe.layout, programs=programs, validation={},
         build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(), merge_program=merge_program,
+        merge_by_address_program=merge_by_address_program,
     )
     with report.stage("validate against eager diffusers"):
         manifest.validation = validate_package(staging, manifest, transformer, recipe, device, report)
+    if merge_by_address_program:
+        with report.stage(f"check {MERGE_BY_ADDRESS_PROGRAM} against the merge's math"):
+            program = open_program(staging / merge_by_address_program).instantiate(str(device))
+            manifest.validation[MERGE_BY_ADDRESS_PROGRAM] = check_merge_program(
+                program, torch_dtype(recipe.lora_dtype), device)
     manifest.build = {
         "seconds": round(time.perf_counter() - started, 1),
         "export_seconds": {k: round(v, 2) for k, v in export_seconds.items()},
@@ -285,7 +299,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     }
     for spec in programs:  # the compiled max_rank/slots/inputs travel inside each program (covered by its sha256)
         stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table())
-    manifest.files = {f: sha256_file(staging / f) for f in [p.file for p in programs] + [merge_program] if f}
+    manifest.files = {f: sha256_file(staging / f)
+                      for f in [p.file for p in programs] + [merge_program, merge_by_address_program] if f}
     manifest.write(staging)
     output.commit()  # atomic swap under out's lock; a replaced package is removed only afterwards
     size_mb = manifest.total_bytes(out) / 1e6

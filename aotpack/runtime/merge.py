@@ -26,7 +26,10 @@ from a process's first merge on, and 189-192 + 40-42 ms on a slower host, the fo
 of one shape together (tens of calls instead of 494): with the copies below (`CopyPlan`), 93.4 + 7.6 ms
 against 141.2 + 7.7 ms one layer per call in the same process, 112.1 + 9.1 ms at 2048² (benchmarks/results/2026-12-02d-h200-copyplan-kappend).
 Packages without it (or with the per-layer form, which this runtime no longer calls) take the eager
-passes below. Non-quantized weights (bf16/fp32 targets) take the products in place with `addmm_`.
+passes below. CUDA packages also carry `merge_by_address.pt2`, which `LoRAModes` takes first where it can
+(runtime/address_merge.py: 31.5 + 8 ms for the same merge and unmerge,
+benchmarks/results/2026-12-02f-h200-merge-by-address). Non-quantized weights (bf16/fp32 targets) take the
+products in place with `addmm_`.
 """
 
 from __future__ import annotations
@@ -150,6 +153,41 @@ def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     CopyPlan(dsts, srcs).run()
 
 
+def shape_groups(layers: list[tuple]) -> list[list[tuple]]:
+    """`(weight, parts)` pairs (FP8 weights) grouped by weight shape, dtype and device and by the ranks of their
+    parts, in the order the layers came: what one merge-program call can take together."""
+    groups: dict[tuple, list[tuple]] = {}
+    for weight, parts in layers:
+        key = (tuple(weight.qdata.shape), weight.qdata.dtype, weight.qdata.device, tuple(a.shape[0] for a, *_ in parts))
+        groups.setdefault(key, []).append((weight, parts))
+    return list(groups.values())
+
+
+def stacked_factors(layers: list[tuple], device, dtype: torch.dtype,
+                    rank_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(weight, parts)` layers' A `[L, R, K]` and scaled B `[L, N, R]` in `dtype`: each part stacked over the
+    layers, the parts side by side along the rank (B @ A is then the sum of the parts' scaled products), zeros
+    appended up to a multiple of `rank_multiple` (exact: they add nothing). Each B is scaled in its own dtype as
+    `torch.mul(b, scale)` would (fp32 math, one rounding)."""
+    a_parts, b_parts = [], []
+    for index in range(len(layers[0][1])):
+        parts = [parts[index] for _, parts in layers]
+        a_parts.append(torch.stack([a.to(device=device, dtype=dtype) for a, *_ in parts]))
+        bs = [b.to(device=device, dtype=dtype) for _, b, *_ in parts]
+        scales = [float(scale[0]) if scale else 1.0 for _, _, *scale in parts]
+        if any(s != 1.0 for s in scales):
+            bs = torch._foreach_mul(bs, scales)
+        b_parts.append(torch.stack(bs))
+    pad = -sum(a.shape[1] for a in a_parts) % rank_multiple
+    if pad:
+        layer_count, rows, cols = len(layers), b_parts[0].shape[1], a_parts[0].shape[2]
+        a_parts.append(torch.zeros(layer_count, pad, cols, dtype=dtype, device=device))
+        b_parts.append(torch.zeros(layer_count, rows, pad, dtype=dtype, device=device))
+    if len(a_parts) == 1:
+        return a_parts[0], b_parts[0]
+    return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2)
+
+
 class CompiledMerge:
     """The package's merge program (models/merge_rows.py, `merge_layers.pt2`) with the factor dtype it was
     exported for. Touched FP8 layers are grouped by weight shape and by the ranks of their parts; each group goes
@@ -185,33 +223,11 @@ class CompiledMerge:
     def calls(self, layers: list[tuple]) -> list[list[tuple]]:
         """`(weight, parts)` pairs cut into program calls: one shape and one list of part ranks per call, at most
         `layers_per_call` layers, in the order the layers came."""
-        groups: dict[tuple, list[tuple]] = {}
-        for weight, parts in layers:
-            key = (tuple(weight.qdata.shape), weight.qdata.dtype, weight.qdata.device,
-                   tuple(a.shape[0] for a, *_ in parts))
-            groups.setdefault(key, []).append((weight, parts))
         calls = []
-        for group in groups.values():
+        for group in shape_groups(layers):
             per_call = self.layers_per_call(group[0][0].qdata.nbytes, group[0][0].qdata.device)
             calls += [group[i:i + per_call] for i in range(0, len(group), per_call)]
         return calls
-
-    def factors(self, layers: list[tuple], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layers' A `[L, R, K]` and scaled B `[L, N, R]`: each part stacked over the layers, the parts side by
-        side along the rank (B @ A is then the sum of the parts' scaled products). Each B is scaled in its own dtype
-        as `torch.mul(b, scale)` would (fp32 math, one rounding)."""
-        a_parts, b_parts = [], []
-        for index in range(len(layers[0][1])):
-            parts = [parts[index] for _, parts in layers]
-            a_parts.append(torch.stack([a.to(device=device, dtype=self.dtype) for a, *_ in parts]))
-            bs = [b.to(device=device, dtype=self.dtype) for _, b, *_ in parts]
-            scales = [float(scale[0]) if scale else 1.0 for _, _, *scale in parts]
-            if any(s != 1.0 for s in scales):
-                bs = torch._foreach_mul(bs, scales)
-            b_parts.append(torch.stack(bs))
-        if len(a_parts) == 1:
-            return a_parts[0], b_parts[0]
-        return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2)
 
     def __call__(self, layers: list[tuple]) -> None:
         """Fold `(weight, parts)` pairs (FP8 weights) into their bound storages in place."""
@@ -223,7 +239,7 @@ class CompiledMerge:
             qdata = torch.stack([w.qdata.reshape(-1).view(word) for w in weights])
             qdata = qdata.view(qdata_dtype).view(len(weights), *weights[0].qdata.shape)
             scale = torch.stack([w.scale.view(-1, 1) for w in weights])
-            new_qdata, new_scale = self.program([qdata, scale, *self.factors(call, device)])
+            new_qdata, new_scale = self.program([qdata, scale, *stacked_factors(call, device, self.dtype)])
             copy_by_dtype([w.qdata for w in weights] + [w.scale.view(-1, 1) for w in weights],
                           [*new_qdata.unbind(0), *new_scale.unbind(0)])
 
@@ -265,7 +281,7 @@ class LoRAModes:
         self.auto = AutoMerge(policy or MergePolicy())  # merges unasked (merge_policy.py); never by default here
         self.master_device = master_device  # None: keep originals on the weights' device
         self.merged_layers: list[str] = []  # the layers folded in while MERGED
-        self._restore = CopyPlan([], [])  # copies the saved originals back into their bound storages
+        self._restore: list = []  # plans that copy the saved originals back into their bound storages
         self.last_merge_seconds: dict[str, float] = {}
         transformer.bank.before_write = self._bank_written
 
@@ -336,12 +352,24 @@ class LoRAModes:
         self.transformer.bank.write({})
         started = time.perf_counter()
         self.merged_layers = list(weights)
-        self._restore = self._save(flat, self._keep_device(flat))  # `leave` runs it: no module lookups
+        keep = self._keep_device(flat)
+        by_address = getattr(self.transformer, "address_merge", None)
+        if not flat or keep != flat[0].device:  # its save is a stack beside the weights, on their device
+            by_address = None
+        direct = [(weight, layers[name]) for name, weight in weights.items()
+                  if by_address is not None and by_address.takes(weight)]
+        taken = {id(weight) for weight, _ in direct}
+        rest = [(weight, layers[name]) for name, weight in weights.items() if id(weight) not in taken]
+        # `leave` runs these (no module lookups); all originals are saved before any weight is written
+        self._restore = [self._save([s for weight, _ in rest for s in _weight_storages(weight)], keep)]
+        if direct:
+            self._restore.append(by_address.save(direct))
         saved = time.perf_counter()
         self.mode = MERGED  # from here on `leave` restores the originals, also after a failed fold
         try:
-            fold_all([(weight, layers[name]) for name, weight in weights.items()],
-                     getattr(self.transformer, "compiled_merge", None))
+            if direct:
+                by_address.fold(self._restore[-1])
+            fold_all(rest, getattr(self.transformer, "compiled_merge", None))
         except BaseException:
             self.leave()  # no half-merged set stays behind
             raise
@@ -381,8 +409,9 @@ class LoRAModes:
     def leave(self) -> None:
         """Back to the base weights and an empty bank (from any mode)."""
         if self.mode == MERGED:
-            self._restore.run()
-            self.merged_layers, self._restore = [], CopyPlan([], [])
+            for restore in self._restore:
+                restore.run()
+            self.merged_layers, self._restore = [], []
             self.transformer.merged = False
         elif self.mode == SLOTS:
             self.transformer.bank.write({})

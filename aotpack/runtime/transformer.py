@@ -14,6 +14,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
+from ..models.merge_by_address import ALIGN_ELEMENTS
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.prepare import torch_dtype
 from ..models.regions import (
@@ -31,6 +32,7 @@ from ..models.units import make_region
 from ..store.manifest import Manifest
 from . import program as program_files
 from .lora_contract import LoraContractMixin
+from .address_merge import AddressMerge
 from .merge import CompiledMerge, LoRAModes
 from .merge_policy import MergePolicy
 from .program import CompiledProgram
@@ -124,6 +126,12 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             logger.warning("%s holds the merge program %s, which this runtime does not call (it calls %s.pt2): "
                            "merges take the slower eager passes (rebuild the package for the compiled merge)",
                            package_dir, manifest.merge_program, MERGE_PROGRAM)
+        # CUDA packages also carry the in-place merge by address (models/merge_by_address.py), taken first
+        self.address_merge = None
+        if manifest.merge_by_address_program and self._device.type == "cuda":
+            program = program_files.open_program(Path(package_dir) / manifest.merge_by_address_program)
+            self.address_merge = AddressMerge(program.instantiate(str(self._device)), torch_dtype(manifest.lora_dtype))
+            self.address_merge.warm(self._device)
         if self.compiled_merge is not None and self._device.type == "cuda":
             # each weight shape's first call of the merge program cost ~8 ms on the H200 (per-layer form: a
             # process's first merge of r64-all 201-205 ms, 97 ms after warming; probe_first_merge.py, 2026-12-02).
@@ -131,9 +139,11 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             # reserved by the allocator; a merge that is a process's first GPU work then takes 130 ms, not 165
             # (after a few steps it buys 0-6 ms; scripts/gpu/probe_load_warm.py,
             # benchmarks/results/2026-12-02d-h200-copyplan-kappend).
-            try:
-                self.compiled_merge.warm([(s.out_features, s.in_features) for s in manifest.slots], manifest.max_rank,
-                                         self._device)
+            shapes = [(s.out_features, s.in_features) for s in manifest.slots
+                      if self.address_merge is None
+                      or s.out_features % ALIGN_ELEMENTS or s.in_features % ALIGN_ELEMENTS]
+            try:  # only the shapes the merge by address leaves to it (with it, FLUX's none: ~0.1 s less load)
+                self.compiled_merge.warm(shapes, manifest.max_rank, self._device)
             except torch.cuda.OutOfMemoryError:  # a speed-up only: a merge then sizes its calls to the free memory
                 logger.warning("not enough free GPU memory to warm the merge program at load; the first merge per "
                                "weight shape will take a few ms longer")

@@ -58,14 +58,16 @@ class Manifest:
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
     merge_program: str | None = None  # FP8 packages: merge_layers.pt2 (earlier: merge_rows.pt2), the compiled merge
+    merge_by_address_program: str | None = None  # FP8 CUDA packages: merge_by_address.pt2, the in-place merge
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["slots"] = [s.to_json() for s in self.slots]
         data["programs"] = [p.to_json() for p in self.programs]
-        if data["merge_program"] is None:  # absent rather than null: older runtimes read such packages
-            del data["merge_program"]
+        for optional in ("merge_program", "merge_by_address_program"):
+            if data[optional] is None:  # absent rather than null: older runtimes read such packages
+                del data[optional]
         return {"format_version": data.pop("format_version"), **data}
 
     @classmethod

@@ -136,12 +136,13 @@ def _check_values(data: dict) -> None:
         check_relative_name(name, "manifest.files name")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise ManifestError(f"manifest.files[{name!r}] is {_show(digest)}, expected a sha256 (64 hex digits)", _FIX)
-    merge_program = data.get("merge_program")
-    if merge_program is not None:
-        check_relative_name(merge_program, "manifest.merge_program")
-        if merge_program not in data["files"]:
-            raise ManifestError(f"manifest.merge_program {merge_program!r} has no sha256 in manifest.files: it would "
-                                "load unverified code", _FIX)
+    for field in ("merge_program", "merge_by_address_program"):
+        merge_program = data.get(field)
+        if merge_program is not None:
+            check_relative_name(merge_program, f"manifest.{field}")
+            if merge_program not in data["files"]:
+                raise ManifestError(f"manifest.{field} {merge_program!r} has no sha256 in manifest.files: it would "
+                                    "load unverified code", _FIX)
     if not data["programs"]:
         raise ManifestError("manifest.programs is empty: the package has nothing to run", _FIX)
     names, files = set(), set()
