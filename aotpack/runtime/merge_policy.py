@@ -13,6 +13,10 @@ us of GPU work per token and step (1024²: 104.9 vs 90.9 ms a step with CUDA gra
 512²: 39.2 vs 33.7 over 1536; 2048²: 2.3 us). 101 ms / 3.0 us = 34k; 40k leaves room for a slow
 first merge. Only CUDA devices merge unasked (the CPU's costs were not measured), and only where the
 originals can stay on the GPU (a restore from host memory costs far more; not measured either).
+Packages with the merge by address (runtime/address_merge.py) merge + unmerge in ~40 ms of GPU time (31.5 + 8,
+benchmarks/results/2026-12-02f-h200-merge-by-address), a break-even near 14k; but `set_loras(..., merge=True)`
+took 70 + 13 ms in the same run's bench process (its host ran about twice as slow), 28k. The default stays 40k
+until short requests are measured under a lower one: a threshold too high only leaves a little speed unused.
 """
 
 from __future__ import annotations

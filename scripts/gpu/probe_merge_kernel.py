@@ -16,6 +16,9 @@ result against `merged_rows` (the program's math, eager): scales' max relative d
 weights' relative error and the share of FP8 bytes that are equal. Random FP8 weights, random r64 factors.
 
 On the GPU machine: `python3 scripts/gpu/probe_merge_kernel.py $OUT/merge_kernel.json`
+
+Built since into packages as `merge_by_address.pt2` (aotpack/models/merge_by_address.py; timed by
+scripts/gpu/probe_merge_by_address.py): 25 ms of fold for these layers, 31.5 ms with the save.
 """
 
 import json
