@@ -55,7 +55,8 @@ def tensor_at(address: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 def merge_by_address_reference(qdata_at, scale_at, saved_qdata, saved_scale, lora_a, lora_b) -> torch.Tensor:
-    """The op on CPU tensors: `merged_rows` per layer, written at the tabled addresses."""
+    """The op on CPU tensors: `merged_rows` per layer, written at the tabled addresses (which must be those of live
+    tensors of the saved shapes: the op is the runtime's, not an API)."""
     layers, rows, cols = saved_qdata.shape
     scales = torch.empty(layers, rows, dtype=torch.float32)
     for layer in range(layers):
@@ -73,15 +74,15 @@ def _merge_by_address_triton(qdata_at, scale_at, saved_qdata, saved_scale, lora_
     import triton
     from torch.library import wrap_triton
 
+    from .merge_by_address_kernels import quantize_kernel as quantize
+    from .merge_by_address_kernels import row_amax_kernel as row_amax
+
     layers, rows, cols = saved_qdata.shape
     rank = lora_a.shape[1]
     saved_qdata, saved_scale = saved_qdata.contiguous(), saved_scale.contiguous()
     lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
     amax = torch.zeros(layers, rows, dtype=torch.float32, device=saved_qdata.device)
     grid = (triton.cdiv(cols, BLOCK_COLS), triton.cdiv(rows, BLOCK_ROWS), layers)
-    from .merge_by_address_kernels import quantize_kernel as quantize
-    from .merge_by_address_kernels import row_amax_kernel as row_amax
-
     tiles = {"BN": BLOCK_ROWS, "BK": BLOCK_COLS, "RC": RANK_CHUNK, "num_warps": 4}
     sixteenths = (rows // ALIGN_ELEMENTS, cols // ALIGN_ELEMENTS, rank // RANK_CHUNK)  # the kernels' size arguments
     wrap_triton(row_amax)[grid](saved_qdata, saved_scale, lora_a, lora_b, amax, *sixteenths, **tiles)
