@@ -84,6 +84,7 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
     ('layout = "regional"', 'layout = "regional"\ngroup_lora_down = "yes"', ["group_lora_down", "'yes'", "true or false"]),
     ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = true', ["gelu_via_sigmoid", "True", "string"]),
     ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = "ff"', ["gelu_via_sigmoid", "'ff'", "feed_forward"]),
+    ('layout = "regional"', 'layout = "regional"\nmerge_by_address = 1', ["merge_by_address", "1", "true or false"]),
 ])
 def test_a_bad_value_names_the_field_the_value_and_the_file(tmp_path, old, new, expected):
     path = write_variant(tmp_path, old, new)
@@ -122,6 +123,12 @@ def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h100": path})
     with pytest.raises(RecipeError, match="differs from the file name"):
         load_recipe("h100")
+
+
+def test_the_merge_by_address_is_on_by_default_and_can_be_left_out(tmp_path):
+    assert all(load_recipe(name).merge_by_address for name in known_targets())
+    recipe = load_recipe(write_variant(tmp_path, 'layout = "regional"', 'layout = "regional"\nmerge_by_address = false'))
+    assert recipe.merge_by_address is False and recipe.to_json()["merge_by_address"] is False
 
 
 def test_fp8_attention_is_an_opt_in_attention_value(tmp_path):

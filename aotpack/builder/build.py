@@ -249,7 +249,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         with report.stage(f"export {MERGE_PROGRAM}"):
             jobs.append((MERGE_PROGRAM, export_merge_layers(torch_dtype(recipe.lora_dtype), device),
                          staging / merge_program))
-        if torch.device(device).type == "cuda":  # its kernels write by address: a CUDA-only program
+        if recipe.merge_by_address and torch.device(device).type == "cuda":  # writes by address: CUDA only
             merge_by_address_program = f"{MERGE_BY_ADDRESS_PROGRAM}.pt2"
             with report.stage(f"export {MERGE_BY_ADDRESS_PROGRAM}"):
                 jobs.append((MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address(torch_dtype(recipe.lora_dtype), device),
@@ -299,8 +299,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     }
     for spec in programs:  # the compiled max_rank/slots/inputs travel inside each program (covered by its sha256)
         stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table())
-    manifest.files = {f: sha256_file(staging / f)
-                      for f in [p.file for p in programs] + [merge_program, merge_by_address_program] if f}
+    manifest.files = {f: sha256_file(staging / f) for f in manifest.program_files()}
     manifest.write(staging)
     output.commit()  # atomic swap under out's lock; a replaced package is removed only afterwards
     size_mb = manifest.total_bytes(out) / 1e6

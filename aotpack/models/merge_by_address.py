@@ -166,5 +166,6 @@ def check_program(program, lora_dtype: torch.dtype, device) -> dict[str, float]:
         raise ValidationFailedError(
             f"the compiled {MERGE_BY_ADDRESS_PROGRAM} program disagrees with the merge's math on {device}: "
             + ", ".join(f"{k} {v:.3g} (limit {PROGRAM_LIMITS[k]})" for k, v in over.items()),
-            "report it with `aotpack doctor` output; packages built without it merge through merge_layers.pt2")
+            "set merge_by_address = false in the recipe (merges then take merge_layers.pt2, slower) and report it "
+            "with `aotpack doctor` output")
     return errors

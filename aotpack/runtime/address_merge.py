@@ -65,6 +65,11 @@ class AddressMerge:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
+    def takes_shape(rows: int, cols: int) -> bool:
+        """Whether the kernels take a weight of `rows` x `cols`: both multiples of 16 (FLUX's are)."""
+        return rows % ALIGN_ELEMENTS == 0 and cols % ALIGN_ELEMENTS == 0
+
+    @staticmethod
     def takes(weight) -> bool:
         """Whether the program can merge `weight`: FP8 e4m3 row-wise, contiguous, one fp32 scale per row, rows and
         columns multiples of 16, storages 16-byte aligned (what the kernels assume)."""
@@ -72,7 +77,7 @@ class AddressMerge:
         return (qdata is not None and scale is not None and qdata.dtype == torch.float8_e4m3fn and qdata.dim() == 2
                 and qdata.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
                 and scale.numel() == qdata.shape[0] and qdata.data_ptr() % 16 == 0 and scale.data_ptr() % 16 == 0
-                and all(size % ALIGN_ELEMENTS == 0 for size in qdata.shape))
+                and AddressMerge.takes_shape(*qdata.shape))
 
     def _address_tables(self, layers: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 tables of the layers' qdata and scale addresses on their device. Bound storages never move (the

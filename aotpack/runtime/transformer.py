@@ -14,7 +14,6 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
-from ..models.merge_by_address import ALIGN_ELEMENTS
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.prepare import torch_dtype
 from ..models.regions import (
@@ -139,9 +138,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             # reserved by the allocator; a merge that is a process's first GPU work then takes 130 ms, not 165
             # (after a few steps it buys 0-6 ms; scripts/gpu/probe_load_warm.py,
             # benchmarks/results/2026-12-02d-h200-copyplan-kappend).
+            by_address = self.address_merge
             shapes = [(s.out_features, s.in_features) for s in manifest.slots
-                      if self.address_merge is None
-                      or s.out_features % ALIGN_ELEMENTS or s.in_features % ALIGN_ELEMENTS]
+                      if by_address is None or not by_address.takes_shape(s.out_features, s.in_features)]
             try:  # only the shapes the merge by address leaves to it (with it, FLUX's none: ~0.1 s less load)
                 self.compiled_merge.warm(shapes, manifest.max_rank, self._device)
             except torch.cuda.OutOfMemoryError:  # a speed-up only: a merge then sizes its calls to the free memory

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ManifestError, PackageIntegrityError
 from ..models.slots import SlotSpec
-from .manifest_schema import FORMAT_VERSION, check_manifest_data, check_relative_name
+from .manifest_schema import FORMAT_VERSION, OPTIONAL_PROGRAM_FIELDS, check_manifest_data, check_relative_name
 
 MANIFEST_NAME = "manifest.json"
 
@@ -65,7 +65,7 @@ class Manifest:
         data = dataclasses.asdict(self)
         data["slots"] = [s.to_json() for s in self.slots]
         data["programs"] = [p.to_json() for p in self.programs]
-        for optional in ("merge_program", "merge_by_address_program"):
+        for optional in OPTIONAL_PROGRAM_FIELDS:
             if data[optional] is None:  # absent rather than null: older runtimes read such packages
                 del data[optional]
         return {"format_version": data.pop("format_version"), **data}
@@ -93,6 +93,11 @@ class Manifest:
     def run_device(self, requested: str | None = None) -> str:
         """`requested`, or where the package runs by default: "cuda" for GPU packages, else "cpu"."""
         return requested or ("cuda" if self.device == "cuda" else "cpu")
+
+    def program_files(self) -> list[str]:
+        """Every compiled program file the package holds: its block programs and the extra ones it names."""
+        extra = [getattr(self, field) for field in OPTIONAL_PROGRAM_FIELDS]
+        return [p.file for p in self.programs] + [name for name in extra if name]
 
     def slot_table(self) -> dict[str, SlotSpec]:
         return {s.name: s for s in self.slots}

@@ -17,6 +17,8 @@ from ..errors import ManifestError
 
 FORMAT_VERSION = 1  # of manifest.json; a reader refuses other versions with the fix
 
+# manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
+OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
 _FIX = "rebuild the package with `aotpack build` (or pull it again); do not edit manifest.json by hand"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Fields with a dataclass default that must still be present in a manifest file.
@@ -136,12 +138,12 @@ def _check_values(data: dict) -> None:
         check_relative_name(name, "manifest.files name")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise ManifestError(f"manifest.files[{name!r}] is {_show(digest)}, expected a sha256 (64 hex digits)", _FIX)
-    for field in ("merge_program", "merge_by_address_program"):
-        merge_program = data.get(field)
-        if merge_program is not None:
-            check_relative_name(merge_program, f"manifest.{field}")
-            if merge_program not in data["files"]:
-                raise ManifestError(f"manifest.{field} {merge_program!r} has no sha256 in manifest.files: it would "
+    for field in OPTIONAL_PROGRAM_FIELDS:
+        program = data.get(field)
+        if program is not None:
+            check_relative_name(program, f"manifest.{field}")
+            if program not in data["files"]:
+                raise ManifestError(f"manifest.{field} {program!r} has no sha256 in manifest.files: it would "
                                     "load unverified code", _FIX)
     if not data["programs"]:
         raise ManifestError("manifest.programs is empty: the package has nothing to run", _FIX)
