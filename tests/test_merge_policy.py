@@ -79,6 +79,23 @@ def test_short_images_of_one_set_merge_once_their_steps_add_up(served_tiny, demo
     assert modes.mode == SLOTS and modes.auto.token_steps_run == 0
 
 
+def test_a_set_pinned_in_slots_is_not_rewritten_per_request_unless_the_bank_changed(served_tiny, demo_loras,
+                                                                                      with_policy):
+    """`merge=False` repeated with the same set leaves the bank as it is (no rewrite per request); a write of the
+    bank from outside (diffusers' LoRA calls write it too) makes the next repeat write the set again."""
+    modes = with_policy(MergePolicy())
+    lora = [(demo_loras["tiny-style-mlp"], 1.0)]
+    served_tiny.set_loras(lora, merge=False)
+    pinned = _latents(served_tiny)
+    writes = modes.bank_writes
+    served_tiny.set_loras(lora, merge=False)
+    assert modes.bank_writes == writes and modes.mode == SLOTS  # repeated: nothing written
+    served_tiny.transformer.bank.write({})  # from outside: the slots are empty now
+    served_tiny.set_loras(lora, merge=False)
+    assert modes.bank_writes == writes + 2 and modes.mode == SLOTS  # written again
+    assert torch.equal(_latents(served_tiny), pinned)
+
+
 def test_a_same_named_file_elsewhere_is_another_set(served_tiny, demo_loras, with_policy, tmp_path):
     import shutil
 

@@ -283,10 +283,12 @@ class LoRAModes:
         self.merged_layers: list[str] = []  # the layers folded in while MERGED
         self._restore: list = []  # plans that copy the saved originals back into their bound storages
         self.last_merge_seconds: dict[str, float] = {}
+        self.bank_writes = 0  # every write of the slot bank, ours and diffusers' (what set_loras's repeat check reads)
         transformer.bank.before_write = self._bank_written
 
     def _bank_written(self) -> None:
         """Someone writes the slot bank directly (diffusers' LoRA calls): leave a merged set first."""
+        self.bank_writes += 1
         if self.mode == MERGED:
             self.leave()
         self.mode = SLOTS

@@ -26,7 +26,7 @@ from ..models.checkpoint import (
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
-from .merge import MERGED
+from .merge import MERGED, SLOTS
 from .merge_policy import MergePolicy
 from .requests import check_scale
 from .transformer import CompiledFluxTransformer
@@ -74,7 +74,8 @@ class AotpackPipeline:
         self.active: list[tuple[str, float]] = []
         self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
         self._same_set_count = 0  # consecutive calls with the live set (auto_merge_after)
-        self._live: tuple[list, str | None] = ([], None)  # the (adapter, scale) entries and fit `enter` made live
+        # the (adapter, scale) entries and fit `enter` made live, and the bank's write count right after
+        self._live: tuple[list, str | None, int] = ([], None, -1)
         self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
 
     @property
@@ -119,10 +120,10 @@ class AotpackPipeline:
         try:
             if not (entries and same and self._live_mode_accepts(merge)):
                 self.transformer.lora_modes.enter(layers, merge=merge)
-                self._live = (entries, fit)
+                self._live = (entries, fit, self.transformer.lora_modes.bank_writes)
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
-            self.active, self._same_set_count, self._live = [], 0, ([], None)
+            self.active, self._same_set_count, self._live = [], 0, ([], None, -1)
             raise
         marks.append(time.perf_counter())
         _synchronize(self.device)
@@ -138,7 +139,7 @@ class AotpackPipeline:
     def _is_live_set(self, entries, fit) -> bool:
         """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
         elsewhere is another adapter) with the same scales."""
-        live, live_fit = self._live
+        live, live_fit, _ = self._live
         return fit == live_fit and [(a.uid, s) for a, s in entries] == [(a.uid, s) for a, s in live]
 
     def _live_mode_accepts(self, merge) -> bool:
@@ -147,7 +148,10 @@ class AotpackPipeline:
         modes = self.transformer.lora_modes
         if merge is None:  # the policy's: merged, or in slots and still counted
             return modes.mode == MERGED or modes.auto.layers is not None
-        return merge and modes.mode == MERGED
+        if merge:
+            return modes.mode == MERGED
+        # pinned in slots, the bank as `enter` left it (diffusers' LoRA calls write it too): no rewrite per request
+        return modes.mode == SLOTS and modes.auto.layers is None and modes.bank_writes == self._live[2]
 
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs). The merge policy learns how many
