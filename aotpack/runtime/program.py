@@ -10,7 +10,6 @@ own constants and, on CUDA, its own kernel handles), with the weights bound user
 from __future__ import annotations
 
 import json
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import PackageIntegrityError, PackageMismatchError
+from .unpack_folders import UnpackFolder
 
 
 def _unpack(package_path: Path, into: Path) -> Path:
@@ -57,13 +57,14 @@ def _compiled_device(shared_object: Path) -> str:
 class ProgramFile:
     """One unpacked `.pt2`; `instantiate()` opens a new runner over its shared object.
 
-    The folder lives as long as this object: CUDA runners load their kernels from it lazily.
+    The folder lives as long as this object: CUDA runners load their kernels from it lazily. A killed process
+    leaves it behind; the next load removes it (unpack_folders.py).
     """
 
     def __init__(self, package_path: Path):
         self.path = Path(package_path)
-        self._folder = tempfile.TemporaryDirectory(prefix=f"aotpack-{self.path.stem}-")
-        self.shared_object = _unpack(self.path, Path(self._folder.name))
+        self._folder = UnpackFolder(self.path.stem)
+        self.shared_object = _unpack(self.path, self._folder.path)
         self.compiled_for = _compiled_device(self.shared_object)
 
     def instantiate(self, device: str) -> "CompiledProgram":
