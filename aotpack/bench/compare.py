@@ -90,9 +90,10 @@ def eager_peft(name: str, dtype, device, inputs: dict, loras: dict, request: dic
     return result, output
 
 
-def recipe_transformer(name: str, dtype, device, lora) -> torch.nn.Module:
+def recipe_transformer(name: str, dtype, device, lora, compile_mode: str | None = None) -> torch.nn.Module:
     """The published fast recipe, set up: torchao FP8 row-wise (on a GPU) + PEFT hotswap with the first
-    LoRA + `compile_repeated_blocks(fullgraph=True)`. Compiling happens at the first call."""
+    LoRA + `compile_repeated_blocks(fullgraph=True)`. Compiling happens at the first call. `compile_mode`
+    is torch.compile's `mode` (None: its default; "reduce-overhead" adds CUDA graphs per compiled block)."""
     model = make_transformer(name, dtype, device)
     if torch.device(device).type == "cuda":
         from torchao.quantization import (
@@ -104,7 +105,7 @@ def recipe_transformer(name: str, dtype, device, lora) -> torch.nn.Module:
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     model.enable_lora_hotswap(target_rank=64)  # the largest rank swapped in later
     model.load_lora_adapter(str(lora), adapter_name="default_0", prefix="transformer")
-    model.compile_repeated_blocks(fullgraph=True)
+    model.compile_repeated_blocks(fullgraph=True, **({"mode": compile_mode} if compile_mode else {}))
     return model
 
 

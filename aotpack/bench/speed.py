@@ -266,16 +266,18 @@ def requantization_matches_torchao(value: torch.Tensor, float8_dtype, kernel_pre
                 and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
 
 
-def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size, sweep: dict | None = None) -> dict:
-    """The published recipe (compare.recipe_transformer). Its base output runs the same model with the
-    LoRA disabled under `force_eager` (no recompile); the fidelity thus includes compile-vs-eager noise."""
+def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size, sweep: dict | None = None,
+           compile_mode: str | None = None) -> dict:
+    """The published recipe (compare.recipe_transformer, torch.compile `compile_mode`). Its base output runs the
+    same model with the LoRA disabled under `force_eager` (no recompile); the fidelity thus includes
+    compile-vs-eager noise."""
     torch._dynamo.reset()
     reset_peak_memory(device)
     started = time.perf_counter()
-    model = recipe_transformer(name, dtype, device, loras[LORA])
+    model = recipe_transformer(name, dtype, device, loras[LORA], compile_mode)
     first = next(iter(workloads))
     _out(model, workloads[first])
-    result = {"setup_to_first_output_seconds": time.perf_counter() - started}
+    result = {"setup_to_first_output_seconds": time.perf_counter() - started, "compile_mode": compile_mode}
     base_outputs = {}
     model.disable_lora()
     with torch.compiler.set_stance("force_eager"):
@@ -295,7 +297,7 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size,
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
         repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1,
-        fidelity_stds=()) -> dict:
+        fidelity_stds=(), recipe_compile_mode: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "speed.json")
     ref = parse_model_ref(model)
@@ -318,7 +320,7 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     if not skip_recipe:
         try:
             report["recipe"] = _strip(recipe(ref.location, dtype, device, workloads, loras, refs, repeats,
-                                             breakdown_size, sweep))
+                                             breakdown_size, sweep, recipe_compile_mode))
         except Exception as err:  # noqa: BLE001 -- recorded; aotpack's figures stand on their own
             report["recipe"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     (out / "speed.md").write_text(markdown(report.data))
@@ -395,7 +397,8 @@ def markdown(data: dict) -> str:
                   + " (relative L2); fidelity errors mean little where this is not well above the FP8 error.", ""]
     lines += [("| size | mode | step ms | vs recipe | rel. error vs eager | LoRA fidelity error | effect strength "
                "| programs |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    modes = [("eager bf16 + PEFT", None), ("recipe (FP8 + hotswap + compile)", recipe_data),
+    mode_note = f", {recipe_data['compile_mode']}" if (recipe_data or {}).get("compile_mode") else ""
+    modes = [("eager bf16 + PEFT", None), (f"recipe (FP8 + hotswap + compile{mode_note})", recipe_data),
              ("aotpack slots r64", ours.get("slots")), ("aotpack no LoRA", ours.get("no_lora")),
              ("aotpack merged r64", ours.get("merged"))]
     for size in setup["sizes"]:
@@ -491,6 +494,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fidelity-stds", default="",
                         help="comma-separated LoRA factor stds for a fidelity sweep at the first size (same LoRA "
                              "direction, growing effect), e.g. 0.25,0.4")
+    parser.add_argument("--recipe-compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        default="default", help="torch.compile mode of the recipe (reduce-overhead: CUDA graphs)")
     parser.add_argument("--build-json", type=Path, help="a JSON file with build facts to record (seconds, MB)")
     args = parser.parse_args(argv)
     import json
@@ -499,7 +504,8 @@ def main(argv=None) -> None:
     run(args.package, args.model, args.out, sizes=[int(s) for s in args.sizes.split(",")], text_tokens=args.text_tokens,
         lora_dir=args.lora_dir, skip_recipe=args.skip_recipe, repeats=args.repeats, build=build,
         lora_std=args.lora_std, batch=args.batch,
-        fidelity_stds=[float(s) for s in args.fidelity_stds.split(",") if s])
+        fidelity_stds=[float(s) for s in args.fidelity_stds.split(",") if s],
+        recipe_compile_mode=None if args.recipe_compile_mode == "default" else args.recipe_compile_mode)
 
 
 if __name__ == "__main__":
