@@ -3,20 +3,19 @@
 A merge is a fixed cost, slots a cost per token and step, so the policy counts token-steps: steps x
 (image + text tokens) x batch that the set has run in slots plus those its current pipeline call is
 about to run. Once that reaches `after_token_steps`, the set is merged before the next step (ski
-rental with a look ahead: a 28-step 1024² image merges before its first step, a stream of 4-step
-images after two of them).
+rental with a look ahead: a 4-step 1024² image merges before its first step, a stream of 2-step 1024²
+images of one set in the second).
 
-The default (`AUTO_TOKEN_STEPS`) is the break-even measured on the H200 (random weights, FLUX.1-dev
-size, r64 on all 494 block linears, 2026-12-02, benchmarks/results/2026-12-02d-h200-copyplan-kappend):
-merge + unmerge 101 ms (93.4 + 7.6; 137.5 when the merge is a process's first GPU work), slots 3.0-3.6
-us of GPU work per token and step (1024²: 104.9 vs 90.9 ms a step with CUDA graphs over 4608 tokens;
-512²: 39.2 vs 33.7 over 1536; 2048²: 2.3 us). 101 ms / 3.0 us = 34k; 40k leaves room for a slow
-first merge. Only CUDA devices merge unasked (the CPU's costs were not measured), and only where the
-originals can stay on the GPU (a restore from host memory costs far more; not measured either).
-Packages with the merge by address (runtime/address_merge.py) merge + unmerge in ~40 ms of GPU time (31.5 + 8,
-benchmarks/results/2026-12-02f-h200-merge-by-address), a break-even near 14k; but `set_loras(..., merge=True)`
-took 70 + 13 ms in the same run's bench process (its host ran about twice as slow), 28k. The default stays 40k
-until short requests are measured under a lower one: a threshold too high only leaves a little speed unused.
+The default (`AUTO_TOKEN_STEPS`) comes from whole short requests measured on the H200 (switch in, N steps,
+switch out; random weights, FLUX.1-dev size, r64 on all 494 block linears, merge by address; 2026-12-02 18:13 UTC,
+`scripts/gpu/probe_short_requests.py`, benchmarks/results/2026-12-02g-h200-short-requests). Merged costs a fixed
+~44 ms a request over no LoRA (merge 35 + unmerge 8 ms), slots ~3.0 us per token and step at 1024² (14.0 ms a step
+over 4608 tokens) and ~5.0 us at 512² (7.65 ms over 1536). Merging first was 1.0 ms slower at 1024² x 3 steps
+(13.8k token-steps) and 14.9 ms faster at x 4 (18.4k); 9.0 ms slower at 512² x 4 (6.1k) and 5.9 ms faster at x 6
+(9.2k): break-even ~14.5k at 1024², ~9k at 512². 12k keeps the loss on either side under ~15 ms a request. Only
+CUDA devices merge unasked (the CPU's costs were not measured), and only where the originals can stay on the GPU
+(a restore from host memory costs far more; not measured either). A process's first merge costs ~30 ms more (the
+allocator grows by the originals' stack: 66.5 vs 36.5 ms in the same bench process).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from ..errors import UnsupportedCallError
 
 logger = logging.getLogger(__name__)
 
-AUTO_TOKEN_STEPS = 40_000
+AUTO_TOKEN_STEPS = 12_000
 POLICY_NAMES = ("auto", "never", "always")
 
 
