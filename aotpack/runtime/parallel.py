@@ -17,7 +17,6 @@ import datetime
 import os
 import pickle
 import socket
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from ..errors import AotpackError, PackageMismatchError
 from ..models.split_regions import valid_world_sizes
+from .process_folders import ProcessFolder
 from .ulysses import Ulysses
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("AOTPACK_PARALLEL_TIMEOUT_S", "300"))
@@ -121,7 +121,7 @@ def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float
     if device == "cuda" and torch.cuda.device_count() < world_size:
         raise AotpackError(f"{world_size} GPUs asked for, {torch.cuda.device_count()} visible",
                            f"pass --gpus {max(1, torch.cuda.device_count())} or fewer")
-    with tempfile.TemporaryDirectory(prefix="aotpack-ranks-") as folder:
+    with ProcessFolder("parallel-run") as folder:  # removed by a later run if this process is killed
         try:
             mp.start_processes(_rank_main, nprocs=world_size, join=True, start_method="spawn",
                                args=(world_size, _free_port(), device, timeout_s, folder, target, args))

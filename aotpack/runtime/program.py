@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import PackageIntegrityError, PackageMismatchError
-from .unpack_folders import UnpackFolder
+from .process_folders import ProcessFolder
 
 
 def _unpack(package_path: Path, into: Path) -> Path:
@@ -58,12 +58,12 @@ class ProgramFile:
     """One unpacked `.pt2`; `instantiate()` opens a new runner over its shared object.
 
     The folder lives as long as this object: CUDA runners load their kernels from it lazily. A killed process
-    leaves it behind; the next load removes it (unpack_folders.py).
+    leaves it behind; the next load removes it (process_folders.py).
     """
 
     def __init__(self, package_path: Path):
         self.path = Path(package_path)
-        self._folder = UnpackFolder(self.path.stem)
+        self._folder = ProcessFolder("programs", self.path.stem)
         self.shared_object = _unpack(self.path, self._folder.path)
         self.compiled_for = _compiled_device(self.shared_object)
 

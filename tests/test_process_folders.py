@@ -1,4 +1,4 @@
-"""Program folders left by killed processes are removed by the next load; live ones never are."""
+"""Folders left by killed processes (programs, context-parallel runs) are removed by the next one; live ones never are."""
 
 import os
 import signal
@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 
-from aotpack.runtime.unpack_folders import LOCK_NAME, PREFIX, UnpackFolder, remove_orphans
+from aotpack.runtime.process_folders import LOCK_NAME, ProcessFolder, prefix, remove_orphans
+
+PREFIX = prefix("programs")
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from aotpack.runtime.unpack_folders import UnpackFolder
-    folder = UnpackFolder("held", root=sys.argv[1])
+    from aotpack.runtime.process_folders import ProcessFolder
+    folder = ProcessFolder("programs", "held", root=sys.argv[1])
     (folder.path / "kernel.cubin").write_bytes(b"x" * 1024)
     print(folder.path, flush=True)
     time.sleep(600)
@@ -33,24 +35,28 @@ def test_killed_owner_folder_removed_live_ones_kept(tmp_path):
     try:
         killed.send_signal(signal.SIGKILL)  # no finalizer runs: its folder stays behind
         killed.wait(30)
-        mine = UnpackFolder("mine", root=tmp_path)  # sweeps first: the killed process's folder goes
+        mine = ProcessFolder("programs", "mine", root=tmp_path)  # sweeps first: the killed process's folder goes
         assert _folders(tmp_path) == sorted([os.path.basename(alive_folder), mine.path.name])
         assert not os.path.exists(killed_folder)
-        assert remove_orphans(tmp_path) == []  # this process's own folder is locked too (flock per open file)
+        assert remove_orphans("programs", tmp_path) == []  # this process's own folder is locked too (flock per open file)
         # a folder that never got its lock file (its process died while making it) goes only once it is old
         young = tmp_path / f"{PREFIX}young-x"
         young.mkdir()
         old = tmp_path / f"{PREFIX}old-x"
         old.mkdir()
         os.utime(old, (0, 0))
-        assert remove_orphans(tmp_path) == [old]
+        assert remove_orphans("programs", tmp_path) == [old]
         assert young.exists() and os.path.exists(alive_folder) and (mine.path / LOCK_NAME).exists()
+        other_kind = tmp_path / f"{prefix('parallel-run')}x"  # another kind's folders are that kind's to sweep
+        other_kind.mkdir()
+        os.utime(other_kind, (0, 0))
+        assert remove_orphans("programs", tmp_path) == [] and other_kind.exists()
         mine.cleanup()
         assert not mine.path.exists()
     finally:
         alive.kill()
         alive.wait(30)
-    assert [p.name for p in remove_orphans(tmp_path)] == [os.path.basename(alive_folder)]
+    assert [p.name for p in remove_orphans("programs", tmp_path)] == [os.path.basename(alive_folder)]
 
 
 def test_a_load_after_a_killed_server_leaves_no_program_folders(tiny_package, tmp_path):
