@@ -27,6 +27,9 @@ UNLOCKED_GRACE_S = 3600  # a folder without its lock file yet may be one being m
 # which a sweep must not take for orphans.
 
 
+_swept: set[tuple] = set()
+
+
 def prefix(kind: str) -> str:
     """The name every folder of `kind` starts with ("programs": `aotpack-programs-`)."""
     return f"aotpack-{kind}-"
@@ -37,7 +40,9 @@ class ProcessFolder:
     `cleanup()` (or the end of its `with`) or exit."""
 
     def __init__(self, kind: str, label: str = "", root: str | Path | None = None):
-        remove_orphans(kind, root)
+        if (kind, root) not in _swept:  # once per process and place: a load opens one folder per program
+            _swept.add((kind, root))
+            remove_orphans(kind, root)
         self._folder = tempfile.TemporaryDirectory(prefix=prefix(kind) + (f"{label}-" if label else ""), dir=root)
         self.path = Path(self._folder.name)
         self._lock = open(self.path / LOCK_NAME, "w")  # noqa: SIM115 -- held open for the folder's lifetime
