@@ -23,15 +23,13 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".owner.lock"
 UNLOCKED_GRACE_S = 3600  # a folder without its lock file yet may be one being made right now: only older ones go
-# Kinds are named apart from the folders of aotpack versions without locks (`aotpack-<program>-`, `aotpack-ranks-`),
-# which a sweep must not take for orphans.
-
-
-_swept: set[tuple] = set()
+_swept: set[tuple] = set()  # (kind, root) swept by this process
 
 
 def prefix(kind: str) -> str:
-    """The name every folder of `kind` starts with ("programs": `aotpack-programs-`)."""
+    """The name every folder of `kind` starts with ("programs": `aotpack-programs-`). Kinds are named apart from the
+    folders of aotpack versions without locks (`aotpack-<program>-`, `aotpack-ranks-`): a sweep must not take a
+    live one of those for an orphan."""
     return f"aotpack-{kind}-"
 
 
