@@ -26,11 +26,11 @@ from .fidelity import effect_strength, lora_effect_error
 from .loras import write_bench_loras
 from .timing import (
     CATEGORIES,
-    Stopwatch,
     bench_device,
     kernel_breakdown,
     peak_memory_gb,
     reset_peak_memory,
+    synced_ms,
     time_ms,
 )
 
@@ -113,12 +113,6 @@ def _mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size,
     return result
 
 
-def _timed(device, fn) -> float:
-    with Stopwatch(device) as watch:
-        fn()
-    return watch.seconds * 1000
-
-
 def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, breakdown_size,
                   sweep: dict | None = None) -> dict:
     import aotpack
@@ -140,36 +134,36 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
     served.set_loras([(loras["r16-attn"], 1.0)])
     for _ in range(4):
         for name, entries in (("r16-attn", [(loras["r16-attn"], 1.0)]), (LORA, lora), ("none", [])):
-            switches[name].append(_timed(device, lambda e=entries: served.set_loras(e)))
+            switches[name].append(synced_ms(lambda e=entries: served.set_loras(e), device))
     result["cached_switch_ms"] = {name: {"first": ms[0], "later_median": sorted(ms[1:])[len(ms[1:]) // 2],
                                          "all": ms} for name, ms in switches.items()}
 
     merge = {}
     try:
-        merge["merge_ms"] = _timed(device, lambda: served.set_loras(lora, merge=True))
+        merge["merge_ms"] = synced_ms(lambda: served.set_loras(lora, merge=True), device)
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
         merge["host_seconds"] = dict(served.transformer.lora_modes.last_merge_seconds)  # save / fold phases
         # merge_layers.pt2 (layers of one shape per call) or the eager passes (the torchao check below is theirs)
         compiled = getattr(served.transformer, "compiled_merge", None)
         merge["compiled_merge"] = compiled is not None
         result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
-        merge["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
+        merge["unmerge_ms"] = synced_ms(lambda: served.set_loras([]), device)
         first = next(iter(workloads))
         merge["base_output_bit_identical_after_unmerge"] = bool(
             torch.equal(_out(served.transformer, workloads[first]), base_outputs[first]))
-        again = _timed(device, lambda: served.set_loras(lora, merge=True))  # allocator warm
+        again = synced_ms(lambda: served.set_loras(lora, merge=True), device)  # allocator warm
         merge["second"] = {"merge_ms": again, "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds),
-                           "unmerge_ms": _timed(device, lambda: served.set_loras([]))}
+                           "unmerge_ms": synced_ms(lambda: served.set_loras([]), device)}
         merge["requantization_equals_torchao_from_hp"] = _requantization_matches_torchao(served.transformer)
         if compiled is not None:  # the lever: one layer per program call (the earlier form) in the same process
             merged_output = result["merged"]["sizes"][first]["_output"]
             default_bytes, compiled.call_bytes = compiled.call_bytes, 0
             try:
-                per_layer = {"merge_ms": _timed(device, lambda: served.set_loras(lora, merge=True)),
+                per_layer = {"merge_ms": synced_ms(lambda: served.set_loras(lora, merge=True), device),
                              "host_seconds": dict(served.transformer.lora_modes.last_merge_seconds)}
                 per_layer["output_bit_identical_to_batched"] = bool(
                     torch.equal(_out(served.transformer, workloads[first]), merged_output))
-                per_layer["unmerge_ms"] = _timed(device, lambda: served.set_loras([]))
+                per_layer["unmerge_ms"] = synced_ms(lambda: served.set_loras([]), device)
             finally:
                 compiled.call_bytes = default_bytes
             merge["one_layer_per_call"] = per_layer

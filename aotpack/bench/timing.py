@@ -59,6 +59,13 @@ class Stopwatch:
         return False
 
 
+def synced_ms(fn, device) -> float:
+    """Milliseconds of one `fn()` call, the device synchronized at both ends (a switch, a merge, a whole image)."""
+    with Stopwatch(device) as watch:
+        fn()
+    return watch.seconds * 1000
+
+
 def peak_memory_gb(device) -> float | None:
     if torch.device(device).type != "cuda":
         return None

@@ -18,7 +18,7 @@ import aotpack
 from aotpack.bench import images
 from aotpack.bench.compare import shared_workload
 from aotpack.bench.loras import write_bench_loras
-from aotpack.bench.timing import Stopwatch
+from aotpack.bench.timing import synced_ms
 from aotpack.models.checkpoint import load_transformer_config, parse_model_ref
 
 MODEL = os.environ.get("MODEL", "random:flux-dev")  # MODEL=tiny for a CPU smoke test of the script
@@ -28,9 +28,7 @@ TEXT_TOKENS = int(os.environ.get("TEXT_TOKENS", "512"))
 
 
 def timed_ms(fn) -> float:
-    with Stopwatch(DEVICE) as watch:
-        fn()
-    return round(watch.seconds * 1000, 2)
+    return round(synced_ms(fn, DEVICE), 2)
 
 
 def main(package, path, sizes):

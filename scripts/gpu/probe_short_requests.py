@@ -27,7 +27,7 @@ import aotpack.runtime.pipeline as pipeline_module
 from aotpack.bench import images
 from aotpack.bench.compare import shared_workload
 from aotpack.bench.loras import write_bench_loras
-from aotpack.bench.timing import Stopwatch
+from aotpack.bench.timing import synced_ms
 from aotpack.models.checkpoint import load_transformer_config, parse_model_ref
 
 MODEL = os.environ.get("MODEL", "random:flux-dev")
@@ -39,9 +39,7 @@ REPEATS = int(os.environ.get("REPEATS", "3"))
 
 
 def timed_ms(fn) -> float:
-    with Stopwatch(DEVICE) as watch:
-        fn()
-    return round(watch.seconds * 1000, 2)
+    return round(synced_ms(fn, DEVICE), 2)
 
 
 def wrap_timers(served) -> dict:
