@@ -18,14 +18,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10) -> dict:
-    """Median/min/max milliseconds of `fn()` over `repeats` runs after `warmup` runs."""
+def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10, before=None) -> dict:
+    """Median/min/max milliseconds of `fn()` over `repeats` runs after `warmup` runs; `before()`, untimed, ahead of
+    each (a reset of what `fn` changes)."""
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
     synchronize(device)
     samples = []
     cuda = torch.device(device).type == "cuda"
     for _ in range(repeats):
+        if before is not None:
+            before()
+            synchronize(device)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
