@@ -1,7 +1,8 @@
 """The merge by address (runtime/address_merge.py + models/merge_by_address.py) on the CPU: the runtime's side,
 with the op's reference body as the program (its CUDA kernels are checked against the same math by every GPU build,
 `check_program`). Each weight ends up as `merged_rows` of its own originals and factors, bit for bit, in the very
-same storages; the unmerge restores them bit for bit; a failure midway restores every weight."""
+same storages; the originals it returns are exact and the unmerge restores them bit for bit; a failure midway
+restores every weight."""
 
 from __future__ import annotations
 
@@ -49,20 +50,24 @@ def _expected(weight_originals, parts):
 
 def test_program_reference_writes_merged_rows_at_the_tabled_addresses():
     errors = program_errors(_eager_program(), torch.bfloat16, "cpu", layers=2, rows=32, cols=48, rank=16)
-    assert errors == {"scale_max_rel_diff": 0.0, "value_rel_error": 0.0, "fp8_bytes_differing": 0.0}
-    # and it does write: a table pointing at other storages leaves the first ones alone
+    assert errors == {"scale_max_rel_diff": 0.0, "value_rel_error": 0.0, "fp8_bytes_differing": 0.0,
+                      "saved_differing": 0.0}
+    # it reads and writes the tabled storages only, and returns what it overwrote
     generator = torch.Generator().manual_seed(1)
     weight = _fp8_weight(16, 32, generator)
     before = weight.qdata.clone()
     other = _fp8_weight(16, 32, generator)
+    other_before = (other.qdata.clone(), other.scale.clone())
     a = torch.randn(1, 16, 32, generator=generator).bfloat16()
     b = torch.randn(1, 16, 16, generator=generator).bfloat16()
     tables = torch.tensor([other.qdata.data_ptr()]), torch.tensor([other.scale.data_ptr()])
-    returned = merge_by_address_reference(*tables, weight.qdata[None], weight.scale.view(1, 16), a, b)
+    saved_qdata, saved_scale, new_scale = merge_by_address_reference(*tables, a, b)
     assert torch.equal(weight.qdata.view(torch.uint8), before.view(torch.uint8))
-    expected_qdata, expected_scale = merged_rows(weight.qdata, weight.scale, a[0], b[0])
+    expected_qdata, expected_scale = merged_rows(*other_before, a[0], b[0])
     assert torch.equal(other.qdata.view(torch.uint8), expected_qdata.view(torch.uint8))
-    assert torch.equal(other.scale, expected_scale) and torch.equal(returned[0], expected_scale.view(16))
+    assert torch.equal(other.scale, expected_scale) and torch.equal(new_scale[0], expected_scale.view(16))
+    assert torch.equal(saved_qdata[0].view(torch.uint8), other_before[0].view(torch.uint8))
+    assert torch.equal(saved_scale[0], other_before[1].view(16))
 
 
 def test_address_merge_groups_pads_and_writes_in_place_then_restores_bit_for_bit():
@@ -78,9 +83,10 @@ def test_address_merge_groups_pads_and_writes_in_place_then_restores_bit_for_bit
     assert all(merge.takes(w) for w, _ in layers)
     saved = merge.save(layers)
     merge.fold(saved)
-    # one call per (shape, part ranks) group; ranks padded to multiples of 16
-    assert [tuple(shapes[2]) for shapes in calls] == [(3, 32, 48), (1, 32, 48), (1, 64, 32)]
-    assert [tuple(shapes[4]) for shapes in calls] == [(3, 48, 48), (1, 16, 48), (1, 32, 32)]
+    # one call per (shape, part ranks) group (its layers' A [L, R, K] then B [L, N, R]); ranks padded with zeros to
+    # multiples of 64, the kernels' rank step
+    assert [tuple(shapes[2]) for shapes in calls] == [(3, 64, 48), (1, 64, 48), (1, 64, 32)]
+    assert [tuple(shapes[3]) for shapes in calls] == [(3, 32, 64), (1, 32, 64), (1, 64, 64)]
     for (weight, parts), original, address in zip(layers, originals, addresses):
         expected_qdata, expected_scale = _expected(original, parts)
         assert [t.data_ptr() for t in _weight_storages(weight)] == address  # same storages
@@ -90,9 +96,9 @@ def test_address_merge_groups_pads_and_writes_in_place_then_restores_bit_for_bit
     saved.run()
     for (weight, _), (qdata, scale) in zip(layers, originals):
         assert torch.equal(weight.qdata.view(torch.uint8), qdata.view(torch.uint8)) and torch.equal(weight.scale, scale)
-    # the address tables are built once per group
+    # the address tables and the bound views are made once per group
     merge.fold(merge.save(layers))
-    assert len(merge._tables) == 3
+    assert len(merge._tables) == 3 and len(merge._views) == 3
 
 
 def test_address_merge_refuses_weights_it_cannot_take():

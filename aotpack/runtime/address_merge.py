@@ -1,11 +1,15 @@
-"""The merge through the package's `merge_by_address.pt2` (models/merge_by_address.py): in place, by address.
+"""The merge through the package's `merge_and_save_by_address.pt2` (models/merge_by_address.py): in place, by address.
 
-Per group of layers of one shape (and one list of part ranks) the originals are stacked once (`torch.stack` of
-their bound storages, in wide words: one launch per group; this stack is the save the unmerge copies back), then
-one program call forms each merged row from the stack and the factors and writes it, with its new scale, straight
-into the bound storages through tables of their addresses. Against `merge_layers.pt2` this drops the copies of the
-new rows back (16 ms of kernels for r64 on all 494 block linears of FLUX.1-dev, H200), the materialized product and
-the save's per-storage plan (20 ms of host time per merge; benchmarks/results/2026-12-02e-h200-merge-policy).
+Per group of layers of one shape (and one list of part ranks) one program call forms each merged row from the bound
+originals and the factors and writes it, with its new scale, straight into the bound storages through tables of
+their addresses, and returns the originals it overwrote: the save the unmerge copies back. Against
+`merge_layers.pt2` this drops the copies of the new rows back (16 ms of kernels for r64 on all 494 block linears of
+FLUX.1-dev, H200), the materialized product and the save's per-storage plan (20 ms of host time per merge;
+benchmarks/results/2026-12-02e-h200-merge-policy); against the program's first form (`merge_by_address.pt2`, which
+read a stack of the originals made first) it drops that stack (6.5-7.4 ms; benchmarks/results/2026-12-02h-h200-merge-tiles).
+
+A group's originals exist once its call has run: a failure in a later call restores the groups before it and leaves
+the rest as they were (untouched).
 
 The runtime takes this path on CUDA packages that carry the program, for FP8 row-wise weights of rows and columns
 that are multiples of 16, while the originals can stay on the GPU; everything else merges as before (merge.py).
@@ -27,23 +31,28 @@ def _words(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class SavedGroup:
-    """One group's originals, stacked: `qdata [L, N, K]` and `scale [L, N]`, and the bound storages they came from."""
+    """One group's layers (one shape and one list of part ranks) and, once the program has merged them, the
+    originals it returned: `qdata [L, N, K]` and `scale [L, N]`."""
 
-    def __init__(self, layers: list[tuple]):
+    def __init__(self, layers: list[tuple], bound_views: tuple[list[torch.Tensor], list[torch.Tensor]]):
         self.layers = layers
-        weights = [weight for weight, _ in layers]
-        self.qdata_words = _words([w.qdata for w in weights])
-        self.scales = [w.scale.view(-1) for w in weights]
-        self.stacked_words = torch.stack(self.qdata_words)  # [L, words per weight]
-        self.qdata = self.stacked_words.view(weights[0].qdata.dtype).view(len(weights), *weights[0].qdata.shape)
-        self.scale = torch.stack(self.scales)
+        self.qdata_words, self.scales = bound_views  # the bound storages as the restore copies into them
+        self.saved_words: list[torch.Tensor] = []
+        self.saved_scales: list[torch.Tensor] = []
+
+    def keep(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
+        """The originals the program returned for this group."""
+        self.saved_words = _words(list(qdata.unbind(0)))
+        self.saved_scales = list(scale.unbind(0))
 
     def restore(self) -> None:
         """Copy the originals back into the bound storages (one plain copy per weight: on the H200 the plain copy
-        kernel moved FP8 weights at 3.3 TB/s, the multi-tensor copy at 2.0; merge.CopyPlan)."""
-        for bound, saved in zip(self.qdata_words, self.stacked_words.unbind(0), strict=True):
+        kernel moved FP8 weights at 3.3 TB/s, the multi-tensor copy at 2.0; merge.CopyPlan). A group the program
+        never merged has nothing to restore."""
+        for bound, saved in zip(self.qdata_words, self.saved_words):
             bound.copy_(saved)
-        torch._foreach_copy_(self.scales, list(self.scale.unbind(0)))
+        if self.saved_scales:
+            torch._foreach_copy_(self.scales, self.saved_scales)
 
 
 class SavedOriginals:
@@ -63,6 +72,7 @@ class AddressMerge:
     def __init__(self, program, dtype: torch.dtype):
         self.program, self.dtype = program, dtype
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @staticmethod
     def takes_shape(rows: int, cols: int) -> bool:
@@ -93,28 +103,39 @@ class AddressMerge:
             self._tables[qdata] = tables
         return tables
 
+    def _bound_views(self, layers: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The layers' bound qdata as wide words and their scales flat, made once per group: making the views of
+        r64-all's 494 layers took 3.1 ms of host time before the merge's first launch (H200 host, 2026-12-03,
+        scripts/gpu/probe_short_requests.py)."""
+        key = tuple(weight.qdata.data_ptr() for weight, _ in layers)
+        views = self._views.get(key)
+        if views is None:
+            weights = [weight for weight, _ in layers]
+            views = self._views[key] = (_words([w.qdata for w in weights]), [w.scale.view(-1) for w in weights])
+        return views
+
     def save(self, layers: list[tuple]) -> SavedOriginals:
-        """Stack the originals of `(weight, parts)` pairs (each `takes`), all before any weight is written, so a
-        failure later restores everything."""
-        return SavedOriginals([SavedGroup(group) for group in shape_groups(layers)])
+        """The groups of `(weight, parts)` pairs (each `takes`), whose originals `fold` keeps as it merges them:
+        `run` on the result restores whatever has been merged, after a failure too."""
+        return SavedOriginals([SavedGroup(group, self._bound_views(group)) for group in shape_groups(layers)])
 
     def fold(self, saved: SavedOriginals) -> None:
-        """Write every saved layer's merged rows and scales into its bound storages."""
+        """Write every layer's merged rows and scales into its bound storages, keeping the originals."""
         for group in saved.groups:
             qdata_at, scale_at = self._address_tables(group.layers)
-            device = group.qdata.device
+            device = group.layers[0][0].qdata.device
             lora_a, lora_b = stacked_factors(group.layers, device, self.dtype, rank_multiple=RANK_CHUNK)
-            self.program([qdata_at, scale_at, group.qdata, group.scale, lora_a, lora_b])
+            saved_qdata, saved_scale, _ = self.program([qdata_at, scale_at, lora_a, lora_b])
+            group.keep(saved_qdata, saved_scale)
 
     def warm(self, device) -> None:
         """One call on scratch storages: loads the program's kernels before the first merge."""
-        rows = cols = rank = ALIGN_ELEMENTS
+        rows = cols = ALIGN_ELEMENTS
         qdata = torch.zeros(rows, cols, device=device).to(torch.float8_e4m3fn)
         scale = torch.ones(rows, device=device)
         self.program([torch.tensor([qdata.data_ptr()], dtype=torch.int64, device=device),
                       torch.tensor([scale.data_ptr()], dtype=torch.int64, device=device),
-                      qdata.clone().view(1, rows, cols), scale.clone().view(1, rows),
-                      torch.zeros(1, rank, cols, dtype=self.dtype, device=device),
-                      torch.zeros(1, rows, rank, dtype=self.dtype, device=device)])
+                      torch.zeros(1, RANK_CHUNK, cols, dtype=self.dtype, device=device),
+                      torch.zeros(1, rows, RANK_CHUNK, dtype=self.dtype, device=device)])
         if qdata.is_cuda:
             torch.cuda.synchronize(device)  # the scratch storages must outlive the kernels that write them

@@ -26,8 +26,8 @@ from a process's first merge on, and 189-192 + 40-42 ms on a slower host, the fo
 of one shape together (tens of calls instead of 494): with the copies below (`CopyPlan`), 93.4 + 7.6 ms
 against 141.2 + 7.7 ms one layer per call in the same process, 112.1 + 9.1 ms at 2048² (benchmarks/results/2026-12-02d-h200-copyplan-kappend).
 Packages without it (or with the per-layer form, which this runtime no longer calls) take the eager
-passes below. CUDA packages also carry `merge_by_address.pt2`, which `LoRAModes` takes first where it can
-(runtime/address_merge.py: 31.5 + 8 ms for the same merge and unmerge,
+passes below. CUDA packages also carry `merge_and_save_by_address.pt2`, which `LoRAModes` takes first where it can
+(runtime/address_merge.py; its first form, `merge_by_address.pt2`, took 31.5 + 8 ms for the same merge and unmerge,
 benchmarks/results/2026-12-02f-h200-merge-by-address). Non-quantized weights (bf16/fp32 targets) take the
 products in place with `addmm_`.
 """
@@ -363,13 +363,14 @@ class LoRAModes:
         self.merged_layers = list(weights)
         keep = self._keep_device(flat)
         by_address = getattr(self.transformer, "address_merge", None)
-        if not flat or keep != flat[0].device:  # its save is a stack beside the weights, on their device
+        if not flat or keep != flat[0].device:  # its program returns the originals beside the weights
             by_address = None
         direct = [(weight, layers[name]) for name, weight in weights.items()
                   if by_address is not None and by_address.takes(weight)]
         taken = {id(weight) for weight, _ in direct}
         rest = [(weight, layers[name]) for name, weight in weights.items() if id(weight) not in taken]
-        # `leave` runs these (no module lookups); all originals are saved before any weight is written
+        # `leave` runs these (no module lookups). The rest's originals are saved before any weight is written;
+        # the address merge saves each group's as it writes them (address_merge.py)
         self._restore = [self._save([s for weight, _ in rest for s in _weight_storages(weight)], keep)]
         if direct:
             self._restore.append(by_address.save(direct))

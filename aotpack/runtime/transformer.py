@@ -14,6 +14,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
+from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.prepare import torch_dtype
 from ..models.regions import (
@@ -127,10 +128,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                            package_dir, manifest.merge_program, MERGE_PROGRAM)
         # CUDA packages also carry the in-place merge by address (models/merge_by_address.py), taken first
         self.address_merge = None
-        if manifest.merge_by_address_program and self._device.type == "cuda":
+        if manifest.merge_by_address_program == f"{MERGE_BY_ADDRESS_PROGRAM}.pt2" and self._device.type == "cuda":
             program = program_files.open_program(Path(package_dir) / manifest.merge_by_address_program)
             self.address_merge = AddressMerge(program.instantiate(str(self._device)), torch_dtype(manifest.lora_dtype))
             self.address_merge.warm(self._device)
+        elif manifest.merge_by_address_program and self._device.type == "cuda":  # its first form: other inputs
+            logger.warning("%s holds the merge program %s, which this runtime does not call (it calls %s.pt2): "
+                           "merges take merge_layers.pt2, ~3x slower (rebuild the package for the faster merge)",
+                           package_dir, manifest.merge_by_address_program, MERGE_BY_ADDRESS_PROGRAM)
         if self.compiled_merge is not None and self._device.type == "cuda":
             # each weight shape's first call of the merge program cost ~8 ms on the H200 (per-layer form: a
             # process's first merge of r64-all 201-205 ms, 97 ms after warming; probe_first_merge.py, 2026-12-02).

@@ -1,4 +1,4 @@
-"""The merge by address as a package carries it (issue 11): compile `merge_by_address.pt2` ahead of time, check it
+"""The merge by address as a package carries it (issue 11): compile `merge_and_save_by_address.pt2` ahead of time, check it
 against the merge's math, and time the runtime's merge (runtime/address_merge.py: stack the originals per shape,
 one program call per shape) over FLUX.1-dev's 494 block linears, r64, random FP8 weights; then the unmerge.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from aotpack.builder.compile import compile_program
-from aotpack.models.merge_by_address import check_program, export_merge_by_address
+from aotpack.models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, check_program, export_merge_by_address
 from aotpack.models.merge_rows import merged_rows
 from aotpack.runtime.address_merge import AddressMerge
 from aotpack.runtime.program import open_program
@@ -55,7 +55,7 @@ def main(path):
     device = "cuda"
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as folder:
-        package = Path(folder) / "merge_by_address.pt2"
+        package = Path(folder) / f"{MERGE_BY_ADDRESS_PROGRAM}.pt2"
         started = time.perf_counter()
         exported = export_merge_by_address(torch.bfloat16, device)
         result["export_s"] = round(time.perf_counter() - started, 2)

@@ -70,7 +70,7 @@ def wrap_timers(served) -> dict:
     wrap(address_merge_module, "stacked_factors", "stacked_factors")
     by_address = getattr(served.transformer, "address_merge", None)
     if by_address is not None:
-        wrap(by_address, "save", "address save (stacks)")
+        wrap(by_address, "save", "address save (groups)")
         wrap(by_address, "fold", "address fold (factors + program)")
         wrap(by_address, "_address_tables", "address tables")
     return totals
