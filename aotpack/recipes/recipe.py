@@ -50,8 +50,8 @@ class Recipe:
     # each slotted block program also compiled without slots, run while no LoRA is live or the set is merged;
     # false compiles fewer programs, and idle or merged requests pay the slot tax (11-15% on the H200)
     no_slot_programs: bool = True
-    # FP8 CUDA builds also compile merge_by_address.pt2, the in-place merge (models/merge_by_address.py); false
-    # leaves merges to merge_layers.pt2 (r64 on FLUX.1-dev's block linears: 92 ms instead of 31.5 on the H200)
+    # FP8 CUDA builds also compile merge_and_save_by_address.pt2, the in-place merge (models/merge_by_address.py);
+    # false leaves merges to merge_layers.pt2 (r64 on FLUX.1-dev's block linears: 92 ms instead of 31.7 on the H200)
     merge_by_address: bool = True
 
     def __post_init__(self):

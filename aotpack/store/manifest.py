@@ -58,7 +58,8 @@ class Manifest:
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
     merge_program: str | None = None  # FP8 packages: merge_layers.pt2 (earlier: merge_rows.pt2), the compiled merge
-    merge_by_address_program: str | None = None  # FP8 CUDA packages: merge_by_address.pt2, the in-place merge
+    # FP8 CUDA packages: merge_and_save_by_address.pt2, the in-place merge (earlier: merge_by_address.pt2)
+    merge_by_address_program: str | None = None
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:
