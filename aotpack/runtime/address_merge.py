@@ -34,8 +34,8 @@ class SavedGroup:
     """One group's layers (one shape and one list of part ranks) and, once the program has merged them, the
     originals it returned: `qdata [L, N, K]` and `scale [L, N]`."""
 
-    def __init__(self, layers: list[tuple], bound_views: tuple[list[torch.Tensor], list[torch.Tensor]]):
-        self.layers = layers
+    def __init__(self, layers: list[tuple], key: tuple, bound_views: tuple[list[torch.Tensor], list[torch.Tensor]]):
+        self.layers, self.key = layers, key  # key: the bound qdata addresses, which name the group's caches
         self.qdata_words, self.scales = bound_views  # the bound storages as the restore copies into them
         self.saved_words: list[torch.Tensor] = []
         self.saved_scales: list[torch.Tensor] = []
@@ -89,25 +89,23 @@ class AddressMerge:
                 and scale.numel() == qdata.shape[0] and qdata.data_ptr() % 16 == 0 and scale.data_ptr() % 16 == 0
                 and AddressMerge.takes_shape(*qdata.shape))
 
-    def _address_tables(self, layers: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        """int64 tables of the layers' qdata and scale addresses on their device. Bound storages never move (the
-        CUDA graphs rely on it too), so each table is built once: a table from pageable host memory waits for the
-        device's queue."""
-        qdata = tuple(weight.qdata.data_ptr() for weight, _ in layers)
-        tables = self._tables.get(qdata)
+    def _address_tables(self, layers: list[tuple], key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 tables of the layers' qdata and scale addresses on their device (`key`: the qdata addresses). Bound
+        storages never move (the CUDA graphs rely on it too), so each table is built once: a table from pageable
+        host memory waits for the device's queue."""
+        tables = self._tables.get(key)
         if tables is None:
             device = layers[0][0].qdata.device
             scales = [weight.scale.data_ptr() for weight, _ in layers]
-            tables = (torch.tensor(qdata, dtype=torch.int64, device=device),
+            tables = (torch.tensor(key, dtype=torch.int64, device=device),
                       torch.tensor(scales, dtype=torch.int64, device=device))
-            self._tables[qdata] = tables
+            self._tables[key] = tables
         return tables
 
-    def _bound_views(self, layers: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The layers' bound qdata as wide words and their scales flat, made once per group: making the views of
-        r64-all's 494 layers took 3.1 ms of host time before the merge's first launch (H200 host, 2026-12-03,
-        scripts/gpu/probe_short_requests.py)."""
-        key = tuple(weight.qdata.data_ptr() for weight, _ in layers)
+    def _bound_views(self, layers: list[tuple], key: tuple) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The layers' bound qdata as wide words and their scales flat, made once per group (`key` as for the
+        tables): making the views of r64-all's 494 layers took 3.1 ms of host time before the merge's first launch
+        (H200 host, 2026-12-03, scripts/gpu/probe_short_requests.py)."""
         views = self._views.get(key)
         if views is None:
             weights = [weight for weight, _ in layers]
@@ -117,12 +115,16 @@ class AddressMerge:
     def save(self, layers: list[tuple]) -> SavedOriginals:
         """The groups of `(weight, parts)` pairs (each `takes`), whose originals `fold` keeps as it merges them:
         `run` on the result restores whatever has been merged, after a failure too."""
-        return SavedOriginals([SavedGroup(group, self._bound_views(group)) for group in shape_groups(layers)])
+        groups = []
+        for layers_of_group in shape_groups(layers):
+            key = tuple(weight.qdata.data_ptr() for weight, _ in layers_of_group)  # bound storages never move
+            groups.append(SavedGroup(layers_of_group, key, self._bound_views(layers_of_group, key)))
+        return SavedOriginals(groups)
 
     def fold(self, saved: SavedOriginals) -> None:
         """Write every layer's merged rows and scales into its bound storages, keeping the originals."""
         for group in saved.groups:
-            qdata_at, scale_at = self._address_tables(group.layers)
+            qdata_at, scale_at = self._address_tables(group.layers, group.key)
             device = group.layers[0][0].qdata.device
             lora_a, lora_b = stacked_factors(group.layers, device, self.dtype, rank_multiple=RANK_CHUNK)
             saved_qdata, saved_scale, _ = self.program([qdata_at, scale_at, lora_a, lora_b])

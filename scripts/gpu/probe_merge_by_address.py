@@ -1,6 +1,7 @@
-"""The merge by address as a package carries it (issue 11): compile `merge_and_save_by_address.pt2` ahead of time, check it
-against the merge's math, and time the runtime's merge (runtime/address_merge.py: stack the originals per shape,
-one program call per shape) over FLUX.1-dev's 494 block linears, r64, random FP8 weights; then the unmerge.
+"""The merge by address as a package carries it (issue 11): compile `merge_and_save_by_address.pt2` ahead of time,
+check it against the merge's math, and time the runtime's merge (runtime/address_merge.py: one program call per
+shape, which returns the originals it overwrote) over FLUX.1-dev's 494 block linears, r64, random FP8 weights; then
+the unmerge.
 
 On the GPU machine: `python3 scripts/gpu/probe_merge_by_address.py $OUT/merge_by_address.json`
 """
