@@ -142,3 +142,37 @@ def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_lora
     assert not served_tiny.transformer.merged and served_tiny.transformer.lora_modes.auto.policy.after_token_steps is None
     table = images.markdown(result, {"64": {"step": {"median_ms": rows["slots"]["best_ms"] / 2}}}, "r64-all")
     assert "| 64 | recipe (2 x step) |" in table[-4] and "| 64 | slots |" in table[-2] and "| 1.000x | False |" in table[-2]
+
+
+def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(served_tiny, demo_loras):
+    """`speed.Profiles`: a breakdown queued while timing runs only at `run()` (a finished profiler session slows what
+    follows it), in the mode it was queued for (merged here), and leaves no LoRA live; profiling sets
+    TEARDOWN_CUPTI=1 first so Kineto lets go of CUPTI afterwards."""
+    import os
+
+    from aotpack.bench import speed
+    from aotpack.models.examples import transformer_inputs
+
+    shapes = served_tiny.manifest.shapes
+    inputs = transformer_inputs(served_tiny.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
+                                text_tokens=shapes["text_tokens"][0], dtype=torch.float32, device="cpu",
+                                generator=torch.Generator().manual_seed(3))
+    lora = [(demo_loras["tiny-style-mlp"], 1.0)]
+    merged_while_profiled = []
+
+    def prepare():
+        served_tiny.set_loras([])
+        served_tiny.set_loras(lora, merge=True)
+        merged_while_profiled.append(served_tiny.transformer.merged)
+
+    profiles = speed.Profiles(64)
+    merged, other_size = {}, {}
+    profiles.queue(merged, served_tiny.transformer, {64: inputs}, "cpu", prepare, lambda: served_tiny.set_loras([]))
+    profiles.queue(other_size, served_tiny.transformer, {32: inputs}, "cpu")  # not the breakdown size: not queued
+    assert merged == {} and merged_while_profiled == []
+    profiles.run()
+    assert merged_while_profiled == [True] and not served_tiny.transformer.merged and served_tiny.active == []
+    assert merged["breakdown"]["total_ms"] > 0 and other_size == {}
+    assert os.environ["TEARDOWN_CUPTI"] == "1"
+    profiles.run()  # the queue is empty now: nothing runs twice
+    assert merged_while_profiled == [True]

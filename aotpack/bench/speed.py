@@ -95,8 +95,40 @@ def _fidelity(output, base_output, ref_lora, ref_base) -> dict:
             "lora_effect_strength": effect_strength(output, base_output, ref_lora, ref_base)}
 
 
-def _mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size, *, with_lora=True) -> dict:
-    """Step, error vs eager and fidelity per size for the model's current state; outputs kept for later."""
+class Profiles:
+    """Kernel breakdowns queued while timing and run once every contender is timed: a finished profiler session
+    slows what the process runs next (timing.kernel_rows), so no timed figure may follow one. Each job first
+    puts its model back into the mode it profiles; the models stay alive until `run` has profiled them."""
+
+    def __init__(self, size):
+        self.size = size  # the workload size every breakdown runs at (None: no breakdowns)
+        self._jobs = []
+
+    def queue(self, target: dict, model, workloads: dict, device, prepare=None, finish=None) -> None:
+        """Profile `model` on the breakdown size into `target["breakdown"]`, after `prepare()`; `finish()` after."""
+        if self.size in workloads:
+            self._jobs.append((target, model, workloads[self.size], device, prepare, finish))
+
+    def run(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        for target, model, inputs, device, prepare, finish in jobs:
+            try:
+                if prepare is not None:
+                    prepare()
+                target["breakdown"] = _breakdown(model, inputs, device)
+            except Exception as err:  # noqa: BLE001 -- recorded, the timed figures stand without it
+                target["breakdown_error"] = f"{type(err).__name__}: {err}"[:500]
+            finally:
+                if finish is not None:
+                    finish()
+        del jobs
+        _free()
+
+
+def _mode(model, workloads, device, repeats, refs, base_outputs, profiles: Profiles, *, with_lora=True,
+          prepare=None, finish=None, into: dict | None = None) -> dict:
+    """Step, error vs eager and fidelity per size for the model's current state (into `into`, or a new dict);
+    outputs kept for later. Its kernel breakdown is queued on `profiles`, `prepare()` restoring this state then."""
     sizes = {}
     for size, inputs in workloads.items():
         output = _out(model, inputs)
@@ -107,28 +139,37 @@ def _mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size,
             row.update(_fidelity(output, base_outputs[size], ref["lora"], ref["base"]))
         sizes[size] = row
         sizes[size]["_output"] = output
-    result = {"sizes": sizes}
-    if breakdown_size in workloads:
-        result["breakdown"] = _breakdown(model, workloads[breakdown_size], device)
+    result = {} if into is None else into
+    result["sizes"] = sizes
+    profiles.queue(result, model, workloads, device, prepare, finish)
     return result
 
 
-def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, breakdown_size,
+def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, profiles: Profiles,
                   sweep: dict | None = None) -> dict:
     import aotpack
 
+    resident_gb = reset_peak_memory(device)
     started = time.perf_counter()
     # the plain chain first (graphs after); every mode set explicitly (the merge policy only in `images.measure`)
     served = aotpack.load(package, model=model_ref, cuda_graphs=False, merge_policy="never")
     result = {"load_seconds": time.perf_counter() - started,
               "has_no_slot_programs": served.transformer.has_no_slot_programs}
     lora = [(loras[LORA], 1.0)]
+
+    def mode(entries, merge=False, graphs=False):  # puts `served` back into a mode for its queued breakdown
+        def prepare():
+            served.transformer.use_cuda_graphs(graphs)
+            served.set_loras([])
+            served.set_loras(entries, merge=merge)
+        return {"prepare": prepare, "finish": lambda: (served.set_loras([]), served.transformer.use_cuda_graphs(False))}
+
     served.set_loras([])
-    plain = _mode(served.transformer, workloads, device, repeats, refs, {}, breakdown_size, with_lora=False)
+    plain = _mode(served.transformer, workloads, device, repeats, refs, {}, profiles, with_lora=False, **mode([]))
     base_outputs = {size: row["_output"] for size, row in plain["sizes"].items()}
     result["no_lora"] = plain
     served.set_loras(lora)
-    result["slots"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
+    result["slots"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, profiles, **mode(lora))
 
     switches = {"r16-attn": [], LORA: [], "none": []}  # cached sets (all parsed above / here once)
     served.set_loras([(loras["r16-attn"], 1.0)])
@@ -146,7 +187,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
         # merge_layers.pt2 (layers of one shape per call) or the eager passes (the torchao check below is theirs)
         compiled = getattr(served.transformer, "compiled_merge", None)
         merge["compiled_merge"] = compiled is not None
-        result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, breakdown_size)
+        result["merged"] = _mode(served.transformer, workloads, device, repeats, refs, base_outputs, profiles,
+                                 **mode(lora, merge=True))
         merge["unmerge_ms"] = synced_ms(lambda: served.set_loras([]), device)
         first = next(iter(workloads))
         merge["base_output_bit_identical_after_unmerge"] = bool(
@@ -181,7 +223,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
                 output, base_outputs[first], refs, first, sweep)
         served.set_loras([])
     if device == "cuda":
-        result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, breakdown_size)
+        result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, profiles,
+                                             mode(lora, graphs=True))
         served.transformer.use_cuda_graphs(True)  # whole images as the runtime runs them on a GPU
         try:
             result["images"] = images.measure(served, workloads, device, lora, repeats=1 if max(workloads) >= 2048
@@ -190,12 +233,11 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, b
             result["images"] = {"error": f"{type(err).__name__}: {err}"[:500]}
         finally:
             served.transformer.use_cuda_graphs(False)
-    result["peak_gpu_gb"] = peak_memory_gb(device)
-    _free(served)
-    return result
+    result["peak_gpu_gb"] = peak_memory_gb(device, resident_gb)
+    return result  # `served` stays alive in the queued breakdowns until `profiles.run()`
 
 
-def _graph_modes(served, workloads, device, repeats, lora, eager_chain, breakdown_size) -> dict:
+def _graph_modes(served, workloads, device, repeats, lora, eager_chain, profiles: Profiles, slots_mode: dict) -> dict:
     """The same modes replayed from CUDA graphs: step, capture cost, and bit equality with the plain
     chain's output (after switches and a merge, which must not move any address a graph reads)."""
     transformer = served.transformer
@@ -219,8 +261,8 @@ def _graph_modes(served, workloads, device, repeats, lora, eager_chain, breakdow
                     row["max_abs_diff_vs_plain_chain"] = float((output - reference[size]["_output"]).abs().max())
                 sizes[size] = row
             result[mode] = {"sizes": sizes}
-            if mode == "slots" and breakdown_size in workloads:
-                result[mode]["breakdown"] = _breakdown(transformer, workloads[breakdown_size], device)
+            if mode == "slots":
+                profiles.queue(result[mode], transformer, workloads, device, **slots_mode)
         result["graphs_captured"] = transformer._step_graphs.captures
         served.set_loras([])
     except Exception as err:  # noqa: BLE001 -- recorded, the plain modes still count
@@ -260,13 +302,13 @@ def requantization_matches_torchao(value: torch.Tensor, float8_dtype, kernel_pre
                 and torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8)))
 
 
-def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size, sweep: dict | None = None,
+def recipe(name, dtype, device, workloads, loras, refs, repeats, profiles: Profiles, sweep: dict | None = None,
            compile_mode: str | None = None) -> dict:
     """The published recipe (compare.recipe_transformer, torch.compile `compile_mode`). Its base output runs the
     same model with the LoRA disabled under `force_eager` (no recompile); the fidelity thus includes
     compile-vs-eager noise."""
     torch._dynamo.reset()
-    reset_peak_memory(device)
+    resident_gb = reset_peak_memory(device)  # aotpack's package stays resident for its queued breakdowns
     started = time.perf_counter()
     model = recipe_transformer(name, dtype, device, loras[LORA], compile_mode)
     first = next(iter(workloads))
@@ -278,15 +320,14 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, breakdown_size,
         for size, inputs in workloads.items():
             base_outputs[size] = _out(model, inputs)
     model.enable_lora()
-    result.update(_mode(model, workloads, device, repeats, refs, base_outputs, breakdown_size))
+    _mode(model, workloads, device, repeats, refs, base_outputs, profiles, into=result)
     if sweep:  # same rank: PEFT hotswaps the factors in place, no recompile
         result["fidelity_sweep"] = fidelity_sweep(
             lambda path: model.load_lora_adapter(str(path), adapter_name="default_0", prefix="transformer",
                                                  hotswap=True),
             lambda: _out(model, workloads[first]), base_outputs[first], refs, first, sweep)
-    result["peak_gpu_gb"] = peak_memory_gb(device)
-    _free(model)
-    return result
+    result["peak_gpu_gb"] = peak_memory_gb(device, resident_gb)
+    return result  # `model` stays alive in the queued breakdown until `profiles.run()`
 
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
@@ -304,19 +345,23 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     sweep = {std: write_bench_loras(config, lora_dir, names=[LORA], std=std)[LORA] for std in fidelity_stds}
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
                                        dtype=dtype, device=device, batch=batch)[0] for size in sizes}
-    breakdown_size = _breakdown_size(list(workloads))
+    profiles = Profiles(_breakdown_size(list(workloads)))
     refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats, sweep)
     report["eager_bf16_peft"] = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
                                  "lora_effect_relative": {s: refs[s]["lora_effect_relative"] for s in workloads},
                                  "lora_std": lora_std}
-    report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, breakdown_size,
+    report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, profiles,
                                              sweep))
     if not skip_recipe:
         try:
             report["recipe"] = _strip(recipe(ref.location, dtype, device, workloads, loras, refs, repeats,
-                                             breakdown_size, sweep, recipe_compile_mode))
+                                             profiles, sweep, recipe_compile_mode))
         except Exception as err:  # noqa: BLE001 -- recorded; aotpack's figures stand on their own
             report["recipe"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+    profiles.run()  # every timed figure is in: now the kernel breakdowns
+    for key in ("aotpack", "recipe"):
+        if key in report.data:
+            report[key] = report.data[key]  # written again, with the breakdowns
     (out / "speed.md").write_text(markdown(report.data))
     return report.data
 
