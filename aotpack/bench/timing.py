@@ -94,8 +94,8 @@ def kernel_rows(fn, device, *, steps: int = 2) -> list[dict]:
 
     cuda = torch.device(device).type == "cuda"
     # Kineto keeps CUPTI attached after a session unless TEARDOWN_CUPTI=1 (pytorch/pytorch#144455), and all that
-    # runs later pays for it: on the H200 3000 small launches took 42.1 ms instead of 29.9 and bf16 matmuls 7% more
-    # device time after one session; 29.8 ms and +0.6% with it set (2026-12-03,
+    # runs later pays for it: on the H200, after one session, 3000 small launches took 41-42 ms instead of 30-33 and
+    # 2000 small kernels 37-38% more device time; set here, at run time, 30.7 and +4% (2026-12-03, two runs,
     # scripts/gpu/probe_cupti_after_profiler.py). The benches also profile only after their timed figures.
     os.environ.setdefault("TEARDOWN_CUPTI", "1")
     fn()

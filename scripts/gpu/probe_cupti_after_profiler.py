@@ -1,15 +1,15 @@
 """Does a finished torch.profiler session slow what runs after it in the same process?
 
 Kineto leaves CUPTI attached when a profiler session ends unless TEARDOWN_CUPTI=1 (pytorch/pytorch#144455, open),
-so every later kernel launch may pay CUPTI's callbacks. The speed bench profiles a kernel breakdown per mode and
-times the next mode (and the recipe) after it; a recipe whose step sat 50 ms above its kernel time in some bench
-processes and not in others would be explained by this.
+so every later kernel launch may pay CUPTI's callbacks. Until 2026-12-03 the speed bench profiled a kernel
+breakdown per mode and timed the next mode (and the recipe) after it; a recipe whose step sat 50 ms above its kernel
+time in some bench processes and not in others would be explained by this.
 
-Per phase (before any profiler, after one profiler session) and per environment (default, TEARDOWN_CUPTI=1, each
-in a fresh child process): wall ms of 3000 tiny launches (host cost per launch), device ms of 2000 small
-elementwise kernels and of 50 bf16 4096^3 matmuls (CUDA events), wall ms of a CUDA graph replaying the 2000
-kernels; then a second profiler session and a replay (TEARDOWN_CUPTI with CUDA graphs crashed on CUDA 11/12 per
-torch's own comment). Prints one JSON line per child.
+Per phase (before any profiler, after one profiler session) and per setting (default; TEARDOWN_CUPTI=1; the benches'
+`timing.kernel_rows`, which sets it at run time), each in a fresh child process: wall ms of 3000 tiny launches (host
+cost per launch), device ms of 2000 small elementwise kernels and of 50 bf16 4096^3 matmuls (CUDA events), wall ms
+of a CUDA graph replaying the 2000 kernels; then a second profiler session and a replay (TEARDOWN_CUPTI with CUDA
+graphs crashed on CUDA 11/12 per torch's own comment). Prints one JSON line per child.
 
 Run on a GPU machine: source scripts/gpu/env.sh; python3 scripts/gpu/probe_cupti_after_profiler.py [OUT_DIR]
 (2026-12-03: benchmarks/results/2026-12-03-h200-clean-timings/cupti_after_profiler.json)
@@ -29,7 +29,7 @@ def _child() -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from aotpack.bench.timing import time_ms
+    from aotpack.bench.timing import kernel_rows, time_ms
 
     tiny = torch.zeros(256, device="cuda")
     small = torch.zeros(1 << 20, device="cuda")
@@ -76,13 +76,16 @@ def _child() -> dict:
                 "graph_replay_wall_ms": wall_ms(graph.replay)}
 
     def profiled():
+        if os.environ.get("PROBE_VIA_KERNEL_ROWS"):  # the benches' profiler, which sets TEARDOWN_CUPTI at run time
+            return len(kernel_rows(lambda: (small_kernels(), graph.replay()), "cuda", steps=1))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             small_kernels()
             graph.replay()
             torch.cuda.synchronize()
         return len(prof.key_averages())
 
-    result = {"TEARDOWN_CUPTI": os.environ.get("TEARDOWN_CUPTI"), "before": phase()}
+    result = {"TEARDOWN_CUPTI": os.environ.get("TEARDOWN_CUPTI"), "via_kernel_rows": bool(os.environ.get(
+        "PROBE_VIA_KERNEL_ROWS")), "before": phase()}
     result["profile_rows"] = profiled()
     result["after_one_profile"] = phase()
     result["profile_rows_again"] = profiled()
@@ -96,10 +99,12 @@ def main() -> None:
         return
     out = sys.argv[1] if len(sys.argv) > 1 else None
     rows = []
-    for teardown in (None, "1"):
+    for teardown in (None, "1", "kernel_rows"):
         env = {**os.environ, "PROBE_CHILD": "1"}
         env.pop("TEARDOWN_CUPTI", None)
-        if teardown:
+        if teardown == "kernel_rows":
+            env["PROBE_VIA_KERNEL_ROWS"] = "1"
+        elif teardown:
             env["TEARDOWN_CUPTI"] = teardown
         done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
         line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""

@@ -20,10 +20,14 @@ On the GPU machine: `python3 scripts/gpu/probe_first_merge.py PACKAGE $OUT/first
 """
 
 import json
+import os
 import sys
 import time
 
 import torch
+
+# later timings follow a profiler session here: let Kineto release CUPTI (aotpack/bench/timing.kernel_rows)
+os.environ.setdefault("TEARDOWN_CUPTI", "1")
 
 sys.path.insert(0, ".")
 
