@@ -124,16 +124,22 @@ def test_speed_report_names_a_host_bound_mode():
     assert "**aotpack slots ran host-bound at 1024:**" in markdown(data)
 
 
+def _step_inputs(served) -> dict:
+    """One transformer step's inputs at the package's first shape (seeded)."""
+    from aotpack.models.examples import transformer_inputs
+
+    shapes = served.manifest.shapes
+    return transformer_inputs(served.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
+                              text_tokens=shapes["text_tokens"][0], dtype=torch.float32, device="cpu",
+                              generator=torch.Generator().manual_seed(3))
+
+
 def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_loras):
     """`bench.images` on the CPU: the policy's image runs merged (and unmerges at the switch out), the slots' does
     not, and the table sets each against the recipe's N x step."""
     from aotpack.bench import images
-    from aotpack.models.examples import transformer_inputs
 
-    shapes = served_tiny.manifest.shapes
-    inputs = transformer_inputs(served_tiny.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
-                                text_tokens=shapes["text_tokens"][0], dtype=torch.float32, device="cpu",
-                                generator=torch.Generator().manual_seed(3))
+    inputs = _step_inputs(served_tiny)
     lora = [(demo_loras["tiny-style-mlp"], 1.0)]
     result = images.measure(served_tiny, {64: inputs}, "cpu", lora, policy="always", steps=2, repeats=1)
     rows = result["sizes"][64]
@@ -151,12 +157,8 @@ def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(ser
     import os
 
     from aotpack.bench import speed
-    from aotpack.models.examples import transformer_inputs
 
-    shapes = served_tiny.manifest.shapes
-    inputs = transformer_inputs(served_tiny.transformer.config, batch=1, image_tokens=shapes["image_tokens"][0],
-                                text_tokens=shapes["text_tokens"][0], dtype=torch.float32, device="cpu",
-                                generator=torch.Generator().manual_seed(3))
+    inputs = _step_inputs(served_tiny)
     lora = [(demo_loras["tiny-style-mlp"], 1.0)]
     merged_while_profiled = []
 

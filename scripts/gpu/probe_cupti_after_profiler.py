@@ -22,14 +22,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def _child() -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from aotpack.bench.timing import kernel_rows, time_ms
+    from aotpack.bench.timing import kernel_rows, synced_ms, time_ms
 
     tiny = torch.zeros(256, device="cuda")
     small = torch.zeros(1 << 20, device="cuda")
@@ -49,14 +48,7 @@ def _child() -> dict:
 
     def wall_ms(fn, repeats=7):
         fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - started) * 1000)
-        return round(statistics.median(samples), 3)
+        return round(statistics.median(synced_ms(fn, "cuda") for _ in range(repeats)), 3)
 
     def device_ms(fn):
         return round(time_ms(fn, "cuda", warmup=1, repeats=7)["median_ms"], 3)
