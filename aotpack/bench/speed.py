@@ -217,8 +217,8 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, p
         first = next(iter(workloads))
         output = lambda: _out(served.transformer, workloads[first])
         result["fidelity_sweep"] = {}
-        for mode, merge_it in (("slots", False), ("merged", True)):
-            result["fidelity_sweep"][mode] = fidelity_sweep(
+        for name, merge_it in (("slots", False), ("merged", True)):  # not `mode`: the helper above is needed below
+            result["fidelity_sweep"][name] = fidelity_sweep(
                 lambda path, m=merge_it: (served.set_loras([]), served.set_loras([(path, 1.0)], merge=m)),
                 output, base_outputs[first], refs, first, sweep)
         served.set_loras([])
