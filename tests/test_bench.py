@@ -151,9 +151,9 @@ def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_lora
 
 
 def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(served_tiny, demo_loras):
-    """`speed.Profiles`: a breakdown queued while timing runs only at `run()` (a finished profiler session slows what
-    follows it), in the mode it was queued for (merged here), and leaves no LoRA live; profiling sets
-    TEARDOWN_CUPTI=1 first so Kineto lets go of CUPTI afterwards."""
+    """`speed.Profiles` (on `timing.Profiles`): a breakdown queued while timing runs only at `run()` (a finished
+    profiler session slows what follows it), in the mode it was queued for (merged here), and leaves no LoRA live;
+    profiling sets TEARDOWN_CUPTI=1 first so Kineto lets go of CUPTI afterwards."""
     import os
 
     from aotpack.bench import speed
@@ -169,8 +169,9 @@ def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(ser
 
     profiles = speed.Profiles(64)
     merged, other_size = {}, {}
-    profiles.queue(merged, served_tiny.transformer, {64: inputs}, "cpu", prepare, lambda: served_tiny.set_loras([]))
-    profiles.queue(other_size, served_tiny.transformer, {32: inputs}, "cpu")  # not the breakdown size: not queued
+    profiles.queue_breakdown(merged, served_tiny.transformer, {64: inputs}, "cpu", prepare,
+                             lambda: served_tiny.set_loras([]))
+    profiles.queue_breakdown(other_size, served_tiny.transformer, {32: inputs}, "cpu")  # not the breakdown size
     assert merged == {} and merged_while_profiled == []
     profiles.run()
     assert merged_while_profiled == [True] and not served_tiny.transformer.merged and served_tiny.active == []
@@ -178,3 +179,73 @@ def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(ser
     assert os.environ["TEARDOWN_CUPTI"] == "1"
     profiles.run()  # the queue is empty now: nothing runs twice
     assert merged_while_profiled == [True]
+
+
+def _recorded(events: list, event, fn):
+    """`fn`, appending `event()` (or `event`) to `events` at each call."""
+    def call(*args, **kwargs):
+        events.append(event() if callable(event) else event)
+        return fn(*args, **kwargs)
+    return call
+
+
+def _loads_recorded(loaded: list, load):
+    """`load`, keeping each package it loads in `loaded`."""
+    def call(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+    return call
+
+
+def test_variants_breakdowns_follow_every_timed_step(tiny_package, tmp_path, monkeypatch):
+    """`bench.variants`: the kernel breakdowns (profiler sessions) run after every pass is timed, the graph pass
+    included, each on the package loaded again in the state its step was timed in: the LoRA in slots, then none."""
+    from aotpack.bench import timing, variants
+
+    events, loaded = [], []
+    monkeypatch.setattr(variants, "kernel_profiles_on", lambda device: True)  # the GPU's path, on the CPU
+    monkeypatch.setattr(variants, "time_ms", _recorded(events, "time", timing.time_ms))
+    monkeypatch.setattr(variants, "_load", _loads_recorded(loaded, variants._load))
+    monkeypatch.setattr(variants, "kernel_breakdown",
+                        _recorded(events, lambda: ("profile", loaded[-1].active), timing.kernel_breakdown))
+    out = tmp_path / "out"
+    data = variants.run({"r32": str(tiny_package)}, "tiny", out, height=128, width=128, text_tokens=16,
+                        lora_dir=tmp_path / "loras", graph_variant="r32")
+    # step and step with no LoRA, then the graph pass's step; then the breakdowns, the LoRA active in the first only
+    assert events == ["time"] * 3 + [("profile", [("r16-attn", 1.0)]), ("profile", [])]
+    assert len(loaded) == 4  # two timed passes, and a fresh load for each breakdown
+    measured = data["variants"]["r32"]
+    assert measured["breakdown"]["total_ms"] > 0 and measured["breakdown_no_lora"]["total_ms"] > 0
+    assert json.loads((out / "variants.json").read_text())["variants"]["r32"]["breakdown"] == measured["breakdown"]
+
+
+def test_compare_top_kernels_follow_every_timed_figure(tiny_package, tmp_path, monkeypatch):
+    """`bench.compare`: the top kernels (profiler sessions) of the recipe and aotpack run after every contender is
+    timed, aotpack's on its package loaded again with r64-all in slots, as its step was timed."""
+    from aotpack.bench import compare, loras, serve_demo, timing
+
+    events, loaded = [], []
+
+    class Stopwatch(timing.Stopwatch):
+        def __enter__(self):
+            events.append("time")
+            return super().__enter__()
+
+    for module in (compare, serve_demo):  # every timed figure: CUDA-event steps and wall-clock blocks
+        monkeypatch.setattr(module, "time_ms", _recorded(events, "time", timing.time_ms))
+        monkeypatch.setattr(module, "Stopwatch", Stopwatch)
+    monkeypatch.setattr(compare, "kernel_profiles_on", lambda device: True)  # the GPU's path, on the CPU
+    monkeypatch.setattr(compare, "load_package", _loads_recorded(loaded, compare.load_package))
+    monkeypatch.setattr(compare, "top_kernels", _recorded(events, "profile", timing.top_kernels))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)  # the recipe eager: no Inductor
+    # r64-all at the tiny package's max rank (32), still the widest target set (PEFT hotswap swaps subsets of it in)
+    monkeypatch.setitem(loras.BENCH_LORAS, "r64-all", (32, *loras.BENCH_LORAS["r64-all"][1:]))
+    out = tmp_path / "out"
+    data = compare.run(str(tiny_package), "tiny", out, height=128, width=128, steps=1, text_tokens=16,
+                       lora_dir=tmp_path / "loras")
+    first_profile = events.index("profile")
+    assert events[first_profile:] == ["profile", "profile"] and events.count("time") > 10
+    assert [served.active for served in loaded] == [[("r64-all", 1.0)]] and not loaded[0].transformer.merged
+    written = json.loads((out / "bench.json").read_text())
+    for key in ("aotpack", "compiled_recipe_regional"):
+        assert data[key]["top_kernels"] and written[key]["top_kernels"] == data[key]["top_kernels"]

@@ -20,7 +20,7 @@ import torch
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
-from . import images
+from . import images, timing
 from .compare import Report, _free, recipe_transformer, shared_workload
 from .fidelity import effect_strength, lora_effect_error
 from .loras import write_bench_loras
@@ -95,34 +95,19 @@ def _fidelity(output, base_output, ref_lora, ref_base) -> dict:
             "lora_effect_strength": effect_strength(output, base_output, ref_lora, ref_base)}
 
 
-class Profiles:
-    """Kernel breakdowns queued while timing and run once every contender is timed: a finished profiler session
-    slows what the process runs next (timing.kernel_rows), so no timed figure may follow one. Each job first
-    puts its model back into the mode it profiles; the models stay alive until `run` has profiled them."""
+class Profiles(timing.Profiles):
+    """The speed bench's kernel breakdowns (`timing.Profiles`), all at one workload size. Each job first puts its
+    model back into the mode it profiles; the models stay alive until `run` has profiled them."""
 
     def __init__(self, size):
+        super().__init__()
         self.size = size  # the workload size every breakdown runs at (None: no breakdowns)
-        self._jobs = []
 
-    def queue(self, target: dict, model, workloads: dict, device, prepare=None, finish=None) -> None:
+    def queue_breakdown(self, target: dict, model, workloads: dict, device, prepare=None, finish=None) -> None:
         """Profile `model` on the breakdown size into `target["breakdown"]`, after `prepare()`; `finish()` after."""
         if self.size in workloads:
-            self._jobs.append((target, model, workloads[self.size], device, prepare, finish))
-
-    def run(self) -> None:
-        jobs, self._jobs = self._jobs, []
-        for target, model, inputs, device, prepare, finish in jobs:
-            try:
-                if prepare is not None:
-                    prepare()
-                target["breakdown"] = _breakdown(model, inputs, device)
-            except Exception as err:  # noqa: BLE001 -- recorded, the timed figures stand without it
-                target["breakdown_error"] = f"{type(err).__name__}: {err}"[:500]
-            finally:
-                if finish is not None:
-                    finish()
-        del jobs
-        _free()
+            inputs = workloads[self.size]
+            self.queue(target, "breakdown", lambda: _breakdown(model, inputs, device), prepare, finish)
 
 
 def _mode(model, workloads, device, repeats, refs, base_outputs, profiles: Profiles, *, with_lora=True,
@@ -141,7 +126,7 @@ def _mode(model, workloads, device, repeats, refs, base_outputs, profiles: Profi
         sizes[size]["_output"] = output
     result = {} if into is None else into
     result["sizes"] = sizes
-    profiles.queue(result, model, workloads, device, prepare, finish)
+    profiles.queue_breakdown(result, model, workloads, device, prepare, finish)
     return result
 
 
@@ -262,7 +247,7 @@ def _graph_modes(served, workloads, device, repeats, lora, eager_chain, profiles
                 sizes[size] = row
             result[mode] = {"sizes": sizes}
             if mode == "slots":
-                profiles.queue(result[mode], transformer, workloads, device, **slots_mode)
+                profiles.queue_breakdown(result[mode], transformer, workloads, device, **slots_mode)
         result["graphs_captured"] = transformer._step_graphs.captures
         served.set_loras([])
     except Exception as err:  # noqa: BLE001 -- recorded, the plain modes still count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -86,6 +87,42 @@ def reset_peak_memory(device) -> float:
         return 0.0
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device) / 2**30
+
+
+def kernel_profiles_on(device) -> bool:
+    """Whether the compare and variants benches profile kernels on `device`: on a GPU only, where kernel times are
+    what they compare (tests patch it to check, on the CPU, when the profiles run)."""
+    return torch.device(device).type == "cuda"
+
+
+class Profiles:
+    """Profiler sessions queued while timing and run once every contender is timed: a finished session slows what
+    the process runs next (`kernel_rows`), so no timed figure may follow one. What a job profiles stays alive
+    until it has run, and no longer: a contender no later job holds is freed before the next job runs."""
+
+    def __init__(self):
+        self._jobs = []
+
+    def queue(self, target: dict, key: str, profile, prepare=None, finish=None) -> None:
+        """At `run()`: `prepare()` (puts back the state `profile` measures), `target[key] = profile()`, `finish()`."""
+        self._jobs.append((target, key, profile, prepare, finish))
+
+    def run(self) -> None:
+        while self._jobs:
+            target, key, profile, prepare, finish = self._jobs.pop(0)
+            try:
+                if prepare is not None:
+                    prepare()
+                target[key] = profile()
+            except Exception as err:  # noqa: BLE001 -- recorded, the timed figures stand without it
+                target[f"{key}_error"] = f"{type(err).__name__}: {err}"[:500]
+            finally:
+                if finish is not None:
+                    finish()
+            del profile, prepare, finish  # the references to this job's model, before the next job runs
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def kernel_rows(fn, device, *, steps: int = 2) -> list[dict]:

@@ -5,9 +5,10 @@
 
 For each package (same model, same request): build and compile seconds and package size from its
 manifest, load time, and the transformer step (median of 10, CUDA events) with a rank-64 LoRA
-active where the package has slots; on a GPU also the kernel-time breakdown with the heaviest
-kernels, the same with no LoRA active (the no-slot programs, where the package has them), and the step
-replayed as one CUDA graph. Writes OUT/variants.json.
+active where the package has slots; on a GPU also the step with no LoRA active (the no-slot programs,
+where the package has them), the step replayed as one CUDA graph, and last, once every step is timed
+(a profiler session slows what follows it), the kernel-time breakdowns with the heaviest kernels, with
+the LoRA and without. Writes OUT/variants.json.
 """
 
 from __future__ import annotations
@@ -23,58 +24,88 @@ import torch
 from ..models.examples import transformer_inputs
 from ..runtime.pipeline import load_package
 from .loras import write_bench_loras
-from .timing import kernel_breakdown, time_ms
+from .timing import Profiles, kernel_breakdown, kernel_profiles_on, time_ms
+
+
+def _load(package: str, model: str):
+    """`package` as every pass loads it: the plain chain (graphs measured after), a LoRA kept in slots (each
+    variant's slotted programs)."""
+    return load_package(package, model, cuda_graphs=False, merge_policy="never")
+
+
+def _activate(served, *, image_tokens: int, text_tokens: int, lora_dir: Path):
+    """The bench LoRA every pass runs where the package has slots (None where it has none), and the step."""
+    name = None
+    if served.manifest.slots:
+        name = "r64-all" if served.manifest.max_rank >= 64 else "r16-attn"  # the largest that fits the slots
+        lora = write_bench_loras(dict(served.transformer.config), lora_dir, names=[name])[name]
+        served.set_loras([(lora, 1.0)])
+    inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
+                                text_tokens=text_tokens, dtype=served.transformer.dtype, device=served.device,
+                                generator=torch.Generator().manual_seed(5))
+
+    def step():
+        return served.transformer(**inputs, return_dict=False)
+
+    return name, step
 
 
 def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path,
-            cuda_graph: bool = False) -> dict:
+            profiles: Profiles, cuda_graph: bool = False) -> dict:
+    """The timed figures of one pass; its kernel breakdowns queued on `profiles`."""
     started = time.perf_counter()
-    # the plain chain (graphs measured after), a LoRA kept in slots: each variant's slotted programs
-    served = load_package(package, model, cuda_graphs=False, merge_policy="never")
+    served = _load(package, model)
     result = {"package": str(package), "load_seconds": time.perf_counter() - started}
     manifest, device = served.manifest, served.device
     result.update(layout=manifest.layout, max_rank=manifest.max_rank, slots=len(manifest.slots),
                   programs=len(manifest.programs), package_mb=manifest.total_bytes(served.package_dir) / 1e6,
                   build_seconds=manifest.build.get("seconds"), compile_seconds=manifest.build.get("compile_seconds"),
                   validation=manifest.validation)
-    if manifest.slots:
-        name = "r64-all" if manifest.max_rank >= 64 else "r16-attn"  # the largest that fits the slots
-        lora = write_bench_loras(dict(served.transformer.config), lora_dir, names=[name])[name]
-        served.set_loras([(lora, 1.0)])
+    workload = dict(image_tokens=image_tokens, text_tokens=text_tokens, lora_dir=lora_dir)
+    name, step = _activate(served, **workload)
+    if name:
         result["active_lora"] = name
-    inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
-                                text_tokens=text_tokens, dtype=served.transformer.dtype, device=device,
-                                generator=torch.Generator().manual_seed(5))
-
-    def step():
-        return served.transformer(**inputs, return_dict=False)
-
     with torch.no_grad():
         result["step"] = time_ms(step, device, warmup=3, repeats=10)
-        if cuda_graph and device.type == "cuda":
-            try:
-                served.transformer.use_cuda_graphs(True)  # the runtime's own step graphs (cuda_graphs.py)
-                result["step_cuda_graph"] = time_ms(step, device, warmup=3, repeats=10)
-            except Exception as err:  # a lever that does not apply is a result, not a crash
-                result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
-        elif device.type == "cuda":  # where the variants differ, kernel by kernel (plain chain)
-            result["breakdown"] = kernel_breakdown(step, device, top_kernels=12)
+        if cuda_graph:
+            if device.type == "cuda":
+                try:
+                    served.transformer.use_cuda_graphs(True)  # the runtime's own step graphs (cuda_graphs.py)
+                    result["step_cuda_graph"] = time_ms(step, device, warmup=3, repeats=10)
+                except Exception as err:  # a lever that does not apply is a result, not a crash
+                    result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
+        elif kernel_profiles_on(device):  # where the variants differ, kernel by kernel (plain chain)
+            profiles.queue(result, "breakdown", lambda: breakdown(package, model, with_lora=True, **workload))
             if manifest.slots and served.transformer.has_no_slot_programs:  # and with no LoRA: the no-slot programs
                 served.set_loras([])
                 result["step_no_lora"] = time_ms(step, device, warmup=3, repeats=10)
-                result["breakdown_no_lora"] = kernel_breakdown(step, device, top_kernels=12)
+                profiles.queue(result, "breakdown_no_lora",
+                               lambda: breakdown(package, model, with_lora=False, **workload))
     print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
     return result
 
 
+def breakdown(package: str, model: str, *, with_lora: bool, **workload) -> dict:
+    """`measure`'s plain-chain step kernel by kernel, on `package` loaded again (its LoRA active, or none): kept
+    loaded until every variant is timed, all the packages' weights would be on the GPU at once."""
+    served = _load(package, model)
+    _, step = _activate(served, **workload)
+    if not with_lora:
+        served.set_loras([])
+    with torch.no_grad():
+        return kernel_breakdown(step, served.device, top_kernels=12)
+
+
 def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: int, text_tokens: int,
         lora_dir: Path, graph_variant: str | None = None) -> dict:
-    """Every variant's step first; then, last (a capture that crashes must not cost the rest), the
-    `graph_variant` package again with its step also replayed as one CUDA graph."""
+    """Every variant's step first; then (a capture that crashes must not cost the rest) the `graph_variant`
+    package again with its step also replayed as one CUDA graph; last, after every timed step, the kernel
+    breakdowns, one package loaded at a time."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
                "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "variants": {}}
+    profiles = Profiles()
     passes = [(label, package, False) for label, package in variants.items()]
     if graph_variant in variants:
         passes.append((graph_variant, variants[graph_variant], True))
@@ -84,11 +115,13 @@ def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: 
         else:
             _record(results["variants"], label, graph,
                     measure(label, package, model, image_tokens=(height // 16) * (width // 16),
-                            text_tokens=text_tokens, lora_dir=lora_dir, cuda_graph=graph))
+                            text_tokens=text_tokens, lora_dir=lora_dir, profiles=profiles, cuda_graph=graph))
         gc.collect()  # the previous package's programs and weights go before the next loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         (out / "variants.json").write_text(json.dumps(results, indent=2, default=str))
+    profiles.run()  # into the entries already written: written again below
+    (out / "variants.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
