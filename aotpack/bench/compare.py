@@ -14,7 +14,6 @@ Writes OUT/bench.json progressively, so a run cut short still reports what it me
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from .timing import (
     Profiles,
     Stopwatch,
     bench_device,
+    free_memory,
     kernel_profiles_on,
     peak_memory_gb,
     reset_peak_memory,
@@ -49,14 +49,13 @@ class Report:
 
     def __setitem__(self, key, value):
         self.data[key] = value
-        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        self.save()
         print(f"[bench] {key}: {json.dumps(value, default=str)[:400]}", flush=True)
 
 
-def _free(*objects):
-    del objects
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    def save(self) -> None:
+        """Write the report as it stands (also after entries were filled in place)."""
+        self.path.write_text(json.dumps(self.data, indent=2, default=str))
 
 
 def _dynamo_graph_count() -> int:
@@ -90,7 +89,8 @@ def eager_peft(name: str, dtype, device, inputs: dict, loras: dict, request: dic
         output = model(**inputs, return_dict=False)[0].float()
     result["image_seconds"] = image_seconds(name, dtype, device, model, request)
     result["peak_gpu_gb"] = peak_memory_gb(device)
-    _free(model)
+    del model
+    free_memory()
     return result, output
 
 
@@ -209,7 +209,8 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     report["aotpack"] = {**{k: demo[k] for k in ("load_seconds", "load_peak_gpu_gb", "bf16_weights_gb", "step",
                                                  "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb",
                                                  "manifest")}, **levers}
-    _free(served)
+    del served, fitted  # the package goes before eager's and the recipe's timings and peaks
+    free_memory()
 
     eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras, request)
     eager["aotpack_rel_error_vs_eager"] = relative_error(aotpack_output, eager_output)
@@ -223,9 +224,7 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
         profiles.queue(report.data["aotpack"], "top_kernels",
                        lambda: aotpack_top_kernels(package, model, loras["r64-all"], inputs))
     profiles.run()  # every timed figure is in: now the top kernels
-    for key in ("aotpack", "compiled_recipe_regional"):
-        if key in report.data:
-            report[key] = report.data[key]  # written again, with the top kernels
+    report.save()  # with them
     return report.data
 
 

@@ -21,12 +21,13 @@ from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
 from . import images, timing
-from .compare import Report, _free, recipe_transformer, shared_workload
+from .compare import Report, recipe_transformer, shared_workload
 from .fidelity import effect_strength, lora_effect_error
 from .loras import write_bench_loras
 from .timing import (
     CATEGORIES,
     bench_device,
+    free_memory,
     kernel_breakdown,
     peak_memory_gb,
     reset_peak_memory,
@@ -73,7 +74,8 @@ def eager(name, dtype, device, workloads, lora: Path, repeats, sweep: dict | Non
         output = _out(model, workloads[first])
         result["sweep"][std] = {"lora": output, "lora_effect_relative": relative_error(output, result[first]["base"])}
     result["peak_gpu_gb"] = peak_memory_gb(device)
-    _free(model)
+    del model
+    free_memory()
     return result
 
 
@@ -344,9 +346,7 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
         except Exception as err:  # noqa: BLE001 -- recorded; aotpack's figures stand on their own
             report["recipe"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     profiles.run()  # every timed figure is in: now the kernel breakdowns
-    for key in ("aotpack", "recipe"):
-        if key in report.data:
-            report[key] = report.data[key]  # written again, with the breakdowns
+    report.save()  # with them
     (out / "speed.md").write_text(markdown(report.data))
     return report.data
 

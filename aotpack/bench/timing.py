@@ -95,6 +95,14 @@ def kernel_profiles_on(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def free_memory() -> None:
+    """Collect what the caller just dropped (`del`) and hand the allocator's cached blocks back, so the next
+    contender's timings and peak start from what is really held."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Profiles:
     """Profiler sessions queued while timing and run once every contender is timed: a finished session slows what
     the process runs next (`kernel_rows`), so no timed figure may follow one. What a job profiles stays alive
@@ -120,9 +128,7 @@ class Profiles:
                 if finish is not None:
                     finish()
             del profile, prepare, finish  # the references to this job's model, before the next job runs
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
 
 
 def kernel_rows(fn, device, *, steps: int = 2) -> list[dict]:
