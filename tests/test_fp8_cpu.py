@@ -19,13 +19,15 @@ from aotpack.store.manifest import read_manifest
 
 FUSED_CALLS: list[bool] = []
 QK_CALLS: list[int] = []
+NORM_CALLS: list[bool] = []
 
 
 def _build_fp8(tmp_path_factory):
-    """The h200 recipe's mechanics at tiny size, with its kernel levers fused_gelu_quant and fused_qk_norm_rope on."""
+    """The h200 recipe's mechanics at tiny size, with its kernel levers fused_gelu_quant, fused_qk_norm_rope and
+    fused_norm_quant on."""
     import torchao.quantization.quant_api as quant_api
 
-    from aotpack.models import fused_quant, qk_norm_rope
+    from aotpack.models import fused_quant, norm_quant, qk_norm_rope
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
     recipe.write_text(cpu_test_recipe("cpu-fp8", """
@@ -34,6 +36,7 @@ quantization = "fp8_rowwise"
 max_rank = 16
 fused_gelu_quant = true
 fused_qk_norm_rope = true
+fused_norm_quant = true
 """, tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
@@ -41,6 +44,9 @@ fused_qk_norm_rope = true
                   lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[4]) or _reference(*args))
     patch.setattr(qk_norm_rope, "qk_norm_rope_reference",  # the same for the q/k norm + RoPE op
                   lambda *args, _reference=qk_norm_rope.qk_norm_rope_reference: QK_CALLS.append(args[4].shape[1])
+                  or _reference(*args))
+    patch.setattr(norm_quant, "norm_modulate_quant_reference",  # and for the norm + modulation + quantization op
+                  lambda *args, _reference=norm_quant.norm_modulate_quant_reference: NORM_CALLS.append(args[4])
                   or _reference(*args))
     try:
         return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
@@ -59,6 +65,8 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     assert manifest.quantization["method"] == "fp8_rowwise"
     assert manifest.recipe["fused_gelu_quant"] is True and FUSED_CALLS  # GELU + quantization went through the op
     assert manifest.recipe["fused_qk_norm_rope"] is True and QK_CALLS  # and q/k norms + RoPE through theirs
+    # and each block norm, quantized once: kept for the slotted programs, not for their no-slot twins
+    assert manifest.recipe["fused_norm_quant"] is True and True in NORM_CALLS and False in NORM_CALLS
     assert manifest.build["compile_workers"] == 2
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear

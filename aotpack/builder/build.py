@@ -27,6 +27,8 @@ from ..models.merge_by_address import check_program as check_merge_program
 from ..models.qk_norm_rope import check_kernel_against_reference as check_qk_kernel_against_reference
 from ..models.qk_norm_rope import install_fused_qk_norm_rope
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
+from ..models.norm_quant import check_kernel_against_reference as check_norm_kernel_against_reference
+from ..models.norm_quant import install_fused_norm_quant
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
 from ..models.regions import (
@@ -227,6 +229,10 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             report.info(f"    {install_fused_qk_norm_rope(transformer)} attentions take q/k norms + RoPE in one op")
             if torch.device(device).type == "cuda":
                 check_qk_kernel_against_reference(device)
+        if recipe.fused_norm_quant:  # each block norm + modulation quantized once for its FP8 linears
+            report.info(f"    {install_fused_norm_quant(transformer)} blocks quantize each norm once for their linears")
+            if torch.device(device).type == "cuda":
+                check_norm_kernel_against_reference(device)
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +67,15 @@ def gelu_quant_reference(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Te
     pre = epilogue_sum(pre, bias, delta)
     gelu = F.gelu(pre, approximate="tanh")
     h = torch.cat([prefix, gelu], dim=-1) if prefix.shape[-1] else gelu
-    # amax / 448 in h's dtype, as torchao's eager quantization computes it; floored so a zero row stays finite
-    scale = (h.abs().amax(-1, keepdim=True) / FP8_MAX).float().clamp_min(MIN_SCALE)
-    q = (h.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q, scale = quantize_rows(h)
     return q, scale, (h if keep_input else pre.new_empty(0))
+
+
+def quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(q, scale)`: `h`'s row-wise FP8 quantization as torchao's eager path computes it (the scale amax / 448
+    rounded to h's dtype, then float32), floored so an all-zero row quantizes to zeros where torchao's gives NaN."""
+    scale = (h.abs().amax(-1, keepdim=True) / FP8_MAX).float().clamp_min(MIN_SCALE)
+    return (h.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 @functools.cache
@@ -178,13 +184,48 @@ def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Ten
     return F.linear(activation, weight_view)
 
 
-def _bound_lora(layer: nn.Module) -> bool:
+def bound_lora(layer: nn.Module) -> bool:
+    """Whether `layer` is a LoRA slot with factors bound (it reads its input in the activation dtype)."""
     return isinstance(layer, LoRASlotLinear) and layer.lora_A is not None
 
 
-def unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class QuantizedActivation(NamedTuple):
+    """A linear input quantized once, row-wise to FP8, for every FP8 linear that reads it (`fused_norm_quant`:
+    a block's q/k/v, or q/k/v and MLP, projections). `hidden` is the input in the activation dtype, which only
+    a bound LoRA slot reads; empty otherwise (it still carries the dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def new_empty_tokens(self) -> torch.Tensor:
+        """`[B, 0, D]` in the activation dtype (what slicing no tokens off the input gives)."""
+        return self.hidden.new_empty(self.q.shape[0], 0, self.q.shape[-1])
+
+
+def no_features(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """`x[..., :0]` in the activation dtype: an empty concat prefix with x's leading shape."""
+    return x.hidden.new_empty(*x.shape[:-1], 0) if isinstance(x, QuantizedActivation) else x[..., :0]
+
+
+def unsummed_linear(layer: nn.Module | None,
+                    x: torch.Tensor | QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
-    sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself."""
+    sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself. A `QuantizedActivation`
+    goes into the FP8 GEMM as it is (no quantization of its own) and its `hidden` into the LoRA branch."""
+    if isinstance(x, QuantizedActivation):
+        y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
+                                    x.dtype)
+        bias = layer.bias if layer.bias is not None else y.new_empty(0)
+        return y, bias, (layer.lora_delta(x.hidden).to(y.dtype) if bound_lora(layer) else y.new_empty(0))
     if layer is None:
         return x, x.new_empty(0), x.new_empty(0)
     if not isinstance(layer, BiasAfterLinear):
@@ -192,15 +233,20 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor) -> tuple[torch.Ten
         return y, y.new_empty(0), y.new_empty(0)
     y = layer.base(x)
     bias = layer.bias if layer.bias is not None else y.new_empty(0)
-    return y, bias, (layer.lora_delta(x).to(y.dtype) if _bound_lora(layer) else y.new_empty(0))
+    return y, bias, (layer.lora_delta(x).to(y.dtype) if bound_lora(layer) else y.new_empty(0))
+
+
+def linear_output(layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """`layer(x)`, also for a `QuantizedActivation` (added and rounded as the slot's own forward adds)."""
+    return epilogue_sum(*unsummed_linear(layer, x))
 
 
 def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module | None,
-                      x: torch.Tensor) -> torch.Tensor:
+                      x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     """`layer([prefix, gelu(before(x))])` for an FP8 layer (a slot or a bias-after linear): the epilogue of
     `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
     (a context-parallel single block's post program gets it from the pre program)."""
-    lora = _bound_lora(layer)
+    lora = bound_lora(layer)
     pre, bias, delta = unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
@@ -217,8 +263,8 @@ class FusedFeedForward(nn.Module):
         super().__init__()
         self.net = feed_forward.net
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return linear_after_gelu(self.net[2], hidden_states[..., :0], self.net[0].proj, hidden_states)
+    def forward(self, hidden_states: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return linear_after_gelu(self.net[2], no_features(hidden_states), self.net[0].proj, hidden_states)
 
 
 class GeluIntoProjOut(nn.Module):
@@ -233,16 +279,6 @@ class GeluIntoProjOut(nn.Module):
 def gelu_goes_into_proj_out(block: nn.Module) -> bool:
     """Whether a single block's MLP GELU runs inside its `proj_out` (`install_fused_gelu_quant` marked it)."""
     return isinstance(getattr(block, "act_mlp", None), GeluIntoProjOut)
-
-
-def fused_single_block(block: nn.Module, joint: torch.Tensor, temb: torch.Tensor, rotary) -> torch.Tensor:
-    """diffusers' `FluxSingleTransformerBlock.forward` on the joint sequence, with `proj_out(cat([attention,
-    gelu(mlp)]))` as one `linear_after_gelu` (the concat is never written out)."""
-    norm_hidden_states, gate = block.norm(joint, emb=temb)
-    attention = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=rotary)
-    projected = linear_after_gelu(block.proj_out, attention, block.proj_mlp, norm_hidden_states)
-    joint = joint + gate.unsqueeze(1) * projected
-    return joint.clip(-65504, 65504) if joint.dtype == torch.float16 else joint
 
 
 def install_fused_gelu_quant(transformer: nn.Module) -> int:
@@ -295,14 +331,18 @@ def kernel_errors(device, rows: int = 257) -> dict[str, float]:
     return errors
 
 
-def check_kernel_against_reference(device, tolerance: float = 1e-2) -> None:
-    """Refuse a build whose GPU kernel parts from the reference: the build validation compares programs
-    with eager runs of the same op, so it would not see a kernel that is wrong in both."""
+def refuse_kernel_errors(kernel: str, lever: str, device, errors: dict[str, float], tolerance: float = 1e-2) -> None:
+    """Refuse a build whose GPU kernel parts from its reference (`errors`: relative L2 per case): the build
+    validation compares programs with eager runs of the same op, so it would not see a kernel wrong in both."""
     from ..errors import ValidationFailedError
 
-    errors = kernel_errors(device)  # a second or two on the GPU, once per build
     if max(errors.values()) > tolerance:
         raise ValidationFailedError(
-            f"the fused GELU + FP8 quantization kernel disagrees with its reference on {device}: "
+            f"the {kernel} kernel disagrees with its reference on {device}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()) + f" (relative L2; limit {tolerance})",
-            "set fused_gelu_quant = false in the recipe and report it with `aotpack doctor` output")
+            f"set {lever} = false in the recipe and report it with `aotpack doctor` output")
+
+
+def check_kernel_against_reference(device) -> None:
+    """`refuse_kernel_errors` for the GELU kernel (a second or two on the GPU, once per build)."""
+    refuse_kernel_errors("fused GELU + FP8 quantization", "fused_gelu_quant", device, kernel_errors(device))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_quant import fused_single_block, gelu_goes_into_proj_out
+from .fused_blocks import fused_double_block, fused_single_block
+from .fused_quant import gelu_goes_into_proj_out
+from .norm_quant import fuses_norm_quant
 from .slots import LoRASlotLinear, bind_slot_tensors, lora_input_names, slot_modules
 
 PROLOGUE, DOUBLE_BLOCK, SINGLE_BLOCK, EPILOGUE, WHOLE = "prologue", "double_block", "single_block", "epilogue", "whole"
@@ -118,9 +120,13 @@ class BlockRegion(Region):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, lora):
         self.bind_lora(lora)
-        encoder_hidden_states, hidden_states = self.body(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
-            image_rotary_emb=(rotary_cos, rotary_sin))
+        if fuses_norm_quant(self.body):  # recipe lever fused_norm_quant
+            encoder_hidden_states, hidden_states = fused_double_block(
+                self.body, hidden_states, encoder_hidden_states, temb, (rotary_cos, rotary_sin))
+        else:
+            encoder_hidden_states, hidden_states = self.body(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                image_rotary_emb=(rotary_cos, rotary_sin))
         # Programs assume contiguous inputs (AOTInductor does not check strides), and a single
         # block returns slices of one buffer: hand the next program dense tensors.
         return encoder_hidden_states.contiguous(), hidden_states.contiguous()

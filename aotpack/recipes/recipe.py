@@ -45,6 +45,7 @@ class Recipe:
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
+    fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
     # each slotted block program also compiled without slots, run while no LoRA is live or the set is merged;
@@ -132,6 +133,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         group_lora_down=fields.value("group_lora_down", bool, False),
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
+        fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),
@@ -141,6 +143,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.fused_gelu_quant and recipe.quantization != "fp8_rowwise":
         raise fields.error("fused_gelu_quant", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                                f"{recipe.quantization!r}): it fuses the FP8 quantization")
+    if recipe.fused_norm_quant and not (recipe.fused_gelu_quant and recipe.fused_qk_norm_rope):
+        raise fields.error("fused_norm_quant", "= true needs fused_gelu_quant = true and fused_qk_norm_rope = true: "
+                                               "the blocks' MLPs and attentions take its quantized norms")
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")
