@@ -131,7 +131,9 @@ def test_lever_needs_fp8_and_excludes_the_sigmoid_gelu(tmp_path):
     text = (Path(recipes.__file__).parent / "h200.toml").read_text()
     assert "\nfused_gelu_quant = true\n" in text and recipes.load_recipe("h200").fused_gelu_quant is True  # the default there
     unfused = tmp_path / "unfused.toml"
-    unfused.write_text(text.replace("fused_gelu_quant = true", "fused_gelu_quant = false"))
+    # fused_norm_quant needs this lever: off with it
+    unfused.write_text(text.replace("fused_gelu_quant = true", "fused_gelu_quant = false")
+                       .replace("fused_norm_quant = true", "fused_norm_quant = false"))
     assert recipes.load_recipe(unfused).fused_gelu_quant is False
     for bad_text, words in ((text.replace('quantization = "fp8_rowwise"', 'quantization = "none"'),
                              ["fused_gelu_quant", "fp8_rowwise", "'none'"]),

@@ -112,12 +112,17 @@ def test_a_quantized_activation_feeds_every_reader_without_quantizing_again(monk
     assert "aten::_scaled_mm" in names and not any("amax" in name for name in names)
 
 
-def test_lever_needs_the_other_levers(tmp_path, monkeypatch):
+def test_lever_is_the_hopper_default_and_needs_the_other_levers(tmp_path, monkeypatch):
     from pathlib import Path
 
     from aotpack.recipes import recipe as recipes
 
-    text = (Path(recipes.__file__).parent / "h200.toml").read_text().replace("\nfused_norm_quant = true\n", "\n")
+    text = (Path(recipes.__file__).parent / "h200.toml").read_text()
+    assert "\nfused_norm_quant = true\n" in text and recipes.load_recipe("h100").fused_norm_quant  # the default there
+    text = text.replace("\nfused_norm_quant = true\n", "\n")
+    off = tmp_path / "off.toml"
+    off.write_text(text)
+    assert recipes.load_recipe(off).fused_norm_quant is False  # off unless a recipe turns it on
     on = tmp_path / "on.toml"
     on.write_text(text.replace("[shapes]", "fused_norm_quant = true\n[shapes]", 1))
     assert recipes.load_recipe(on).fused_norm_quant is True and recipes.load_recipe(on).to_json()["fused_norm_quant"]

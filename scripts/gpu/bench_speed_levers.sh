@@ -14,8 +14,9 @@
 #    qk_unfused: fused_qk_norm_rope = false (Inductor's own q/k norm + RoPE kernels; the default runs them as
 #      one Triton kernel per tensor, models/qk_norm_rope.py, since 2026-12-01n); the variants bench also steps
 #      each package with no LoRA (no-slot programs);
-#    normquant: fused_norm_quant = true (each block norm + modulation quantized once for its FP8 linears in one
-#      Triton kernel, models/norm_quant.py; Inductor's fused reduction writes one copy per linear);
+#    norm_unfused: fused_norm_quant = false (Inductor's own norm + modulation + quantization reduction, one copy
+#      per linear; the default quantizes each block norm once in one Triton kernel, models/norm_quant.py, since
+#      2026-12-03c). unfused, gelu, gelu_ff and qk_unfused turn it off too: it needs both of those levers;
 #    rebuilt: h200.toml as it is, built by this checkout (against PACKAGE_TAR, built by an earlier one: a code
 #      change that is not a recipe field, e.g. a kernel's launch config or what an op computes);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
@@ -48,11 +49,11 @@ fi
 sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
   aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
 { cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
-sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/unfused.toml
+sed 's/^fused_norm_quant = true/fused_norm_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/norm_unfused.toml
+sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/unfused.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
-sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' aotpack/recipes/h200.toml > /tmp/recipes/qk_unfused.toml
-sed 's/^\[shapes\]/fused_norm_quant = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/normquant.toml
+sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/qk_unfused.toml
 cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
