@@ -66,8 +66,9 @@ def _norm_modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: tor
     wrap_triton(norm_modulate_quant_kernel)[(batch * tokens,)](
         x, shift, scale, q, row_scale, h if keep_input else x.new_empty(1), tokens, shift.stride(0), scale.stride(0),
         eps, WIDTH=width, BLOCK=block, KEEP_INPUT=keep_input,
-        # 2 warps: fastest at the 1024^2 image and joint shapes, 0.0265 vs 0.0334 ms (8 warps) per single-block
-        # call; the 512 text rows take ~7 us at any count (H200, 2026-12-03, scripts/gpu/probe_norm_quant_kernel.py)
+        # 2 warps: fastest at the 1024^2 image and joint shapes, 0.0243 vs 0.0365 ms (8 warps) per single-block
+        # call; the 512 text rows take ~7 us at any count (H200, 2026-12-03, scripts/gpu/probe_norm_quant_kernel.py,
+        # benchmarks/results/2026-12-03c-h200-norm-quant/b-probe-integer-rounding)
         num_warps=num_warps or 2)
     return q, row_scale, h
 
