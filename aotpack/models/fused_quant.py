@@ -206,14 +206,15 @@ class QuantizedActivation(NamedTuple):
     def dtype(self) -> torch.dtype:
         return self.hidden.dtype
 
-    def new_empty_tokens(self) -> torch.Tensor:
-        """`[B, 0, D]` in the activation dtype (what slicing no tokens off the input gives)."""
-        return self.hidden.new_empty(self.q.shape[0], 0, self.q.shape[-1])
-
 
 def no_features(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     """`x[..., :0]` in the activation dtype: an empty concat prefix with x's leading shape."""
     return x.hidden.new_empty(*x.shape[:-1], 0) if isinstance(x, QuantizedActivation) else x[..., :0]
+
+
+def no_tokens(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """`x[:, :0]` in the activation dtype: `[B, 0, D]`, an empty token part with x's batch and width."""
+    return x.hidden.new_empty(x.shape[0], 0, x.shape[-1]) if isinstance(x, QuantizedActivation) else x[:, :0]
 
 
 def unsummed_linear(layer: nn.Module | None,

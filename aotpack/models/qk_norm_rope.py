@@ -36,6 +36,7 @@ from .fused_quant import (
     QuantizedActivation,
     epilogue_sum,
     linear_output,
+    no_tokens,
     refuse_kernel_errors,
     register_triton_op,
     unsummed_linear,
@@ -181,8 +182,7 @@ def fused_query_key(attn, hidden_states: torch.Tensor | QuantizedActivation,
         text_q = _projection_parts(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)
         text_k = _projection_parts(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
     else:
-        empty = (hidden_states.new_empty_tokens() if isinstance(hidden_states, QuantizedActivation)
-                 else hidden_states[:, :0])
+        empty = no_tokens(hidden_states)
         text_q = text_k = (empty, empty.new_empty(0), empty.new_empty(0), attn.norm_q.weight)
     eps = attn.norm_q.eps
     query = torch.ops.aotpack.qk_norm_rope(*text_q, *_projection_parts(attn.to_q, hidden_states, attn.norm_q),
