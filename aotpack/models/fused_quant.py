@@ -117,75 +117,8 @@ def _kernel():
     return gelu_quant_fp8_kernel
 
 
-@functools.cache
-def _chunked_kernel():
-    """The same op in two passes over the row, CHUNK columns at a time: the first computes the GELU and the amax
-    (and stores the kept GELU output), the second quantizes, reading the kept output back or computing the GELU
-    again (the row is still in L2). Few registers per program, so several programs share an SM and one's loads
-    overlap another's stores, where the one-pass kernel holds the whole row in registers."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gelu_quant_fp8_chunked_kernel(prefix_ptr, pre_ptr, bias_ptr, delta_ptr, q_ptr, scale_ptr, h_ptr,
-                                      PREFIX: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr,
-                                      HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, KEEP_INPUT: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        total = PREFIX + WIDTH
-        cols = tl.arange(0, CHUNK)
-        amax = tl.zeros([CHUNK], dtype=tl.float32)
-        for start in tl.static_range(0, PREFIX, CHUNK):
-            inside = start + cols < PREFIX
-            a = tl.load(prefix_ptr + row * PREFIX + start + cols, mask=inside, other=0.0)
-            amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
-            if KEEP_INPUT:
-                tl.store(h_ptr + row * total + start + cols, a, mask=inside)
-        for start in range(0, WIDTH, CHUNK):
-            inside = start + cols < WIDTH
-            x = tl.load(pre_ptr + row * WIDTH + start + cols, mask=inside, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                x += tl.load(bias_ptr + start + cols, mask=inside, other=0.0).to(tl.float32)
-                x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
-            if HAS_DELTA:
-                x += tl.load(delta_ptr + row * WIDTH + start + cols, mask=inside, other=0.0).to(tl.float32)
-                x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
-            h = (x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))).to(h_ptr.dtype.element_ty)
-            amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
-            if KEEP_INPUT:
-                tl.store(h_ptr + row * total + PREFIX + start + cols, h, mask=inside)
-        scale = tl.maximum((tl.max(amax, axis=0) / 448.0).to(h_ptr.dtype.element_ty).to(tl.float32), 1e-12)
-        tl.store(scale_ptr + row, scale)
-        for start in tl.static_range(0, PREFIX, CHUNK):
-            inside = start + cols < PREFIX
-            a = tl.load(prefix_ptr + row * PREFIX + start + cols, mask=inside, other=0.0).to(tl.float32)
-            q = tl.clamp(a / scale, -448.0, 448.0)
-            tl.store(q_ptr + row * total + start + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
-        for start in range(0, WIDTH, CHUNK):
-            inside = start + cols < WIDTH
-            if KEEP_INPUT:
-                hf = tl.load(h_ptr + row * total + PREFIX + start + cols, mask=inside, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(pre_ptr + row * WIDTH + start + cols, mask=inside, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x += tl.load(bias_ptr + start + cols, mask=inside, other=0.0).to(tl.float32)
-                    x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
-                if HAS_DELTA:
-                    x += tl.load(delta_ptr + row * WIDTH + start + cols, mask=inside, other=0.0).to(tl.float32)
-                    x = x.to(h_ptr.dtype.element_ty).to(tl.float32)
-                hf = (x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))).to(
-                    h_ptr.dtype.element_ty).to(tl.float32)
-            q = tl.clamp(hf / scale, -448.0, 448.0)
-            tl.store(q_ptr + row * total + PREFIX + start + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
-
-    return gelu_quant_fp8_chunked_kernel
-
-
-# The two-pass kernel's launch: columns per chunk, warps per program (0 chunks: the one-pass kernel)
-CHUNK, CHUNK_WARPS = 2048, 4
-
-
 def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor,
-                       keep_input: bool, num_warps: int | None = None, chunk: int = CHUNK):
+                       keep_input: bool, num_warps: int | None = None):
     import triton
     from torch.library import wrap_triton
 
@@ -199,13 +132,6 @@ def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
     h = torch.empty(*lead, total, dtype=pre.dtype, device=pre.device) if keep_input else pre.new_empty(0)
     h_target = h if keep_input else pre.new_empty(1)
     block = triton.next_power_of_2(total)
-    if chunk:  # the two-pass kernel (scripts/gpu/probe_gelu_quant_kernel.py times both)
-        wrap_triton(_chunked_kernel())[(rows,)](prefix if prefix_width else pre, pre, bias if bias.numel() else pre,
-                                                delta if delta.numel() else pre, q, scale, h_target,
-                                                PREFIX=prefix_width, WIDTH=width, CHUNK=chunk,
-                                                HAS_BIAS=bias.numel() > 0, HAS_DELTA=delta.numel() > 0,
-                                                KEEP_INPUT=keep_input, num_warps=num_warps or CHUNK_WARPS)
-        return q, scale, h
     # an empty input's pointer is never read (its flag is off): `pre` stands in for it
     wrap_triton(_kernel())[(rows,)](prefix if prefix_width else pre, pre, bias if bias.numel() else pre,
                                     delta if delta.numel() else pre, q, scale, h_target, PREFIX=prefix_width,
