@@ -23,7 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
+from aotpack.models.examples import relative_error  # noqa: E402
 from aotpack.models.fused_quant import FP8, _gelu_quant_triton, gelu_quant_reference  # noqa: E402
+from graph_timing import graph_ms  # noqa: E402  same folder
 
 SHAPES = {  # name: (rows, prefix width, GELU width, calls per 1024² step)
     "single_block": (4608, 3072, 12288, 38),
@@ -33,35 +35,16 @@ SHAPES = {  # name: (rows, prefix width, GELU width, calls per 1024² step)
 WARPS = (4, 8, 16)
 
 
-def graph_ms(fn, launches=20, replays=20):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays / launches
-
-
 def bits(t):
     return t.view(torch.uint8) if t.dtype == FP8 else t
 
 
 def against_torch(outputs, reference):
     (q, scale, h), (q_ref, scale_ref, h_ref) = outputs, reference
-    dequant, dequant_ref = q.float() * scale, q_ref.float() * scale_ref
     return {"fp8_codes_equal": round((bits(q) == bits(q_ref)).float().mean().item(), 6),
             "scales_equal": round((scale == scale_ref).float().mean().item(), 6),
             "gelu_equal": round((h == h_ref).float().mean().item(), 6) if h.numel() else None,
-            "rel_error": float((dequant - dequant_ref).norm() / dequant_ref.norm())}
+            "rel_error": relative_error(q.float() * scale, q_ref.float() * scale_ref)}
 
 
 def main(out_path):

@@ -21,6 +21,7 @@ sys.path.insert(0, ".")
 from aotpack.models.examples import relative_error  # noqa: E402
 from aotpack.models.fused_quant import quantize_rows  # noqa: E402
 from aotpack.models.norm_quant import _norm_modulate_quant_triton, norm_modulate_quant_reference  # noqa: E402
+from graph_timing import graph_ms  # noqa: E402  same folder
 
 SHAPES = {  # name: (tokens, calls per 1024² step)
     "single_block": (4608, 38),
@@ -62,24 +63,6 @@ def stages(generator):
                                                                   q_ref.float() * scale_ref),
         "kernel_q_rel_error_vs_eager": relative_error(q.float() * row_scale, q_ref.float() * scale_ref),
     }
-
-
-def graph_ms(fn, launches=20, replays=20):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays / launches
 
 
 def main(out_path):
