@@ -21,7 +21,7 @@ sys.path.insert(0, ".")
 from aotpack.models.examples import relative_error  # noqa: E402
 from aotpack.models.fused_quant import quantize_rows  # noqa: E402
 from aotpack.models.norm_quant import _norm_modulate_quant_triton, norm_modulate_quant_reference  # noqa: E402
-from graph_timing import graph_ms  # noqa: E402  same folder
+from kernel_probe import equal_fraction as same, graph_ms  # noqa: E402  same folder
 
 SHAPES = {  # name: (tokens, calls per 1024² step)
     "single_block": (4608, 38),
@@ -34,11 +34,6 @@ def inputs(tokens, generator):
     x = (3 * torch.randn(1, tokens, 3072, device="cuda", generator=generator) + 0.5).to(torch.bfloat16)
     shift, scale, _ = torch.randn(1, 3 * 3072, device="cuda", generator=generator).to(torch.bfloat16).chunk(3, dim=1)
     return x, shift, scale
-
-
-def same(a, b):
-    return float((a.view(torch.uint8) == b.view(torch.uint8)).float().mean()) if a.dtype == torch.float8_e4m3fn \
-        else float((a == b).float().mean())
 
 
 def stages(generator):

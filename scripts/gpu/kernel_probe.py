@@ -1,5 +1,5 @@
-"""Kernel timing for the GPU probes (imported from this folder): launches captured in a CUDA graph and replayed,
-so an eager `wrap_triton` launch's host time (more than a small kernel takes) stays out of the figure."""
+"""What the kernel probes share (imported from this folder): timing from a CUDA graph, so an eager `wrap_triton`
+launch's host time (more than a small kernel takes) stays out of the figure, and bitwise comparison of outputs."""
 
 import torch
 
@@ -21,3 +21,10 @@ def graph_ms(fn, launches=20, replays=20):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays / launches
+
+
+def equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of elements of `a` and `b` that are equal (FP8 compared by its bits)."""
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return float((a == b).float().mean())
