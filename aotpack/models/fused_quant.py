@@ -140,7 +140,8 @@ def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
                                     # 8 warps: best or near it at every 1024^2 shape but the slotted double
                                     # block, where 16 took 0.097 vs 0.116 ms (H200, scripts/gpu/
                                     # probe_gelu_quant_kernel.py, 2026-12-01m; 0.094 vs 0.111 on 2026-12-03e,
-                                    # -0.33 ms a step by the probe); not yet built and timed in a package
+                                    # -0.33 ms a step by the probe); in a package (2026-12-03g) the kernel took
+                                    # 8.30 vs 8.79 ms a slotted step but the step did not follow: not kept
                                     num_warps=num_warps or (8 if block <= 16384 else 16))
     return q, scale, h
 
