@@ -34,6 +34,13 @@
 # (1.32.0 was used; scripts/gpu/env.sh installs it with the others).
 source scripts/gpu/env.sh
 LEVERS=${LEVERS:-fp8attn cdt}
+# before any build: without the carried cuDNN frontend wheel the fp8attn build fails its validation after ~140 s
+# of compile (2026-12-03: a call spent that way)
+if [[ " $LEVERS " == *" fp8attn "* ]] && ! python3 -c "import cudnn" 2>/dev/null; then
+  echo "the fp8attn lever needs the nvidia-cudnn-frontend wheel in .device/wheels (cp312): on the CPU machine run" \
+    "pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend" >&2
+  exit 1
+fi
 SIZES=${SIZES:-${SIZE:-1024}}
 SIZE=${SIZES%% *}
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
