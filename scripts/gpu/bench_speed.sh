@@ -10,7 +10,7 @@
 # TEXT_TOKENS (512), BATCH (1), PACKAGE_TAR (package.tar of an earlier call: no build), MAX_RANK (the target's; the cpu target's 32 is below the r64 LoRA), SKIP_RECIPE (set to skip the recipe), LORA_STD (random LoRA factor std, default 0.02: raise it for a fidelity that stands above FP8 noise), FIDELITY_STDS (e.g. "0.25,0.4": the fidelity sweep at the first size), PACKAGE (an existing package: no build), RECIPE_MODE (the recipe's torch.compile mode, e.g. reduce-overhead: CUDA graphs), REPEATS (timed steps per mode, default 10: fewer to fit 2048² with the recipe into one call).
 # Time: the recipe compiles again for a second size; SIZES="512,1024" with the recipe ran past 580 s on
 # 2026-12-01 even without a build: one size per call when the recipe is in. 2048² with the recipe: carry the package
-# (PACKAGE_TAR) and try REPEATS=5 (2026-12-03: 1024² took 546 s with the build, 512² 325 s without).
+# (PACKAGE_TAR) and try REPEATS=5 (2026-12-03: 1024² took 546 s with the build, 512² 325-433 s without, 2048² at REPEATS=5 347 s without).
 # CPU smoke test (this machine, minutes):
 #   LOCAL=1 OUT=/tmp/speed MODEL=random:tiny-deep TARGET=cpu MAX_RANK=64 SIZES=64 TEXT_TOKENS=16 bash scripts/gpu/bench_speed.sh
 set -o pipefail
