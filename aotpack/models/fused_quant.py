@@ -137,11 +137,8 @@ def _gelu_quant_triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
                                     delta if delta.numel() else pre, q, scale, h_target, PREFIX=prefix_width,
                                     WIDTH=width, BLOCK=block, HAS_BIAS=bias.numel() > 0,
                                     HAS_DELTA=delta.numel() > 0, KEEP_INPUT=keep_input,
-                                    # 8 warps: best or near it at every 1024^2 shape but the slotted double
-                                    # block, where 16 took 0.097 vs 0.116 ms (H200, scripts/gpu/
-                                    # probe_gelu_quant_kernel.py, 2026-12-01m; 0.094 vs 0.111 on 2026-12-03e,
-                                    # -0.33 ms a step by the probe); in a package (2026-12-03g) the kernel took
-                                    # 8.30 vs 8.79 ms a slotted step but the step did not follow: not kept
+                                    # 8 warps: best or near it at every 1024^2 shape (H200); 16 for the slotted
+                                    # double block was faster alone but not in a package's step (docs/design.md)
                                     num_warps=num_warps or (8 if block <= 16384 else 16))
     return q, scale, h
 
