@@ -9,6 +9,8 @@ so the per-program bound here is looser than the GPU recipes' 3e-2.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from reference import cpu_test_recipe
@@ -22,9 +24,12 @@ QK_CALLS: list[int] = []
 NORM_CALLS: list[bool] = []
 
 
+MODULATION = ["*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear"]
+
+
 def _build_fp8(tmp_path_factory):
     """The h200 recipe's mechanics at tiny size, with its kernel levers fused_gelu_quant, fused_qk_norm_rope and
-    fused_norm_quant on."""
+    fused_norm_quant on, and its AdaLN modulation linears kept in bf16 (unquantized_linears)."""
     import torchao.quantization.quant_api as quant_api
 
     from aotpack.models import fused_quant, norm_quant, qk_norm_rope
@@ -37,7 +42,8 @@ max_rank = 16
 fused_gelu_quant = true
 fused_qk_norm_rope = true
 fused_norm_quant = true
-""", tolerance=0.1, end_to_end=2.0))
+unquantized_linears = %s
+""" % json.dumps(MODULATION), tolerance=0.1, end_to_end=2.0))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op
@@ -71,7 +77,12 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]
-    assert len(flattened) == 2 * 14  # 14 linears in a double block (the 2 AdaLN ones included)
+    assert len(flattened) == 2 * 12  # 14 linears in a double block, the 2 AdaLN ones kept in bf16
+    assert manifest.quantization["unquantized_linears"] == MODULATION
+    from aotpack.store.inspect import format_manifest
+
+    assert "not quantized: *.norm1.linear, *.norm1_context.linear" in format_manifest(manifest)  # `aotpack inspect`
+    assert {"body.norm1.linear.base.weight", "body.norm1_context.linear.base.weight"} <= set(block.constants)
     assert not any(c.endswith("base.bias") for c in block.constants)  # the slot owns the bias
     # its no-slot twin (what runs with no LoRA): no LoRA inputs, and the bias still added after the FP8
     # matmul (cuBLASLt's row-wise FP8 + bias fails for small M)
@@ -162,6 +173,50 @@ def test_fp8_package_merges_through_its_compiled_merge_program(fp8_package, demo
         assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                                b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
                    for a, b in zip(_weight_storages(transformer.lora_modes._layer_weight(name)), originals[name])), name
+
+
+def test_fp8_package_merges_its_bf16_modulation_beside_the_fp8_linears(fp8_package, demo_loras):
+    """A LoRA on every linear of a package whose AdaLN modulation stays in bf16: a merge folds it into both kinds
+    (FP8 rows re-quantized, bf16 weights added in place), moves the output as the slots do, and the unmerge
+    restores every weight bit for bit."""
+    import fnmatch
+
+    import torchao.quantization.quant_api as quant_api
+    from reference import rel_error
+
+    import aotpack
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.runtime.merge import _weight_storages
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(fp8_package, model="tiny")
+    transformer, modes = served.transformer, served.transformer.lora_modes
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                                device="cpu", generator=torch.Generator().manual_seed(3))
+    lora = [(str(demo_loras["tiny-style-all"]), 0.5)]
+    names = [spec.name for spec in read_manifest(fp8_package).slots]
+    modulation = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in MODULATION)]
+    assert modulation and all(modes._layer_weight(n).dtype == torch.bfloat16 and not hasattr(modes._layer_weight(n), "qdata")
+                              for n in modulation)
+    originals = {n: [t.clone() for t in _weight_storages(modes._layer_weight(n))] for n in names}
+    with torch.no_grad():
+        base = transformer(**inputs, return_dict=False)[0].float()
+        served.set_loras(lora)
+        slots = transformer(**inputs, return_dict=False)[0].float()
+        served.set_loras(lora, merge=True)
+        merged = transformer(**inputs, return_dict=False)[0].float()
+    assert set(modulation) <= set(modes.merged_layers)
+    assert all(not torch.equal(modes._layer_weight(n), originals[n][0]) for n in modulation)
+    effect = rel_error(slots, base)
+    assert effect > 1e-2 and rel_error(merged, slots) < 0.25 * effect
+    with torch.no_grad():
+        served.set_loras([])
+        restored = transformer(**inputs, return_dict=False)[0].float()
+    for name in names:
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn
+                   else torch.equal(a, b) for a, b in zip(_weight_storages(modes._layer_weight(name)), originals[name])), name
+    assert torch.equal(restored, base)
 
 
 def test_package_with_the_per_layer_merge_program_merges_in_eager_passes(fp8_package, demo_loras, tmp_path, caplog):

@@ -219,7 +219,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         else:
             names = select_slot_names(transformer, recipe.slots)
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
-                                         quantization=recipe.quantization, slot_names=names)
+                                         quantization=recipe.quantization, slot_names=names,
+                                         unquantized_linears=recipe.unquantized_linears)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
         if recipe.fused_gelu_quant:  # GELU (+ concat) + FP8 quantization in one op; names do not change
             report.info(f"    {install_fused_gelu_quant(transformer)} MLP GELUs fused into the FP8 quantization")
@@ -280,7 +281,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         target=recipe.name, device=recipe.device, gpu_arch=recipe.gpu_arch, versions=versions(),
         model={"id": ref.model_id, "revision": ref.revision, "fingerprint": config_fingerprint(config),
                "config": config},
-        dtype=recipe.dtype, lora_dtype=recipe.lora_dtype, quantization=quantization_record(recipe.quantization),
+        dtype=recipe.dtype, lora_dtype=recipe.lora_dtype,
+        quantization=quantization_record(recipe.quantization, recipe.unquantized_linears),
         attention=recipe.attention, max_rank=recipe.max_rank, slot_patterns=list(recipe.slots), slots=slot_specs,
         shapes=shapes, layout=recipe.layout, programs=programs, validation={},
         build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(), merge_program=merge_program,

@@ -34,11 +34,13 @@ def regional_slot_names(transformer, patterns) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
-def prepare_transformer(transformer, *, dtype: str, device: str, quantization: str, slot_names) -> list[SlotSpec]:
-    """Cast, place, quantize and slot `transformer` in place; returns the slot table."""
+def prepare_transformer(transformer, *, dtype: str, device: str, quantization: str, slot_names,
+                        unquantized_linears=()) -> list[SlotSpec]:
+    """Cast, place, quantize (all block linears but `unquantized_linears`) and slot `transformer` in place;
+    returns the slot table."""
     transformer.requires_grad_(False)
     transformer.to(torch_dtype(dtype))
-    quantized = place_and_quantize(transformer, quantization, device)
+    quantized = place_and_quantize(transformer, quantization, device, tuple(unquantized_linears))
     slotted = set(slot_names)
     specs = install_slots(transformer, list(slot_names))
     detach_biases(transformer, [n for n in quantized if n not in slotted])

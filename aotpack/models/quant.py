@@ -7,13 +7,13 @@ import fnmatch
 import torch
 from torch import nn
 
-from ..errors import AotpackError
+from ..errors import AotpackError, RecipeError
 
 # The blocks hold ~99% of the linear FLOPs; embedders and the output projection stay in bf16.
 FP8_MODULE_PATTERNS = ("transformer_blocks.*", "single_transformer_blocks.*")
 
 
-def quantization_record(method: str) -> dict:
+def quantization_record(method: str, unquantized: tuple[str, ...] = ()) -> dict:
     """What the manifest records, enough for the runtime to quantize a checkpoint the same way."""
     if method == "none":
         return {"method": "none"}
@@ -27,6 +27,8 @@ def quantization_record(method: str) -> dict:
         # torchao's own serialisation: `torchao.core.config.config_from_dict` rebuilds the config
         "config": config_to_dict(_fp8_config()),
         "modules": list(FP8_MODULE_PATTERNS),
+        # block linears the recipe keeps in the activation dtype (`unquantized_linears`); absent in older packages
+        "unquantized_linears": list(unquantized),
         "lora_path": "unquantized",
     }
 
@@ -45,16 +47,26 @@ def _fp8_config():
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
-def _quantized_linear_names(transformer: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in transformer.named_modules()
-        if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in FP8_MODULE_PATTERNS)
-    ]
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def place_and_quantize(transformer: nn.Module, method: str, device: str) -> list[str]:
-    """Move the transformer to `device`, quantizing its block linears on the way; returns their names.
+def _quantized_linear_names(transformer: nn.Module, unquantized: tuple[str, ...] = ()) -> list[str]:
+    """The block linears to quantize: all but those `unquantized` names (fnmatch patterns). A pattern that
+    matches no block linear is refused: a typo would otherwise leave every linear quantized, silently."""
+    blocks = [name for name, module in transformer.named_modules()
+              if isinstance(module, nn.Linear) and _matches(name, FP8_MODULE_PATTERNS)]
+    for pattern in unquantized:
+        if not any(_matches(name, [pattern]) for name in blocks):
+            example = f" (they are named like {blocks[0]!r})" if blocks else ""
+            raise RecipeError(f"unquantized_linears pattern {pattern!r} matches no block linear of this model{example}",
+                               "fix or remove the pattern in the recipe's unquantized_linears")
+    return [name for name in blocks if not _matches(name, unquantized)]
+
+
+def place_and_quantize(transformer: nn.Module, method: str, device: str, unquantized: tuple[str, ...] = ()) -> list[str]:
+    """Move the transformer to `device`, quantizing its block linears (but `unquantized`, fnmatch patterns) on
+    the way; returns their names.
 
     Block by block, so that at most one block's bf16 weights sit on the GPU beside the FP8 ones:
     peak memory while loading stays near the size of the quantized model, not twice the bf16 one.
@@ -67,7 +79,7 @@ def place_and_quantize(transformer: nn.Module, method: str, device: str) -> list
     from torchao.quantization import quantize_
 
     config = _fp8_config()
-    targets = set(_quantized_linear_names(transformer))
+    targets = set(_quantized_linear_names(transformer, tuple(unquantized)))
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     for name, child in transformer.named_children():
         if name not in ("transformer_blocks", "single_transformer_blocks"):

@@ -67,6 +67,8 @@ class TomlFields:
 
     def strings(self, field: str, default=_REQUIRED) -> tuple[str, ...]:
         value = self.value(field, list, default)
+        if value is default:  # absent: the default as it is (it may be empty)
+            return tuple(value)
         if not value or not all(isinstance(v, str) for v in value):
             raise self.error(field, f"= {value!r} should be a non-empty list of strings")
         return tuple(value)

@@ -54,6 +54,9 @@ class Recipe:
     # FP8 CUDA builds also compile merge_and_save_by_address.pt2, the in-place merge (models/merge_by_address.py);
     # false leaves merges to merge_layers.pt2 (r64 on FLUX.1-dev's block linears: 92 ms instead of 31.7 on the H200)
     merge_by_address: bool = True
+    # block linears (fnmatch patterns) kept in `dtype` under an FP8 quantization; the h100/h200 recipes keep the
+    # AdaLN modulation linears, whose FP8 rounding reaches every token (models/quant.py, docs/design.md)
+    unquantized_linears: tuple[str, ...] = ()
 
     def __post_init__(self):
         # also guards `replace` (the build's --parallel override never goes through parse_recipe)
@@ -69,7 +72,7 @@ class Recipe:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        for key in ("slots", "batch", "image_tokens", "text_tokens"):
+        for key in ("slots", "batch", "image_tokens", "text_tokens", "unquantized_linears"):
             data[key] = list(data[key])
         return data
 
@@ -138,8 +141,12 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),
         merge_by_address=fields.value("merge_by_address", bool, True),
+        unquantized_linears=fields.strings("unquantized_linears", ()),
     )
     fields.refuse_unknown()
+    if recipe.unquantized_linears and recipe.quantization == "none":
+        raise fields.error("unquantized_linears", "keeps linears out of a quantization, but this recipe has "
+                                                  "quantization = \"none\"; remove it or set a quantization")
     if recipe.fused_gelu_quant and recipe.quantization != "fp8_rowwise":
         raise fields.error("fused_gelu_quant", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                                f"{recipe.quantization!r}): it fuses the FP8 quantization")

@@ -187,6 +187,13 @@ def _resolve_package_dir(package) -> Path:
     return locate_package(package)
 
 
+def _prepare_as_built(transformer, manifest, device) -> None:
+    """Quantize and slot `transformer` in place exactly as the package's build did (its manifest's record)."""
+    prepare_transformer(transformer, dtype=manifest.dtype, device=device,
+                        quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots],
+                        unquantized_linears=manifest.quantization.get("unquantized_linears", ()))
+
+
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
                  cache_budget_bytes: int | None = None, progress: bool | Progress = False,
                  auto_merge_after: int | None = None, cuda_graphs: bool | None = None,
@@ -216,9 +223,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     with report.stage(f"load {ref.describe()} transformer weights"):
         transformer = load_transformer(ref, torch_dtype(manifest.dtype), device)
     with report.stage(f"quantize ({manifest.quantization['method']}) and add LoRA slots"):
-        prepare_transformer(transformer, dtype=manifest.dtype, device=device,
-                            quantization=manifest.quantization["method"],
-                            slot_names=[s.name for s in manifest.slots])
+        _prepare_as_built(transformer, manifest, device)
     instances = sum(len(p.instances) for p in manifest.programs)
     with report.stage(f"load {instances} program instances and bind weights"):
         compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
@@ -256,8 +261,7 @@ def bind_package(transformer, package, *, device: str | None = None,
     check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
     check_attention_runs_here(manifest.attention)
     device = manifest.run_device(device)
-    prepare_transformer(transformer.eval(), dtype=manifest.dtype, device=device,
-                        quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
+    _prepare_as_built(transformer.eval(), manifest, device)
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
     compiled.use_cuda_graphs(cuda_graphs)
     return compiled

@@ -53,6 +53,9 @@ def format_manifest(manifest: Manifest) -> str:
 
 def _quantization(record: dict) -> str:
     config = record.get("config")
+    kept = record.get("unquantized_linears")
+    kept = f"; not quantized: {', '.join(kept)}" if kept else ""
     if isinstance(config, dict):  # torchao's config_to_dict form
-        return f"{record['method']} ({config.get('_type', 'torchao config')}, torchao {record.get('torchao_version')})"
-    return str(config or record["method"])
+        return (f"{record['method']} ({config.get('_type', 'torchao config')}, torchao {record.get('torchao_version')})"
+                f"{kept}")
+    return str(config or record["method"]) + kept

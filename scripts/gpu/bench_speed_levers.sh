@@ -19,6 +19,8 @@
 #      2026-12-03c). unfused, gelu, gelu_ff and qk_unfused turn it off too: it needs both of those levers;
 #    rebuilt: h200.toml as it is, built by this checkout (against PACKAGE_TAR, built by an earlier one: a code
 #      change that is not a recipe field, e.g. a kernel's launch config or what an op computes);
+#    fp8_mod: without `unquantized_linears` (the AdaLN modulation linears in FP8 too; the default keeps them in bf16
+#      since 2026-12-03j, when this lever was measured the other way round as `bf16_mod`);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
@@ -27,7 +29,8 @@
 # 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar
 #    (to carry as PACKAGE_TAR later);
 # 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
-#    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity).
+#    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity; FIDELITY_STDS,
+#    e.g. 0.4, adds the fidelity sweep at those LoRA factor stds; SPEED_TIMEOUT, default 200 s).
 # Results under $OUT; about 6-7 minutes at 1024^2.
 # The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
@@ -61,6 +64,7 @@ sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' /tmp/recipes/norm_unf
 sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
 sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/qk_unfused.toml
+sed '/^unquantized_linears = /d' aotpack/recipes/h200.toml > /tmp/recipes/fp8_mod.toml
 cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
@@ -112,8 +116,9 @@ done
 speed_lever=${SPEED_LEVER:-}
 [ "${FP8_SPEED:-1}" = 1 ] && [[ " $LEVERS " == *" fp8attn "* ]] && speed_lever=fp8attn
 if [ -n "$speed_lever" ]; then
-  timeout 200 python3 -m aotpack.bench.speed --package "/tmp/levers/$speed_lever" --model random:flux-dev \
-    --out "$OUT/$speed_lever" --sizes "$SIZE" --skip-recipe --lora-std 0.15 > "$OUT/$speed_lever-speed.log" 2>&1
+  timeout "${SPEED_TIMEOUT:-200}" python3 -m aotpack.bench.speed --package "/tmp/levers/$speed_lever" \
+    --model random:flux-dev --out "$OUT/$speed_lever" --sizes "$SIZE" --skip-recipe --lora-std 0.15 \
+    ${FIDELITY_STDS:+--fidelity-stds $FIDELITY_STDS} > "$OUT/$speed_lever-speed.log" 2>&1
   echo "speed bench $speed_lever: exit $?"
   head -40 "$OUT/$speed_lever/speed.md" 2>/dev/null
 fi
