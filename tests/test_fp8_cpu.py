@@ -16,6 +16,7 @@ import torch
 from reference import cpu_test_recipe
 
 from aotpack.builder.build import build_package
+from aotpack.store.inspect import format_manifest
 from aotpack.store.manifest import read_manifest
 
 
@@ -79,8 +80,6 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]
     assert len(flattened) == 2 * 12  # 14 linears in a double block, the 2 AdaLN ones kept in bf16
     assert manifest.quantization["unquantized_linears"] == MODULATION
-    from aotpack.store.inspect import format_manifest
-
     assert "not quantized: *.norm1.linear, *.norm1_context.linear" in format_manifest(manifest)  # `aotpack inspect`
     assert {"body.norm1.linear.base.weight", "body.norm1_context.linear.base.weight"} <= set(block.constants)
     assert not any(c.endswith("base.bias") for c in block.constants)  # the slot owns the bias
@@ -197,8 +196,8 @@ def test_fp8_package_merges_its_bf16_modulation_beside_the_fp8_linears(fp8_packa
     lora = [(str(demo_loras["tiny-style-all"]), 0.5)]
     names = [spec.name for spec in read_manifest(fp8_package).slots]
     modulation = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in MODULATION)]
-    assert modulation and all(modes._layer_weight(n).dtype == torch.bfloat16 and not hasattr(modes._layer_weight(n), "qdata")
-                              for n in modulation)
+    assert modulation and all(modes._layer_weight(n).dtype == torch.bfloat16
+                              and not hasattr(modes._layer_weight(n), "qdata") for n in modulation)
     originals = {n: [t.clone() for t in _weight_storages(modes._layer_weight(n))] for n in names}
     with torch.no_grad():
         base = transformer(**inputs, return_dict=False)[0].float()
@@ -214,8 +213,9 @@ def test_fp8_package_merges_its_bf16_modulation_beside_the_fp8_linears(fp8_packa
         served.set_loras([])
         restored = transformer(**inputs, return_dict=False)[0].float()
     for name in names:
+        restored_weights = _weight_storages(modes._layer_weight(name))
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn
-                   else torch.equal(a, b) for a, b in zip(_weight_storages(modes._layer_weight(name)), originals[name])), name
+                   else torch.equal(a, b) for a, b in zip(restored_weights, originals[name])), name
     assert torch.equal(restored, base)
 
 

@@ -59,12 +59,13 @@ def _quantized_linear_names(transformer: nn.Module, unquantized: tuple[str, ...]
     for pattern in unquantized:
         if not any(_matches(name, [pattern]) for name in blocks):
             example = f" (they are named like {blocks[0]!r})" if blocks else ""
-            raise RecipeError(f"unquantized_linears pattern {pattern!r} matches no block linear of this model{example}",
-                               "fix or remove the pattern in the recipe's unquantized_linears")
+            raise RecipeError(f"unquantized_linears pattern {pattern!r} matches no block linear of this "
+                              f"model{example}", "fix or remove the pattern in the recipe's unquantized_linears")
     return [name for name in blocks if not _matches(name, unquantized)]
 
 
-def place_and_quantize(transformer: nn.Module, method: str, device: str, unquantized: tuple[str, ...] = ()) -> list[str]:
+def place_and_quantize(transformer: nn.Module, method: str, device: str,
+                       unquantized: tuple[str, ...] = ()) -> list[str]:
     """Move the transformer to `device`, quantizing its block linears (but `unquantized`, fnmatch patterns) on
     the way; returns their names.
 
