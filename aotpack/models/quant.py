@@ -80,7 +80,7 @@ def place_and_quantize(transformer: nn.Module, method: str, device: str,
     from torchao.quantization import quantize_
 
     config = _fp8_config()
-    targets = set(_quantized_linear_names(transformer, tuple(unquantized)))
+    targets = set(_quantized_linear_names(transformer, unquantized))
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     for name, child in transformer.named_children():
         if name not in ("transformer_blocks", "single_transformer_blocks"):

@@ -12,7 +12,6 @@ On the GPU machine: `python3 scripts/gpu/probe_fp8_sensitivity.py $OUT/fp8_sensi
 """
 
 import copy
-import fnmatch
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from aotpack.bench.fidelity import effect_strength, lora_effect_error
 from aotpack.bench.loras import write_bench_loras
 from aotpack.models.examples import relative_error
 from aotpack.models.random_weights import make_transformer, preset_config
-from aotpack.models.quant import _fp8_config, _quantized_linear_names
+from aotpack.models.quant import _fp8_config, _matches, _quantized_linear_names
 
 GROUPS = {
     "modulation": ["*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear"],
@@ -47,9 +46,9 @@ GROUPS = {
 
 def _rows(name: str, text: int, image: int) -> int:
     """Rows (tokens) a linear sees per step at batch 1."""
-    if name.endswith("norm1.linear") or name.endswith("norm1_context.linear") or name.endswith("norm.linear"):
+    if _matches(name, GROUPS["modulation"]):
         return 1
-    if any(fnmatch.fnmatchcase(name, p) for p in GROUPS["context_stream"]):
+    if _matches(name, GROUPS["context_stream"]):
         return text
     if name.startswith("transformer_blocks."):
         return image
@@ -96,7 +95,7 @@ def main(out_path: str, size: int = 1024) -> None:
             targets = {n for n, m in reference.named_modules() if isinstance(m, nn.Linear)}
             left_out = []
         else:
-            left_out = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            left_out = [n for n in names if _matches(n, patterns)]
             targets = set(names) - set(left_out)
         model = copy.deepcopy(reference)
         quantize_(model, _fp8_config(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in targets)
