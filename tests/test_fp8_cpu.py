@@ -19,6 +19,7 @@ from aotpack.builder.build import build_package
 from aotpack.recipes.recipe import load_recipe
 from aotpack.store.inspect import format_manifest
 from aotpack.store.manifest import read_manifest
+from aotpack.store.manifest_schema import format_version_for
 
 
 FUSED_CALLS: list[bool] = []
@@ -81,6 +82,8 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]
     assert len(flattened) == 2 * 12  # 14 linears in a double block, the 2 AdaLN ones kept in bf16
     assert manifest.quantization["unquantized_linears"] == MODULATION
+    # the lowest format that says so: an aotpack before format 2 refuses the package instead of quantizing them
+    assert manifest.format_version == 2 == format_version_for(manifest.quantization)
     assert "not quantized: *.norm1.linear, *.norm1_context.linear" in format_manifest(manifest)  # `aotpack inspect`
     assert {"body.norm1.linear.base.weight", "body.norm1_context.linear.base.weight"} <= set(block.constants)
     assert not any(c.endswith("base.bias") for c in block.constants)  # the slot owns the bias

@@ -110,7 +110,11 @@ def refused(package: Path, error=AotpackError) -> AotpackError:
     (lambda d: d["programs"][0]["inputs"][0].update(shape=[-1]), "dimension -1"),
     (lambda d: d.update(programs=[]), "programs is empty"),
     (lambda d: d.update(programs=[d["programs"][0], d["programs"][0]]), "repeats another program"),
-    (lambda d: d.update(format_version=2), "format_version 2"),
+    (lambda d: d.update(format_version=3), "format_version 3"),  # newer than this aotpack reads
+    (lambda d: d.update(format_version=0), "format_version 0"),
+    (lambda d: d.update(format_version=True), "format_version True"),
+    (lambda d: d["quantization"].update(unquantized_linears="*.norm1.linear"), "unquantized_linears is '*.norm1"),
+    (lambda d: d["quantization"].update(unquantized_linears=[3]), "unquantized_linears is [3]"),
     (lambda d: d.update(versions={"torch": 2.13}), "versions['torch'] is 2.13"),
     (lambda d: d.update(quantization={}), "quantization lacks its method"),
 ])

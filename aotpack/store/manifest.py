@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ManifestError, PackageIntegrityError
 from ..models.slots import SlotSpec
-from .manifest_schema import FORMAT_VERSION, OPTIONAL_PROGRAM_FIELDS, check_manifest_data, check_relative_name
+from .manifest_schema import OPTIONAL_PROGRAM_FIELDS, check_manifest_data, check_relative_name
 
 MANIFEST_NAME = "manifest.json"
 
@@ -56,7 +56,7 @@ class Manifest:
     inductor_configs: dict
     recipe: dict
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # the build writes the lowest format its package needs (`format_version_for`)
     merge_program: str | None = None  # FP8 packages: merge_layers.pt2 (earlier: merge_rows.pt2), the compiled merge
     # FP8 CUDA packages: merge_and_save_by_address.pt2, the in-place merge (earlier: merge_by_address.pt2)
     merge_by_address_program: str | None = None

@@ -15,7 +15,12 @@ from pathlib import PurePosixPath
 
 from ..errors import ManifestError
 
-FORMAT_VERSION = 1  # of manifest.json; a reader refuses other versions with the fix
+FORMAT_VERSION = 2  # the newest manifest.json this aotpack reads; a reader refuses newer ones with the fix
+# What each format added. A build writes the lowest format that expresses its package (`format_version_for`), so a
+# package that uses nothing newer stays readable by older aotpacks, and an older aotpack refuses one that does with
+# "install the aotpack version that built it" instead of misreading it (before format 2 a runtime would quantize the
+# linears a format-2 package keeps in bf16 and then fail to bind them).
+FORMAT_ADDITIONS = {2: "quantization.unquantized_linears"}
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -26,15 +31,20 @@ _REQUIRED_ANYWAY = {"files", "format_version"}
 SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 
+def format_version_for(quantization: dict) -> int:
+    """The lowest manifest format that expresses a package with this `quantization` record."""
+    return 2 if quantization.get("unquantized_linears") else 1
+
+
 def check_manifest_data(data, manifest_cls) -> None:
     """Refuse (ManifestError) anything `manifest_cls.from_json` could not use safely."""
 
     if not isinstance(data, dict):
         raise ManifestError(f"manifest.json holds a JSON {_json_type(data)}, not an object", _FIX)
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ManifestError(
-            f"manifest format_version {version!r} is not supported by this aotpack (reads {FORMAT_VERSION})",
+            f"manifest format_version {version!r} is not supported by this aotpack (reads 1 to {FORMAT_VERSION})",
             "rebuild the package with this aotpack version, or install the aotpack version that built it "
             f"({_aotpack_version(data)})",
         )
@@ -125,6 +135,10 @@ def _check_values(data: dict) -> None:
         raise ManifestError("manifest.model lacks its id or fingerprint (strings)", _FIX)
     if not isinstance(data["quantization"].get("method"), str):
         raise ManifestError("manifest.quantization lacks its method (a string)", _FIX)
+    kept = data["quantization"].get("unquantized_linears", [])
+    if not isinstance(kept, list) or not all(isinstance(pattern, str) for pattern in kept):
+        raise ManifestError(f"manifest.quantization.unquantized_linears is {_show(kept)}, expected a list of "
+                            "name patterns (strings)", _FIX)
     _check_shapes(data["shapes"])
     slot_names = set()
     for i, slot in enumerate(data["slots"]):
