@@ -15,12 +15,12 @@ from pathlib import PurePosixPath
 
 from ..errors import ManifestError
 
-FORMAT_VERSION = 2  # the newest manifest.json this aotpack reads; a reader refuses newer ones with the fix
-# What each format added. A build writes the lowest format that expresses its package (`format_version_for`), so a
-# package that uses nothing newer stays readable by older aotpacks, and an older aotpack refuses one that does with
-# "install the aotpack version that built it" instead of misreading it (before format 2 a runtime would quantize the
-# linears a format-2 package keeps in bf16 and then fail to bind them).
-FORMAT_ADDITIONS = {2: "quantization.unquantized_linears"}
+# The newest manifest.json this aotpack reads; a reader refuses newer ones with the fix. Format 2 added
+# `quantization.unquantized_linears`. A build writes the lowest format that expresses its package
+# (`format_version_for`), so a package that uses nothing newer stays readable by older aotpacks, and an older aotpack
+# refuses one that does ("install the aotpack version that built it") instead of misreading it: before format 2 a
+# runtime would quantize the linears a format-2 package keeps in bf16 and then fail to bind them.
+FORMAT_VERSION = 2
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
