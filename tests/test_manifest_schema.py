@@ -337,3 +337,12 @@ def test_quantization_record_is_torchaos_dict_and_rebuilds_the_config():
     assert json.loads(json.dumps(record)) == record  # JSON-safe, as the manifest needs
     assert config_from_dict(record["config"]) == _fp8_config()
     assert quantization_record("none") == {"method": "none"}
+
+
+def test_a_manifest_is_written_in_the_format_its_fields_need(tiny_package):
+    """The format is derived when the manifest is written, not set by its writer: a manifest that keeps linears
+    out of the quantization never claims format 1, which an older aotpack would read and misbind."""
+    manifest = read_manifest(tiny_package)
+    assert manifest.format_version == 1 and manifest.to_json()["format_version"] == 1
+    manifest.quantization = {**manifest.quantization, "unquantized_linears": ["*.norm1.linear"]}
+    assert manifest.format_version == 1 and manifest.to_json()["format_version"] == 2

@@ -50,7 +50,6 @@ from ..progress import Progress
 from ..recipes.recipe import Recipe, load_recipe
 from ..runtime.program import open_program
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
-from ..store.manifest_schema import format_version_for
 from ..store.package_ref import DEFAULT_OUT
 from ..store.program_metadata import stamp_program
 from .compile import compile_programs
@@ -278,14 +277,12 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                                     rank=0 if variant_of != kind else recipe.max_rank))
     del exported
 
-    quantization = quantization_record(recipe.quantization, recipe.unquantized_linears)
     manifest = Manifest(
-        format_version=format_version_for(quantization),
         target=recipe.name, device=recipe.device, gpu_arch=recipe.gpu_arch, versions=versions(),
         model={"id": ref.model_id, "revision": ref.revision, "fingerprint": config_fingerprint(config),
                "config": config},
         dtype=recipe.dtype, lora_dtype=recipe.lora_dtype,
-        quantization=quantization,
+        quantization=quantization_record(recipe.quantization, recipe.unquantized_linears),
         attention=recipe.attention, max_rank=recipe.max_rank, slot_patterns=list(recipe.slots), slots=slot_specs,
         shapes=shapes, layout=recipe.layout, programs=programs, validation={},
         build={}, inductor_configs=recipe.inductor_configs, recipe=recipe.to_json(), merge_program=merge_program,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ManifestError, PackageIntegrityError
 from ..models.slots import SlotSpec
-from .manifest_schema import OPTIONAL_PROGRAM_FIELDS, check_manifest_data, check_relative_name
+from .manifest_schema import OPTIONAL_PROGRAM_FIELDS, check_manifest_data, check_relative_name, format_version_for
 
 MANIFEST_NAME = "manifest.json"
 
@@ -56,7 +56,7 @@ class Manifest:
     inductor_configs: dict
     recipe: dict
     files: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256
-    format_version: int = 1  # the build writes the lowest format its package needs (`format_version_for`)
+    format_version: int = 1  # as read; `to_json` writes at least what the package needs (`format_version_for`)
     merge_program: str | None = None  # FP8 packages: merge_layers.pt2 (earlier: merge_rows.pt2), the compiled merge
     # FP8 CUDA packages: merge_and_save_by_address.pt2, the in-place merge (earlier: merge_by_address.pt2)
     merge_by_address_program: str | None = None
@@ -69,7 +69,9 @@ class Manifest:
         for optional in OPTIONAL_PROGRAM_FIELDS:
             if data[optional] is None:  # absent rather than null: older runtimes read such packages
                 del data[optional]
-        return {"format_version": data.pop("format_version"), **data}
+        # derived, not set by callers: a manifest never claims an older format than its fields need
+        data.pop("format_version")
+        return {"format_version": max(self.format_version, format_version_for(self.quantization)), **data}
 
     @classmethod
     def from_json(cls, data) -> Manifest:
