@@ -259,3 +259,58 @@ def test_runtime_runs_the_package_like_eager_fp8_and_near_diffusers(fp8_attentio
     assert rel_error(compiled, eager_forward) < 3e-3 < 1e-2 < rel_error(eager_forward, plain)
     assert rel_error(ours, eager_fp8) < rel_error(eager_fp8, diffusers_latents)
     assert 5e-3 < rel_error(ours, diffusers_latents) < 0.1
+
+
+def test_min_tokens_takes_bf16_attention_below_it_and_fp8_from_it(tmp_path):
+    """`fp8_attention_min_tokens`: one package, a branch per call on the joint token count (a torch.cond that
+    export keeps): bf16 (here fp32) attention below the threshold, equal to eager diffusers, and the FP8 op
+    from it, equal to eager under the FP8 context."""
+    import aotpack
+    from aotpack.builder.build import build_package
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.models.tiny import make_pipeline
+    from aotpack.store.manifest import read_manifest
+
+    recipe = tmp_path / "cpu-fp8-threshold.toml"
+    recipe.write_text(RECIPE.replace('attention = "cudnn_fp8"', 'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 48'))
+    package = build_package("tiny", str(recipe), out=tmp_path / "pkg", max_rank=0, progress=False)
+    manifest = read_manifest(package)
+    assert manifest.recipe["fp8_attention_min_tokens"] == 48 and manifest.format_version == 3
+    kernels = {p.name: p.attention_kernels for p in manifest.programs}
+    assert kernels["double_block"] == kernels["single_block"] == ["bf16_branch", "cudnn_fp8"]  # both branches
+
+    served = aotpack.load(package, model="tiny")
+    eager = make_pipeline().transformer
+    for image_tokens, text_tokens, takes_fp8 in ((16, 8, False), (32, 15, False), (32, 16, True), (64, 16, True)):
+        inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
+                                    text_tokens=text_tokens, dtype=torch.float32, device="cpu",
+                                    generator=torch.Generator().manual_seed(image_tokens + text_tokens))
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            compiled = served.transformer(**inputs, return_dict=False)[0]
+        calls = len([e for e in profile.events() if e.name == "aotpack::fp8_sdpa"])
+        bf16_calls = len([e for e in profile.events() if e.name == "aotpack::bf16_sdpa"])
+        assert calls + bf16_calls == 4, (calls, bf16_calls)  # 2 double + 2 single blocks, one branch each
+        with torch.no_grad():
+            plain = eager(**inputs, return_dict=False)[0]
+            with attention_context(eager, "cudnn_fp8"):
+                eager_fp8 = eager(**inputs, return_dict=False)[0]
+        tokens = image_tokens + text_tokens
+        if takes_fp8:
+            assert calls == 4, (tokens, calls)
+            assert rel_error(compiled, eager_fp8) < 3e-3 < 5e-3 < rel_error(compiled, plain), tokens  # FP8: 9.8e-3 at 80
+        else:
+            assert calls == 0, (tokens, calls)
+            assert rel_error(compiled, plain) < 1e-4 < 1e-2 < rel_error(plain, eager_fp8), tokens  # 1.6e-5 measured
+
+
+def test_min_tokens_is_checked_where_the_recipe_is_read(tmp_path):
+    from aotpack.recipes.recipe import load_recipe
+
+    for fields, problem in (('attention = "cudnn"\nfp8_attention_min_tokens = 4096', "attention = 'cudnn'"),
+                            ('attention = "cudnn_fp8"\nfp8_attention_min_tokens = -1', "negative")):
+        path = tmp_path / "r.toml"
+        path.write_text(cpu_test_recipe("r", f'dtype = "float32"\n{fields}\nmax_rank = 8', tolerance=0.1,
+                                        end_to_end=0.1))
+        with pytest.raises(RecipeError, match="fp8_attention_min_tokens") as caught:
+            load_recipe(path)
+        assert problem in str(caught.value)

@@ -246,7 +246,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     inputs = transformer_inputs(transformer.config, batch=export_batch,
                                 image_tokens=recipe.example_image_tokens, text_tokens=recipe.example_text_tokens,
                                 dtype=torch_dtype(recipe.dtype), device=device, generator=generator)
-    with attention_context(transformer, recipe.attention):
+    with attention_context(transformer, recipe.attention, recipe.fp8_attention_min_tokens):
         exported = _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report)
     export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
     jobs = [(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported]

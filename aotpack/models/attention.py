@@ -31,6 +31,7 @@ KERNEL_MARKERS = {
     "fa3": "_diffusers_flash_attn_3",
     "cpu_flash": "_scaled_dot_product_flash_attention_for_cpu",
     "cudnn_fp8": "aotpack::fp8_sdpa",
+    "bf16_branch": "aotpack::bf16_sdpa",  # cudnn_fp8 with fp8_attention_min_tokens: bf16 below the threshold
 }
 
 
@@ -40,11 +41,12 @@ def fa3_available() -> bool:
     return bool(is_flash_attn_3_available())
 
 
-def attention_context(transformer, backend: str):
+def attention_context(transformer, backend: str, fp8_min_tokens: int = 0):
     """Context for export + compile that makes the programs use `backend`.
 
     `transformer` may be None when only compiling an already exported program (FA3 is then already
-    baked in as a custom op)."""
+    baked in as a custom op). `fp8_min_tokens` (cudnn_fp8 only, the recipe's `fp8_attention_min_tokens`):
+    shorter sequences take bf16 attention, a branch that export records in the program."""
     if backend == "sdpa":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -63,7 +65,10 @@ def attention_context(transformer, backend: str):
             transformer.set_attention_backend("_flash_3")
         return contextlib.nullcontext()
     if backend == "cudnn_fp8":
-        return _flux_attention_through(_fp8_attention.fp8_attention)
+        attention_fn = _fp8_attention.fp8_attention
+        if fp8_min_tokens > 0:
+            attention_fn = functools.partial(attention_fn, min_tokens=fp8_min_tokens)
+        return _flux_attention_through(attention_fn)
     raise AotpackError(f"unknown attention backend {backend!r}", "use sdpa, cudnn, flash, fa3 or cudnn_fp8")
 
 

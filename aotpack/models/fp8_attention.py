@@ -56,6 +56,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 MIN_SCALE = 1e-12  # an all-zero tensor still gets a usable (finite, non-zero) scale
 OP_NAME = "aotpack::fp8_sdpa"
+BF16_OP_NAME = "aotpack::bf16_sdpa"  # the bf16 branch below `min_tokens`
 
 
 def _check_inputs(q8, k8, v8, descale_q, descale_k, descale_v) -> None:
@@ -226,10 +227,20 @@ def _fp8_sdpa_cuda(q8, k8, v8, descale_q, descale_k, descale_v):
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                   enable_gqa: bool = False, attention_kwargs: dict | None = None, *, backend=None,
-                  parallel_config=None) -> torch.Tensor:
+                  parallel_config=None, min_tokens: int = 0) -> torch.Tensor:
     """Drop-in for diffusers' `dispatch_attention_fn` (same signature) on (B, S, H, D) tensors: FP8
     attention through `aotpack::fp8_sdpa`, returned (B, S, H, D) in the query's dtype. `backend` is
-    ignored (FP8 is the backend); anything the FP8 kernel cannot honour is refused, never dropped."""
+    ignored (FP8 is the backend); anything the FP8 kernel cannot honour is refused, never dropped.
+
+    `min_tokens` > 0 (recipe `fp8_attention_min_tokens`): sequences shorter than that run bf16 attention
+    instead, chosen per call by a `torch.cond` on the token count, which export keeps as a branch of the
+    program (decided on the host from the input's shape: no device sync, CUDA graphs capture one branch
+    per shape). Why: FP8 attention at every length cost 1.5 ms of kernel time a 512^2 step (1536 tokens:
+    the kernel saved nothing, the q/k/v quantization is extra) and saved 3% at 1024^2, 17% at 2048^2 (H200,
+    random weights, benchmarks/results/2026-12-03m-h200-fp8-attention/). The price of the branch: Inductor
+    cannot fuse the quantization into the kernels before the cond, and the bf16 branch is a Python op.
+    There, below the threshold: kernel time +0.3 ms a 512^2 step over the `cudnn` package, but 24 ms more
+    host time in a plain (ungraphed) chain; above it, not measured yet. Opt-in until it is."""
     unsupported = {
         "attn_mask": attn_mask is not None,
         "dropout_p": bool(dropout_p),
@@ -250,8 +261,54 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     head_dim = query.shape[-1]
     q_bound, k_bound = ((None, None) if attn is None else
                         (rms_norm_bound(attn, "q", head_dim), rms_norm_bound(attn, "k", head_dim)))
+    if min_tokens <= 0:
+        return _fp8_attention(query, key, value, q_bound, k_bound)
+    # torch.cond takes tensors only: the bounds that exist travel as operands, their presence in the closure
+    has_bounds = (q_bound is not None, k_bound is not None)
+    bounds = tuple(bound for bound in (q_bound, k_bound) if bound is not None)
+
+    def fp8_branch(q, k, v, *given):
+        given = iter(given)
+        q_b, k_b = (next(given) if present else None for present in has_bounds)
+        return _fp8_attention(q, k, v, q_b, k_b)
+
+    def bf16_branch(q, k, v, *given):
+        return _bf16_attention(q, k, v)
+
+    return torch.cond(query.shape[1] >= min_tokens, fp8_branch, bf16_branch, (query, key, value, *bounds))
+
+
+def _fp8_attention(query, key, value, q_bound, k_bound) -> torch.Tensor:
     (q8, descale_q), (k8, descale_k) = quantize(query.contiguous(), q_bound), quantize(key.contiguous(), k_bound)
     v8, descale_v = quantize(value.contiguous())  # no norm before V: its amax, a full reduction
     out8 = torch.ops.aotpack.fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), descale_q, descale_k,
                                       descale_v)
     return (out8.float() * descale_v).to(query.dtype)
+
+
+def _bf16_attention(query, key, value) -> torch.Tensor:
+    return torch.ops.aotpack.bf16_sdpa(query.contiguous(), key.contiguous(), value.contiguous())
+
+
+# The bf16 branch as an op of its own: aten's cuDNN attention, named in the branch, returns SymInt outputs
+# (max_q, max_k) that `torch.export.save` cannot serialize inside a torch.cond branch ("Unhandled output type
+# SymInt", H200 build, 2026-12-03; the build saves exported programs for its compile workers). Same kernel as
+# the `cudnn` recipes (the SDPA backend is picked in the op, at run time).
+@torch.library.custom_op(BF16_OP_NAME, mutates_args=(), device_types="cpu")
+def bf16_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of (B, S, H, D) q/k/v in their dtype, scale 1/sqrt(D); returns (B, S, H, D), contiguous."""
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).contiguous()
+
+
+@bf16_sdpa.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+@bf16_sdpa.register_kernel("cuda")
+def _bf16_sdpa_cuda(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    return out.transpose(1, 2).contiguous()

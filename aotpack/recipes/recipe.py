@@ -57,6 +57,9 @@ class Recipe:
     # block linears (fnmatch patterns) kept in `dtype` under an FP8 quantization; the h100/h200 recipes keep the
     # AdaLN modulation linears, whose FP8 rounding reaches every token (models/quant.py, docs/design.md)
     unquantized_linears: tuple[str, ...] = ()
+    # with attention = "cudnn_fp8": sequences (text + image tokens) shorter than this take bf16 attention, a branch
+    # in the programs chosen per call (models/fp8_attention.py); 0 = FP8 at every length
+    fp8_attention_min_tokens: int = 0
 
     def __post_init__(self):
         # also guards `replace` (the build's --parallel override never goes through parse_recipe)
@@ -142,11 +145,19 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         no_slot_programs=fields.value("no_slot_programs", bool, True),
         merge_by_address=fields.value("merge_by_address", bool, True),
         unquantized_linears=fields.strings("unquantized_linears", ()),
+        fp8_attention_min_tokens=fields.value("fp8_attention_min_tokens", int, 0),
     )
     fields.refuse_unknown()
     if recipe.unquantized_linears and recipe.quantization == "none":
         raise fields.error("unquantized_linears", "keeps linears out of a quantization, but this recipe has "
                                                   "quantization = \"none\"; remove it or set a quantization")
+    if recipe.fp8_attention_min_tokens < 0:
+        raise fields.error("fp8_attention_min_tokens", f"= {recipe.fp8_attention_min_tokens} is negative; use 0 "
+                                                       "for FP8 attention at every length, or a token count")
+    if recipe.fp8_attention_min_tokens and recipe.attention != "cudnn_fp8":
+        raise fields.error("fp8_attention_min_tokens", f"chooses between FP8 and bf16 attention, but attention = "
+                                                       f"{recipe.attention!r}; set attention = \"cudnn_fp8\" or "
+                                                       "remove the field")
     if recipe.fused_gelu_quant and recipe.quantization != "fp8_rowwise":
         raise fields.error("fused_gelu_quant", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                                f"{recipe.quantization!r}): it fuses the FP8 quantization")

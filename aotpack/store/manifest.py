@@ -71,7 +71,7 @@ class Manifest:
                 del data[optional]
         # derived, not set by callers: a manifest never claims an older format than its fields need
         data.pop("format_version")
-        return {"format_version": max(self.format_version, format_version_for(self.quantization)), **data}
+        return {"format_version": max(self.format_version, format_version_for(self.quantization, self.recipe)), **data}
 
     @classmethod
     def from_json(cls, data) -> Manifest:

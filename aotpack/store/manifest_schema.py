@@ -19,8 +19,10 @@ from ..errors import ManifestError
 # `quantization.unquantized_linears`. A build writes the lowest format that expresses its package
 # (`format_version_for`), so a package that uses nothing newer stays readable by older aotpacks, and an older aotpack
 # refuses one that does ("install the aotpack version that built it") instead of misreading it: before format 2 a
-# runtime would quantize the linears a format-2 package keeps in bf16 and then fail to bind them.
-FORMAT_VERSION = 2
+# runtime would quantize the linears a format-2 package keeps in bf16 and then fail to bind them. Format 3: a recipe
+# with `fp8_attention_min_tokens`, whose programs call `aotpack::bf16_sdpa`, an op older aotpacks do not register
+# (they would load the package and fail at its first short sequence).
+FORMAT_VERSION = 3
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -31,8 +33,10 @@ _REQUIRED_ANYWAY = {"files", "format_version"}
 SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 
-def format_version_for(quantization: dict) -> int:
-    """The lowest manifest format that expresses a package with this `quantization` record."""
+def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
+    """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("fp8_attention_min_tokens"):
+        return 3
     return 2 if quantization.get("unquantized_linears") else 1
 
 
