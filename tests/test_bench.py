@@ -210,13 +210,23 @@ def test_variants_breakdowns_follow_every_timed_step(tiny_package, tmp_path, mon
                         _recorded(events, lambda: ("profile", loaded[-1].active), timing.kernel_breakdown))
     out = tmp_path / "out"
     data = variants.run({"r32": str(tiny_package)}, "tiny", out, height=128, width=128, text_tokens=16,
-                        lora_dir=tmp_path / "loras", graph_variant="r32")
+                        lora_dir=tmp_path / "loras", graph_variants=("r32",))
     # step and step with no LoRA, then the graph pass's step; then the breakdowns, the LoRA active in the first only
     assert events == ["time"] * 3 + [("profile", [("r16-attn", 1.0)]), ("profile", [])]
     assert len(loaded) == 4  # two timed passes, and a fresh load for each breakdown
     measured = data["variants"]["r32"]
     assert measured["breakdown"]["total_ms"] > 0 and measured["breakdown_no_lora"]["total_ms"] > 0
     assert json.loads((out / "variants.json").read_text())["variants"]["r32"]["breakdown"] == measured["breakdown"]
+
+
+def test_variants_refuses_a_graph_variant_it_does_not_time(tmp_path):
+    """`--graph-variant` names a `--variant` label: a typo fails before any package loads, never a silent skip."""
+    from aotpack.bench import variants
+
+    with pytest.raises(ValueError, match=r"\['r64'\] are not among the variants \['r32'\]"):
+        variants.run({"r32": str(tmp_path / "pkg")}, "tiny", tmp_path / "out", height=128, width=128, text_tokens=16,
+                     lora_dir=tmp_path / "loras", graph_variants=("r64",))
+    assert not (tmp_path / "out").exists()
 
 
 def test_compare_top_kernels_follow_every_timed_figure(tiny_package, tmp_path, monkeypatch):

@@ -97,18 +97,20 @@ def breakdown(package: str, model: str, *, with_lora: bool, **workload) -> dict:
 
 
 def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: int, text_tokens: int,
-        lora_dir: Path, graph_variant: str | None = None) -> dict:
-    """Every variant's step first; then (a capture that crashes must not cost the rest) the `graph_variant`
-    package again with its step also replayed as one CUDA graph; last, after every timed step, the kernel
-    breakdowns, one package loaded at a time."""
+        lora_dir: Path, graph_variants: tuple[str, ...] = ()) -> dict:
+    """Every variant's step first; then (a capture that crashes must not cost the rest) each of the
+    `graph_variants` packages again with its step also replayed from CUDA graphs; last, after every timed
+    step, the kernel breakdowns, one package loaded at a time."""
+    unknown = [label for label in graph_variants if label not in variants]
+    if unknown:  # a typo would otherwise skip the graph pass silently
+        raise ValueError(f"graph variants {unknown} are not among the variants {sorted(variants)}")
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
                "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "variants": {}}
     profiles = Profiles()
     passes = [(label, package, False) for label, package in variants.items()]
-    if graph_variant in variants:
-        passes.append((graph_variant, variants[graph_variant], True))
+    passes += [(label, variants[label], True) for label in graph_variants]
     for label, package, graph in passes:
         if not (Path(package) / "manifest.json").exists():  # its build failed or timed out: say so
             results["variants"][label] = {"package": str(package), "failed": "no package (build did not finish)"}
@@ -142,11 +144,12 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--lora-dir", type=Path, default=Path("/tmp/aotpack-bench-loras"))
-    parser.add_argument("--graph-variant", default=None, help="LABEL whose step is also timed as a CUDA graph")
+    parser.add_argument("--graph-variant", action="append", default=[],
+                        help="LABEL whose step is also timed from CUDA graphs (repeatable)")
     args = parser.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
     run(variants, args.model, args.out, height=args.height, width=args.width, text_tokens=args.text_tokens,
-        lora_dir=args.lora_dir, graph_variant=args.graph_variant)
+        lora_dir=args.lora_dir, graph_variants=tuple(args.graph_variant))
 
 
 if __name__ == "__main__":

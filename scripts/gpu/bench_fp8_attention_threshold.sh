@@ -1,46 +1,72 @@
 #!/usr/bin/env bash
-# FP8 attention from a token count (`fp8_attention_min_tokens`, opt-in), one GPU call (device tool; carry .device
-# with the nvidia-cudnn-frontend wheel, and two earlier packages as tars:
-# PREV_TAR = the bf16-attention default of 2026-12-03k, FP8_TAR = the same recipe with FP8 attention at every
-# length, from bench_speed_levers.sh LEVERS=fp8attn KEEP_PACKAGES=1). Builds h200.toml with attention = "cudnn_fp8" and
-# fp8_attention_min_tokens = MIN_TOKENS (default 4096), then steps
-# the packages side by side (bench.variants: r64 in slots and no LoRA, kernel breakdowns) at 512^2 (below the
-# threshold: the bf16 branch), 2048^2 (the FP8 branch, against FP8 everywhere) and 1024^2 (SIZES). ~8 min; on
-# 2026-12-03 the build and 512^2 fit, 2048^2 did not (device time): next, carry that call's package-threshold.tar as
-# THRESHOLD_TAR (no build) and run SIZES="2048 1024".
-#   PREV_TAR=artifacts/package-bf16mod.tar FP8_TAR=artifacts/package-fp8attn.tar bash scripts/gpu/bench_fp8_attention_threshold.sh
+# FP8 attention from a token count (`fp8_attention_min_tokens`, opt-in) against the default h200 package: the
+# measurement that decides whether it becomes the h100/h200 default. One GPU call per invocation (device tool;
+# carry .device with the nvidia-cudnn-frontend wheel).
+#
+# Packages (each either carried as a tar or built in this call, concurrently, 8 compile workers each):
+#   prev      = h200.toml as it is (bf16 cuDNN attention): PREV_TAR, else built -> $OUT/package-prev.tar
+#   threshold = h200.toml + attention = "cudnn_fp8" + fp8_attention_min_tokens = MIN_TOKENS (default 4096):
+#               THRESHOLD_TAR, else built -> $OUT/package-threshold.tar
+#   fp8       = FP8 attention at every length: FP8_TAR only (optional; e.g. from bench_speed_levers.sh
+#               LEVERS=fp8attn KEEP_PACKAGES=1)
+# Then bench.variants (r64 in slots and no LoRA, plain chain, kernel breakdowns) at each of SIZES
+# (default "512 2048 1024"): 512^2 runs the bf16 branch, 1024^2 (4608 + 512 tokens) and 2048^2 the FP8 one; at 512^2
+# and 1024^2 both packages' steps are also timed from CUDA graphs (the runtime's default).
+# Budget: two builds ~200-280 s together; each size ~60-150 s. With nothing carried, run SIZES=512 first, then
+# carry the two tars back as PREV_TAR / THRESHOLD_TAR with SIZES="2048 1024".
+#   SIZES=512 bash scripts/gpu/bench_fp8_attention_threshold.sh
+#   PREV_TAR=artifacts/package-prev.tar THRESHOLD_TAR=artifacts/package-threshold.tar SIZES="2048 1024" bash scripts/gpu/bench_fp8_attention_threshold.sh
+# First run 2026-12-03 (below the threshold only): benchmarks/results/2026-12-03m-h200-fp8-attention/d-threshold/.
 source scripts/gpu/env.sh
 python3 -c "import cudnn" || { echo "carry the nvidia-cudnn-frontend wheel in .device/wheels" >&2; exit 1; }
 OUT=${OUT:?set OUT}
-for label in prev fp8; do
-  mkdir -p "/tmp/pkg-$label"
-  tar=PREV_TAR; [ $label = fp8 ] && tar=FP8_TAR
-  tar xf "${!tar:?set $tar}" -C "/tmp/pkg-$label" || exit 1
-done
-rm -rf /tmp/pkg-threshold
-if [ -n "${THRESHOLD_TAR:-}" ]; then
-  mkdir -p /tmp/pkg-threshold && tar xf "$THRESHOLD_TAR" -C /tmp/pkg-threshold || exit 1
-else
-  sed "s/^attention = \"cudnn\"/attention = \"cudnn_fp8\"\nfp8_attention_min_tokens = ${MIN_TOKENS:-4096}/" \
-    aotpack/recipes/h200.toml > /tmp/threshold.toml
-  grep -q "^fp8_attention_min_tokens" /tmp/threshold.toml || { echo "h200.toml has no attention = \"cudnn\" line" >&2; exit 1; }
-  timeout "${BUILD_TIMEOUT:-280}" python3 -m aotpack build --model random:flux-dev --target /tmp/threshold.toml --workers "${WORKERS:-8}" \
-    --out /tmp/pkg-threshold > "$OUT/build.log" 2>&1
-  echo "build: exit $?"; tail -3 "$OUT/build.log"
-  tar cf "$OUT/package-threshold.tar" -C /tmp/pkg-threshold .
-fi
-cp /tmp/pkg-threshold/manifest.json "$OUT/manifest.json" || exit 1
-step() {  # size, labels
-  local size=$1; shift
-  local args=()
-  for label in "$@"; do args+=(--variant "$label=/tmp/pkg-$label"); done
-  timeout 200 python3 -m aotpack.bench.variants --model random:flux-dev --out "$OUT/$size" --height "$size" \
-    --width "$size" "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-200
+mkdir -p "$OUT" /tmp/recipes
+
+unpack_or_queue() {  # label, tar variable name: unpack a carried package, or write its recipe for a build
+  local label=$1 tar=${!2:-}
+  rm -rf "/tmp/pkg-$label"
+  if [ -n "$tar" ]; then
+    mkdir -p "/tmp/pkg-$label" && tar xf "$tar" -C "/tmp/pkg-$label" || exit 1
+    return 1
+  fi
+  return 0
 }
-for size in ${SIZES:-512 2048 1024}; do  # what each size compares: the branch it takes against its alternative
+builds=()
+if unpack_or_queue prev PREV_TAR; then
+  cp aotpack/recipes/h200.toml /tmp/recipes/prev.toml
+  builds+=(prev)
+fi
+if unpack_or_queue threshold THRESHOLD_TAR; then
+  sed "s/^attention = \"cudnn\"/attention = \"cudnn_fp8\"\nfp8_attention_min_tokens = ${MIN_TOKENS:-4096}/" \
+    aotpack/recipes/h200.toml > /tmp/recipes/threshold.toml
+  grep -q "^fp8_attention_min_tokens" /tmp/recipes/threshold.toml \
+    || { echo "h200.toml has no attention = \"cudnn\" line" >&2; exit 1; }
+  builds+=(threshold)
+fi
+rm -rf /tmp/pkg-fp8
+[ -n "${FP8_TAR:-}" ] && { unpack_or_queue fp8 FP8_TAR; }
+for label in "${builds[@]}"; do
+  timeout "${BUILD_TIMEOUT:-330}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$label.toml" \
+    --workers "${WORKERS:-8}" --out "/tmp/pkg-$label" > "$OUT/build-$label.log" 2>&1 &
+done
+wait
+for label in "${builds[@]}"; do
+  echo "build $label:"; tail -3 "$OUT/build-$label.log"
+  [ -f "/tmp/pkg-$label/manifest.json" ] && tar cf "$OUT/package-$label.tar" -C "/tmp/pkg-$label" .
+done
+cp /tmp/pkg-threshold/manifest.json "$OUT/manifest-threshold.json" 2>/dev/null
+
+step() {  # size, graphed labels ("" for none), labels
+  local size=$1 graphed=$2; shift 2
+  local args=()
+  for label in "$@"; do [ -d "/tmp/pkg-$label" ] && args+=(--variant "$label=/tmp/pkg-$label"); done
+  for label in $graphed; do [ -d "/tmp/pkg-$label" ] && args+=(--graph-variant "$label"); done
+  timeout "${STEP_TIMEOUT:-300}" python3 -m aotpack.bench.variants --model random:flux-dev --out "$OUT/$size" \
+    --height "$size" --width "$size" "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-200
+}
+for size in ${SIZES:-512 2048 1024}; do
   case $size in
-    512) step 512 prev threshold ;;
-    1024) step 1024 prev fp8 threshold ;;
-    *) step "$size" fp8 threshold ;;
+    512|1024) step "$size" "prev threshold" prev threshold fp8 ;;
+    *) step "$size" "" prev threshold fp8 ;;
   esac
 done
