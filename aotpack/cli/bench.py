@@ -9,6 +9,7 @@ shows that part's own options (each part parses its arguments with argparse in a
     aotpack bench serve-load --package DIR --model random:flux-dev --out OUT   # HTTP service under load
     aotpack bench context-parallel --package DIR --gpus 2 --out OUT            # 1 vs N GPUs
     aotpack bench report     OUT                                               # results.md + results.png
+    aotpack bench quality    --model M --package A=DIR --lora F --prompt P --out OUT  # your images vs diffusers
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ PARTS = {
     "serve-load": ("serve_load", "The HTTP service under concurrent load: latency, throughput."),
     "context-parallel": ("context_parallel", "One image on 1 and N GPUs of a --parallel ulysses package."),
     "report": ("report", "Render results.md and results.png from a benchmark output folder."),
+    "quality": ("quality", "Your model, prompts and LoRAs: each package's images against eager diffusers + PEFT."),
 }
 
 
 @click.group()
 def bench():
-    """Benchmarks on random real-size weights (GPU numbers in benchmarks/results/); `PART --help` for options."""
+    """Benchmarks on random real-size weights (GPU numbers in benchmarks/results/), and `quality` on your own
+    model and LoRAs; `PART --help` for options."""
 
 
 def _part_command(part: str, module: str, summary: str) -> click.Command:

@@ -168,17 +168,21 @@ class AotpackPipeline:
         default = inspect.signature(self.pipeline.__call__).parameters.get("num_inference_steps")
         return int(default.default) if default is not None and isinstance(default.default, int) else 0
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, height: int, width: int):
         """The PIL image `FluxPipeline` makes from packed `output_type="latent"` latents."""
-        pipe = self.pipeline
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        if not torch.isfinite(image).all():  # postprocess would turn NaN into a black image
-            raise NonFiniteOutputError("the VAE decoded NaN/Inf pixels; no image was made",
-                                       "check the latents (and the LoRA scales that produced them)")
-        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return decode_packed_latents(self.pipeline, latents, height, width)
+
+
+@torch.no_grad()
+def decode_packed_latents(pipe, latents: torch.Tensor, height: int, width: int):
+    """The PIL image diffusers' `FluxPipeline` `pipe` makes from its packed `output_type="latent"` latents."""
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    if not torch.isfinite(image).all():  # postprocess would turn NaN into a black image
+        raise NonFiniteOutputError("the VAE decoded NaN/Inf pixels; no image was made",
+                                   "check the latents (and the LoRA scales that produced them)")
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _resolve_package_dir(package) -> Path:

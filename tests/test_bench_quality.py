@@ -1,0 +1,105 @@
+"""`aotpack bench quality`: a package's images on the user's model, prompts and LoRAs against eager diffusers +
+PEFT, on the tiny model with a real CPU package. The metrics must report agreement where there is agreement and
+catch a weakened LoRA where there is one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aotpack.bench import quality
+from aotpack.bench.fidelity import lora_effect_error
+from aotpack.cli.main import cli
+from aotpack.runtime.pipeline import AotpackPipeline
+
+REQUEST = ["--height", "64", "--width", "64", "--steps", "3", "--max-sequence-length", "16"]
+
+
+def _args(tiny_package, lora, out, *extra):
+    return ["--model", "tiny", "--package", f"tiny={tiny_package}", "--lora", f"{lora}:0.9",
+            "--prompt", "a lighthouse on a cliff at dusk", "--prompt", "a red fox in the snow", *REQUEST,
+            "--out", str(out), *extra]
+
+
+def test_quality_package_matches_eager_in_slots_and_merged(tiny_package, demo_loras, tmp_path):
+    out = tmp_path / "quality"
+    results = quality.main(_args(tiny_package, demo_loras["tiny-style-attn"], out))
+    rows = results["contenders"]
+    assert list(rows) == ["eager", "tiny/slots", "tiny/merged"] and results["reference"] == "eager"
+    assert rows["eager"]["summary"] == {"latents_error_no_lora": 0.0, "latents_error_lora": 0.0,
+                                        "lora_fidelity_error": 0.0, "lora_strength": 1.0, "psnr_db_min": None}
+    for key in ("tiny/slots", "tiny/merged"):
+        for row in rows[key]["prompts"]:  # fp32 on the CPU: the package is diffusers' computation, recompiled
+            assert row["latents_error_no_lora"] <= 1e-3 and row["latents_error_lora"] <= 1e-3, (key, row)
+            assert row["lora_fidelity_error"] <= 1e-2 and abs(row["lora_strength"] - 1) <= 1e-2, (key, row)
+            assert row["psnr_db"] is None or row["psnr_db"] >= 40, (key, row)
+    # what was saved is what was measured, and the LoRA really moves the reference (or fidelity proves nothing)
+    eager, slots = (load_file(out / "latents" / f"{stem}.safetensors") for stem in ("eager", "tiny-slots"))
+    assert len(eager) == len(slots) == 4
+    for i in range(2):
+        assert lora_effect_error(slots[f"lora_{i}"], slots[f"base_{i}"], eager[f"lora_{i}"], eager[f"base_{i}"]) \
+            == pytest.approx(rows["tiny/slots"]["prompts"][i]["lora_fidelity_error"], rel=1e-9, abs=1e-12)
+        assert quality.relative_error(eager[f"lora_{i}"], eager[f"base_{i}"]) > 0.05
+    pngs = sorted(p.name for p in (out / "images").iterdir())
+    assert len(pngs) == 12 and "tiny-merged-1-lora.png" in pngs
+    assert json.loads((out / "quality.json").read_text())["contenders"] == rows
+    table = (out / "quality.md").read_text()
+    assert "| `tiny/merged` |" in table and "LoRA fidelity error" in table
+
+
+def test_quality_catches_a_weakened_lora(tiny_package, demo_loras, tmp_path, monkeypatch):
+    """A runtime that applied the set at half its scale (the FP8 complaint, exaggerated) must score it."""
+    set_loras = AotpackPipeline.set_loras
+
+    def halved(self, loras=(), **kwargs):
+        return set_loras(self, [(path, scale / 2) for path, scale in loras], **kwargs)
+
+    monkeypatch.setattr(AotpackPipeline, "set_loras", halved)
+    results = quality.main(_args(tiny_package, demo_loras["tiny-style-attn"], tmp_path / "q", "--modes", "slots"))
+    summary = results["contenders"]["tiny/slots"]["summary"]
+    assert 0.3 < summary["lora_strength"] < 0.7, summary
+    assert summary["lora_fidelity_error"] > 0.3, summary
+    assert summary["latents_error_no_lora"] <= 1e-3  # the base is untouched: only the LoRA's effect is off
+
+
+def test_quality_against_a_package_skips_eager(tiny_package, tmp_path, monkeypatch):
+    """--reference LABEL compares packages with each other, with no eager pipeline in memory (small cards)."""
+    monkeypatch.setattr(quality, "eager_images", lambda *a, **k: pytest.fail("eager ran"))
+    results = quality.main(["--package", f"a={tiny_package}", "--package", f"b={tiny_package}", "--reference", "a",
+                            "--prompt", "a boat", *REQUEST, "--out", str(tmp_path / "q")])
+    assert list(results["contenders"]) == ["a", "b"]  # no --lora: one run per package, no modes
+    assert results["contenders"]["b"]["summary"] == {"latents_error_no_lora": 0.0, "psnr_db_min": None}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--package", "nolabel", "--prompt", "x"], "write LABEL=PACKAGE"),
+    (["--package", "a=p", "--package", "a=q", "--prompt", "x"], "the label 'a' is given twice"),
+    (["--package", "eager=p", "--prompt", "x"], "not 'eager'"),
+    (["--package", "a=p"], "give at least one --prompt"),
+    (["--package", "a=p", "--prompt", "x", "--height", "100"], "--height 100: give a positive multiple of 16"),
+])
+def test_quality_usage_errors_exit_2_naming_the_value(args, message, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "quality", *args, "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_quality_bad_reference_and_lora_fail_before_any_pipeline_loads(tiny_package, demo_loras, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(quality, "load_package", lambda *a, **k: pytest.fail("a package loaded"))
+    monkeypatch.setattr(quality, "eager_images", lambda *a, **k: pytest.fail("eager ran"))
+    base = ["bench", "quality", "--package", f"tiny={tiny_package}", "--prompt", "x", "--out", str(tmp_path / "q")]
+    result = CliRunner().invoke(cli, [*base, "--reference", "other"])
+    assert result.exit_code == 1 and "--reference 'other' is neither 'eager' nor a --package label (tiny)" \
+        in result.output
+    result = CliRunner().invoke(cli, [*base, "--lora", f"{demo_loras['tiny-style-attn']}:nan"])
+    assert result.exit_code == 1 and "LoRA scale" in result.output and "nan" in result.output
+    result = CliRunner().invoke(cli, [*base, "--lora", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 1 and "missing.safetensors" in result.output
+    result = CliRunner().invoke(cli, [*base, "--model", "random:flux-dev"])
+    assert result.exit_code == 1 and "'random:flux-dev' has random weights" in result.output
+    assert not (tmp_path / "q").exists()
