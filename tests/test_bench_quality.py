@@ -103,3 +103,16 @@ def test_quality_bad_reference_and_lora_fail_before_any_pipeline_loads(tiny_pack
     result = CliRunner().invoke(cli, [*base, "--model", "random:flux-dev"])
     assert result.exit_code == 1 and "'random:flux-dev' has random weights" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_quality_refuses_a_set_that_does_not_move_the_reference(tiny_package, demo_loras, tmp_path):
+    """Scale 0: there is no LoRA effect to compare, so fidelity would be 0/0; a typed error, and nothing written."""
+    out = tmp_path / "q"
+    result = CliRunner().invoke(cli, ["bench", "quality", *_args(tiny_package, demo_loras["tiny-style-attn"], out),
+                                      "--lora", f"{demo_loras['tiny-style-mlp']}:0", "--modes", "slots"])
+    assert result.exit_code == 0, result.output  # attn at 0.9 + mlp at 0: the set still moves the output
+    args = [a.replace(":0.9", ":0") for a in _args(tiny_package, demo_loras["tiny-style-attn"], tmp_path / "z")]
+    result = CliRunner().invoke(cli, ["bench", "quality", *args, "--modes", "slots"])
+    assert result.exit_code == 1, result.output
+    assert "the LoRA set leaves eager's latents for prompt 'a lighthouse on a cliff at dusk' unchanged" in result.output
+    assert not (tmp_path / "z").exists()

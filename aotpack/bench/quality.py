@@ -265,6 +265,7 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
     for label, directory in dirs.items():
         contenders.update(package_images(str(directory), model, label, loras, prompts, seeds, request, modes))
     reference_key = reference if reference == EAGER or not loras else f"{reference}/{modes[0]}"
+    rows = compare(contenders, reference_key, prompts)  # before anything is written: it may refuse the set
     out.mkdir(parents=True, exist_ok=True)
     save_outputs(out, contenders)
     results = {
@@ -273,7 +274,7 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
         "torch": torch.__version__, "reference": reference_key, "prompts": prompts, "seed": seed,
         "request": request, "loras": [[str(p), s] for p, s in loras],
         "packages": {label: str(path) for label, path in dirs.items()},
-        "contenders": compare(contenders, reference_key, prompts),
+        "contenders": rows,
     }
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     (out / "quality.md").write_text(markdown(results))
