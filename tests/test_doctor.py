@@ -198,6 +198,29 @@ def test_low_disk_warns_then_fails(monkeypatch, tmp_path, free_gb, status):
     assert result.status == status and str(tmp_path) in result.detail
 
 
+def test_attention_ops_are_checked_before_a_build_spends_its_compile(monkeypatch, tmp_path):
+    """cudnn_fp8 without the cuDNN frontend on a CUDA machine: doctor fails naming the pip fix, and so does
+    build_package, before it loads a weight or makes its --out folder."""
+    from aotpack.builder import build as build_module
+    from aotpack.errors import PackageMismatchError
+    from aotpack.recipes.recipe import load_recipe
+
+    fp8 = load_recipe("h200").replace(attention="cudnn_fp8")
+    assert doctor.check_attention(load_recipe("h200")).status == "ok"
+    assert doctor.check_attention(fp8).status == "warn"  # this CPU machine cannot check the GPU's frontend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # makes `import cudnn` raise ImportError
+    result = doctor.check_attention(fp8)
+    assert result.status == "fail" and "cudnn_fp8" in result.detail and "nvidia-cudnn-frontend" in result.fix
+    recipe_file = tmp_path / "fp8.toml"
+    recipe_file.write_text((Path(build_module.__file__).parents[1] / "recipes" / "cpu.toml").read_text()
+                           .replace('attention = "sdpa"', 'attention = "cudnn_fp8"'))
+    monkeypatch.setattr(build_module, "load_transformer", lambda *a, **k: pytest.fail("a weight was loaded"))
+    with pytest.raises(PackageMismatchError, match="cudnn_fp8"):
+        build_module.build_package("tiny", str(recipe_file), out=tmp_path / "pkg", progress=False)
+    assert not (tmp_path / "pkg").exists()
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 def test_doctor_command_prints_a_table_and_exits_0_here(monkeypatch, use_compiler):

@@ -13,7 +13,7 @@ from ..errors import AotpackError
 from ..machine.compat import check_can_build, gpu_name, versions
 from ..machine.toolchain import check_package_shared_objects, require_working_toolchain
 from ..models.activations import use_sigmoid_gelu
-from ..models.attention import attention_context, kernels_in_package
+from ..models.attention import attention_context, check_attention_runs_here, kernels_in_package
 from ..models.checkpoint import (
     config_fingerprint,
     load_transformer,
@@ -195,6 +195,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout, parallel=parallel,
                              no_slot_programs=no_slot_programs)
     check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
+    check_attention_runs_here(recipe.attention)  # validation runs the programs: their attention op must run here
     cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load
     ref = parse_model_ref(model, revision)
     out = Path(out) if out else default_package_dir(ref.model_id, recipe.name)

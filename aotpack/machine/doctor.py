@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PackageMismatchError, ToolchainError
+from ..models.attention import check_attention_runs_here
 from ..recipes.recipe import Recipe, known_targets, load_recipe
 from ..store.package_ref import DEFAULT_OUT
 from . import (
@@ -129,6 +130,23 @@ def check_quantization(recipe: Recipe) -> CheckResult:
     return CheckResult("quantization", OK, f"target {recipe.name}: {recipe.quantization} on {recipe.gpu_arch}")
 
 
+def check_attention(recipe: Recipe) -> CheckResult:
+    """Attention ops the programs call at run time (FlashAttention-3, cuDNN's FP8 SDPA) must be importable where
+    they build (the build runs them to validate) and run; without this check an FP8-attention build fails its
+    validation after minutes of compiling (H200, 2026-12-03: ~140 s spent that way)."""
+    if recipe.attention not in ("fa3", "cudnn_fp8"):
+        return CheckResult("attention", OK, f"target {recipe.name}: {recipe.attention} (inside torch)")
+    try:
+        check_attention_runs_here(recipe.attention)
+    except PackageMismatchError as err:
+        return CheckResult("attention", FAIL, err.problem, err.fix)
+    if recipe.attention == "cudnn_fp8" and not torch.cuda.is_available():
+        return CheckResult("attention", WARN, f"target {recipe.name}: cudnn_fp8 needs the cuDNN frontend on the GPU "
+                                              "machine; no CUDA here to check it", "pip install nvidia-cudnn-frontend "
+                                              "on the machine that builds and serves this target")
+    return CheckResult("attention", OK, f"target {recipe.name}: {recipe.attention} op available")
+
+
 # -- CUDA and the GPU ----------------------------------------------------------------------------
 
 def _needs_cuda(recipe: Recipe | None) -> bool:
@@ -230,7 +248,7 @@ def run_checks(target: str | None = None, out_dir: str | Path | None = None) -> 
     results += [check_package(package) for package in CORE_PACKAGES]
     results += [check_triton(recipe), check_torchao(recipe), check_cuda(recipe), check_gpu(recipe)]
     if recipe is not None:
-        results.append(check_quantization(recipe))
+        results += [check_quantization(recipe), check_attention(recipe)]
     results.append(check_disk("disk-inductor-cache", inductor_cache_dir(), "set TORCHINDUCTOR_CACHE_DIR"))
     results.append(check_disk("disk-output", Path(out_dir or DEFAULT_OUT), "pass --out elsewhere"))
     return results
