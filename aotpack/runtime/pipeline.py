@@ -178,7 +178,8 @@ def decode_packed_latents(pipe, latents: torch.Tensor, height: int, width: int):
     """The PIL image diffusers' `FluxPipeline` `pipe` makes from its packed `output_type="latent"` latents."""
     latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    # latents kept on the host (bench quality) go to the VAE's device
+    image = pipe.vae.decode(latents.to(device=pipe.vae.device, dtype=pipe.vae.dtype), return_dict=False)[0]
     if not torch.isfinite(image).all():  # postprocess would turn NaN into a black image
         raise NonFiniteOutputError("the VAE decoded NaN/Inf pixels; no image was made",
                                    "check the latents (and the LoRA scales that produced them)")
