@@ -40,7 +40,7 @@ from ..models.examples import relative_error
 from ..models.prepare import torch_dtype
 from ..runtime.jobs import parse_lora_option
 from ..runtime.pipeline import decode_packed_latents, load_package
-from ..runtime.requests import check_scale
+from ..runtime.requests import SIZE_MULTIPLE, check_loras
 from ..store.manifest import read_manifest, recorded_model
 from ..store.publish import locate_package
 from .fidelity import effect_strength, lora_effect_error
@@ -246,8 +246,8 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
     if reference != EAGER and reference not in packages:
         raise RequestError(f"--reference {reference!r} is neither {EAGER!r} nor a --package label "
                            f"({', '.join(packages) or 'none given'})", f"pass --reference {EAGER} or one of the labels")
-    loras = [(local_path(adapter_source(source)), check_scale(scale, "--lora", str(source)))
-             for source, scale in loras]  # resolved and checked before any pipeline loads
+    loras = [(local_path(adapter_source(source)), scale)  # checked and resolved before any pipeline loads
+             for source, scale in check_loras(list(loras), "--lora")]
     dirs = {label: locate_package(path) for label, path in packages.items()}
     first = read_manifest(next(iter(dirs.values())))
     model = model or recorded_model(first)[0]
@@ -304,9 +304,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            parser.error(f"--{name} {getattr(args, name)}: give a positive multiple of 16 (Flux packs 2x2 latent "
-                         "patches of an 8x VAE), so every contender makes the same size")
+        if getattr(args, name) <= 0 or getattr(args, name) % SIZE_MULTIPLE:
+            parser.error(f"--{name} {getattr(args, name)}: give a positive multiple of {SIZE_MULTIPLE} (Flux packs "
+                         "2x2 latent patches of an 8x VAE), so every contender makes the same size")
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: give at least 1")
     packages = _packages(args.package, parser)
