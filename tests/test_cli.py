@@ -89,6 +89,10 @@ def test_build_needs_a_model_and_takes_workers(monkeypatch, tmp_path):
     assert old.exit_code == 0 and "build --jobs is deprecated; use --workers" in old.output
     assert [c["compile_workers"] for c in calls] == [3, 2]
     assert invoke("build", "--model", "tiny", "--workers", "0").exit_code == 2
+    assert invoke("build", "--model", "tiny", "--target", "h200", "--attention", "cudnn").exit_code == 0
+    assert calls[-1]["attention"] == "cudnn" and calls[0]["attention"] is None  # None: the recipe's own
+    bad = invoke("build", "--model", "tiny", "--attention", "xformers")
+    assert bad.exit_code == 2 and "'xformers'" in bad.output and "cudnn_fp8" in bad.output
     help_text = invoke("build", "--help").output
     assert "--workers" in help_text and "--jobs" not in help_text
     run_help = invoke("run", "--help").output

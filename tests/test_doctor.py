@@ -205,8 +205,9 @@ def test_attention_ops_are_checked_before_a_build_spends_its_compile(monkeypatch
     from aotpack.errors import PackageMismatchError
     from aotpack.recipes.recipe import load_recipe
 
-    fp8 = load_recipe("h200").replace(attention="cudnn_fp8")
-    assert doctor.check_attention(load_recipe("h200")).status == "ok"
+    fp8 = load_recipe("h200")  # FP8 attention from 4096 tokens by default
+    assert fp8.attention == "cudnn_fp8"
+    assert doctor.check_attention(fp8.replace(attention="cudnn", fp8_attention_min_tokens=0)).status == "ok"
     assert doctor.check_attention(fp8).status == "warn"  # this CPU machine cannot check the GPU's frontend
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "cudnn", None)  # makes `import cudnn` raise ImportError

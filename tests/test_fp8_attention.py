@@ -177,16 +177,37 @@ def test_check_attention_runs_here_needs_the_cudnn_frontend_on_cuda(monkeypatch)
     check_attention_runs_here("cudnn")  # other backends are unaffected
 
 
-def test_parallel_ulysses_override_is_refused_before_any_work(tmp_path):
+def test_explicit_fp8_attention_with_parallel_ulysses_is_refused_before_any_work(tmp_path):
     from aotpack.builder.build import build_package
 
     recipe = tmp_path / "fp8-attention.toml"
     recipe.write_text(RECIPE)
     with pytest.raises(RecipeError) as caught:
-        build_package("tiny", str(recipe), out=tmp_path / "pkg", parallel="ulysses", progress=False)
+        build_package("tiny", str(recipe), out=tmp_path / "pkg", parallel="ulysses", attention="cudnn_fp8",
+                      progress=False)
     assert "'cudnn_fp8'" in str(caught.value) and "'ulysses'" in str(caught.value)
-    assert "cudnn" in caught.value.fix
+    assert "--attention cudnn" in caught.value.fix
     assert not (tmp_path / "pkg").exists()
+
+
+def test_parallel_ulysses_takes_bf16_attention_where_the_recipe_chose_fp8(caplog):
+    """`build --target h200 --parallel ulysses` works: context-parallel attention runs in the runtime, in bf16
+    cuDNN, so the recipe's FP8 attention (and its token threshold) gives way, with a warning that says so."""
+    from aotpack.builder.build import apply_overrides
+    from aotpack.recipes.recipe import load_recipe
+
+    h200 = load_recipe("h200")
+    assert (h200.attention, h200.fp8_attention_min_tokens) == ("cudnn_fp8", 4096)
+    with caplog.at_level("WARNING", logger="aotpack"):
+        split = apply_overrides(h200, parallel="ulysses")
+    assert (split.attention, split.fp8_attention_min_tokens, split.parallel) == ("cudnn", 0, "ulysses")
+    assert "'cudnn_fp8'" in caplog.text and "h200" in caplog.text and "'cudnn'" in caplog.text
+    bf16 = apply_overrides(h200, attention="cudnn")  # `build --attention cudnn`: bf16 at every length
+    assert (bf16.attention, bf16.fp8_attention_min_tokens, bf16.parallel) == ("cudnn", 0, "none")
+    assert apply_overrides(h200, attention="cudnn_fp8").fp8_attention_min_tokens == 4096  # the recipe's threshold
+    with pytest.raises(RecipeError) as caught:
+        apply_overrides(h200, attention="xformers")
+    assert "'xformers'" in caught.value.problem and "cudnn_fp8" in caught.value.fix
 
 
 @pytest.fixture(scope="module")

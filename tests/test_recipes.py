@@ -25,10 +25,11 @@ def test_every_recipe_file_parses_under_its_own_name():
 
 
 @pytest.mark.parametrize("name", ["h100", "h200"])
-def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention(name):
+def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens(name):
     recipe = load_recipe(name)
     assert (recipe.device, recipe.gpu_arch) == ("cuda", "sm_90")
-    assert (recipe.quantization, recipe.attention) == ("fp8_rowwise", "cudnn")
+    assert (recipe.quantization, recipe.attention) == ("fp8_rowwise", "cudnn_fp8")
+    assert recipe.fp8_attention_min_tokens == 4096  # 1024^2 (4096 + 512 tokens) and up; bf16 below (512^2)
     assert recipe.dtype == recipe.lora_dtype == "bfloat16"  # the LoRA path stays in bf16
     assert recipe.fused_gelu_quant  # one Triton kernel for GELU + FP8 quantization (measured on the H200)
     # the AdaLN modulation stays bf16 (LoRA fidelity 0.105 -> 0.094 on the H200, +3.2 GB of weights)
@@ -79,7 +80,7 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
 
 @pytest.mark.parametrize("old, new, expected", [
     ('quantization = "fp8_rowwise"', 'quantization = "fp4"', ["quantization", "'fp4'", "fp8_rowwise"]),
-    ('attention = "cudnn"', 'attention = "xformers"', ["attention", "'xformers'", "cudnn"]),
+    ('attention = "cudnn_fp8"', 'attention = "xformers"', ["attention", "'xformers'", "cudnn"]),
     ("max_rank = 64", 'max_rank = "big"', ["max_rank", "'big'", "integer"]),
     ("max_rank = 64", "max_rank = 0", ["max_rank", "> 0"]),
     ('dtype = "bfloat16"', 'dtype = "fp16"', ["dtype", "'fp16'", "float16"]),
@@ -140,14 +141,18 @@ def test_the_merge_by_address_is_on_by_default_and_can_be_left_out(tmp_path):
     assert recipe.merge_by_address is False and recipe.to_json()["merge_by_address"] is False
 
 
-def test_fp8_attention_is_an_opt_in_attention_value(tmp_path):
-    recipe = load_recipe(write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"'))
-    assert (recipe.attention, recipe.parallel) == ("cudnn_fp8", "none")
-    assert all(load_recipe(name).attention != "cudnn_fp8" for name in known_targets())  # no shipped recipe uses it
+def test_fp8_attention_is_the_hopper_default_from_a_token_count(tmp_path):
+    fp8 = {name for name in known_targets() if load_recipe(name).attention == "cudnn_fp8"}
+    assert fp8 == {"h100", "h200"}  # measured there; the Ada recipes keep bf16 attention
+    everywhere = load_recipe(write_variant(tmp_path, "fp8_attention_min_tokens = 4096", ""))
+    assert (everywhere.attention, everywhere.fp8_attention_min_tokens, everywhere.parallel) == ("cudnn_fp8", 0, "none")
+    bf16 = load_recipe(write_variant(tmp_path, 'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 4096',
+                                     'attention = "cudnn"'))
+    assert (bf16.attention, bf16.fp8_attention_min_tokens) == ("cudnn", 0)
 
 
 def test_fp8_attention_with_ulysses_names_both_values_and_the_file(tmp_path):
-    path = write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"\nparallel = "ulysses"')
+    path = write_variant(tmp_path, 'attention = "cudnn_fp8"', 'attention = "cudnn_fp8"\nparallel = "ulysses"')
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert str(path) in caught.value.problem and str(path) in caught.value.fix
@@ -155,10 +160,10 @@ def test_fp8_attention_with_ulysses_names_both_values_and_the_file(tmp_path):
         assert text in caught.value.problem
     assert "attention = 'cudnn'" in caught.value.fix  # what works with ulysses
     # the build's --parallel override goes through Recipe.replace: refused there too
-    fp8 = load_recipe(write_variant(tmp_path, 'attention = "cudnn"', 'attention = "cudnn_fp8"'))
     with pytest.raises(RecipeError, match="'ulysses'"):
-        fp8.replace(parallel="ulysses")
-    assert load_recipe("h100").replace(parallel="ulysses").parallel == "ulysses"  # other attention values may
+        load_recipe("h100").replace(parallel="ulysses")
+    bf16 = load_recipe("h100").replace(attention="cudnn", fp8_attention_min_tokens=0)
+    assert bf16.replace(parallel="ulysses").parallel == "ulysses"  # other attention values may
 
 
 def test_validation_takes_a_second_shape_only_where_the_ranges_leave_room(tmp_path):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from ..errors import AotpackError
+from ..errors import AotpackError, RecipeError
 from ..machine.compat import check_can_build, gpu_name, versions
 from ..machine.toolchain import check_package_shared_objects, require_working_toolchain
 from ..models.activations import use_sigmoid_gelu
@@ -47,11 +48,13 @@ from ..models.slots import (
 )
 from ..models.units import make_region
 from ..progress import Progress
-from ..recipes.recipe import Recipe, load_recipe
+from ..recipes.recipe import ATTENTION_BACKENDS, Recipe, load_recipe
 from ..runtime.program import open_program
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
 from ..store.package_ref import DEFAULT_OUT
 from ..store.program_metadata import stamp_program
+
+logger = logging.getLogger(__name__)
 from .compile import compile_programs
 from .export import describe_inputs, export_region
 from .lora_grouping import group_lora_down_projections
@@ -60,12 +63,24 @@ from .validate import validate_package
 
 
 def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, parallel=None,
-                    no_slot_programs=None) -> Recipe:
+                    no_slot_programs=None, attention=None) -> Recipe:
     changes = {}
     if no_slot_programs is not None:
         changes["no_slot_programs"] = bool(no_slot_programs)
+    if attention:
+        if attention not in ATTENTION_BACKENDS:
+            raise RecipeError(f"attention = {attention!r} is not a backend", f"use one of: {', '.join(ATTENTION_BACKENDS)}")
+        changes["attention"] = attention
+        if attention != "cudnn_fp8":  # the FP8 threshold means nothing for another backend
+            changes["fp8_attention_min_tokens"] = 0
     if parallel:
         changes["parallel"] = parallel
+        if parallel == "ulysses" and not attention and recipe.attention == "cudnn_fp8":
+            # context-parallel attention runs in the runtime between the split programs, in bf16 cuDNN; an explicit
+            # --attention cudnn_fp8 with --parallel ulysses is still refused (Recipe.__post_init__)
+            logger.warning("--parallel ulysses: attention 'cudnn_fp8' of target %s becomes 'cudnn' (context-parallel "
+                           "packages run attention in the runtime, between the split programs)", recipe.name)
+            changes.update(attention="cudnn", fp8_attention_min_tokens=0)
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
@@ -187,13 +202,13 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                   revision: str | None = None,
                   max_rank: int | None = None, slots=None, layout: str | None = None, parallel: str | None = None,
                   compile_workers: int | None = None, no_slot_programs: bool | None = None,
-                  progress: bool | Progress = True) -> Path:
+                  attention: str | None = None, progress: bool | Progress = True) -> Path:
     """Build a package for `model` on `target` and return its directory. Keyword arguments left None
     take the recipe's values."""
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     started = time.perf_counter()
     recipe = apply_overrides(load_recipe(target), max_rank=max_rank, slots=slots, layout=layout, parallel=parallel,
-                             no_slot_programs=no_slot_programs)
+                             no_slot_programs=no_slot_programs, attention=attention)
     check_can_build(recipe.name, recipe.device, recipe.gpu_arch)
     check_attention_runs_here(recipe.attention)  # validation runs the programs: their attention op must run here
     cxx = require_working_toolchain()  # refuse a compiler whose packages would segfault at load

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..recipes.recipe import ATTENTION_BACKENDS
 from .options import merge_policy_option
 from .output import DEBUG, configure_logging, quiet_libraries
 
@@ -75,6 +76,8 @@ def _deprecated_alias(old: str, new: str):
 @click.option("--layout", type=click.Choice(["regional", "whole"]), default=None, help="Program layout.")
 @click.option("--parallel", type=click.Choice(["none", "ulysses"]), default=None,
               help="ulysses: split blocks around attention so the package runs on 1..N GPUs (run --gpus N).")
+@click.option("--attention", type=click.Choice(ATTENTION_BACKENDS), default=None,
+              help="Attention backend instead of the recipe's (e.g. cudnn: bf16 at every length on h100/h200).")
 @click.option("--out", type=click.Path(), default=None, help="Package directory to write.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing package at --out (never a folder that is not an aotpack package).")
@@ -82,14 +85,15 @@ def _deprecated_alias(old: str, new: str):
               help="Programs compiled in parallel processes (default: 1 on CPU targets, up to 4 on GPU ones).")
 @click.option("--jobs", "workers_alias", type=click.IntRange(min=1), default=None, hidden=True,
               callback=_deprecated_alias("build --jobs", "--workers"))
-def build(model, target, revision, max_rank, slots, layout, parallel, out, overwrite, workers, workers_alias):
+def build(model, target, revision, max_rank, slots, layout, parallel, attention, out, overwrite, workers,
+          workers_alias):
     """Export and AOT-compile a Flux transformer with LoRA slots into a package."""
     quiet_libraries()
     from ..builder.build import build_package
 
     path = build_package(model, target, out=out, overwrite=overwrite, revision=revision, max_rank=max_rank,
                          slots=slots or None, layout=layout, parallel=parallel,
-                         compile_workers=workers or workers_alias, progress=True)
+                         attention=attention, compile_workers=workers or workers_alias, progress=True)
     click.echo(str(path))
 
 

@@ -141,7 +141,8 @@ def check_attention(recipe: Recipe) -> CheckResult:
     if recipe.attention == "cudnn_fp8" and not torch.cuda.is_available():
         return CheckResult("attention", WARN, f"target {recipe.name}: cudnn_fp8 needs the cuDNN frontend on the GPU "
                                               "machine; no CUDA here to check it", "pip install nvidia-cudnn-frontend "
-                                              "on the machine that builds and serves this target")
+                                              "(or 'aotpack[fp8]') on the machine that builds and serves this "
+                                              "target, or build with --attention cudnn")
     return CheckResult("attention", OK, f"target {recipe.name}: {recipe.attention} attention runs here")
 
 

@@ -145,8 +145,8 @@ def import_cudnn():
         raise PackageMismatchError(
             f"attention 'cudnn_fp8' runs cuDNN's FP8 SDPA through the cuDNN frontend, but `import cudnn` "
             f"failed here ({err})",
-            "pip install nvidia-cudnn-frontend (on the GPU machine), or build/pull a package with a cudnn, "
-            "fa3 or sdpa attention recipe",
+            "pip install nvidia-cudnn-frontend (or 'aotpack[fp8]') on the GPU machine, or build the package "
+            "with bf16 attention: aotpack build ... --attention cudnn",
         ) from err
     return cudnn
 

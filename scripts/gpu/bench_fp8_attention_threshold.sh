@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# FP8 attention from a token count (`fp8_attention_min_tokens`, opt-in) against the default h200 package: the
-# measurement that decides whether it becomes the h100/h200 default. One GPU call per invocation (device tool;
-# carry .device with the nvidia-cudnn-frontend wheel).
+# FP8 attention from a token count (`fp8_attention_min_tokens`) against bf16 cuDNN attention at every length: the
+# measurement that made it the h100/h200 default on 2026-12-04 (benchmarks/results/2026-12-04a-h200-fp8-threshold/).
+# One GPU call per invocation (device tool; carry .device with the nvidia-cudnn-frontend wheel).
 #
 # Packages (each either carried as a tar or built in this call, concurrently, 8 compile workers each):
-#   prev      = h200.toml as it is (bf16 cuDNN attention): PREV_TAR, else built -> $OUT/package-prev.tar
-#   threshold = h200.toml + attention = "cudnn_fp8" + fp8_attention_min_tokens = MIN_TOKENS (default 4096):
+#   prev      = h200 with `--attention cudnn` (bf16 cuDNN attention, the default before 2026-12-04):
+#               PREV_TAR, else built -> $OUT/package-prev.tar
+#   threshold = h200.toml with fp8_attention_min_tokens = MIN_TOKENS (default: the recipe's, 4096):
 #               THRESHOLD_TAR, else built -> $OUT/package-threshold.tar
 #   fp8       = FP8 attention at every length: FP8_TAR only (optional; e.g. from bench_speed_levers.sh
 #               LEVERS=fp8attn KEEP_PACKAGES=1)
@@ -16,7 +17,9 @@
 # carry the two tars back as PREV_TAR / THRESHOLD_TAR with SIZES="2048 1024".
 #   SIZES=512 bash scripts/gpu/bench_fp8_attention_threshold.sh
 #   PREV_TAR=artifacts/package-prev.tar THRESHOLD_TAR=artifacts/package-threshold.tar SIZES="2048 1024" bash scripts/gpu/bench_fp8_attention_threshold.sh
-# First run 2026-12-03 (below the threshold only): benchmarks/results/2026-12-03m-h200-fp8-attention/d-threshold/.
+# Runs: 2026-12-03 (below the threshold only): benchmarks/results/2026-12-03m-h200-fp8-attention/d-threshold/;
+# 2026-12-04, all three sizes, both commands above (when h200.toml still had bf16 attention; these lines now make
+# the same two packages): benchmarks/results/2026-12-04a-h200-fp8-threshold/.
 source scripts/gpu/env.sh
 python3 -c "import cudnn" || { echo "carry the nvidia-cudnn-frontend wheel in .device/wheels" >&2; exit 1; }
 OUT=${OUT:?set OUT}
@@ -32,22 +35,23 @@ unpack_or_queue() {  # label, tar variable name: unpack a carried package, or wr
   return 0
 }
 builds=()
+declare -A extra_args=([prev]="--attention cudnn" [threshold]="")
 if unpack_or_queue prev PREV_TAR; then
   cp aotpack/recipes/h200.toml /tmp/recipes/prev.toml
   builds+=(prev)
 fi
 if unpack_or_queue threshold THRESHOLD_TAR; then
-  sed "s/^attention = \"cudnn\"/attention = \"cudnn_fp8\"\nfp8_attention_min_tokens = ${MIN_TOKENS:-4096}/" \
+  sed "s/^fp8_attention_min_tokens = .*/fp8_attention_min_tokens = ${MIN_TOKENS:-4096}/" \
     aotpack/recipes/h200.toml > /tmp/recipes/threshold.toml
-  grep -q "^fp8_attention_min_tokens" /tmp/recipes/threshold.toml \
-    || { echo "h200.toml has no attention = \"cudnn\" line" >&2; exit 1; }
+  grep -q "^attention = \"cudnn_fp8\"" /tmp/recipes/threshold.toml \
+    || { echo "h200.toml has no attention = \"cudnn_fp8\" line" >&2; exit 1; }
   builds+=(threshold)
 fi
 rm -rf /tmp/pkg-fp8
 [ -n "${FP8_TAR:-}" ] && { unpack_or_queue fp8 FP8_TAR; }
 for label in "${builds[@]}"; do
   timeout "${BUILD_TIMEOUT:-330}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$label.toml" \
-    --workers "${WORKERS:-8}" --out "/tmp/pkg-$label" > "$OUT/build-$label.log" 2>&1 &
+    ${extra_args[$label]} --workers "${WORKERS:-8}" --out "/tmp/pkg-$label" > "$OUT/build-$label.log" 2>&1 &
 done
 wait
 for label in "${builds[@]}"; do

@@ -4,7 +4,9 @@
 # artifacts/h200/package-merge.tar; without that file the default package is built in the same call):
 # 1. with fp8attn among LEVERS, the op check: aotpack::fp8_sdpa's CUDA kernel vs its CPU reference, eager and graph-replayed;
 # 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
-#    fp8attn: attention = "cudnn_fp8" (FP8 attention through cuDNN);
+#    fp8attn: FP8 attention at every length (h200.toml without fp8_attention_min_tokens; the default takes bf16
+#      attention below 4096 tokens since 2026-12-04);
+#    bf16attn: attention = "cudnn" (bf16 cuDNN attention at every length, the default before 2026-12-04);
 #    cdt: [inductor] coordinate_descent_tuning = true (Triton reduction configs tuned at build);
 #    gelu: gelu_via_sigmoid = "all" (GELU's tanh form computed as x * sigmoid(2u), models/activations.py;
 #      with fused_gelu_quant = false, which it excludes);
@@ -37,10 +39,9 @@
 # (1.32.0 was used; scripts/gpu/env.sh installs it with the others).
 source scripts/gpu/env.sh
 LEVERS=${LEVERS:-fp8attn cdt}
-# before any build: without the carried cuDNN frontend wheel the fp8attn build fails its validation after ~140 s
-# of compile (2026-12-03: a call spent that way)
-if [[ " $LEVERS " == *" fp8attn "* ]] && ! python3 -c "import cudnn" 2>/dev/null; then
-  echo "the fp8attn lever needs the nvidia-cudnn-frontend wheel in .device/wheels (cp312): on the CPU machine run" \
+# before any build: h200.toml's FP8 attention needs the carried cuDNN frontend wheel (the build refuses without it)
+if ! python3 -c "import cudnn" 2>/dev/null; then
+  echo "h200.toml's FP8 attention needs the nvidia-cudnn-frontend wheel in .device/wheels (cp312): on the CPU machine run" \
     "pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend" >&2
   exit 1
 fi
@@ -56,8 +57,9 @@ else  # no carried default package: build it beside the levers (same call, concu
   cp aotpack/recipes/h200.toml /tmp/recipes/default.toml
 fi
 # validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
-sed 's/^attention = "cudnn"/attention = "cudnn_fp8"/; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
+sed '/^fp8_attention_min_tokens = /d; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
   aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
+sed '/^fp8_attention_min_tokens = /d; s/^attention = "cudnn_fp8"/attention = "cudnn"/' aotpack/recipes/h200.toml > /tmp/recipes/bf16attn.toml
 { cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
 sed 's/^fused_norm_quant = true/fused_norm_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/norm_unfused.toml
 sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/unfused.toml
