@@ -351,6 +351,22 @@ def test_model_card_keeps_what_people_wrote(tiny_package, h100_package, tmp_path
     assert front["tags"][0] == "our-team" and "aotpack" in front["tags"]
     assert "Ask #flux-serving for help." in card
     assert card.count("<!-- aotpack:begin") == 1 and f"| `{CPU}` |" in card and f"| `{H100}` |" in card
+    assert "\npip install aotpack\n" in card  # float32/bf16 packages with SDPA need no extra
+
+
+def test_model_card_installs_the_fp8_extra_where_a_target_needs_it(tiny_package, tmp_path):
+    """An FP8 target (torchao) or FP8 attention (the cuDNN frontend) is refused at load without the fp8 extra:
+    the card's install line names it."""
+    store = tmp_path / "store"
+    for target, quantization, attention in (("h100", "fp8_rowwise", "cudnn"), ("h200", "none", "cudnn_fp8")):
+        package = retargeted(tiny_package, tmp_path / target, target=target)
+        data = json.loads((package / "manifest.json").read_text())
+        data["quantization"]["method"], data["attention"] = quantization, attention
+        (package / "manifest.json").write_text(json.dumps(data, indent=2))
+        shutil.rmtree(store, ignore_errors=True)
+        push_package(package, f"file://{store}")
+        card = (store / "README.md").read_text()
+        assert "\npip install 'aotpack[fp8]'\n" in card and "\npip install aotpack\n" not in card, target
 
 
 # -- CI workflow ---------------------------------------------------------------------------------------

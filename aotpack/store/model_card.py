@@ -55,6 +55,14 @@ def _targets_table(index: dict) -> str:
     return "\n".join(rows)
 
 
+def _install_line(index: dict) -> str:
+    """`pip install aotpack`, with the fp8 extra where a target needs it (torchao for FP8 weights, the cuDNN
+    frontend for FP8 attention): without it such a package is refused at load."""
+    needs_fp8 = any(e.get("quantization") not in (None, "none") or e.get("attention") == "cudnn_fp8"
+                    for e in index["targets"].values())
+    return "pip install 'aotpack[fp8]'" if needs_fp8 else "pip install aotpack"
+
+
 def _generated_block(index: dict, store_ref: str) -> str:
     models = sorted({_model_argument(e["model"]) for e in index["targets"].values()}) or ["MODEL"]
     model = models[0]
@@ -70,7 +78,7 @@ The programs hold no weights: they are bound at load time from the model given w
 ## Usage
 
 ```bash
-pip install aotpack
+{_install_line(index)}
 aotpack pull {store_ref} --target auto        # only the folder for this machine's GPU
 aotpack run {_implicit(store_ref)} --model {model} --prompt "a photo of a cat" --out cat.png
 ```
