@@ -53,13 +53,13 @@ from ..runtime.program import open_program
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
 from ..store.package_ref import DEFAULT_OUT
 from ..store.program_metadata import stamp_program
-
-logger = logging.getLogger(__name__)
 from .compile import compile_programs
 from .export import describe_inputs, export_region
 from .lora_grouping import group_lora_down_projections
 from .output import OutputDir, removes_staging_on_error
 from .validate import validate_package
+
+logger = logging.getLogger(__name__)
 
 
 def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, parallel=None,
@@ -69,7 +69,8 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
         changes["no_slot_programs"] = bool(no_slot_programs)
     if attention:
         if attention not in ATTENTION_BACKENDS:
-            raise RecipeError(f"attention = {attention!r} is not a backend", f"use one of: {', '.join(ATTENTION_BACKENDS)}")
+            raise RecipeError(f"attention = {attention!r} is not a backend",
+                              f"use one of: {', '.join(ATTENTION_BACKENDS)}")
         changes["attention"] = attention
         if attention != "cudnn_fp8":  # the FP8 threshold means nothing for another backend
             changes["fp8_attention_min_tokens"] = 0

@@ -10,8 +10,8 @@ from ..errors import RecipeError, UnknownTargetError
 from .fields import TomlFields
 
 QUANTIZATIONS = ("none", "fp8_rowwise")
-# "cudnn_fp8": FP8 attention through cuDNN's FP8 SDPA (models/fp8_attention.py), ~25x bf16's error per call; the h100/h200
-# default from 4096 tokens (fp8_attention_min_tokens)
+# "cudnn_fp8": FP8 attention through cuDNN's FP8 SDPA (models/fp8_attention.py), ~25x bf16's error per call;
+# the h100/h200 default from 4096 tokens (fp8_attention_min_tokens)
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3", "cudnn_fp8")
 LAYOUTS = ("regional", "whole")
 PARALLEL_MODES = ("none", "ulysses")  # "ulysses": block programs split around attention (context parallel)
