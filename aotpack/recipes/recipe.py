@@ -63,7 +63,10 @@ class Recipe:
     fp8_attention_min_tokens: int = 0
 
     def __post_init__(self):
-        # also guards `replace` (the build's --parallel override never goes through parse_recipe)
+        # also guards `replace` (the build's --attention and --parallel overrides never go through parse_recipe)
+        if self.attention not in ATTENTION_BACKENDS:
+            raise RecipeError(f"recipe {self.name!r}: attention = {self.attention!r} is not a backend",
+                              f"use one of: {', '.join(ATTENTION_BACKENDS)}")
         if problem := attention_parallel_conflict(self.attention, self.parallel):
             raise RecipeError(f"recipe {self.name!r}: {problem}", _ATTENTION_PARALLEL_FIX)
 
