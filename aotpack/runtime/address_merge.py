@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..models.merge_by_address import ALIGN_ELEMENTS, RANK_CHUNK
-from .merge import shape_groups, stacked_factors, word_dtype
+from .merge import word_dtype
+from .merge_stacks import shape_groups, stacked_factors
 
 
 def _words(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
