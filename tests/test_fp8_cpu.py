@@ -256,3 +256,49 @@ def test_package_with_the_per_layer_merge_program_merges_in_eager_passes(fp8_pac
     served.set_loras([])
     assert torch.equal(weight.qdata.view(torch.uint8), before[0].view(torch.uint8))
     assert torch.equal(weight.scale, before[1])
+
+
+def test_merge_policy_leaves_a_set_in_slots_that_fp8_would_weaken(fp8_package, demo_loras, caplog):
+    """The merge policy (here: always) measures what a merge into the FP8 weights would keep (merge_check.py): the
+    demo LoRA at full scale merges unasked; at a scale small enough for FP8 re-rounding to lose much of it, it stays
+    in slots with a warning that gives the number, and its output is the slots' output. Asked for (`merge=True`),
+    the weak set is merged all the same, with the warning."""
+    import logging
+
+    import torchao.quantization.quant_api as quant_api
+    from reference import rel_error
+
+    import aotpack
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.runtime.merge import MERGED, SLOTS
+    from aotpack.runtime.merge_policy import MergePolicy
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(fp8_package, model="tiny")
+    transformer, modes = served.transformer, served.transformer.lora_modes
+    modes.auto.policy = MergePolicy(0)  # merge before the first step, where the estimate allows
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                                device="cpu", generator=torch.Generator().manual_seed(4))
+    path = str(demo_loras["tiny-style-all"])
+
+    def step():
+        with torch.no_grad():
+            return transformer(**inputs, return_dict=False)[0].float()
+
+    served.set_loras([(path, 1.0)])
+    step()
+    assert modes.mode == MERGED and modes.auto.merges == 1 and modes.last_merge_estimate.faithful
+    with caplog.at_level(logging.WARNING, logger="aotpack.runtime.merge"):
+        served.set_loras([(path, 0.02)])
+        pinned = step()
+        estimate = modes.last_merge_estimate
+        assert modes.mode == SLOTS and modes.auto.declined == 1 and modes.auto.merges == 1
+        assert not estimate.faithful and "not merging the LoRA set unasked" in caplog.text
+        assert f"keep only {estimate.strength:.0%}" in caplog.text
+        served.set_loras([(path, 0.02)], merge=False)
+        assert rel_error(step(), pinned) == 0.0  # the declined set ran in slots
+        caplog.clear()
+        served.set_loras([(path, 0.02)], merge=True)
+    assert modes.mode == MERGED and "merging the LoRA set as asked, though" in caplog.text
+    served.set_loras([])

@@ -187,6 +187,48 @@ def test_compiled_merge_stacks_layers_of_one_shape_and_equals_the_math_per_layer
         assert not torch.equal(weight.qdata.view(torch.uint8), qdata.view(torch.uint8))
 
 
+def test_merge_estimate_finds_a_weak_lora_that_fp8_rounding_would_lose():
+    """`estimate_merge` runs the merge's math on sampled rows of sampled layers: a LoRA whose product is 30% of the
+    weights (RMS) survives the FP8 re-rounding nearly whole, one at 1% mostly rounds away (large error, low
+    strength); the sampled estimate agrees with the whole merge's own numbers, and a merge that touches no FP8 weight
+    has nothing to estimate."""
+    from aotpack.models.merge_rows import merged_rows
+    from aotpack.runtime.merge_check import LAYERS, ROWS_PER_LAYER, estimate_merge
+
+    generator = torch.Generator().manual_seed(5)
+
+    def layer(rows, cols, relative):
+        value = torch.randn(rows, cols, generator=generator) / cols**0.5
+        scale = value.abs().amax(dim=1, keepdim=True) / 448
+        weight = types.SimpleNamespace(qdata=(value / scale).to(torch.float8_e4m3fn), scale=scale)
+        a, b = torch.randn(8, cols, generator=generator), torch.randn(rows, 8, generator=generator)
+        b *= relative * value.std() / (b @ a).std()
+        return weight, [(a.bfloat16(), b.bfloat16(), 1.0)]
+
+    def whole_merge_strength(layers):
+        dot = norm = 0.0
+        for weight, [(a, b, _)] in layers:
+            qdata, scale = merged_rows(weight.qdata, weight.scale, a, b)
+            change = qdata.float() * scale - weight.qdata.float() * weight.scale
+            product = b.float() @ a.float()
+            dot, norm = dot + float((change * product).sum()), norm + float(product.square().sum())
+        return dot / norm
+
+    for relative in (0.3, 0.01):
+        layers = [layer(4 * ROWS_PER_LAYER, 384, relative) for _ in range(3)] + [layer(96, 256, relative)]
+        estimate = estimate_merge(layers)
+        assert estimate.rows == 4 * ROWS_PER_LAYER
+        assert abs(estimate.strength - whole_merge_strength(layers)) < 0.1
+        if relative == 0.3:
+            assert estimate.faithful and abs(estimate.strength - 1) < 0.02 and estimate.error < 0.2
+        else:
+            assert not estimate.faithful and estimate.strength < 0.7 and estimate.error > 0.5
+            assert f"keep only {estimate.strength:.0%}" in estimate.describe()
+    many = [layer(2 * ROWS_PER_LAYER, 128, 0.3) for _ in range(LAYERS + 9)]  # layers sampled too: launches per layer
+    assert estimate_merge(many).rows == LAYERS * ROWS_PER_LAYER
+    assert estimate_merge([(torch.zeros(4, 4), [(torch.zeros(2, 4), torch.zeros(4, 2))])]) is None
+
+
 def test_auto_merge_after_n_same_sets(served_tiny, demo_loras):
     compiled = served_tiny.transformer
     lora = [(demo_loras["tiny-style-mlp"], 0.7)]

@@ -151,6 +151,22 @@ def test_a_failing_unasked_merge_leaves_the_set_in_slots(served_tiny, demo_loras
     assert modes.auto.layers is None  # one attempt per set
 
 
+def test_a_failing_merge_check_is_said_and_the_merge_goes_ahead(served_tiny, demo_loras, with_policy, monkeypatch,
+                                                                 caplog):
+    """The merge check is a safeguard, not the merge: if it cannot run, the policy says so and merges unchecked."""
+    modes = with_policy(MergePolicy.parse("always", "cpu"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no estimate (test)")
+
+    monkeypatch.setattr(merge_module, "estimate_merge", broken)
+    served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
+    with caplog.at_level(logging.WARNING, logger="aotpack.runtime.merge"):
+        _latents(served_tiny)
+    assert "could not estimate what a merge keeps of the LoRA set (RuntimeError: no estimate (test))" in caplog.text
+    assert modes.mode == MERGED and modes.auto.merges == 1 and modes.last_merge_estimate is None
+
+
 def test_no_unasked_merge_where_the_originals_would_wait_in_host_memory(served_tiny, demo_loras, with_policy,
                                                                         monkeypatch):
     modes = with_policy(MergePolicy.parse("always", "cpu"))

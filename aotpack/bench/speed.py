@@ -12,6 +12,7 @@ breakdown by category (`timing.kernel_breakdown`). Writes speed.json and speed.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -89,6 +90,21 @@ def fidelity_sweep(apply, output, base_output, refs: dict, size, sweep: dict) ->
         ref = refs["sweep"][std]
         rows[std] = {"lora_effect_relative": ref["lora_effect_relative"],
                      **_fidelity(output(), base_output, ref["lora"], refs[size]["base"])}
+    return rows
+
+
+def merge_sweep(served, output, sweep: dict) -> dict:
+    """Per sweep strength: what the merge check (runtime/merge_check.py) estimates a merge keeps of the LoRA's
+    weight change, and how long the estimate took (`fidelity_sweep` has the merged and slots outputs' numbers)."""
+    rows = {}
+    for std, path in sweep.items():
+        served.set_loras([])
+        if output().is_cuda:  # the estimate ends in a sync: no forward of ours left queued to count in it
+            torch.cuda.synchronize()
+        served.set_loras([(path, 1.0)], merge=True)
+        estimate = served.transformer.lora_modes.last_merge_estimate
+        rows[std] = {"estimate": dataclasses.asdict(estimate) if estimate else None,
+                     "estimate_seconds": served.transformer.lora_modes.last_estimate_seconds}
     return rows
 
 
@@ -171,6 +187,9 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, p
         merge["merge_ms"] = synced_ms(lambda: served.set_loras(lora, merge=True), device)
         merge["merged"] = bool(getattr(served.transformer, "merged", False))
         merge["host_seconds"] = dict(served.transformer.lora_modes.last_merge_seconds)  # save / fold phases
+        estimate = served.transformer.lora_modes.last_merge_estimate  # merge_check.py, included in merge_ms
+        merge["estimate"] = dataclasses.asdict(estimate) if estimate else None
+        merge["estimate_ms"] = 1000 * served.transformer.lora_modes.last_estimate_seconds
         # merge_layers.pt2 (layers of one shape per call) or the eager passes (the torchao check below is theirs)
         compiled = getattr(served.transformer, "compiled_merge", None)
         merge["compiled_merge"] = compiled is not None
@@ -208,6 +227,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, p
             result["fidelity_sweep"][name] = fidelity_sweep(
                 lambda path, m=merge_it: (served.set_loras([]), served.set_loras([(path, 1.0)], merge=m)),
                 output, base_outputs[first], refs, first, sweep)
+        result["merge_sweep"] = merge_sweep(served, output, sweep)
         served.set_loras([])
     if device == "cuda":
         result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, profiles,
@@ -494,6 +514,20 @@ def _sweep_markdown(data: dict) -> list[str]:
         cells = [(f"{r[std]['lora_fidelity_error']:.4f} / {r[std]['lora_effect_strength']:.3f}" if std in r else "")
                  for _, r in columns]
         lines.append(f"| {std} | {row['lora_effect_relative']:.4f} | " + " | ".join(cells) + " |")
+    merges = data.get("aotpack", {}).get("merge_sweep")
+    if merges:
+        lines += ["", "What a merge into the FP8 weights keeps, per strength: the merge check's estimate on sampled "
+                  "weight rows (strength / error of the weight change; runtime/merge_check.py), and merged against "
+                  "slots on the output, both against eager (effect strength ratio, fidelity error ratio).", "",
+                  "| factor std | estimate (weights) | merged / slots strength | merged / slots fidelity error | "
+                  "estimate ms |", "| --- | --- | --- | --- | --- |"]
+        slots, merged = ours.get("slots", {}), ours.get("merged", {})
+        for std, row in merges.items():
+            estimate = row["estimate"]
+            estimated = f"{estimate['strength']:.3f} / {estimate['error']:.3f}" if estimate else "none (no FP8 weight)"
+            ratios = [f"{merged[std][key] / slots[std][key]:.3f}" if std in merged and std in slots and slots[std][key]
+                      else "" for key in ("lora_effect_strength", "lora_fidelity_error")]
+            lines.append(f"| {std} | {estimated} | {ratios[0]} | {ratios[1]} | {1000 * row['estimate_seconds']:.1f} |")
     return lines
 
 

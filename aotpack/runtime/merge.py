@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from .merge_check import estimate_merge
 from .merge_policy import AutoMerge, MergePolicy
 from .merge_stacks import shape_groups, stacked_factors
 
@@ -249,6 +250,8 @@ class LoRAModes:
         self.merged_layers: list[str] = []  # the layers folded in while MERGED
         self._restore: list = []  # plans that copy the saved originals back into their bound storages
         self.last_merge_seconds: dict[str, float] = {}
+        self.last_merge_estimate = None  # merge_check.MergeEstimate of the last merge considered (None: no FP8 weight)
+        self.last_estimate_seconds = 0.0
         self.bank_writes = 0  # every write of the slot bank, ours and diffusers' (what set_loras's repeat check reads)
         self._weights: dict[str, torch.Tensor] = {}  # layer name -> bound weight (`_layer_weight`)
         transformer.bank.before_write = self._bank_written
@@ -320,7 +323,27 @@ class LoRAModes:
             gains = getattr(self.transformer, "has_no_slot_programs", True)
             self.auto.track(layers if merge is None and gains else None)
             return
-        self._merge(layers, *self._merge_targets(layers))
+        weights, storages = self._merge_targets(layers)
+        estimate = self._estimate(layers, weights)
+        if estimate is not None and not estimate.faithful:  # asked for: merged all the same, but not silently
+            logger.warning("merging the LoRA set as asked, though %s; merge=False (--no-merge) keeps it in slots at "
+                           "full strength", estimate.describe())
+        self._merge(layers, weights, storages)
+
+    def _estimate(self, layers: dict[str, list[tuple]], weights: dict):
+        """How much of the set a merge into these weights keeps (merge_check.py); None: no FP8 weight touched."""
+        compiled = getattr(self.transformer, "compiled_merge", None)
+        dtype = compiled.dtype if compiled is not None else torch.bfloat16
+        started = time.perf_counter()  # the estimate ends in a device sync (float()): host time is its whole time
+        try:
+            self.last_merge_estimate = estimate_merge([(weight, layers[name]) for name, weight in weights.items()],
+                                                      dtype)
+        except Exception as err:  # noqa: BLE001 -- a check, not the merge: the merge's own failures are handled
+            logger.warning("could not estimate what a merge keeps of the LoRA set (%s: %s); merging unchecked",
+                           type(err).__name__, err)
+            self.last_merge_estimate = None
+        self.last_estimate_seconds = time.perf_counter() - started
+        return self.last_merge_estimate
 
     def _merge(self, layers: dict[str, list[tuple]], weights: dict, flat: list[torch.Tensor]) -> None:
         """Fold `layers` into `weights` (whose storages are `flat`), the originals saved first."""
@@ -364,9 +387,18 @@ class LoRAModes:
         comm = getattr(self.transformer, "context_parallel", None)
         agree = comm.all_agree if comm is not None else bool
         weights, storages = self._merge_targets(layers)
-        if not agree(not storages or self._keep_device(storages) == storages[0].device):
-            logger.info("not merging the LoRA set unasked: its originals would have to leave the GPU (too little "
-                        "free memory here or on another rank), which makes the merge and unmerge much slower")
+        estimate = self._estimate(layers, weights)
+        weakened = estimate is not None and not estimate.faithful
+        in_place = not storages or self._keep_device(storages) == storages[0].device
+        if not agree(in_place and not weakened):  # one all-reduce for both reasons
+            if weakened:
+                logger.warning("not merging the LoRA set unasked: %s; it stays in slots at full strength "
+                               "(merge=True / --merge merges it anyway)", estimate.describe())
+                self.auto.declined += 1
+            else:
+                logger.info("not merging the LoRA set unasked: its originals would have to leave the GPU (too little "
+                            "free memory here or on another rank), or another rank's merge check found the merge "
+                            "would weaken it")
             return
         counted = self.auto.token_steps_run
         failure = None

@@ -15,7 +15,8 @@ over 4608 tokens) and ~5.0 us at 512² (7.65 ms over 1536). Merging first was 1.
 (9.2k): break-even ~14.5k at 1024², ~9k at 512². 12k keeps the loss on either side under ~15 ms a request. Only
 CUDA devices merge unasked (the CPU's costs were not measured), and only where the originals can stay on the GPU
 (a restore from host memory costs far more; not measured either). A process's first merge costs ~30 ms more (the
-allocator grows by the originals' stack: 66.5 vs 36.5 ms in the same bench process).
+allocator grows by the originals' stack: 66.5 vs 36.5 ms in the same bench process). A set due for a merge
+whose merge into FP8 weights would weaken it stays in slots (`merge_check.py`, checked in `LoRAModes.before_step`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class AutoMerge:
         self.token_steps_run = 0
         self.steps_ahead = 0  # steps the current pipeline call will still run (0: unknown)
         self.merges = 0  # how many sets this policy merged (for tests and reports)
+        self.declined = 0  # sets it left in slots because FP8 would weaken them (merge_check.py)
 
     def track(self, layers: dict | None) -> None:
         """A new set is live: count from zero (None: a set this policy must leave alone)."""

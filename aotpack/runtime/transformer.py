@@ -30,6 +30,7 @@ from ..models.regions import (
 )
 from ..models.units import make_region
 from ..store.manifest import Manifest
+from . import merge_check
 from . import program as program_files
 from .lora_contract import LoraContractMixin
 from .address_merge import AddressMerge
@@ -152,6 +153,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 logger.warning("not enough free GPU memory to warm the merge program at load; the first merge per "
                                "weight shape will take a few ms longer")
                 torch.cuda.empty_cache()
+            merge_check.warm(self._device, self.compiled_merge.dtype, manifest.max_rank)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
         self.lora_modes = LoRAModes(self, policy=MergePolicy.parse("auto", self._device))
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran

@@ -33,6 +33,10 @@ class _WorkerCollector:
         merges = CounterMetricFamily("aotpack_lora_merges", "LoRA sets the merge policy folded into the weights")
         merges.add_metric([], modes.auto.merges if modes is not None else 0)
         yield merges
+        declined = CounterMetricFamily("aotpack_lora_merges_declined", "LoRA sets the merge policy left in slots "
+                                       "because a merge into FP8 weights would weaken them")
+        declined.add_metric([], modes.auto.declined if modes is not None else 0)
+        yield declined
         mode = GaugeMetricFamily("aotpack_lora_mode", "how the active LoRA set runs (1 on the current mode)",
                                  labels=["mode"])
         for name in ("none", "slots", "merged"):
