@@ -48,6 +48,11 @@ def test_quality_package_matches_eager_in_slots_and_merged(tiny_package, demo_lo
     assert json.loads((out / "quality.json").read_text())["contenders"] == rows
     table = (out / "quality.md").read_text()
     assert "| `tiny/merged` |" in table and "LoRA fidelity error" in table
+    # the merge check, beside the images: this package's weights are not FP8, so there is nothing to re-round
+    assert results["merge_checks"] == {"tiny/merged": None}
+    assert "- `tiny/merged`: no FP8 weight touched" in table
+    results["merge_checks"] = {"fp8/merged": {"strength": 0.331, "error": 1.78, "rows": 3072}}
+    assert "- `fp8/merged`: strength 0.331, error 1.780 (3072 rows)" in quality.markdown(results)
 
 
 def test_quality_catches_a_weakened_lora(tiny_package, demo_loras, tmp_path, monkeypatch):

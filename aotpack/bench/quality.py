@@ -39,6 +39,7 @@ from ..models.checkpoint import load_pipeline, parse_model_ref
 from ..models.examples import relative_error
 from ..models.prepare import torch_dtype
 from ..runtime.jobs import parse_lora_option
+from ..runtime.merge_check import MIN_MERGE_STRENGTH
 from ..runtime.pipeline import decode_packed_latents, load_package
 from ..runtime.requests import SIZE_MULTIPLE, check_loras
 from ..store.manifest import read_manifest, recorded_model
@@ -104,8 +105,9 @@ def eager_images(model: str, dtype: torch.dtype, device: str, loras: list[tuple[
 
 
 def package_images(package: str, model: str, label: str, loras, prompts, seeds, request: dict,
-                   modes) -> dict[str, Images]:
-    """`{label/mode: Images}` for one package (`{label: ...}` without LoRAs): the set in slots and/or merged."""
+                   modes, merge_checks: dict | None = None) -> dict[str, Images]:
+    """`{label/mode: Images}` for one package (`{label: ...}` without LoRAs): the set in slots and/or merged. A
+    merged set's merge check (runtime/merge_check.py) goes into `merge_checks[label/merged]` (None: no FP8 weight)."""
     served = load_package(package, model, merge_policy="never")  # each mode as asked, never the policy's choice
     try:
         served.set_loras([])
@@ -116,6 +118,9 @@ def package_images(package: str, model: str, label: str, loras, prompts, seeds, 
         for mode in modes:
             served.set_loras(loras, merge=(mode == "merged"))
             key = f"{label}/{mode}"
+            if mode == "merged" and merge_checks is not None:
+                estimate = served.transformer.lora_modes.last_merge_estimate
+                merge_checks[key] = dataclasses.asdict(estimate) if estimate else None
             out[key] = Images(*base, *_generate(served, served.decode_latents, prompts, seeds, request, key))
             served.set_loras([])
         return out
@@ -212,6 +217,13 @@ def markdown(results: dict) -> str:
         cells += [_number(s["psnr_db_min"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Means over the prompts (PSNR: the worst prompt). Images: `images/`, latents: `latents/`."]
+    if r.get("merge_checks"):
+        lines += ["", "Merge check (what re-rounding into the FP8 weights keeps of the set's weight change, estimated "
+                  f"on sampled rows before merging; the merge policy merges unasked from a strength of "
+                  f"{MIN_MERGE_STRENGTH}):", ""]
+        lines += [f"- `{key}`: " + (f"strength {c['strength']:.3f}, error {c['error']:.3f} ({c['rows']} rows)" if c
+                                    else "no FP8 weight touched: the merge adds the set at the weights' precision")
+                  for key, c in r["merge_checks"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -262,8 +274,10 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
     if reference == EAGER:
         contenders[EAGER] = eager_images(model, torch_dtype(first.dtype), first.run_device(None), loras, prompts,
                                          seeds, request)
+    merge_checks: dict = {}
     for label, directory in dirs.items():
-        contenders.update(package_images(str(directory), model, label, loras, prompts, seeds, request, modes))
+        contenders.update(package_images(str(directory), model, label, loras, prompts, seeds, request, modes,
+                                         merge_checks))
     reference_key = reference if reference == EAGER or not loras else f"{reference}/{modes[0]}"
     rows = compare(contenders, reference_key, prompts)  # before anything is written: it may refuse the set
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +288,7 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
         "torch": torch.__version__, "reference": reference_key, "prompts": prompts, "seed": seed,
         "request": request, "loras": [[str(p), s] for p, s in loras],
         "packages": {label: str(path) for label, path in dirs.items()},
-        "contenders": rows,
+        "contenders": rows, "merge_checks": merge_checks,
     }
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     (out / "quality.md").write_text(markdown(results))
