@@ -124,6 +124,29 @@ def test_speed_report_names_a_host_bound_mode():
     assert "**aotpack slots ran host-bound at 1024:**" in markdown(data)
 
 
+def test_speed_merge_sweep_reports_the_check_beside_merged_over_slots(served_tiny, demo_loras):
+    """The fidelity sweep's merge table: the merge check's estimate per strength (none on a package without FP8
+    weights) and merged / slots ratios of the effect strength and fidelity error taken from the sweep's rows."""
+    from aotpack.bench.speed import _sweep_markdown, merge_sweep
+
+    path = demo_loras["tiny-style-mlp"]
+    rows = merge_sweep(served_tiny, lambda: served_tiny.transformer(**_step_inputs(served_tiny), return_dict=False)[0],
+                       {0.02: path})
+    assert rows[0.02]["estimate"] is None and rows[0.02]["estimate_seconds"] >= 0  # fp32 package: nothing re-rounds
+    assert served_tiny.transformer.lora_modes.mode == "merged"
+    served_tiny.set_loras([])
+
+    def cell(error, strength):
+        return {"lora_fidelity_error": error, "lora_effect_strength": strength, "lora_effect_relative": 0.01}
+
+    data = {"setup": {"sizes": [512]},
+            "aotpack": {"fidelity_sweep": {"slots": {"0.005": cell(1.732, 0.153)},
+                                           "merged": {"0.005": cell(1.926, 0.103)}},
+                        "merge_sweep": {"0.005": {"estimate": {"strength": 0.332, "error": 1.783, "rows": 3072},
+                                                  "estimate_seconds": 0.0071}}}}
+    assert "| 0.005 | 0.332 / 1.783 | 0.673 | 1.112 | 7.1 |" in _sweep_markdown(data)
+
+
 def _step_inputs(served) -> dict:
     """One transformer step's inputs at the package's first shape (seeded)."""
     from aotpack.models.examples import transformer_inputs
