@@ -95,7 +95,7 @@ def estimate_merge(layers: list[tuple], dtype: torch.dtype = torch.bfloat16) -> 
 def warm(device, dtype: torch.dtype, rank: int) -> None:
     """Estimates on scratch zeros at FLUX's widths, two layers a call as a merge's groups stack them. On the H200
     (2026-12-04) a process's first estimate took 245 ms unwarmed (the eager kernels' first launches), 84 ms after a
-    warm on one small layer, 16-17 ms after this one; later ones ~2-3 ms."""
+    warm on one small layer, 11-17 ms after this one; later ones ~5 ms."""
     import types
 
     for cols in (3072, 12288):
