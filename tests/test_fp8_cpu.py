@@ -296,7 +296,8 @@ def test_merge_policy_leaves_a_set_in_slots_that_fp8_would_weaken(fp8_package, d
         assert modes.mode == SLOTS and modes.auto.declined == 1 and modes.auto.merges == 1
         assert not estimate.faithful and "not merging the LoRA set unasked" in caplog.text
         assert f"keep only {estimate.strength:.0%}" in caplog.text
-        served.set_loras([(path, 0.02)], merge=False)
+        served.set_loras([])
+        served.set_loras([(path, 0.02)], merge=False)  # pinned in slots from the base weights
         assert rel_error(step(), pinned) == 0.0  # the declined set ran in slots
         caplog.clear()
         served.set_loras([(path, 0.02)], merge=True)
