@@ -130,8 +130,7 @@ def test_speed_merge_sweep_reports_the_check_beside_merged_over_slots(served_tin
     from aotpack.bench.speed import _sweep_markdown, merge_sweep
 
     path = demo_loras["tiny-style-mlp"]
-    rows = merge_sweep(served_tiny, lambda: served_tiny.transformer(**_step_inputs(served_tiny), return_dict=False)[0],
-                       {0.02: path})
+    rows = merge_sweep(served_tiny, {0.02: path})
     assert rows[0.02]["estimate"] is None and rows[0.02]["estimate_seconds"] >= 0  # fp32 package: nothing re-rounds
     assert served_tiny.transformer.lora_modes.mode == "merged"
     served_tiny.set_loras([])

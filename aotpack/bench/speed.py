@@ -93,13 +93,13 @@ def fidelity_sweep(apply, output, base_output, refs: dict, size, sweep: dict) ->
     return rows
 
 
-def merge_sweep(served, output, sweep: dict) -> dict:
+def merge_sweep(served, sweep: dict) -> dict:
     """Per sweep strength: what the merge check (runtime/merge_check.py) estimates a merge keeps of the LoRA's
     weight change, and how long the estimate took (`fidelity_sweep` has the merged and slots outputs' numbers)."""
     rows = {}
     for std, path in sweep.items():
         served.set_loras([])
-        if output().is_cuda:  # the estimate ends in a sync: no forward of ours left queued to count in it
+        if torch.cuda.is_available():  # the estimate ends in a sync: no unmerge copies left queued to count in it
             torch.cuda.synchronize()
         served.set_loras([(path, 1.0)], merge=True)
         estimate = served.transformer.lora_modes.last_merge_estimate
@@ -227,7 +227,7 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, p
             result["fidelity_sweep"][name] = fidelity_sweep(
                 lambda path, m=merge_it: (served.set_loras([]), served.set_loras([(path, 1.0)], merge=m)),
                 output, base_outputs[first], refs, first, sweep)
-        result["merge_sweep"] = merge_sweep(served, output, sweep)
+        result["merge_sweep"] = merge_sweep(served, sweep)
         served.set_loras([])
     if device == "cuda":
         result["cuda_graphs"] = _graph_modes(served, workloads, device, repeats, lora, result, profiles,

@@ -69,8 +69,6 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
         changes["no_slot_programs"] = bool(no_slot_programs)
     if attention:  # an unknown backend is refused by Recipe itself, with the list
         changes["attention"] = attention
-        if attention != "cudnn_fp8":  # the FP8 threshold means nothing for another backend
-            changes["fp8_attention_min_tokens"] = 0
     if parallel:
         changes["parallel"] = parallel
         if parallel == "ulysses" and not attention and recipe.attention == "cudnn_fp8":
@@ -78,7 +76,7 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
             # --attention cudnn_fp8 with --parallel ulysses is still refused (Recipe.__post_init__)
             logger.warning("--parallel ulysses: attention 'cudnn_fp8' of target %s becomes 'cudnn' (context-parallel "
                            "packages run attention in the runtime, between the split programs)", recipe.name)
-            changes.update(attention="cudnn", fp8_attention_min_tokens=0)
+            changes["attention"] = "cudnn"
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",

@@ -75,6 +75,10 @@ class Recipe:
         return self.end_to_end_tolerance or self.tolerance
 
     def replace(self, **changes) -> "Recipe":
+        """A copy with `changes`. Switching attention to a backend other than cudnn_fp8 drops the FP8 threshold,
+        which only chooses between FP8 and bf16 attention (a recipe file with both is refused by parse_recipe)."""
+        if changes.get("attention", self.attention) != "cudnn_fp8":
+            changes.setdefault("fp8_attention_min_tokens", 0)
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
