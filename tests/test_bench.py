@@ -146,6 +146,41 @@ def test_speed_merge_sweep_reports_the_check_beside_merged_over_slots(served_tin
     assert "| 0.005 | 0.332 / 1.783 | 0.673 | 1.112 | 7.1 |" in _sweep_markdown(data)
 
 
+def test_precise_reference_is_the_same_sweep_on_the_upcast_model(demo_loras):
+    """`precise_sweep` runs the sweep's LoRAs on the eager model upcast (float64 from the CPU's float32): against
+    it the float32 model's LoRA effect is at full strength to 1e-4, the effect is well above that, and the report's
+    table puts eager first and each contender's row against the upcast reference beside it."""
+    from aotpack.bench.speed import _fidelity, _out, _sweep_markdown, precise_sweep
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+    from aotpack.models.examples import transformer_inputs
+
+    model = load_transformer(parse_model_ref("tiny"), torch.float32, "cpu").eval()
+    inputs = transformer_inputs(model.config, batch=1, image_tokens=16, text_tokens=8, dtype=torch.float32,
+                                device="cpu", generator=torch.Generator().manual_seed(5))
+    path = demo_loras["tiny-style-mlp"]
+    base = _out(model, inputs)
+    model.load_lora_adapter(str(path), adapter_name="r64", prefix="transformer")
+    lora = _out(model, inputs)
+    model.delete_adapters("r64")
+    precise = precise_sweep(model, inputs, {0.02: path})
+    assert precise["dtype"] == "float64" and model.dtype == torch.float64
+    assert not torch.equal(precise["base"], base)  # computed again, not the float32 output handed back
+    assert precise["lora_effect_relative"][0.02] > 0.05
+    row = _fidelity(lora, base, precise["sweep"][0.02], precise["base"])
+    assert abs(row["lora_effect_strength"] - 1) < 1e-4 and row["lora_fidelity_error"] < 1e-4
+
+    def cell(error, strength):
+        return {"lora_fidelity_error": error, "lora_effect_strength": strength, "lora_effect_relative": 0.01}
+
+    data = {"setup": {"sizes": [512]},
+            "eager_bf16_peft": {"precise_reference": {"dtype": "float32", "lora_effect_relative": {"0.005": 0.0051},
+                                                      "fidelity_sweep": {"0.005": cell(0.84, 0.58)}}},
+            "aotpack": {"fidelity_sweep": {"slots": {"0.005": {**cell(1.732, 0.153), "vs_precise": cell(0.9, 0.97)}},
+                                           "merged": {"0.005": cell(1.926, 0.103)}}}}
+    table = _sweep_markdown(data)
+    assert "| 0.005 | 0.0051 | 0.8400 / 0.580 | 0.9000 / 0.970 |  |  |" in table  # merged ran without it
+
+
 def _step_inputs(served) -> dict:
     """One transformer step's inputs at the package's first shape (seeded)."""
     from aotpack.models.examples import transformer_inputs

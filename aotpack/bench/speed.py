@@ -54,9 +54,11 @@ def _breakdown(model, inputs, device) -> dict:
         return kernel_breakdown(lambda: model(**inputs), device)
 
 
-def eager(name, dtype, device, workloads, lora: Path, repeats, sweep: dict | None = None) -> dict:
+def eager(name, dtype, device, workloads, lora: Path, repeats, sweep: dict | None = None,
+          precise_reference: bool = False) -> dict:
     """diffusers eager + PEFT (unfused): the reference outputs with and without the LoRA, and its step;
-    for each `sweep` LoRA (std -> file), its output at the first size."""
+    for each `sweep` LoRA (std -> file), its output at the first size; with `precise_reference`, the sweep
+    once more on the same model upcast (`precise_sweep`)."""
     reset_peak_memory(device)
     model = make_transformer(name, dtype, device)
     result = {size: {"base": _out(model, inputs)} for size, inputs in workloads.items()}
@@ -74,9 +76,42 @@ def eager(name, dtype, device, workloads, lora: Path, repeats, sweep: dict | Non
         model.load_lora_adapter(str(path), adapter_name="r64", prefix="transformer")
         output = _out(model, workloads[first])
         result["sweep"][std] = {"lora": output, "lora_effect_relative": relative_error(output, result[first]["base"])}
+    if sweep and precise_reference:
+        model.delete_adapters("r64")
+        result["precise"] = precise_sweep(model, workloads[first], sweep)
+        for std, row in result["sweep"].items():
+            row["vs_precise"] = _fidelity(row["lora"], result[first]["base"], result["precise"]["sweep"][std],
+                                          result["precise"]["base"])
     result["peak_gpu_gb"] = peak_memory_gb(device)
     del model
     free_memory()
+    return result
+
+
+def precise_sweep(model, inputs: dict, sweep: dict) -> dict:
+    """The sweep's outputs from `model` (no adapter loaded) upcast: float32 from bf16, float64 from float32. The
+    same weights and LoRA factors with far less rounding: the bf16 reference's own LoRA effect carries its
+    rounding noise, and a projection on a noisy effect comes out short (regression dilution), so weak-LoRA
+    strengths are read against this reference too. Leaves `model` upcast."""
+    low, dtype = model.dtype, (torch.float64 if model.dtype == torch.float32 else torch.float32)
+    model.to(dtype)
+    inputs = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+              for key, value in inputs.items()}
+    # diffusers' Flux scales timestep and guidance by 1000 in the model's dtype (`timestep.to(hidden_states.dtype) *
+    # 1000`): bf16 turns t = 0.537 into 536, another conditioning rather than rounding noise, so the upcast model
+    # gets the values bf16 computed. Without this every bf16 contender, eager included, read 0.94 of the LoRA's
+    # effect at every strength (fidelity error 0.37 at std 0.4); with it eager bf16 reads 0.96-1.00
+    # (H200, 2026-12-04, random weights, benchmarks/results/2026-12-04c-h200-precise-reference/).
+    for key in ("timestep", "guidance"):
+        if torch.is_tensor(inputs.get(key)):
+            inputs[key] = (inputs[key].to(low) * 1000).to(dtype) / 1000
+    result = {"dtype": str(dtype).removeprefix("torch."), "base": _out(model, inputs), "sweep": {}}
+    for std, path in sweep.items():
+        model.load_lora_adapter(str(path), adapter_name="precise", prefix="transformer")
+        result["sweep"][std] = _out(model, inputs)
+        model.delete_adapters("precise")
+    result["lora_effect_relative"] = {std: relative_error(output, result["base"])
+                                      for std, output in result["sweep"].items()}
     return result
 
 
@@ -87,9 +122,12 @@ def fidelity_sweep(apply, output, base_output, refs: dict, size, sweep: dict) ->
     rows = {}
     for std, path in sweep.items():
         apply(path)
-        ref = refs["sweep"][std]
+        ref, ours = refs["sweep"][std], output()
         rows[std] = {"lora_effect_relative": ref["lora_effect_relative"],
-                     **_fidelity(output(), base_output, ref["lora"], refs[size]["base"])}
+                     **_fidelity(ours, base_output, ref["lora"], refs[size]["base"])}
+        if "precise" in refs:
+            rows[std]["vs_precise"] = _fidelity(ours, base_output, refs["precise"]["sweep"][std],
+                                                refs["precise"]["base"])
     return rows
 
 
@@ -339,7 +377,7 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, profiles: Profi
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
         repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1,
-        fidelity_stds=(), recipe_compile_mode: str | None = None) -> dict:
+        fidelity_stds=(), recipe_compile_mode: str | None = None, precise_reference: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "speed.json")
     ref = parse_model_ref(model)
@@ -353,10 +391,14 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
                                        dtype=dtype, device=device, batch=batch)[0] for size in sizes}
     profiles = Profiles(_breakdown_size(list(workloads)))
-    refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats, sweep)
-    report["eager_bf16_peft"] = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
-                                 "lora_effect_relative": {s: refs[s]["lora_effect_relative"] for s in workloads},
-                                 "lora_std": lora_std}
+    refs = eager(ref.location, dtype, device, workloads, loras[LORA], repeats, sweep, precise_reference)
+    eager_row = {"step": {s: refs[s]["step"] for s in workloads}, "peak_gpu_gb": refs["peak_gpu_gb"],
+                 "lora_effect_relative": {s: refs[s]["lora_effect_relative"] for s in workloads}, "lora_std": lora_std}
+    if "precise" in refs:
+        eager_row["precise_reference"] = {
+            "dtype": refs["precise"]["dtype"], "lora_effect_relative": refs["precise"]["lora_effect_relative"],
+            "fidelity_sweep": {std: row["vs_precise"] for std, row in refs["sweep"].items()}}
+    report["eager_bf16_peft"] = eager_row
     report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, profiles,
                                              sweep))
     if not skip_recipe:
@@ -514,6 +556,7 @@ def _sweep_markdown(data: dict) -> list[str]:
         cells = [(f"{r[std]['lora_fidelity_error']:.4f} / {r[std]['lora_effect_strength']:.3f}" if std in r else "")
                  for _, r in columns]
         lines.append(f"| {std} | {row['lora_effect_relative']:.4f} | " + " | ".join(cells) + " |")
+    lines += _precise_markdown(data, columns)
     merges = data.get("aotpack", {}).get("merge_sweep")
     if merges:
         lines += ["", "What a merge into the FP8 weights keeps, per strength: the merge check's estimate on sampled "
@@ -528,6 +571,25 @@ def _sweep_markdown(data: dict) -> list[str]:
             ratios = [f"{merged[std][key] / slots[std][key]:.3f}" if std in merged and std in slots and slots[std][key]
                       else "" for key in ("lora_effect_strength", "lora_fidelity_error")]
             lines.append(f"| {std} | {estimated} | {ratios[0]} | {ratios[1]} | {1000 * row['estimate_seconds']:.1f} |")
+    return lines
+
+
+def _precise_markdown(data: dict, columns: list) -> list[str]:
+    """The sweep against the upcast reference (`precise_sweep`), eager bf16 + PEFT itself in the first column."""
+    precise = data.get("eager_bf16_peft", {}).get("precise_reference")
+    if not precise:
+        return []
+    columns = [("eager bf16 + PEFT", precise["fidelity_sweep"])] + [
+        (name, {std: row["vs_precise"] for std, row in rows.items() if "vs_precise" in row}) for name, rows in columns]
+    lines = ["", f"Against the eager model upcast to {precise['dtype']} (the same weights and LoRA, far less rounding): "
+             "bf16's own rounding noise is in the reference above, and a projection on a noisy effect comes out "
+             "short. Each cell: fidelity error / effect strength.", "",
+             f"| factor std | LoRA effect on the {precise['dtype']} output | " + " | ".join(c for c, _ in columns)
+             + " |", "| --- | --- |" + " --- |" * len(columns)]
+    for std, effect in precise["lora_effect_relative"].items():
+        cells = [(f"{r[std]['lora_fidelity_error']:.4f} / {r[std]['lora_effect_strength']:.3f}" if std in r else "")
+                 for _, r in columns]
+        lines.append(f"| {std} | {effect:.4f} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -552,6 +614,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fidelity-stds", default="",
                         help="comma-separated LoRA factor stds for a fidelity sweep at the first size (same LoRA "
                              "direction, growing effect), e.g. 0.25,0.4")
+    parser.add_argument("--precise-reference", action="store_true",
+                        help="the fidelity sweep also against the eager model upcast (float32 from bf16): the "
+                             "same weights with far less rounding, for LoRAs whose effect nears bf16's own noise")
     parser.add_argument("--recipe-compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
                         default="default", help="torch.compile mode of the recipe (reduce-overhead: CUDA graphs)")
     parser.add_argument("--build-json", type=Path, help="a JSON file with build facts to record (seconds, MB)")
@@ -563,7 +628,8 @@ def main(argv=None) -> None:
         lora_dir=args.lora_dir, skip_recipe=args.skip_recipe, repeats=args.repeats, build=build,
         lora_std=args.lora_std, batch=args.batch,
         fidelity_stds=[float(s) for s in args.fidelity_stds.split(",") if s],
-        recipe_compile_mode=None if args.recipe_compile_mode == "default" else args.recipe_compile_mode)
+        recipe_compile_mode=None if args.recipe_compile_mode == "default" else args.recipe_compile_mode,
+        precise_reference=args.precise_reference)
 
 
 if __name__ == "__main__":
