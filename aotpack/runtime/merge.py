@@ -327,7 +327,7 @@ class LoRAModes:
         estimate = self._estimate(layers, weights)
         if estimate is not None and not estimate.faithful:  # asked for: merged all the same, but not silently
             logger.warning("merging the LoRA set as asked, though %s; merge=False (--no-merge) keeps it in slots, "
-                           "its product exact in bf16", estimate.describe())
+                           "at its full strength", estimate.describe())
         self._merge(layers, weights, storages)
 
     def _estimate(self, layers: dict[str, list[tuple]], weights: dict):
@@ -392,7 +392,7 @@ class LoRAModes:
         in_place = not storages or self._keep_device(storages) == storages[0].device
         if not agree(in_place and not weakened):  # one all-reduce for both reasons
             if weakened:
-                logger.warning("not merging the LoRA set unasked: %s; it stays in slots, its product exact in bf16 "
+                logger.warning("not merging the LoRA set unasked: %s; it stays in slots, at its full strength "
                                "(merge=True / --merge merges it anyway)", estimate.describe())
                 self.auto.declined += 1
             else:

@@ -4,7 +4,9 @@ A merge rounds W_fp8 + BA onto a per-row FP8 grid again (models/merge_rows.py). 
 so the grid's step around a weight is 6-12% of its value, and when BA is small the fresh row scale barely moves
 the grid W_fp8 already sits on: a change well below half a step rounds back to the weight it came from. A weak
 enough LoRA, merged, is a weaker LoRA (the complaint FP8 services answer with scale x1.5). The slots keep BA in
-bf16 beside the unchanged base instead.
+bf16 beside the unchanged base instead, and hold the LoRA's full strength at every strength measured (against
+eager upcast to float32: 0.998-1.010 for LoRAs moving the output by 0.27-27%;
+benchmarks/results/2026-12-04c-h200-precise-reference/).
 
 `estimate_merge` runs the merge's own math (`merged_rows`) on evenly spaced rows of evenly spaced touched FP8
 layers and compares the rows' change with BA itself:
@@ -18,6 +20,8 @@ the weights) the merged set's effect on the output was 0.67x the same set's in s
 bf16 + PEFT 0.103 vs 0.153); at estimated strengths 1.0-1.13 (std 0.01 and up) merged and slots matched within
 0.04. The error does not separate the cases: merged, every strength carried 8-18% more fidelity error
 than in slots (the re-rounding adds about half the base's own FP8 noise), at an estimated error of 0.05 as at 1.8.
+Against eager upcast to float32 (2026-12-04c, the same LoRAs), which bf16's own noise does not dilute: merged 0.595
+at std 0.005, 1.107 / 1.070 at std 0.01 / 0.02 (estimated 1.05 / 1.13), 0.992-0.999 from std 0.05 up; slots 1.00.
 So the merge policy does not merge unasked a set whose estimated strength is below `MIN_MERGE_STRENGTH`; an asked
 merge goes ahead with a warning that gives the numbers. On trained-like weights (Gaussian, 0.1% outliers; CPU
 simulation of one 1024x3072 layer) the strength fell to 0.81 at a 3% change and 0.37 at 1%.
