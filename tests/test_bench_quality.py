@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -70,6 +71,35 @@ def test_quality_catches_a_weakened_lora(tiny_package, demo_loras, tmp_path, mon
     assert summary["latents_error_no_lora"] <= 1e-3  # the base is untouched: only the LoRA's effect is off
 
 
+def test_quality_against_eager_upcast_reads_eager_itself_against_it(tiny_package, demo_loras, tmp_path):
+    """--reference eager-upcast: diffusers' pipeline one dtype up (float64 for the CPU's float32 package), from the
+    same noise, as the reference; eager beside it parts by rounding alone (drawn in float64, the noise alone made the
+    tiny model's images part by 57%), and the package's rows are read against the upcast pipeline."""
+    results = quality.main(_args(tiny_package, demo_loras["tiny-style-attn"], tmp_path / "q", "--modes", "slots",
+                                 "--reference", "eager-upcast"))
+    rows = results["contenders"]
+    assert list(rows) == ["eager", "eager-upcast", "tiny/slots"] and results["reference"] == "eager-upcast"
+    assert rows["eager-upcast"]["summary"]["lora_strength"] == 1.0
+    for key, bound in (("eager", 1e-5), ("tiny/slots", 1e-3)):
+        for row in rows[key]["prompts"]:
+            assert 0 < row["latents_error_no_lora"] <= bound and 0 < row["latents_error_lora"] <= bound, (key, row)
+            assert abs(row["lora_strength"] - 1) <= 10 * bound, (key, row)
+    eager, upcast = (load_file(tmp_path / "q" / "latents" / f"{stem}.safetensors") for stem in ("eager", "eager-upcast"))
+    assert quality.relative_error(upcast["lora_0"], upcast["base_0"]) > 0.05  # the LoRA moves the reference
+    assert "# Image quality against eager-upcast" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_conditioning_as_gives_the_upcast_model_the_low_dtype_timestep():
+    """diffusers' Flux multiplies timestep and guidance by 1000 in its own dtype: bf16 makes 0.537 into 536."""
+    from aotpack.bench.fidelity import conditioning_as, upcast_dtype
+
+    timestep_and_guidance = torch.tensor([0.537, 3.5])
+    assert (timestep_and_guidance.to(torch.bfloat16) * 1000).tolist() == [536.0, 3504.0]
+    scaled = conditioning_as(timestep_and_guidance, torch.bfloat16) * 1000
+    assert scaled.dtype == torch.float32 and scaled.tolist() == pytest.approx([536.0, 3504.0], abs=1e-3)
+    assert upcast_dtype(torch.bfloat16) == torch.float32 and upcast_dtype(torch.float32) == torch.float64
+
+
 def test_quality_against_a_package_skips_eager(tiny_package, tmp_path, monkeypatch):
     """--reference LABEL compares packages with each other, with no eager pipeline in memory (small cards)."""
     monkeypatch.setattr(quality, "eager_images", lambda *a, **k: pytest.fail("eager ran"))
@@ -83,6 +113,7 @@ def test_quality_against_a_package_skips_eager(tiny_package, tmp_path, monkeypat
     (["--package", "nolabel", "--prompt", "x"], "write LABEL=PACKAGE"),
     (["--package", "a=p", "--package", "a=q", "--prompt", "x"], "the label 'a' is given twice"),
     (["--package", "eager=p", "--prompt", "x"], "not 'eager'"),
+    (["--package", "eager-upcast=p", "--prompt", "x"], "or 'eager-upcast'"),
     (["--package", "a=p"], "give at least one --prompt"),
     (["--package", "a=p", "--prompt", "x", "--height", "100"], "--height 100: give a positive multiple of 16"),
 ])
@@ -99,8 +130,8 @@ def test_quality_bad_reference_and_lora_fail_before_any_pipeline_loads(tiny_pack
     monkeypatch.setattr(quality, "eager_images", lambda *a, **k: pytest.fail("eager ran"))
     base = ["bench", "quality", "--package", f"tiny={tiny_package}", "--prompt", "x", "--out", str(tmp_path / "q")]
     result = CliRunner().invoke(cli, [*base, "--reference", "other"])
-    assert result.exit_code == 1 and "--reference 'other' is neither 'eager' nor a --package label (tiny)" \
-        in result.output
+    assert result.exit_code == 1 and "--reference 'other' is neither 'eager', 'eager-upcast' nor a --package label " \
+        "(tiny)" in result.output
     result = CliRunner().invoke(cli, [*base, "--lora", f"{demo_loras['tiny-style-attn']}:nan"])
     assert result.exit_code == 1 and "LoRA scale" in result.output and "nan" in result.output
     result = CliRunner().invoke(cli, [*base, "--lora", str(tmp_path / "missing.safetensors")])

@@ -9,7 +9,7 @@ grid) is what a service checks on its own checkpoint and LoRAs before it serves 
 prompt's image with no LoRA and with the set, same seeds (`torch.Generator("cpu")`, seed + prompt index): eager
 diffusers first (`FluxPipeline` + PEFT `load_lora_weights` / `set_adapters`, in the first package's dtype: what
 users run today), then each package as `aotpack run` runs it, its set in slots and merged (`--modes`). Against the
-reference (`--reference`, default eager), per contender and prompt:
+reference (`--reference`, default eager; `eager-upcast` below), per contender and prompt:
 - latents error: relative L2 of the final latents, with no LoRA and with the set;
 - PSNR (dB) of the decoded image with the set (with no LoRA when no `--lora` is given);
 - LoRA fidelity error and strength (`bench/fidelity.py`): how much of the reference's LoRA effect the contender
@@ -17,6 +17,13 @@ reference (`--reference`, default eager), per contender and prompt:
 Writes OUT/quality.json, OUT/quality.md, the PNGs (OUT/images/) and the latents (OUT/latents/). One pipeline is in
 memory at a time; eager FLUX.1-dev in bf16 takes ~34 GB of GPU memory, so on a smaller card pass
 `--reference LABEL` (a package), which skips eager.
+
+`--reference eager-upcast` adds diffusers' pipeline upcast one step (float32 for a bf16 package, float64 for a
+float32 one) and reads every contender against it, eager itself included: bf16's own rounding noise sits in eager's
+LoRA effect, and a projection on a noisy effect comes out short, so against eager a weak LoRA looks weakened in
+every fast path (bench/fidelity.py). The upcast pipeline starts from the noise the package's dtype draws and
+conditions on the timesteps it computes (`fidelity.conditioning_as`), so it differs from eager by rounding alone.
+FLUX.1-dev in float32 takes ~70 GB (transformer 48, T5 19).
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ from ..runtime.pipeline import decode_packed_latents, load_package
 from ..runtime.requests import SIZE_MULTIPLE, check_loras
 from ..store.manifest import read_manifest, recorded_model
 from ..store.publish import locate_package
-from .fidelity import effect_strength, lora_effect_error
+from .fidelity import conditioning_as, effect_strength, lora_effect_error, upcast_dtype
 
 EAGER = "eager"
+UPCAST = "eager-upcast"
 MODES = ("slots", "merged")
 LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -85,23 +93,44 @@ def _free() -> None:
 
 
 def eager_images(model: str, dtype: torch.dtype, device: str, loras: list[tuple[Path, float]], prompts, seeds,
-                 request: dict) -> Images:
-    """The reference: diffusers' own pipeline, the LoRAs through PEFT as users load them."""
-    pipe = load_pipeline(parse_model_ref(model), dtype).to(device)
+                 request: dict, upcast: bool = False) -> Images:
+    """The reference: diffusers' own pipeline, the LoRAs through PEFT as users load them; with `upcast`, the same
+    pipeline one dtype up, drawing its noise and conditioning its timesteps as a `dtype` pipeline does."""
+    pipe = load_pipeline(parse_model_ref(model), upcast_dtype(dtype) if upcast else dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     decode = functools.partial(decode_packed_latents, pipe)
+    call, who = pipe, UPCAST if upcast else EAGER
+    if upcast:
+        pipe.transformer.register_forward_pre_hook(functools.partial(_condition_as, dtype), with_kwargs=True)
+        call = functools.partial(_from_noise_of, dtype, pipe)
     try:
-        out = Images(*_generate(pipe, decode, prompts, seeds, request, EAGER))
+        out = Images(*_generate(call, decode, prompts, seeds, request, who))
         if loras:
             names = [f"lora{i}" for i in range(len(loras))]
             for name, (path, _) in zip(names, loras):
                 pipe.load_lora_weights(str(path), adapter_name=name)
             pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
-            out.lora, out.lora_images = _generate(pipe, decode, prompts, seeds, request, f"{EAGER} with the LoRAs")
+            out.lora, out.lora_images = _generate(call, decode, prompts, seeds, request, f"{who} with the LoRAs")
         return out
     finally:
-        del decode, pipe  # the partial holds the pipeline too
+        del decode, call, pipe  # the partials hold the pipeline too
         _free()
+
+
+def _condition_as(low: torch.dtype, module, args, kwargs):
+    """Forward pre-hook of the upcast transformer: timestep and guidance as a `low` transformer computes them."""
+    for key in ("timestep", "guidance"):
+        if torch.is_tensor(kwargs.get(key)):
+            kwargs[key] = conditioning_as(kwargs[key], low)
+    return args, kwargs
+
+
+def _from_noise_of(low: torch.dtype, pipe, *, generator, height: int, width: int, **request):
+    """`pipe(...)` from the packed noise a `low` pipeline draws with `generator` (randn draws other numbers in
+    another dtype: the tiny model's float32 and float64 images parted by 57% from that alone)."""
+    latents, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, height, width, low,
+                                      pipe._execution_device, generator)
+    return pipe(latents=latents, height=height, width=width, **request)
 
 
 def package_images(package: str, model: str, label: str, loras, prompts, seeds, request: dict,
@@ -231,9 +260,9 @@ def _packages(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, st
     packages = {}
     for spec in specs:
         label, sep, path = spec.partition("=")
-        if not sep or not path or not LABEL.fullmatch(label) or label == EAGER:
+        if not sep or not path or not LABEL.fullmatch(label) or label in (EAGER, UPCAST):
             parser.error(f"--package {spec!r}: write LABEL=PACKAGE with a label of letters, digits, '_', '.' "
-                         f"or '-' (not {EAGER!r}), e.g. fp8=artifacts/packages/flux-fp8")
+                         f"or '-' (not {EAGER!r} or {UPCAST!r}), e.g. fp8=artifacts/packages/flux-fp8")
         if label in packages:
             parser.error(f"--package {spec!r}: the label {label!r} is given twice; give each package its own")
         packages[label] = path
@@ -255,8 +284,8 @@ def _prompts(args, parser: argparse.ArgumentParser) -> list[str]:
 def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list[str], loras=(), seed: int = 0,
         reference: str = EAGER, modes=MODES, height: int = 1024, width: int = 1024, steps: int = 28,
         guidance: float = 3.5, max_sequence_length: int = 512) -> dict:
-    if reference != EAGER and reference not in packages:
-        raise RequestError(f"--reference {reference!r} is neither {EAGER!r} nor a --package label "
+    if reference not in (EAGER, UPCAST) and reference not in packages:
+        raise RequestError(f"--reference {reference!r} is neither {EAGER!r}, {UPCAST!r} nor a --package label "
                            f"({', '.join(packages) or 'none given'})", f"pass --reference {EAGER} or one of the labels")
     loras = [(local_path(adapter_source(source)), scale)  # checked and resolved before any pipeline loads
              for source, scale in check_loras(list(loras), "--lora")]
@@ -271,14 +300,17 @@ def run(packages: dict[str, str], model: str | None, out: Path, *, prompts: list
                    max_sequence_length=max_sequence_length)
     seeds = [seed + i for i in range(len(prompts))]
     contenders: dict[str, Images] = {}
-    if reference == EAGER:
+    if reference in (EAGER, UPCAST):
         contenders[EAGER] = eager_images(model, torch_dtype(first.dtype), first.run_device(None), loras, prompts,
                                          seeds, request)
+    if reference == UPCAST:
+        contenders[UPCAST] = eager_images(model, torch_dtype(first.dtype), first.run_device(None), loras, prompts,
+                                          seeds, request, upcast=True)
     merge_checks: dict = {}
     for label, directory in dirs.items():
         contenders.update(package_images(str(directory), model, label, loras, prompts, seeds, request, modes,
                                          merge_checks))
-    reference_key = reference if reference == EAGER or not loras else f"{reference}/{modes[0]}"
+    reference_key = reference if reference in (EAGER, UPCAST) or not loras else f"{reference}/{modes[0]}"
     rows = compare(contenders, reference_key, prompts)  # before anything is written: it may refuse the set
     out.mkdir(parents=True, exist_ok=True)
     save_outputs(out, contenders)
@@ -306,7 +338,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="an adapter of the set every contender applies (repeatable: stacked)")
     parser.add_argument("--reference", default=EAGER,
-                        help=f"{EAGER} (diffusers + PEFT, default) or a package's LABEL (then eager is not run)")
+                        help=f"{EAGER} (diffusers + PEFT, default), {UPCAST} (the same one dtype up, eager beside "
+                             "it: for weak LoRAs, whose effect nears bf16's own noise) or a package's LABEL (then "
+                             "eager is not run)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="how each package runs the set: in slots, merged into the weights, or both")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next get +1, +2, ...)")

@@ -23,7 +23,7 @@ from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
 from . import images, timing
 from .compare import Report, recipe_transformer, shared_workload
-from .fidelity import effect_strength, lora_effect_error
+from .fidelity import conditioning_as, effect_strength, lora_effect_error, upcast_dtype
 from .loras import write_bench_loras
 from .timing import (
     CATEGORIES,
@@ -93,18 +93,13 @@ def precise_sweep(model, inputs: dict, sweep: dict) -> dict:
     same weights and LoRA factors with far less rounding: the bf16 reference's own LoRA effect carries its
     rounding noise, and a projection on a noisy effect comes out short (regression dilution), so weak-LoRA
     strengths are read against this reference too. Leaves `model` upcast."""
-    low, dtype = model.dtype, (torch.float64 if model.dtype == torch.float32 else torch.float32)
+    low, dtype = model.dtype, upcast_dtype(model.dtype)
     model.to(dtype)
     inputs = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
               for key, value in inputs.items()}
-    # diffusers' Flux scales timestep and guidance by 1000 in the model's dtype (`timestep.to(hidden_states.dtype) *
-    # 1000`): bf16 turns t = 0.537 into 536, another conditioning rather than rounding noise, so the upcast model
-    # gets the values bf16 computed. Without this every bf16 contender, eager included, read 0.94 of the LoRA's
-    # effect at every strength (fidelity error 0.37 at std 0.4); with it eager bf16 reads 0.96-1.00
-    # (H200, 2026-12-04, random weights, benchmarks/results/2026-12-04c-h200-precise-reference/).
-    for key in ("timestep", "guidance"):
+    for key in ("timestep", "guidance"):  # conditioned as the bf16 model is (fidelity.conditioning_as)
         if torch.is_tensor(inputs.get(key)):
-            inputs[key] = (inputs[key].to(low) * 1000).to(dtype) / 1000
+            inputs[key] = conditioning_as(inputs[key], low)
     result = {"dtype": str(dtype).removeprefix("torch."), "base": _out(model, inputs), "sweep": {}}
     for std, path in sweep.items():
         model.load_lora_adapter(str(path), adapter_name="precise", prefix="transformer")
