@@ -89,6 +89,24 @@ def test_quality_against_eager_upcast_reads_eager_itself_against_it(tiny_package
     assert "# Image quality against eager-upcast" in (tmp_path / "q" / "quality.md").read_text()
 
 
+def test_eager_upcast_of_a_bf16_pipeline_differs_by_rounding_alone(demo_loras, monkeypatch):
+    """bf16 -> float32, the GPU case, on the tiny model: with the timesteps rounded as the bf16 pipeline rounds them
+    the two part by ~1% (bf16 noise through a random model) and the LoRA's effect agrees; without it, by ~90%."""
+    from aotpack.bench.fidelity import effect_strength
+
+    request = dict(height=64, width=64, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=16)
+    lora = [(demo_loras["tiny-style-attn"], 0.9)]
+
+    def images(upcast):
+        return quality.eager_images("tiny", torch.bfloat16, "cpu", lora, ["a red fox"], [1], request, upcast=upcast)
+
+    low, upcast = images(False), images(True)
+    assert quality.relative_error(low.base[0], upcast.base[0]) < 0.03
+    assert abs(effect_strength(low.lora[0], low.base[0], upcast.lora[0], upcast.base[0]) - 1) < 0.03
+    monkeypatch.setattr(quality, "_condition_as", lambda low, module, args, kwargs: (args, kwargs))
+    assert quality.relative_error(low.base[0], images(True).base[0]) > 0.3
+
+
 def test_conditioning_as_gives_the_upcast_model_the_low_dtype_timestep():
     """diffusers' Flux multiplies timestep and guidance by 1000 in its own dtype: bf16 makes 0.537 into 536."""
     from aotpack.bench.fidelity import conditioning_as, upcast_dtype
@@ -97,6 +115,11 @@ def test_conditioning_as_gives_the_upcast_model_the_low_dtype_timestep():
     assert (timestep_and_guidance.to(torch.bfloat16) * 1000).tolist() == [536.0, 3504.0]
     scaled = conditioning_as(timestep_and_guidance, torch.bfloat16) * 1000
     assert scaled.dtype == torch.float32 and scaled.tolist() == pytest.approx([536.0, 3504.0], abs=1e-3)
+    # FluxPipeline passes t.to(bf16) / 1000 (t = 537.2: 536 / 1000 -> 0.53515625 in bf16 -> x 1000 -> 536)
+    piped = conditioning_as(torch.tensor([0.5372]), torch.bfloat16, from_pipeline=True) * 1000
+    assert piped.tolist() == pytest.approx([536.0], abs=1e-3)
+    unpiped = conditioning_as(torch.tensor([0.5372]), torch.bfloat16) * 1000  # the transformer's rounding alone
+    assert unpiped.tolist() == pytest.approx([540.0], abs=1e-3)
     assert upcast_dtype(torch.bfloat16) == torch.float32 and upcast_dtype(torch.float32) == torch.float64
 
 

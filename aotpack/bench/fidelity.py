@@ -36,10 +36,14 @@ def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
-def conditioning_as(value: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+def conditioning_as(value: torch.Tensor, low: torch.dtype, *, from_pipeline: bool = False) -> torch.Tensor:
     """A timestep or guidance value for an upcast Flux transformer, so that it conditions as a `low` one does.
 
     diffusers' Flux scales both by 1000 in the model's dtype (`timestep.to(hidden_states.dtype) * 1000`): bf16
     turns t = 0.537 into 536 where float32 keeps 537, another conditioning rather than rounding noise. Without
-    this every bf16 contender, eager included, read 0.94 of the LoRA's effect at every strength against float32."""
+    this every bf16 contender, eager included, read 0.94 of the LoRA's effect at every strength against float32.
+    `from_pipeline`: a timestep from `FluxPipeline`, which hands the transformer `t.to(latents.dtype) / 1000`,
+    rounded in `low` twice more before that."""
+    if from_pipeline:
+        value = ((value * 1000).to(low) / 1000).to(value.dtype)
     return (value.to(low) * 1000).to(value.dtype) / 1000

@@ -119,9 +119,9 @@ def eager_images(model: str, dtype: torch.dtype, device: str, loras: list[tuple[
 
 def _condition_as(low: torch.dtype, module, args, kwargs):
     """Forward pre-hook of the upcast transformer: timestep and guidance as a `low` transformer computes them."""
-    for key in ("timestep", "guidance"):
+    for key in ("timestep", "guidance"):  # the pipeline rounds the timestep before the transformer, not guidance
         if torch.is_tensor(kwargs.get(key)):
-            kwargs[key] = conditioning_as(kwargs[key], low)
+            kwargs[key] = conditioning_as(kwargs[key], low, from_pipeline=key == "timestep")
     return args, kwargs
 
 
