@@ -23,7 +23,7 @@ float32 one) and reads every contender against it, eager itself included: bf16's
 LoRA effect, and a projection on a noisy effect comes out short, so against eager a weak LoRA looks weakened in
 every fast path (bench/fidelity.py). The upcast pipeline starts from the noise the package's dtype draws and
 conditions on the timesteps it computes (`fidelity.conditioning_as`), so it differs from eager by rounding alone.
-FLUX.1-dev in float32 takes ~70 GB (transformer 48, T5 19).
+FLUX.1-dev in float32 needs ~70 GB of GPU memory by parameter count (transformer 48 GB, T5 19).
 """
 
 from __future__ import annotations
