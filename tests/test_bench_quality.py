@@ -86,7 +86,8 @@ def test_quality_against_eager_upcast_reads_eager_itself_against_it(tiny_package
             assert abs(row["lora_strength"] - 1) <= 10 * bound, (key, row)
     eager, upcast = (load_file(tmp_path / "q" / "latents" / f"{stem}.safetensors") for stem in ("eager", "eager-upcast"))
     assert quality.relative_error(upcast["lora_0"], upcast["base_0"]) > 0.05  # the LoRA moves the reference
-    assert "# Image quality against eager-upcast" in (tmp_path / "q" / "quality.md").read_text()
+    table = (tmp_path / "q" / "quality.md").read_text()
+    assert "# Image quality against eager-upcast" in table and "the `eager` row is the package dtype's own" in table
 
 
 def test_eager_upcast_of_a_bf16_pipeline_differs_by_rounding_alone(demo_loras, monkeypatch):

@@ -246,6 +246,9 @@ def markdown(results: dict) -> str:
         cells += [_number(s["psnr_db_min"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Means over the prompts (PSNR: the worst prompt). Images: `images/`, latents: `latents/`."]
+    if r["reference"] == UPCAST:
+        lines += ["", f"`{UPCAST}` is diffusers' pipeline one dtype up, from the same noise and timesteps: the `{EAGER}` "
+                  "row is the package dtype's own rounding, the floor under every other row."]
     if r.get("merge_checks"):
         lines += ["", "Merge check (what re-rounding into the FP8 weights keeps of the set's weight change, estimated "
                   f"on sampled rows before merging; the merge policy merges unasked from a strength of "
