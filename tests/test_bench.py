@@ -151,6 +151,7 @@ def test_precise_reference_is_the_same_sweep_on_the_upcast_model(demo_loras):
     it the float32 model's LoRA effect is at full strength to 1e-4, the effect is well above that, and the report's
     table puts eager first and each contender's row against the upcast reference beside it."""
     from aotpack.bench.speed import _fidelity, _out, _sweep_markdown, precise_sweep
+    from aotpack.bench.speed import main as speed_main
     from aotpack.models.checkpoint import load_transformer, parse_model_ref
     from aotpack.models.examples import transformer_inputs
 
@@ -171,6 +172,10 @@ def test_precise_reference_is_the_same_sweep_on_the_upcast_model(demo_loras):
 
     def cell(error, strength):
         return {"lora_fidelity_error": error, "lora_effect_strength": strength, "lora_effect_relative": 0.01}
+
+    with pytest.raises(SystemExit) as usage:  # nothing to read against float32 without a sweep
+        speed_main(["--package", "p", "--out", "o", "--precise-reference"])
+    assert usage.value.code == 2
 
     data = {"setup": {"sizes": [512]},
             "eager_bf16_peft": {"precise_reference": {"dtype": "float32", "lora_effect_relative": {"0.005": 0.0051},

@@ -172,6 +172,7 @@ def test_no_unasked_merge_where_the_originals_would_wait_in_host_memory(served_t
     modes = with_policy(MergePolicy.parse("always", "cpu"))
     # a GPU short of memory sends the originals to the host (`_keep_device`); here: anywhere but the weights' device
     monkeypatch.setattr(type(modes), "_keep_device", lambda self, storages: torch.device("meta"))
+    monkeypatch.setattr(merge_module, "estimate_merge", lambda *a, **k: pytest.fail("checked a declined merge"))
     served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])
     _latents(served_tiny)
     assert modes.mode == SLOTS and modes.auto.merges == 0 and modes.auto.layers is None

@@ -616,6 +616,9 @@ def main(argv=None) -> None:
                         default="default", help="torch.compile mode of the recipe (reduce-overhead: CUDA graphs)")
     parser.add_argument("--build-json", type=Path, help="a JSON file with build facts to record (seconds, MB)")
     args = parser.parse_args(argv)
+    if args.precise_reference and not args.fidelity_stds:
+        parser.error("--precise-reference reads the fidelity sweep against float32: give the sweep too, e.g. "
+                     "--fidelity-stds 0.005,0.02,0.4")
     import json
 
     build = json.loads(args.build_json.read_text()) if args.build_json else None

@@ -387,9 +387,9 @@ class LoRAModes:
         comm = getattr(self.transformer, "context_parallel", None)
         agree = comm.all_agree if comm is not None else bool
         weights, storages = self._merge_targets(layers)
-        estimate = self._estimate(layers, weights)
-        weakened = estimate is not None and not estimate.faithful
         in_place = not storages or self._keep_device(storages) == storages[0].device
+        estimate = self._estimate(layers, weights) if in_place else None  # declined here either way: no check
+        weakened = estimate is not None and not estimate.faithful
         if not agree(in_place and not weakened):  # one all-reduce for both reasons
             if weakened:
                 logger.warning("not merging the LoRA set unasked: %s; it stays in slots, at its full strength "
