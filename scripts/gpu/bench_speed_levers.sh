@@ -20,7 +20,8 @@
 #      per linear; the default quantizes each block norm once in one Triton kernel, models/norm_quant.py, since
 #      2026-12-03c). unfused, gelu, gelu_ff and qk_unfused turn it off too: it needs both of those levers;
 #    rebuilt: h200.toml as it is, built by this checkout (against PACKAGE_TAR, built by an earlier one: a code
-#      change that is not a recipe field, e.g. a kernel's launch config or what an op computes);
+#      change that is not a recipe field, e.g. a kernel's launch config, what an op computes or how a
+#      reduction is written);
 #    fp8_mod: without `unquantized_linears` (the AdaLN modulation linears in FP8 too; the default keeps them in bf16
 #      since 2026-12-03j, when this lever was measured the other way round as `bf16_mod`);
 #    grouped: group_lora_down = true (one LoRA down-projection GEMM for the slots that read one input: q/k/v of each
@@ -29,7 +30,9 @@
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
-#    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first;
+#    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first; with GRAPHS=1 each
+#    package's step also replayed from the runtime's CUDA graphs, as it runs by default (VARIANTS_TIMEOUT per
+#    size, default 240 s);
 # 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar
 #    (to carry as PACKAGE_TAR later);
 # 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
@@ -104,10 +107,14 @@ for label in ${BUILD_DEFAULT:+default} $LEVERS; do build "$label" & done
 wait
 [ -n "${BUILD_DEFAULT:-}" ] && { tail -2 "$OUT/build-default.log"; rm -rf /tmp/pkg; ln -s /tmp/levers/default /tmp/pkg; }
 args=(--variant default=/tmp/pkg)
+[ "${GRAPHS:-0}" = 1 ] && args+=(--graph-variant default)
 for label in $LEVERS; do
   grep -m3 -n -E "Error|error:" "$OUT/build-$label.log"; tail -4 "$OUT/build-$label.log"
   # a lever whose build failed (e.g. its validation refused it) is reported above and left out
-  [ -f "/tmp/levers/$label/manifest.json" ] && args+=(--variant "$label=/tmp/levers/$label")
+  if [ -f "/tmp/levers/$label/manifest.json" ]; then
+    args+=(--variant "$label=/tmp/levers/$label")
+    [ "${GRAPHS:-0}" = 1 ] && args+=(--graph-variant "$label")
+  fi
 done
 cp /tmp/levers/fp8attn/manifest.json "$OUT/manifest-fp8attn.json" 2>/dev/null
 if [ "${KEEP_PACKAGES:-0}" = 1 ]; then
@@ -115,7 +122,7 @@ if [ "${KEEP_PACKAGES:-0}" = 1 ]; then
 fi
 for size in $SIZES; do
   out="$OUT"; [ "$size" = "$SIZE" ] || out="$OUT/$size"
-  timeout 240 python3 -m aotpack.bench.variants --model random:flux-dev --out "$out" --height "$size" --width "$size" \
+  timeout "${VARIANTS_TIMEOUT:-240}" python3 -m aotpack.bench.variants --model random:flux-dev --out "$out" --height "$size" --width "$size" \
     "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
 done
 speed_lever=${SPEED_LEVER:-}

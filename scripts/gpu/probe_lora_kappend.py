@@ -136,8 +136,13 @@ def main(out_path: str) -> None:
     extra = totals["fp8_gemm_k_plus_r_ms"] - totals["fp8_gemm_ms"] + totals["quant_x_u_ms"] - totals["quant_x_ms"]
     step["kappend_bf16_down_ms"] = round(totals["down_bf16_ms"] + extra, 2)
     step["kappend_fp8_down_ms"] = round(totals["down_fp8_ms"] + extra, 2)
+    write_report(out_path, "per_shape", rows, step)
+
+
+def write_report(out_path: str, rows_key: str, rows: list, step: dict) -> None:
+    """The probe's JSON (machine, rows, per-step sums) at `out_path`; the per-step sums printed too."""
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rank": RANK,
-              "per_shape": rows, "per_step_ms": step}
+              rows_key: rows, "per_step_ms": step}
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(step))
