@@ -23,7 +23,7 @@ from aotpack.models.attention import (
     check_attention_runs_here,
     kernels_in_package,
 )
-from aotpack.models.fp8_attention import FP8, FP8_MAX, fp8_attention, quantize
+from aotpack.models.fp8_attention import FP8, FP8_MAX, abs_max, fp8_attention, quantize
 
 # each program / the whole transformer vs eager fp32 attention: FP8 attention's own error (2e-2 measured)
 RECIPE = cpu_test_recipe("cpu-fp8-attention", """
@@ -57,6 +57,16 @@ def test_cpu_op_is_attention_on_the_dequantized_inputs():
     assert (ours != expected).float().mean() < 1e-3
     assert rel_error(ours, expected) < 1e-4
     assert 0.01 < rel_error(ours, exact) < 0.04  # e4m3's 3 mantissa bits: 2.6e-2 measured
+
+
+@pytest.mark.parametrize("shape", [(2, 96, 4, 64), (1, 7, 3, 5), (11,)])
+def test_abs_max_by_rows_is_the_whole_tensors_amax(shape):
+    """V's scale reduces row by row, then over rows (faster on the GPU): the same value as one full reduction,
+    a negative extreme included."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    x.view(-1)[x.numel() // 3] = -9.5
+    assert abs_max(x).item() == x.abs().amax().item() == 9.5
+    assert abs_max(x).dtype == x.dtype and abs_max(x).shape == ()
 
 
 def test_fake_impl_shapes_and_checks():
