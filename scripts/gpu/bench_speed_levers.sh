@@ -30,7 +30,7 @@
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
 # 3. steps the default package and the variants side by side (bench.variants, r64 LoRA in slots) at each
-#    of SIZES (default "1024"; e.g. "1024 2048"), results under $OUT/SIZE/ beyond the first; with GRAPHS=1 each
+#    of SIZES (default "1024"; e.g. "1024 2048"; SIZES="" builds only), results under $OUT/SIZE/ beyond the first; with GRAPHS=1 each
 #    package's step also replayed from the runtime's CUDA graphs, as it runs by default (VARIANTS_TIMEOUT per
 #    size, default 240 s);
 # 4. with KEEP_PACKAGES=1, each lever's package (and the default, where built here) as $OUT/package-LABEL.tar
@@ -50,7 +50,7 @@ if ! python3 -c "import cudnn" 2>/dev/null; then
     "pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend" >&2
   exit 1
 fi
-SIZES=${SIZES:-${SIZE:-1024}}
+SIZES=${SIZES-${SIZE:-1024}}  # set but empty: build (and keep) the packages only
 SIZE=${SIZES%% *}
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
 PACKAGE_TAR=${PACKAGE_TAR:-artifacts/h200/package-merge.tar}
@@ -126,6 +126,7 @@ for size in $SIZES; do
     "${args[@]}" 2>&1 | grep "^\[variants\]" | cut -c1-400
 done
 speed_lever=${SPEED_LEVER:-}
+[ -z "$SIZE" ] && exit 0  # no size: nothing to step
 [ "${FP8_SPEED:-1}" = 1 ] && [[ " $LEVERS " == *" fp8attn "* ]] && speed_lever=fp8attn
 if [ -n "$speed_lever" ]; then
   timeout "${SPEED_TIMEOUT:-200}" python3 -m aotpack.bench.speed --package "/tmp/levers/$speed_lever" \

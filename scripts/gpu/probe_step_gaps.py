@@ -33,14 +33,14 @@ def device_events(trace_path: Path) -> list[dict]:
 
 
 def steps_of(events: list[dict]) -> list[list[dict]]:
-    steps, current, end = [], [], None
+    steps, current, end = [], [], 0.0
     for e in events:
-        start = float(e["ts"])
+        start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if current and start - end > STEP_BREAK_US:
             steps.append(current)
             current = []
+        end = max(end, stop) if current else stop
         current.append(e)
-        end = max(end or 0.0, start + float(e["dur"])) if current[:-1] else start + float(e["dur"])
     if current:
         steps.append(current)
     return steps
