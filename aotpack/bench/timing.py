@@ -174,7 +174,9 @@ def kernel_category(name: str) -> str:
     """The issue-11 category of a kernel, from its name (cuBLASLt nvjet / cuDNN / Inductor triton names).
 
     FP8 GEMMs are cuBLASLt's `qq` kernels (e4m3 inputs); other GEMMs are bf16, which in these
-    programs is the LoRA branch (plus the few bf16 embedder/projection layers). Inductor names a
+    programs is the LoRA branch plus the bf16 linears: embedders, projections and, where a recipe keeps them
+    in bf16 (`unquantized_linears`), the modulation linears (2.2 ms of a FLUX.1-dev 1024^2 step on the H200).
+    The no-LoRA breakdown shows that part alone. Inductor names a
     fused kernel after its ops: `amax` marks dynamic activation quantization (often fused with the
     preceding norm or GELU, so it counts as quantization).
     """
