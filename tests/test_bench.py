@@ -90,6 +90,10 @@ def test_kernel_categories_and_fidelity_metric():
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert kernel_category("triton_red_fused__unsafe_view_abs_add_amax_cat_gelu_permute_view_8") == "activation_quant"
     assert kernel_category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "bf16_gemm_lora"
+    # the modulation linears' GEMVs (one row per image; benchmarks/results/2026-12-04e-h200-row-amax)
+    assert kernel_category("nvjet_sm90_tst_192x8_64x8_4x1_v_bz_bias_TNT") == "bf16_gemv"
+    assert kernel_category("nvjet_sm90_tst_64x8_64x16_1x1_h_bz_splitK_TNT") == "bf16_gemv"
+    assert kernel_category("nvjet_sm90_tst_128x80_64x8_2x4_h_bz_TNT") == "bf16_gemm_lora"
     assert kernel_category("triton_per_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_view_4") \
         == "norm_modulation_elementwise"
     assert kernel_category("Memcpy HtoD (Pageable -> Device)") == "other"

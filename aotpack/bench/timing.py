@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import statistics
 import time
 
@@ -166,19 +167,21 @@ def top_kernels(fn, device, *, steps: int = 2, limit: int = 15) -> list[dict]:
     return [{**r, "kernel": r["kernel"][:120], "share": r["ms_per_call"] / total} for r in rows[:limit]]
 
 
-CATEGORIES = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "norm_modulation_elementwise",
-              "communication", "other")
+CATEGORIES = ("fp8_gemm", "attention", "activation_quant", "bf16_gemm_lora", "bf16_gemv",
+              "norm_modulation_elementwise", "communication", "other")
+# cuBLASLt's bf16 kernels with a tile 8 wide (`nvjet_sm90_tst_192x8_...`): GEMMs of a few rows, i.e. the linears that
+# read one row per image (modulation, time/text embedders), not the LoRA branch's GEMMs over every token
+_FEW_ROWS_TILE = re.compile(r"_tst_\d+x8_")
 
 
 def kernel_category(name: str) -> str:
     """The issue-11 category of a kernel, from its name (cuBLASLt nvjet / cuDNN / Inductor triton names).
 
-    FP8 GEMMs are cuBLASLt's `qq` kernels (e4m3 inputs); other GEMMs are bf16, which in these
-    programs is the LoRA branch plus the bf16 linears: embedders, projections and, where a recipe keeps them
-    in bf16 (`unquantized_linears`), the modulation linears (2.2 ms of a FLUX.1-dev 1024^2 step on the H200).
-    The no-LoRA breakdown shows that part alone. Inductor names a
-    fused kernel after its ops: `amax` marks dynamic activation quantization (often fused with the
-    preceding norm or GELU, so it counts as quantization).
+    FP8 GEMMs are cuBLASLt's `qq` kernels (e4m3 inputs); other GEMMs are bf16: `bf16_gemv` where cuBLASLt
+    tiles them 8 rows wide (the per-image rows: the modulation linears a recipe keeps in bf16, 2.2 ms of a FLUX.1-dev
+    1024^2 step on the H200, the embedders, and a LoRA's GEMMs on those rows), else the LoRA branch over the tokens
+    (`bf16_gemm_lora`; breakdowns before 2026-12-04e counted both there). Inductor names a fused kernel after its ops: `amax` marks dynamic activation
+    quantization (often fused with the preceding norm or GELU, so it counts as quantization).
     """
     low = name.lower()
     if "nccl" in low:  # context-parallel ranks' collectives
@@ -190,7 +193,7 @@ def kernel_category(name: str) -> str:
     if gemm and not low.startswith("triton"):
         if "qq" in low or "e4m3" in low or "f8" in low or "fp8" in low or "_scaled_mm" in low:
             return "fp8_gemm"
-        return "bf16_gemm_lora"
+        return "bf16_gemv" if _FEW_ROWS_TILE.search(low) else "bf16_gemm_lora"
     if "amax" in low or "float8" in low or "fp8" in low:
         return "activation_quant"
     if low.startswith("triton") or any(k in low for k in ("elementwise", "vectorized", "reduce", "norm", "gelu",
