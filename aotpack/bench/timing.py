@@ -180,8 +180,9 @@ def kernel_category(name: str) -> str:
     FP8 GEMMs are cuBLASLt's `qq` kernels (e4m3 inputs); other GEMMs are bf16: `bf16_gemv` where cuBLASLt
     tiles them 8 rows wide (the per-image rows: the modulation linears a recipe keeps in bf16, 2.2 ms of a FLUX.1-dev
     1024^2 step on the H200, the embedders, and a LoRA's GEMMs on those rows), else the LoRA branch over the tokens
-    (`bf16_gemm_lora`; breakdowns before 2026-12-04e counted both there). Inductor names a fused kernel after its ops: `amax` marks dynamic activation
-    quantization (often fused with the preceding norm or GELU, so it counts as quantization).
+    (`bf16_gemm_lora`; breakdowns before 2026-12-04e counted both there). Inductor names a fused kernel after its
+    ops: `amax` marks dynamic activation quantization (often fused with the preceding norm or GELU, so it counts as
+    quantization).
     """
     low = name.lower()
     if "nccl" in low:  # context-parallel ranks' collectives
