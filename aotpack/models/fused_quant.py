@@ -37,7 +37,6 @@ torchao's gives NaN.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple
 
 import torch
@@ -46,6 +45,7 @@ from torch import nn
 
 from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
+from .kernel_ops import refuse_kernel_errors, register_triton_op
 from .slots import BiasAfterLinear, LoRASlotLinear
 
 
@@ -148,20 +148,6 @@ def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor,
     if pre.device.type == "cuda":
         return _gelu_quant_triton(prefix, pre, bias, delta, keep_input)
     return gelu_quant_reference(prefix, pre, bias, delta, keep_input)
-
-
-def register_triton_op(name: str, fn):
-    """`torch.library.triton_op(name)(fn)`, for aotpack's kernel ops (this module's and qk_norm_rope's).
-
-    On a machine without triton, torch logs "Triton not available" when the op is defined; the CPU path
-    does not need triton, so that line would only alarm users of the CPU install."""
-    logger = logging.getLogger("torch._library.triton")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        return torch.library.triton_op(name, mutates_args=())(fn)
-    finally:
-        logger.setLevel(level)
 
 
 gelu_quant_fp8 = register_triton_op("aotpack::gelu_quant_fp8", _gelu_quant_fp8)
@@ -329,18 +315,6 @@ def kernel_errors(device, rows: int = 257) -> dict[str, float]:
         errors[name] = float("inf") if not_kept.numel() else max(
             relative_error(q.float() * scale, q_ref.float() * scale_ref), relative_error(h, h_ref))
     return errors
-
-
-def refuse_kernel_errors(kernel: str, lever: str, device, errors: dict[str, float], tolerance: float = 1e-2) -> None:
-    """Refuse a build whose GPU kernel parts from its reference (`errors`: relative L2 per case): the build
-    validation compares programs with eager runs of the same op, so it would not see a kernel wrong in both."""
-    from ..errors import ValidationFailedError
-
-    if max(errors.values()) > tolerance:
-        raise ValidationFailedError(
-            f"the {kernel} kernel disagrees with its reference on {device}: "
-            + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()) + f" (relative L2; limit {tolerance})",
-            f"set {lever} = false in the recipe and report it with `aotpack doctor` output")
 
 
 def check_kernel_against_reference(device) -> None:

@@ -35,7 +35,7 @@ import ctypes
 import torch
 from torch import nn
 
-from .fused_quant import register_triton_op
+from .kernel_ops import register_triton_op
 from .merge_rows import merged_rows
 
 MERGE_BY_ADDRESS_PROGRAM = "merge_and_save_by_address"  # its name in the build and the package

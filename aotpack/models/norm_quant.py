@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .examples import relative_error
-from .fused_quant import QuantizedActivation, bound_lora, quantize_rows, refuse_kernel_errors, register_triton_op
+from .fused_quant import QuantizedActivation, bound_lora, quantize_rows
+from .kernel_ops import refuse_kernel_errors, register_triton_op
 
 
 def norm_modulate_quant_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

@@ -37,10 +37,9 @@ from .fused_quant import (
     epilogue_sum,
     linear_output,
     no_tokens,
-    refuse_kernel_errors,
-    register_triton_op,
     unsummed_linear,
 )
+from .kernel_ops import refuse_kernel_errors, register_triton_op
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
