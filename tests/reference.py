@@ -78,3 +78,16 @@ def fp8_tiny_transformer(monkeypatch, rank: int):
         lora = random_slot_tensors(specs, rank, torch.bfloat16, "cpu", torch.Generator().manual_seed(3), std=0.2)
         bind_slot_tensors(transformer, lora)
     return transformer, len(slot_modules(transformer))
+
+
+def tiny_block_inputs(transformer, batch: int = 1):
+    """Inputs for the tiny transformer's tests: its forward's keyword inputs (64 image + 16 text tokens), and a
+    single block region's `(joint, temb, rotary)` on an 80-token joint sequence, seeded."""
+    from aotpack.models.examples import transformer_inputs
+
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16,
+                                dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    joint = torch.randn(batch, 80, transformer.inner_dim, generator=generator).to(torch.bfloat16)
+    temb = torch.randn(batch, transformer.inner_dim, generator=generator).to(torch.bfloat16)
+    return inputs, joint, temb, transformer.pos_embed(torch.zeros(80, 3))

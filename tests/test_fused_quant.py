@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import fp8_tiny_transformer
+from reference import fp8_tiny_transformer, tiny_block_inputs
 
 from aotpack.errors import RecipeError
 from aotpack.models.examples import transformer_inputs
@@ -64,12 +64,7 @@ def test_rewired_transformer_keeps_names_and_output(monkeypatch, rank):
 
     transformer, slots = fp8_tiny_transformer(monkeypatch, rank)
     names = [name for name, _ in transformer.named_parameters()]
-    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16,
-                                dtype=torch.bfloat16, device="cpu", generator=torch.Generator().manual_seed(1))
-    generator = torch.Generator().manual_seed(2)
-    joint = torch.randn(1, 80, transformer.inner_dim, generator=generator).to(torch.bfloat16)
-    temb = torch.randn(1, transformer.inner_dim, generator=generator).to(torch.bfloat16)
-    rotary = transformer.pos_embed(torch.zeros(80, 3))
+    inputs, joint, temb, rotary = tiny_block_inputs(transformer)
     single = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.1")
     lora = None
     calls = []

@@ -46,6 +46,7 @@ from torch import nn
 from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .kernel_ops import refuse_kernel_errors, register_triton_op
+from .lora_down_fp8 import lora_delta_from_fp8, mark_reads_fp8_input, reads_fp8_input
 from .slots import BiasAfterLinear, LoRASlotLinear
 
 
@@ -233,12 +234,15 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
     (a context-parallel single block's post program gets it from the pre program)."""
     lora = bound_lora(layer)
+    from_fp8 = lora and reads_fp8_input(layer)  # recipe lever lora_down_from_fp8: no bf16 copy of the GELU output
     pre, bias, delta = unsummed_linear(before, x)
-    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora)
+    q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora and not from_fp8)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
     if layer.bias is not None:
         y = y + layer.bias
-    return y + layer.lora_delta(h).to(y.dtype) if lora else y
+    if not lora:
+        return y
+    return y + (lora_delta_from_fp8(layer, q, scale) if from_fp8 else layer.lora_delta(h)).to(y.dtype)
 
 
 class FusedFeedForward(nn.Module):
@@ -267,25 +271,31 @@ def gelu_goes_into_proj_out(block: nn.Module) -> bool:
     return isinstance(getattr(block, "act_mlp", None), GeluIntoProjOut)
 
 
-def install_fused_gelu_quant(transformer: nn.Module) -> int:
+def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = False) -> int:
     """Route every MLP GELU of `transformer` (FP8-quantized) into the next linear's quantization, in place;
-    returns how many. Weight and slot names do not change."""
+    returns how many. Weight and slot names do not change. `lora_down_from_fp8` (the recipe lever): the next
+    linears' LoRA slots take their down-projection from the quantized GELU output (`lora_down_fp8.py`)."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
-    routed = 0
+    after_gelu = []  # the linear after each routed GELU
     for block in transformer.transformer_blocks:
         for name in ("ff", "ff_context"):
             feed_forward = getattr(block, name)
-            if isinstance(feed_forward, FeedForward) and isinstance(feed_forward.net[0], GELU):
+            if isinstance(feed_forward, FusedFeedForward):  # routed by an earlier call
+                after_gelu.append(feed_forward.net[2])
+            elif isinstance(feed_forward, FeedForward) and isinstance(feed_forward.net[0], GELU):
                 _require_fp8(feed_forward.net[2])
                 setattr(block, name, FusedFeedForward(feed_forward))
-                routed += 1
+                after_gelu.append(feed_forward.net[2])
     for block in transformer.single_transformer_blocks:
         _require_fp8(block.proj_out)
         block.act_mlp = GeluIntoProjOut()
-        routed += 1
-    return routed
+        after_gelu.append(block.proj_out)
+    if lora_down_from_fp8:
+        for layer in after_gelu:
+            mark_reads_fp8_input(layer)
+    return len(after_gelu)
 
 
 def _require_fp8(layer: nn.Module) -> None:

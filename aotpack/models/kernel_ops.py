@@ -1,5 +1,5 @@
-"""Helpers shared by aotpack's Triton kernel ops (fused_quant, norm_quant, qk_norm_rope, merge_by_address):
-registering an op, and refusing a build whose GPU kernel parts from its torch reference."""
+"""Helpers shared by aotpack's Triton kernel ops (fused_quant, norm_quant, qk_norm_rope, lora_down_fp8,
+merge_by_address): registering an op, and refusing a build whose GPU kernel parts from its torch reference."""
 
 from __future__ import annotations
 

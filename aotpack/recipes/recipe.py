@@ -47,6 +47,7 @@ class Recipe:
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
+    lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
     # each slotted block program also compiled without slots, run while no LoRA is live or the set is merged;
@@ -149,6 +150,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
+        lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),
@@ -173,6 +175,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.fused_norm_quant and not (recipe.fused_gelu_quant and recipe.fused_qk_norm_rope):
         raise fields.error("fused_norm_quant", "= true needs fused_gelu_quant = true and fused_qk_norm_rope = true: "
                                                "the blocks' MLPs and attentions take its quantized norms")
+    if recipe.lora_down_from_fp8 and not recipe.fused_gelu_quant:
+        raise fields.error("lora_down_from_fp8", "= true needs fused_gelu_quant = true: it reads the FP8 GELU output "
+                                                 "that the fused kernel writes")
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")

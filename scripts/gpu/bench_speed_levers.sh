@@ -26,6 +26,8 @@
 #      since 2026-12-03j, when this lever was measured the other way round as `bf16_mod`);
 #    grouped: group_lora_down = true (one LoRA down-projection GEMM for the slots that read one input: q/k/v of each
 #      stream, and q/k/v/MLP in the single block; builder/lora_grouping.py), off since 2026-11-29 on a 6-block model;
+#    fp8down: lora_down_from_fp8 = true (the LoRA down-projections after the MLP GELUs read the FP8 GELU output, so
+#      the GELU kernel no longer writes a bf16 copy for them; models/lora_down_fp8.py);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
@@ -74,6 +76,7 @@ sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' /tmp/recipes/norm
 sed '/^unquantized_linears = /d' aotpack/recipes/h200.toml > /tmp/recipes/fp8_mod.toml
 cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
 sed 's/^\[shapes\]/group_lora_down = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/grouped.toml
+sed 's/^\[shapes\]/lora_down_from_fp8 = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/fp8down.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label

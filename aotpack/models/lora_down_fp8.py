@@ -1,0 +1,165 @@
+"""A LoRA down-projection that reads the FP8 activation its base GEMM reads: the recipe lever `lora_down_from_fp8`.
+
+With `fused_gelu_quant`, the linear after each MLP GELU (a double block's `ff.net.2` / `ff_context.net.2`, a single
+block's `proj_out`) takes the GELU output quantized row-wise to FP8. A bound LoRA slot there also needs that input
+in bf16, so the GELU kernel writes it a second time (`keep_input`) and the down-projection reads it back: at 1024²
+the widest activations of the step (4608 x 15360 in a single block), 3.5 ms of the GELU kernel's 8.7 ms a slotted
+step against 5.2 ms with no LoRA (H200, 2026-12-04, `benchmarks/results/2026-12-04e-h200-row-amax/`, random
+weights; part of the difference is reading the LoRA delta of the linear before the GELU).
+
+This module computes `u = A x` from the FP8 copy instead, `u[m] = scale[m] * sum_k q[m, k] A[:, k]`:
+- `torch.ops.aotpack.lora_down_fp8(q, scale, a)`: a `torch.library.triton_op`. On CUDA a split-K Triton kernel
+  converts each FP8 tile to the LoRA dtype (exact: e4m3 values are bf16 and fp16 values), multiplies by A's tile
+  with float32 accumulation, and writes float32 partial sums per K slice; their sum (fixed order: deterministic),
+  times the row scale, is rounded to the LoRA dtype. Elsewhere, and as the reference, `lora_down_fp8_reference`
+  does the same in float32 torch ops (what the CPU tests build and run).
+- the GELU kernel then never writes the bf16 copy (`fused_quant.linear_after_gelu`).
+
+The price is accuracy: u now carries the activation's FP8 rounding, as the base GEMM's output does (2.7% of u,
+against 0.17% through bf16), on those linears only. Measured beside the default package in one process (H200,
+2026-12-04, random weights, `benchmarks/results/2026-12-04f-h200-lora-down-fp8/`): r64 in slots from CUDA graphs
+1024² 98.95 -> 98.01 ms, 512² 36.38 -> 36.32 ms, LoRA fidelity error in slots 0.0953 -> 0.0972. The kernel reads half
+cuBLAS's bytes and is still slower than cuBLAS's bf16 GEMM (2.75 vs ~2.3 ms a 1024² step), so the GELU kernel's
+saving (-1.8 ms) mostly goes to it: off in `h100`/`h200`, an opt-in recipe field.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .examples import relative_error
+from .fp8_attention import FP8, FP8_MAX
+from .kernel_ops import refuse_kernel_errors, register_triton_op
+
+
+def lora_down_fp8_reference(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`u = (q * scale) A^T` in float32, rounded to A's dtype: `q` [..., K] FP8, `scale` [..., 1] float32 (the row
+    scales with `x ~ q * scale`), `a` [R, K]; returns [..., R]."""
+    return (F.linear(q.float(), a.float()) * scale).to(a.dtype)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, made on first use: the CPU-only install has no triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lora_down_fp8_kernel(q_ptr, a_ptr, partial_ptr, rows, K: tl.constexpr, R: tl.constexpr,
+                             K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT_IN_FP32: tl.constexpr):
+        # program (m, s): rows [m * BLOCK_M, +BLOCK_M) over K slice s; writes partial[s, rows, :R] in float32
+        row_block, split = tl.program_id(0), tl.program_id(1)
+        offs_m = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_r = tl.arange(0, R)
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < K
+            x = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < rows) & in_k[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=in_k[None, :], other=0.0)  # [R, BLOCK_K]
+            x = x.to(a_ptr.dtype.element_ty)  # e4m3 -> bf16/fp16 is exact
+            if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (scripts/check_lora_down_fp8_kernel.py)
+                acc = tl.dot(x.to(tl.float32), tl.trans(a).to(tl.float32), acc)
+            else:
+                acc = tl.dot(x, tl.trans(a), acc)
+        tl.store(partial_ptr + (split * rows + offs_m[:, None]) * R + offs_r[None, :], acc,
+                 mask=offs_m[:, None] < rows)
+
+    return lora_down_fp8_kernel
+
+
+# Launch configuration. K slices of ~2048 columns (8 for a single block's K = 15360, 6 for 12288) give a 1024²
+# step's 4608 rows 288 programs of 128 rows. Two sweeps of 120 configurations in all found none more than ~3% faster
+# (H200, 2026-12-04, scripts/gpu/probe_lora_down_fp8.py, benchmarks/results/2026-12-04f-h200-lora-down-fp8/).
+BLOCK_M, BLOCK_K, K_PER_SLICE, NUM_WARPS, NUM_STAGES = 128, 128, 2048, 8, 3
+
+
+def kernel_fits(rank: int) -> bool:
+    """Whether the kernel takes rank `rank` (a `tl.dot` dimension: a power of two, 16 or more); else the op runs
+    the reference, which reads q in float32 (correct, not fast)."""
+    return rank >= 16 and rank & (rank - 1) == 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split(k: int, block_k: int, per_slice: int) -> tuple[int, int]:
+    """(columns per slice, a multiple of `block_k`; number of slices) for a K of `k`, slices of ~`per_slice`."""
+    slices = max(1, round(k / per_slice))
+    columns = _cdiv(_cdiv(k, slices), block_k) * block_k
+    return columns, _cdiv(k, columns)
+
+
+def _lora_down_fp8_triton(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, *, block_m: int = BLOCK_M,
+                          block_k: int = BLOCK_K, per_slice: int = K_PER_SLICE, num_warps: int = NUM_WARPS,
+                          num_stages: int = NUM_STAGES, dot_in_fp32: bool = False) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    q, a = q.contiguous(), a.contiguous()
+    lead, k = q.shape[:-1], q.shape[-1]
+    rank = a.shape[0]
+    rows = q.numel() // k
+    columns, slices = _split(k, block_k, per_slice)
+    partial = torch.empty(slices, rows, rank, dtype=torch.float32, device=q.device)
+    wrap_triton(_kernel())[((rows + block_m - 1) // block_m, slices)](  # rows is symbolic in export
+        q, a, partial, rows, K=k, R=rank, K_PER_SPLIT=columns, BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_IN_FP32=dot_in_fp32, num_warps=num_warps, num_stages=num_stages)
+    return (partial.sum(0) * scale.reshape(rows, 1)).to(a.dtype).reshape(*lead, rank)
+
+
+def _lora_down_fp8(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    if q.device.type == "cuda" and kernel_fits(a.shape[0]):
+        return _lora_down_fp8_triton(q, scale, a)
+    return lora_down_fp8_reference(q, scale, a)
+
+
+lora_down_fp8 = register_triton_op("aotpack::lora_down_fp8", _lora_down_fp8)
+
+
+def lora_delta_from_fp8(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A bound slot's `B (A x)` with `A x` taken from x's FP8 copy `q, scale` (`lora_down_fp8`)."""
+    return F.linear(torch.ops.aotpack.lora_down_fp8(q, scale, layer.lora_A), layer.lora_B)
+
+
+def reads_fp8_input(layer: nn.Module) -> bool:
+    """Whether `mark_reads_fp8_input` marked `layer`'s LoRA down-projection to read the FP8 activation."""
+    return getattr(layer, "lora_down_from_fp8", False)
+
+
+def mark_reads_fp8_input(layer: nn.Module) -> bool:
+    """Mark a LoRA slot (the linear after a GELU that `fused_gelu_quant` routes) to take its down-projection from
+    the FP8 input; False (nothing marked) for a layer without a slot."""
+    from .slots import LoRASlotLinear
+
+    if not isinstance(layer, LoRASlotLinear):
+        return False
+    layer.lora_down_from_fp8 = True
+    return True
+
+
+def kernel_errors(device, rows: int = 300) -> dict[str, float]:
+    """The op on `device` against `lora_down_fp8_reference` at a single block's K (15360) and a double block's
+    (12288), rank 64, random FP8 codes and scales: relative L2 of u."""
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    for name, k in (("single_block", 15360), ("double_block", 12288)):
+        x = torch.randn(rows, k, generator=generator)
+        scale = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        a = (torch.randn(64, k, generator=generator) * k**-0.5).to(torch.bfloat16)
+        q, scale, a = q.to(device), scale.to(device), a.to(device)
+        errors[name] = relative_error(torch.ops.aotpack.lora_down_fp8(q, scale, a).float(),
+                                      lora_down_fp8_reference(q, scale, a).float())
+    return errors
+
+
+def check_kernel_against_reference(device) -> None:
+    """`refuse_kernel_errors` for the FP8 LoRA down-projection kernel (once per build, on the GPU)."""
+    refuse_kernel_errors("FP8 LoRA down-projection", "lora_down_from_fp8", device, kernel_errors(device))

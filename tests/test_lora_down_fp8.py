@@ -1,0 +1,166 @@
+"""`lora_down_from_fp8`: the LoRA down-projections after the MLP GELUs read the FP8 GELU output, not a bf16 copy.
+
+On the CPU the op runs its torch reference (the GPU runs a split-K Triton kernel that the build checks against it,
+and `scripts/check_lora_down_fp8_kernel.py` checks under Triton's interpreter); these tests pin the reference's
+numerics, the rewiring (only the marked slots' down-projections change, and only when a LoRA is bound) and the
+recipe field.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import cpu_test_recipe, fp8_tiny_transformer, tiny_block_inputs
+
+from aotpack.errors import RecipeError
+from aotpack.models.examples import relative_error
+from aotpack.models import fused_quant
+from aotpack.models.fused_quant import install_fused_gelu_quant, linear_after_gelu, quantize_rows
+from aotpack.models.lora_down_fp8 import (
+    _split,
+    kernel_errors,
+    kernel_fits,
+    lora_down_fp8_reference,
+    mark_reads_fp8_input,
+    reads_fp8_input,
+)
+
+
+def test_reference_is_the_product_of_the_dequantized_input():
+    generator = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 7, 96, generator=generator)).to(torch.bfloat16)
+    q, scale = quantize_rows(x)
+    a = torch.randn(16, 96, generator=generator).to(torch.bfloat16)
+    u = torch.ops.aotpack.lora_down_fp8(q, scale, a)
+    assert u.shape == (2, 7, 16) and u.dtype == torch.bfloat16
+    exact = (q.double() * scale.double()) @ a.double().T
+    assert relative_error(u.double(), exact) < 4e-3  # one bf16 rounding of the output
+    # it is A times the FP8 copy, not the bf16 input: the difference is the activation's FP8 rounding
+    from_bf16 = x.double() @ a.double().T
+    assert 1e-3 < relative_error(u.double(), from_bf16) < 0.06
+    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0}  # the build's GPU check, on the CPU
+
+
+def test_kernel_takes_power_of_two_ranks_and_slices_k_in_tiles():
+    assert [kernel_fits(rank) for rank in (8, 16, 48, 64, 128)] == [False, True, False, True, True]
+    # (columns per slice, slices): ~2048 columns a slice, whole K tiles, every column covered once
+    assert _split(15360, 128, 2048) == (1920, 8) and _split(12288, 128, 2048) == (2048, 6)
+    assert _split(3072, 128, 2048) == (1536, 2) and _split(100, 32, 2048) == (128, 1)
+    for k in (200, 3072, 15360, 12289):
+        columns, slices = _split(k, 128, 2048)
+        assert columns % 128 == 0 and (slices - 1) * columns < k <= slices * columns
+
+
+def test_marked_slot_adds_b_times_the_down_projection_of_the_fp8_gelu_output(monkeypatch):
+    transformer, _ = fp8_tiny_transformer(monkeypatch, 8)
+    install_fused_gelu_quant(transformer)
+    layer = transformer.transformer_blocks[0].ff.net[2]
+    generator = torch.Generator().manual_seed(4)
+    pre = (3 * torch.randn(1, 5, layer.in_features, generator=generator)).to(torch.bfloat16)  # the GELU's input
+    prefix = pre[..., :0]
+    kept = []
+    monkeypatch.setattr(fused_quant, "gelu_quant_reference",
+                        lambda *args, _ref=fused_quant.gelu_quant_reference: kept.append(args[4]) or _ref(*args))
+    with torch.no_grad():
+        before = linear_after_gelu(layer, prefix, None, pre)
+        assert mark_reads_fp8_input(layer) and reads_fp8_input(layer)
+        after = linear_after_gelu(layer, prefix, None, pre)
+        q, scale = quantize_rows(F.gelu(pre, approximate="tanh"))
+        delta = F.linear(lora_down_fp8_reference(q, scale, layer.lora_A), layer.lora_B)
+        lora_a, lora_b = layer.lora_A, layer.lora_B
+        layer.lora_A = layer.lora_B = None  # unbound: the base output only
+        unbound = linear_after_gelu(layer, prefix, None, pre)
+        layer.lora_A, layer.lora_B = lora_a, lora_b
+    assert kept == [True, False, False]  # the bf16 GELU output is written only for the unmarked slot
+    assert torch.equal(after, unbound + delta.to(after.dtype))  # added and rounded as the slot adds its delta
+    assert not torch.equal(after, before)
+    # the LoRA's effect through the FP8 copy stays within its rounding of the bf16 one
+    assert relative_error(after - unbound, before - unbound) < 0.05  # 0.031 here
+    assert not mark_reads_fp8_input(transformer.transformer_blocks[0].norm1.norm)  # not a slot: nothing marked
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effect(monkeypatch, rank):
+    from aotpack.models import lora_down_fp8
+    from aotpack.models.regions import SINGLE_BLOCK, make_region
+
+    base_transformer, _ = fp8_tiny_transformer(monkeypatch, 0)
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
+    inputs, joint, temb, rotary = tiny_block_inputs(transformer)
+    calls = []
+    monkeypatch.setattr(lora_down_fp8, "lora_down_fp8_reference",
+                        lambda *args, _ref=lora_down_fp8.lora_down_fp8_reference: calls.append(args[0].shape) or _ref(*args))
+
+    def outputs(model):
+        single = make_region(model, SINGLE_BLOCK, "single_transformer_blocks.1")
+        single.bind_lora = lambda lora: None  # keep the slots bound as fp8_tiny_transformer left them
+        return model(**inputs, return_dict=False)[0].float(), single(joint, temb, *rotary, None)[0].float()
+
+    with torch.no_grad():
+        install_fused_gelu_quant(base_transformer)
+        base = outputs(base_transformer)
+        install_fused_gelu_quant(transformer)
+        plain = outputs(transformer)
+        routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=True)
+        marked = [layer for block in transformer.transformer_blocks for layer in (block.ff.net[2], block.ff_context.net[2])]
+        marked += [block.proj_out for block in transformer.single_transformer_blocks]
+        assert routed == len(marked) and all(reads_fp8_input(layer) == bool(rank) for layer in marked)
+        assert not any(reads_fp8_input(m) for name, m in transformer.named_modules() if "ff" not in name
+                       and "proj_out" not in name)
+        lever = outputs(transformer)
+    doubles = len(transformer.transformer_blocks)
+    if not rank:  # no slots: nothing to mark, the same programs
+        assert calls == [] and all(torch.equal(a, b) for a, b in zip(lever, plain))
+        return
+    assert len(calls) == 2 * doubles + 1  # the double blocks' two feed-forwards, the single block region's proj_out
+    for with_lever, without, no_lora in zip(lever, plain, base):
+        assert not torch.equal(with_lever, without)
+        # what changes is the LoRA's effect, by the FP8 rounding of the GELU output it reads
+        assert relative_error(with_lever - no_lora, without - no_lora) < 0.05  # 0.040 and 0.012 here
+
+
+def test_recipe_field_needs_the_fused_gelu_kernel(tmp_path):
+    from aotpack.recipes.recipe import load_recipe
+
+    fields = 'dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\nlora_down_from_fp8 = true\n'
+    good = tmp_path / "good.toml"
+    good.write_text(cpu_test_recipe("good", fields + "fused_gelu_quant = true\n", tolerance=0.1, end_to_end=2.0))
+    assert load_recipe(good).lora_down_from_fp8 is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cpu_test_recipe("bad", fields, tolerance=0.1, end_to_end=2.0))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(bad)
+    assert "lora_down_from_fp8" in str(caught.value) and "fused_gelu_quant = true" in str(caught.value)
+
+
+def test_single_block_program_with_the_lever_compiles_and_matches_its_eager_region(monkeypatch, tmp_path):
+    """A real AOTInductor program (CPU) of a single block with the lever and a bound LoRA: the op survives export
+    as one node, compiles, and the program's output matches its eager region's as closely as without the lever."""
+    from aotpack.builder.export import export_region
+    from aotpack.models.regions import SINGLE_BLOCK, make_region
+    from aotpack.models.slots import SlotSpec, random_slot_tensors
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, 16)
+    install_fused_gelu_quant(transformer, lora_down_from_fp8=True)
+    region = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.0")
+    specs = [SlotSpec(name, slot.in_features, slot.out_features) for name, slot in region.slots().items()]
+    lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)
+    # batch 2, as the build traces: a size-1 example would specialise the batch axis
+    _, joint, temb, rotary = tiny_block_inputs(transformer, batch=2)
+    activations = (joint, temb, *rotary)
+    shapes = {"batch": [1, 2], "image_tokens": [16, 256], "text_tokens": [8, 64]}
+    program = export_region(region, activations, lora, shapes)
+    assert [str(n.target) for n in program.graph.nodes].count("aotpack.lora_down_fp8.default") == 1  # proj_out's
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "single.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        (expected,) = region(*activations, lora)
+        (actual,) = compiled(*activations, lora)
+        region.bind_lora(None)
+        (no_lora,) = region(*activations, None)
+    # FP8 roundings that Inductor's fusions move: 0.046 here, and 0.046 without the lever (the CPU FP8 package's
+    # program bound is 0.1). The LoRA moves the block's output by about its own size, so a wrong scale or slice in
+    # the op would be off by far more.
+    assert relative_error(expected - no_lora, no_lora) > 0.5
+    assert relative_error(actual.float(), expected.float()) < 0.1
