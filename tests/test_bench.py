@@ -7,6 +7,7 @@ These check that the tools measure and report correctly; the numbers that matter
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 
 import pytest
@@ -326,3 +327,15 @@ def test_compare_top_kernels_follow_every_timed_figure(tiny_package, tmp_path, m
     written = json.loads((out / "bench.json").read_text())
     for key in ("aotpack", "compiled_recipe_regional"):
         assert data[key]["top_kernels"] and written[key]["top_kernels"] == data[key]["top_kernels"]
+
+
+def test_back_to_back_timing_calls_in_a_row_and_reports_per_call():
+    """`back_to_back_ms`: warm-up calls, then `repeats` loops of `steps` calls with no wait between them; the figure
+    is per call (host clock on the CPU, CUDA events around each loop on a GPU)."""
+    from aotpack.bench.timing import back_to_back_ms
+
+    calls = []
+    result = back_to_back_ms(lambda: calls.append(time.sleep(0.002)), "cpu", steps=4, warmup=1, repeats=3)
+    assert len(calls) == 1 + 4 * 3
+    assert result["repeats"] == 3 and result["steps_per_repeat"] == 4
+    assert 2.0 <= result["min_ms"] <= result["median_ms"] <= result["max_ms"] < 50

@@ -50,6 +50,34 @@ def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10, before=None) -> d
             "repeats": repeats}
 
 
+def back_to_back_ms(fn, device, *, steps: int = 10, warmup: int = 2, repeats: int = 3) -> dict:
+    """Milliseconds per call of `fn` called `steps` times in a row with no wait in between, as a denoising loop runs
+    its steps: the host enqueues the next call while the device runs this one. Median/min/max over `repeats` loops.
+    `time_ms` starts each call on an idle device, so its figure also holds the host's time to enqueue the call (for a
+    step replayed from a CUDA graph: the input copies and the graph launch)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / steps)
+        else:
+            started = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            samples.append((time.perf_counter() - started) * 1000 / steps)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
+            "repeats": repeats, "steps_per_repeat": steps}
+
+
 class Stopwatch:
     """Wall-clock seconds of a block, synchronizing the device at both ends."""
 
