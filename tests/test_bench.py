@@ -7,6 +7,7 @@ These check that the tools measure and report correctly; the numbers that matter
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 
@@ -284,6 +285,7 @@ def test_variants_breakdowns_follow_every_timed_step(tiny_package, tmp_path, mon
     assert len(loaded) == 4  # two timed passes, and a fresh load for each breakdown
     measured = data["variants"]["r32"]
     assert measured["breakdown"]["total_ms"] > 0 and measured["breakdown_no_lora"]["total_ms"] > 0
+    assert data["cublaslt_workspace_kib"] == os.environ.get("CUBLASLT_WORKSPACE_SIZE")  # the setting it ran under
     assert json.loads((out / "variants.json").read_text())["variants"]["r32"]["breakdown"] == measured["breakdown"]
 
 

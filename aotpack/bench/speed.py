@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..machine.cublaslt import WORKSPACE_VARIABLE, use_no_cublaslt_workspace
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
@@ -380,7 +382,8 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
     device, dtype = bench_device()
     report["setup"] = {"model": model, "sizes": list(sizes), "batch": batch, "text_tokens": text_tokens, "lora": LORA,
                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "build": build or {}}
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "build": build or {},
+                       "cublaslt_workspace_kib": os.environ.get(WORKSPACE_VARIABLE)}
     loras = write_bench_loras(config, lora_dir, names=["r16-attn", LORA], std=lora_std)
     sweep = {std: write_bench_loras(config, lora_dir, names=[LORA], std=std)[LORA] for std in fidelity_stds}
     workloads = {size: shared_workload(config, height=size, width=size, steps=1, text_tokens=text_tokens,
@@ -593,6 +596,7 @@ _CATEGORY_LABELS = tuple(c for c in CATEGORIES if c != "communication")
 
 
 def main(argv=None) -> None:
+    use_no_cublaslt_workspace()  # as aotpack's CLI runs: before the first GPU matmul (machine/cublaslt.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True)
     parser.add_argument("--model", default="random:flux-dev")

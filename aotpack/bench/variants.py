@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..machine.cublaslt import WORKSPACE_VARIABLE, use_no_cublaslt_workspace
 from ..models.examples import transformer_inputs
 from ..runtime.pipeline import load_package
 from .loras import write_bench_loras
@@ -110,7 +112,8 @@ def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: 
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
                "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "variants": {}}
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "cublaslt_workspace_kib": os.environ.get(WORKSPACE_VARIABLE), "variants": {}}
     profiles = Profiles()
     passes = [(label, package, False) for label, package in variants.items()]
     passes += [(label, variants[label], True) for label in graph_variants]
@@ -140,6 +143,7 @@ def _record(entries: dict, label: str, graph_pass: bool, measured: dict) -> None
 
 
 def main(argv=None) -> None:
+    use_no_cublaslt_workspace()  # as aotpack's CLI runs: before the first GPU matmul (machine/cublaslt.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", required=True, help="LABEL=PACKAGE_DIR (repeatable)")
     parser.add_argument("--model", default="random:flux-dev")

@@ -266,8 +266,11 @@ cli.add_command(push)
 cli.add_command(pull)
 cli.add_command(serve)
 
+from ..machine.cublaslt import use_no_cublaslt_workspace  # noqa: E402
+
 
 def main() -> None:
+    use_no_cublaslt_workspace()  # before any GPU matmul of this process (machine/cublaslt.py)
     # Standalone click: usage errors exit 2; AotpackGroup turns runtime errors into exit 1 and Ctrl-C
     # into 130 (click's own Abort, e.g. Ctrl-C at a prompt, exits 1).
     cli.main(prog_name="aotpack")

@@ -44,8 +44,11 @@ class NotOnRayError(ServeError):
 @serve.deployment
 class Replica:
     def __init__(self, config: dict):
+        from ..machine.cublaslt import use_no_cublaslt_workspace
         from .server import build_service
         from .service import ServeOptions
+
+        use_no_cublaslt_workspace()  # the replica's process is aotpack's: before its first GPU matmul
 
         self.service = build_service(config["package"], config.get("model", "tiny"),
                                      revision=config.get("revision"), adapter_dirs=config.get("adapters", ()),
