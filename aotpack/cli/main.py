@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..machine.cublaslt import use_no_cublaslt_workspace
 from ..recipes.recipe import ATTENTION_BACKENDS
 from .options import merge_policy_option
 from .output import DEBUG, configure_logging, quiet_libraries
@@ -265,8 +266,6 @@ cli.add_command(doctor)
 cli.add_command(push)
 cli.add_command(pull)
 cli.add_command(serve)
-
-from ..machine.cublaslt import use_no_cublaslt_workspace  # noqa: E402
 
 
 def main() -> None:
