@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from reference import cpu_test_recipe, fp8_tiny_transformer, tiny_block_inputs
 
 from aotpack.errors import RecipeError
-from aotpack.models.examples import relative_error
 from aotpack.models import fused_quant
+from aotpack.models.examples import relative_error
 from aotpack.models.fused_quant import install_fused_gelu_quant, linear_after_gelu, quantize_rows
 from aotpack.models.lora_down_fp8 import (
     _split,
