@@ -36,3 +36,16 @@ def test_cli_entry_sets_it_before_any_command(clean_environment):
     clean_environment.setattr(cli_main.cli, "main", lambda **kwargs: seen.append(os.environ.get(WORKSPACE_VARIABLE)))
     cli_main.main()
     assert seen == ["0"]
+
+
+def test_a_library_process_loading_on_cuda_is_told_once_at_load(clean_environment):
+    from aotpack.machine.cublaslt import workspace_hint
+
+    hint = workspace_hint("cuda:0")
+    assert WORKSPACE_VARIABLE in hint and "=0" in hint and KEEP_VARIABLE in hint
+    assert workspace_hint("cpu") is None  # nothing to say off CUDA
+    clean_environment.setenv(WORKSPACE_VARIABLE, "0")  # set (by the user, or aotpack's CLI): nothing to say
+    assert workspace_hint("cuda") is None
+    clean_environment.delenv(WORKSPACE_VARIABLE)
+    clean_environment.setenv(KEEP_VARIABLE, "1")
+    assert workspace_hint("cuda") is None
