@@ -52,30 +52,19 @@ def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10, before=None) -> d
 
 def back_to_back_ms(fn, device, *, steps: int = 10, warmup: int = 2, repeats: int = 3) -> dict:
     """Milliseconds per call of `fn` called `steps` times in a row with no wait in between, as a denoising loop runs
-    its steps: the host enqueues the next call while the device runs this one. Median/min/max over `repeats` loops.
-    `time_ms` starts each call on an idle device, so its figure also holds the host's time to enqueue the call (for a
-    step replayed from a CUDA graph: the input copies and the graph launch)."""
+    its steps: the host enqueues the next call while the device runs this one. Median/min/max over `repeats` loops
+    (each timed by `time_ms`, which starts each timed call on an idle device: for one step replayed from a CUDA graph
+    its figure also holds the host's input copies and graph launch)."""
     for _ in range(warmup):
         fn()
-    synchronize(device)
-    samples = []
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / steps)
-        else:
-            started = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            samples.append((time.perf_counter() - started) * 1000 / steps)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
-            "repeats": repeats, "steps_per_repeat": steps}
+
+    def loop():
+        for _ in range(steps):
+            fn()
+
+    timed = time_ms(loop, device, warmup=0, repeats=repeats)
+    return {**{key: timed[key] / steps for key in ("median_ms", "min_ms", "max_ms")}, "repeats": repeats,
+            "steps_per_repeat": steps}
 
 
 class Stopwatch:

@@ -9,8 +9,9 @@ steps in a row from CUDA graphs 1024² 99.52 -> 98.37 ms and 512² 36.06 -> 35.3
 
 torch reads the variable once, at the process's first cuBLASLt call, so the entry points aotpack owns set it first
 (the CLI, the Ray Serve replicas, the benches). A library caller's process is theirs: `README.md` says how to set it
-there, and loading a package on CUDA without it logs one line that says so (`workspace_hint`). A value the user set
-is kept, and `AOTPACK_KEEP_CUBLASLT_WORKSPACE=1` leaves torch's default in place.
+there, and a package loaded on CUDA without it logs one line that says so (`workspace_hint`, from the compiled
+transformer every load path builds). A value the user set is kept, and `AOTPACK_KEEP_CUBLASLT_WORKSPACE=1` leaves
+torch's default in place.
 """
 
 from __future__ import annotations

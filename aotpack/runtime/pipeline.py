@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from ..adapters.stack import StackReport, stack_adapters
 from ..adapters.text_encoder import TextEncoderLoRA
 from ..errors import NonFiniteOutputError
 from ..machine.compat import check_package_runs_here
-from ..machine.cublaslt import workspace_hint
 from ..models.attention import check_attention_runs_here
 from ..models.checkpoint import (
     config_fingerprint,
@@ -32,8 +30,6 @@ from .merge import MERGED, SLOTS
 from .merge_policy import MergePolicy
 from .requests import check_scale
 from .transformer import CompiledFluxTransformer
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -227,8 +223,6 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     ref = parse_model_ref(model, revision)
     device = manifest.run_device(device)
     policy = MergePolicy.parse(merge_policy, device)  # a bad value fails before any weight is read
-    if hint := workspace_hint(device):
-        log.info(hint)
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
     with report.stage(f"load {ref.describe()} transformer weights"):
@@ -272,8 +266,6 @@ def bind_package(transformer, package, *, device: str | None = None,
     check_package_runs_here(manifest, config_fingerprint(dict(transformer.config)))
     check_attention_runs_here(manifest.attention)
     device = manifest.run_device(device)
-    if hint := workspace_hint(device):
-        log.info(hint)
     _prepare_as_built(transformer.eval(), manifest, device)
     compiled = CompiledFluxTransformer(manifest, package_dir, transformer, device)
     compiled.use_cuda_graphs(cuda_graphs)

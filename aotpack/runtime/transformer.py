@@ -14,6 +14,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
+from ..machine.cublaslt import workspace_hint
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.prepare import torch_dtype
@@ -89,6 +90,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.config = transformer.config
         self._dtype = torch_dtype(manifest.dtype)
         self._device = torch.device(device)
+        if hint := workspace_hint(self._device):  # a library caller's process left cuBLASLt its workspace
+            logger.info(hint)
         # The eager model object owns the weights the programs read (bound user-managed):
         # keep it alive, but outside the module tree so pipeline.to() and .parameters() skip it.
         object.__setattr__(self, "_weights_owner", transformer)
