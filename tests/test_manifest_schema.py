@@ -110,7 +110,7 @@ def refused(package: Path, error=AotpackError) -> AotpackError:
     (lambda d: d["programs"][0]["inputs"][0].update(shape=[-1]), "dimension -1"),
     (lambda d: d.update(programs=[]), "programs is empty"),
     (lambda d: d.update(programs=[d["programs"][0], d["programs"][0]]), "repeats another program"),
-    (lambda d: d.update(format_version=4), "format_version 4"),  # newer than this aotpack reads
+    (lambda d: d.update(format_version=5), "format_version 5"),  # newer than this aotpack reads
     (lambda d: d.update(format_version=0), "format_version 0"),
     (lambda d: d.update(format_version=True), "format_version True"),
     (lambda d: d["quantization"].update(unquantized_linears="*.norm1.linear"), "unquantized_linears is '*.norm1"),
@@ -348,3 +348,5 @@ def test_a_manifest_is_written_in_the_format_its_fields_need(tiny_package):
     assert manifest.format_version == 1 and manifest.to_json()["format_version"] == 2
     manifest.recipe = {**manifest.recipe, "fp8_attention_min_tokens": 4096}  # its programs call aotpack::bf16_sdpa
     assert manifest.to_json()["format_version"] == 3
+    manifest.recipe = {**manifest.recipe, "batched_modulation": True}  # its blocks take rows, not temb
+    assert manifest.to_json()["format_version"] == 4

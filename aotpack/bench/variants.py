@@ -6,9 +6,9 @@
 For each package (same model, same request): build and compile seconds and package size from its
 manifest, load time, and the transformer step (median of 10, CUDA events) with a rank-64 LoRA
 active where the package has slots; on a GPU also the step with no LoRA active (the no-slot programs,
-where the package has them), the step replayed as one CUDA graph (timed from an idle device, and ten
-in a row as a denoising loop runs them), and last, once every step is timed (a profiler session slows
-what follows it), the kernel-time breakdowns with the heaviest kernels, with the LoRA and without.
+where the package has them), the step replayed as one CUDA graph (timed from an idle device, ten
+in a row as a denoising loop runs them, and over one image's 28 timesteps as FluxPipeline passes
+them), and last, once every step is timed (a profiler session slows what follows it), the kernel-time breakdowns with the heaviest kernels, with the LoRA and without.
 Writes OUT/variants.json.
 """
 
@@ -26,8 +26,12 @@ import torch
 from ..machine.cublaslt import WORKSPACE_VARIABLE, use_no_cublaslt_workspace
 from ..models.examples import transformer_inputs
 from ..runtime.pipeline import load_package
+from .denoise import denoising_loop
 from .loras import write_bench_loras
 from .timing import Profiles, back_to_back_ms, kernel_breakdown, kernel_profiles_on, time_ms
+
+
+LOOP_STEPS = 28  # FLUX.1-dev's default steps
 
 
 def _load(package: str, model: str):
@@ -50,7 +54,7 @@ def _activate(served, *, image_tokens: int, text_tokens: int, lora_dir: Path):
     def step():
         return served.transformer(**inputs, return_dict=False)
 
-    return name, step
+    return name, step, inputs
 
 
 def measure(label: str, package: str, model: str, *, image_tokens: int, text_tokens: int, lora_dir: Path,
@@ -65,7 +69,7 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                   build_seconds=manifest.build.get("seconds"), compile_seconds=manifest.build.get("compile_seconds"),
                   validation=manifest.validation)
     workload = dict(image_tokens=image_tokens, text_tokens=text_tokens, lora_dir=lora_dir)
-    name, step = _activate(served, **workload)
+    name, step, inputs = _activate(served, **workload)
     if name:
         result["active_lora"] = name
     with torch.no_grad():
@@ -77,6 +81,12 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                     result["step_cuda_graph"] = time_ms(step, device, warmup=3, repeats=10)
                     # and as a denoising loop runs them: ten in a row, the host enqueueing ahead of the device
                     result["step_cuda_graph_back_to_back"] = back_to_back_ms(step, device)
+                    # and one image's 28 steps as FluxPipeline passes them (a batched_modulation package computes
+                    # its rows once there; the plain step above repeats one timestep)
+                    loop = denoising_loop(served.transformer, served.pipeline.scheduler, inputs, LOOP_STEPS)
+                    timed = time_ms(loop, device, warmup=1, repeats=3)
+                    result["image_loop_ms_per_step"] = {k: timed[k] / LOOP_STEPS
+                                                        for k in ("median_ms", "min_ms", "max_ms")}
                 except Exception as err:  # a lever that does not apply is a result, not a crash
                     result["step_cuda_graph"] = {"failed": f"{type(err).__name__}: {err}"[:500]}
         elif kernel_profiles_on(device):  # where the variants differ, kernel by kernel (plain chain)
@@ -94,7 +104,7 @@ def breakdown(package: str, model: str, *, with_lora: bool, **workload) -> dict:
     """`measure`'s plain-chain step kernel by kernel, on `package` loaded again (its LoRA active, or none): kept
     loaded until every variant is timed, all the packages' weights would be on the GPU at once."""
     served = _load(package, model)
-    _, step = _activate(served, **workload)
+    _, step, _ = _activate(served, **workload)
     if not with_lora:
         served.set_loras([])
     with torch.no_grad():
@@ -137,6 +147,7 @@ def _record(entries: dict, label: str, graph_pass: bool, measured: dict) -> None
     if graph_pass:
         entries[label]["step_cuda_graph"] = measured.get("step_cuda_graph")
         entries[label]["step_cuda_graph_back_to_back"] = measured.get("step_cuda_graph_back_to_back")
+        entries[label]["image_loop_ms_per_step"] = measured.get("image_loop_ms_per_step")
         entries[label]["step_same_load_as_graph"] = measured["step"]
     else:
         entries[label] = measured

@@ -31,9 +31,19 @@ from ..models.qk_norm_rope import install_fused_qk_norm_rope
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
 from ..models.norm_quant import check_kernel_against_reference as check_norm_kernel_against_reference
 from ..models.norm_quant import install_fused_norm_quant
+from ..models.modulation import (
+    MODULATION,
+    block_index,
+    block_widths,
+    mark_batched_modulation,
+    modulation_example,
+    split_step_rows,
+    uses_batched_modulation,
+)
 from ..models.prepare import prepare_transformer, regional_slot_names, torch_dtype
 from ..models.quant import quantization_record
 from ..models.regions import (
+    BLOCK_KINDS,
     EPILOGUE,
     PROLOGUE,
     SINGLE_BLOCK,
@@ -78,6 +88,10 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
             logger.warning("--parallel ulysses: attention 'cudnn_fp8' of target %s becomes 'cudnn' (context-parallel "
                            "packages run attention in the runtime, between the split programs)", recipe.name)
             changes["attention"] = "cudnn"
+    if recipe.batched_modulation and ((layout and layout != "regional") or (parallel and parallel != "none")):
+        logger.warning("--layout/--parallel: target %s's batched_modulation is off for this build (it needs the "
+                       "regional layout on one GPU)", recipe.name)
+        changes["batched_modulation"] = False
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
@@ -95,6 +109,8 @@ def _program_plan(transformer, layout: str, parallel: str = "none") -> list[tupl
     if layout == WHOLE:
         return [(WHOLE, [None])]
     plan = [(PROLOGUE, [None])]
+    if uses_batched_modulation(transformer):  # recipe lever batched_modulation (models/modulation.py)
+        plan.append((MODULATION, [None]))
     if parallel != "none":  # blocks split around attention (context parallel, split_regions.py)
         from ..models.split_regions import split_program_plan
 
@@ -110,7 +126,12 @@ def _region_activations(kind: str, inputs: dict, prologue_outputs, transformer=N
         return split_example_activations(transformer, kind, instance, prologue_outputs)
     if kind in (PROLOGUE, WHOLE):
         return prologue_arguments(inputs)
+    if kind == MODULATION:
+        return modulation_example(inputs)
     hidden, encoder, temb, cos, sin = prologue_outputs
+    if uses_batched_modulation(transformer) and kind in BLOCK_KINDS:  # the block's rows in place of temb
+        rows = make_region(transformer, MODULATION)(*modulation_example(inputs, steps=1), None)[0]
+        temb = split_step_rows(rows, block_widths(transformer), hidden.shape[0])[block_index(transformer, instance)]
     if kind == EPILOGUE:
         return hidden, temb
     if kind == SINGLE_BLOCK:  # the joint sequence (regions.JointSingleBlockRegion)
@@ -151,7 +172,8 @@ NO_SLOT_SUFFIX = ".noslot"
 # Prologue and epilogue run with empty slots instead: their slotted linears (embedders, norm_out, proj_out) see one
 # row or few channels, ~0.1 ms of a 1024^2 step by launch count, while their two twins made the H200 build's 9th
 # and 10th compile jobs for 8 workers (202 s build, 2026-12-02; the target is 180 s).
-ONLY_SLOTTED = (PROLOGUE, EPILOGUE)
+# The modulation program (batched_modulation) runs once an image: its slot tax is a few rows.
+ONLY_SLOTTED = (PROLOGUE, EPILOGUE, MODULATION)
 
 
 def _without_slots(region):
@@ -253,6 +275,9 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                 check_norm_kernel_against_reference(device)
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
+        if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program
+            mark_batched_modulation(transformer)
+            report.info("    AdaLN modulation linears in one program, run once an image")
 
     staging = output.open()  # this build's own folder next to `out`; removed if the build fails
     shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),

@@ -8,6 +8,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..models.modulation import MAX_STEPS, MODULATION
 from ..models.regions import BLOCK_KINDS, JOINT_INPUT, Region
 
 SYMBOLIC_DIMS = ("batch", "image_tokens", "text_tokens")
@@ -18,6 +19,7 @@ def _dims(shapes: dict) -> dict[str, Dim | None]:
     (text + image, the single blocks' one token axis) is its own symbol over the summed range."""
     ranges = {name: (int(shapes[name][0]), int(shapes[name][1])) for name in SYMBOLIC_DIMS}
     ranges["joint_tokens"] = tuple(ranges["text_tokens"][i] + ranges["image_tokens"][i] for i in (0, 1))
+    ranges["steps"] = (1, MAX_STEPS)  # the modulation program's rows per call (models/modulation.py)
     return {name: Dim(name, min=low, max=high) if low != high else None for name, (low, high) in ranges.items()}
 
 
@@ -29,6 +31,7 @@ def input_layouts(region: Region) -> dict[str, tuple]:
         return {
             JOINT_INPUT: ("batch", "joint_tokens", None),
             "temb": ("batch", None),
+            "modulation": ("batch", None),
             "rotary_cos": ("joint_tokens", None),
             "rotary_sin": ("joint_tokens", None),
         }
@@ -37,9 +40,13 @@ def input_layouts(region: Region) -> dict[str, tuple]:
             "hidden_states": ("batch", "image_tokens", None),
             "encoder_hidden_states": ("batch", "text_tokens", None),
             "temb": ("batch", None),
+            "modulation": ("batch", None),
             "rotary_cos": ("rotary_tokens", None),
             "rotary_sin": ("rotary_tokens", None),
         }
+    if region.kind == MODULATION:
+        return {"pooled_projections": ("steps", "batch", None), "timestep": ("steps", "batch"),
+                "guidance": ("steps", "batch")}
     if region.kind == "epilogue":
         return {"hidden_states": ("batch", "image_tokens", None), "temb": ("batch", None)}
     return {  # prologue / whole

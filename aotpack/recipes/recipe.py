@@ -48,6 +48,8 @@ class Recipe:
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
+    # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
+    batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
     parallel: str = "none"  # "ulysses": programs split around attention, served on 1..N GPUs (split_regions.py)
     # each slotted block program also compiled without slots, run while no LoRA is live or the set is merged;
@@ -70,6 +72,10 @@ class Recipe:
                               f"use one of: {', '.join(ATTENTION_BACKENDS)}")
         if problem := attention_parallel_conflict(self.attention, self.parallel):
             raise RecipeError(f"recipe {self.name!r}: {problem}", _ATTENTION_PARALLEL_FIX)
+        if self.batched_modulation and (self.layout != "regional" or self.parallel != "none"):
+            raise RecipeError(f"recipe {self.name!r}: batched_modulation = true needs the regional layout without "
+                              f"context parallelism (layout = {self.layout!r}, parallel = {self.parallel!r})",
+                              "set batched_modulation = false, or build the regional layout on one GPU")
 
     @property
     def end_to_end_limit(self) -> float:
@@ -151,6 +157,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
+        batched_modulation=fields.value("batched_modulation", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),

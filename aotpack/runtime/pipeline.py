@@ -23,6 +23,7 @@ from ..models.checkpoint import (
     load_transformer_config,
     parse_model_ref,
 )
+from ..models.modulation import mark_batched_modulation
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
@@ -197,6 +198,8 @@ def _prepare_as_built(transformer, manifest, device) -> None:
     prepare_transformer(transformer, dtype=manifest.dtype, device=device,
                         quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots],
                         unquantized_linears=manifest.quantization.get("unquantized_linears", ()))
+    if manifest.recipe.get("batched_modulation"):  # its block programs read the modulation program's rows
+        mark_batched_modulation(transformer)
 
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
@@ -238,6 +241,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
         pipeline = load_pipeline(ref, torch_dtype(manifest.dtype), transformer=compiled,
                                  text_encoder_policy=manifest.recipe.get("text_encoder_policy", "full"))
         pipeline.to(device)
+        compiled.follow_scheduler(pipeline)  # batched_modulation: rows for every step of an image at once
     cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
                          **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))
     served = AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)
@@ -281,12 +285,15 @@ def apply(pipe, package, *, device: str | None = None, cuda_graphs: bool | None 
     drive the slots.
     """
     pipe.transformer = bind_package(pipe.transformer, package, device=device, cuda_graphs=cuda_graphs)
+    pipe.transformer.follow_scheduler(pipe)  # batched_modulation: rows for every step of an image at once
     return pipe
 
 
 class AotpackFluxTransformer:
     """diffusers-style entry: `AotpackFluxTransformer.from_pretrained("hf://owner/repo", model=...)` is
-    the compiled transformer, e.g. for `FluxPipeline.from_pretrained(model, transformer=...)`."""
+    the compiled transformer, e.g. for `FluxPipeline.from_pretrained(model, transformer=...)`. With a
+    batched_modulation package, `transformer.follow_scheduler(pipe)` afterwards lets it compute each image's
+    modulation rows once (without it, once a step: correct, as slow as before the lever)."""
 
     @staticmethod
     def from_pretrained(package, *, model: str, revision: str | None = None,

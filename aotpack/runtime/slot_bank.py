@@ -17,6 +17,7 @@ class SlotBank:
         self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
         self.used_rank = {s.name: 0 for s in slots}
         self.before_write = None  # merge.py: a write from outside unmerges a merged set first
+        self.writes = 0  # every write (modulation_rows.py: a table of rows is not used after one)
 
     @property
     def is_empty(self) -> bool:
@@ -32,6 +33,7 @@ class SlotBank:
         """
         if self.before_write is not None:
             self.before_write()
+        self.writes += 1
         dst, src, zero = [], [], []
         for name, used in self.used_rank.items():
             a_buf, b_buf = (self.tensors[n] for n in lora_input_names(name))

@@ -17,6 +17,7 @@ from ..errors import PackageMismatchError, UnsupportedCallError
 from ..machine.cublaslt import workspace_hint
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
+from ..models.modulation import MODULATION, block_widths, split_step_rows
 from ..models.prepare import torch_dtype
 from ..models.regions import (
     DOUBLE_BLOCK,
@@ -37,6 +38,7 @@ from .lora_contract import LoraContractMixin
 from .address_merge import AddressMerge
 from .merge import CompiledMerge, LoRAModes
 from .merge_policy import MergePolicy
+from .modulation_rows import ModulationRows
 from .program import CompiledProgram
 from .slot_bank import SlotBank
 
@@ -158,6 +160,11 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 torch.cuda.empty_cache()
             merge_check.warm(self._device, self.compiled_merge.dtype, manifest.max_rank)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
+        # batched_modulation packages: every block's modulation rows from one program, once an image
+        self.modulation_rows = None
+        if MODULATION in self._programs:
+            self._block_widths = block_widths(transformer)
+            self.modulation_rows = ModulationRows(self._run_modulation, self._dtype, sum(self._block_widths))
         self.lora_modes = LoRAModes(self, policy=MergePolicy.parse("auto", self._device))
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
         self._step_graphs = None  # use_cuda_graphs(): captured step graphs (cuda_graphs.py)
@@ -210,10 +217,17 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             compare(WHOLE, None, first)
             return errors
         hidden, encoder, temb, cos, sin = compare(PROLOGUE, None, first)
-        for instance in self._instance_index.get(DOUBLE_BLOCK, {}):
-            encoder, hidden = compare(DOUBLE_BLOCK, instance, (hidden, encoder, temb, cos, sin))
+        doubles = [lambda *a, i=instance: compare(DOUBLE_BLOCK, i, a) for instance in
+                   self._instance_index.get(DOUBLE_BLOCK, {})]
         singles = [lambda *a, i=instance: compare(SINGLE_BLOCK, i, a) for instance in
                    self._instance_index.get(SINGLE_BLOCK, {})]
+        if MODULATION in self._programs:  # one step's rows, from the eager region: the blocks' inputs
+            pooled, timestep, guidance = first[2], first[3], first[6]
+            (rows,) = compare(MODULATION, None,
+                              (pooled[None], timestep[None], None if guidance is None else guidance[None]))
+            doubles, singles = self._taking_rows(doubles, singles, rows[0], hidden.shape[0])
+        for block in doubles:
+            encoder, hidden = block(hidden, encoder, temb, cos, sin)
         hidden = self._single_blocks(singles, hidden, encoder, temb, cos, sin)
         compare(EPILOGUE, None, (hidden, temb))
         return errors
@@ -314,12 +328,35 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             return hidden
         return run_joint(blocks, hidden, encoder, temb, cos, sin)
 
-    def _chain(self, programs, prologue_inputs) -> torch.Tensor:
-        """Prologue, double blocks, single blocks, epilogue: one step of the regional programs."""
+    def _taking_rows(self, doubles, singles, rows: torch.Tensor, batch: int) -> tuple[list, list]:
+        """The blocks as callables that take `temb` and pass their own modulation rows (batched_modulation)."""
+        per_block = split_step_rows(rows, self._block_widths, batch)
+        doubles = [lambda h, e, _temb, c, s, b=b, r=r: b(h, e, r, c, s) for b, r in zip(doubles, per_block)]
+        singles = [lambda j, _temb, c, s, b=b, r=r: b(j, r, c, s) for b, r in zip(singles, per_block[len(doubles):])]
+        return doubles, singles
+
+    def _run_modulation(self, pooled, timestep, guidance) -> torch.Tensor:
+        """The modulation program (slotted: it runs once an image; merged sets leave the bank empty)."""
+        args = self._cast(MODULATION, [t for t in (pooled, timestep, guidance) if t is not None])
+        return self._programs[MODULATION][0](*args)
+
+    def follow_scheduler(self, holder) -> None:
+        """batched_modulation packages: compute each image's modulation rows once, over the timesteps of
+        `holder` (a diffusers pipeline, whose current scheduler is read, or a scheduler). The loaders call it
+        with their pipeline; without it every step computes its own rows. A no-op for other packages."""
+        if self.modulation_rows is not None:
+            self.modulation_rows.follow(holder)
+
+    def _chain(self, programs, prologue_inputs, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prologue, double blocks, single blocks, epilogue: one step of the regional programs. `rows`: this
+        step's modulation rows, which the blocks of a batched_modulation package take in place of `temb`."""
         hidden, encoder, temb, cos, sin = programs[PROLOGUE][0](*prologue_inputs)
-        for block in programs.get(DOUBLE_BLOCK, []):
+        doubles, singles = programs.get(DOUBLE_BLOCK, []), programs.get(SINGLE_BLOCK, [])
+        if rows is not None:
+            doubles, singles = self._taking_rows(doubles, singles, rows, hidden.shape[0])
+        for block in doubles:
             encoder, hidden = block(hidden, encoder, temb, cos, sin)
-        hidden = self._single_blocks(programs.get(SINGLE_BLOCK, []), hidden, encoder, temb, cos, sin)
+        hidden = self._single_blocks(singles, hidden, encoder, temb, cos, sin)
         sample = programs[EPILOGUE][0](hidden, temb)
         return sample[0] if isinstance(sample, (tuple, list)) else sample
 
@@ -392,6 +429,11 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 comm = communicator(self)  # every rank captures the same step, collectives included
                 variant, agree = f"{variant}/{comm.graph_variant}", comm.all_agree
                 body = lambda args: split_forward(self, args, programs)  # noqa: E731
+            elif self.modulation_rows is not None:  # this step's rows: a graph input like the others
+                state = (self.bank.writes, self.merged)  # what the LoRA part of the rows depends on
+                cast.append(self.modulation_rows.rows(pooled_projections, timestep,
+                                                      guidance if self.config.guidance_embeds else None, state))
+                body = lambda args: self._chain(programs, args[:-1], args[-1])  # noqa: E731
             else:
                 body = lambda args: self._chain(programs, args)  # noqa: E731
             if self._step_graphs is not None:

@@ -21,8 +21,9 @@ from ..errors import ManifestError
 # refuses one that does ("install the aotpack version that built it") instead of misreading it: before format 2 a
 # runtime would quantize the linears a format-2 package keeps in bf16 and then fail to bind them. Format 3: a recipe
 # with `fp8_attention_min_tokens`, whose programs call `aotpack::bf16_sdpa`, an op older aotpacks do not register
-# (they would load the package and fail at its first short sequence).
-FORMAT_VERSION = 3
+# (they would load the package and fail at its first short sequence). Format 4: a recipe with `batched_modulation`,
+# whose block programs take modulation rows where older runtimes would pass `temb`.
+FORMAT_VERSION = 4
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -35,6 +36,8 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
     """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("batched_modulation"):
+        return 4
     if (recipe or {}).get("fp8_attention_min_tokens"):
         return 3
     return 2 if quantization.get("unquantized_linears") else 1

@@ -28,6 +28,9 @@
 #      stream, and q/k/v/MLP in the single block; builder/lora_grouping.py), off since 2026-11-29 on a 6-block model;
 #    fp8down: lora_down_from_fp8 = true (the LoRA down-projections after the MLP GELUs read the FP8 GELU output, so
 #      the GELU kernel no longer writes a bf16 copy for them; models/lora_down_fp8.py);
+#    batched: batched_modulation = true (the blocks' AdaLN modulation linears in one program run once an image over
+#      every timestep, the block programs taking its rows; models/modulation.py). Its per-image figure is the
+#      variants bench's `image_loop_ms_per_step` (28 timesteps as FluxPipeline passes them, GRAPHS=1);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
@@ -77,6 +80,7 @@ sed '/^unquantized_linears = /d' aotpack/recipes/h200.toml > /tmp/recipes/fp8_mo
 cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
 sed 's/^\[shapes\]/group_lora_down = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/grouped.toml
 sed 's/^\[shapes\]/lora_down_from_fp8 = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/fp8down.toml
+sed 's/^\[shapes\]/batched_modulation = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/batched.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label

@@ -1,0 +1,134 @@
+"""Each step's modulation rows (recipe lever `batched_modulation`), computed once an image.
+
+The rows are a function of (timestep, guidance, pooled text, LoRA state). A pipeline passes the same pooled and
+guidance tensors at every step of an image, and its scheduler knows every timestep before the first one. So at an
+image's first step the modulation program runs once over all of the scheduler's timesteps (one weight read instead
+of one a step), and each later step takes its row from that table.
+
+A row is looked up by the step's timestep value, which costs one device-to-host copy a step: the value, not the
+scheduler's step counter, decides, so a pipeline that passes other timesteps (or none of the scheduler's) gets rows
+computed for the values it passed, never another step's. Where no scheduler is followed, or the value is not in its
+schedule, the step computes its own rows (what the block programs did before the lever). A table is kept per
+pooled tensor (a true-CFG pipeline has two), dropped with that tensor, and not used after any write of the slot
+bank or a merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from ..models.modulation import MAX_STEPS
+
+logger = logging.getLogger(__name__)
+
+
+def _version(tensor: torch.Tensor | None) -> int:
+    if tensor is None:
+        return 0
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot be changed outside inference mode
+        return 0
+
+
+class _Table:
+    def __init__(self, pooled, guidance, state, values: list[float], rows: torch.Tensor, on_drop):
+        self.pooled = weakref.ref(pooled, on_drop)  # dropped with its pooled tensor (the image's end)
+        self.guidance = None if guidance is None else weakref.ref(guidance)
+        self.versions = (_version(pooled), _version(guidance))
+        self.state = state
+        self.index = {value: i for i, value in enumerate(values)}
+        self.rows = rows  # [steps, batch * W]
+
+    def serves(self, pooled, guidance, state) -> bool:
+        same_guidance = (guidance is None and self.guidance is None) or (
+            guidance is not None and self.guidance is not None and self.guidance() is guidance)
+        return (self.pooled() is pooled and same_guidance and self.state == state
+                and self.versions == (_version(pooled), _version(guidance)))
+
+
+class ModulationRows:
+    """Step rows for the block programs, from tables computed once an image (see the module docstring)."""
+
+    max_tables = 4  # pooled tensors kept at once: two per image with true CFG, and one image to overlap
+    max_table_bytes = 1 << 30  # a longer schedule is computed in windows from the current step
+
+    def __init__(self, program, dtype: torch.dtype, width: int):
+        self.program = program  # callable (pooled [S, B, P], timestep [S, B], guidance [S, B] | None) -> [S, B * W]
+        self.dtype = dtype
+        self.width = width  # W: all blocks' modulation widths
+        self._scheduler = None  # a weak reference to what holds the schedule (a pipeline or a scheduler)
+        self._tables: OrderedDict[int, _Table] = OrderedDict()
+        self._next_key = 0
+        self.program_calls = 0  # how often the program ran, and over how many step rows (tests, benchmarks)
+        self.rows_computed = 0
+
+    def follow(self, holder) -> None:
+        """Take each image's schedule from `holder`: a diffusers pipeline (its current `.scheduler`) or a
+        scheduler. Kept by weak reference; None stops following."""
+        self._scheduler = None if holder is None else weakref.ref(holder)
+        self._tables.clear()
+
+    def _schedule(self, timestep: torch.Tensor) -> torch.Tensor | None:
+        """The followed scheduler's timesteps as the pipeline passes them to the transformer (`t / 1000` in the
+        latents' dtype, which the call's `timestep` has), or None."""
+        holder = self._scheduler() if self._scheduler is not None else None
+        scheduler = getattr(holder, "scheduler", holder)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1 or not len(timesteps):
+            return None
+        return timesteps.to(device=timestep.device, dtype=timestep.dtype) / 1000
+
+    def rows(self, pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None, state) -> torch.Tensor:
+        """This step's `[batch * W]` rows. `state` is anything that changes when the LoRA-dependent rows do."""
+        def own_rows():  # this step's alone, as the block programs computed them before the lever
+            return self._compute(pooled, timestep.reshape(1, -1), guidance)[0]
+
+        values = timestep.float().tolist()  # the one device-to-host copy a step: the row is found by value
+        if len(set(values)) != 1:  # images at different steps in one batch
+            return own_rows()
+        value = values[0]
+        for key, table in list(self._tables.items()):
+            if table.pooled() is None:
+                del self._tables[key]
+            elif value in table.index and table.serves(pooled, guidance, state):
+                self._tables.move_to_end(key)
+                return table.rows[table.index[value]]
+        schedule = self._schedule(timestep)
+        listed = [] if schedule is None else schedule.float().tolist()  # once an image
+        if value not in listed:  # no scheduler followed, or a timestep it does not list
+            return own_rows()
+        start = listed.index(value)
+        keep, chosen = set(), []
+        for position in range(start, len(listed)):  # this step and the ones after it, each value once
+            if listed[position] not in keep:
+                keep.add(listed[position])
+                chosen.append(position)
+        row_bytes = timestep.shape[0] * self.width * self.dtype.itemsize
+        chosen = chosen[:max(1, min(MAX_STEPS, self.max_table_bytes // max(row_bytes, 1)))]
+        steps = schedule[torch.tensor(chosen, device=schedule.device)]
+        batch = timestep.shape[0]
+        rows = self._compute(pooled, steps[:, None].expand(len(chosen), batch), guidance)
+        key = self._next_key = self._next_key + 1
+        self._tables[key] = _Table(pooled, guidance, state, [listed[i] for i in chosen], rows,
+                                   lambda _, key=key: self._tables.pop(key, None))
+        while len(self._tables) > self.max_tables:
+            self._tables.popitem(last=False)
+        return rows[0]
+
+    def _compute(self, pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """The program over `timestep` `[S, B]` for this pooled text and guidance: `[S, B * W]`."""
+        steps, batch = timestep.shape
+        self.program_calls += 1
+        self.rows_computed += steps
+        pooled_rows = pooled.to(self.dtype).unsqueeze(0).expand(steps, *pooled.shape).contiguous()
+        guidance_rows = None if guidance is None else guidance.to(self.dtype).unsqueeze(0).expand(steps, batch)
+        return self.program(pooled_rows, timestep.to(self.dtype).contiguous(),
+                            None if guidance_rows is None else guidance_rows.contiguous())
+
+    def clear(self) -> None:
+        self._tables.clear()

@@ -1,0 +1,153 @@
+"""Recipe lever `batched_modulation`: one modulation program over every step of an image, block programs
+taking its rows. A real package built on the CPU, compared with diffusers' eager FluxPipeline + PEFT."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from reference import REQUEST, cpu_test_recipe, latents, reference_latents, rel_error
+
+import aotpack
+from aotpack.bench.denoise import denoising_loop
+from aotpack.builder.build import apply_overrides, build_package
+from aotpack.errors import RecipeError
+from aotpack.models.tiny import make_pipeline
+from aotpack.recipes.recipe import load_recipe
+from aotpack.store.manifest import read_manifest
+
+TOLERANCE = 1e-3  # latents vs diffusers, as in test_core
+NORM_LINEARS = ("norm1.linear", "norm1_context.linear", "norm.linear")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    recipe = tmp_path_factory.mktemp("recipe") / "cpu-batched-modulation.toml"
+    recipe.write_text(cpu_test_recipe("cpu-batched-modulation", """
+dtype = "float32"
+max_rank = 16
+batched_modulation = true
+""", tolerance=1e-4, end_to_end=1e-4))
+    return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "batched", compile_workers=2,
+                         progress=False)
+
+
+@pytest.fixture(scope="module")
+def served(package):
+    return aotpack.load(package, model="tiny")
+
+
+@pytest.fixture(scope="module")
+def eager_pipeline():
+    return make_pipeline()
+
+
+def test_package_has_one_modulation_program_and_blocks_that_take_its_rows(package):
+    manifest = read_manifest(package)
+    assert manifest.format_version == 4  # older runtimes would pass temb to these blocks: they refuse it
+    programs = {p.name: p for p in manifest.programs}
+    assert "modulation" in programs and "modulation.noslot" not in programs  # runs once an image: no twin
+    modulation = programs["modulation"]
+    assert [i["name"] for i in modulation.inputs] == ["pooled_projections", "timestep", "guidance"]
+    assert modulation.inputs[1]["shape"] == ["steps", "batch"]
+    assert sum(s.endswith(NORM_LINEARS) for s in modulation.slots) == 6  # 2 double blocks x 2 + 2 single
+    for name in ("double_block", "double_block.noslot", "single_block", "single_block.noslot"):
+        names = [i["name"] for i in programs[name].inputs]
+        assert "modulation" in names and "temb" not in names, (name, names)
+        assert not any(s.endswith(NORM_LINEARS) for s in programs[name].slots)
+    # the build validated it against eager diffusers (random LoRA in every slot, the modulation's included)
+    assert manifest.validation["program_rel_errors"]["modulation"] <= 1e-4
+    assert manifest.validation["max_rel_error"] <= 1e-4
+
+
+def test_rows_once_an_image_match_diffusers_and_peft(served, demo_loras, eager_pipeline):
+    rows = served.transformer.modulation_rows
+    loras = [(demo_loras["tiny-style-all"], 0.7)]  # every linear, the modulation ones included
+    served.set_loras(loras)
+    try:
+        calls, computed = rows.program_calls, rows.rows_computed
+        ours = latents(served)
+        assert REQUEST["num_inference_steps"] == 3
+        assert (rows.program_calls - calls, rows.rows_computed - computed) == (1, 3)  # 3 steps, one call
+        theirs = reference_latents(eager_pipeline, loras)
+        assert rel_error(ours, theirs) <= TOLERANCE
+        assert rel_error(theirs, reference_latents(eager_pipeline, [])) > 100 * TOLERANCE  # the LoRA matters
+
+        # the same image with rows computed at every step (no schedule followed): the same latents
+        served.transformer.follow_scheduler(None)
+        calls = rows.program_calls
+        per_step = latents(served)
+        assert rows.program_calls - calls == 3
+        assert rel_error(per_step, ours) <= 1e-5
+    finally:
+        served.transformer.follow_scheduler(served.pipeline)
+        served.set_loras([])
+
+
+def test_a_lora_switch_or_a_merge_recomputes_the_rows(served, demo_loras, eager_pipeline):
+    rows = served.transformer.modulation_rows
+    sets = [[(demo_loras["tiny-style-all"], 1.0)], [(demo_loras["tiny-style-all"], 0.4)], []]
+    try:
+        for loras in sets:
+            served.set_loras(loras)
+            calls = rows.program_calls
+            assert rel_error(latents(served), reference_latents(eager_pipeline, loras)) <= TOLERANCE, loras
+            assert rows.program_calls - calls == 1
+        served.set_loras(sets[0], merge=True)  # folded into the weights: the bank is empty, the rows are new
+        assert served.transformer.merged
+        calls = rows.program_calls
+        assert rel_error(latents(served), reference_latents(eager_pipeline, sets[0])) <= TOLERANCE
+        assert rows.program_calls - calls == 1
+    finally:
+        served.set_loras([])
+
+
+def test_a_timestep_outside_the_schedule_gets_its_own_rows(served):
+    """Rows are found by the timestep's value: a call the schedule does not know computes its own."""
+    pipe, compiled = served.pipeline, served.transformer
+    rows = compiled.modulation_rows
+    generator = torch.Generator().manual_seed(3)
+    pipe.scheduler.set_timesteps(3, mu=1.0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, compiled.config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 16, compiled.config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, compiled.config.pooled_projection_dim, generator=generator),
+        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
+    }
+    listed = pipe.scheduler.timesteps / 1000
+    with torch.no_grad():
+        calls, computed = rows.program_calls, rows.rows_computed
+        first = compiled(**inputs, timestep=listed[:1].clone(), return_dict=False)[0]
+        assert (rows.program_calls - calls, rows.rows_computed - computed) == (1, 3)  # the schedule, at once
+        compiled(**inputs, timestep=listed[1:2].clone(), return_dict=False)
+        assert rows.program_calls - calls == 1  # found in the table
+        outside = torch.tensor([0.123])
+        theirs = compiled(**inputs, timestep=outside, return_dict=False)[0]
+        assert (rows.program_calls - calls, rows.rows_computed - computed) == (2, 4)  # its own row
+        compiled.follow_scheduler(None)
+        try:
+            assert torch.allclose(compiled(**inputs, timestep=outside, return_dict=False)[0], theirs)
+            assert rel_error(compiled(**inputs, timestep=listed[:1].clone(), return_dict=False)[0], first) <= 1e-5
+        finally:
+            compiled.follow_scheduler(pipe)
+        # another pooled tensor (the next image) does not take the first one's table
+        calls = rows.program_calls
+        compiled(**{**inputs, "pooled_projections": inputs["pooled_projections"] + 1}, timestep=listed[1:2].clone(),
+                 return_dict=False)
+        assert rows.program_calls - calls == 1
+        # the benchmarks' denoising loop steps as FluxPipeline does: one program call an image
+        loop = denoising_loop(compiled, pipe.scheduler, {**inputs, "timestep": None}, steps=5)
+        calls, computed = rows.program_calls, rows.rows_computed
+        loop()
+        loop()
+        assert (rows.program_calls - calls, rows.rows_computed - computed) == (2, 10)
+
+
+def test_recipes_refuse_the_lever_where_it_cannot_apply(caplog):
+    with pytest.raises(RecipeError, match="batched_modulation = true needs the regional layout"):
+        load_recipe("cpu").replace(batched_modulation=True, layout="whole")
+    with caplog.at_level(logging.WARNING):
+        recipe = apply_overrides(load_recipe("cpu").replace(batched_modulation=True), parallel="ulysses")
+    assert not recipe.batched_modulation and "batched_modulation is off for this build" in caplog.text
+
