@@ -151,3 +151,57 @@ def test_recipes_refuse_the_lever_where_it_cannot_apply(caplog):
         recipe = apply_overrides(load_recipe("cpu").replace(batched_modulation=True), parallel="ulysses")
     assert not recipe.batched_modulation and "batched_modulation is off for this build" in caplog.text
 
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_fused_fp8_blocks_take_their_rows_bit_for_bit(monkeypatch, rank):
+    """The H100/H200 block forwards (FP8, fused GELU, q/k and norm kernels, their CPU references here) fed the
+    modulation program's rows give what they gave fed `temb`, bit for bit, LoRA slots bound or not."""
+    from reference import fp8_tiny_transformer
+
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.models.fused_quant import install_fused_gelu_quant
+    from aotpack.models.modulation import (
+        MODULATION,
+        block_index,
+        block_widths,
+        mark_batched_modulation,
+        modulation_example,
+        split_step_rows,
+    )
+    from aotpack.models.norm_quant import install_fused_norm_quant
+    from aotpack.models.qk_norm_rope import install_fused_qk_norm_rope
+    from aotpack.models.regions import DOUBLE_BLOCK, PROLOGUE, SINGLE_BLOCK, prologue_arguments
+    from aotpack.models.units import make_region
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
+    install_fused_gelu_quant(transformer)
+    install_fused_qk_norm_rope(transformer)
+    install_fused_norm_quant(transformer)
+    inputs = transformer_inputs(transformer.config, batch=2, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                                device="cpu", generator=torch.Generator().manual_seed(1))
+    blocks = ((DOUBLE_BLOCK, "transformer_blocks.1"), (SINGLE_BLOCK, "single_transformer_blocks.0"))
+
+    def region(kind, instance=None):
+        made = make_region(transformer, kind, instance)
+        made.bind_lora = lambda lora: None  # keep the slots fp8_tiny_transformer bound
+        return made
+
+    def run(kind, module, hidden, encoder, emb, cos, sin):
+        if kind == DOUBLE_BLOCK:
+            return module(hidden, encoder, emb, cos, sin, None)
+        return module(torch.cat([encoder, hidden], 1), emb, cos, sin, None)
+
+    with torch.no_grad():
+        hidden, encoder, temb, cos, sin = region(PROLOGUE)(*prologue_arguments(inputs), None)
+        before = [run(kind, region(kind, i), hidden, encoder, temb, cos, sin) for kind, i in blocks]
+        mark_batched_modulation(transformer)
+        rows = region(MODULATION)(*modulation_example(inputs, steps=1), None)[0]
+        per_block = split_step_rows(rows, block_widths(transformer), 2)
+        after = [run(kind, region(kind, i), hidden, encoder, per_block[block_index(transformer, i)], cos, sin)
+                 for kind, i in blocks]
+    for old, new in zip(before, after):
+        for a, b in zip(old, new):
+            assert torch.equal(a, b)
+    norms = transformer.transformer_blocks[1].norm1
+    assert type(norms.linear).__name__ != "_Columns"  # the model itself is unchanged: the regions hold copies
