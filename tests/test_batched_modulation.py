@@ -15,6 +15,7 @@ from aotpack.builder.build import apply_overrides, build_package
 from aotpack.errors import RecipeError
 from aotpack.models.tiny import make_pipeline
 from aotpack.recipes.recipe import load_recipe
+from aotpack.store.inspect import format_manifest
 from aotpack.store.manifest import read_manifest
 
 TOLERANCE = 1e-3  # latents vs diffusers, as in test_core
@@ -59,6 +60,7 @@ def test_package_has_one_modulation_program_and_blocks_that_take_its_rows(packag
     # the build validated it against eager diffusers (random LoRA in every slot, the modulation's included)
     assert manifest.validation["program_rel_errors"]["modulation"] <= 1e-4
     assert manifest.validation["max_rel_error"] <= 1e-4
+    assert "modulation rows once an image" in format_manifest(manifest)  # `aotpack inspect`
 
 
 def test_rows_once_an_image_match_diffusers_and_peft(served, demo_loras, eager_pipeline):

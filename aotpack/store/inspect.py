@@ -31,7 +31,8 @@ def format_manifest(manifest: Manifest) -> str:
         ("max_rank", str(manifest.max_rank)),
         ("slots", f"{len(manifest.slots)} layers (patterns {manifest.slot_patterns})"),
         ("shapes", ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in manifest.shapes.items())),
-        ("layout", manifest.layout),
+        ("layout", manifest.layout + (", modulation rows once an image (batched_modulation)"
+                                      if manifest.recipe.get("batched_modulation") else "")),
         ("validation", f"max rel. error {manifest.validation.get('max_rel_error', float('nan')):.2e} "
                        f"(tolerance {manifest.validation.get('tolerance')})"),
         ("built", f"{manifest.build.get('date')} in {manifest.build.get('seconds')} s on "
