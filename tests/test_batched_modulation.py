@@ -207,3 +207,55 @@ def test_fused_fp8_blocks_take_their_rows_bit_for_bit(monkeypatch, rank):
             assert torch.equal(a, b)
     norms = transformer.transformer_blocks[1].norm1
     assert type(norms.linear).__name__ != "_Columns"  # the model itself is unchanged: the regions hold copies
+
+
+def test_regions_with_rows_equal_diffusers_on_a_model_without_guidance():
+    """A schnell-like model (no guidance embedding; other depth and width): the eager chain of the lever's regions,
+    the modulation program's rows feeding the blocks, is diffusers' forward exactly."""
+    from diffusers import FluxTransformer2DModel
+
+    from aotpack.models.examples import transformer_inputs
+    from aotpack.models.modulation import MODULATION, mark_batched_modulation, modulation_example
+    from aotpack.models.regions import (
+        DOUBLE_BLOCK,
+        EPILOGUE,
+        PROLOGUE,
+        SINGLE_BLOCK,
+        block_prefixes,
+        prologue_arguments,
+        run_joint,
+    )
+    from aotpack.models.units import make_region
+
+    torch.manual_seed(7)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=3, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    inputs = transformer_inputs(transformer.config, batch=2, image_tokens=16, text_tokens=8, dtype=torch.float32,
+                                device="cpu", generator=torch.Generator().manual_seed(1))
+    assert inputs.get("guidance") is None
+    with torch.no_grad():
+        expected = transformer(**inputs, return_dict=False)[0]
+        mark_batched_modulation(transformer)
+        example = modulation_example(inputs, steps=2)
+        assert example[2] is None
+        rows = make_region(transformer, MODULATION)(*example, None)
+        assert rows.shape == (2, 2 * (12 + 3 * 3) * 48)  # 2 steps; per image 1 double (12 x 48) + 3 single (3 x 48)
+        rows = rows[0]  # the first step's: the call's own timestep
+        hidden, encoder, temb, cos, sin = make_region(transformer, PROLOGUE)(*prologue_arguments(inputs), None)
+        offset = 0
+        blocks = block_prefixes(transformer)
+        for instance in blocks[DOUBLE_BLOCK]:
+            encoder, hidden = make_region(transformer, DOUBLE_BLOCK, instance)(
+                hidden, encoder, rows[:2 * 576].view(2, 576), cos, sin, None)
+            offset += 2 * 576
+        singles = []
+        for instance in blocks[SINGLE_BLOCK]:
+            block_rows = rows[offset:offset + 2 * 144].view(2, 144)
+            offset += 2 * 144
+            singles.append(lambda joint, _temb, c, s, i=instance, r=block_rows:
+                           make_region(transformer, SINGLE_BLOCK, i)(joint, r, c, s, None))
+        hidden = run_joint(singles, hidden, encoder, temb, cos, sin)
+        actual = make_region(transformer, EPILOGUE)(hidden, temb, None)
+    assert offset == rows.numel()
+    assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-5)
