@@ -8,7 +8,8 @@ manifest, load time, and the transformer step (median of 10, CUDA events) with a
 active where the package has slots; on a GPU also the step with no LoRA active (the no-slot programs,
 where the package has them), the step replayed as one CUDA graph (timed from an idle device, ten
 in a row as a denoising loop runs them, and over one image's 28 timesteps as FluxPipeline passes
-them), and last, once every step is timed (a profiler session slows what follows it), the kernel-time breakdowns with the heaviest kernels, with the LoRA and without.
+them), and last, once every step is timed (a profiler session slows what follows it), the
+kernel-time breakdowns with the heaviest kernels, with the LoRA and without.
 Writes OUT/variants.json.
 """
 

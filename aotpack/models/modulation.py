@@ -26,7 +26,7 @@ MODULATION = "modulation"
 MODULATION_INPUT = "modulation"  # what block programs take in place of `temb`
 # the norms whose linear a block program no longer runs, with their share of the block's rows (in inner widths)
 _NORMS = {DOUBLE_BLOCK: (("norm1", 6), ("norm1_context", 6)), SINGLE_BLOCK: (("norm", 3),)}
-MAX_STEPS = 256  # rows one call computes (the program's `steps` axis); the runtime splits a longer schedule
+MAX_STEPS = 256  # rows one call computes (the program's `steps` axis); a longer schedule is computed in windows
 
 
 def mark_batched_modulation(transformer: nn.Module) -> None:
@@ -154,4 +154,3 @@ def modulation_example(inputs: dict, steps: int = 3) -> tuple:
     ramp = torch.linspace(1.0, 0.5, steps, device=timestep.device, dtype=timestep.dtype)[:, None]
     return (pooled.unsqueeze(0).expand(steps, *pooled.shape).contiguous(), (ramp * timestep).contiguous(),
             None if guidance is None else guidance.unsqueeze(0).expand(steps, -1).contiguous())
-

@@ -15,15 +15,12 @@ bank or a merge.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections import OrderedDict
 
 import torch
 
 from ..models.modulation import MAX_STEPS
-
-logger = logging.getLogger(__name__)
 
 
 def _version(tensor: torch.Tensor | None) -> int:
