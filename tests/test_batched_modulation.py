@@ -259,3 +259,59 @@ def test_regions_with_rows_equal_diffusers_on_a_model_without_guidance():
         actual = make_region(transformer, EPILOGUE)(hidden, temb, None)
     assert offset == rows.numel()
     assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fp8_package(tmp_path_factory):
+    """The h100/h200 recipes' shape on the CPU with the lever: FP8 row-wise linears, the fused kernels (their torch
+    references here), bf16 modulation linears, grouped LoRA down-projections."""
+    import json
+
+    import torchao.quantization.quant_api as quant_api
+
+    recipe = tmp_path_factory.mktemp("recipe") / "cpu-fp8-batched.toml"
+    recipe.write_text(cpu_test_recipe("cpu-fp8-batched", """
+dtype = "bfloat16"
+quantization = "fp8_rowwise"
+max_rank = 16
+fused_gelu_quant = true
+fused_qk_norm_rope = true
+fused_norm_quant = true
+group_lora_down = true
+batched_modulation = true
+unquantized_linears = %s
+""" % json.dumps(list(load_recipe("h200").unquantized_linears)), tolerance=0.1, end_to_end=2.0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8-batched",
+                             compile_workers=2, progress=False)
+
+
+def test_fp8_package_with_the_lever_takes_rows_once_an_image_and_merges(fp8_package, demo_loras):
+    """What a GPU build of the lever compiles, built and run here: the table's rows give the per-step rows' image
+    bit for bit, a merge moves the output as the slots do, and the unmerge gives the base image back exactly."""
+    import torchao.quantization.quant_api as quant_api
+
+    manifest = read_manifest(fp8_package)
+    assert manifest.validation["program_rel_errors"]["modulation"] <= 1e-2  # bf16 linears: only bf16 rounding
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        served = aotpack.load(fp8_package, model="tiny")
+    rows = served.transformer.modulation_rows
+    lora = [(demo_loras["tiny-style-all"], 0.8)]
+    base = latents(served)
+    served.set_loras(lora)
+    calls = rows.program_calls
+    slots = latents(served)
+    assert rows.program_calls - calls == 1
+    served.transformer.follow_scheduler(None)
+    try:
+        assert torch.equal(latents(served), slots)  # rows from the table = rows computed at each step
+    finally:
+        served.transformer.follow_scheduler(served.pipeline)
+    served.set_loras(lora, merge=True)
+    merged = latents(served)
+    effect = rel_error(slots, base)
+    assert served.transformer.merged and effect > 1e-2 and rel_error(merged, slots) < 0.25 * effect
+    served.set_loras([])
+    assert torch.equal(latents(served), base)
