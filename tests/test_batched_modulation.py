@@ -30,8 +30,9 @@ dtype = "float32"
 max_rank = 16
 batched_modulation = true
 """, tolerance=1e-4, end_to_end=1e-4))
+    # no no-slot twins: five programs to compile, not seven (CI time); the FP8 package below has them
     return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "batched", compile_workers=2,
-                         progress=False)
+                         no_slot_programs=False, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +49,23 @@ def test_package_has_one_modulation_program_and_blocks_that_take_its_rows(packag
     manifest = read_manifest(package)
     assert manifest.format_version == 4  # older runtimes would pass temb to these blocks: they refuse it
     programs = {p.name: p for p in manifest.programs}
-    assert "modulation" in programs and "modulation.noslot" not in programs  # runs once an image: no twin
+    assert sorted(programs) == ["double_block", "epilogue", "modulation", "prologue", "single_block"]
     modulation = programs["modulation"]
     assert [i["name"] for i in modulation.inputs] == ["pooled_projections", "timestep", "guidance"]
     assert modulation.inputs[1]["shape"] == ["steps", "batch"]
     assert sum(s.endswith(NORM_LINEARS) for s in modulation.slots) == 6  # 2 double blocks x 2 + 2 single
-    for name in ("double_block", "double_block.noslot", "single_block", "single_block.noslot"):
-        names = [i["name"] for i in programs[name].inputs]
-        assert "modulation" in names and "temb" not in names, (name, names)
-        assert not any(s.endswith(NORM_LINEARS) for s in programs[name].slots)
+    _blocks_take_rows(programs, ("double_block", "single_block"))
     # the build validated it against eager diffusers (random LoRA in every slot, the modulation's included)
     assert manifest.validation["program_rel_errors"]["modulation"] <= 1e-4
     assert manifest.validation["max_rel_error"] <= 1e-4
     assert "modulation rows once an image" in format_manifest(manifest)  # `aotpack inspect`
+
+
+def _blocks_take_rows(programs: dict, names) -> None:
+    for name in names:
+        inputs = [i["name"] for i in programs[name].inputs]
+        assert "modulation" in inputs and "temb" not in inputs, (name, inputs)
+        assert not any(s.endswith(NORM_LINEARS) for s in programs[name].slots)
 
 
 def test_rows_once_an_image_match_diffusers_and_peft(served, demo_loras, eager_pipeline):
@@ -294,6 +299,9 @@ def test_fp8_package_with_the_lever_takes_rows_once_an_image_and_merges(fp8_pack
 
     manifest = read_manifest(fp8_package)
     assert manifest.validation["program_rel_errors"]["modulation"] <= 1e-2  # bf16 linears: only bf16 rounding
+    programs = {p.name: p for p in manifest.programs}
+    assert "modulation" in programs and "modulation.noslot" not in programs  # runs once an image: no twin
+    _blocks_take_rows(programs, ("double_block", "double_block.noslot", "single_block", "single_block.noslot"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
         served = aotpack.load(fp8_package, model="tiny")
