@@ -59,6 +59,26 @@ end_to_end_tolerance = {end_to_end}
 """
 
 
+def fp8_cpu_recipe(name: str, extra: str = "") -> str:
+    """The h100/h200 recipes' mechanics as a small CPU recipe (TOML): FP8 row-wise linears, the fused GELU, q/k and
+    norm kernels (their torch references on the CPU), the AdaLN modulation linears kept in bf16 as h200 keeps
+    them; `extra` adds top-level lines (another lever)."""
+    import json
+
+    from aotpack.recipes.recipe import load_recipe
+
+    return cpu_test_recipe(name, f"""
+dtype = "bfloat16"
+quantization = "fp8_rowwise"
+max_rank = 16
+fused_gelu_quant = true
+fused_qk_norm_rope = true
+fused_norm_quant = true
+unquantized_linears = {json.dumps(list(load_recipe("h200").unquantized_linears))}
+{extra.strip()}
+""", tolerance=0.1, end_to_end=2.0)
+
+
 def fp8_tiny_transformer(monkeypatch, rank: int):
     """The tiny transformer in bf16 with FP8 row-wise linears (torchao's hardware check lifted) and, with
     `rank`, random LoRA factors bound to every slot; returns it and its slot count."""

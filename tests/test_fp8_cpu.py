@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from reference import cpu_test_recipe
+from reference import fp8_cpu_recipe
 
 from aotpack.builder.build import build_package
 from aotpack.recipes.recipe import load_recipe
@@ -38,15 +38,7 @@ def _build_fp8(tmp_path_factory):
     from aotpack.models import fused_quant, norm_quant, qk_norm_rope
 
     recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
-    recipe.write_text(cpu_test_recipe("cpu-fp8", """
-dtype = "bfloat16"
-quantization = "fp8_rowwise"
-max_rank = 16
-fused_gelu_quant = true
-fused_qk_norm_rope = true
-fused_norm_quant = true
-unquantized_linears = %s
-""" % json.dumps(MODULATION), tolerance=0.1, end_to_end=2.0))
+    recipe.write_text(fp8_cpu_recipe("cpu-fp8"))
     patch = pytest.MonkeyPatch()
     patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op

@@ -15,12 +15,15 @@ bank or a merge.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import OrderedDict
 
 import torch
 
 from ..models.modulation import MAX_STEPS
+
+logger = logging.getLogger(__name__)
 
 
 def _version(tensor: torch.Tensor | None) -> int:
@@ -61,6 +64,7 @@ class ModulationRows:
         self._scheduler = None  # a weak reference to what holds the schedule (a pipeline or a scheduler)
         self._tables: OrderedDict[int, _Table] = OrderedDict()
         self._next_key = 0
+        self._told = False  # whether the missing-scheduler hint was logged
         self.program_calls = 0  # how often the program ran, and over how many step rows (tests, benchmarks)
         self.rows_computed = 0
 
@@ -98,6 +102,10 @@ class ModulationRows:
         schedule = self._schedule(timestep)
         listed = [] if schedule is None else schedule.float().tolist()  # once an image
         if value not in listed:  # no scheduler followed, or a timestep it does not list
+            if self._scheduler is None and not self._told:  # the lever's gain needs the schedule: say how, once
+                self._told = True
+                logger.warning("this batched_modulation package computes its modulation rows at every step: call "
+                               "transformer.follow_scheduler(pipe) once to compute them once an image")
             return own_rows()
         start = listed.index(value)
         keep, chosen = set(), []
