@@ -206,6 +206,8 @@ def test_fused_fp8_blocks_take_their_rows_bit_for_bit(monkeypatch, rank):
         hidden, encoder, temb, cos, sin = region(PROLOGUE)(*prologue_arguments(inputs), None)
         before = [run(kind, region(kind, i), hidden, encoder, temb, cos, sin) for kind, i in blocks]
         mark_batched_modulation(transformer)
+        # rows as the build's example activations compute them, but with the bound slots kept (the build's
+        # `_region_activations` passes no LoRA, which would leave the rank-8 case without its slots)
         rows = region(MODULATION)(*modulation_example(inputs, steps=1), None)[0]
         per_block = split_step_rows(rows, block_widths(transformer), 2)
         after = [run(kind, region(kind, i), hidden, encoder, per_block[block_index(transformer, i)], cos, sin)
