@@ -108,7 +108,7 @@ def main(package: str, out_path: str, sizes: list[int]) -> None:
     for size in sizes:
         tokens = (size // 16) ** 2
         served = _load(package, "random:flux-dev")
-        _, step = _activate(served, image_tokens=tokens, text_tokens=512, lora_dir=lora_dir)
+        _, step, _ = _activate(served, image_tokens=tokens, text_tokens=512, lora_dir=lora_dir)
         result = {}
         with torch.no_grad():
             for mode in ("slots", "no_lora"):
