@@ -21,6 +21,7 @@ import torch
 
 from aotpack.bench.timing import kernel_category, time_ms
 from aotpack.bench.variants import _activate, _load
+from aotpack.machine.cublaslt import use_no_cublaslt_workspace
 
 STEP_BREAK_US = 2000  # the sleep between traced steps: a gap longer than this starts a new step
 BUCKETS_US = (2, 5, 10, 50, 200, STEP_BREAK_US)
@@ -103,7 +104,9 @@ def traced(step, steps: int = 3) -> list[dict]:
 
 
 def main(package: str, out_path: str, sizes: list[int]) -> None:
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "package": package, "sizes": {}}
+    workspace = use_no_cublaslt_workspace()  # as aotpack's CLI runs (a value set in the environment is kept)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "package": package, "sizes": {},
+              "cublaslt_workspace_kib": workspace}
     lora_dir = Path(tempfile.mkdtemp())
     for size in sizes:
         tokens = (size // 16) ** 2
