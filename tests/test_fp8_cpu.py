@@ -1,5 +1,5 @@
 """The FP8 recipe's mechanics on the CPU: torchao row-wise FP8 weights exported as tensor subclasses,
-compiled in worker processes, flattened into constants at load and bound without a copy.
+compiled in a worker process and the build's own, flattened into constants at load and bound without a copy.
 
 torchao refuses FP8 on a CPU (it checks for sm_89+), but torch runs row-wise `_scaled_mm` on the
 CPU, so the test lifts that check. The numbers are not GPU numbers: torchao's eager CPU path

@@ -202,8 +202,9 @@ def _shard_shapes(shapes: dict, kind: str, parallel: str) -> dict:
 def default_compile_workers(device: str, programs: int) -> int:
     """Parallel compile processes, at most one per program.
 
-    GPU builds: two cores per process. With the no-slot variants a package has 8 programs, which a
-    16-core build machine then compiles all at once (Inductor's codegen is mostly single-threaded).
+    GPU builds: two cores per process (Inductor's codegen is mostly single-threaded). With the no-slot
+    variants and the modulation program an h200 package has 9 programs; on a 16-core H200 machine 9 at once
+    built no faster than 8 (241 vs 240 s: each compile slows, 2026-12-05a).
     CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
     package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os

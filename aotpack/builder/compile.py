@@ -52,8 +52,22 @@ def compile_saved_program(exported_path: str, package_path: str, inductor_config
         return compile_program(exported, Path(package_path), inductor_configs)
 
 
-def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
-    """Run `python -m aotpack.builder.compile_worker SPEC` for each spec, `workers` at a time.
+class _JobQueue:
+    """The jobs left to compile, taken in order by the worker thread and by the build's own process."""
+
+    def __init__(self, specs: list[dict]):
+        import threading
+
+        self._specs, self._lock = list(specs), threading.Lock()
+
+    def take(self) -> dict | None:
+        with self._lock:
+            return self._specs.pop(0) if self._specs else None
+
+
+def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, float]:
+    """Run `python -m aotpack.builder.compile_worker SPEC` for each job taken from `jobs`, `workers` at a time;
+    `stop` (a `threading.Event`), once set, kills the running workers and returns.
 
     Plain subprocesses rather than multiprocessing: spawn would re-run an unguarded caller script.
     Worker output goes to a log file beside the package, not a pipe: a chatty compile could fill a
@@ -63,10 +77,16 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
     import subprocess
     import sys
 
-    pending, running, seconds = list(specs), {}, {}
-    while pending or running:
-        while pending and len(running) < workers:
-            spec = pending.pop(0)
+    running, seconds = {}, {}
+    while True:
+        if stop is not None and stop.is_set():
+            for process, spec_path, log_path in running.values():
+                process.kill()
+                process.wait()
+                spec_path.unlink(missing_ok=True)
+                log_path.unlink(missing_ok=True)
+            return seconds
+        while len(running) < workers and (spec := jobs.take()) is not None:
             spec_path = Path(spec["package_path"]).with_suffix(".job.json")
             spec_path.write_text(json.dumps(spec))
             log_path = spec_path.with_suffix(".log")
@@ -74,6 +94,8 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
                 process = subprocess.Popen([sys.executable, "-m", "aotpack.builder.compile_worker", str(spec_path)],
                                            stdout=log, stderr=subprocess.STDOUT)
             running[spec["name"]] = (process, spec_path, log_path)
+        if not running:
+            return seconds
         for name, (process, spec_path, log_path) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -89,17 +111,31 @@ def _run_workers(specs: list[dict], workers: int, report) -> dict[str, float]:
             seconds[name] = float(output.strip().splitlines()[-1])
             report.info(f"    compiled {name}: {seconds[name]:.1f} s")
         time.sleep(0.2)
-    return seconds
+
+
+def weight_bytes(exported) -> int:
+    """Bytes of the weights and constants an exported program carries (what saving it for a worker writes)."""
+    tensors = [*exported.state_dict.values(), *exported.constants.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict, attention: str,
                      needs_torchao: bool, report) -> dict[str, float]:
-    """Compile several exported programs: in `workers` parallel processes when > 1, else in-process.
+    """Compile several exported programs: `workers` at a time when > 1, else one by one in this process.
 
     `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on
-    one core, so independent programs compile in parallel on a many-core build machine; the
-    exported programs travel to the workers through `torch.export.save`.
+    one core, so independent programs compile in parallel on a many-core build machine: in this
+    process and in `workers - 1` worker processes, to which programs travel through `torch.export.save`.
+    Saving writes every weight byte, ~8.6 s a GB on a 2-core machine (a 1 GB bf16 linear, 2026-12-05), and a
+    `batched_modulation` package's modulation program carries all 57 blocks' bf16 modulation linears, 6.45 GB
+    for FLUX.1-dev: its H200 build took 240 s against 190 s without it, ~30 s of the difference outside every
+    timed stage (benchmarks/results/2026-12-05a-h200-batched-modulation/build/). So the program with the most
+    weights is never saved: this process compiles it first, then takes further jobs from the same queue as
+    the workers (whose saved copies it then deletes unread).
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..models.attention import attention_context
 
     if workers <= 1 or len(jobs) == 1:
@@ -109,17 +145,38 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
                 with report.stage(f"compile {name} (AOTInductor)"):
                     seconds[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
         return seconds
+    heaviest = max(jobs, key=lambda job: weight_bytes(job[1]))
+    rest = [job for job in jobs if job is not heaviest]
     specs = []
-    for name, exported, package_path in jobs:
-        exported_path = package_path.with_suffix(".exported.pt2")
-        torch.export.save(exported, str(exported_path))
-        specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
-                      "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
-                      "needs_torchao": needs_torchao})
-    report.info(f"==> compile {', '.join(s['name'] for s in specs)} (AOTInductor, {workers} processes) ...")
-    started = time.perf_counter()
+    with report.stage(f"save {len(rest)} exported programs for the workers"):
+        for name, exported, package_path in rest:
+            exported_path = package_path.with_suffix(".exported.pt2")
+            torch.export.save(exported, str(exported_path))
+            specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
+                          "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
+                          "needs_torchao": needs_torchao})
+    report.info(f"==> compile {', '.join(name for name, *_ in jobs)} (AOTInductor, this process and "
+                f"{min(workers - 1, len(rest))} workers; {heaviest[0]} here first) ...")
+    in_memory = {name: job for name, *job in rest}
+    queue, started, stop, seconds = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
+
+    def compile_here(name, exported, package_path):
+        seconds[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+        report.info(f"    compiled {name}: {seconds[name]:.1f} s (in this process)")
+
     try:
-        seconds = _run_workers(specs, workers, report)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_workers = pool.submit(_run_workers, queue, workers - 1, report, stop)
+            try:
+                with attention_context(None, attention):
+                    compile_here(*heaviest)
+                    while not in_workers.done() and (spec := queue.take()) is not None:
+                        Path(spec["exported_path"]).unlink(missing_ok=True)
+                        compile_here(spec["name"], *in_memory[spec["name"]])
+            except BaseException:
+                stop.set()
+                raise
+            seconds.update(in_workers.result())  # a worker's failure raises here
     finally:
         for spec in specs:
             Path(spec["exported_path"]).unlink(missing_ok=True)
