@@ -86,3 +86,15 @@ def test_a_failed_worker_is_reported_with_its_program_and_leaves_no_file(tmp_pat
                          needs_torchao=False, report=Progress(enabled=False))
     assert "no_such_inductor_config" in caught.value.problem and "--workers 1" in caught.value.fix
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failed_worker_ends_the_other_workers_and_their_job_files(tmp_path, monkeypatch):
+    # this process's compile is faked and slow enough for the worker thread to take both other jobs first
+    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: time.sleep(1.0) or 1.0)
+    small = exported_linear(4)
+    jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", small, tmp_path / "small.pt2"),
+            ("other", small, tmp_path / "other.pt2")]
+    with pytest.raises(ExportError, match="failed in its worker process"):  # both workers fail; the first to end
+        compile_programs(jobs, workers=3, inductor_configs={"no_such_inductor_config": 1}, attention="sdpa",
+                         needs_torchao=False, report=Progress(enabled=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the other worker's job spec and log went with it

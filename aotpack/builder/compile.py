@@ -78,13 +78,17 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
     import sys
 
     running, seconds = {}, {}
+
+    def end_running():  # killed and their job files removed
+        for process, spec_path, log_path in running.values():
+            process.kill()
+            process.wait()
+            spec_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
+
     while True:
         if stop is not None and stop.is_set():
-            for process, spec_path, log_path in running.values():
-                process.kill()
-                process.wait()
-                spec_path.unlink(missing_ok=True)
-                log_path.unlink(missing_ok=True)
+            end_running()
             return seconds
         while len(running) < workers and (spec := jobs.take()) is not None:
             spec_path = Path(spec["package_path"]).with_suffix(".job.json")
@@ -104,8 +108,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
             log_path.unlink(missing_ok=True)
             del running[name]
             if process.returncode != 0:
-                for other, *_ in running.values():
-                    other.kill()
+                end_running()
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
             seconds[name] = float(output.strip().splitlines()[-1])

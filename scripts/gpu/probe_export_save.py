@@ -43,11 +43,13 @@ def main(target: str, model: str) -> None:
         build.build_package(model, target, out=tempfile.mkdtemp() + "/pkg", progress=False)
     except Saved as saved:
         rows = saved.args[0]
-        print(json.dumps({"target": target, "model": model,
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "torch": torch.__version__,
-                          "seconds_to_compile_stage": round(time.perf_counter() - started - sum(r["save_s"] for r in rows), 1),
-                          "saves": rows, "total_save_s": round(sum(r["save_s"] for r in rows), 2)}, indent=1))
+        total = sum(r["save_s"] for r in rows)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        print(json.dumps({"target": target, "model": model, "gpu": gpu, "torch": torch.__version__,
+                          "seconds_to_compile_stage": round(time.perf_counter() - started - total, 1),
+                          "saves": rows, "total_save_s": round(total, 2)}, indent=1))
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:] + ["h200", "random:flux-dev"][len(sys.argv) - 1:]))
+    args = sys.argv[1:]
+    main(args[0] if args else "h200", args[1] if len(args) > 1 else "random:flux-dev")
