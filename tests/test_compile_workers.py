@@ -3,6 +3,7 @@ worker would write every weight byte: 6.45 GB for a batched_modulation package's
 further jobs from the workers' queue; every job compiles once, and a failure on either side ends the other and leaves
 no temporary file."""
 
+import io
 import subprocess
 import time
 
@@ -80,10 +81,12 @@ def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_pat
 def test_a_failed_worker_is_reported_with_its_program_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: 0.0)
     jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", exported_linear(4), tmp_path / "small.pt2")]
+    said = io.StringIO()
     with pytest.raises(ExportError, match="compiling small failed in its worker process") as caught:
         # an Inductor config that does not exist: AOTInductor refuses it in the worker (this process's compile is faked)
         compile_programs(jobs, workers=2, inductor_configs={"no_such_inductor_config": 1}, attention="sdpa",
-                         needs_torchao=False, report=Progress(enabled=False))
+                         needs_torchao=False, report=Progress(stream=said))
+    assert "compiling small failed in its worker process; the build stops" in said.getvalue()  # said when it failed
     assert "no_such_inductor_config" in caught.value.problem and "--workers 1" in caught.value.fix
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

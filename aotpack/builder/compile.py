@@ -109,6 +109,9 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
             del running[name]
             if process.returncode != 0:
                 end_running()
+                # said now: the error itself surfaces once the compile running in this process ends (up to ~2 min)
+                report.info(f"    compiling {name} failed in its worker process; the build stops after the compile "
+                            "running in this process")
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
             seconds[name] = float(output.strip().splitlines()[-1])
