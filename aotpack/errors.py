@@ -32,6 +32,10 @@ class ToolchainError(AotpackError):
     """The C++ toolchain produces packages that would crash at load (static libstdc++, missing compiler)."""
 
 
+class EnvironmentSettingError(AotpackError):
+    """Process settings read by torch that cannot work together (e.g. cuBLASLt preferred and given no workspace)."""
+
+
 class ManifestError(AotpackError):
     """A package directory without a readable, supported manifest."""
 

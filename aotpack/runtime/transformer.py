@@ -14,7 +14,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
-from ..machine.cublaslt import workspace_hint
+from ..machine.cublaslt import check_blas_settings, workspace_hint
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.modulation import MODULATION, block_widths, split_step_rows
@@ -92,6 +92,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.config = transformer.config
         self._dtype = torch_dtype(manifest.dtype)
         self._device = torch.device(device)
+        check_blas_settings(self._device)  # before the load's first matmul (the merge check's warm-up)
         if hint := workspace_hint(self._device):  # a library caller's process left cuBLASLt its workspace
             logger.info(hint)
         # The eager model object owns the weights the programs read (bound user-managed):
