@@ -134,10 +134,11 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
     process and in `workers - 1` worker processes, to which programs travel through `torch.export.save`.
     Saving writes every weight byte, ~8.6 s a GB on a 2-core machine (a 1 GB bf16 linear, 2026-12-05), and a
     `batched_modulation` package's modulation program carries all 57 blocks' bf16 modulation linears, 6.45 GB
-    for FLUX.1-dev: its H200 build took 240 s against 190 s without it, ~30 s of the difference outside every
-    timed stage (benchmarks/results/2026-12-05a-h200-batched-modulation/build/). So the program with the most
-    weights is never saved: this process compiles it first, then takes further jobs from the same queue as
-    the workers (whose saved copies it then deletes unread).
+    for FLUX.1-dev: its H200 build took 240 s against 190 s without it, ~40 s outside every timed stage
+    (benchmarks/results/2026-12-05a-h200-batched-modulation/build/). So the program with the most weights is
+    never saved: this process compiles it first, then takes further jobs from the same queue as the workers
+    (whose saved copies it then deletes unread). On the H200 (2026-12-05b) the other 8 programs then saved in
+    6.7 s, the time outside the stages fell to ~2 s and the build to 227 s (benchmarks/results/2026-12-05b-h200-split-build/).
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor

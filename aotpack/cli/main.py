@@ -84,7 +84,7 @@ def _deprecated_alias(old: str, new: str):
               help="Replace an existing package at --out (never a folder that is not an aotpack package).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Programs compiled at once, the build's own process included (default: one per program, up to "
-                   "the cores on CPU targets, half of them on GPU ones).")
+                   "the cores on CPU targets, half of them plus one on GPU ones).")
 @click.option("--jobs", "workers_alias", type=click.IntRange(min=1), default=None, hidden=True,
               callback=_deprecated_alias("build --jobs", "--workers"))
 def build(model, target, revision, max_rank, slots, layout, parallel, attention, out, overwrite, workers,

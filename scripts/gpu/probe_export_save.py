@@ -2,7 +2,9 @@
 up to the compile on the H200 recipe and times `torch.export.save` of every program, then stops (no compile, no
 package). The 2026-12-05a build took 240 s against 190 s once the `batched_modulation` program came, ~30 s of it
 outside every timed stage; since then the program with the most weights compiles in the build's own process and is
-never saved (aotpack/builder/compile.py).
+never saved (aotpack/builder/compile.py), and the build times the other saves itself: 6.7 s for 8 programs, ~2 s left
+outside the stages, 227 s in all (H200, 2026-12-05, benchmarks/results/2026-12-05b-h200-split-build/). Kept to time
+the heaviest program's save, which the build no longer does.
 
 On the GPU machine: `python3 scripts/gpu/probe_export_save.py [TARGET [MODEL]] > $OUT/export_save.json` (default h200,
 random:flux-dev: ~24 GB of host memory on the way; `cpu tiny` tries it on a small machine).
