@@ -59,7 +59,8 @@ def check_blas_settings(device) -> None:
         return
     raise EnvironmentSettingError(
         f"{WORKSPACE_VARIABLE}=0 and cuBLASLt preferred for every matmul ({PREFER_LT_VARIABLE}="
-        f"{os.environ.get(PREFER_LT_VARIABLE)!r}, torch.backends.cuda.preferred_blas_library() is cuBLASLt): "
+        f"{os.environ.get(PREFER_LT_VARIABLE, '(not set)')!r}, torch.backends.cuda.preferred_blas_library() is "
+        "cuBLASLt): "
         "cuBLASLt's bf16 matmuls need a workspace, so torch's first one would fail",
         f"unset {PREFER_LT_VARIABLE} (and do not call preferred_blas_library('cublaslt')), or unset {WORKSPACE_VARIABLE} "
         "or give it a size in KiB")
