@@ -46,6 +46,10 @@ def use_no_cublaslt_workspace() -> str | None:
     return value
 
 
+def _on_cuda(device) -> bool:
+    return str(device).split(":")[0] == "cuda"
+
+
 def _prefers_cublaslt() -> bool:
     import torch
 
@@ -55,7 +59,7 @@ def _prefers_cublaslt() -> bool:
 def check_blas_settings(device) -> None:
     """Refuse, before the first matmul of a load on a CUDA `device`, a process that routes every matmul through
     cuBLASLt and gives cuBLASLt no workspace: torch's first bf16 matmul would fail with an allocator message."""
-    if str(device).split(":")[0] != "cuda" or os.environ.get(WORKSPACE_VARIABLE) != "0" or not _prefers_cublaslt():
+    if not _on_cuda(device) or os.environ.get(WORKSPACE_VARIABLE) != "0" or not _prefers_cublaslt():
         return
     raise EnvironmentSettingError(
         f"{WORKSPACE_VARIABLE}=0 and cuBLASLt preferred for every matmul ({PREFER_LT_VARIABLE}="
@@ -70,7 +74,7 @@ def workspace_hint(device) -> str | None:
     """The line to log when a package loads on a CUDA `device` in a process that left cuBLASLt its workspace (neither
     variable set: a library caller's process, which aotpack does not change); None otherwise, and None where every
     matmul goes through cuBLASLt (it needs the workspace)."""
-    if (str(device).split(":")[0] != "cuda" or WORKSPACE_VARIABLE in os.environ or os.environ.get(KEEP_VARIABLE) == "1"
+    if (not _on_cuda(device) or WORKSPACE_VARIABLE in os.environ or os.environ.get(KEEP_VARIABLE) == "1"
             or _prefers_cublaslt()):
         return None
     return (f"{WORKSPACE_VARIABLE} is not set: cuBLASLt zeroes its workspace before each FP8 GEMM (0.7-1.2 ms a step "

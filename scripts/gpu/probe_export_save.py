@@ -1,6 +1,6 @@
 """What saving each exported program for a compile worker costs (issue 11's build time): runs `aotpack build`'s stages
 up to the compile on the H200 recipe and times `torch.export.save` of every program, then stops (no compile, no
-package). The 2026-12-05a build took 240 s against 190 s once the `batched_modulation` program came, ~30 s of it
+package). The 2026-12-05a build took 240 s against 190 s once the `batched_modulation` program came, ~40 s of it
 outside every timed stage; since then the program with the most weights compiles in the build's own process and is
 never saved (aotpack/builder/compile.py), and the build times the other saves itself: 6.7 s for 8 programs, ~2 s left
 outside the stages, 227 s in all (H200, 2026-12-05, benchmarks/results/2026-12-05b-h200-split-build/). Kept to time
