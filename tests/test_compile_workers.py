@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aotpack.builder import compile as compile_stage
-from aotpack.builder.compile import compile_programs, weight_bytes
+from aotpack.builder.compile import CompileTime, compile_programs, weight_bytes
 from aotpack.errors import ExportError
 from aotpack.progress import Progress
 
@@ -34,7 +34,7 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
         here.append(package_path.name)
         if here == ["big.pt2"]:
             time.sleep(1.0)  # long enough for the worker thread to hand one job to a worker process
-        return 0.0
+        return CompileTime(0.0, 0.0)
 
     monkeypatch.setattr(compile_stage, "compile_program", fake_compile_here)
     small = exported_linear(4)
@@ -46,7 +46,11 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     assert here[0] == "big.pt2" and len(here) == 3  # the heaviest first, then the queue's jobs not yet taken
     compiled_in_worker = [p.name for p in tmp_path.iterdir()]
     assert len(compiled_in_worker) == 1 and compiled_in_worker[0] not in here  # a real package, no temporary file
-    assert seconds[compiled_in_worker[0].removesuffix(".pt2")] > 0
+    in_worker = seconds[compiled_in_worker[0].removesuffix(".pt2")]
+    # the worker's timing came back whole: wall time, its thread's CPU time and torch's phase timers
+    assert in_worker.seconds > 0 and 0 < in_worker.cpu_seconds <= in_worker.seconds + 1
+    assert "compile_fx_inner" in in_worker.phases
+    assert all(0 < phase <= in_worker.seconds + 1 for phase in in_worker.phases.values())
 
 
 def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_path, monkeypatch):
@@ -79,7 +83,7 @@ def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_pat
 
 
 def test_a_failed_worker_is_reported_with_its_program_and_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: 0.0)
+    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: CompileTime(0.0, 0.0))
     jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", exported_linear(4), tmp_path / "small.pt2")]
     said = io.StringIO()
     with pytest.raises(ExportError, match="compiling small failed in its worker process") as caught:
@@ -93,7 +97,7 @@ def test_a_failed_worker_is_reported_with_its_program_and_leaves_no_file(tmp_pat
 
 def test_a_failed_worker_ends_the_other_workers_and_their_job_files(tmp_path, monkeypatch):
     # this process's compile is faked and slow enough for the worker thread to take both other jobs first
-    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: time.sleep(1.0) or 1.0)
+    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: time.sleep(1.0) or CompileTime(1.0, 0.0))
     small = exported_linear(4)
     jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", small, tmp_path / "small.pt2"),
             ("other", small, tmp_path / "other.pt2")]

@@ -69,6 +69,10 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     # and each block norm, quantized once: kept for the slotted programs, not for their no-slot twins
     assert manifest.recipe["fused_norm_quant"] is True and True in NORM_CALLS and False in NORM_CALLS
     assert manifest.build["compile_workers"] == 2
+    # every program's compile, in this process or a worker, recorded with where its time went
+    names = {p.name for p in manifest.programs} | {"merge_layers"}
+    assert set(manifest.build["compile_cpu_seconds"]) == set(manifest.build["compile_phases"]) == names
+    assert all("compile_fx_inner" in phases for phases in manifest.build["compile_phases"].values())
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +23,52 @@ EAGER_CASTS = {"emulate_precision_casts": True}
 # Weights never go into the package: the runtime binds them from the checkpoint.
 BASE_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
-def compile_program(exported, package_path: Path, inductor_configs: dict) -> float:
-    """AOTInductor-compile `exported` into `package_path`; returns seconds taken."""
-    started = time.perf_counter()
+# torch's compile timers are nested (a phase includes those it calls); these name where a compile goes without the
+# wrappers around them: lowering, fusion, kernel code generation, waiting for Triton's compile pool, the C++ compile.
+TELLING_PHASES = ("GraphLowering.run", "Scheduler.__init__", "Scheduler.codegen", "async_compile.wait",
+                  "aoti_precompile_header", "AotCodeCompiler.compile", "compile_file", "aoti_compile_fatbin")
+
+
+@dataclass
+class CompileTime:
+    """Where one program's compile went: why the H200 build's heaviest program took 124 s in the build's own process
+    against 83-111 s in a worker (2026-12-05b) is not known, and these tell wall time spent waiting (for the CPU or
+    for the compiler's own processes) from work done in the compiling thread."""
+
+    seconds: float  # wall time
+    cpu_seconds: float  # CPU time of the compiling thread; g++ and Triton's compile pool run in other processes
+    phases: dict[str, float] = field(default_factory=dict)  # torch's compile timers (s), nested, the largest first
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{name} {self.phases[name]:.1f}" for name in TELLING_PHASES if name in self.phases)
+        return f"{self.seconds:.1f} s, {self.cpu_seconds:.1f} s CPU in its thread; phases (s): {phases}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompileTime":
+        return cls(**json.loads(text))
+
+
+def _phase_counts() -> dict[str, int]:
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: len(times) for name, times in compilation_time_metrics.items()}
+
+
+def _phases_since(counts_before: dict[str, int]) -> dict[str, float]:
+    """Seconds per compile phase since `counts_before` (the timers accumulate over a process's compiles)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    spent = {name: sum(times[counts_before.get(name, 0):]) for name, times in compilation_time_metrics.items()}
+    return {name: round(seconds, 2) for seconds, name in sorted(((s, n) for n, s in spent.items() if s >= 0.1),
+                                                                 reverse=True)}
+
+
+def compile_program(exported, package_path: Path, inductor_configs: dict) -> CompileTime:
+    """AOTInductor-compile `exported` into `package_path`; returns where the time went."""
+    started, cpu_started, phases_before = time.perf_counter(), time.thread_time(), _phase_counts()
     configs = {**inductor_configs, **BASE_INDUCTOR_CONFIGS}
     try:
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path), inductor_configs=configs)
@@ -32,7 +77,8 @@ def compile_program(exported, package_path: Path, inductor_configs: dict) -> flo
             f"AOTInductor failed to compile {package_path.name}: {type(err).__name__}: {str(err)[:2000]}",
             "run `aotpack doctor` to check the compiler; AOTPACK_DEBUG=1 shows the traceback",
         ) from err
-    return time.perf_counter() - started
+    return CompileTime(round(time.perf_counter() - started, 2), round(time.thread_time() - cpu_started, 2),
+                       _phases_since(phases_before))
 
 
 def program_configs(kind: str, recipe_configs: dict) -> dict:
@@ -41,7 +87,7 @@ def program_configs(kind: str, recipe_configs: dict) -> dict:
 
 
 def compile_saved_program(exported_path: str, package_path: str, inductor_configs: dict, attention: str,
-                          needs_torchao: bool) -> float:
+                          needs_torchao: bool) -> CompileTime:
     """Load a saved ExportedProgram and compile it (runs in a worker process, see `compile_programs`)."""
     from ..models.attention import attention_context
 
@@ -65,7 +111,7 @@ class _JobQueue:
             return self._specs.pop(0) if self._specs else None
 
 
-def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, float]:
+def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, CompileTime]:
     """Run `python -m aotpack.builder.compile_worker SPEC` for each job taken from `jobs`, `workers` at a time;
     `stop` (a `threading.Event`), once set, kills the running workers and returns.
 
@@ -77,7 +123,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
     import subprocess
     import sys
 
-    running, seconds = {}, {}
+    running, timings = {}, {}
 
     def end_running():  # killed and their job files removed
         for process, spec_path, log_path in running.values():
@@ -89,7 +135,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
     while True:
         if stop is not None and stop.is_set():
             end_running()
-            return seconds
+            return timings
         while len(running) < workers and (spec := jobs.take()) is not None:
             spec_path = Path(spec["package_path"]).with_suffix(".job.json")
             spec_path.write_text(json.dumps(spec))
@@ -99,7 +145,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
                                            stdout=log, stderr=subprocess.STDOUT)
             running[spec["name"]] = (process, spec_path, log_path)
         if not running:
-            return seconds
+            return timings
         for name, (process, spec_path, log_path) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -114,8 +160,8 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
                             "running in this process")
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
-            seconds[name] = float(output.strip().splitlines()[-1])
-            report.info(f"    compiled {name}: {seconds[name]:.1f} s")
+            timings[name] = CompileTime.from_json(output.strip().splitlines()[-1])
+            report.info(f"    compiled {name}: {timings[name].summary()}")
         time.sleep(0.2)
 
 
@@ -126,7 +172,7 @@ def weight_bytes(exported) -> int:
 
 
 def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict, attention: str,
-                     needs_torchao: bool, report) -> dict[str, float]:
+                     needs_torchao: bool, report) -> dict[str, CompileTime]:
     """Compile several exported programs: `workers` at a time when > 1, else one by one in this process.
 
     `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on
@@ -146,12 +192,13 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
     from ..models.attention import attention_context
 
     if workers <= 1 or len(jobs) == 1:
-        seconds = {}
+        timings = {}
         with attention_context(None, attention):
             for name, exported, package_path in jobs:
                 with report.stage(f"compile {name} (AOTInductor)"):
-                    seconds[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
-        return seconds
+                    timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+                report.info(f"    {timings[name].summary()}")
+        return timings
     heaviest = max(jobs, key=lambda job: weight_bytes(job[1]))
     rest = [job for job in jobs if job is not heaviest]
     specs = []
@@ -165,11 +212,11 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
     report.info(f"==> compile {', '.join(name for name, *_ in jobs)} (AOTInductor, this process and "
                 f"{min(workers - 1, len(rest))} workers; {heaviest[0]} here first) ...")
     in_memory = {name: job for name, *job in rest}
-    queue, started, stop, seconds = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
+    queue, started, stop, timings = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
 
     def compile_here(name, exported, package_path):
-        seconds[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
-        report.info(f"    compiled {name}: {seconds[name]:.1f} s (in this process)")
+        timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+        report.info(f"    compiled {name} (in this process): {timings[name].summary()}")
 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -183,9 +230,9 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
             except BaseException:
                 stop.set()
                 raise
-            seconds.update(in_workers.result())  # a worker's failure raises here
+            timings.update(in_workers.result())  # a worker's failure raises here
     finally:
         for spec in specs:
             Path(spec["exported_path"]).unlink(missing_ok=True)
     report.info(f"    all programs compiled in {time.perf_counter() - started:.1f} s")
-    return seconds
+    return timings

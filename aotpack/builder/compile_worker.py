@@ -1,4 +1,4 @@
-"""`python -m aotpack.builder.compile_worker JOB.json`: compile one saved program; prints the seconds taken."""
+"""`python -m aotpack.builder.compile_worker JOB.json`: compile one saved program; prints where the time went."""
 
 import json
 import sys
@@ -10,9 +10,9 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     from .compile import compile_saved_program
 
-    seconds = compile_saved_program(spec["exported_path"], spec["package_path"], spec["inductor_configs"],
-                                    spec["attention"], spec["needs_torchao"])
-    print(seconds, flush=True)  # last line of the worker's log: read by the parent
+    timing = compile_saved_program(spec["exported_path"], spec["package_path"], spec["inductor_configs"],
+                                   spec["attention"], spec["needs_torchao"])
+    print(timing.to_json(), flush=True)  # last line of the worker's log: read by the parent
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The default h200 build timed as a user's first build runs it (empty Inductor and Triton caches), once per line of
+# VARIANTS, "LABEL [VAR=VALUE ...]", one build after another (never at once: they would share the 16 cores).
+# Results under $OUT: builds.txt (exit status and seconds of each), LABEL.log (the build's progress, with each
+# program's compile: wall and CPU seconds and torch's compile phases) and LABEL-build.json (the manifest's build
+# record); with KEEP_PACKAGE=LABEL that build's package as $OUT/package-LABEL.tar (carry it as PACKAGE_TAR later).
+# Carry .device (the wheels). ~230-250 s a build on the H200 (2026-12-05), so two builds fill one call. E.g.
+#   VARIANTS=$'default\nthreads2 TORCHINDUCTOR_COMPILE_THREADS=2' KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
+source scripts/gpu/env.sh
+VARIANTS=${VARIANTS:-default}
+mkdir -p "$OUT"
+while read -r label settings; do
+  [ -n "$label" ] || continue
+  caches=/tmp/build-caches/$label package=/tmp/build-$label
+  rm -rf "$caches" "$package"
+  started=$(date +%s)
+  # shellcheck disable=SC2086  # settings: VAR=VALUE words for env
+  env TORCHINDUCTOR_CACHE_DIR="$caches/inductor" TRITON_CACHE_DIR="$caches/triton" $settings \
+    python3 -m aotpack build --model random:flux-dev --target h200 --out "$package" > "$OUT/$label.log" 2>&1
+  status=$?
+  echo "build $label (${settings:-as the CLI runs it}): exit $status after $(( $(date +%s) - started )) s" \
+    | tee -a "$OUT/builds.txt"
+  [ $status -eq 0 ] || continue
+  python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['build'], indent=1))" \
+    "$package/manifest.json" > "$OUT/$label-build.json"
+  [ "${KEEP_PACKAGE:-}" = "$label" ] && tar cf "$OUT/package-$label.tar" -C "$package" .
+done <<< "$VARIANTS"
