@@ -48,7 +48,8 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     assert len(compiled_in_worker) == 1 and compiled_in_worker[0] not in here  # a real package, no temporary file
     in_worker = seconds[compiled_in_worker[0].removesuffix(".pt2")]
     # the worker's timing came back whole: wall time, its thread's CPU time and torch's phase timers
-    assert in_worker.seconds > 0 and 0 < in_worker.cpu_seconds <= in_worker.seconds + 1
+    assert 0 < in_worker.seconds < in_worker.process_seconds  # the worker's start and program load come on top
+    assert 0 < in_worker.cpu_seconds <= in_worker.seconds + 1
     assert "compile_fx_inner" in in_worker.phases
     assert all(0 < phase <= in_worker.seconds + 1 for phase in in_worker.phases.values())
 

@@ -73,6 +73,7 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     names = {p.name for p in manifest.programs} | {"merge_layers"}
     assert set(manifest.build["compile_cpu_seconds"]) == set(manifest.build["compile_phases"]) == names
     assert all("compile_fx_inner" in phases for phases in manifest.build["compile_phases"].values())
+    assert 0 < len(manifest.build["compile_process_seconds"]) < len(names)  # the programs compiled in a worker
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]

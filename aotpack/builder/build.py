@@ -347,6 +347,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         "compile_seconds": {k: t.seconds for k, t in compile_timings.items()},
         "compile_cpu_seconds": {k: t.cpu_seconds for k, t in compile_timings.items()},  # the compiling thread's
         "compile_phases": {k: t.phases for k, t in compile_timings.items()},  # torch's timers, nested, largest
+        "compile_process_seconds": {k: t.process_seconds for k, t in compile_timings.items()  # start + load too
+                                    if t.process_seconds is not None},
         "compile_workers": workers,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),

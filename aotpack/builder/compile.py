@@ -38,10 +38,12 @@ class CompileTime:
     seconds: float  # wall time
     cpu_seconds: float  # CPU time of the compiling thread; g++ and Triton's compile pool run in other processes
     phases: dict[str, float] = field(default_factory=dict)  # torch's compile timers (s), nested, the largest first
+    process_seconds: float | None = None  # a worker's whole life: its start, imports and program load included
 
     def summary(self) -> str:
         phases = ", ".join(f"{name} {self.phases[name]:.1f}" for name in TELLING_PHASES if name in self.phases)
-        return f"{self.seconds:.1f} s, {self.cpu_seconds:.1f} s CPU in its thread; phases (s): {phases}"
+        process = f" (its worker process {self.process_seconds:.1f} s)" if self.process_seconds is not None else ""
+        return f"{self.seconds:.1f} s{process}, {self.cpu_seconds:.1f} s CPU in its thread; phases (s): {phases}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -126,7 +128,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
     running, timings = {}, {}
 
     def end_running():  # killed and their job files removed
-        for process, spec_path, log_path in running.values():
+        for process, spec_path, log_path, _ in running.values():
             process.kill()
             process.wait()
             spec_path.unlink(missing_ok=True)
@@ -143,10 +145,10 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
             with open(log_path, "w") as log:
                 process = subprocess.Popen([sys.executable, "-m", "aotpack.builder.compile_worker", str(spec_path)],
                                            stdout=log, stderr=subprocess.STDOUT)
-            running[spec["name"]] = (process, spec_path, log_path)
+            running[spec["name"]] = (process, spec_path, log_path, time.perf_counter())
         if not running:
             return timings
-        for name, (process, spec_path, log_path) in list(running.items()):
+        for name, (process, spec_path, log_path, started) in list(running.items()):
             if process.poll() is None:
                 continue
             output = log_path.read_text(errors="replace")
@@ -161,6 +163,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
             timings[name] = CompileTime.from_json(output.strip().splitlines()[-1])
+            timings[name].process_seconds = round(time.perf_counter() - started, 2)
             report.info(f"    compiled {name}: {timings[name].summary()}")
         time.sleep(0.2)
 
