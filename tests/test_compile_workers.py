@@ -106,3 +106,11 @@ def test_a_failed_worker_ends_the_other_workers_and_their_job_files(tmp_path, mo
         compile_programs(jobs, workers=3, inductor_configs={"no_such_inductor_config": 1}, attention="sdpa",
                          needs_torchao=False, report=Progress(enabled=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the other worker's job spec and log went with it
+
+
+def test_a_worker_timing_is_read_past_lines_printed_after_it():
+    timing = CompileTime(12.5, 3.25, {"compile_file": 7.0})
+    log = f"warning: something\n{timing.to_json()}\nan atexit message\n"
+    assert CompileTime.from_worker_log("epilogue", log) == timing
+    with pytest.raises(ExportError, match="the worker compiling epilogue ended without reporting its timing"):
+        CompileTime.from_worker_log("epilogue", "only a warning\n")

@@ -49,8 +49,15 @@ class CompileTime:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "CompileTime":
-        return cls(**json.loads(text))
+    def from_worker_log(cls, name: str, log: str) -> "CompileTime":
+        """The timing a worker printed as its last JSON line (anything printed after it, e.g. at exit, is skipped)."""
+        for line in reversed(log.strip().splitlines()):
+            try:
+                return cls(**json.loads(line))
+            except (ValueError, TypeError):
+                continue
+        raise ExportError(f"the worker compiling {name} ended without reporting its timing:\n{log[-3000:]}",
+                          "run with --workers 1 to compile in this process, and report it")
 
 
 def _phase_counts() -> dict[str, int]:
@@ -162,7 +169,11 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
                             "running in this process")
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
-            timings[name] = CompileTime.from_json(output.strip().splitlines()[-1])
+            try:
+                timings[name] = CompileTime.from_worker_log(name, output)
+            except ExportError:
+                end_running()
+                raise
             timings[name].process_seconds = round(time.perf_counter() - started, 2)
             report.info(f"    compiled {name}: {timings[name].summary()}")
         time.sleep(0.2)
