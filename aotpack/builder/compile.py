@@ -43,7 +43,8 @@ class CompileTime:
     def summary(self) -> str:
         phases = ", ".join(f"{name} {self.phases[name]:.1f}" for name in TELLING_PHASES if name in self.phases)
         process = f" (its worker process {self.process_seconds:.1f} s)" if self.process_seconds is not None else ""
-        return f"{self.seconds:.1f} s{process}, {self.cpu_seconds:.1f} s CPU in its thread; phases (s): {phases}"
+        return (f"{self.seconds:.1f} s{process}, {self.cpu_seconds:.1f} s CPU in its thread"
+                + (f"; phases (s): {phases}" if phases else ""))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -60,17 +61,21 @@ class CompileTime:
                           "run with --workers 1 to compile in this process, and report it")
 
 
-def _phase_counts() -> dict[str, int]:
-    from torch._dynamo.utils import compilation_time_metrics
+def _phase_timers() -> dict[str, list[float]]:
+    """torch's compile timers (a private table: where a torch lacks it, builds go on without phases)."""
+    import torch._dynamo.utils
 
-    return {name: len(times) for name, times in compilation_time_metrics.items()}
+    timers = getattr(torch._dynamo.utils, "compilation_time_metrics", None)
+    return timers if isinstance(timers, dict) else {}
+
+
+def _phase_counts() -> dict[str, int]:
+    return {name: len(times) for name, times in _phase_timers().items()}
 
 
 def _phases_since(counts_before: dict[str, int]) -> dict[str, float]:
     """Seconds per compile phase since `counts_before` (the timers accumulate over a process's compiles)."""
-    from torch._dynamo.utils import compilation_time_metrics
-
-    spent = {name: sum(times[counts_before.get(name, 0):]) for name, times in compilation_time_metrics.items()}
+    spent = {name: sum(times[counts_before.get(name, 0):]) for name, times in _phase_timers().items()}
     return {name: round(seconds, 2) for seconds, name in sorted(((s, n) for n, s in spent.items() if s >= 0.1),
                                                                  reverse=True)}
 
