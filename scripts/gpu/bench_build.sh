@@ -5,7 +5,8 @@
 # program's compile: wall and CPU seconds and torch's compile phases) and LABEL-build.json (the manifest's build
 # record); with KEEP_PACKAGE=LABEL that build's package as $OUT/package-LABEL.tar (carry it as PACKAGE_TAR later).
 # Carry .device (the wheels). ~230-250 s a build on the H200 (2026-12-05), so two builds fill one call. E.g.
-#   VARIANTS=$'default\nthreads2 TORCHINDUCTOR_COMPILE_THREADS=2' KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
+#   VARIANTS=$'default\nlean AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL=O0 TORCHINDUCTOR_COMPILE_THREADS=2' \
+#     KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
 source scripts/gpu/env.sh
 VARIANTS=${VARIANTS:-default}
 mkdir -p "$OUT"
