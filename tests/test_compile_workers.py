@@ -1,7 +1,7 @@
-"""The build's compile stage: the program with the most weights compiles in the build's own process (saving it for a
-worker would write every weight byte: 6.45 GB for a batched_modulation package's modulation program), which then takes
-further jobs from the workers' queue; every job compiles once, and a failure on either side ends the other and leaves
-no temporary file."""
+"""The build's compile stage: every program is saved for the workers without its weights' bytes (6.45 GB for an h200
+package's modulation program), the build's own process compiles from the back of the queue while the workers take
+from the front; every job compiles once, a worker's package equals the one this process compiles, and a failure on
+either side ends the other and leaves no temporary file."""
 
 import io
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aotpack.builder import compile as compile_stage
-from aotpack.builder.compile import CompileTime, compile_programs, weight_bytes
+from aotpack.builder.compile import CompileTime, compile_programs
 from aotpack.errors import ExportError
 from aotpack.progress import Progress
 
@@ -21,32 +21,26 @@ def exported_linear(features: int):
     return torch.export.export(module, (torch.randn(2, features),))
 
 
-def test_weight_bytes_counts_parameters_and_constants():
-    small, big = exported_linear(4), exported_linear(64)
-    assert weight_bytes(small) == (4 * 4 + 4) * 4
-    assert weight_bytes(big) == (64 * 64 + 64) * 4
-
-
 def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     here = []
 
     def fake_compile_here(exported, package_path, inductor_configs):  # the workers compile for real
         here.append(package_path.name)
-        if here == ["big.pt2"]:
-            time.sleep(1.0)  # long enough for the worker thread to hand one job to a worker process
+        if len(here) == 1:
+            time.sleep(1.0)  # long enough for the worker thread to hand the first job to a worker process
         return CompileTime(0.0, 0.0)
 
     monkeypatch.setattr(compile_stage, "compile_program", fake_compile_here)
-    small = exported_linear(4)
-    names = ["small", "big", "other", "third"]
-    jobs = [(name, exported_linear(64) if name == "big" else small, tmp_path / f"{name}.pt2") for name in names]
+    names = ["first", "big", "other", "last"]
+    jobs = [(name, exported_linear(256 if name == "big" else 4), tmp_path / f"{name}.pt2") for name in names]
+    report = Progress(enabled=False)
     seconds = compile_programs(jobs, workers=2, inductor_configs={}, attention="sdpa", needs_torchao=False,
-                               report=Progress(enabled=False))
+                               report=report)
+    assert "save 4 exported programs for the workers, without their weights" in report.timings
     assert sorted(seconds) == sorted(names)
-    assert here[0] == "big.pt2" and len(here) == 3  # the heaviest first, then the queue's jobs not yet taken
-    compiled_in_worker = [p.name for p in tmp_path.iterdir()]
-    assert len(compiled_in_worker) == 1 and compiled_in_worker[0] not in here  # a real package, no temporary file
-    in_worker = seconds[compiled_in_worker[0].removesuffix(".pt2")]
+    assert here == ["last.pt2", "other.pt2", "big.pt2"]  # from the back, while the worker took the first job
+    assert [p.name for p in tmp_path.iterdir()] == ["first.pt2"]  # a real package, no temporary file
+    in_worker = seconds["first"]
     # the worker's timing came back whole: wall time, its thread's CPU time and torch's phase timers
     assert 0 < in_worker.seconds < in_worker.process_seconds  # the worker's start and program load come on top
     assert 0 < in_worker.cpu_seconds <= in_worker.seconds + 1
@@ -67,25 +61,26 @@ def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_pat
     def failing_compile(exported, package_path, inductor_configs):
         compiled_here.append(package_path.name)
         time.sleep(1.0)  # a worker process has started by now
-        raise ExportError("AOTInductor failed to compile big.pt2", "run `aotpack doctor`")
+        raise ExportError("AOTInductor failed to compile last.pt2", "run `aotpack doctor`")
 
     monkeypatch.setattr(subprocess, "Popen", RecordedPopen)
     monkeypatch.setattr(compile_stage, "compile_program", failing_compile)
     small = exported_linear(4)
     jobs = [("small", small, tmp_path / "small.pt2"), ("big", exported_linear(64), tmp_path / "big.pt2"),
-            ("other", small, tmp_path / "other.pt2")]
+            ("last", small, tmp_path / "last.pt2")]
     report = Progress(enabled=False)
-    with pytest.raises(ExportError, match="big.pt2"):
+    with pytest.raises(ExportError, match="last.pt2"):
         compile_programs(jobs, workers=2, inductor_configs={}, attention="sdpa", needs_torchao=False, report=report)
-    assert compiled_here == ["big.pt2"]  # the heaviest, in this process, which took no other job after failing
-    assert "save 2 exported programs for the workers" in report.timings
+    assert compiled_here == ["last.pt2"]  # the queue's last, in this process, which took no other job after failing
     assert started and all(process.poll() is not None for process in started)  # killed, not left compiling
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no saved program, job spec, log or package left
 
 
 def test_a_failed_worker_is_reported_with_its_program_and_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: CompileTime(0.0, 0.0))
-    jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", exported_linear(4), tmp_path / "small.pt2")]
+    # this process's compile is faked, slow enough for the worker thread to take the first job
+    monkeypatch.setattr(compile_stage, "compile_program",
+                        lambda exported, package_path, configs: time.sleep(0.5) or CompileTime(0.0, 0.0))
+    jobs = [("small", exported_linear(4), tmp_path / "small.pt2"), ("big", exported_linear(64), tmp_path / "big.pt2")]
     said = io.StringIO()
     with pytest.raises(ExportError, match="compiling small failed in its worker process") as caught:
         # an Inductor config that does not exist: AOTInductor refuses it in the worker (this process's compile is faked)
@@ -100,8 +95,8 @@ def test_a_failed_worker_ends_the_other_workers_and_their_job_files(tmp_path, mo
     # this process's compile is faked and slow enough for the worker thread to take both other jobs first
     monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: time.sleep(1.0) or CompileTime(1.0, 0.0))
     small = exported_linear(4)
-    jobs = [("big", exported_linear(64), tmp_path / "big.pt2"), ("small", small, tmp_path / "small.pt2"),
-            ("other", small, tmp_path / "other.pt2")]
+    jobs = [("small", small, tmp_path / "small.pt2"), ("other", small, tmp_path / "other.pt2"),
+            ("big", exported_linear(64), tmp_path / "big.pt2")]
     with pytest.raises(ExportError, match="failed in its worker process"):  # both workers fail; the first to end
         compile_programs(jobs, workers=3, inductor_configs={"no_such_inductor_config": 1}, attention="sdpa",
                          needs_torchao=False, report=Progress(enabled=False))

@@ -203,11 +203,10 @@ def default_compile_workers(device: str, programs: int) -> int:
     """Programs compiled at once (the build's own process included), at most one per program.
 
     GPU builds: two cores per worker process (Inductor's codegen is mostly single-threaded), plus the build's
-    own process, which compiles the program with the most weights. An h200 package has 9 programs; on the
-    16-core H200 machine 8 at once left one job waiting for a free worker: compile stage 178.4 s of a 227 s
-    build (2026-12-05b, the in-process compile of the modulation program 124 s, the waiting job 59 s after a
-    worker's ~90). 9 at once, timed when each program was still saved for a worker (2026-12-05a), was no
-    slower than 8 (241 vs 240 s); with the split, 9 at once is untimed.
+    own process. An h200 package has 9 programs; on the 16-core H200 machine 8 at once left one job waiting for a
+    free worker: compile stage 178.4 s of a 227 s build (2026-12-05b, the waiting job 59 s after a worker's ~90).
+    9 at once, timed when each program was saved for a worker with its weights (2026-12-05a), was no slower than 8
+    (241 vs 240 s); with weightless saves (weightless.py) it is untimed.
     CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
     package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os

@@ -31,9 +31,9 @@ TELLING_PHASES = ("GraphLowering.run", "Scheduler.__init__", "Scheduler.codegen"
 
 @dataclass
 class CompileTime:
-    """Where one program's compile went: why the H200 build's heaviest program took 124 s in the build's own process
-    against 83-111 s in a worker (2026-12-05b) is not known, and these tell wall time spent waiting (for the CPU or
-    for the compiler's own processes) from work done in the compiling thread."""
+    """Where one program's compile went: why the H200 build's modulation program took 124 s in the build's own
+    process against 83-111 s in a worker (2026-12-05b) is not known, and these tell wall time spent waiting (for the
+    CPU or for the compiler's own processes) from work done in the compiling thread."""
 
     seconds: float  # wall time
     cpu_seconds: float  # CPU time of the compiling thread; g++ and Triton's compile pool run in other processes
@@ -101,28 +101,33 @@ def program_configs(kind: str, recipe_configs: dict) -> dict:
 
 
 def compile_saved_program(exported_path: str, package_path: str, inductor_configs: dict, attention: str,
-                          needs_torchao: bool) -> CompileTime:
-    """Load a saved ExportedProgram and compile it (runs in a worker process, see `compile_programs`)."""
+                          needs_torchao: bool, left_out: dict[str, str]) -> CompileTime:
+    """Load a program saved without its large weights (`weightless.py`) and compile it (runs in a worker
+    process, see `compile_programs`)."""
     from ..models.attention import attention_context
+    from .weightless import give_empty_weights
 
     if needs_torchao:
         import torchao  # noqa: F401  registers the FP8 tensor subclass before the program is loaded
     exported = torch.export.load(exported_path)
+    give_empty_weights(exported, left_out)
     with attention_context(None, attention):
         return compile_program(exported, Path(package_path), inductor_configs)
 
 
 class _JobQueue:
-    """The jobs left to compile, taken in order by the worker thread and by the build's own process."""
+    """The jobs left to compile: the worker thread takes them from the front, the build's own process from the
+    back, so this process starts on the last job (a small merge program in an FP8 recipe) while the first go to
+    workers, and the two meet wherever the jobs run out."""
 
     def __init__(self, specs: list[dict]):
         import threading
 
         self._specs, self._lock = list(specs), threading.Lock()
 
-    def take(self) -> dict | None:
+    def take(self, from_back: bool = False) -> dict | None:
         with self._lock:
-            return self._specs.pop(0) if self._specs else None
+            return self._specs.pop(-1 if from_back else 0) if self._specs else None
 
 
 def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, CompileTime]:
@@ -184,31 +189,24 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
         time.sleep(0.2)
 
 
-def weight_bytes(exported) -> int:
-    """Bytes of the weights and constants an exported program carries (what saving it for a worker writes)."""
-    tensors = [*exported.state_dict.values(), *exported.constants.values()]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict, attention: str,
                      needs_torchao: bool, report) -> dict[str, CompileTime]:
     """Compile several exported programs: `workers` at a time when > 1, else one by one in this process.
 
-    `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on
-    one core, so independent programs compile in parallel on a many-core build machine: in this
-    process and in `workers - 1` worker processes, to which programs travel through `torch.export.save`.
-    Saving writes every weight byte, ~8.6 s a GB on a 2-core machine (a 1 GB bf16 linear, 2026-12-05), and a
-    `batched_modulation` package's modulation program carries all 57 blocks' bf16 modulation linears, 6.45 GB
-    for FLUX.1-dev: its H200 build took 240 s against 190 s without it, ~40 s outside every timed stage
-    (benchmarks/results/2026-12-05a-h200-batched-modulation/build/). So the program with the most weights is
-    never saved: this process compiles it first, then takes further jobs from the same queue as the workers
-    (whose saved copies it then deletes unread). On the H200 (2026-12-05b) the other 8 programs then saved in
-    6.7 s, the time outside the stages fell to ~2 s and the build to 227 s (benchmarks/results/2026-12-05b-h200-split-build/).
+    `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on one core, so
+    independent programs compile in parallel on a many-core build machine: in this process and in `workers - 1`
+    worker processes. Programs travel to the workers through `torch.export.save` without their weights' bytes
+    (`weightless.py`): saving them took ~8.6 s a GB on a 2-core machine, and an h200 package's modulation program
+    carries 6.45 GB (its 2026-12-05a build spent ~40 s outside every timed stage saving it; in 2026-12-05b it
+    compiled in this process instead, 124 s against 83-111 s in a worker, and the other 8 programs' saves took
+    6.7 s, benchmarks/results/2026-12-05b-h200-split-build/). Every program is saved; this process compiles
+    from the back of the queue (deleting those saved copies unread) while the workers take from the front.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models.attention import attention_context
+    from .weightless import save_without_weights, tensor_bytes
 
     if workers <= 1 or len(jobs) == 1:
         timings = {}
@@ -218,34 +216,31 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
                     timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
                 report.info(f"    {timings[name].summary()}")
         return timings
-    heaviest = max(jobs, key=lambda job: weight_bytes(job[1]))
-    rest = [job for job in jobs if job is not heaviest]
-    specs = []
-    with report.stage(f"save {len(rest)} exported programs for the workers"):
-        for name, exported, package_path in rest:
-            exported_path = package_path.with_suffix(".exported.pt2")
-            torch.export.save(exported, str(exported_path))
-            specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
-                          "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
-                          "needs_torchao": needs_torchao})
-    report.info(f"==> compile {', '.join(name for name, *_ in jobs)} (AOTInductor, this process and "
-                f"{min(workers - 1, len(rest))} workers; {heaviest[0]} here first) ...")
-    in_memory = {name: job for name, *job in rest}
-    queue, started, stop, timings = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
-
-    def compile_here(name, exported, package_path):
-        timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
-        report.info(f"    compiled {name} (in this process): {timings[name].summary()}")
-
+    specs, left_out_bytes = [], 0
     try:
+        with report.stage(f"save {len(jobs)} exported programs for the workers, without their weights"):
+            for name, exported, package_path in jobs:
+                exported_path = package_path.with_suffix(".exported.pt2")
+                left_out = save_without_weights(exported, str(exported_path))
+                left_out_bytes += sum(tensor_bytes(t) for table in (exported.state_dict, exported.constants)
+                                      for n, t in table.items() if n in left_out)
+                specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
+                              "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
+                              "needs_torchao": needs_torchao, "left_out": left_out})
+        report.info(f"    {left_out_bytes / 1e9:.2f} GB of weights left out of the saved programs")
+        report.info(f"==> compile {', '.join(name for name, *_ in jobs)} (AOTInductor, this process and "
+                    f"{min(workers - 1, len(jobs) - 1)} workers) ...")
+        in_memory = {name: job for name, *job in jobs}
+        queue, started, stop, timings = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             in_workers = pool.submit(_run_workers, queue, workers - 1, report, stop)
             try:
                 with attention_context(None, attention):
-                    compile_here(*heaviest)
-                    while not in_workers.done() and (spec := queue.take()) is not None:
+                    while not in_workers.done() and (spec := queue.take(from_back=True)) is not None:
                         Path(spec["exported_path"]).unlink(missing_ok=True)
-                        compile_here(spec["name"], *in_memory[spec["name"]])
+                        name = spec["name"]
+                        timings[name] = compile_program(*in_memory[name], program_configs(name, inductor_configs))
+                        report.info(f"    compiled {name} (in this process): {timings[name].summary()}")
             except BaseException:
                 stop.set()
                 raise

@@ -1,4 +1,5 @@
-"""`python -m aotpack.builder.compile_worker JOB.json`: compile one saved program; prints where the time went."""
+"""`python -m aotpack.builder.compile_worker JOB.json`: compile one program saved without its weights; prints where
+the time went."""
 
 import json
 import sys
@@ -11,7 +12,7 @@ def main() -> None:
     from .compile import compile_saved_program
 
     timing = compile_saved_program(spec["exported_path"], spec["package_path"], spec["inductor_configs"],
-                                   spec["attention"], spec["needs_torchao"])
+                                   spec["attention"], spec["needs_torchao"], spec["left_out"])
     print(timing.to_json(), flush=True)  # last line of the worker's log: read by the parent
 
 
