@@ -1,7 +1,7 @@
-"""The build's compile stage: every program is saved for the workers without its weights' bytes (6.45 GB for an h200
-package's modulation program), the build's own process compiles from the back of the queue while the workers take
-from the front; every job compiles once, a worker's package equals the one this process compiles, and a failure on
-either side ends the other and leaves no temporary file."""
+"""The build's compile stage: each program goes to a worker as soon as it is exported, saved without its weights'
+bytes (6.45 GB for an h200 package's modulation program); the build's own process compiles from the back of the
+queue once the exports are done, while the workers take from the front; every job compiles once, and a failure on
+either side (or in an export) ends the other and leaves no temporary file."""
 
 import io
 import subprocess
@@ -21,6 +21,26 @@ def exported_linear(features: int):
     return torch.export.export(module, (torch.randn(2, features),))
 
 
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """The worker processes the compile stage starts, in order."""
+    processes = []
+
+    class RecordedPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            processes.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordedPopen)
+    return processes
+
+
+def wait_for_a_worker(started: list, seconds: float = 20) -> None:
+    deadline = time.perf_counter() + seconds
+    while not started and time.perf_counter() < deadline:
+        time.sleep(0.05)
+
+
 def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     here = []
 
@@ -33,10 +53,11 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_stage, "compile_program", fake_compile_here)
     names = ["first", "big", "other", "last"]
     jobs = [(name, exported_linear(256 if name == "big" else 4), tmp_path / f"{name}.pt2") for name in names]
-    report = Progress(enabled=False)
+    said = io.StringIO()
     seconds = compile_programs(jobs, workers=2, inductor_configs={}, attention="sdpa", needs_torchao=False,
-                               report=report)
-    assert "save 4 exported programs for the workers, without their weights" in report.timings
+                               report=Progress(stream=said))
+    assert "4 programs saved for the workers in" in said.getvalue()
+    assert "GB of weights left out" in said.getvalue()
     assert sorted(seconds) == sorted(names)
     assert here == ["last.pt2", "other.pt2", "big.pt2"]  # from the back, while the worker took the first job
     assert [p.name for p in tmp_path.iterdir()] == ["first.pt2"]  # a real package, no temporary file
@@ -48,14 +69,7 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     assert all(0 < phase <= in_worker.seconds + 1 for phase in in_worker.phases.values())
 
 
-def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_path, monkeypatch):
-    started = []
-
-    class RecordedPopen(subprocess.Popen):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
+def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_path, monkeypatch, started):
     compiled_here = []
 
     def failing_compile(exported, package_path, inductor_configs):
@@ -63,7 +77,6 @@ def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_pat
         time.sleep(1.0)  # a worker process has started by now
         raise ExportError("AOTInductor failed to compile last.pt2", "run `aotpack doctor`")
 
-    monkeypatch.setattr(subprocess, "Popen", RecordedPopen)
     monkeypatch.setattr(compile_stage, "compile_program", failing_compile)
     small = exported_linear(4)
     jobs = [("small", small, tmp_path / "small.pt2"), ("big", exported_linear(64), tmp_path / "big.pt2"),
@@ -101,6 +114,36 @@ def test_a_failed_worker_ends_the_other_workers_and_their_job_files(tmp_path, mo
         compile_programs(jobs, workers=3, inductor_configs={"no_such_inductor_config": 1}, attention="sdpa",
                          needs_torchao=False, report=Progress(enabled=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the other worker's job spec and log went with it
+
+
+def test_a_job_starts_in_a_worker_while_the_next_one_exports(tmp_path, monkeypatch, started):
+    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs: CompileTime(0.0, 0.0))
+    running_at_second_export = []
+
+    def exports():  # the build's exports, the second lasting until a worker runs the first (<= 20 s)
+        yield "first", exported_linear(4), tmp_path / "first.pt2"
+        wait_for_a_worker(started)
+        running_at_second_export.append(bool(started) and started[0].poll() is None)
+        yield "second", exported_linear(4), tmp_path / "second.pt2"
+
+    seconds = compile_programs(exports(), workers=2, inductor_configs={}, attention="sdpa", needs_torchao=False,
+                               report=Progress(enabled=False))
+    assert running_at_second_export == [True]  # the first program compiled while the second was exported
+    assert sorted(seconds) == ["first", "second"] and seconds["first"].process_seconds is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["first.pt2"]
+
+
+def test_a_failed_export_ends_the_running_workers_and_their_files(tmp_path, started):
+    def exports():
+        yield "first", exported_linear(4), tmp_path / "first.pt2"
+        wait_for_a_worker(started)
+        raise ExportError("torch.export failed on the single_block region", "run with AOTPACK_DEBUG=1")
+
+    with pytest.raises(ExportError, match="single_block region"):
+        compile_programs(exports(), workers=3, inductor_configs={}, attention="sdpa", needs_torchao=False,
+                         report=Progress(enabled=False))
+    assert started and all(process.poll() is not None for process in started)  # killed, not left compiling
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_worker_timing_is_read_past_lines_printed_after_it():

@@ -141,14 +141,14 @@ def _region_activations(kind: str, inputs: dict, prologue_outputs, transformer=N
 
 def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shapes: dict, device, generator,
                      report: Progress):
-    """Export every program of the layout; returns [(kind, instances, region, activations, exported)]."""
+    """Export every program of the layout, yielding (kind, instances, region, activations, exported) as each is
+    done."""
     lora_dtype = torch_dtype(recipe.lora_dtype)
     prologue_outputs = None
     if recipe.layout == "regional":  # block programs are traced on the prologue's real outputs
         with torch.no_grad():
             prologue = make_region(transformer, PROLOGUE)
             prologue_outputs = prologue(*_region_activations(PROLOGUE, inputs, None), None)
-    exported = []
     for kind, instances in _program_plan(transformer, recipe.layout, recipe.parallel):
         region = make_region(transformer, kind, instances[0])
         activations = _region_activations(kind, inputs, prologue_outputs, transformer, instances[0])
@@ -158,13 +158,12 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             program = export_region(region, activations, lora, _shard_shapes(shapes, kind, recipe.parallel))
             if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
                 report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
-        exported.append((kind, instances, region, activations, program))
+        yield kind, instances, region, activations, program
         if recipe.no_slot_programs and recipe.max_rank and region.slot_names() and kind not in ONLY_SLOTTED:
             plain = _without_slots(region)
             with report.stage(f"export {kind}{NO_SLOT_SUFFIX}"):
                 program = export_region(plain, activations, {}, _shard_shapes(shapes, kind, recipe.parallel))
-            exported.append((kind + NO_SLOT_SUFFIX, instances, plain, activations, program))
-    return exported
+            yield kind + NO_SLOT_SUFFIX, instances, plain, activations, program
 
 
 NO_SLOT_SUFFIX = ".noslot"
@@ -199,8 +198,8 @@ def _shard_shapes(shapes: dict, kind: str, parallel: str) -> dict:
                          if name in ("image_tokens", "text_tokens")}}
 
 
-def default_compile_workers(device: str, programs: int) -> int:
-    """Programs compiled at once (the build's own process included), at most one per program.
+def default_compile_workers(device: str) -> int:
+    """Programs compiled at once (the build's own process included); a build starts no more than it has programs.
 
     GPU builds: two cores per worker process (Inductor's codegen is mostly single-threaded), plus the build's
     own process. An h200 package has 9 programs; on the 16-core H200 machine 8 at once left one job waiting for a
@@ -212,7 +211,7 @@ def default_compile_workers(device: str, programs: int) -> int:
     import os
 
     cores = os.cpu_count() or 1
-    return max(1, min(programs, cores if device == "cpu" else cores // 2 + 1))
+    return max(1, cores if device == "cpu" else cores // 2 + 1)
 
 
 def default_package_dir(model_id: str, target: str) -> Path:
@@ -291,25 +290,34 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     inputs = transformer_inputs(transformer.config, batch=export_batch,
                                 image_tokens=recipe.example_image_tokens, text_tokens=recipe.example_text_tokens,
                                 dtype=torch_dtype(recipe.dtype), device=device, generator=generator)
-    with attention_context(transformer, recipe.attention, recipe.fp8_attention_min_tokens):
-        exported = _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report)
-    export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
-    jobs = [(kind, ep, staging / f"{kind}.pt2") for kind, _, _, _, ep in exported]
     merge_program = merge_by_address_program = None
     if recipe.quantization == "fp8_rowwise" and recipe.max_rank > 0:  # merged LoRA sets re-quantize rows
         merge_program = f"{MERGE_PROGRAM}.pt2"
-        with report.stage(f"export {MERGE_PROGRAM}"):
-            jobs.append((MERGE_PROGRAM, export_merge_layers(torch_dtype(recipe.lora_dtype), device),
-                         staging / merge_program))
         if recipe.merge_by_address and torch.device(device).type == "cuda":  # writes by address: CUDA only
             merge_by_address_program = f"{MERGE_BY_ADDRESS_PROGRAM}.pt2"
-            with report.stage(f"export {MERGE_BY_ADDRESS_PROGRAM}"):
-                jobs.append((MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address(torch_dtype(recipe.lora_dtype), device),
-                             staging / merge_by_address_program))
-    workers = compile_workers or default_compile_workers(device, len(jobs))
-    compile_timings = compile_programs(jobs, workers=workers, inductor_configs=recipe.inductor_configs,
+    exported, jobs = [], []  # filled as the exports go
+
+    def compile_jobs():
+        """Each program as soon as it is exported: its compile starts in a worker while the next exports."""
+        with attention_context(transformer, recipe.attention, recipe.fp8_attention_min_tokens):
+            for item in _export_programs(transformer, recipe, slot_specs, inputs, shapes, device, generator, report):
+                exported.append(item)
+                jobs.append((item[0], item[4], staging / f"{item[0]}.pt2"))
+                yield jobs[-1]
+        lora_dtype = torch_dtype(recipe.lora_dtype)
+        for name, file, export in ((MERGE_PROGRAM, merge_program, export_merge_layers),
+                                   (MERGE_BY_ADDRESS_PROGRAM, merge_by_address_program, export_merge_by_address)):
+            if file:
+                with report.stage(f"export {name}"):
+                    jobs.append((name, export(lora_dtype, device), staging / file))
+                yield jobs[-1]
+
+    workers = compile_workers or default_compile_workers(device)
+    compile_timings = compile_programs(compile_jobs(), workers=workers, inductor_configs=recipe.inductor_configs,
                                        attention=recipe.attention, needs_torchao=recipe.quantization != "none",
                                        report=report)
+    workers = min(workers, len(jobs))
+    export_seconds = {kind: report.timings[f"export {kind}"] for kind, *_ in exported}
     for _, _, path in jobs:
         check_package_shared_objects(path)
     programs = []

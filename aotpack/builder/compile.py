@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,23 +117,37 @@ def compile_saved_program(exported_path: str, package_path: str, inductor_config
 
 
 class _JobQueue:
-    """The jobs left to compile: the worker thread takes them from the front, the build's own process from the
-    back, so this process starts on the last job (a small merge program in an FP8 recipe) while the first go to
-    workers, and the two meet wherever the jobs run out."""
+    """The jobs to compile, put in as their exports end: the worker thread takes them from the front, the build's
+    own process (once every export is done) from the back, so the first programs go to workers while the rest
+    export, and the two sides meet wherever the jobs run out."""
 
-    def __init__(self, specs: list[dict]):
+    def __init__(self):
         import threading
 
-        self._specs, self._lock = list(specs), threading.Lock()
+        self._specs, self._lock, self._closed = [], threading.Lock(), False
+
+    def put(self, spec: dict) -> None:
+        with self._lock:
+            self._specs.append(spec)
+
+    def close(self) -> None:
+        """No job comes after those in the queue."""
+        with self._lock:
+            self._closed = True
 
     def take(self, from_back: bool = False) -> dict | None:
         with self._lock:
             return self._specs.pop(-1 if from_back else 0) if self._specs else None
 
+    def finished(self) -> bool:
+        with self._lock:
+            return self._closed and not self._specs
+
 
 def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, CompileTime]:
-    """Run `python -m aotpack.builder.compile_worker SPEC` for each job taken from `jobs`, `workers` at a time;
-    `stop` (a `threading.Event`), once set, kills the running workers and returns.
+    """Run `python -m aotpack.builder.compile_worker SPEC` for each job taken from `jobs`, `workers` at a time,
+    until the queue is closed and empty; `stop` (a `threading.Event`), once set, kills the running workers and
+    returns.
 
     Plain subprocesses rather than multiprocessing: spawn would re-run an unguarded caller script.
     Worker output goes to a log file beside the package, not a pipe: a chatty compile could fill a
@@ -163,7 +178,7 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
                 process = subprocess.Popen([sys.executable, "-m", "aotpack.builder.compile_worker", str(spec_path)],
                                            stdout=log, stderr=subprocess.STDOUT)
             running[spec["name"]] = (process, spec_path, log_path, time.perf_counter())
-        if not running:
+        if not running and jobs.finished():
             return timings
         for name, (process, spec_path, log_path, started) in list(running.items()):
             if process.poll() is None:
@@ -174,9 +189,9 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
             del running[name]
             if process.returncode != 0:
                 end_running()
-                # said now: the error itself surfaces once the compile running in this process ends (up to ~2 min)
-                report.info(f"    compiling {name} failed in its worker process; the build stops after the compile "
-                            "running in this process")
+                # said now: the error itself surfaces once the export or compile running in this process ends
+                report.info(f"    compiling {name} failed in its worker process; the build stops after the export "
+                            "or compile running in this process")
                 raise ExportError(f"compiling {name} failed in its worker process:\n{output[-3000:]}",
                                   "run with --workers 1 (or AOTPACK_DEBUG=1) to see the full error in-process")
             try:
@@ -189,18 +204,19 @@ def _run_workers(jobs: _JobQueue, workers: int, report, stop=None) -> dict[str, 
         time.sleep(0.2)
 
 
-def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict, attention: str,
+def compile_programs(jobs: Iterable[tuple], *, workers: int, inductor_configs: dict, attention: str,
                      needs_torchao: bool, report) -> dict[str, CompileTime]:
     """Compile several exported programs: `workers` at a time when > 1, else one by one in this process.
 
-    `jobs` holds (name, exported program, package path). AOTInductor spends much of a compile on one core, so
-    independent programs compile in parallel on a many-core build machine: in this process and in `workers - 1`
-    worker processes. Programs travel to the workers through `torch.export.save` without their weights' bytes
-    (`weightless.py`): saving them took ~8.6 s a GB on a 2-core machine, and an h200 package's modulation program
-    carries 6.45 GB (its 2026-12-05a build spent ~40 s outside every timed stage saving it; in 2026-12-05b it
-    compiled in this process instead, 124 s against 83-111 s in a worker, and the other 8 programs' saves took
-    6.7 s, benchmarks/results/2026-12-05b-h200-split-build/). Every program is saved; this process compiles
-    from the back of the queue (deleting those saved copies unread) while the workers take from the front.
+    `jobs` yields (name, exported program, package path), e.g. as the build exports them. AOTInductor spends much
+    of a compile on one core, so independent programs compile in parallel on a many-core build machine: in `workers
+    - 1` worker processes, each starting as soon as a job is yielded (the H200 build's 9 exports take ~15 s), and in
+    this process once `jobs` is exhausted. Programs travel to the workers through `torch.export.save` without their
+    weights' bytes (`weightless.py`): saving them took ~3.5-8.6 s a GB on a 2-core machine, and an h200 package's
+    modulation program carries 6.45 GB (its 2026-12-05a build spent ~40 s outside every timed stage saving it; in
+    2026-12-05b it compiled in this process instead, 124 s against 83-111 s in a worker, and the other 8 programs'
+    saves took 6.7 s, benchmarks/results/2026-12-05b-h200-split-build/). Every program is saved; this process
+    compiles from the back of the queue (deleting those saved copies unread) while the workers take from the front.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -208,33 +224,39 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
     from ..models.attention import attention_context
     from .weightless import save_without_weights, tensor_bytes
 
-    if workers <= 1 or len(jobs) == 1:
+    if workers <= 1:
         timings = {}
-        with attention_context(None, attention):
-            for name, exported, package_path in jobs:
-                with report.stage(f"compile {name} (AOTInductor)"):
-                    timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
-                report.info(f"    {timings[name].summary()}")
+        for name, exported, package_path in jobs:
+            with attention_context(None, attention), report.stage(f"compile {name} (AOTInductor)"):
+                timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+            report.info(f"    {timings[name].summary()}")
         return timings
-    specs, left_out_bytes = [], 0
+    report.info(f"==> compile each program as its export ends (AOTInductor: {workers - 1} worker "
+                f"process{'es' if workers > 2 else ''}, then this process too) ...")
+    queue, stop, timings, specs, in_memory = _JobQueue(), threading.Event(), {}, [], {}
+    started, save_seconds, left_out_bytes = time.perf_counter(), 0.0, 0
     try:
-        with report.stage(f"save {len(jobs)} exported programs for the workers, without their weights"):
-            for name, exported, package_path in jobs:
-                exported_path = package_path.with_suffix(".exported.pt2")
-                left_out = save_without_weights(exported, str(exported_path))
-                left_out_bytes += sum(tensor_bytes(t) for table in (exported.state_dict, exported.constants)
-                                      for n, t in table.items() if n in left_out)
-                specs.append({"name": name, "exported_path": str(exported_path), "package_path": str(package_path),
-                              "inductor_configs": program_configs(name, inductor_configs), "attention": attention,
-                              "needs_torchao": needs_torchao, "left_out": left_out})
-        report.info(f"    {left_out_bytes / 1e9:.2f} GB of weights left out of the saved programs")
-        report.info(f"==> compile {', '.join(name for name, *_ in jobs)} (AOTInductor, this process and "
-                    f"{min(workers - 1, len(jobs) - 1)} workers) ...")
-        in_memory = {name: job for name, *job in jobs}
-        queue, started, stop, timings = _JobQueue(specs), time.perf_counter(), threading.Event(), {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             in_workers = pool.submit(_run_workers, queue, workers - 1, report, stop)
             try:
+                for name, exported, package_path in jobs:  # the build exports the next program meanwhile
+                    saving = time.perf_counter()
+                    exported_path = package_path.with_suffix(".exported.pt2")
+                    left_out = save_without_weights(exported, str(exported_path))
+                    save_seconds += time.perf_counter() - saving
+                    left_out_bytes += sum(tensor_bytes(t) for table in (exported.state_dict, exported.constants)
+                                          for n, t in table.items() if n in left_out)
+                    specs.append({"name": name, "exported_path": str(exported_path),
+                                  "package_path": str(package_path),
+                                  "inductor_configs": program_configs(name, inductor_configs),
+                                  "attention": attention, "needs_torchao": needs_torchao, "left_out": left_out})
+                    in_memory[name] = (exported, package_path)
+                    queue.put(specs[-1])
+                    if in_workers.done():  # a worker failed: its error is raised below, no further export
+                        break
+                queue.close()
+                report.info(f"    {len(specs)} programs saved for the workers in {save_seconds:.1f} s, "
+                            f"{left_out_bytes / 1e9:.2f} GB of weights left out")
                 with attention_context(None, attention):
                     while not in_workers.done() and (spec := queue.take(from_back=True)) is not None:
                         Path(spec["exported_path"]).unlink(missing_ok=True)
@@ -244,9 +266,11 @@ def compile_programs(jobs: list[tuple], *, workers: int, inductor_configs: dict,
             except BaseException:
                 stop.set()
                 raise
+            finally:
+                getattr(jobs, "close", lambda: None)()  # a generator left early ends its exports' contexts
             timings.update(in_workers.result())  # a worker's failure raises here
     finally:
         for spec in specs:
             Path(spec["exported_path"]).unlink(missing_ok=True)
-    report.info(f"    all programs compiled in {time.perf_counter() - started:.1f} s")
+    report.info(f"    all programs compiled {time.perf_counter() - started:.1f} s after the first export began")
     return timings
