@@ -146,6 +146,22 @@ def test_a_failed_export_ends_the_running_workers_and_their_files(tmp_path, star
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_one_worker_compiles_each_program_here_as_its_export_ends(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(compile_stage, "compile_program", lambda exported, package_path, configs:
+                        events.append(f"compile {package_path.stem}") or CompileTime(0.0, 0.0))
+
+    def exports():
+        for name in ("first", "second"):
+            events.append(f"export {name}")
+            yield name, exported_linear(4), tmp_path / f"{name}.pt2"
+
+    seconds = compile_programs(exports(), workers=1, inductor_configs={}, attention="sdpa", needs_torchao=False,
+                               report=Progress(enabled=False))
+    assert events == ["export first", "compile first", "export second", "compile second"]
+    assert sorted(seconds) == ["first", "second"] and list(tmp_path.iterdir()) == []  # no file saved for a worker
+
+
 def test_a_worker_timing_is_read_past_lines_printed_after_it():
     timing = CompileTime(12.5, 3.25, {"compile_file": 7.0})
     log = f"warning: something\n{timing.to_json()}\nan atexit message\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aotpack.builder.compile import compile_program, compile_saved_program
-from aotpack.builder.weightless import give_empty_weights, save_without_weights, tensor_bytes
+from aotpack.builder.weightless import give_empty_weights, save_for_compile, save_without_weights, tensor_bytes
 
 
 class TwoLinears(torch.nn.Module):
@@ -117,3 +117,14 @@ def test_the_threshold_decides_what_travels(tmp_path, min_bytes):
     exported = torch.export.export(TwoLinears(), (torch.randn(4, 256),))
     left_out = save_without_weights(exported, str(tmp_path / "p.pt2"), min_bytes=min_bytes)
     assert (len(left_out) == 5) if min_bytes == 1 else (left_out == {})
+
+
+def test_a_compile_that_folds_weights_gets_them_whole(tmp_path):
+    """Inductor's freezing (or runtime constant folding) computes new constants from the weights' values: a
+    recipe that sets it must not get stand-ins."""
+    exported = torch.export.export(TwoLinears(), (torch.randn(4, 256),))
+    assert len(save_for_compile(exported, str(tmp_path / "a.pt2"), {"max_autotune": False})) == 2
+    assert save_for_compile(exported, str(tmp_path / "b.pt2"), {"freezing": True}) == {}
+    folding = {"aot_inductor.use_runtime_constant_folding": True}
+    assert save_for_compile(exported, str(tmp_path / "c.pt2"), folding) == {}
+    assert (tmp_path / "b.pt2").stat().st_size > 1_000_000 > (tmp_path / "a.pt2").stat().st_size

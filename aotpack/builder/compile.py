@@ -218,19 +218,33 @@ def compile_programs(jobs: Iterable[tuple], *, workers: int, inductor_configs: d
     saves took 6.7 s, benchmarks/results/2026-12-05b-h200-split-build/). Every program is saved; this process
     compiles from the back of the queue (deleting those saved copies unread) while the workers take from the front.
     """
+    try:
+        if workers <= 1:
+            return _compile_here_one_by_one(jobs, inductor_configs, attention, report)
+        return _compile_in_workers_and_here(jobs, workers, inductor_configs, attention, needs_torchao, report)
+    finally:
+        getattr(jobs, "close", lambda: None)()  # a generator left early (a failure) ends its exports' contexts
+
+
+def _compile_here_one_by_one(jobs, inductor_configs: dict, attention: str, report) -> dict[str, CompileTime]:
+    from ..models.attention import attention_context
+
+    timings = {}
+    for name, exported, package_path in jobs:
+        with attention_context(None, attention), report.stage(f"compile {name} (AOTInductor)"):
+            timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
+        report.info(f"    {timings[name].summary()}")
+    return timings
+
+
+def _compile_in_workers_and_here(jobs, workers: int, inductor_configs: dict, attention: str, needs_torchao: bool,
+                                 report) -> dict[str, CompileTime]:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models.attention import attention_context
-    from .weightless import save_without_weights, tensor_bytes
+    from .weightless import save_for_compile, tensor_bytes
 
-    if workers <= 1:
-        timings = {}
-        for name, exported, package_path in jobs:
-            with attention_context(None, attention), report.stage(f"compile {name} (AOTInductor)"):
-                timings[name] = compile_program(exported, package_path, program_configs(name, inductor_configs))
-            report.info(f"    {timings[name].summary()}")
-        return timings
     report.info(f"==> compile each program as its export ends (AOTInductor: {workers - 1} worker "
                 f"process{'es' if workers > 2 else ''}, then this process too) ...")
     queue, stop, timings, specs, in_memory = _JobQueue(), threading.Event(), {}, [], {}
@@ -242,14 +256,15 @@ def compile_programs(jobs: Iterable[tuple], *, workers: int, inductor_configs: d
                 for name, exported, package_path in jobs:  # the build exports the next program meanwhile
                     saving = time.perf_counter()
                     exported_path = package_path.with_suffix(".exported.pt2")
-                    left_out = save_without_weights(exported, str(exported_path))
+                    configs = program_configs(name, inductor_configs)
+                    left_out = save_for_compile(exported, str(exported_path), configs)
                     save_seconds += time.perf_counter() - saving
                     left_out_bytes += sum(tensor_bytes(t) for table in (exported.state_dict, exported.constants)
                                           for n, t in table.items() if n in left_out)
                     specs.append({"name": name, "exported_path": str(exported_path),
                                   "package_path": str(package_path),
-                                  "inductor_configs": program_configs(name, inductor_configs),
-                                  "attention": attention, "needs_torchao": needs_torchao, "left_out": left_out})
+                                  "inductor_configs": configs, "attention": attention,
+                                  "needs_torchao": needs_torchao, "left_out": left_out})
                     in_memory[name] = (exported, package_path)
                     queue.put(specs[-1])
                     if in_workers.done():  # a worker failed: its error is raised below, no further export
@@ -266,8 +281,6 @@ def compile_programs(jobs: Iterable[tuple], *, workers: int, inductor_configs: d
             except BaseException:
                 stop.set()
                 raise
-            finally:
-                getattr(jobs, "close", lambda: None)()  # a generator left early ends its exports' contexts
             timings.update(in_workers.result())  # a worker's failure raises here
     finally:
         for spec in specs:

@@ -10,8 +10,9 @@ Small tensors keep their values: Inductor may read a one-element constant (it fo
 a tiny one into the code. The build's validation runs every compiled program on the real weights, which
 would catch a program that had baked in a stand-in's value.
 
-What it saves: writing a program's weights took ~8.6 s a GB on a 2-core machine (2026-12-05), and the H200
-build's modulation program carries 6.45 GB (~40 s outside every timed stage of its 2026-12-05a build).
+What it saves: writing a program's weights took 3.5-5.4 s a GB on the 2-core CPU machine (1 and 3 GB,
+`scripts/probe_weightless_save.py`, 2026-12-05; 8.6 s a GB in an earlier measurement), the weightless save 0.00 s,
+and the H200 build's modulation program carries 6.45 GB (~40 s outside every timed stage of its 2026-12-05a build).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # Tensors below this many bytes travel with their values (see the module docstring); weights are far larger.
 MIN_WEIGHTLESS_BYTES = 64 * 1024
+# Inductor settings under which a compile reads weight values (it folds weights into new constants): a recipe
+# that sets one saves its programs whole.
+READS_WEIGHT_VALUES = ("freezing", "aot_inductor.use_runtime_constant_folding")
+
+
+def compile_reads_weights(inductor_configs: dict) -> bool:
+    """Whether a compile under `inductor_configs` reads weight values, so the weights must travel."""
+    return any(inductor_configs.get(name) for name in READS_WEIGHT_VALUES)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -71,6 +80,13 @@ def save_without_weights(exported, path: str, min_bytes: int = MIN_WEIGHTLESS_BY
     with weights_left_out(exported, min_bytes) as left_out:
         torch.export.save(exported, path)
     return left_out
+
+
+def save_for_compile(exported, path: str, inductor_configs: dict) -> dict[str, str]:
+    """`save_without_weights`, unless a compile under `inductor_configs` reads weight values: then whole (nothing
+    left out)."""
+    return save_without_weights(exported, path, min_bytes=float("inf") if compile_reads_weights(inductor_configs)
+                                else MIN_WEIGHTLESS_BYTES)
 
 
 def give_empty_weights(exported, left_out: dict[str, str]) -> None:
