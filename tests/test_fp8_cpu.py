@@ -81,7 +81,11 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     assert manifest.quantization["unquantized_linears"] == MODULATION
     # the lowest format that says so: an aotpack before format 2 refuses the package instead of quantizing them
     assert manifest.format_version == 2 == format_version_for(manifest.quantization)
-    assert "not quantized: *.norm1.linear, *.norm1_context.linear" in format_manifest(manifest)  # `aotpack inspect`
+    shown = format_manifest(manifest)  # `aotpack inspect`
+    assert "not quantized: *.norm1.linear, *.norm1_context.linear" in shown
+    # every program's own compile time, the no-slot twins' and the merge program's included
+    for name, seconds in manifest.build["compile_seconds"].items():
+        assert any(line.split()[:1] == [name] and line.endswith(f"  {seconds}") for line in shown.splitlines()), name
     assert {"body.norm1.linear.base.weight", "body.norm1_context.linear.base.weight"} <= set(block.constants)
     assert not any(c.endswith("base.bias") for c in block.constants)  # the slot owns the bias
     # its no-slot twin (what runs with no LoRA): no LoRA inputs, and the bias still added after the FP8

@@ -41,11 +41,7 @@ def format_manifest(manifest: Manifest) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {val}" for k, val in rows]
     lines.append("")
-    lines.append(f"{'program':<14} {'file':<20} {'instances':>9} {'slots':>6} {'constants':>9}  compile s")
-    for p in manifest.programs:
-        seconds = manifest.build.get("compile_seconds", {}).get(p.kind, "")
-        lines.append(f"{p.name:<14} {p.file:<20} {len(p.instances):>9} {len(p.slots):>6} {len(p.constants):>9}  "
-                     f"{seconds}")
+    lines += _program_table(manifest)
     lines.append("")
     for name, digest in manifest.files.items():
         lines.append(f"sha256 {digest}  {name}")
@@ -60,3 +56,22 @@ def _quantization(record: dict) -> str:
         return (f"{record['method']} ({config.get('_type', 'torchao config')}, torchao {record.get('torchao_version')})"
                 f"{kept}")
     return str(config or record["method"]) + kept
+
+
+def _program_table(manifest: Manifest) -> list[str]:
+    """One row per program (a no-slot twin by its own name), then the merge programs, with each one's compile
+    time as the build recorded it."""
+    seconds = manifest.build.get("compile_seconds", {})
+    rows = [(p.name, p.file, str(len(p.instances)), str(len(p.slots)), str(len(p.constants)))
+            for p in manifest.programs]
+    for file in (manifest.merge_program, manifest.merge_by_address_program):
+        if file:
+            rows.append((file.removesuffix(".pt2"), file, "", "", ""))
+    header = ("program", "file", "instances", "slots", "constants")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row, compile_s):
+        counts = " ".join(f"{value:>{width}}" for value, width in zip(row[2:], widths[2:]))
+        return f"{row[0]:<{widths[0]}} {row[1]:<{widths[1]}} {counts}  {compile_s}"
+
+    return [line(header, "compile s")] + [line(row, seconds.get(row[0], "")) for row in rows]
