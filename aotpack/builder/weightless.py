@@ -59,7 +59,7 @@ def _tables(exported) -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
-def weights_left_out(exported, min_bytes: int = MIN_WEIGHTLESS_BYTES):
+def weights_left_out(exported, min_bytes: float = MIN_WEIGHTLESS_BYTES):
     """Within the block, every tensor of `exported` of at least `min_bytes` is a meta stand-in; yields
     {name: device} of those (what `give_empty_weights` needs). The program is restored on the way out."""
     swapped = {}
@@ -75,7 +75,7 @@ def weights_left_out(exported, min_bytes: int = MIN_WEIGHTLESS_BYTES):
             table[name] = tensor
 
 
-def save_without_weights(exported, path: str, min_bytes: int = MIN_WEIGHTLESS_BYTES) -> dict[str, str]:
+def save_without_weights(exported, path: str, min_bytes: float = MIN_WEIGHTLESS_BYTES) -> dict[str, str]:
     """`torch.export.save` of `exported` with its large tensors left out; returns {name: device} of those."""
     with weights_left_out(exported, min_bytes) as left_out:
         torch.export.save(exported, path)
