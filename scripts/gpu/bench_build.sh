@@ -15,9 +15,14 @@ while read -r label settings; do
   caches=/tmp/build-caches/$label package=/tmp/build-$label
   rm -rf "$caches" "$package"
   started=$(date +%s)
+  # AOTPACK_TREE=DIR among a line's settings builds with the aotpack found in DIR (e.g. an older commit's, made by
+  # `git archive COMMIT aotpack | tar -x -C artifacts/old-COMMIT` and carried): an A/B of two versions in one call
+  tree=$PWD
+  for word in $settings; do case $word in AOTPACK_TREE=*) tree=$PWD/${word#AOTPACK_TREE=} ;; esac; done
   # shellcheck disable=SC2086  # settings: VAR=VALUE words for env
-  env TORCHINDUCTOR_CACHE_DIR="$caches/inductor" TRITON_CACHE_DIR="$caches/triton" $settings \
-    python3 -m aotpack build --model random:flux-dev --target h200 --out "$package" > "$OUT/$label.log" 2>&1
+  (cd "$tree" && env PYTHONPATH="$tree:/tmp/site" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
+    TRITON_CACHE_DIR="$caches/triton" $settings \
+    python3 -m aotpack build --model random:flux-dev --target h200 --out "$package") > "$OUT/$label.log" 2>&1
   status=$?
   echo "build $label (${settings:-as the CLI runs it}): exit $status after $(( $(date +%s) - started )) s" \
     | tee -a "$OUT/builds.txt"
