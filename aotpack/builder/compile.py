@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,7 +87,12 @@ def compile_program(exported, package_path: Path, inductor_configs: dict) -> Com
     started, cpu_started, phases_before = time.perf_counter(), time.thread_time(), _phase_counts()
     configs = {**inductor_configs, **BASE_INDUCTOR_CONFIGS}
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path), inductor_configs=configs)
+        with warnings.catch_warnings():
+            # torch 2.13 copies the program's pytree specs through its own deprecated LeafSpec check: one warning a
+            # compile, about torch's code, not the user's
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path),
+                                                     inductor_configs=configs)
     except Exception as err:
         raise ExportError(
             f"AOTInductor failed to compile {package_path.name}: {type(err).__name__}: {str(err)[:2000]}",
