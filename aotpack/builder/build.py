@@ -204,8 +204,8 @@ def default_compile_workers(device: str) -> int:
     GPU builds: two cores per worker process (Inductor's codegen is mostly single-threaded), plus the build's
     own process. An h200 package has 9 programs; on the 16-core H200 machine 8 at once left one job waiting for a
     free worker: compile stage 178.4 s of a 227 s build (2026-12-05b, the waiting job 59 s after a worker's ~90).
-    9 at once: 161.0 s, and 159.3 s with weightless saves (weightless.py) and exports feeding the workers (H200,
-    2026-12-05c, benchmarks/results/2026-12-05c-h200-weightless-build/).
+    9 at once: 161.0 s (758c4c7), and 159.3 s with weightless saves (weightless.py) and exports feeding the
+    workers (H200, 2026-12-05c, benchmarks/results/2026-12-05c-h200-weightless-build/).
     CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
     package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os
