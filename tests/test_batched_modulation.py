@@ -3,6 +3,8 @@ taking its rows. A real package built on the CPU, compared with diffusers' eager
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import pytest
@@ -315,5 +317,15 @@ def test_fp8_package_with_the_lever_takes_rows_once_an_image_and_merges(fp8_pack
     merged = latents(served)
     effect = rel_error(slots, base)
     assert served.transformer.merged and effect > 1e-2 and rel_error(merged, slots) < 0.25 * effect
+    served.set_loras([])
+    assert torch.equal(latents(served), base)
+    # a partial merge (merge_share.py): the modulation linears are no block's own, so they stay in slots
+    modes = served.transformer.lora_modes
+    modes.auto.policy = dataclasses.replace(modes.auto.policy, share=0.5)
+    served.set_loras(lora, merge=True)
+    in_slots = {name for name, rank in served.transformer.bank.used_rank.items() if rank}
+    assert served.transformer.merged_blocks and any(name.endswith("norm1.linear") for name in in_slots)
+    partial = latents(served)
+    assert rel_error(partial, slots) < 0.25 * effect
     served.set_loras([])
     assert torch.equal(latents(served), base)

@@ -153,6 +153,43 @@ def test_speed_merge_sweep_reports_the_check_beside_merged_over_slots(served_tin
     assert "| 0.005 | 0.332 / 1.783 | 0.673 | 1.112 | 7.1 |" in _sweep_markdown(data)
 
 
+def test_speed_partial_merges_time_each_share_and_report_it_beside_slots_and_merged(served_tiny, demo_loras):
+    """`merge_shares.measure` (the speed bench's `--merge-shares`): per share, the blocks it folded, merge and
+    unmerge time and the bench's own row (step, error, fidelity) for that state; the report's table puts them between
+    slots and the whole merge. The policy and the base weights are as before afterwards."""
+    from test_merge import _inputs
+
+    from aotpack.bench import merge_shares
+    from aotpack.bench.speed import Profiles, _mode, _out
+
+    transformer = served_tiny.transformer
+    policy, inputs = transformer.lora_modes.auto.policy, _inputs(served_tiny)
+    lora = [(demo_loras["tiny-style-all"], 0.8)]
+    served_tiny.set_loras([])
+    base = _out(transformer, inputs)
+    served_tiny.set_loras(lora)
+    refs = {64: {"base": base, "lora": _out(transformer, inputs)}}  # the slots as the reference: partial = slots
+    slots = _mode(transformer, {64: inputs}, "cpu", 2, refs, {64: base}, Profiles(None))
+
+    def plain():
+        return _mode(transformer, {64: inputs}, "cpu", 2, refs, {64: base}, Profiles(None))
+
+    rows = merge_shares.measure(served_tiny, lora, [0.5, 0.25], "cpu", plain, lambda size: {})
+    assert transformer.lora_modes.auto.policy == policy and transformer.bank.is_empty
+    assert torch.equal(_out(transformer, inputs), base)
+    half = rows["0.5"]
+    # tiny-style-all touches all 50 slotted linears: one double (14) and one single block (6) fold, the rest in slots
+    assert half["blocks"] == 4 and half["blocks_folded"] == 2 and half["layers_folded"] == 20
+    assert half["layers_in_slots"] == 30
+    assert half["merge_ms"] > 0 and half["unmerge_ms"] > 0
+    row = half["sizes"][64]
+    assert row["variant"].startswith("slots+merged:") and row["lora_fidelity_error"] <= 1e-4
+    assert "_output" not in row
+    lines = merge_shares.markdown(rows, {"slots": slots}, {})
+    assert lines[-3].startswith("| 0 (slots) | none | 64 |")
+    assert lines[-2].startswith("| 0.5 | 2 / 4 | 64 |") and lines[-1].startswith("| 0.25 | 1 / 4 | 64 |")
+
+
 def test_precise_reference_is_the_same_sweep_on_the_upcast_model(demo_loras):
     """`precise_sweep` runs the sweep's LoRAs on the eager model upcast (float64 from the CPU's float32): against
     it the float32 model's LoRA effect is at full strength to 1e-4, the effect is well above that, and the report's

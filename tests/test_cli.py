@@ -120,8 +120,9 @@ def test_run_merge_passes_merge_to_set_loras(tiny_package, demo_loras, monkeypat
     original = AotpackPipeline.set_loras
 
     def spy(self, loras=(), **kwargs):
-        seen.append((kwargs["merge"], self.transformer.lora_modes.auto.policy))
-        return original(self, loras, **kwargs)
+        result = original(self, loras, **kwargs)
+        seen.append((kwargs["merge"], self.transformer.lora_modes.auto.policy, bool(self.transformer.merged_blocks)))
+        return result
 
     monkeypatch.setattr(AotpackPipeline, "set_loras", spy)
     args = ["run", tiny_package, "--prompt", "a cat", "--steps", 1, "--height", 64, "--width", 64,
@@ -129,10 +130,14 @@ def test_run_merge_passes_merge_to_set_loras(tiny_package, demo_loras, monkeypat
     assert invoke(*args, "--merge").exit_code == 0
     assert invoke(*args).exit_code == 0
     assert invoke(*args, "--no-merge", "--merge-policy", "always").exit_code == 0
+    assert invoke(*args, "--merge", "--merge-share", 0.5).exit_code == 0  # half the blocks folded, half in slots
     never, always = MergePolicy(None), MergePolicy(0)  # "auto" on the CPU is never: its costs were not measured
-    assert seen == [(True, never), (None, never), (False, always)]
+    assert seen == [(True, never, False), (None, never, False), (False, always, False),
+                    (True, MergePolicy(None, 0.5), True)]
     bad = invoke(*args, "--merge-policy", "sometimes")
     assert bad.exit_code == 2 and "'sometimes' is not one of" in bad.output
+    bad = invoke(*args, "--merge-share", 0)
+    assert bad.exit_code == 2 and "--merge-share" in bad.output and "0<x<=1" in bad.output
 
 
 def test_cuda_graphs_on_a_cpu_package_fail_with_the_fix(tiny_package):

@@ -23,7 +23,7 @@ from ..machine.cublaslt import WORKSPACE_VARIABLE, use_no_cublaslt_workspace
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
-from . import images, timing
+from . import images, merge_shares, timing
 from .compare import Report, recipe_transformer, shared_workload
 from .fidelity import conditioning_as, effect_strength, lora_effect_error, upcast_dtype
 from .loras import write_bench_loras
@@ -184,7 +184,7 @@ def _mode(model, workloads, device, repeats, refs, base_outputs, profiles: Profi
 
 
 def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, profiles: Profiles,
-                  sweep: dict | None = None) -> dict:
+                  sweep: dict | None = None, shares=()) -> dict:
     import aotpack
 
     resident_gb = reset_peak_memory(device)
@@ -254,6 +254,12 @@ def aotpack_modes(package, model_ref, device, workloads, loras, refs, repeats, p
     except Exception as err:  # noqa: BLE001 -- recorded, the other modes still count
         merge["error"] = f"{type(err).__name__}: {err}"[:500]
     result["merge"] = merge
+    if shares:  # partial merges (runtime/merge_share.py), no breakdowns of their own
+        result["partial_merges"] = merge_shares.measure(
+            served, lora, shares, device,
+            lambda: _mode(served.transformer, workloads, device, repeats, refs, base_outputs, Profiles(None)),
+            lambda size: {"step": _step(served.transformer, workloads[size], device, repeats),
+                          "variant": served.transformer.last_variant})
     if sweep:
         first = next(iter(workloads))
         output = lambda: _out(served.transformer, workloads[first])
@@ -374,7 +380,8 @@ def recipe(name, dtype, device, workloads, loras, refs, repeats, profiles: Profi
 
 def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_dir: Path, skip_recipe=False,
         repeats: int = 10, build: dict | None = None, lora_std: float = 0.02, batch: int = 1,
-        fidelity_stds=(), recipe_compile_mode: str | None = None, precise_reference: bool = False) -> dict:
+        fidelity_stds=(), recipe_compile_mode: str | None = None, precise_reference: bool = False,
+        merge_shares_to_time=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "speed.json")
     ref = parse_model_ref(model)
@@ -398,7 +405,7 @@ def run(package: str, model: str, out: Path, *, sizes, text_tokens: int, lora_di
             "fidelity_sweep": {std: row["vs_precise"] for std, row in refs["sweep"].items()}}
     report["eager_bf16_peft"] = eager_row
     report["aotpack"] = _strip(aotpack_modes(package, model, device, workloads, loras, refs, repeats, profiles,
-                                             sweep))
+                                             sweep, merge_shares_to_time))
     if not skip_recipe:
         try:
             report["recipe"] = _strip(recipe(ref.location, dtype, device, workloads, loras, refs, repeats,
@@ -516,6 +523,7 @@ def markdown(data: dict) -> str:
         if graphs.get("error"):
             lines.append(f"\nCUDA graphs failed: {graphs['error']}")
     lines += images.markdown(ours.get("images"), (recipe_data or {}).get("sizes") or {}, setup["lora"])
+    lines += merge_shares.markdown(ours.get("partial_merges"), ours, (recipe_data or {}).get("sizes") or {})
     lines += _sweep_markdown(data)
     merge = ours.get("merge", {})
     lines += ["", f"Merge r64-all: {merge}", "",
@@ -618,6 +626,9 @@ def main(argv=None) -> None:
                              "same weights with far less rounding, for LoRAs whose effect nears bf16's own noise")
     parser.add_argument("--recipe-compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
                         default="default", help="torch.compile mode of the recipe (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--merge-shares", default="",
+                        help="comma-separated merge shares below 1 to time as partial merges beside the whole one "
+                             "(runtime/merge_share.py), e.g. 0.3,0.5,0.7")
     parser.add_argument("--build-json", type=Path, help="a JSON file with build facts to record (seconds, MB)")
     args = parser.parse_args(argv)
     if args.precise_reference and not args.fidelity_stds:
@@ -631,7 +642,8 @@ def main(argv=None) -> None:
         lora_std=args.lora_std, batch=args.batch,
         fidelity_stds=[float(s) for s in args.fidelity_stds.split(",") if s],
         recipe_compile_mode=None if args.recipe_compile_mode == "default" else args.recipe_compile_mode,
-        precise_reference=args.precise_reference)
+        precise_reference=args.precise_reference,
+        merge_shares_to_time=[float(s) for s in args.merge_shares.split(",") if s])
 
 
 if __name__ == "__main__":

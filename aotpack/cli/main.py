@@ -10,7 +10,7 @@ import click
 
 from ..machine.cublaslt import use_no_cublaslt_workspace
 from ..recipes.recipe import ATTENTION_BACKENDS
-from .options import merge_policy_option
+from .options import merge_policy_option, merge_share_option
 from .output import DEBUG, configure_logging, quiet_libraries
 
 logger = logging.getLogger("aotpack.cli")
@@ -144,6 +144,7 @@ def targets():
               help="Fold the LoRAs into the weights now (faster steps, ~0.1 s switch) or keep them in slots "
                    "(default: as --merge-policy decides).")
 @merge_policy_option
+@merge_share_option
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=1024, show_default=True)
@@ -158,7 +159,7 @@ def targets():
               help="Replay each step from a CUDA graph captured per shape (default: on where it applies: a CUDA "
                    "package of regional programs, on one GPU or every rank of --gpus N).")
 def run(package, model, revision, prompt, requests_file, jobs_file, report_file, loras, fit, merge, merge_policy,
-        steps, height, width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
+        merge_share, steps, height, width, guidance, max_sequence_length, seed, out, save_latents, gpus, cuda_graphs):
     """Generate images with a package, switching LoRAs per request without recompiling.
 
     Every request is checked before the first runs; a failing request is reported and the others still
@@ -225,13 +226,13 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
         from ..runtime.parallel import generate
 
         outcomes = generate(package_dir, model, requests, gpus=gpus, revision=revision, cuda_graphs=cuda_graphs,
-                            merge_policy=merge_policy)
+                            merge_policy=merge_policy, merge_share=merge_share)
         logger.info("%d ranks loaded and ran in %.2f s", gpus, time.perf_counter() - started)
         for outcome in outcomes:
             show(outcome)
     else:
         served = load_package(package_dir, model, revision=revision, progress=True, cuda_graphs=cuda_graphs,
-                              merge_policy=merge_policy)
+                              merge_policy=merge_policy, merge_share=merge_share)
         logger.info("package loaded in %.2f s", time.perf_counter() - started)
         outcomes = run_jobs(served, requests, on_outcome=show, progress=bar, debug=DEBUG)
     failed = [o for o in outcomes if not o.ok]

@@ -10,3 +10,8 @@ merge_policy_option = click.option(
     "--merge-policy", type=click.Choice(POLICY_NAMES), default="auto", show_default=True,
     help="When a LoRA set in slots is folded into the weights unasked: auto = once its steps pay for the merge "
          "(CUDA; measured break-even), never, or always.")
+
+merge_share_option = click.option(
+    "--merge-share", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+    help="Share of a LoRA set's block weights that a merge folds in (asked or by --merge-policy); the rest stays "
+         "in slots. Below 1: less FP8 re-rounding of the LoRA, for part of the merge's speed (docs/merging.md).")

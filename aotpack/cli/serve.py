@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import merge_policy_option
+from .options import merge_policy_option, merge_share_option
 
 
 @click.command()
@@ -27,12 +27,13 @@ from .options import merge_policy_option
 @click.option("--no-prefetch", is_flag=True, help="Parse the next batch's adapters only at the switch.")
 @click.option("--cache-gb", type=float, default=None, help="Adapter cache budget on the device (default 4 GiB).")
 @merge_policy_option
+@merge_share_option
 @click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (extra aotpack[ray]).")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas (one GPU each).")
 @click.option("--max-replicas", type=int, default=None,
               help="With --ray: autoscale by queue length from --replicas up to this many.")
 def serve(package, model, revision, host, port, adapter_dirs, adapters, token, max_queue, max_wait, policy,
-          request_timeout, no_prefetch, cache_gb, merge_policy, use_ray, replicas, max_replicas):
+          request_timeout, no_prefetch, cache_gb, merge_policy, merge_share, use_ray, replicas, max_replicas):
     """Serve a package over HTTP: POST /v1/images/generations (OpenAI Images shape + loras), /v1/adapters,
     /healthz, /readyz, /metrics."""
     from .output import quiet_libraries
@@ -52,7 +53,8 @@ def serve(package, model, revision, host, port, adapter_dirs, adapters, token, m
 
     options = ServeOptions(max_queue=max_queue, max_wait_s=max_wait, policy=policy,
                            request_timeout_s=request_timeout, prefetch=not no_prefetch, token=token,
-                           cache_budget_bytes=int(cache_gb * 2**30) if cache_gb else None, merge_policy=merge_policy)
+                           cache_budget_bytes=int(cache_gb * 2**30) if cache_gb else None, merge_policy=merge_policy,
+                           merge_share=merge_share)
     if use_ray:
         from ..serve.ray_app import run_ray
 

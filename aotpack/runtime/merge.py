@@ -42,6 +42,7 @@ import torch
 
 from .merge_check import estimate_merge
 from .merge_policy import AutoMerge, MergePolicy
+from .merge_share import blocks_to_merge
 from .merge_stacks import shape_groups, stacked_factors
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,21 @@ class LoRAModes:
         weights = {name: self._layer_weight(name) for name, parts in layers.items() if parts}
         return weights, [s for weight in weights.values() for s in _weight_storages(weight)]
 
+    def _split(self, layers: dict[str, list[tuple]]) -> tuple[dict, dict, frozenset]:
+        """The set's layers to fold, those left in slots, and the blocks whose no-slot programs then run (empty:
+        a whole merge). Below a share of 1 (the policy's `share`, merge_share.py) only some blocks' layers fold;
+        layers outside the blocks (embedders, modulation, output) stay in slots then."""
+        share = self.auto.policy.share
+        blocks = self.transformer.mergeable_blocks() if share < 1 and hasattr(self.transformer,
+                                                                                "mergeable_blocks") else []
+        if not blocks:
+            return layers, {}, frozenset()
+        touched = {name: self._layer_weight(name).numel() for name, parts in layers.items() if parts}
+        chosen = blocks_to_merge(blocks, touched, share)
+        folded = {name for key, names in blocks if key in chosen for name in names}
+        return ({name: parts for name, parts in layers.items() if name in folded},
+                {name: parts for name, parts in layers.items() if name not in folded}, frozenset(chosen))
+
     @torch.no_grad()
     def enter(self, layers: dict[str, list[tuple]], *, merge: bool | None) -> None:
         """Make `layers` live: merged (`merge=True`), in slots (False), or in slots that the policy may merge
@@ -323,12 +339,18 @@ class LoRAModes:
             gains = getattr(self.transformer, "has_no_slot_programs", True)
             self.auto.track(layers if merge is None and gains else None)
             return
-        weights, storages = self._merge_targets(layers)
-        estimate = self._estimate(layers, weights)
+        fold, rest, blocks = self._split(layers)
+        weights, storages = self._merge_targets(fold)
+        if not weights:  # a share too small to fold one block of this set
+            logger.info("merge share %g folds none of this LoRA set's blocks: it runs in slots",
+                        self.auto.policy.share)
+            self.enter(layers, merge=False)
+            return
+        estimate = self._estimate(fold, weights)
         if estimate is not None and not estimate.faithful:  # asked for: merged all the same, but not silently
             logger.warning("merging the LoRA set as asked, though %s; merge=False (--no-merge) keeps it in slots, "
                            "at its full strength", estimate.describe())
-        self._merge(layers, weights, storages)
+        self._merge(fold, weights, storages, rest, blocks)
 
     def _estimate(self, layers: dict[str, list[tuple]], weights: dict):
         """How much of the set a merge into these weights keeps (merge_check.py); None: no FP8 weight touched."""
@@ -345,9 +367,11 @@ class LoRAModes:
         self.last_estimate_seconds = time.perf_counter() - started
         return self.last_merge_estimate
 
-    def _merge(self, layers: dict[str, list[tuple]], weights: dict, flat: list[torch.Tensor]) -> None:
-        """Fold `layers` into `weights` (whose storages are `flat`), the originals saved first."""
-        self.transformer.bank.write({})
+    def _merge(self, layers: dict[str, list[tuple]], weights: dict, flat: list[torch.Tensor], rest: dict | None = None,
+               blocks: frozenset = frozenset()) -> None:
+        """Fold `layers` into `weights` (whose storages are `flat`), the originals saved first; `rest` (a partial
+        merge, `_split`) goes into the slots, and `blocks` run their no-slot programs."""
+        self.transformer.bank.write(rest or {})
         started = time.perf_counter()
         self.merged_layers = list(weights)
         keep = self._keep_device(flat)
@@ -374,7 +398,10 @@ class LoRAModes:
             raise
         # host seconds of the two phases (no device sync): where a slow merge spends its time
         self.last_merge_seconds = {"save": saved - started, "fold": time.perf_counter() - saved}
-        self.transformer.merged = True
+        if blocks:
+            self.transformer.merged_blocks = blocks
+        else:
+            self.transformer.merged = True
 
     def before_step(self, tokens: int) -> None:
         """Called before each step over `tokens` tokens: merge the tracked set when the policy says it pays.
@@ -386,12 +413,16 @@ class LoRAModes:
             return
         comm = getattr(self.transformer, "context_parallel", None)
         agree = comm.all_agree if comm is not None else bool
-        weights, storages = self._merge_targets(layers)
+        fold, rest, blocks = self._split(layers)
+        weights, storages = self._merge_targets(fold)
         in_place = not storages or self._keep_device(storages) == storages[0].device
-        estimate = self._estimate(layers, weights) if in_place else None  # declined here either way: no check
+        estimate = self._estimate(fold, weights) if in_place and weights else None  # declined either way: no check
         weakened = estimate is not None and not estimate.faithful
-        if not agree(in_place and not weakened):  # one all-reduce for both reasons
-            if weakened:
+        if not agree(in_place and not weakened and bool(weights)):  # one all-reduce for every reason
+            if not weights:
+                logger.info("merge share %g folds none of this LoRA set's blocks: it stays in slots",
+                            self.auto.policy.share)
+            elif weakened:
                 logger.warning("not merging the LoRA set unasked: %s; it stays in slots, at its full strength "
                                "(merge=True / --merge merges it anyway)", estimate.describe())
                 self.auto.declined += 1
@@ -403,7 +434,7 @@ class LoRAModes:
         counted = self.auto.token_steps_run
         failure = None
         try:
-            self._merge(layers, weights, storages)  # from slots (the tracked set): nothing to leave first
+            self._merge(fold, weights, storages, rest, blocks)  # from slots (the tracked set): nothing to leave first
         except Exception as err:  # noqa: BLE001 -- _merge restored the base weights; the slots come back
             failure = f"{type(err).__name__}: {err}"
         if not agree(failure is None):
@@ -421,6 +452,11 @@ class LoRAModes:
                 restore.run()
             self.merged_layers, self._restore = [], []
             self.transformer.merged = False
+            if getattr(self.transformer, "merged_blocks", None):
+                self.transformer.merged_blocks = frozenset()
+            if not self.transformer.bank.is_empty:  # a partial merge's rest (merge_share.py), also after a failed fold
+                self.mode = NONE  # so that the bank's write below does not leave again
+                self.transformer.bank.write({})
         elif self.mode == SLOTS:
             self.transformer.bank.write({})
         self.mode = NONE

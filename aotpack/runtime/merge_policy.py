@@ -26,6 +26,7 @@ import dataclasses
 import logging
 
 from ..errors import UnsupportedCallError
+from .merge_share import check_share
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +37,27 @@ POLICY_NAMES = ("auto", "never", "always")
 @dataclasses.dataclass(frozen=True)
 class MergePolicy:
     """`after_token_steps`: merge a set once it has run or is about to run this many token-steps in
-    slots (0: at its first step); None: never merge unasked."""
+    slots (0: at its first step); None: never merge unasked. `share`: how much of a set any merge, asked or
+    not, folds in (merge_share.py; 1: all of it)."""
 
     after_token_steps: float | None = None
+    share: float = 1.0
 
     @classmethod
-    def parse(cls, value, device) -> MergePolicy:
-        """"auto" (the measured break-even on CUDA, never on the CPU), "never", "always", or a policy."""
+    def parse(cls, value, device, share=1.0) -> MergePolicy:
+        """"auto" (the measured break-even on CUDA, never on the CPU), "never", "always", or a policy;
+        `share` (checked) for the named policies."""
         if isinstance(value, cls):
             return value
+        share = check_share(share)
         if value == "auto":
             import torch  # here: the CLI reads POLICY_NAMES without loading torch
 
-            return cls(AUTO_TOKEN_STEPS if torch.device(device).type == "cuda" else None)
+            return cls(AUTO_TOKEN_STEPS if torch.device(device).type == "cuda" else None, share)
         if value == "never":
-            return cls(None)
+            return cls(None, share)
         if value == "always":
-            return cls(0)
+            return cls(0, share)
         raise UnsupportedCallError(f"merge policy {value!r} is not one of {', '.join(POLICY_NAMES)}",
                                    "give merge_policy='auto' (default), 'never' or 'always'")
 

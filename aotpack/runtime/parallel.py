@@ -187,21 +187,22 @@ class RankPipeline:
 
 
 def load_rank(ctx: RankContext, package, model: str, revision: str | None = None,
-              cuda_graphs: bool | None = None, merge_policy: str = "auto") -> RankPipeline:
+              cuda_graphs: bool | None = None, merge_policy: str = "auto", merge_share: float = 1.0) -> RankPipeline:
     """This rank's pipeline: the package loaded on its device, its transformer joined to the run.
-    `cuda_graphs` and `merge_policy` as for `load_package` (every rank must pass the same values)."""
+    `cuda_graphs`, `merge_policy` and `merge_share` as for `load_package` (every rank must pass the same values)."""
     from .pipeline import load_package
 
     served = load_package(package, model, revision=revision, device=str(ctx.device), cuda_graphs=cuda_graphs,
-                          merge_policy=merge_policy)
+                          merge_policy=merge_policy, merge_share=merge_share)
     attach(served.transformer, ctx.comm)
     return RankPipeline(served, ctx)
 
 
-def _serve_requests(ctx: RankContext, package, model, revision, requests, cuda_graphs=None, merge_policy="auto"):
+def _serve_requests(ctx: RankContext, package, model, revision, requests, cuda_graphs=None, merge_policy="auto",
+                    merge_share=1.0):
     from .jobs import JobOutcome, run_request
 
-    served = load_rank(ctx, package, model, revision, cuda_graphs, merge_policy)
+    served = load_rank(ctx, package, model, revision, cuda_graphs, merge_policy, merge_share)
     outcomes = []
     for index, request in enumerate(requests, start=1):
         if not ctx.is_main:  # rank 0 owns the outputs; the others only take part in the steps
@@ -217,11 +218,11 @@ def _serve_requests(ctx: RankContext, package, model, revision, requests, cuda_g
 
 def generate(package, model: str, requests, *, gpus: int, revision: str | None = None,
              device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, cuda_graphs: bool | None = None,
-             merge_policy: str = "auto"):
+             merge_policy: str = "auto", merge_share: float = 1.0):
     """Run `requests` (jobs.Request) with `package` on `gpus` ranks; returns rank 0's JobOutcomes.
 
     `device` defaults to the package's ("cuda": one GPU per rank, NCCL; "cpu": gloo, for tests);
-    `cuda_graphs` and `merge_policy` as for `load_package` (None: graphs on for GPUs).
+    `cuda_graphs`, `merge_policy` and `merge_share` as for `load_package` (None: graphs on for GPUs).
     """
     from ..store.manifest import read_manifest
     from ..store.publish import locate_package
@@ -231,4 +232,4 @@ def generate(package, model: str, requests, *, gpus: int, revision: str | None =
     check_world_size(manifest, gpus)
     device = manifest.run_device(device)
     return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), cuda_graphs,
-                  merge_policy, device=device, timeout_s=timeout_s)
+                  merge_policy, merge_share, device=device, timeout_s=timeout_s)

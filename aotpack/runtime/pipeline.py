@@ -205,7 +205,7 @@ def _prepare_as_built(transformer, manifest, device) -> None:
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,
                  cache_budget_bytes: int | None = None, progress: bool | Progress = False,
                  auto_merge_after: int | None = None, cuda_graphs: bool | None = None,
-                 merge_policy: str | MergePolicy = "auto") -> AotpackPipeline:
+                 merge_policy: str | MergePolicy = "auto", merge_share: float = 1.0) -> AotpackPipeline:
     """Load `package` (directory, `file://…` or `hf://owner/repo[@rev]`) with `model`'s weights
     (default: the model recorded in the package's manifest).
 
@@ -214,7 +214,9 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     (runtime/cuda_graphs.py); None (default) turns them on where they apply: a CUDA device and regional
     programs (context-parallel ranks included: their collectives are captured too). `merge_policy` says
     when a LoRA set in slots is merged unasked: "auto" (default: once its steps pay for the merge, on
-    CUDA), "never" or "always" (runtime/merge_policy.py).
+    CUDA), "never" or "always" (runtime/merge_policy.py). `merge_share` below 1 makes every merge fold only
+    that share of a set's block weights, the rest staying in slots: less FP8 re-rounding for some of the
+    merge's speed (runtime/merge_share.py, docs/merging.md).
     """
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     package_dir = _resolve_package_dir(package)
@@ -225,7 +227,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
         revision = revision or recorded_revision
     ref = parse_model_ref(model, revision)
     device = manifest.run_device(device)
-    policy = MergePolicy.parse(merge_policy, device)  # a bad value fails before any weight is read
+    policy = MergePolicy.parse(merge_policy, device, merge_share)  # a bad value fails before any weight is read
     check_package_runs_here(manifest, config_fingerprint(load_transformer_config(ref)))
     check_attention_runs_here(manifest.attention)
     with report.stage(f"load {ref.describe()} transformer weights"):

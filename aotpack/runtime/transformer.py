@@ -20,6 +20,7 @@ from ..models.merge_rows import MERGE_PROGRAM
 from ..models.modulation import MODULATION, block_widths, split_step_rows
 from ..models.prepare import torch_dtype
 from ..models.regions import (
+    BLOCK_KINDS,
     DOUBLE_BLOCK,
     EPILOGUE,
     JOINT_INPUT,
@@ -65,9 +66,10 @@ def region_constants(transformer, kind: str, instance: str | None) -> dict[str, 
 class _Instance:
     """One program bound to one block's weights, with its LoRA inputs pre-ordered."""
 
-    def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor]):
+    def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor], layers: frozenset[str] = frozenset()):
         self.program = program
         self.lora_tensors = lora_tensors
+        self.layers = layers  # the layers (slot names) whose LoRA inputs it reads
         self.calls = 0  # how often it ran (tests and benchmarks check which variant runs)
 
     def __call__(self, *activations):
@@ -161,6 +163,10 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
                 torch.cuda.empty_cache()
             merge_check.warm(self._device, self.compiled_merge.dtype, manifest.max_rank)
         self.merged = False  # set by merge.py while a LoRA set is folded into the weights
+        # set by merge.py while part of a set is folded (merge_share.py): the (kind, index) of the blocks whose
+        # no-slot programs run; the rest of the set stays in the bank
+        self.merged_blocks: frozenset[tuple[str, int]] = frozenset()
+        self._mixed_programs: tuple[frozenset, dict] = (frozenset(), {})
         # batched_modulation packages: every block's modulation rows from one program, once an image
         self.modulation_rows = None
         if MODULATION in self._programs:
@@ -187,7 +193,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         program.bind_constants({name: constants[name] for name in expected})
         prefix = instance_slot_prefix(spec.kind, instance)
         lora_tensors = [self.bank.tensors[prefix + name] for name in program.lora_order]
-        return _Instance(program, lora_tensors)
+        layers = frozenset(prefix + name.rsplit(".lora_", 1)[0] for name in program.lora_order)
+        return _Instance(program, lora_tensors, layers)
 
     @torch.no_grad()
     def program_errors(self, inputs: dict) -> dict[str, float]:
@@ -253,11 +260,13 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
 
         self._programs, self._no_slot_programs = wrapped(saved[0], ""), wrapped(saved[1], ".noslot")
         self._step_graphs = None  # a replayed graph would not call the wrappers
+        self._mixed_programs = (frozenset(), {})  # nor a partial merge's mix of the unwrapped ones
         try:
             with torch.no_grad():
                 self.forward(**inputs, return_dict=False)
         finally:
             self._programs, self._no_slot_programs, self._step_graphs = saved
+            self._mixed_programs = (frozenset(), {})
         return differences
 
     def program_constants(self, kind: str) -> list[str]:
@@ -295,14 +304,34 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
     def has_no_slot_programs(self) -> bool:
         return bool(self._no_slot_programs)
 
+    def mergeable_blocks(self) -> list[tuple[tuple[str, int], frozenset[str]]]:
+        """The blocks a partial merge may fold, in chain order: `((kind, index), the layers its slotted program
+        reads)` for every block instance with a no-slot twin."""
+        return [((kind, index), instance.layers) for kind in BLOCK_KINDS if kind in self._no_slot_programs
+                for index, instance in enumerate(self._programs.get(kind, []))]
+
     def _programs_for_call(self) -> dict[str, list[_Instance]]:
         """The no-slot variants while every slot is empty (or the live set is merged), else the slotted
-        programs. Input dtypes are the same: variants differ only in their LoRA inputs."""
+        programs; after a partial merge, the no-slot variant of each folded block and the slotted ones of the
+        rest. Input dtypes are the same: variants differ only in their LoRA inputs."""
         if self._no_slot_programs and (self.merged or self.bank.is_empty):
             self.last_variant = "no_slots"
             return {**self._programs, **self._no_slot_programs}
+        if self.merged_blocks:
+            # one graph per mix (cuda_graphs.py keys on the variant): the folded blocks, named
+            self.last_variant = "slots+merged:" + ",".join(f"{kind}.{i}" for kind, i in sorted(self.merged_blocks))
+            return self._mixed()
         self.last_variant = "slots"
         return self._programs
+
+    def _mixed(self) -> dict[str, list[_Instance]]:
+        """The programs of the current partial merge, built once per mix."""
+        blocks, programs = self._mixed_programs
+        if blocks != self.merged_blocks:
+            programs = {kind: [self._no_slot_programs[kind][i] if (kind, i) in self.merged_blocks else instance
+                               for i, instance in enumerate(instances)] for kind, instances in self._programs.items()}
+            self._mixed_programs = (self.merged_blocks, programs)
+        return programs
 
     def _check_shapes(self, hidden_states, encoder_hidden_states) -> None:
         shapes = self.manifest.shapes

@@ -35,6 +35,7 @@ class ServeOptions:
     cache_budget_bytes: int | None = None
     warm_up: bool = True
     merge_policy: str = "auto"  # load_package's: when a LoRA set in slots is merged unasked
+    merge_share: float = 1.0  # load_package's: how much of a set a merge folds (runtime/merge_share.py)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -61,7 +62,8 @@ class Service:
         self.metrics = Metrics()
         load = loader or (lambda: load_package(self.package_dir, model, revision=revision,
                                                cache_budget_bytes=self.options.cache_budget_bytes,
-                                               merge_policy=self.options.merge_policy))
+                                               merge_policy=self.options.merge_policy,
+                                               merge_share=self.options.merge_share))
         self.worker = Worker(load, self.registry, self.scheduler, self.metrics, prefetch=self.options.prefetch,
                              warm_params=self.warm_params() if self.options.warm_up else None)
         self.metrics.bind(self.scheduler, self.worker)

@@ -7,7 +7,7 @@
 # Knobs (env): KERNEL_SOURCES (=1: the build and the bench each get their own Inductor cache dir and
 # $OUT/kernels-aotpack.tar.gz / kernels-recipe.tar.gz keep their generated Triton sources and chosen
 # configs, to compare the fused kernels one by one), MODEL (random:flux-dev), TARGET (h200), SIZES (1024; "512,1024,2048" if time allows),
-# TEXT_TOKENS (512), BATCH (1), PACKAGE_TAR (package.tar of an earlier call: no build), MAX_RANK (the target's; the cpu target's 32 is below the r64 LoRA), SKIP_RECIPE (set to skip the recipe), LORA_STD (random LoRA factor std, default 0.02: raise it for a fidelity that stands above FP8 noise), FIDELITY_STDS (e.g. "0.25,0.4": the fidelity sweep at the first size), PRECISE_REFERENCE (=1: the sweep also against the eager model upcast to float32, +48 GB at FLUX.1-dev's size), PACKAGE (an existing package: no build), RECIPE_MODE (the recipe's torch.compile mode, e.g. reduce-overhead: CUDA graphs), REPEATS (timed steps per mode, default 10: fewer to fit 2048² with the recipe into one call).
+# TEXT_TOKENS (512), BATCH (1), PACKAGE_TAR (package.tar of an earlier call: no build), MAX_RANK (the target's; the cpu target's 32 is below the r64 LoRA), SKIP_RECIPE (set to skip the recipe), LORA_STD (random LoRA factor std, default 0.02: raise it for a fidelity that stands above FP8 noise), FIDELITY_STDS (e.g. "0.25,0.4": the fidelity sweep at the first size), PRECISE_REFERENCE (=1: the sweep also against the eager model upcast to float32, +48 GB at FLUX.1-dev's size), PACKAGE (an existing package: no build), RECIPE_MODE (the recipe's torch.compile mode, e.g. reduce-overhead: CUDA graphs), REPEATS (timed steps per mode, default 10: fewer to fit 2048² with the recipe into one call), MERGE_SHARES (e.g. "0.3,0.5,0.7": partial merges timed beside the whole one).
 # Time: the recipe compiles again for a second size; SIZES="512,1024" with the recipe ran past 580 s on
 # 2026-12-01 even without a build: one size per call when the recipe is in. 2048² with the recipe: carry the package
 # (PACKAGE_TAR) and try REPEATS=5 (2026-12-03: 1024² took 546 s with the build, 512² 325-433 s without, 2048² at REPEATS=5 347 s without).
@@ -59,7 +59,7 @@ fi
 $PYTHON -m aotpack.bench.speed --package "$PKG" --model "$MODEL" --out "$OUT" --sizes "${SIZES:-1024}" \
   --text-tokens "${TEXT_TOKENS:-512}" --batch "${BATCH:-1}" ${SKIP_RECIPE:+--skip-recipe} ${LORA_STD:+--lora-std $LORA_STD} \
   ${FIDELITY_STDS:+--fidelity-stds $FIDELITY_STDS} ${PRECISE_REFERENCE:+--precise-reference} ${RECIPE_MODE:+--recipe-compile-mode $RECIPE_MODE} \
-  ${REPEATS:+--repeats $REPEATS} $BUILD_ARGS \
+  ${REPEATS:+--repeats $REPEATS} ${MERGE_SHARES:+--merge-shares $MERGE_SHARES} $BUILD_ARGS \
   2>&1 | tee "$OUT/speed.log"
 if [ -n "${KERNEL_SOURCES:-}" ]; then  # Triton sources (*.py) and autotune picks (*.best_config) only
   for which in build:aotpack bench:recipe; do
