@@ -319,6 +319,9 @@ class LoRAModes:
         blocks = self.transformer.mergeable_blocks() if share < 1 and hasattr(self.transformer,
                                                                                 "mergeable_blocks") else []
         if not blocks:
+            if share < 1:  # split (context-parallel) and whole-model packages have no per-block twins
+                logger.info("merge share %g: this package's programs have no per-block no-slot twins, so the whole "
+                            "set is folded", share)
             return layers, {}, frozenset()
         touched = {name: self._layer_weight(name).numel() for name, parts in layers.items() if parts}
         chosen = blocks_to_merge(blocks, touched, share)
