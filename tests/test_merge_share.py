@@ -138,3 +138,29 @@ def test_a_bad_merge_share_is_refused_with_the_fix(share):
     with pytest.raises(UnsupportedCallError):
         MergePolicy.parse("never", "cpu", share)
     assert MergePolicy.parse("never", "cpu", 0.25) == MergePolicy(None, 0.25)
+
+
+def test_the_merge_policy_folds_the_same_share_before_a_step(half_share, demo_loras):
+    """An unasked merge (`merge_policy="always"`) folds the share too: the image equals the asked partial merge's
+    bit for bit, and the next switch restores the weights."""
+    from test_merge_policy import _latents
+
+    served, compiled = half_share, half_share.transformer
+    modes = compiled.lora_modes
+    modes.auto.policy = dataclasses.replace(MergePolicy.parse("always", "cpu"), share=0.5)
+    lora = [(demo_loras["tiny-style-all"], 0.8)]
+    served.set_loras([])
+    originals, base = _snapshot(compiled), _latents(served)
+    served.set_loras(lora, merge=True)
+    asked = _latents(served)
+    asked_blocks = compiled.merged_blocks
+    served.set_loras([])
+    served.set_loras(lora)  # merge=None: in slots until the policy's merge before the first step
+    assert modes.mode == SLOTS and not compiled.merged_blocks
+    auto = _latents(served)
+    assert modes.mode == MERGED and compiled.merged_blocks == asked_blocks and not compiled.merged
+    assert torch.equal(auto, asked)
+    served.set_loras([])
+    for name, tensors in _snapshot(compiled).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    assert torch.equal(_latents(served), base)
