@@ -54,8 +54,8 @@ def markdown(rows: dict | None, ours: dict, recipe_sizes: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "### Partial merges (merge_share: that share of the touched block weights folded, the rest in slots)",
-             "", "| share | blocks folded | size | step ms | from CUDA graphs | graphs vs recipe | LoRA fidelity error | "
-             "effect strength | rel. error vs eager | merge + unmerge ms |", "| --- |" + " --- |" * 9]
+             "", "| share | blocks folded | size | step ms | from CUDA graphs | graphs vs recipe | "
+             "LoRA fidelity error | effect strength | rel. error vs eager | merge + unmerge ms |", "| --- |" + " --- |" * 9]
     graph_modes = ours.get("cuda_graphs") or {}
 
     def line(label, folded, size, row, graphs, extra=""):
@@ -71,13 +71,16 @@ def markdown(rows: dict | None, ours: dict, recipe_sizes: dict) -> list[str]:
         return ours.get(name, {}).get("sizes") or {}, (graph_modes.get(name) or {}).get("sizes") or {}
 
     plain, graphs = whole("slots")
-    lines += [line("0 (slots)", "none", size, row, graphs.get(size) or graphs.get(str(size))) for size, row in plain.items()]
+    lines += [line("0 (slots)", "none", size, row, graphs.get(size) or graphs.get(str(size)))
+              for size, row in plain.items()]
     for share, row in rows.items():
         if share != "error":
             lines += [line(share, f"{row['blocks_folded']} / {row['blocks']}", size, size_row, size_row.get("graphs"),
-                           f"{row['merge_ms']:.1f} + {row['unmerge_ms']:.1f}") for size, size_row in row["sizes"].items()]
+                           f"{row['merge_ms']:.1f} + {row['unmerge_ms']:.1f}")
+                      for size, size_row in row["sizes"].items()]
     plain, graphs = whole("merged")
-    lines += [line("1 (merged)", "all", size, row, graphs.get(size) or graphs.get(str(size))) for size, row in plain.items()]
+    lines += [line("1 (merged)", "all", size, row, graphs.get(size) or graphs.get(str(size)))
+              for size, row in plain.items()]
     if rows.get("error"):
         lines.append(f"\nPartial merges failed: {rows['error']}")
     return lines

@@ -66,7 +66,8 @@ def region_constants(transformer, kind: str, instance: str | None) -> dict[str, 
 class _Instance:
     """One program bound to one block's weights, with its LoRA inputs pre-ordered."""
 
-    def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor], layers: frozenset[str] = frozenset()):
+    def __init__(self, program: CompiledProgram, lora_tensors: list[torch.Tensor],
+                 layers: frozenset[str] = frozenset()):
         self.program = program
         self.lora_tensors = lora_tensors
         self.layers = layers  # the layers (slot names) whose LoRA inputs it reads
