@@ -50,6 +50,20 @@ def _snapshot(compiled) -> dict[str, list[torch.Tensor]]:
             for spec in compiled.manifest.slots}
 
 
+def _base_then_slots(served, lora, inputs) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """From no LoRA: the touched weights' storages, the base output, then `lora` in slots and its output."""
+    served.set_loras([])
+    originals, base = _snapshot(served.transformer), _run(served.transformer, inputs)
+    served.set_loras(lora)
+    return originals, base, _run(served.transformer, inputs)
+
+
+def _assert_weights_are(compiled, originals) -> None:
+    """Every slotted layer's weight storages equal `originals` bit for bit."""
+    for name, tensors in _snapshot(compiled).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+
+
 def _eager_peft(path, scale, inputs, fuse: bool):
     from aotpack.models.checkpoint import load_transformer, parse_model_ref
 
@@ -67,11 +81,7 @@ def test_merge_matches_fused_peft_and_unmerge_is_bit_identical(served_tiny, demo
     compiled = served_tiny.transformer
     path, scale = demo_loras["tiny-style-mlp"], 0.8
     inputs = _inputs(served_tiny)
-    served_tiny.set_loras([])
-    originals = _snapshot(compiled)
-    base = _run(compiled, inputs)
-    served_tiny.set_loras([(path, scale)])
-    slots = _run(compiled, inputs)
+    originals, base, slots = _base_then_slots(served_tiny, [(path, scale)], inputs)
     assert compiled.last_variant == "slots" and compiled.lora_modes.mode == SLOTS
 
     served_tiny.set_loras([(path, scale)], merge=True)
@@ -90,8 +100,7 @@ def test_merge_matches_fused_peft_and_unmerge_is_bit_identical(served_tiny, demo
     finally:
         served_tiny.set_loras([])
     assert not compiled.merged and compiled.lora_modes.mode in (NONE, SLOTS)
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
     assert torch.equal(_run(compiled, inputs), base)
 
 
@@ -117,8 +126,7 @@ def test_switch_away_unmerges_and_rejected_set_keeps_merge(served_tiny, demo_lor
     served_tiny.set_loras([(other, 0.5)])  # slots: the merged set leaves first
     try:
         assert not compiled.merged and compiled.lora_modes.mode == SLOTS
-        for name, tensors in _snapshot(compiled).items():
-            assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+        _assert_weights_are(compiled, originals)
         assert compiled.last_variant is not None and _run(compiled, inputs) is not None
         assert compiled.last_variant == "slots"
     finally:
@@ -146,8 +154,7 @@ def test_fold_failing_midway_restores_every_weight(served_tiny, demo_loras, monk
         served_tiny.set_loras([(demo_loras["tiny-style-mlp"], 1.0)], merge=True)
     assert len(folded) == 2 and not compiled.merged and compiled.lora_modes.mode == NONE and compiled.bank.is_empty
     assert served_tiny.active == []
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
 
 
 def test_compiled_merge_stacks_layers_of_one_shape_and_equals_the_math_per_layer():

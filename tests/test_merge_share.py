@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from reference import rel_error
-from test_merge import PEFT_TOLERANCE, _eager_peft, _inputs, _run, _snapshot
+from test_merge import PEFT_TOLERANCE, _assert_weights_are, _base_then_slots, _eager_peft, _inputs, _run, _snapshot
 
 from aotpack.bench.fidelity import lora_effect_error
 from aotpack.errors import UnsupportedCallError
@@ -41,11 +41,7 @@ def test_partial_merge_folds_half_the_blocks_keeps_the_rest_in_slots_and_restore
     served, compiled = half_share, half_share.transformer
     path, scale = demo_loras["tiny-style-all"], 0.8  # every linear: blocks, embedders, modulation, output
     inputs = _inputs(served)
-    served.set_loras([])
-    originals = _snapshot(compiled)
-    base = _run(compiled, inputs)
-    served.set_loras([(path, scale)])
-    slots = _run(compiled, inputs)
+    originals, base, slots = _base_then_slots(served, [(path, scale)], inputs)
     set_layers = {name for name, rank in compiled.bank.used_rank.items() if rank}
 
     served.set_loras([(path, scale)], merge=True)
@@ -75,8 +71,7 @@ def test_partial_merge_folds_half_the_blocks_keeps_the_rest_in_slots_and_restore
 
     served.set_loras([])
     assert not compiled.merged_blocks and compiled.bank.is_empty and compiled.last_variant is not None
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
     assert torch.equal(_run(compiled, inputs), base)
 
 
@@ -91,8 +86,7 @@ def test_a_switch_from_a_partial_merge_leaves_it_whole(half_share, demo_loras):
     assert compiled.merged_blocks
     served.set_loras([(demo_loras["tiny-style-attn"], 0.5)])  # into slots: the partial merge leaves first
     assert compiled.lora_modes.mode == SLOTS and not compiled.merged_blocks and not compiled.merged
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
     assert torch.equal(_run(compiled, inputs), attn_slots) and compiled.last_variant == "slots"
 
 
@@ -110,8 +104,7 @@ def test_a_merge_that_fails_midway_leaves_no_half_of_a_partial_merge(half_share,
     with pytest.raises(torch.cuda.OutOfMemoryError):
         served.set_loras([(demo_loras["tiny-style-all"], 1.0)], merge=True)
     assert not compiled.merged_blocks and compiled.bank.is_empty and served.active == []
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
 
 
 def test_blocks_to_merge_takes_the_share_spread_along_the_chain():
@@ -161,6 +154,5 @@ def test_the_merge_policy_folds_the_same_share_before_a_step(half_share, demo_lo
     assert modes.mode == MERGED and compiled.merged_blocks == asked_blocks and not compiled.merged
     assert torch.equal(auto, asked)
     served.set_loras([])
-    for name, tensors in _snapshot(compiled).items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, originals[name])), name
+    _assert_weights_are(compiled, originals)
     assert torch.equal(_latents(served), base)

@@ -2,7 +2,8 @@
 
 Why: a merge rounds every touched weight onto its FP8 grid again, a noise the slots never add (docs/merging.md: at
 1024² a strong r64 set had a fidelity error of 0.094 in slots, 0.110 merged), while the slots cost time on every
-step (1024²: 95.99 ms a step in slots, 83.98 merged; H200, random weights, 2026-12-05c). Folding a share of the
+step (1024²: 95.99 ms a step in slots from CUDA graphs, 82.66 merged; H200, random weights, 2026-12-05,
+`bench_speed.sh`, benchmarks/results/2026-12-05c-h200-weightless-build/). Folding a share of the
 blocks runs their no-slot programs and leaves the others slotted, which trades between the two. The share counts
 the touched block weights (their elements), since the re-rounding noise grows with them.
 """
