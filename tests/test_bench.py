@@ -96,6 +96,7 @@ def test_kernel_categories_and_fidelity_metric():
     assert kernel_category("nvjet_sm90_tst_192x8_64x8_4x1_v_bz_bias_TNT") == "bf16_gemv"
     assert kernel_category("nvjet_sm90_tst_64x8_64x16_1x1_h_bz_splitK_TNT") == "bf16_gemv"
     assert kernel_category("lora_down_fp8_kernel") == "bf16_gemm_lora"  # the LoRA branch, though it reads FP8
+    assert kernel_category("lora_up_kernel") == "bf16_gemm_lora"  # group_lora_up's kernel
     assert kernel_category("nvjet_sm90_tst_128x80_64x8_2x4_h_bz_TNT") == "bf16_gemm_lora"
     assert kernel_category("triton_per_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_view_4") \
         == "norm_modulation_elementwise"

@@ -9,7 +9,7 @@ from reference import REQUEST, reference_latents, rel_error
 
 import aotpack
 from aotpack.builder import build as builder
-from aotpack.builder.lora_grouping import group_lora_down_projections
+from aotpack.builder.lora_grouping import group_lora_down_projections, group_lora_up_projections
 from aotpack.models.checkpoint import load_transformer, parse_model_ref
 from aotpack.models.examples import transformer_inputs
 from aotpack.models.prepare import prepare_transformer, regional_slot_names
@@ -42,6 +42,12 @@ def linear_count(exported) -> int:
     return sum(1 for node in exported.graph.nodes if node.op == "call_function" and node.target == LINEAR)
 
 
+def lora_up_calls(exported) -> list:
+    """The program's `aotpack::lora_up` calls, as the number of up-projections each makes."""
+    return [len(node.args[1]) for node in exported.graph.nodes
+            if node.op == "call_function" and node.target == torch.ops.aotpack.lora_up.default]
+
+
 def random_lora(exported, generator) -> dict:
     """Non-zero A/B tensors shaped like the program's LoRA inputs (zeros would hide a mis-wired split)."""
     lora = exported.example_inputs[0][-1]
@@ -72,6 +78,40 @@ def test_grouping_merges_slots_sharing_an_input_and_keeps_the_numbers(blocks, ki
     assert group_lora_down_projections(exported) == 0  # nothing left to group: the pass is idempotent
 
 
+@pytest.mark.parametrize("kind, calls", [
+    # 14 slots: q/k/v and add_q/k/v grouped, 8 lone (to_out, to_add_out, norm1(_context).linear, ff in/out x 2)
+    ("double_block", [3, 3] + [1] * 8),
+    ("single_block", [4] + [1] * 2),  # q/k/v/proj_mlp grouped; proj_out and norm.linear alone
+])
+def test_up_projections_run_as_one_call_per_group_and_keep_the_numbers(kind, calls):
+    exported, activations = exported_blocks()[kind]  # a fresh export: the module fixture's is grouped in place
+    lora = random_lora(exported, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = exported.module()(*activations, lora)
+        linears = linear_count(exported)
+        grouped_down = group_lora_down_projections(exported)
+        assert group_lora_up_projections(exported) == sum(calls)
+        assert sorted(lora_up_calls(exported)) == sorted(calls)
+        assert linear_count(exported) == linears - grouped_down - sum(calls)
+        after = exported.module()(*activations, lora)
+    for old, new in zip(before, after):
+        assert old.shape == new.shape
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+    assert group_lora_up_projections(exported) == 0  # every up-projection is already in a call
+
+
+def test_up_projections_of_ungrouped_slots_run_alone():
+    exported, activations = exported_blocks()["single_block"]
+    lora = random_lora(exported, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = exported.module()(*activations, lora)
+        assert group_lora_up_projections(exported) == 6  # no group_lora_down: each slot's u on its own
+        assert lora_up_calls(exported) == [1] * 6
+        after = exported.module()(*activations, lora)
+    for old, new in zip(before, after):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
 def test_slots_that_share_no_input_are_left_alone():
     blocks = exported_blocks(slot_patterns=("*.attn.to_q", "*.proj_out"))
     for kind in ("double_block", "single_block"):
@@ -82,15 +122,16 @@ def test_slots_that_share_no_input_are_left_alone():
 
 
 def test_a_grouped_package_matches_diffusers_with_peft_loras(demo_loras, tmp_path):
-    """The lever end to end: an opt-in recipe builds, validates and serves stacked LoRA files like eager PEFT."""
+    """The levers end to end: an opt-in recipe (grouped down-projections, up-projections in `aotpack::lora_up`)
+    builds, validates and serves stacked LoRA files like eager PEFT."""
     recipe = tmp_path / "cpu-grouped.toml"
     text = _recipe_files()["cpu"].read_text()
     # without the no-slot programs (which have no LoRA to group): half the programs to compile
     recipe.write_text(text.replace('layout = "regional"', 'layout = "regional"\ngroup_lora_down = true\n'
-                                   'no_slot_programs = false', 1))
+                                   'group_lora_up = true\nno_slot_programs = false', 1))
     package = builder.build_package("tiny", str(recipe), out=tmp_path / "grouped", progress=False)
     served = aotpack.load(package, model="tiny")
-    assert served.manifest.recipe["group_lora_down"] is True
+    assert served.manifest.recipe["group_lora_down"] is True and served.manifest.recipe["group_lora_up"] is True
     loras = [(demo_loras["tiny-style-all"], 0.7), (demo_loras["tiny-style-attn"], 0.5)]
     served.set_loras(loras)
     with torch.no_grad():

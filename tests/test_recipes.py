@@ -90,6 +90,7 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
     ("image_tokens = [256, 16384]", 'image_tokens = "lots"', ["shapes.image_tokens", "'lots'"]),
     ("tolerance = 3e-2", "tolerance = -1.0", ["validation.tolerance", "> 0"]),
     ("group_lora_down = true", 'group_lora_down = "yes"', ["group_lora_down", "'yes'", "true or false"]),
+    ('layout = "regional"', 'layout = "regional"\ngroup_lora_up = 1', ["group_lora_up", "1", "true or false"]),
     ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = true', ["gelu_via_sigmoid", "True", "string"]),
     ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = "ff"', ["gelu_via_sigmoid", "'ff'", "feed_forward"]),
     ('layout = "regional"', 'layout = "regional"\nmerge_by_address = 1', ["merge_by_address", "1", "true or false"]),

@@ -198,7 +198,7 @@ def kernel_category(name: str) -> str:
     tiles them 8 rows wide (the per-image rows: the modulation linears a recipe keeps in bf16, 2.2 ms of a FLUX.1-dev
     1024^2 step on the H200, the embedders, and a LoRA's GEMMs on those rows), else the LoRA branch over the tokens
     (`bf16_gemm_lora`; breakdowns before 2026-12-04e counted both there), where aotpack's `lora_down_fp8_kernel`
-    counts too (it is the LoRA branch, though it reads FP8). Inductor names a fused kernel after its
+    (the LoRA branch, though it reads FP8) and `lora_up_kernel` count too. Inductor names a fused kernel after its
     ops: `amax` marks dynamic activation quantization (often fused with the preceding norm or GELU, so it counts as
     quantization).
     """
@@ -213,7 +213,7 @@ def kernel_category(name: str) -> str:
         if "qq" in low or "e4m3" in low or "f8" in low or "fp8" in low or "_scaled_mm" in low:
             return "fp8_gemm"
         return "bf16_gemv" if _FEW_ROWS_TILE.search(low) else "bf16_gemm_lora"
-    if "lora_down" in low:  # aotpack's LoRA down-projection from the FP8 input (lever lora_down_from_fp8)
+    if "lora_down" in low or "lora_up" in low:  # aotpack's LoRA kernels (levers lora_down_from_fp8, group_lora_up)
         return "bf16_gemm_lora"
     if "amax" in low or "float8" in low or "fp8" in low:
         return "activation_quant"

@@ -24,6 +24,7 @@ from ..models.checkpoint import (
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
+from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
 from ..models.merge_by_address import check_program as check_merge_program
 from ..models.qk_norm_rope import check_kernel_against_reference as check_qk_kernel_against_reference
@@ -66,7 +67,7 @@ from ..store.package_ref import DEFAULT_OUT
 from ..store.program_metadata import stamp_program
 from .compile import compile_programs
 from .export import describe_inputs, export_region
-from .lora_grouping import group_lora_down_projections
+from .lora_grouping import group_lora_down_projections, group_lora_up_projections
 from .output import OutputDir, removes_staging_on_error
 from .validate import validate_package
 
@@ -158,6 +159,8 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             program = export_region(region, activations, lora, _shard_shapes(shapes, kind, recipe.parallel))
             if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
                 report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
+            if recipe.group_lora_up and (replaced := group_lora_up_projections(program, kind)):
+                report.info(f"    {kind}: {replaced} LoRA up-projections in aotpack::lora_up calls")
         yield kind, instances, region, activations, program
         if recipe.no_slot_programs and recipe.max_rank and region.slot_names() and kind not in ONLY_SLOTTED:
             plain = _without_slots(region)
@@ -280,6 +283,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program
             mark_batched_modulation(transformer)
             report.info("    AdaLN modulation linears in one program, run once an image")
+        if recipe.group_lora_up and torch.device(device).type == "cuda":
+            check_lora_up_kernel_against_reference(device)
 
     staging = output.open()  # this build's own folder next to `out`; removed if the build fails
     shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),

@@ -44,6 +44,7 @@ class Recipe:
     inductor_configs: dict
     end_to_end_tolerance: float = 0.0  # whole transformer vs eager; 0 means "same as tolerance"
     group_lora_down: bool = False  # one down-projection matmul for slots sharing an input (lora_grouping.py)
+    group_lora_up: bool = False  # each group's (or lone slot's) up-projections in one kernel (models/lora_up.py)
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
@@ -153,6 +154,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         inductor_configs=dict(fields.value("inductor", dict, {})),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
+        group_lora_up=fields.value("group_lora_up", bool, False),
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),

@@ -1,0 +1,131 @@
+"""LoRA up-projections in one Triton kernel per group of slots: the recipe lever `group_lora_up`.
+
+In slots every block linear adds `u B^T` (K = the rank) to its base output. cuBLAS runs each as its own bf16 GEMM,
+418 of them in a FLUX.1-dev step plus a memset before each cooperative one, and its output (13.4 GB a 1024² step)
+is the least they must write. The down-projections of slots that share an input already run as one matmul
+(`group_lora_down`, builder/lora_grouping.py), which leaves their `u` side by side: `[u_1 | u_2 | ...]`.
+
+`torch.ops.aotpack.lora_up(u, [B_1, ..., B_n])` returns `[u_1 B_1^T, ..., u_n B_n^T]`, u's last axis split by the
+B's ranks: a `torch.library.triton_op`. On CUDA one kernel launch writes up to four of them (more go in chunks of
+four): program (m, n) picks its output by its column tile over the concatenated widths, loads that slot's `u` rows
+and B rows, one `tl.dot` with float32 accumulation, one store. Elsewhere, and as the reference, `lora_up_reference`
+does the same in torch ops (what the CPU tests build and run). The build's graph pass
+(`builder/lora_grouping.group_lora_up_projections`) puts the op where the programs had one `linear(u_j, B_j)` per slot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .examples import relative_error
+from .kernel_ops import refuse_kernel_errors, register_triton_op
+
+MAX_SLOTS_PER_LAUNCH = 4  # the kernel's output pointers
+
+
+def lora_up_reference(u: torch.Tensor, bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`[u_j B_j^T]` with `u = [u_1 | ... | u_n]` split by the B's ranks (their second axis)."""
+    parts = torch.split(u, [b.shape[1] for b in bs], -1)
+    return [F.linear(part, b) for part, b in zip(parts, bs)]
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, made on first use: the CPU-only install has no triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lora_up_kernel(u_ptr, stride_u, rows, b0, b1, b2, b3, o0, o1, o2, o3, R: tl.constexpr,
+                       N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        # program (m, t): column tile t over the outputs' concatenated widths N0 + N1 + N2 + N3 (unused ones 0);
+        # its output j is the one whose tiles hold t, which reads u's columns [j R, (j + 1) R) and B_j
+        pid_m, tile = tl.program_id(0), tl.program_id(1)
+        t1: tl.constexpr = N0 // BLOCK_N
+        t2: tl.constexpr = t1 + N1 // BLOCK_N
+        t3: tl.constexpr = t2 + N2 // BLOCK_N
+        j = (tile >= t1).to(tl.int32) + (tile >= t2).to(tl.int32) + (tile >= t3).to(tl.int32)
+        first = tl.where(j == 0, 0, tl.where(j == 1, t1, tl.where(j == 2, t2, t3)))
+        width = tl.where(j == 0, N0, tl.where(j == 1, N1, tl.where(j == 2, N2, N3)))
+        b_ptr = tl.where(j == 0, b0, tl.where(j == 1, b1, tl.where(j == 2, b2, b3)))
+        o_ptr = tl.where(j == 0, o0, tl.where(j == 1, o1, tl.where(j == 2, o2, o3)))
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (tile - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R)
+        in_rows = offs_m[:, None] < rows
+        u = tl.load(u_ptr + offs_m[:, None] * stride_u + j * R + offs_r[None, :], mask=in_rows, other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :])  # [BLOCK_N, R]
+        if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (scripts/check_lora_down_fp8_kernel.py)
+            acc = tl.dot(u.to(tl.float32), tl.trans(b).to(tl.float32))
+        else:
+            acc = tl.dot(u, tl.trans(b))
+        tl.store(o_ptr + offs_m[:, None] * width + offs_n[None, :], acc.to(o_ptr.dtype.element_ty), mask=in_rows)
+
+    return lora_up_kernel
+
+
+# Launch configuration: one K step (K = R), so tiles and warps matter, pipeline stages do not.
+BLOCK_M, BLOCK_N, NUM_WARPS = 128, 128, 8
+
+
+def kernel_fits(u: torch.Tensor, bs: list[torch.Tensor], block_n: int = BLOCK_N) -> bool:
+    """Whether the kernel takes this group: one rank for all, a power of two of 16 or more (a `tl.dot` dimension),
+    every width a multiple of the column tile, u's rows contiguous, one dtype; else the op runs the reference."""
+    rank = bs[0].shape[1]
+    return (rank >= 16 and rank & (rank - 1) == 0 and all(b.shape[1] == rank for b in bs)
+            and all(b.shape[0] % block_n == 0 for b in bs) and u.shape[-1] == rank * len(bs) and u.stride(-1) == 1
+            and all(b.dtype == u.dtype for b in bs))
+
+
+def _lora_up_triton(u: torch.Tensor, bs: list[torch.Tensor], *, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
+                    num_warps: int = NUM_WARPS, dot_in_fp32: bool = False) -> list[torch.Tensor]:
+    from torch.library import wrap_triton
+
+    lead, rank = u.shape[:-1], bs[0].shape[1]
+    u2 = u.reshape(-1, u.shape[-1])
+    rows = u2.shape[0]
+    outs = []
+    for start in range(0, len(bs), MAX_SLOTS_PER_LAUNCH):
+        chunk = [b.contiguous() for b in bs[start:start + MAX_SLOTS_PER_LAUNCH]]
+        part = u2[:, start * rank:(start + len(chunk)) * rank]
+        chunk_outs = [torch.empty(rows, b.shape[0], dtype=u.dtype, device=u.device) for b in chunk]
+        widths = [b.shape[0] for b in chunk] + [0] * (MAX_SLOTS_PER_LAUNCH - len(chunk))
+        pad_b = chunk + [chunk[0]] * (MAX_SLOTS_PER_LAUNCH - len(chunk))  # never read: their widths are 0
+        pad_o = chunk_outs + [chunk_outs[0]] * (MAX_SLOTS_PER_LAUNCH - len(chunk))
+        wrap_triton(_kernel())[((rows + block_m - 1) // block_m, sum(widths) // block_n)](  # rows is symbolic
+            part, part.stride(0), rows, *pad_b, *pad_o, R=rank, N0=widths[0], N1=widths[1], N2=widths[2],
+            N3=widths[3], BLOCK_M=block_m, BLOCK_N=block_n, DOT_IN_FP32=dot_in_fp32, num_warps=num_warps)
+        outs += chunk_outs
+    return [out.reshape(*lead, out.shape[-1]) for out in outs]
+
+
+def _lora_up(u: torch.Tensor, bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    if u.device.type == "cuda" and kernel_fits(u, bs):
+        return _lora_up_triton(u, bs)
+    return lora_up_reference(u, bs)
+
+
+lora_up = register_triton_op("aotpack::lora_up", _lora_up)
+
+
+def kernel_errors(device, rows: int = 300) -> dict[str, float]:
+    """The op on `device` against `lora_up_reference` for a single block's q/k/v/mlp group and a lone slot,
+    rank 64, random u and B: relative L2 over the outputs."""
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    for name, widths in (("single_block_group", (3072, 3072, 3072, 12288)), ("lone_slot", (3072,)),
+                         ("five_slots", (256, 512, 256, 256, 768))):
+        u = torch.randn(rows, 64 * len(widths), generator=generator).to(torch.bfloat16).to(device)
+        bs = [(torch.randn(w, 64, generator=generator) * 0.1).to(torch.bfloat16).to(device) for w in widths]
+        got = torch.cat(torch.ops.aotpack.lora_up(u, bs), -1).float()
+        errors[name] = relative_error(got, torch.cat(lora_up_reference(u, bs), -1).float())
+    return errors
+
+
+def check_kernel_against_reference(device) -> None:
+    """`refuse_kernel_errors` for the LoRA up-projection kernel (once per build, on the GPU)."""
+    refuse_kernel_errors("LoRA up-projection", "group_lora_up", device, kernel_errors(device))
