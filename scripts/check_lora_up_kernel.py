@@ -7,8 +7,8 @@ No GPU needed. The interpreter's `tl.dot` on bf16 operands returns garbage, so t
 `DOT_IN_FP32` form (otherwise the same code). The interpreter rounds float32 to bf16 toward zero (the GPU rounds to
 nearest), so the reference here is the float32 product truncated to bf16: the two agree to summation order
 (relative L2 under 1e-4; 0.0 on 2026-12-05, triton 3.9.0, torch 2.13.0 CPU). That checks the indexing (which output
-a column tile belongs to, u's rank columns for it, ragged last row block, chunks of four outputs, unused pointer
-slots). The GPU's own result is checked by the build (`check_kernel_against_reference`).
+a column tile belongs to, u's rank columns for it, ragged last row block, fewer rows than a block, unused B
+pointers). The GPU's own result is checked by the build (`check_kernel_against_reference`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def check(rows: int, widths: tuple[int, ...], rank: int, **config) -> bool:
     assert kernel_fits(u, bs, config["block_n"])
     got = _lora_up_triton(u, bs, **config)
     # the float32 product, rounded toward zero as the interpreter rounds to bf16
-    want = [(p.float() @ b.float().t()).view(torch.int32).bitwise_and(~0xFFFF).view(torch.float32)
-            for p, b in zip(torch.split(u, rank, -1), bs)]
-    error = max(relative_error(g.float(), w.float()) for g, w in zip(got, want))
-    shapes_match = all(g.shape == w.shape for g, w in zip(got, want))
+    want = torch.cat([(p.float() @ b.float().t()).view(torch.int32).bitwise_and(~0xFFFF).view(torch.float32)
+                      for p, b in zip(torch.split(u, rank, -1), bs)], -1)
+    error = relative_error(got.float(), want)
+    shapes_match = got.shape == want.shape
     print(f"rows {rows}, widths {widths}, rank {rank}, {config}: relative error {error:.2e}, shapes {shapes_match}")
     return error < 1e-4 and shapes_match
 
@@ -41,5 +41,5 @@ def check(rows: int, widths: tuple[int, ...], rank: int, **config) -> bool:
 if __name__ == "__main__":
     small = dict(block_m=16, block_n=32, num_warps=1, dot_in_fp32=True)
     cases = [(40, (64, 32, 96), 16, small), (33, (32,), 32, small), (17, (64, 32, 32, 96), 16, small),
-             (50, (32, 64, 32, 32, 64, 96), 16, small), (16, (128, 64), 64, dict(small, block_n=64))]
+             (3, (64, 32), 16, small), (16, (128, 64), 64, dict(small, block_n=64))]
     raise SystemExit(0 if all([check(*case[:3], **case[3]) for case in cases]) else 1)

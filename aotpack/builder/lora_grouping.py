@@ -150,7 +150,8 @@ def up_projection_groups(graph: torch.fx.Graph, lora_b: set[str]) -> list[tuple[
 
 def group_lora_up_projections(exported, kind: str = "program") -> int:
     """Rewrite `exported` in place so each group's up-projections (and each lone slot's) run as one
-    `aotpack::lora_up` call. Returns the number of up-projection matmuls it replaced (0 leaves the program as is).
+    `aotpack::lora_up` call, whose output the slots read as column views. Returns the number of up-projection
+    matmuls it replaced (0 leaves the program as is).
     """
     return _run_pass(_group_up, exported, f"grouping the LoRA up-projections of the {kind}", "group_lora_up")
 
@@ -162,10 +163,16 @@ def _group_up(exported) -> int:
     for u, members in up_projection_groups(graph, _lora_placeholders(exported, ".lora_B")):
         weights = [member.args[1] for member in members]
         values = [member.meta["val"] for member in members]
+        widths = [int(value.shape[-1]) for value in values]
+        with detect_fake_mode(values):
+            joined_value = torch.cat(values, -1)
+            part_values = torch.split(joined_value, widths, -1)
         with graph.inserting_before(min(members, key=order.__getitem__)):  # before every member's users
-            call = _new_node(graph, torch.ops.aotpack.lora_up.default, (u, weights), values, members[0])
+            call = _new_node(graph, torch.ops.aotpack.lora_up.default, (u, weights), joined_value, members[0])
+            parts = _new_node(graph, aten.split_with_sizes.default, (call, widths, -1), list(part_values), members[0])
             for index, member in enumerate(members):
-                member.replace_all_uses_with(_new_node(graph, operator.getitem, (call, index), values[index], member))
+                member.replace_all_uses_with(_new_node(graph, operator.getitem, (parts, index), part_values[index],
+                                                       member))
         for member in members:
             graph.erase_node(member)
         replaced += len(members)

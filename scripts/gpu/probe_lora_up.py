@@ -51,12 +51,12 @@ def probe(tokens: int, widths: tuple, generator: torch.Generator) -> dict:
     reference = torch.cat([p.double() @ b.double().t() for p, b in zip(parts, bs)], 1)
     scale = float(reference.norm())
 
-    def error(outs):
-        return float((torch.cat(outs, 1).double() - reference).norm()) / scale
+    def error(out):
+        return float((out.double() - reference).norm()) / scale
 
     result = {"tokens": tokens, "widths": list(widths), "bytes_out": tokens * sum(widths) * 2,
               "cublas_per_slot_ms": graph_ms(lambda: [p @ b.t() for p, b in zip(parts, bs)]),
-              "cublas_error": error([p @ b.t() for p, b in zip(parts, bs)])}
+              "cublas_error": error(torch.cat([p @ b.t() for p, b in zip(parts, bs)], 1))}
     best = None
     for bm, bn, w in CONFIGS:
         try:
