@@ -35,7 +35,8 @@ def main(out_path: str) -> None:
     bs = [[rand(w, RANK, std=0.1) for w in widths] for widths in GROUPS]
     us = [rand(40, RANK * len(widths)) for widths in GROUPS]
     rows = torch.export.Dim("rows", min=1, max=8192)
-    exported = torch.export.export(Program(), (us, bs), dynamic_shapes=([{0: rows} for _ in GROUPS], [[None] * len(b) for b in bs]))
+    dynamic = ([{0: rows} for _ in GROUPS], [[None] * len(b) for b in bs])  # the row count; B's shapes are fixed
+    exported = torch.export.export(Program(), (us, bs), dynamic_shapes=dynamic)
     path = torch._inductor.aoti_compile_and_package(exported, package_path="/tmp/lora_up_check.pt2")
     runner = torch._inductor.aoti_load_package(path)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

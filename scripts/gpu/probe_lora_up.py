@@ -16,6 +16,7 @@ On the GPU machine: `python3 scripts/gpu/probe_lora_up.py $OUT/lora_up.json` (af
 
 import json
 import sys
+from collections import Counter
 
 import torch
 import triton
@@ -26,16 +27,16 @@ from aotpack.models.lora_up import _lora_up_triton
 RANK = 64
 
 
-def step_groups(image_tokens: int, text_tokens: int = 512) -> dict:
+def step_groups(image_tokens: int, text_tokens: int = 512) -> Counter:
     """{(tokens, (out widths of slots sharing an input)): count per step} for FLUX.1-dev (19 double, 38 single)."""
     joint = image_tokens + text_tokens
-    groups = {}
+    groups = Counter()
     for tokens in (image_tokens, text_tokens):  # a double block's image and text streams
-        groups[(tokens, (3072, 3072, 3072))] = groups.get((tokens, (3072, 3072, 3072)), 0) + 19  # q, k, v
-        groups[(tokens, (3072,))] = groups.get((tokens, (3072,)), 0) + 19 * 2  # attention out, ff out
-        groups[(tokens, (12288,))] = groups.get((tokens, (12288,)), 0) + 19  # ff in
-    groups[(joint, (3072, 3072, 3072, 12288))] = 38  # single: q, k, v, mlp in
-    groups[(joint, (3072,))] = groups.get((joint, (3072,)), 0) + 38  # single: out
+        groups[(tokens, (3072, 3072, 3072))] += 19  # q, k, v
+        groups[(tokens, (3072,))] += 19 * 2  # attention out, ff out
+        groups[(tokens, (12288,))] += 19  # ff in
+    groups[(joint, (3072, 3072, 3072, 12288))] += 38  # single: q, k, v, mlp in
+    groups[(joint, (3072,))] += 38  # single: out
     return groups
 
 
