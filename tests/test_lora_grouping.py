@@ -140,3 +140,25 @@ def test_a_grouped_package_matches_diffusers_with_peft_loras(demo_loras, tmp_pat
     theirs = reference_latents(eager, loras)
     assert rel_error(ours, theirs) <= 1e-3
     assert rel_error(theirs, reference_latents(eager, [])) > 0.1  # the LoRAs move the output: the check has teeth
+
+
+def test_the_kernel_takes_only_groups_it_can_index():
+    """Where the CUDA kernel of `aotpack::lora_up` runs; every other group takes the reference (F.linear per slot)."""
+    from aotpack.models.lora_up import MAX_SLOTS_PER_LAUNCH, kernel_fits, lora_up_reference
+
+    def group(rows=8, ranks=(64, 64, 64), widths=(256, 256, 512), dtype=torch.bfloat16):
+        bs = [torch.zeros(width, rank, dtype=dtype) for width, rank in zip(widths, ranks)]
+        return torch.zeros(rows, sum(ranks), dtype=dtype), bs
+
+    assert kernel_fits(*group())
+    assert not kernel_fits(*group(ranks=(64, 64, 32)))  # ranks differ: u's columns per slot would not be j * R
+    assert not kernel_fits(*group(ranks=(48, 48, 48)))  # not a power of two: no tl.dot of that size
+    assert not kernel_fits(*group(widths=(256, 200, 512)))  # a width that is no multiple of the column tile
+    many = group(ranks=(64,) * (MAX_SLOTS_PER_LAUNCH + 1), widths=(128,) * (MAX_SLOTS_PER_LAUNCH + 1))
+    assert not kernel_fits(*many)  # more slots than the kernel's B pointers
+    u, bs = group()
+    assert not kernel_fits(u.t().contiguous().t(), bs)  # u's columns strided
+    assert not kernel_fits(u.float(), bs)  # dtypes differ
+    u, bs = (torch.randn(5, 128), [torch.randn(128, 64), torch.randn(256, 64)])
+    out = lora_up_reference(u, bs)
+    torch.testing.assert_close(out, torch.cat([u[:, :64] @ bs[0].t(), u[:, 64:] @ bs[1].t()], -1))
