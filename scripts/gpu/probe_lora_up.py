@@ -61,13 +61,13 @@ def probe(tokens: int, widths: tuple, generator: torch.Generator) -> dict:
     best = None
     for bm, bn, w in CONFIGS:
         try:
-            outs = _lora_up_triton(u, bs, block_m=bm, block_n=bn, num_warps=w)
+            out = _lora_up_triton(u, bs, block_m=bm, block_n=bn, num_warps=w)
         except Exception as err:  # noqa: BLE001 - a config Triton cannot build is skipped, and said
             result.setdefault("failed_configs", []).append([bm, bn, w, type(err).__name__])
             continue
         ms = graph_ms(lambda: _lora_up_triton(u, bs, block_m=bm, block_n=bn, num_warps=w))
         if best is None or ms < best["ms"]:
-            best = {"ms": ms, "config": [bm, bn, w], "error": error(outs)}
+            best = {"ms": ms, "config": [bm, bn, w], "error": error(out)}
     result["triton_grouped"] = best
     if len(widths) > 1:
         bm, bn, w = best["config"]
