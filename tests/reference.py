@@ -111,3 +111,59 @@ def tiny_block_inputs(transformer, batch: int = 1):
     joint = torch.randn(batch, 80, transformer.inner_dim, generator=generator).to(torch.bfloat16)
     temb = torch.randn(batch, transformer.inner_dim, generator=generator).to(torch.bfloat16)
     return inputs, joint, temb, transformer.pos_embed(torch.zeros(80, 3))
+
+
+
+def tiny_lever_run(monkeypatch, rank: int, module, function: str):
+    """For a lever's tests: `(transformer, outputs, calls)`, the FP8 tiny transformer with r-`rank` slots bound,
+    `outputs(model)` (the whole model's output on `tiny_block_inputs` and its second single block region's, in
+    float32, slots kept bound) and the list of the argument tuples `module.function` gets called with."""
+    from aotpack.models.regions import SINGLE_BLOCK, make_region
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
+    inputs, joint, temb, rotary = tiny_block_inputs(transformer)
+    calls, original = [], getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *args: calls.append(args) or original(*args))
+
+    def outputs(model):
+        single = make_region(model, SINGLE_BLOCK, "single_transformer_blocks.1")
+        single.bind_lora = lambda lora: None  # keep the slots bound
+        return model(**inputs, return_dict=False)[0].float(), single(joint, temb, *rotary, None)[0].float()
+
+    return transformer, outputs, calls
+
+
+class SingleBlockProgram:
+    """A lever's single block as the build exports it (CPU): the FP8 tiny transformer with r16 slots, the GELUs routed
+    by `install_fused_gelu_quant(**lever)`, block 0's region, a bound random LoRA and batch-2 activations (a size-1
+    example would specialise the batch axis). `program` is the exported program; `run(path)` compiles it with
+    AOTInductor and returns (eager region, compiled program, eager region without the LoRA) outputs."""
+
+    def __init__(self, monkeypatch, **lever):
+        from aotpack.builder.export import export_region
+        from aotpack.models.fused_quant import install_fused_gelu_quant
+        from aotpack.models.regions import SINGLE_BLOCK, make_region
+        from aotpack.models.slots import SlotSpec, random_slot_tensors
+
+        transformer, _ = fp8_tiny_transformer(monkeypatch, 16)
+        install_fused_gelu_quant(transformer, **lever)
+        self.region = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.0")
+        specs = [SlotSpec(name, slot.in_features, slot.out_features) for name, slot in self.region.slots().items()]
+        self.lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)
+        _, joint, temb, rotary = tiny_block_inputs(transformer, batch=2)
+        self.activations = (joint, temb, *rotary)
+        shapes = {"batch": [1, 2], "image_tokens": [16, 256], "text_tokens": [8, 64]}
+        self.program = export_region(self.region, self.activations, self.lora, shapes)
+
+    def targets(self) -> list[str]:
+        return [str(n.target) for n in self.program.graph.nodes]
+
+    def run(self, path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        compiled = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(self.program, package_path=str(path)))
+        with torch.no_grad():
+            (expected,) = self.region(*self.activations, self.lora)
+            (actual,) = compiled(*self.activations, self.lora)
+            self.region.bind_lora(None)
+            (no_lora,) = self.region(*self.activations, None)
+        return expected, actual, no_lora

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import cpu_test_recipe, fp8_tiny_transformer, tiny_block_inputs
+from reference import SingleBlockProgram, cpu_test_recipe, fp8_tiny_transformer, tiny_lever_run
 
 from aotpack.errors import RecipeError
 from aotpack.models import fused_quant
@@ -83,20 +83,9 @@ def test_marked_slot_adds_b_times_the_down_projection_of_the_fp8_gelu_output(mon
 @pytest.mark.parametrize("rank", [0, 8])
 def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effect(monkeypatch, rank):
     from aotpack.models import lora_down_fp8
-    from aotpack.models.regions import SINGLE_BLOCK, make_region
 
     base_transformer, _ = fp8_tiny_transformer(monkeypatch, 0)
-    transformer, _ = fp8_tiny_transformer(monkeypatch, rank)
-    inputs, joint, temb, rotary = tiny_block_inputs(transformer)
-    calls = []
-    monkeypatch.setattr(lora_down_fp8, "lora_down_fp8_reference",
-                        lambda *args, _ref=lora_down_fp8.lora_down_fp8_reference: calls.append(args[0].shape) or _ref(*args))
-
-    def outputs(model):
-        single = make_region(model, SINGLE_BLOCK, "single_transformer_blocks.1")
-        single.bind_lora = lambda lora: None  # keep the slots bound as fp8_tiny_transformer left them
-        return model(**inputs, return_dict=False)[0].float(), single(joint, temb, *rotary, None)[0].float()
-
+    transformer, outputs, calls = tiny_lever_run(monkeypatch, rank, lora_down_fp8, "lora_down_fp8_reference")
     with torch.no_grad():
         install_fused_gelu_quant(base_transformer)
         base = outputs(base_transformer)
@@ -137,28 +126,9 @@ def test_recipe_field_needs_the_fused_gelu_kernel(tmp_path):
 def test_single_block_program_with_the_lever_compiles_and_matches_its_eager_region(monkeypatch, tmp_path):
     """A real AOTInductor program (CPU) of a single block with the lever and a bound LoRA: the op survives export
     as one node, compiles, and the program's output matches its eager region's as closely as without the lever."""
-    from aotpack.builder.export import export_region
-    from aotpack.models.regions import SINGLE_BLOCK, make_region
-    from aotpack.models.slots import SlotSpec, random_slot_tensors
-
-    transformer, _ = fp8_tiny_transformer(monkeypatch, 16)
-    install_fused_gelu_quant(transformer, lora_down_from_fp8=True)
-    region = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.0")
-    specs = [SlotSpec(name, slot.in_features, slot.out_features) for name, slot in region.slots().items()]
-    lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)
-    # batch 2, as the build traces: a size-1 example would specialise the batch axis
-    _, joint, temb, rotary = tiny_block_inputs(transformer, batch=2)
-    activations = (joint, temb, *rotary)
-    shapes = {"batch": [1, 2], "image_tokens": [16, 256], "text_tokens": [8, 64]}
-    program = export_region(region, activations, lora, shapes)
-    assert [str(n.target) for n in program.graph.nodes].count("aotpack.lora_down_fp8.default") == 1  # proj_out's
-    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "single.pt2"))
-    compiled = torch._inductor.aoti_load_package(path)
-    with torch.no_grad():
-        (expected,) = region(*activations, lora)
-        (actual,) = compiled(*activations, lora)
-        region.bind_lora(None)
-        (no_lora,) = region(*activations, None)
+    block = SingleBlockProgram(monkeypatch, lora_down_from_fp8=True)
+    assert block.targets().count("aotpack.lora_down_fp8.default") == 1  # proj_out's
+    expected, actual, no_lora = block.run(tmp_path / "single.pt2")
     # FP8 roundings that Inductor's fusions move: 0.046 here, and 0.046 without the lever (the CPU FP8 package's
     # program bound is 0.1). The LoRA moves the block's output by about its own size, so a wrong scale or slice in
     # the op would be off by far more.

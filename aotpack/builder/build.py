@@ -24,6 +24,7 @@ from ..models.checkpoint import (
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
+from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
 from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
 from ..models.merge_by_address import check_program as check_merge_program
@@ -263,13 +264,17 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                                          unquantized_linears=recipe.unquantized_linears)
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
         if recipe.fused_gelu_quant:  # GELU (+ concat) + FP8 quantization in one op; names do not change
-            routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=recipe.lora_down_from_fp8)
+            routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=recipe.lora_down_from_fp8,
+                                              fused_gelu_lora=recipe.fused_gelu_lora)
             report.info(f"    {routed} MLP GELUs fused into the FP8 quantization"
-                        + (", their next linears' LoRA read its FP8 output" if recipe.lora_down_from_fp8 else ""))
+                        + (", their next linears' LoRA read its FP8 output" if recipe.lora_down_from_fp8 else "")
+                        + (", with the LoRA projections around them" if recipe.fused_gelu_lora else ""))
             if torch.device(device).type == "cuda":
                 check_kernel_against_reference(device)
                 if recipe.lora_down_from_fp8:
                     check_lora_down_kernel_against_reference(device)
+                if recipe.fused_gelu_lora:
+                    check_gelu_lora_kernel_against_reference(device)
         if recipe.fused_qk_norm_rope:  # q/k epilogue + norms + RoPE in one op per tensor; names do not change
             report.info(f"    {install_fused_qk_norm_rope(transformer)} attentions take q/k norms + RoPE in one op")
             if torch.device(device).type == "cuda":

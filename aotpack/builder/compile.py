@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ExportError
 # aotpack's own ops must be registered before a worker loads an exported program that calls them
-from ..models import fused_quant, lora_up, merge_by_address, qk_norm_rope  # noqa: F401
+from ..models import fused_quant, gelu_lora, lora_up, merge_by_address, qk_norm_rope  # noqa: F401
 from ..models.regions import BLOCK_KINDS
 
 # The prologue turns a bf16 timestep into sinusoidal embeddings of `t * 1000`: fused in fp32, the

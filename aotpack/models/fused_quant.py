@@ -203,24 +203,30 @@ def no_tokens(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     return x.hidden.new_empty(x.shape[0], 0, x.shape[-1]) if isinstance(x, QuantizedActivation) else x[:, :0]
 
 
-def unsummed_linear(layer: nn.Module | None,
-                    x: torch.Tensor | QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_input(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """What a LoRA branch reads of a linear's input: the input itself, or a quantized one's `hidden`."""
+    return x.hidden if isinstance(x, QuantizedActivation) else x
+
+
+def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivation,
+                    with_delta: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`layer(x)` as (GEMM output, bias, LoRA delta), the last two empty where the layer has none: their
     sum is what `layer(x)` returns, left to the op to add. No layer: `x` itself. A `QuantizedActivation`
-    goes into the FP8 GEMM as it is (no quantization of its own) and its `hidden` into the LoRA branch."""
+    goes into the FP8 GEMM as it is (no quantization of its own) and its `hidden` into the LoRA branch.
+    `with_delta` False: the delta left out (empty), for a caller that computes it itself."""
+    if layer is None:
+        return x, x.new_empty(0), x.new_empty(0)
     if isinstance(x, QuantizedActivation):
         y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
                                     x.dtype)
-        bias = layer.bias if layer.bias is not None else y.new_empty(0)
-        return y, bias, (layer.lora_delta(x.hidden).to(y.dtype) if bound_lora(layer) else y.new_empty(0))
-    if layer is None:
-        return x, x.new_empty(0), x.new_empty(0)
-    if not isinstance(layer, BiasAfterLinear):
+    elif not isinstance(layer, BiasAfterLinear):
         y = layer(x)
         return y, y.new_empty(0), y.new_empty(0)
-    y = layer.base(x)
+    else:
+        y = layer.base(x)
     bias = layer.bias if layer.bias is not None else y.new_empty(0)
-    return y, bias, (layer.lora_delta(x).to(y.dtype) if bound_lora(layer) else y.new_empty(0))
+    delta = with_delta and bound_lora(layer)
+    return y, bias, (layer.lora_delta(lora_input(x)).to(y.dtype) if delta else y.new_empty(0))
 
 
 def linear_output(layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
@@ -234,6 +240,8 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
     (a context-parallel single block's post program gets it from the pre program)."""
     lora = bound_lora(layer)
+    if getattr(layer, "gelu_lora_fused", False) and (lora or (before is not None and bound_lora(before))):
+        return _linear_after_gelu_lora_in_kernel(layer, prefix, before, x)
     from_fp8 = lora and reads_fp8_input(layer)  # recipe lever lora_down_from_fp8: no bf16 copy of the GELU output
     pre, bias, delta = unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora and not from_fp8)
@@ -243,6 +251,24 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     if not lora:
         return y
     return y + (lora_delta_from_fp8(layer, q, scale) if from_fp8 else layer.lora_delta(h)).to(y.dtype)
+
+
+def _linear_after_gelu_lora_in_kernel(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module | None,
+                                      x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """`linear_after_gelu` with `before`'s LoRA up-projection and `layer`'s down-projection inside the GELU kernel
+    (recipe lever `fused_gelu_lora`, models/gelu_lora.py): the op takes `u_in = A_before x` and `B_before` and
+    returns `u_out = A_layer h`, so neither wide bf16 tensor (the delta, the GELU output) is written."""
+    pre, bias, _ = unsummed_linear(before, x, with_delta=False)
+    empty = pre.new_empty(0)
+    lora_before = before is not None and bound_lora(before)
+    u_in = F.linear(lora_input(x).to(before.lora_A.dtype), before.lora_A) if lora_before else empty
+    a_out = layer.lora_A if bound_lora(layer) else empty
+    q, scale, u_out = torch.ops.aotpack.gelu_lora_quant_fp8(prefix, pre, bias, u_in,
+                                                             before.lora_B if lora_before else empty, a_out)
+    y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y + F.linear(u_out, layer.lora_B).to(y.dtype) if a_out.numel() else y
 
 
 class FusedFeedForward(nn.Module):
@@ -271,10 +297,13 @@ def gelu_goes_into_proj_out(block: nn.Module) -> bool:
     return isinstance(getattr(block, "act_mlp", None), GeluIntoProjOut)
 
 
-def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = False) -> int:
+def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = False,
+                             fused_gelu_lora: bool = False) -> int:
     """Route every MLP GELU of `transformer` (FP8-quantized) into the next linear's quantization, in place;
     returns how many. Weight and slot names do not change. `lora_down_from_fp8` (the recipe lever): the next
-    linears' LoRA slots take their down-projection from the quantized GELU output (`lora_down_fp8.py`)."""
+    linears' LoRA slots take their down-projection from the quantized GELU output (`lora_down_fp8.py`).
+    `fused_gelu_lora` (the recipe lever): the LoRA projections on both sides of the GELU run inside its kernel
+    (`gelu_lora.py`, which the caller imports: it registers the op, and it imports this module)."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
@@ -295,6 +324,9 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
     if lora_down_from_fp8:
         for layer in after_gelu:
             mark_reads_fp8_input(layer)
+    if fused_gelu_lora:
+        for layer in after_gelu:
+            layer.gelu_lora_fused = True
     return len(after_gelu)
 
 

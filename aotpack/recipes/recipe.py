@@ -49,6 +49,7 @@ class Recipe:
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
+    fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -159,6 +160,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
+        fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         batched_modulation=fields.value("batched_modulation", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -187,6 +189,12 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.lora_down_from_fp8 and not recipe.fused_gelu_quant:
         raise fields.error("lora_down_from_fp8", "= true needs fused_gelu_quant = true: it reads the FP8 GELU output "
                                                  "that the fused kernel writes")
+    if recipe.fused_gelu_lora and not recipe.fused_gelu_quant:
+        raise fields.error("fused_gelu_lora", "= true needs fused_gelu_quant = true: it extends that kernel")
+    for other in ("lora_down_from_fp8", "group_lora_up"):  # group_lora_down still groups u_in's down-projection
+        if recipe.fused_gelu_lora and getattr(recipe, other):
+            raise fields.error("fused_gelu_lora", f"= true cannot go with {other} = true: both take the LoRA "
+                                                  "projections around the MLP GELUs; set one of them to false")
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")
