@@ -7,9 +7,10 @@ No GPU needed. The interpreter's `tl.dot` on bf16 operands returns garbage, so t
 `DOT_IN_FP32` form (otherwise the same code). The interpreter also rounds float32 to bf16 toward zero and converts
 some values to FP8 a binade low (-7.95 -> -4), so the torch reference is no yardstick here: the kernel is compared
 with the one-row GELU quantization kernel (`fused_quant`, checked on GPUs) under the same interpreter, given torch's
-delta. Without an up-projection every FP8 code must be equal; with one, under 2% may differ (the in-kernel delta
-rounds toward zero here); scales and u_out within 1e-2. An indexing fault (a tile's columns, the prefix boundary,
-the rank columns, a ragged row block) moves most codes. The GPU's own result is checked by the build (`check_kernel_against_reference`).
+delta: the FP8 tiles against its bf16 GELU output (within 1.5x of its own FP8 tiles' error), the row scales and
+`u_out` within 1e-2 (the scales are rounded to bf16 by torch here, toward zero by the interpreter there). Slices of
+64 columns and 16-row blocks make every case several programs each way. An indexing fault (a tile's columns, a
+slice's start, the prefix boundary, the rank columns, a ragged row block) gives O(1) errors.
 """
 
 from __future__ import annotations
@@ -41,18 +42,18 @@ def check(rows: int, prefix: int, width: int, rank: int, has_up: bool, has_down:
         print(f"rows {rows}, prefix {prefix}: shapes {q.shape} {scale.shape} {u_out.shape}, expected "
               f"{q_row.shape} {scale_row.shape} {u_row.shape}")
         return False
-    differing = float((q.view(torch.uint8) != q_row.view(torch.uint8)).float().mean())
+    # the FP8 tiles against the one-row kernel's bf16 GELU output: within FP8's rounding (and the interpreter's)
+    dequantized = relative_error(q.float() * scale, h_row.float())
+    row_error = relative_error(q_row.float() * scale_row, h_row.float())
     errors = [relative_error(scale, scale_row)] + ([relative_error(u_out.float(), u_row.float())] if has_down else [])
-    print(f"rows {rows}, prefix {prefix}, width {width}, rank {rank}, up {has_up}, down {has_down}: FP8 codes "
-          f"differing {differing:.2%}; scale{', u_out' if has_down else ''} relative error "
-          f"{', '.join(f'{e:.2e}' for e in errors)}")
-    # without the delta the tiles are the one-row kernel's values: equal; with it, the in-kernel product rounds
-    # toward zero here (torch's to nearest), which moves a rare last bit
-    return (differing == 0.0 if not has_up else differing < 0.02) and max(errors) < 1e-2
+    print(f"rows {rows}, prefix {prefix}, width {width}, rank {rank}, up {has_up}, down {has_down}: FP8 tiles "
+          f"{dequantized:.2e} from h (the one-row kernel's {row_error:.2e}); scale{', u_out' if has_down else ''} "
+          f"relative error {', '.join(f'{e:.2e}' for e in errors)}")
+    return dequantized < 1.5 * row_error and max(errors) < 1e-2
 
 
 if __name__ == "__main__":
-    small = dict(block_m=16, block_k=32, num_warps=1, dot_in_fp32=True)
+    small = dict(block_m=16, block_k=32, slice_columns=64, num_warps=1, dot_in_fp32=True)  # several slices a row
     cases = [(40, 32, 96, 16, True, True), (17, 0, 64, 16, True, True), (3, 48, 80, 32, True, False),
              (33, 32, 96, 16, False, True), (16, 0, 32, 16, False, False)]
     raise SystemExit(0 if all([check(*case, **small) for case in cases]) else 1)

@@ -23,8 +23,8 @@ from ..models.checkpoint import (
 )
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
-from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
 from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
+from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
 from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
 from ..models.merge_by_address import check_program as check_merge_program

@@ -7,11 +7,13 @@ second time in bf16 for the down-projection `A_out h` of the linear after it (`f
 wide, read back by a cuBLAS GEMM). At 1024² the GELU kernel took 8.48 ms a slotted step against ~5.2 with no LoRA
 (H200, 2026-12-05, random weights, `benchmarks/results/2026-12-05e-h200-lora-up-shares-512/`).
 
-This op keeps both in registers: each program takes BLOCK_M rows and walks the width in BLOCK_K tiles twice. The
-first pass forms the tile (pre + bias + `u_in B_in^T`, GELU, `tl.dot` on rank-R factors), takes its row maxima and
-accumulates `u_out = h A_out^T`; the second forms the tile again and stores it quantized with the rows' scales. So
-the wide input is read twice (the one-pass kernel holds a whole row) and the up-projection computed twice, against
-two wide bf16 writes and reads and two GEMM launches saved.
+This op keeps both on chip, in two launches of one Triton kernel over (row block, column slice) programs. The first
+forms each tile (pre + bias + `u_in B_in^T` by `tl.dot`, GELU), and writes its rows' maxima and its share of
+`u_out = h A_out^T` as float32 partials; torch reduces them (fixed order: deterministic) into the row scales and
+`u_out`; the second launch forms the tiles again and stores them in FP8. So the wide input is read twice (the
+one-row kernel holds a whole row) and the up-projection computed twice, against two wide bf16 writes, two wide
+reads and two GEMM launches saved. The first form, one program walking a row block's whole width twice, was
+latency-bound and much slower (below, at the launch configuration).
 
 Numerics: those of the unfused path (`reference`, what the CPU runs and the build compares with): the delta rounded
 to the activation dtype before it is added, then the adds, GELU and quantization as `gelu_quant_reference`, and
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .examples import relative_error
-from .fp8_attention import FP8
+from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .fused_quant import gelu_quant_reference
 from .kernel_ops import refuse_kernel_errors, register_triton_op
 
@@ -49,70 +51,76 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def gelu_lora_quant_kernel(prefix_ptr, pre_ptr, bias_ptr, u_in_ptr, b_in_ptr, a_out_ptr, q_ptr, scale_ptr,
-                               u_out_ptr, rows, PREFIX: tl.constexpr, WIDTH: tl.constexpr, R_IN: tl.constexpr,
-                               R_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    def gelu_lora_quant_kernel(prefix_ptr, pre_ptr, bias_ptr, u_in_ptr, b_in_ptr, a_out_ptr, amax_ptr, u_part_ptr,
+                               scale_ptr, q_ptr, rows, PREFIX: tl.constexpr, WIDTH: tl.constexpr, R_IN: tl.constexpr,
+                               R_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SLICE: tl.constexpr,
                                HAS_BIAS: tl.constexpr, HAS_UP: tl.constexpr, HAS_DOWN: tl.constexpr,
-                               DOT_IN_FP32: tl.constexpr):
+                               QUANTIZE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        # program (m, s): rows [m * BLOCK_M, +BLOCK_M) over columns [s * SLICE, +SLICE) of h. First launch
+        # (QUANTIZE false): the rows' maxima and u_out = h A^T over the slice, as float32 partials [s, row(, R)].
+        # Second launch: the same tiles again, stored in FP8 with the rows' scales.
         total: tl.constexpr = PREFIX + WIDTH
         offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        piece = tl.program_id(1)
         row_ok = offs_m < rows
         if HAS_UP:
             u_in = tl.load(u_in_ptr + offs_m[:, None] * R_IN + tl.arange(0, R_IN)[None, :], mask=row_ok[:, None],
                            other=0.0)
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        u_out = tl.zeros((BLOCK_M, R_OUT), dtype=tl.float32)
-        scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        # pass 0: the rows' maxima and the down-projection; pass 1: the same tiles again, quantized
-        for step in tl.static_range(2):
-            for k0 in range(0, total, BLOCK_K):
-                # the tile [BLOCK_M, BLOCK_K] of h = [prefix, gelu(pre + bias + delta)]
-                cols = k0 + tl.arange(0, BLOCK_K)
-                in_prefix = cols < PREFIX
-                in_pre = (cols >= PREFIX) & (cols < total)
-                a = tl.load(prefix_ptr + offs_m[:, None] * PREFIX + cols[None, :],
-                            mask=row_ok[:, None] & in_prefix[None, :], other=0.0).to(tl.float32)
-                x = tl.load(pre_ptr + offs_m[:, None] * WIDTH + (cols - PREFIX)[None, :],
-                            mask=row_ok[:, None] & in_pre[None, :], other=0.0).to(tl.float32)
-                if HAS_BIAS:  # each add rounded to the activation dtype as the eager adds round
-                    x += tl.load(bias_ptr + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)[None, :]
-                    x = x.to(pre_ptr.dtype.element_ty).to(tl.float32)
-                if HAS_UP:
-                    b = tl.load(b_in_ptr + (cols - PREFIX)[:, None] * R_IN + tl.arange(0, R_IN)[None, :],
-                                mask=in_pre[:, None], other=0.0)  # [BLOCK_K, R_IN]
-                    if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly
-                        delta = tl.dot(u_in.to(tl.float32), tl.trans(b).to(tl.float32))
-                    else:
-                        delta = tl.dot(u_in, tl.trans(b))
-                    x += delta.to(pre_ptr.dtype.element_ty).to(tl.float32)  # the delta in bf16, as F.linear's
-                    x = x.to(pre_ptr.dtype.element_ty).to(tl.float32)
-                g = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # tanh GELU as x * sigmoid(2u)
-                h = tl.where(in_prefix[None, :], a, g).to(pre_ptr.dtype.element_ty)
-                if step == 0:
-                    amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), axis=1))
-                    if HAS_DOWN:
-                        w = tl.load(a_out_ptr + tl.arange(0, R_OUT)[:, None] * total + cols[None, :],
-                                    mask=(cols < total)[None, :], other=0.0)  # [R_OUT, BLOCK_K]
-                        if DOT_IN_FP32:
-                            u_out = tl.dot(h.to(tl.float32), tl.trans(w).to(tl.float32), u_out)
-                        else:
-                            u_out = tl.dot(h, tl.trans(w), u_out)
+        if QUANTIZE:
+            scale = tl.load(scale_ptr + offs_m, mask=row_ok, other=1.0)
+        else:
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            u_out = tl.zeros((BLOCK_M, R_OUT), dtype=tl.float32)
+        for k0 in range(0, SLICE, BLOCK_K):
+            # the tile [BLOCK_M, BLOCK_K] of h = [prefix, gelu(pre + bias + delta)]
+            cols = piece * SLICE + k0 + tl.arange(0, BLOCK_K)
+            in_prefix = cols < PREFIX
+            in_pre = (cols >= PREFIX) & (cols < total)
+            a = tl.load(prefix_ptr + offs_m[:, None] * PREFIX + cols[None, :],
+                        mask=row_ok[:, None] & in_prefix[None, :], other=0.0).to(tl.float32)
+            x = tl.load(pre_ptr + offs_m[:, None] * WIDTH + (cols - PREFIX)[None, :],
+                        mask=row_ok[:, None] & in_pre[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:  # each add rounded to the activation dtype as the eager adds round
+                x += tl.load(bias_ptr + (cols - PREFIX), mask=in_pre, other=0.0).to(tl.float32)[None, :]
+                x = x.to(pre_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_UP:
+                b = tl.load(b_in_ptr + (cols - PREFIX)[:, None] * R_IN + tl.arange(0, R_IN)[None, :],
+                            mask=in_pre[:, None], other=0.0)  # [BLOCK_K, R_IN]
+                if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly
+                    delta = tl.dot(u_in.to(tl.float32), tl.trans(b).to(tl.float32))
                 else:
-                    q = tl.clamp(h.to(tl.float32) / scale[:, None], -448.0, 448.0)
-                    tl.store(q_ptr + offs_m[:, None] * total + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                             mask=row_ok[:, None] & (cols < total)[None, :])
-            if step == 0:  # amax / 448 rounded to the activation dtype (torchao's eager scale), floored for zero rows
-                scale = tl.maximum((amax / 448.0).to(pre_ptr.dtype.element_ty).to(tl.float32), 1e-12)
-        tl.store(scale_ptr + offs_m, scale, mask=row_ok)
-        if HAS_DOWN:
-            tl.store(u_out_ptr + offs_m[:, None] * R_OUT + tl.arange(0, R_OUT)[None, :],
-                     u_out.to(u_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                    delta = tl.dot(u_in, tl.trans(b))
+                x += delta.to(pre_ptr.dtype.element_ty).to(tl.float32)  # the delta in bf16, as F.linear returns it
+                x = x.to(pre_ptr.dtype.element_ty).to(tl.float32)
+            g = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # tanh GELU as x * sigmoid(2u)
+            h = tl.where(in_prefix[None, :], a, g).to(pre_ptr.dtype.element_ty)
+            if QUANTIZE:
+                q = tl.clamp(h.to(tl.float32) / scale[:, None], -448.0, 448.0)
+                tl.store(q_ptr + offs_m[:, None] * total + cols[None, :], q.to(q_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (cols < total)[None, :])
+            else:
+                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), axis=1))
+                if HAS_DOWN:
+                    w = tl.load(a_out_ptr + tl.arange(0, R_OUT)[:, None] * total + cols[None, :],
+                                mask=(cols < total)[None, :], other=0.0)  # [R_OUT, BLOCK_K]
+                    if DOT_IN_FP32:
+                        u_out = tl.dot(h.to(tl.float32), tl.trans(w).to(tl.float32), u_out)
+                    else:
+                        u_out = tl.dot(h, tl.trans(w), u_out)
+        if not QUANTIZE:
+            tl.store(amax_ptr + piece * rows + offs_m, amax, mask=row_ok)
+            if HAS_DOWN:
+                tl.store(u_part_ptr + (piece * rows + offs_m[:, None]) * R_OUT + tl.arange(0, R_OUT)[None, :], u_out,
+                         mask=row_ok[:, None])
 
     return gelu_lora_quant_kernel
 
 
-# Launch configuration: a first choice, not yet swept on a GPU (scripts/gpu/probe_gelu_lora.py sweeps it).
-BLOCK_M, BLOCK_K, NUM_WARPS = 32, 128, 4
+# Launch configuration: a first choice for the width-split form (not yet run on a GPU). 1024 columns a slice give a
+# 1024² single block 72 x 15 programs of 64 rows. The first form, one program walking a row block's whole width
+# twice, was latency-bound: 37.06 ms a 1024² step against 13.19 for the path it replaces at its best configuration
+# (H200, 2026-12-05, 0eae70d; scripts/gpu/probe_gelu_lora.py, benchmarks/results/2026-12-05f-h200-gelu-lora/).
+BLOCK_M, BLOCK_K, SLICE, NUM_WARPS = 64, 64, 1024, 4
 
 
 def kernel_fits(pre: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor, a_out: torch.Tensor) -> bool:
@@ -125,8 +133,8 @@ def kernel_fits(pre: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor, a_out
 
 
 def _triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor,
-            a_out: torch.Tensor, *, block_m: int = BLOCK_M, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-            dot_in_fp32: bool = False):
+            a_out: torch.Tensor, *, block_m: int = BLOCK_M, block_k: int = BLOCK_K, slice_columns: int = SLICE,
+            num_warps: int = NUM_WARPS, dot_in_fp32: bool = False):
     from torch.library import wrap_triton
 
     prefix, pre, bias, u_in, b_in, a_out = (t.contiguous() for t in (prefix, pre, bias, u_in, b_in, a_out))
@@ -135,16 +143,27 @@ def _triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, u_in: t
     rows = pre.numel() // width
     has_up, has_down = u_in.numel() > 0, a_out.numel() > 0
     r_in, r_out = (u_in.shape[-1] if has_up else 16), (a_out.shape[0] if has_down else 16)
+    slice_columns = -(-min(slice_columns, total) // block_k) * block_k  # whole tiles
+    slices = -(-total // slice_columns)
+    amax = torch.empty(slices, rows, dtype=torch.float32, device=pre.device)
+    u_part = torch.empty(slices, rows, r_out, dtype=torch.float32, device=pre.device) if has_down else amax
     q = torch.empty(*lead, total, dtype=FP8, device=pre.device)
-    scale = torch.empty(*lead, 1, dtype=torch.float32, device=pre.device)
-    u_out = torch.empty(*lead, r_out, dtype=a_out.dtype, device=pre.device) if has_down else pre.new_empty(0)
-    # an absent input's pointer is never read (its flag is off): `pre` stands in for it
-    wrap_triton(_kernel())[((rows + block_m - 1) // block_m,)](  # rows is symbolic in export
-        prefix if prefix_width else pre, pre, bias if bias.numel() else pre, u_in if has_up else pre,
-        b_in if has_up else pre, a_out if has_down else pre, q, scale, u_out if has_down else pre.new_empty(1), rows,
-        PREFIX=prefix_width, WIDTH=width, R_IN=r_in, R_OUT=r_out, BLOCK_M=block_m, BLOCK_K=block_k,
-        HAS_BIAS=bias.numel() > 0, HAS_UP=has_up, HAS_DOWN=has_down, DOT_IN_FP32=dot_in_fp32, num_warps=num_warps)
-    return q, scale, u_out
+    kernel = wrap_triton(_kernel())[((rows + block_m - 1) // block_m, slices)]  # rows is symbolic in export
+
+    def launch(scale: torch.Tensor, quantize: bool) -> None:
+        # an absent input's pointer is never read (its flag is off): `pre` stands in for it
+        kernel(prefix if prefix_width else pre, pre, bias if bias.numel() else pre, u_in if has_up else pre,
+               b_in if has_up else pre, a_out if has_down else pre, amax, u_part, scale, q, rows, PREFIX=prefix_width,
+               WIDTH=width, R_IN=r_in, R_OUT=r_out, BLOCK_M=block_m, BLOCK_K=block_k, SLICE=slice_columns,
+               HAS_BIAS=bias.numel() > 0, HAS_UP=has_up, HAS_DOWN=has_down, QUANTIZE=quantize,
+               DOT_IN_FP32=dot_in_fp32, num_warps=num_warps)
+
+    launch(amax, False)
+    # amax / 448 rounded to the activation dtype (torchao's eager scale, as quantize_rows), floored for all-zero rows
+    scale = (amax.amax(0) / FP8_MAX).to(pre.dtype).float().clamp_min(MIN_SCALE)
+    launch(scale, True)
+    u_out = u_part.sum(0).to(a_out.dtype).reshape(*lead, r_out) if has_down else pre.new_empty(0)
+    return q, scale.reshape(*lead, 1), u_out
 
 
 def _gelu_lora_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, u_in: torch.Tensor,
