@@ -240,8 +240,9 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     `before`, the GELU, the concat and the quantization in one op. `before` None: `x` is the GELU's input
     (a context-parallel single block's post program gets it from the pre program)."""
     lora = bound_lora(layer)
-    if getattr(layer, "gelu_lora_fused", False) and (lora or (before is not None and bound_lora(before))):
-        return _linear_after_gelu_lora_in_kernel(layer, prefix, before, x)
+    lora_before = before is not None and bound_lora(before)
+    if getattr(layer, "gelu_lora_fused", False) and (lora or lora_before):
+        return _linear_after_gelu_lora_in_kernel(layer, prefix, before, x, lora, lora_before)
     from_fp8 = lora and reads_fp8_input(layer)  # recipe lever lora_down_from_fp8: no bf16 copy of the GELU output
     pre, bias, delta = unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora and not from_fp8)
@@ -254,21 +255,22 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
 
 
 def _linear_after_gelu_lora_in_kernel(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.Module | None,
-                                      x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+                                      x: torch.Tensor | QuantizedActivation, lora: bool,
+                                      lora_before: bool) -> torch.Tensor:
     """`linear_after_gelu` with `before`'s LoRA up-projection and `layer`'s down-projection inside the GELU kernel
     (recipe lever `fused_gelu_lora`, models/gelu_lora.py): the op takes `u_in = A_before x` and `B_before` and
-    returns `u_out = A_layer h`, so neither wide bf16 tensor (the delta, the GELU output) is written."""
+    returns `u_out = A_layer h`, so neither wide bf16 tensor (the delta, the GELU output) is written. `lora`,
+    `lora_before`: whether `layer`'s and `before`'s slots are bound."""
     pre, bias, _ = unsummed_linear(before, x, with_delta=False)
     empty = pre.new_empty(0)
-    lora_before = before is not None and bound_lora(before)
     u_in = F.linear(lora_input(x).to(before.lora_A.dtype), before.lora_A) if lora_before else empty
-    a_out = layer.lora_A if bound_lora(layer) else empty
+    a_out = layer.lora_A if lora else empty
     q, scale, u_out = torch.ops.aotpack.gelu_lora_quant_fp8(prefix, pre, bias, u_in,
                                                              before.lora_B if lora_before else empty, a_out)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
     if layer.bias is not None:
         y = y + layer.bias
-    return y + F.linear(u_out, layer.lora_B).to(y.dtype) if a_out.numel() else y
+    return y + F.linear(u_out, layer.lora_B).to(y.dtype) if lora else y
 
 
 class FusedFeedForward(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .fused_quant import gelu_quant_reference
-from .kernel_ops import refuse_kernel_errors, register_triton_op
+from .kernel_ops import dot_takes_rank, refuse_kernel_errors, register_triton_op
 
 
 def reference(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor,
@@ -129,7 +129,7 @@ def kernel_fits(pre: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor, a_out
     ranks = ([u_in.shape[-1]] if u_in.numel() else []) + ([a_out.shape[0]] if a_out.numel() else [])
     factors = [t for t in (u_in, b_in, a_out) if t.numel()]
     return (pre.dtype in (torch.bfloat16, torch.float16) and all(t.dtype == pre.dtype for t in factors)
-            and all(r >= 16 and r & (r - 1) == 0 for r in ranks))
+            and all(dot_takes_rank(r) for r in ranks))
 
 
 def _triton(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, u_in: torch.Tensor, b_in: torch.Tensor,

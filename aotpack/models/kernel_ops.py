@@ -1,11 +1,18 @@
-"""Helpers shared by aotpack's Triton kernel ops (fused_quant, norm_quant, qk_norm_rope, lora_down_fp8,
-merge_by_address): registering an op, and refusing a build whose GPU kernel parts from its torch reference."""
+"""Helpers shared by aotpack's Triton kernel ops (fused_quant, norm_quant, qk_norm_rope, lora_down_fp8, lora_up,
+gelu_lora, merge_by_address): registering an op, which ranks a `tl.dot` takes, and refusing a build whose GPU kernel
+parts from its torch reference."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+
+
+def dot_takes_rank(rank: int) -> bool:
+    """Whether a LoRA rank can be a `tl.dot` dimension in aotpack's kernels: a power of two, 16 or more. Kernel ops
+    whose rank is not run their torch reference instead (correct, not fast)."""
+    return rank >= 16 and rank & (rank - 1) == 0
 
 
 def register_triton_op(name: str, fn):

@@ -33,7 +33,7 @@ from torch import nn
 
 from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX
-from .kernel_ops import refuse_kernel_errors, register_triton_op
+from .kernel_ops import dot_takes_rank, refuse_kernel_errors, register_triton_op
 
 
 def lora_down_fp8_reference(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ BLOCK_M, BLOCK_K, K_PER_SLICE, NUM_WARPS, NUM_STAGES = 128, 128, 2048, 8, 3
 def kernel_fits(rank: int) -> bool:
     """Whether the kernel takes rank `rank` (a `tl.dot` dimension: a power of two, 16 or more); else the op runs
     the reference, which reads q in float32 (correct, not fast)."""
-    return rank >= 16 and rank & (rank - 1) == 0
+    return dot_takes_rank(rank)
 
 
 def _cdiv(a: int, b: int) -> int:

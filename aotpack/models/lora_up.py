@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .examples import relative_error
-from .kernel_ops import refuse_kernel_errors, register_triton_op
+from .kernel_ops import dot_takes_rank, refuse_kernel_errors, register_triton_op
 
 MAX_SLOTS_PER_LAUNCH = 4  # the kernel's B pointers; a larger group (none in Flux) runs the reference
 
@@ -88,7 +88,7 @@ def kernel_fits(u: torch.Tensor, bs: list[torch.Tensor], block_n: int = BLOCK_N)
     16 or more (a `tl.dot` dimension), every width a multiple of the column tile, u's columns contiguous, one
     dtype; else the op runs the reference."""
     rank = bs[0].shape[1]
-    return (len(bs) <= MAX_SLOTS_PER_LAUNCH and rank >= 16 and rank & (rank - 1) == 0
+    return (len(bs) <= MAX_SLOTS_PER_LAUNCH and dot_takes_rank(rank)
             and all(b.shape[1] == rank for b in bs) and all(b.shape[0] % block_n == 0 for b in bs)
             and u.shape[-1] == rank * len(bs) and u.stride(-1) == 1 and all(b.dtype == u.dtype for b in bs))
 
