@@ -135,11 +135,12 @@ def tiny_lever_run(monkeypatch, rank: int, module, function: str):
 
 class SingleBlockProgram:
     """A lever's single block as the build exports it (CPU): the FP8 tiny transformer with r16 slots, the GELUs routed
-    by `install_fused_gelu_quant(**lever)`, block 0's region, a bound random LoRA and batch-2 activations (a size-1
-    example would specialise the batch axis). `program` is the exported program; `run(path)` compiles it with
-    AOTInductor and returns (eager region, compiled program, eager region without the LoRA) outputs."""
+    by `install_fused_gelu_quant(**lever)` (then `install(transformer)`, if given), block 0's region, a bound random
+    LoRA and batch-2 activations (a size-1 example would specialise the batch axis). `program` is the exported
+    program; `run(path)` compiles it with AOTInductor and returns (eager region, compiled program, eager region
+    without the LoRA) outputs."""
 
-    def __init__(self, monkeypatch, **lever):
+    def __init__(self, monkeypatch, install=None, **lever):
         from aotpack.builder.export import export_region
         from aotpack.models.fused_quant import install_fused_gelu_quant
         from aotpack.models.regions import SINGLE_BLOCK, make_region
@@ -147,6 +148,8 @@ class SingleBlockProgram:
 
         transformer, _ = fp8_tiny_transformer(monkeypatch, 16)
         install_fused_gelu_quant(transformer, **lever)
+        if install is not None:  # a lever beyond the GELU's, e.g. `install_lora_up_in_gemm`
+            install(transformer)
         self.region = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.0")
         specs = [SlotSpec(name, slot.in_features, slot.out_features) for name, slot in self.region.slots().items()]
         self.lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)

@@ -22,7 +22,8 @@ from ..models.checkpoint import (
     structural_config,
 )
 from ..models.examples import transformer_inputs
-from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant
+from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant, install_lora_up_in_gemm
+from ..models.gemm_lora import check_kernel_against_reference as check_gemm_lora_kernel_against_reference
 from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
 from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
@@ -290,6 +291,10 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             report.info("    AdaLN modulation linears in one program, run once an image")
         if recipe.group_lora_up and torch.device(device).type == "cuda":
             check_lora_up_kernel_against_reference(device)
+        if recipe.lora_up_in_gemm:  # each FP8 slot's GEMM adds its bias and LoRA before its store
+            report.info(f"    {install_lora_up_in_gemm(transformer)} FP8 slots add their LoRA in the GEMM's epilogue")
+            if torch.device(device).type == "cuda":
+                check_gemm_lora_kernel_against_reference(device)
 
     staging = output.open()  # this build's own folder next to `out`; removed if the build fails
     shapes = {"batch": list(recipe.batch), "image_tokens": list(recipe.image_tokens),

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
+from .aoti_scratch import scratch_for_every_program
 # aotpack's own ops must be registered before a worker loads an exported program that calls them
-from ..models import fused_quant, gelu_lora, lora_up, merge_by_address, qk_norm_rope  # noqa: F401
+from ..models import fused_quant, gelu_lora, gemm_lora, lora_up, merge_by_address, qk_norm_rope  # noqa: F401
 from ..models.regions import BLOCK_KINDS
 
 # The prologue turns a bf16 timestep into sinusoidal embeddings of `t * 1000`: fused in fp32, the
@@ -87,7 +88,7 @@ def compile_program(exported, package_path: Path, inductor_configs: dict) -> Com
     started, cpu_started, phases_before = time.perf_counter(), time.thread_time(), _phase_counts()
     configs = {**inductor_configs, **BASE_INDUCTOR_CONFIGS}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), scratch_for_every_program():  # aoti_scratch.py: torch 2.11's undersized scratch
             # torch 2.13 copies the program's pytree specs through its own deprecated LeafSpec check: one warning a
             # compile, about torch's code, not the user's
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)

@@ -216,6 +216,10 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     `with_delta` False: the delta left out (empty), for a caller that computes it itself."""
     if layer is None:
         return x, x.new_empty(0), x.new_empty(0)
+    if with_delta and lora_up_in_gemm(layer, lora_input(x)):
+        q, scale = (x.q, x.scale) if isinstance(x, QuantizedActivation) else quantize_rows(x)
+        y = fp8_linear_with_lora(layer, q, scale, lora_input(x))
+        return y, y.new_empty(0), y.new_empty(0)
     if isinstance(x, QuantizedActivation):
         y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
                                     x.dtype)
@@ -227,6 +231,46 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     bias = layer.bias if layer.bias is not None else y.new_empty(0)
     delta = with_delta and bound_lora(layer)
     return y, bias, (layer.lora_delta(lora_input(x)).to(y.dtype) if delta else y.new_empty(0))
+
+
+def is_fp8_linear(linear: nn.Module) -> bool:
+    """Whether `linear` holds torchao's row-wise FP8 weight (a `Float8Tensor`, one scale a row)."""
+    weight = getattr(linear, "weight", None)
+    return (hasattr(weight, "act_quant_kwargs") and hasattr(weight, "qdata")
+            and tuple(weight.scale.shape) == (weight.shape[0], 1))
+
+
+def lora_up_in_gemm(layer: nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether FP8 slot `layer` runs its base GEMM, bias and LoRA as one op (recipe lever `lora_up_in_gemm`,
+    models/gemm_lora.py): marked by `install_lora_up_in_gemm`, factors bound, LoRA in the activation dtype."""
+    return (getattr(layer, "lora_up_in_gemm", False) and bound_lora(layer)
+            and layer.lora_A.dtype == hidden.dtype)
+
+
+def fp8_linear_with_lora(layer: LoRASlotLinear, q: torch.Tensor, scale: torch.Tensor,
+                         hidden: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for an FP8 slot on its input quantized (`q, scale`) and as it is (`hidden`, the down-projection's
+    input): `aotpack::fp8_linear_lora` adds the bias and `u B^T` to the GEMM's accumulator before its one store."""
+    weight = layer.base.weight
+    u = F.linear(hidden, layer.lora_A)
+    bias = layer.bias if layer.bias is not None else u.new_empty(0)
+    return torch.ops.aotpack.fp8_linear_lora(q, scale, weight.qdata, weight.scale, bias, u, layer.lora_B,
+                                             weight.mm_config.use_fast_accum)
+
+
+def install_lora_up_in_gemm(transformer: nn.Module, min_in_features: int | None = None) -> int:
+    """Mark the FP8 LoRA slots of `min_in_features` inputs or more (default `gemm_lora.MIN_IN_FEATURES`: where the
+    op was measured faster than cuBLAS) for `lora_up_in_gemm`; returns how many. Importing `gemm_lora` here also
+    registers the op. The weights and slots keep their names."""
+    from .gemm_lora import MIN_IN_FEATURES
+
+    floor = MIN_IN_FEATURES if min_in_features is None else min_in_features
+    marked = 0
+    for module in transformer.modules():
+        if isinstance(module, LoRASlotLinear) and is_fp8_linear(module.base) and module.in_features >= floor:
+            module.lora_up_in_gemm = True
+            marked += 1
+    return marked
 
 
 def linear_output(layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
@@ -246,6 +290,8 @@ def linear_after_gelu(layer: BiasAfterLinear, prefix: torch.Tensor, before: nn.M
     from_fp8 = lora and reads_fp8_input(layer)  # recipe lever lora_down_from_fp8: no bf16 copy of the GELU output
     pre, bias, delta = unsummed_linear(before, x)
     q, scale, h = torch.ops.aotpack.gelu_quant_fp8(prefix, pre, bias, delta, lora and not from_fp8)
+    if lora and not from_fp8 and lora_up_in_gemm(layer, h):
+        return fp8_linear_with_lora(layer, q, scale, h)
     y = fp8_linear_prequantized(layer.base, q, scale, pre.dtype)
     if layer.bias is not None:
         y = y + layer.bias

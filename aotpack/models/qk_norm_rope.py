@@ -233,8 +233,9 @@ def _processor_class():
             if not joint:
                 return out
             text_out, image_out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-            image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-            return image_out, attn.to_add_out(text_out.contiguous())
+            # linear_output: the slot's own forward, or one op with the LoRA in the GEMM (lora_up_in_gemm)
+            image_out = attn.to_out[1](linear_output(attn.to_out[0], image_out.contiguous()))
+            return image_out, linear_output(attn.to_add_out, text_out.contiguous())
 
     return FusedQKNormRopeProcessor
 

@@ -50,6 +50,7 @@ class Recipe:
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
+    lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -161,6 +162,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
+        lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         batched_modulation=fields.value("batched_modulation", bool, False),
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -195,6 +197,13 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         if recipe.fused_gelu_lora and getattr(recipe, other):
             raise fields.error("fused_gelu_lora", f"= true cannot go with {other} = true: both take the LoRA "
                                                   "projections around the MLP GELUs; set one of them to false")
+    if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
+        raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
+                                              f"{recipe.quantization!r}): its kernel is the FP8 GEMM")
+    for other in ("lora_down_from_fp8", "group_lora_up", "fused_gelu_lora"):
+        if recipe.lora_up_in_gemm and getattr(recipe, other):
+            raise fields.error("lora_up_in_gemm", f"= true cannot go with {other} = true: both take LoRA "
+                                                  "up-projections out of the bf16 GEMMs; set one of them to false")
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")

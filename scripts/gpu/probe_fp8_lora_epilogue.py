@@ -73,14 +73,20 @@ def triton_gemm(x_q, w_q, s_x, s_w, u=None, b=None):
     return y
 
 
-def probe(tokens, k, n, generator):
+def random_linear(tokens, k, n, generator):
+    """`(x_q, s_x, w_q, s_w, s_w_row, u, b)`: a row-wise FP8 activation and weight with their scales (the weight's
+    also as the `[1, N]` row `_scaled_mm` takes) and an r64 LoRA's `u` and B, random at one linear's shape."""
     x = torch.randn(tokens, k, device="cuda", generator=generator).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=generator) * k ** -0.5).bfloat16()
     u = torch.randn(tokens, RANK, device="cuda", generator=generator).bfloat16()
     b = (torch.randn(n, RANK, device="cuda", generator=generator) * 0.01).bfloat16()
     x_q, s_x = rowwise(x)
     w_q, s_w = rowwise(w)
-    s_w_row = s_w.t().contiguous()
+    return x_q, s_x, w_q, s_w, s_w.t().contiguous(), u, b
+
+
+def probe(tokens, k, n, generator):
+    x_q, s_x, w_q, s_w, s_w_row, u, b = random_linear(tokens, k, n, generator)
     s_x_flat, s_w_flat = s_x.reshape(-1).contiguous(), s_w.reshape(-1).contiguous()
 
     def cublas():
@@ -102,6 +108,16 @@ def probe(tokens, k, n, generator):
     return result
 
 
+def record_shape(rows: list, totals: dict, r: dict, tokens: int, k: int, n: int, count: int) -> None:
+    """Append one shape's results `r` to `rows` and add its `*_ms` figures, `count` times, to the step's `totals`."""
+    r.update(tokens=tokens, k=k, n=n, count=count)
+    rows.append(r)
+    for key, value in r.items():
+        if key.endswith("_ms"):
+            totals[key] = round(totals.get(key, 0.0) + count * value, 2)
+    print(json.dumps(r), flush=True)
+
+
 def main(out_path: str) -> None:
     generator = torch.Generator("cuda").manual_seed(0)
     rows, totals = [], {}
@@ -110,12 +126,7 @@ def main(out_path: str) -> None:
             r = probe(tokens, k, n, generator)
         except Exception as error:  # a compile or launch failure: recorded, the other shapes still run
             r = {"error": f"{type(error).__name__}: {error}"[:500]}
-        r.update(tokens=tokens, k=k, n=n, count=count)
-        rows.append(r)
-        for key, value in r.items():
-            if key.endswith("_ms"):
-                totals[key] = round(totals.get(key, 0.0) + count * value, 2)
-        print(json.dumps(r), flush=True)
+        record_shape(rows, totals, r, tokens, k, n, count)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "rank": RANK, "per_shape": rows, "per_step_ms_these_shapes": totals}
     with open(out_path, "w") as f:
