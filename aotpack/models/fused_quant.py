@@ -255,7 +255,7 @@ def fp8_linear_with_lora(layer: LoRASlotLinear, q: torch.Tensor, scale: torch.Te
     u = F.linear(hidden, layer.lora_A)
     bias = layer.bias if layer.bias is not None else u.new_empty(0)
     return torch.ops.aotpack.fp8_linear_lora(q, scale, weight.qdata, weight.scale, bias, u, layer.lora_B,
-                                             weight.mm_config.use_fast_accum)
+                                             bool(getattr(weight.mm_config, "use_fast_accum", False)))
 
 
 def install_lora_up_in_gemm(transformer: nn.Module, min_in_features: int | None = None) -> int:

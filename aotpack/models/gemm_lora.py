@@ -10,11 +10,11 @@ output tiles; tiles moved by TMA descriptors made on the device), whose epilogue
 the bias and `u B^T` (one more `tl.dot` over the rank) before the one store. Elsewhere, and as the reference, the
 torch ops the unfused path runs (`reference`, what the CPU tests build and compare bit for bit).
 
-Why a hand-written GEMM: cuBLASLt's epilogues take no second GEMM. Measured on an H100, 2026-12-05, over the 304 large
-linears of a 1024² step (`scripts/gpu/probe_fp8_tma_epilogue.py`,
-`benchmarks/results/2026-12-05g-h100-gemm-lora/`): this kernel 44.30 ms against cuBLAS's 46.16 without the LoRA,
-53.00 against cuBLAS + the bf16 up GEMM's 55.01 with it (both sides without fast accumulation there); Inductor's
-own Triton templates lost to cuBLAS at every shape. A pointer-based Triton GEMM (2026-12-02) was 9% behind cuBLAS.
+Why a hand-written GEMM: cuBLASLt's epilogues take no second GEMM. Where it pays (`MIN_IN_FEATURES`, below): against
+cuBLAS with fast accumulation, as the package runs it, only at K >= 12288; over all 304 large linears of a 1024² step
+it lost (H200, 2026-12-05: 53.19 against cuBLAS + the bf16 up GEMM's 51.03 ms; `scripts/gpu/probe_fp8_tma_epilogue.py`,
+`benchmarks/results/2026-12-05g-h100-h200-gemm-lora/`). Inductor's own persistent TMA templates lost to cuBLAS at
+every shape; a pointer-based Triton GEMM (2026-12-02) was 9% behind cuBLAS without fast accumulation.
 
 Numerics: float32 accumulation, one rounding to the output dtype after the scales, the bias and `u B^T` are added
 (the unfused path rounds the GEMM output, the bias add and the delta each). `fast_accum` follows the weight's torchao
@@ -41,8 +41,8 @@ from .kernel_ops import dot_takes_rank, refuse_kernel_errors, register_triton_op
 # GEMM is 15-29% ahead of this kernel's.
 MIN_IN_FEATURES = 12288
 
-# One tile shape for every Flux shape: the probe's fastest with the LoRA epilogue at five of the six large 1024²
-# shapes (BLOCK_N 256 won without it, but two accumulators' worth of registers do not fit with the epilogue's dot).
+# One tile shape for every Flux shape: the fastest of six with the LoRA epilogue at five of the six large 1024² shapes
+# (H100, 2026-12-05, the probe's first version; BLOCK_N 256 won without the LoRA).
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_WARPS, NUM_STAGES = 128, 128, 128, 8, 8, 4
 
 
@@ -117,10 +117,10 @@ def _kernel():
 
 def kernel_fits(q: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the kernel takes these inputs: FP8 e4m3 operands, a bf16/fp16 output and LoRA, a rank that is a
-    `tl.dot` dimension (256 at most: a TMA box's side), and the TMA's 16-byte alignment of every row (K and N multiples of 16). Elsewhere the op
-    runs `reference`."""
+    `tl.dot` dimension (256 at most: a TMA box's side), and every row 16-byte aligned for the TMA (K and N multiples
+    of 16). Elsewhere the op runs `reference`."""
     k, n = q.shape[-1], weight.shape[0]
-    lora_ok = not b.numel() or (dot_takes_rank(b.shape[1]) and b.shape[1] <= 256 and b.dtype == u.dtype)  # a TMA box
+    lora_ok = not b.numel() or (dot_takes_rank(b.shape[1]) and b.shape[1] <= 256 and b.dtype == u.dtype)
     return (q.dtype == FP8 and weight.dtype == FP8 and u.dtype in (torch.bfloat16, torch.float16) and lora_ok
             and k % 16 == 0 and n % 16 == 0)
 
