@@ -44,6 +44,9 @@ MIN_IN_FEATURES = 12288
 # One tile shape for every Flux shape: the fastest of six with the LoRA epilogue at five of the six large 1024² shapes
 # (H100, 2026-12-05, the probe's first version; BLOCK_N 256 won without the LoRA).
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_WARPS, NUM_STAGES = 128, 128, 128, 8, 8, 4
+# The LoRA tiles load after the K loop (their latency not hidden: the epilogue cost 3.8 ms over the 304 linears on the
+# H200, 2026-12-05). Loading them before it is an option the probe times (`prefetch_lora`), not yet measured.
+PREFETCH_LORA = False
 
 
 def reference(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -71,7 +74,8 @@ def _kernel():
     def fp8_linear_lora_kernel(q_ptr, q_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, u_ptr, stride_u, b_ptr, y_ptr, M,
                                N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, PROGRAMS: tl.constexpr,
                                HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, FAST_ACCUM: tl.constexpr,
-                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+                               PREFETCH_LORA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                               GROUP: tl.constexpr):
         # y[M, N] = q_scale[m] w_scale[n] (q[M, K] W[N, K]^T) (+ bias[n]) (+ u[M, R] B[N, R]^T). The TMA descriptors
         # are made here, on the device, in scratch memory one slot a program (builder/aoti_scratch.py); host-made
         # ones do not compile inside a torch 2.11 program.
@@ -90,6 +94,9 @@ def _kernel():
             first_m = (tile // in_group) * GROUP
             pid_m = first_m + (tile % in_group) % min(num_pid_m - first_m, GROUP)
             pid_n = (tile % in_group) // min(num_pid_m - first_m, GROUP)
+            if HAS_LORA and PREFETCH_LORA:  # the LoRA tiles requested before the K loop, held until the epilogue
+                u_tile = u_desc.load([pid_m * BM, 0])
+                b_tile = b_desc.load([pid_n * BN, 0])
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 a = q_desc.load([pid_m * BM, k])
@@ -109,7 +116,10 @@ def _kernel():
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             if HAS_LORA:
-                acc = tl.dot(u_desc.load([pid_m * BM, 0]), b_desc.load([pid_n * BN, 0]).T, acc)
+                if not PREFETCH_LORA:
+                    u_tile = u_desc.load([pid_m * BM, 0])
+                    b_tile = b_desc.load([pid_n * BN, 0])
+                acc = tl.dot(u_tile, b_tile.T, acc)
             y_desc.store([pid_m * BM, pid_n * BN], acc.to(y_ptr.dtype.element_ty))
 
     return fp8_linear_lora_kernel
@@ -143,7 +153,8 @@ def _descriptor_scratch():
 
 
 def _triton(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            bias: torch.Tensor, u: torch.Tensor, b: torch.Tensor, fast_accum: bool) -> torch.Tensor:
+            bias: torch.Tensor, u: torch.Tensor, b: torch.Tensor, fast_accum: bool,
+            prefetch_lora: bool = PREFETCH_LORA) -> torch.Tensor:
     from torch.library import wrap_triton
 
     k, n = q.shape[-1], weight.shape[0]
@@ -164,7 +175,7 @@ def _triton(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight
             q2, q_scale, weight.contiguous(), weight_scale.reshape(-1).contiguous(),
             bias if bias.numel() else q_scale, u2, u2.stride(0), b.contiguous() if has_lora else q2, y, rows,
             N=n, K=k, R=b.shape[1] if has_lora else 16, PROGRAMS=programs, HAS_BIAS=bias.numel() > 0,
-            HAS_LORA=has_lora, FAST_ACCUM=fast_accum, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, GROUP=GROUP_M,
+            HAS_LORA=has_lora, FAST_ACCUM=fast_accum, PREFETCH_LORA=prefetch_lora, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, GROUP=GROUP_M,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y.reshape(*q.shape[:-1], n)
 

@@ -20,8 +20,18 @@ import triton.language as tl
 from probe_lora_kappend import graph_ms, rowwise  # same folder: the timing and the row-wise quantization
 
 RANK = 64
-SHAPES = {(4096, 3072, 3072): 76, (4096, 3072, 12288): 19, (4096, 12288, 3072): 19,
-          (4608, 3072, 3072): 114, (4608, 3072, 12288): 38, (4608, 15360, 3072): 38}
+
+
+def large_linear_shapes(size: int = 1024) -> dict[tuple[int, int, int], int]:
+    """`{(rows, K, N): count a step}` for the 304 large block linears of a `size`² FLUX.1-dev step (the double blocks'
+    image stream, `size`² / 256 rows; the single blocks, 512 text rows more); the text stream's are left out."""
+    image = (size // 16) ** 2
+    joint = image + 512
+    return {(image, 3072, 3072): 76, (image, 3072, 12288): 19, (image, 12288, 3072): 19,
+            (joint, 3072, 3072): 114, (joint, 3072, 12288): 38, (joint, 15360, 3072): 38}
+
+
+SHAPES = large_linear_shapes(1024)
 
 
 @triton.autotune(

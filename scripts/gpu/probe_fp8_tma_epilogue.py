@@ -12,7 +12,8 @@ one process, with fast accumulation (torchao's default, what the package's cuBLA
   templates on (its autotune table goes to the log), i.e. what `[inductor] max_autotune_gemm` would give a build.
 Launches replayed from CUDA graphs; the op's outputs are checked against cuBLAS (+ `u B^T`).
 
-On the GPU machine: `cd scripts/gpu && python3 probe_fp8_tma_epilogue.py $OUT/fp8_tma_epilogue.json`
+On the GPU machine: `cd scripts/gpu && python3 probe_fp8_tma_epilogue.py $OUT/fp8_tma_epilogue.json` (`SIZE=512`: the
+shapes of a 512² step; the op with its LoRA tiles loaded before the K loop is timed too, `op_fast_lora_prefetch`)
 """
 
 import json
@@ -22,7 +23,7 @@ import time
 
 import torch
 import triton
-from probe_fp8_lora_epilogue import RANK, SHAPES, random_linear, record_shape  # same folder: 1024² shapes, inputs
+from probe_fp8_lora_epilogue import RANK, large_linear_shapes, random_linear, record_shape  # same folder
 from probe_lora_kappend import graph_ms
 
 from aotpack.models import gemm_lora
@@ -51,6 +52,9 @@ def probe(tokens, k, n, generator, compiled):
         return torch.ops.aotpack.fp8_linear_lora(x_q, s_x, w_q, s_w, no_bias, u if lora else no_u,
                                                  b if lora else no_b, fast)
 
+    def prefetched():
+        return gemm_lora._triton(x_q, s_x, w_q, s_w, no_bias, u, b, True, prefetch_lora=True)
+
     delta = u @ b.t()
     rel = lambda a, ref: float((a.float() - ref).norm() / ref.norm())  # noqa: E731
     result = {}
@@ -64,6 +68,9 @@ def probe(tokens, k, n, generator, compiled):
             result[f"op_{tag}_lora_error"] = rel(op(fast, True), reference + delta.float())
             result[f"op_{tag}_ms"] = graph_ms(lambda: op(fast, False))
             result[f"op_{tag}_lora_ms"] = graph_ms(lambda: op(fast, True))
+            if fast:  # the LoRA tiles loaded before the K loop instead of after it (gemm_lora.PREFETCH_LORA)
+                result["op_fast_lora_prefetch_error"] = rel(prefetched(), reference + delta.float())
+                result["op_fast_lora_prefetch_ms"] = graph_ms(prefetched)
         except Exception as error:  # recorded; the rest still runs
             result[f"op_{tag}_failure"] = f"{type(error).__name__}: {error}"[:800]
     if compiled is not None:
@@ -86,7 +93,9 @@ def main(out_path: str) -> None:
               "rank": RANK, "kernel_errors": gemm_lora.kernel_errors("cuda"), "per_shape": rows,
               "per_step_ms_these_shapes": totals}
     print(json.dumps(report["kernel_errors"]), flush=True)
-    for (tokens, k, n), count in SHAPES.items():
+    size = int(os.environ.get("SIZE", "1024"))
+    report["size"] = size
+    for (tokens, k, n), count in large_linear_shapes(size).items():
         record_shape(rows, totals, probe(tokens, k, n, generator, compiled), tokens, k, n, count)
         with open(out_path, "w") as f:  # after every shape: a later failure or time-out keeps the earlier ones
             json.dump(report, f, indent=1)
