@@ -31,6 +31,11 @@ def large_linear_shapes(size: int = 1024) -> dict[tuple[int, int, int], int]:
             (joint, 3072, 3072): 114, (joint, 3072, 12288): 38, (joint, 15360, 3072): 38}
 
 
+def text_stream_shapes() -> dict[tuple[int, int, int], int]:
+    """The same for the double blocks' text stream (512 text tokens at any image size): q/k/v/out, MLP up and down."""
+    return {(512, 3072, 3072): 76, (512, 3072, 12288): 19, (512, 12288, 3072): 19}
+
+
 SHAPES = large_linear_shapes(1024)
 
 

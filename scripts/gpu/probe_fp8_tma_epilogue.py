@@ -13,7 +13,8 @@ one process, with fast accumulation (torchao's default, what the package's cuBLA
 Launches replayed from CUDA graphs; the op's outputs are checked against cuBLAS (+ `u B^T`).
 
 On the GPU machine: `cd scripts/gpu && python3 probe_fp8_tma_epilogue.py $OUT/fp8_tma_epilogue.json` (`SIZE=512`: the
-shapes of a 512² step; the op with its LoRA tiles loaded before the K loop is timed too, `op_fast_lora_prefetch`)
+shapes of a 512² step; the op with its LoRA tiles loaded before the K loop is timed too, `op_fast_lora_prefetch`,
+and the double blocks' text-stream linears, 512 rows, summed apart)
 """
 
 import json
@@ -23,7 +24,8 @@ import time
 
 import torch
 import triton
-from probe_fp8_lora_epilogue import RANK, large_linear_shapes, random_linear, record_shape  # same folder
+from probe_fp8_lora_epilogue import (RANK, large_linear_shapes, random_linear, record_shape,  # same folder
+                                     text_stream_shapes)
 from probe_lora_kappend import graph_ms
 
 from aotpack.models import gemm_lora
@@ -88,18 +90,19 @@ def probe(tokens, k, n, generator, compiled):
 def main(out_path: str) -> None:
     generator = torch.Generator("cuda").manual_seed(0)
     compiled = inductor_scaled_mm_add() if os.environ.get("INDUCTOR") == "1" else None  # ~80 s a shape
-    rows, totals = [], {}
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "rank": RANK, "kernel_errors": gemm_lora.kernel_errors("cuda"), "per_shape": rows,
-              "per_step_ms_these_shapes": totals}
-    print(json.dumps(report["kernel_errors"]), flush=True)
+    rows, totals, text_totals = [], {}, {}
     size = int(os.environ.get("SIZE", "1024"))
-    report["size"] = size
-    for (tokens, k, n), count in large_linear_shapes(size).items():
-        record_shape(rows, totals, probe(tokens, k, n, generator, compiled), tokens, k, n, count)
-        with open(out_path, "w") as f:  # after every shape: a later failure or time-out keeps the earlier ones
-            json.dump(report, f, indent=1)
-    print(json.dumps(totals))
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "rank": RANK, "size": size, "kernel_errors": gemm_lora.kernel_errors("cuda"), "per_shape": rows,
+              "per_step_ms_these_shapes": totals, "per_step_ms_text_stream": text_totals}
+    print(json.dumps(report["kernel_errors"]), flush=True)
+    # the large linears, then the text stream's (512 rows: small M, where a persistent kernel fills fewer SMs)
+    for shapes, sums in ((large_linear_shapes(size), totals), (text_stream_shapes(), text_totals)):
+        for (tokens, k, n), count in shapes.items():
+            record_shape(rows, sums, probe(tokens, k, n, generator, compiled), tokens, k, n, count)
+            with open(out_path, "w") as f:  # after every shape: a later failure or time-out keeps the earlier ones
+                json.dump(report, f, indent=1)
+    print(json.dumps(totals), json.dumps(text_totals))
 
 
 if __name__ == "__main__":
