@@ -5,10 +5,11 @@
 
 No GPU needed. The interpreter has no FP8 and reads bf16 TMA tiles wrongly (values of ~1e11), so the operands here
 are fp16 and the kernel runs as written otherwise: persistent programs walking the tiles (3 programs over 3 x 3
-tiles), a ragged last row block (300 rows), the scales, the bias, `u` as a column view (row stride 2R) and both
-accumulation forms, the LoRA tiles loaded after the K loop or before it. Relative L2 against float32 `x W^T * scales + bias + u B^T`: 2.1e-4 each on 2026-12-05 (triton
-3.9.0, torch 2.13.0 CPU; fp16 output rounding). The GPU's own result is checked by the build
-(`check_kernel_against_reference`) and inside a package by `scripts/gpu/check_gemm_lora_aoti.py`.
+tiles), a ragged last row block (300 rows), the scales, the bias, `u` as a column view (row stride 2R), both
+accumulation forms, and the LoRA tiles loaded after the K loop or before it. Relative L2 against float32
+`x W^T * scales + bias + u B^T`: 2.1e-4 each on 2026-12-05 (triton 3.9.0, torch 2.13.0 CPU; fp16 output rounding).
+The GPU's own result is checked by the build (`check_kernel_against_reference`) and inside a package by
+`scripts/gpu/check_gemm_lora_aoti.py`.
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ def _triton(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight
             q2, q_scale, weight.contiguous(), weight_scale.reshape(-1).contiguous(),
             bias if bias.numel() else q_scale, u2, u2.stride(0), b.contiguous() if has_lora else q2, y, rows,
             N=n, K=k, R=b.shape[1] if has_lora else 16, PROGRAMS=programs, HAS_BIAS=bias.numel() > 0,
-            HAS_LORA=has_lora, FAST_ACCUM=fast_accum, PREFETCH_LORA=prefetch_lora, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, GROUP=GROUP_M,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            HAS_LORA=has_lora, FAST_ACCUM=fast_accum, PREFETCH_LORA=prefetch_lora, BM=BLOCK_M, BN=BLOCK_N,
+            BK=BLOCK_K, GROUP=GROUP_M, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y.reshape(*q.shape[:-1], n)
 
 
