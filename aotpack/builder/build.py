@@ -23,6 +23,7 @@ from ..models.checkpoint import (
 )
 from ..models.examples import transformer_inputs
 from ..models.fused_quant import check_kernel_against_reference, install_fused_gelu_quant, install_lora_up_in_gemm
+from ..models.gemm_lora import MIN_IN_FEATURES
 from ..models.gemm_lora import check_kernel_against_reference as check_gemm_lora_kernel_against_reference
 from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
@@ -292,7 +293,9 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         if recipe.group_lora_up and torch.device(device).type == "cuda":
             check_lora_up_kernel_against_reference(device)
         if recipe.lora_up_in_gemm:  # each FP8 slot's GEMM adds its bias and LoRA before its store
-            report.info(f"    {install_lora_up_in_gemm(transformer)} FP8 slots add their LoRA in the GEMM's epilogue")
+            marked = install_lora_up_in_gemm(transformer)
+            report.info(f"    {marked} FP8 slots add their LoRA in the GEMM's epilogue"
+                        + ("" if marked else f" (it takes slots of {MIN_IN_FEATURES} inputs or more: none here)"))
             if torch.device(device).type == "cuda":
                 check_gemm_lora_kernel_against_reference(device)
 

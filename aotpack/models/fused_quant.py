@@ -381,8 +381,8 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
 def _require_fp8(layer: nn.Module) -> None:
     from ..errors import RecipeError
 
-    weight = getattr(getattr(layer, "base", None), "weight", None)
-    if not hasattr(weight, "act_quant_kwargs"):
+    if not is_fp8_linear(getattr(layer, "base", None)):
+        weight = getattr(getattr(layer, "base", None), "weight", None)
         raise RecipeError(f"fused_gelu_quant needs FP8 row-wise linears; {type(layer).__name__} holds a "
                           f"{type(weight).__name__}", "set quantization = \"fp8_rowwise\" or fused_gelu_quant = false")
 

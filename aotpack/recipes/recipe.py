@@ -193,17 +193,18 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
                                                  "that the fused kernel writes")
     if recipe.fused_gelu_lora and not recipe.fused_gelu_quant:
         raise fields.error("fused_gelu_lora", "= true needs fused_gelu_quant = true: it extends that kernel")
-    for other in ("lora_down_from_fp8", "group_lora_up"):  # group_lora_down still groups u_in's down-projection
-        if recipe.fused_gelu_lora and getattr(recipe, other):
-            raise fields.error("fused_gelu_lora", f"= true cannot go with {other} = true: both take the LoRA "
-                                                  "projections around the MLP GELUs; set one of them to false")
     if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
         raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                               f"{recipe.quantization!r}): its kernel is the FP8 GEMM")
-    for other in ("lora_down_from_fp8", "group_lora_up", "fused_gelu_lora"):
-        if recipe.lora_up_in_gemm and getattr(recipe, other):
-            raise fields.error("lora_up_in_gemm", f"= true cannot go with {other} = true: both take LoRA "
-                                                  "up-projections out of the bf16 GEMMs; set one of them to false")
+    # levers that take the same LoRA projections out of the bf16 GEMMs (group_lora_down goes with either)
+    for lever, others, what in (("fused_gelu_lora", ("lora_down_from_fp8", "group_lora_up"),
+                                 "the LoRA projections around the MLP GELUs"),
+                                ("lora_up_in_gemm", ("lora_down_from_fp8", "group_lora_up", "fused_gelu_lora"),
+                                 "LoRA up-projections out of the bf16 GEMMs")):
+        for other in others:
+            if getattr(recipe, lever) and getattr(recipe, other):
+                raise fields.error(lever, f"= true cannot go with {other} = true: both take {what}; set one of "
+                                          "them to false")
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")
