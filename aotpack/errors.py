@@ -60,6 +60,10 @@ class AdapterFileError(AdapterError):
     """Unreadable, truncated, unsafe (pickle) or non-finite adapter file."""
 
 
+class AdapterUnavailableError(AdapterFileError):
+    """A Hub adapter that cannot be fetched now (offline, not cached, the Hub unreachable): the file may be fine."""
+
+
 class AdapterFormatError(AdapterError):
     """An adapter holding parts a LoRA slot cannot represent, or an unknown layout."""
 

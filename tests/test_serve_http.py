@@ -53,6 +53,8 @@ def adapter_dir(tmp_path_factory, demo_loras):
     (directory / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     (directory / "spare").mkdir()  # a file registered over HTTP later
     shutil.copy(demo_loras["tiny-style-mlp"], directory / "spare" / "later.safetensors")
+    (directory / "to-register").mkdir()  # a file registered by racing requests
+    shutil.copy(demo_loras["tiny-style-attn"], directory / "to-register" / "raced.safetensors")
     return directory
 
 
@@ -185,6 +187,43 @@ def test_bad_fields_are_422(server):
         assert answer.json()["error"]["type"] == "invalid_request"
 
 
+def test_refused_bodies_name_the_field_and_value_and_every_answer_is_counted(server):
+    before = metric(server, 'aotpack_request_seconds_count{status="422"}')
+    url = f"{server}/v1/images/generations"
+    strict = [({"steps": True}, "steps = True"), ({"steps": "2"}, "steps = '2'"), ({"seed": "7"}, "seed = '7'"),
+              ({"n": "2"}, "n = '2'"), ({"loras": [{"name": "tiny-style-attn", "scale": True}]}, "scale = True"),
+              ({"size": "6_4x64"}, "size '6_4x64'"), ({"n": 2, "response_format": "png"}, '"png" with n = 2')]
+    for bad, named in strict:  # converted before (a bool became 1 step), now refused with the value
+        answer = post(server, dict(BODY, **bad))
+        assert answer.status_code == 422, (bad, answer.text)
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request" and named in error["message"], (bad, error)
+    # a lone surrogate: tokenizers refuse it mid-batch (it failed other clients' requests batched with it)
+    surrogate = httpx.post(url, content=json.dumps(dict(BODY, prompt="x \ud800")).encode(),
+                           headers={"content-type": "application/json"}, timeout=60)
+    assert surrogate.status_code == 422 and "lone surrogate" in surrogate.json()["error"]["message"]
+    broken = httpx.post(url, content=b'{"prompt": "a", ', headers={"content-type": "application/json"}, timeout=60)
+    assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"], broken.text
+    assert metric(server, 'aotpack_request_seconds_count{status="422"}') - before == len(strict) + 2
+    for method, path, status, kind in [("GET", "/nope", 404, "not_found"),
+                                       ("GET", "/v1/images/generations", 405, "method_not_allowed")]:
+        answer = httpx.request(method, f"{server}{path}", timeout=30)
+        assert answer.status_code == status and answer.json()["error"]["type"] == kind, answer.text
+        assert answer.json()["error"]["fix"]
+    not_utf8 = httpx.post(url, content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
+    assert not_utf8.status_code in (400, 422) and not_utf8.json()["error"]["type"] == "invalid_request"
+
+
+def test_the_answer_says_the_size_made_and_the_largest_seed_is_taken(server):
+    answer = post(server, dict(BODY, size="72x100", seed=2**63 - 1))  # seeds seed..seed+n-1 fit torch's range
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert data["size"] == "64x96" and "produced as 64x96" in data["notes"][0]
+    assert pixels(base64.b64decode(data["data"][0]["b64_json"])).shape == (96, 64, 3)
+    over = post(server, dict(BODY, seed=2**63 - 1, n=2))
+    assert over.status_code == 422 and "seed" in over.json()["error"]["message"]
+
+
 def test_a_path_or_url_in_a_request_is_refused(server, adapter_dir):
     for name in [str(adapter_dir / "tiny-style-attn.safetensors"), "../tiny-style-attn", "/etc/passwd",
                  "hf://owner/repo@main/style.safetensors", "owner/repo/style.safetensors"]:
@@ -212,6 +251,19 @@ def test_registering_needs_the_token_and_an_allowed_source(server, adapter_dir):
     assert set(listed) >= set(ADAPTERS) | {"later", "too-big", "broken"} and "big2" not in listed
     assert listed["tiny-style-all"]["rank"] == 16
     assert post(server, dict(BODY, loras=[{"name": "later"}])).status_code == 200
+
+
+def test_racing_registrations_of_one_name_register_it_once(server, adapter_dir):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"name": "raced", "source": str(adapter_dir / "to-register" / "raced.safetensors")}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{server}/v1/adapters", json=body, headers=auth, timeout=60),
+                                range(3)))
+    assert sorted(a.status_code for a in answers) == [201, 422, 422], [a.text for a in answers]
+    assert all("already registered" in a.json()["error"]["message"] for a in answers if a.status_code == 422)
+    nul = httpx.post(f"{server}/v1/adapters", headers=auth, timeout=60,
+                     json={"name": "nul", "source": str(adapter_dir / "spare" / "a\u0000.safetensors")})
+    assert nul.status_code == 422 and nul.json()["error"]["type"] == "adapter_not_allowed", nul.text
 
 
 def test_a_client_that_leaves_cancels_its_queued_request(server):

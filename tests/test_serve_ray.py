@@ -83,3 +83,13 @@ def test_same_api_errors_and_adapters(ray_server):
     assert names == {"tiny-style-attn", "tiny-style-mlp", "tiny-style-all"}
     assert httpx.post(f"{ray_server}/v1/adapters", json={"name": "x", "source": "y"}).status_code == 501
     assert "aotpack_lora_switches_total" in httpx.get(f"{ray_server}/metrics", timeout=30).text
+
+
+def test_a_misspelt_option_is_refused_before_any_replica_starts(tiny_package):
+    from aotpack.errors import AotpackError
+    from aotpack.serve.ray_app import adapter_set_id, build_app
+
+    with pytest.raises(AotpackError, match=r"options \['max_queu'\] are not serve options"):
+        build_app({"package": str(tiny_package), "options": {"max_queu": 8}})  # it killed each replica
+    # close scales are different sets (":g" made 0.1234567 and 0.1234568 one routing id)
+    assert adapter_set_id([{"name": "a", "scale": 0.1234567}]) != adapter_set_id([{"name": "a", "scale": 0.1234568}])

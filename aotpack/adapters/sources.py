@@ -10,7 +10,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, AdapterUnavailableError
 from .files import PICKLE_SUFFIXES
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
@@ -135,7 +135,7 @@ def _download(source: AdapterSource) -> Path:
         raise AdapterFileError(f"adapter {source.describe()} is in a gated repository ({err})",
                                "accept its terms on the Hub and set HF_TOKEN") from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        raise AdapterFileError(
+        raise AdapterUnavailableError(
             f"adapter {source.describe()} is not in the local Hugging Face cache and cannot be downloaded "
             f"({type(err).__name__})",
             "connect to the network once (unset HF_HUB_OFFLINE), or point HF_HOME at a cache that holds it") from err
@@ -143,5 +143,5 @@ def _download(source: AdapterSource) -> Path:
         raise AdapterFileError(f"adapter {source.describe()} could not be found on the Hub ({type(err).__name__})",
                                "check the repo id, file name and revision") from err
     except HfHubHTTPError as err:
-        raise AdapterFileError(f"adapter {source.describe()} could not be downloaded ({err})",
+        raise AdapterUnavailableError(f"adapter {source.describe()} could not be downloaded ({err})",
                                "retry, or check HF_TOKEN and the network") from err

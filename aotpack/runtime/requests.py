@@ -9,6 +9,8 @@ Ranges (docs/reliability.md lists them with their tests):
   the rounded size is the one reported; the image tokens (h/16 * w/16) must lie in the package's range.
 - max_sequence_length: integer within the package's text-token range and <= 512 (T5's limit in Flux).
 - output paths: an image extension (.png/.jpg/.jpeg/.webp), not a directory, a parent that can be created.
+- prompt: a string that is valid Unicode (no lone surrogates: the tokenizers refuse them mid-batch), at most
+  MAX_PROMPT_CHARS characters (CLIP reads 77 tokens and T5 512; a 1 MB prompt held a server's model thread 10 s).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ STEPS_RANGE = (1, 1000)
 SEED_RANGE = (0, 2**63 - 1)
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses more (T5 was trained to 512)
 SIZE_MULTIPLE = 16  # FluxPipeline: vae_scale_factor (8) * 2 (2x2 latent patches)
+MAX_PROMPT_CHARS = 20_000  # ~10x what T5's 512 tokens can read; longer text is only work for the tokenizers
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LATENT_SUFFIXES = (".safetensors",)
 
@@ -164,11 +167,26 @@ def check_output_path(path, field: str = "out", suffixes=IMAGE_SUFFIXES, where: 
     return str(path)
 
 
+def check_prompt(prompt, where: str = "") -> str:
+    """A string the tokenizers take: valid Unicode, at most MAX_PROMPT_CHARS characters."""
+    if not isinstance(prompt, str):
+        raise RequestError(f"{_where(where, 'prompt')} = {prompt!r} is not a string", 'give "prompt": "..."')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{_where(where, 'prompt')} has an invalid character at position {err.start} "
+                           f"({prompt[err.start:err.end]!r}, a lone surrogate)",
+                           "send the prompt as valid UTF-8 (a JSON \\ud83d... escape must come in its pair)") from None
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{_where(where, 'prompt')} has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}",
+                           f"shorten it (CLIP reads 77 tokens and T5 at most {MAX_SEQUENCE_LENGTH})")
+    return prompt
+
+
 def validate_request(request, limits: PackageLimits = ANY_PACKAGE, where: str = ""):
     """A checked copy of `request` (a `jobs.Request`): numbers in range, the size as produced (noted in
     `request.notes` when rounded), output paths writable."""
-    if not isinstance(request.prompt, str):
-        raise RequestError(f"{_where(where, 'prompt')} = {request.prompt!r} is not a string", 'give "prompt": "..."')
+    check_prompt(request.prompt, where)
     height, width, notes = check_size(request.height, request.width, limits, where)
     checked = dataclasses.replace(
         request,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import AdapterError, AotpackError
+from ..errors import AdapterError, AdapterUnavailableError, AotpackError
 
 
 class ServeError(AotpackError):
@@ -49,9 +49,12 @@ class NotReadyError(ServeError):
 
 
 def http_status(err: Exception) -> tuple[int, str]:
-    """(status, type) for any error a request can raise; adapter problems are the client's (422)."""
+    """(status, type) for any error a request can raise; adapter problems are the client's (422), except a Hub
+    file the server cannot fetch now (503: the server's network or cache, not the request)."""
     if isinstance(err, ServeError):
         return err.status, err.kind
+    if isinstance(err, AdapterUnavailableError):
+        return 503, "adapter_unavailable"
     if isinstance(err, AdapterError):
         return 422, "invalid_adapter"
     if isinstance(err, AotpackError):

@@ -16,25 +16,39 @@ adapters come from the deployment's --adapters/--adapter (the same on every repl
 
 # no `from __future__ import annotations`: Ray's @serve.ingress needs real annotations for FastAPI
 import asyncio
-import base64
+import collections
+import dataclasses
+import logging
 import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ..errors import AotpackError
-from .app import GenerationRequest, error_response, png_bytes
-from .errors import QueueFullError, ServeError, error_body, http_status
+from .app import GenerationRequest, add_request_error_handlers, error_response, json_answer, png_bytes
+from .errors import QueueFullError, RequestTimeoutError, ServeError, error_body, http_status
 
 BASE_SET = "base"  # the adapter-set id of requests without LoRAs
+SETS_PER_REPLICA = int(os.environ.get("AOTPACK_RAY_SETS_PER_REPLICA", "8"))
+log = logging.getLogger("aotpack.serve")
 
 
 def adapter_set_id(loras) -> str:
-    """A stable id for an adapter set (order and scales included): the multiplexed model id."""
-    return "+".join(f"{entry['name']}:{float(entry.get('scale', 1.0)):g}" for entry in loras or []) or BASE_SET
+    """A stable id for an adapter set (order and exact scales included): the multiplexed model id."""
+    return "+".join(f"{entry['name']}:{float(entry.get('scale', 1.0))!r}" for entry in loras or []) or BASE_SET
+
+
+def serve_options(options: dict):
+    """`ServeOptions` from the deployment's `options`; an unknown key is refused before any replica starts."""
+    from .service import ServeOptions
+
+    known = {field.name for field in dataclasses.fields(ServeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AotpackError(f"options {unknown} are not serve options", f"use only {sorted(known)}")
+    return ServeOptions(**options)
 
 
 class NotOnRayError(ServeError):
@@ -46,54 +60,78 @@ class Replica:
     def __init__(self, config: dict):
         from ..machine.cublaslt import use_no_cublaslt_workspace
         from .server import build_service
-        from .service import ServeOptions
 
         use_no_cublaslt_workspace()  # the replica's process is aotpack's: before its first GPU matmul
 
         self.service = build_service(config["package"], config.get("model", "tiny"),
                                      revision=config.get("revision"), adapter_dirs=config.get("adapters", ()),
                                      adapters=config.get("adapter", ()),
-                                     options=ServeOptions(**config.get("options", {}))).start()
+                                     options=serve_options(config.get("options", {}))).start()
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.sets_loaded: list[str] = []
+        # the sets this replica holds, as Ray's multiplexing evicts them (least recently loaded first)
+        self.sets_loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._stream = None  # a side CUDA stream for staging, as the worker's prefetcher uses
 
-    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("AOTPACK_RAY_SETS_PER_REPLICA", "8")))
+    @serve.multiplexed(max_num_models_per_replica=SETS_PER_REPLICA)
     async def load_set(self, set_id: str) -> str:
         """Stage the set's adapters in this replica's cache (parsed, on the device) once per set."""
         await asyncio.to_thread(self._stage, set_id)
-        self.sets_loaded.append(set_id)
+        self.sets_loaded[set_id] = None
+        self.sets_loaded.move_to_end(set_id)
+        while len(self.sets_loaded) > SETS_PER_REPLICA:
+            self.sets_loaded.popitem(last=False)
         return set_id
 
     def _stage(self, set_id: str) -> None:
+        import torch
+
         worker = self.service.worker
         worker.ready.wait()
         if set_id == BASE_SET or worker.served is None:
             return
+        if self._stream is None and worker.served.device.type == "cuda":
+            self._stream = torch.cuda.Stream(worker.served.device)  # off the model's stream
         for part in set_id.split("+"):
             source = self.service.registry.get(part.rpartition(":")[0]).source
-            worker.stage(source, None)
+            worker.stage(source, self._stream)
 
     async def generate(self, fields: dict) -> dict:
-        """{"status", "json" | "png", "headers"}: the ingress turns it into the HTTP answer."""
+        """{"status", "json" | "png", "headers"}: the ingress turns it into the HTTP answer. Every answer is
+        counted in `aotpack_request_seconds`, and any failure comes back as the JSON error body."""
+        started, status = time.perf_counter(), 500
+        try:
+            reply = await self._generate(fields)
+            status = reply["status"]
+            return reply
+        finally:
+            self.service.metrics.request_seconds.labels(str(status)).observe(time.perf_counter() - started)
+
+    async def _generate(self, fields: dict) -> dict:
         try:
             await self.load_set(serve.get_multiplexed_model_id())
             job = self.service.submit(fields)
+            future = asyncio.wrap_future(job.future)
             try:
-                result = await asyncio.wrap_future(job.future)
+                result = await asyncio.wait_for(future, timeout=max(0.0, job.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                if job.cancel():
+                    self.service.metrics.cancelled.labels("timeout").inc()
+                raise RequestTimeoutError(f"no answer within the {job.timeout_s:g} s request timeout",
+                                          "retry later, or deploy with a longer request_timeout_s") from None
             except asyncio.CancelledError:  # the client left: never run a withdrawn request
                 if job.cancel():
                     self.service.metrics.cancelled.labels("disconnect").inc()
                 raise
-        except AotpackError as err:
+        except Exception as err:  # typed errors say their fix; anything else is a JSON 500, logged
+            if not isinstance(err, AotpackError):
+                log.exception("a generation request failed")
             headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QueueFullError) else {}
             return {"status": http_status(err)[0], "json": error_body(err), "headers": headers}
         headers = {"x-aotpack-replica": self.replica}
-        if fields.get("response_format") == "png" and int(fields.get("n", 1)) == 1:
-            return {"status": 200, "png": png_bytes(result["images"][0]), "headers": headers}
-        data = [{"b64_json": base64.b64encode(png_bytes(image)).decode()} for image in result["images"]]
-        return {"status": 200, "headers": headers, "json": {
-            "created": int(time.time()), "data": data, "timings": result["timings"],
-            "adapters": result["adapters"], "replica": self.replica}}
+        if fields.get("response_format") == "png":
+            return {"status": 200, "png": await asyncio.to_thread(png_bytes, result["images"][0]), "headers": headers}
+        answer = await asyncio.to_thread(json_answer, result)
+        return {"status": 200, "headers": headers, "json": dict(answer, replica=self.replica)}
 
     async def adapters(self) -> list[dict]:
         return self.service.describe_adapters()
@@ -103,7 +141,7 @@ class Replica:
             self.service.check_ready()
         except AotpackError as err:
             return {"status": http_status(err)[0], "json": error_body(err)}
-        return {"status": 200, "json": {"status": "ready", "replica": self.replica, "sets": self.sets_loaded}}
+        return {"status": 200, "json": {"status": "ready", "replica": self.replica, "sets": list(self.sets_loaded)}}
 
     async def metrics(self) -> bytes:
         return self.service.metrics.render()
@@ -112,11 +150,7 @@ class Replica:
 app = FastAPI(title="aotpack on Ray Serve")
 
 
-@app.exception_handler(RequestValidationError)
-async def _bad_body(request, err):
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
-    return JSONResponse({"error": {"type": "invalid_request", "message": problems,
-                                   "fix": "see POST /v1/images/generations in docs/serving.md"}}, status_code=422)
+add_request_error_handlers(app)
 
 
 def _answer(reply: dict) -> Response:
@@ -175,20 +209,24 @@ def build_app(args: dict):
 
     manifest = read_manifest(locate_package(args["package"]))
     options = dict(args.get("options") or {})
+    max_queue = serve_options(options).max_queue
     replicas = int(args.get("replicas", 1))
     max_replicas = args.get("max_replicas")
-    max_queue = int(options.get("max_queue", 64))
+    max_batch = int(manifest.shapes["batch"][1])
     config = {"package": str(args["package"]), "model": args.get("model", "tiny"), "revision": args.get("revision"),
               "adapters": as_list(args.get("adapters")), "adapter": as_list(args.get("adapter")), "options": options}
     num_gpus = float(args.get("num_gpus", 1 if manifest.device == "cuda" else 0))
     scaling = ({"num_replicas": replicas} if not max_replicas else {"autoscaling_config": {
         "min_replicas": replicas, "max_replicas": int(max_replicas),
         # ongoing requests per replica = its queue (+ the batch running); scale out before it backs up
-        "target_ongoing_requests": max(2, int(manifest.shapes["batch"][1]) * 2)}})
+        "target_ongoing_requests": max(2, max_batch * 2)}})
+    # Room for the replica's own queue to fill (then its scheduler answers 429 with Retry-After) beside the batch
+    # on the model: with exactly max_queue, Ray held the surplus in its own unbounded queue and 429 never came.
     replica = Replica.options(ray_actor_options={"num_gpus": num_gpus, "num_cpus": float(args.get("num_cpus", 1))},
-                              max_ongoing_requests=max_queue, **scaling).bind(config)
+                              max_ongoing_requests=max_queue + max_batch, **scaling).bind(config)
     return Ingress.options(ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=max_queue * max(replicas, int(max_replicas or 0))).bind(replica)
+                           max_ongoing_requests=(max_queue + max_batch) * max(replicas, int(max_replicas or 0))
+                           ).bind(replica)
 
 
 def run_ray(package, model, *, revision=None, adapter_dirs=(), adapters=(), options=None, host="127.0.0.1",

@@ -8,13 +8,16 @@ under its stem) and Hub files (`--adapter NAME=hf://owner/repo@rev/file.safetens
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 from pathlib import Path
 
-from ..adapters.sources import AdapterSource, adapter_source
+from ..adapters.sources import AdapterSource, adapter_source, local_path
+from ..errors import AdapterError
 from .errors import AdapterNotAllowedError, UnknownAdapterError
 
+log = logging.getLogger("aotpack.serve")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -37,8 +40,6 @@ class RegisteredAdapter:
 def header_rank(source: AdapterSource) -> int | None:
     """The largest LoRA rank in a local file, from its safetensors header (no tensor is read)."""
     from safetensors import safe_open
-
-    from ..adapters.sources import local_path
 
     if source.is_hub:
         return None
@@ -77,13 +78,28 @@ class AdapterRegistry:
         if not directory.is_dir():
             raise AdapterNotAllowedError(f"--adapters {directory} is not a directory",
                                          "pass a folder of .safetensors LoRA files")
-        self._roots.append(directory)
-        names = []
+        found: dict[str, Path] = {}
         for entry in sorted(directory.iterdir()):
-            if _is_adapter_entry(entry):
-                names.append(self._put(entry.stem if entry.is_file() else entry.name,
-                                       AdapterSource(str(entry))))
-        return names
+            if not _is_adapter_entry(entry):
+                continue
+            name = entry.stem if entry.is_file() else entry.name
+            if not NAME.match(name) or ".." in name:  # requests could never name it: said, not fatal
+                log.warning("--adapters %s: %s is not registered: its name %r is not a request-safe name "
+                            "(letters, digits, '.', '_', '-'); rename it to serve it", directory, entry.name, name)
+                continue
+            try:
+                local_path(AdapterSource(str(entry)))  # a folder of several files names no one adapter
+            except AdapterError as err:
+                log.warning("--adapters %s: %s is not registered: %s; %s", directory, entry.name, err.problem,
+                            err.fix)
+                continue
+            if name in found or name in self._adapters:
+                where = found.get(name) or self._adapters[name].source.describe()
+                raise AdapterNotAllowedError(f"--adapters {directory}: {entry.name} and {where} would both be "
+                                             f"the adapter {name!r}", "rename one of them (names are unique)")
+            found[name] = entry
+        self._roots.append(directory)
+        return [self._put(name, AdapterSource(str(entry))) for name, entry in found.items()]
 
     def add(self, name: str, source: str, *, trusted: bool = False) -> RegisteredAdapter:
         """Register `source` under `name` (see `resolve`)."""
@@ -104,9 +120,14 @@ class AdapterRegistry:
             raise AdapterNotAllowedError(f"source {text!r}: only hf:// URLs are allowed",
                                          "use hf://owner/repo@revision/file.safetensors")
         else:
-            path = Path(text).expanduser()
+            try:
+                path = Path(text).expanduser()
+                if not trusted:
+                    path = path.resolve()
+            except (ValueError, OSError, RuntimeError) as err:  # a NUL byte, an unknown ~user, a symlink loop
+                raise AdapterNotAllowedError(f"source {text!r} is not a usable path ({err})",
+                                             "pass the path of an existing .safetensors file") from None
             if not trusted:
-                path = path.resolve()
                 if not any(path.is_relative_to(root) for root in self._roots):
                     raise AdapterNotAllowedError(
                         f"source {text!r} is outside the adapter directories the server was started with",

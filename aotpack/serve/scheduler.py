@@ -81,7 +81,8 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return len(self._jobs)
+        """Requests waiting; a withdrawn one (its client left) stops counting at once, before the next purge."""
+        return sum(not job.future.cancelled() for job in list(self._jobs))
 
     # -- worker side
     def next_batch(self, active_set: tuple | None, timeout: float | None = None) -> list[Job]:

@@ -23,12 +23,16 @@ def build_service(package, model: str, *, revision=None, adapter_dirs=(), adapte
     return Service(package, model, revision=revision, registry=registry, options=options)
 
 
-def run(service: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run(service: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        shutdown_timeout_s: float = 30.0) -> None:
+    """Serve until SIGINT/SIGTERM; then requests in flight get `shutdown_timeout_s` (a bounded stop, not the
+    whole queue: an orchestrator's grace period is typically 30 s)."""
     import uvicorn
 
     service.start()
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(service), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=shutdown_timeout_s)
     finally:
         service.stop()
 

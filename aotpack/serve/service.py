@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import math
+import re
+import threading
 import time
 
+from ..errors import AotpackError
 from ..runtime.requests import PackageLimits, check_int, check_scale
 from ..store.manifest import read_manifest
 from ..store.publish import locate_package
@@ -38,13 +41,15 @@ class ServeOptions:
     merge_share: float = 1.0  # load_package's: how much of a set a merge folds (runtime/merge_share.py)
 
 
+SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # plain digits: int() would also take "6_4" or " 64"
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """OpenAI's "WxH" -> (height, width)."""
-    try:
-        width, height = (int(x) for x in str(size).lower().split("x"))
-    except ValueError:
-        raise InvalidRequestError(f"size {size!r} is not WIDTHxHEIGHT", 'e.g. "size": "1024x1024"') from None
-    return height, width
+    match = SIZE.match(size.lower()) if isinstance(size, str) else None
+    if match is None:
+        raise InvalidRequestError(f"size {size!r} is not WIDTHxHEIGHT", 'e.g. "size": "1024x1024"')
+    return int(match[2]), int(match[1])
 
 
 class Service:
@@ -67,6 +72,7 @@ class Service:
         self.worker = Worker(load, self.registry, self.scheduler, self.metrics, prefetch=self.options.prefetch,
                              warm_params=self.warm_params() if self.options.warm_up else None)
         self.metrics.bind(self.scheduler, self.worker)
+        self._registering = threading.Lock()  # a name's check and its insert are one step
 
     @property
     def max_batch(self) -> int:
@@ -86,8 +92,10 @@ class Service:
 
     # -- state
     def check_ready(self) -> None:
-        if self.worker.load_error is not None:
-            raise NotReadyError(f"the package failed to load: {self.worker.load_error}",
+        err = self.worker.load_error
+        if err is not None:
+            reason = err.problem if isinstance(err, AotpackError) else f"{type(err).__name__}: {err}"
+            raise NotReadyError(f"the package failed to load: {reason}",
                                 "see the server log; fix the package or model and restart")
         if not self.worker.ready.is_set():
             raise NotReadyError("the package is still loading", "retry when GET /readyz answers 200")
@@ -102,9 +110,10 @@ class Service:
             raise UnauthorizedError("missing or wrong token", "send 'Authorization: Bearer <the server's token>'")
 
     # -- requests
-    def params(self, fields: dict) -> Params:
-        """The sampling parameters, checked by the same validator as `aotpack run` (so a size that is not a
-        multiple of 16 is rounded down as FluxPipeline does; out-of-range values are refused with 422)."""
+    def params(self, fields: dict) -> tuple[Params, list[str]]:
+        """The sampling parameters and the validator's notes, checked by the same validator as `aotpack run`
+        (so a size that is not a multiple of 16 is rounded down as FluxPipeline does, and noted; out-of-range
+        values are refused with 422)."""
         from ..runtime.jobs import Request
         from ..runtime.requests import validate_request
 
@@ -113,7 +122,8 @@ class Service:
             prompt=fields.get("prompt"), seed=fields.get("seed", 0), steps=fields.get("steps", 28), height=height,
             width=width, guidance=fields.get("guidance", 3.5),
             max_sequence_length=fields.get("max_sequence_length", 512)), self.limits)
-        return Params(request.height, request.width, request.steps, request.guidance, request.max_sequence_length)
+        params = Params(request.height, request.width, request.steps, request.guidance, request.max_sequence_length)
+        return params, list(request.notes)
 
     def adapter_set(self, loras) -> tuple:
         entries = []
@@ -125,17 +135,20 @@ class Service:
         return tuple(entries)
 
     def submit(self, fields: dict) -> Job:
-        """Validate `fields` (the request body) and queue it; raises typed errors (404/422/429/503)."""
+        """Validate `fields` (the request body) and queue it; raises typed errors (404/422/429/503). The job's
+        payload carries the validator's notes (e.g. a size rounded to multiples of 16) for the answer."""
         arrived = time.perf_counter()
-        if self.worker.load_error is not None:
-            self.check_ready()
-        params = self.params(fields)
+        self.check_ready()  # 503 while loading (docs/serving.md), never a request queued behind a load that fails
+        params, notes = self.params(fields)
         adapter_set = self.adapter_set(fields.get("loras"))
         n = check_int(fields.get("n", 1), "n", 1, self.max_batch)
-        seed = check_int(fields.get("seed", 0), "seed", 0, 2**63 - 1 - n)
+        if fields.get("response_format") == "png" and n > 1:
+            raise InvalidRequestError(f'response_format "png" with n = {n}: a PNG answer holds one image',
+                                      'ask for "response_format": "b64_json" (the default) or n = 1')
+        seed = check_int(fields.get("seed", 0), "seed", 0, 2**63 - n)  # the last image's seed, seed + n - 1 < 2**63
         items = [(fields["prompt"], seed + i) for i in range(n)]  # image i: `aotpack run --seed seed+i`
         job = Job(adapter_set=adapter_set, key=(adapter_set, params), items=n,
-                  payload={"items": items, "params": params, "arrived": arrived},
+                  payload={"items": items, "params": params, "arrived": arrived, "notes": notes},
                   timeout_s=self.options.request_timeout_s)
         return self.scheduler.submit(job)
 
@@ -146,14 +159,14 @@ class Service:
         from ..adapters.stack import check_adapter
         from .errors import AdapterNotAllowedError
 
-        if name in self.registry:
-            raise AdapterNotAllowedError(f"adapter {name!r} is already registered",
-                                         "pick another name (registered adapters are not replaced)")
-        entry = self.registry.resolve(name, source)
-        with self.worker.cache_lock:
-            adapter = self.worker.cache.get(entry.source)
-        check_adapter(adapter, self.manifest.slot_table(), self.manifest.max_rank)
-        self.registry.put(entry)
+        with self._registering:  # two registrations of one name: the second is refused, never a replacement
+            if name in self.registry:
+                raise AdapterNotAllowedError(f"adapter {name!r} is already registered",
+                                             "pick another name (registered adapters are not replaced)")
+            entry = self.registry.resolve(name, source)
+            adapter = self.worker.parsed(entry.source)  # parsed outside the cache lock: switches never wait
+            check_adapter(adapter, self.manifest.slot_table(), self.manifest.max_rank)
+            self.registry.put(entry)
         return self.describe(entry)
 
     def describe(self, entry) -> dict:
@@ -165,4 +178,12 @@ class Service:
                 "bytes": entry.file_bytes(), "cached": cached}
 
     def describe_adapters(self) -> list[dict]:
-        return [self.describe(entry) for entry in self.registry.entries()]
+        """Every registered adapter; one that cannot be described (its file changed since) says why, and the
+        listing still answers."""
+        described = []
+        for entry in self.registry.entries():
+            try:
+                described.append(self.describe(entry))
+            except AotpackError as err:
+                described.append({"name": entry.name, "source": entry.describe(), "error": err.problem})
+        return described

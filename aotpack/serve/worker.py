@@ -107,8 +107,13 @@ class Worker:
             self.stats["failed_batches"] += 1
             if not isinstance(err, Exception):
                 raise
-            for job in batch:
-                job.future.set_exception(err)
+            if len(batch) > 1:  # one request's fault must not fail the others batched with it: each alone
+                log.warning("a batch of %d requests failed (%s: %s); running each alone", len(batch),
+                            type(err).__name__, err)
+                for job in batch:
+                    self._run_batch([job])
+                return
+            batch[0].future.set_exception(err)
             return
         finally:
             self.running_set = None
@@ -124,8 +129,11 @@ class Worker:
             timings = {"queue": started - job.payload["arrived"], "switch": switched - started,
                        "steps": out.steps_seconds, "decode": out.decode_seconds, "batch_images": len(items),
                        "batch": self.stats["batches"], **switch}
+            params = job.payload["params"]
             job.future.set_result({"images": out.images[position:position + count], "timings": timings,
-                                   "adapters": [{"name": n, "scale": s} for n, s in adapter_set]})
+                                   "adapters": [{"name": n, "scale": s} for n, s in adapter_set],
+                                   "size": f"{params.width}x{params.height}",
+                                   "notes": list(job.payload.get("notes", ()))})
             position += count
 
     def _switch(self, adapter_set: tuple) -> dict:
@@ -208,11 +216,7 @@ class Worker:
         with self.cache_lock:
             if source in cache:
                 return False
-        self._no_switch.wait()
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            adapter = parse_adapter(source, device=cache.device, dtype=cache.dtype)
-        if stream is not None:
-            stream.synchronize()  # the factors are on the device before a switch can copy them
+        adapter = self._parse_unlocked(source, stream)
         with self.cache_lock:
             if source in cache:
                 return False
@@ -220,3 +224,23 @@ class Worker:
             self._prefetched.add(source.cache_key())
         self.stats["prefetched"] += 1
         return True
+
+    def parsed(self, source):
+        """`source`'s parsed adapter: from the cache, or parsed now as `stage` does (outside the cache lock, never
+        while a switch runs) and inserted. For registrations, which must not stall switches on a large file."""
+        cache = self.served.cache
+        with self.cache_lock:
+            if source in cache:
+                return cache.get(source)
+        adapter = self._parse_unlocked(source, None)
+        with self.cache_lock:
+            return cache.add(source, adapter)
+
+    def _parse_unlocked(self, source, stream):
+        self._no_switch.wait()
+        cache = self.served.cache
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            adapter = parse_adapter(source, device=cache.device, dtype=cache.dtype)
+        if stream is not None:
+            stream.synchronize()  # the factors are on the device before a switch can copy them
+        return adapter
