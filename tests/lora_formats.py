@@ -261,3 +261,27 @@ def write(state_dict: dict[str, torch.Tensor], path, metadata: dict[str, str] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata=metadata)
     return path
+
+
+def peft_deltas(pipe, path) -> dict[str, torch.Tensor]:
+    """The reference for a parse: each transformer layer's `scaling * B @ A` after diffusers' `load_lora_weights`
+    (PEFT) of the file `path` into `pipe`. The adapter is deleted again."""
+    from peft.tuners.lora import LoraLayer
+
+    name = f"deltas_{abs(hash(str(path)))}"
+    pipe.load_lora_weights(str(path), adapter_name=name)
+    try:
+        return {layer: (module.lora_B[name].weight @ module.lora_A[name].weight).detach() * module.scaling[name]
+                for layer, module in pipe.transformer.named_modules()
+                if isinstance(module, LoraLayer) and name in module.lora_A}
+    finally:
+        pipe.delete_adapters(name)
+
+
+def delta_error(adapter, reference: dict[str, torch.Tensor]) -> float:
+    """Largest relative error of a parsed adapter's per-layer deltas against `peft_deltas` (inf if the two hold
+    other layers, or none)."""
+    ours = {layer: delta.B.double() @ delta.A.double() for layer, delta in adapter.layers.items()}
+    if not reference or set(ours) != set(reference):
+        return float("inf")
+    return max(float((ours[k] - reference[k].double()).norm() / reference[k].double().norm()) for k in reference)

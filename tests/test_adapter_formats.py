@@ -7,11 +7,16 @@ a Flux-width model in `test_adapter_flux_width.py`.
 
 from __future__ import annotations
 
+import json
+import re
+
 import lora_formats as formats
 import pytest
 import torch
 from reference import REQUEST, reference_latents, rel_error
 
+from aotpack.adapters import parse_adapter
+from aotpack.errors import AdapterFormatError
 from aotpack.models.tiny import make_pipeline
 
 TOLERANCE = 1e-3  # issue 3: latents relative error vs diffusers on the CPU
@@ -78,3 +83,113 @@ def test_stack_of_layouts_matches_set_adapters(files, served_tiny, eager):
     print(f"stack of layouts: rel. error {error:.2e}, effect of the 2nd and 3rd {effect:.2e}")
     assert error <= TOLERANCE
     assert effect > 100 * TOLERANCE
+
+
+# Files diffusers loads, parsed layer by layer against its PEFT model (diffusers' load_lora_weights on the tiny
+# model): the deltas must match, not merely load.
+DELTA_TOLERANCE = 1e-6  # float32 products of the same factors
+
+
+def _renamed(state, **renames):
+    """`state` with factor names replaced, e.g. lora_A="lora_down"."""
+    renamed = {}
+    for key, value in state.items():
+        for old, new in renames.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        renamed[key] = value
+    return renamed
+
+
+def _peft(eager, with_alphas=True):
+    state = formats.peft_with_alphas(eager.transformer, patterns=("transformer_blocks.0.*",), seed=11)
+    return state if with_alphas else {k: v for k, v in state.items() if not k.endswith(".alpha")}
+
+
+def _factors_as(state, dtype):
+    return {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in state.items()}
+
+
+LOADED_LIKE_DIFFUSERS = {
+    # factors stored as float8: PEFT copies them into float32 LoRA weights
+    "float8_e4m3fn": lambda e: _factors_as(_peft(e), torch.float8_e4m3fn),
+    "float8_e5m2": lambda e: _factors_as(_peft(e), torch.float8_e5m2),
+    # kohya factor names under transformer.<diffusers name>, with alphas (mixed ranks): diffusers' kohya converter
+    # renames the factors and leaves the alphas, which load_lora_weights ignores (scale 1)
+    "transformer_lora_down_with_alphas": lambda e: _renamed(_peft(e), lora_A="lora_down", lora_B="lora_up"),
+    # a PEFT file with alphas plus stray kohya keys: the same converter, so again no alpha is applied
+    "peft_alphas_and_stray_lora_down": lambda e: {**_peft(e), **formats.kohya(dict(e.transformer.config),
+                                                                                skip=("linear1",))},
+    # old diffusers names, converted by load_lora_adapter's convert_unet_state_dict_to_peft
+    "old_diffusers_lora_down_up": lambda e: _renamed(_peft(e, with_alphas=False), lora_A="lora.down",
+                                                     lora_B="lora.up"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOADED_LIKE_DIFFUSERS))
+def test_file_loads_with_diffusers_deltas(case, eager, tmp_path):
+    path = formats.write(LOADED_LIKE_DIFFUSERS[case](eager), tmp_path / f"{case}.safetensors")
+    adapter = parse_adapter(path)
+    assert formats.delta_error(adapter, formats.peft_deltas(eager, path)) <= DELTA_TOLERANCE
+    if "alphas" in case:  # the unapplied alphas are reported
+        assert any("alpha keys not applied" in note and ".alpha" in note for note in adapter.notes), adapter.notes
+
+
+def test_misnamed_note_cites_its_own_example(eager, tmp_path):
+    """kohya embedders and final layer convert to names load_lora_weights does not load; the note's example
+    and the converted name it quotes are the same module's."""
+    path = formats.write(formats.kohya(dict(eager.transformer.config), skip=("linear1", "_mod.lin", "attn.qkv")),
+                         tmp_path / "kohya.safetensors")
+    converted_to = {"final_layer_adaLN_modulation_1": "norm_out.linear", "final_layer_linear": "proj_out",
+                    "img_in": "x_embedder", "txt_in": "context_embedder",
+                    "time_in": "time_text_embed.timestep_embedder", "vector_in": "time_text_embed.text_embedder",
+                    "guidance_in": "time_text_embed.guidance_embedder"}
+    (note,) = [n for n in parse_adapter(path).notes if "does not load" in n]
+    example, name = re.search(r"e\.g\. (\S+) \(.*this one to (\S+)\)", note).groups()
+    module = next(m for m in converted_to if f"lora_unet_{m}." in example)
+    assert name.startswith(converted_to[module] + "."), note
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "lora_unet_"])
+def test_kohya_module_names_with_peft_factor_names_are_refused_for_what_they_are(prefix, eager, tmp_path):
+    """diffusers loads nothing from such a file (silently); the refusal says why instead of 'not a Flux LoRA'."""
+    from diffusers import FluxPipeline
+
+    state = {}
+    for name, (down, up, _) in formats.kohya_style(dict(eager.transformer.config), skip=("linear1",))[0].items():
+        key = prefix + (name if prefix == "diffusion_model." else name.replace(".", "_"))
+        state.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+    path = formats.write(state, tmp_path / "mixed-naming.safetensors")
+    assert not any(k.startswith(("transformer.", "text_encoder.")) for k in FluxPipeline.lora_state_dict(str(path)))
+    with pytest.raises(AdapterFormatError) as caught:
+        parse_adapter(path)
+    message = str(caught.value)
+    assert prefix in message and ".lora_A.weight" in message and "lora_down" in message
+    assert "SD/SDXL" not in message
+
+
+def test_metadata_and_alphas_together_are_refused_as_diffusers_refuses_them(eager, tmp_path):
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 16})}
+    path = formats.write(_peft(eager), tmp_path / "both.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="Both `network_alphas` and `metadata`"):
+        eager.load_lora_weights(str(path), adapter_name="both")  # raises before anything is loaded
+    with pytest.raises(AdapterFormatError) as caught:
+        parse_adapter(path)
+    message = str(caught.value)
+    assert "lora_adapter_metadata" in message and "transformer.transformer_blocks.0." in message
+    assert ".alpha" in message and "fix:" in message
+
+
+def test_mixture_block_modules_diffusers_cannot_map_are_refused(eager, tmp_path):
+    """diffusers' mixture converter maps a block's ff / proj_mlp / proj_out / norm LoRAs onto the block's own
+    name, where they overwrite each other (its load_lora_weights then fails with a KeyError)."""
+    state = formats.mixture(eager.transformer, seed=12, unet_keys=False)
+    down, up = formats.Factors(13, 0.3)(32, 128, 4)
+    state.update({"lora_transformer_single_transformer_blocks_0_proj_mlp.lora_down.weight": down,
+                  "lora_transformer_single_transformer_blocks_0_proj_mlp.lora_up.weight": up,
+                  "lora_transformer_single_transformer_blocks_0_proj_mlp.alpha": torch.tensor(4.0)})
+    path = formats.write(state, tmp_path / "mixture-ff.safetensors")
+    with pytest.raises(AdapterFormatError) as caught:
+        parse_adapter(path)
+    message = str(caught.value)
+    assert "lora_transformer_single_transformer_blocks_0_proj_mlp" in message
+    assert "block name single_transformer_blocks.0," in message and "cannot map" in message

@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import struct
+import threading
 
 import lora_formats as formats
 import pytest
@@ -252,3 +253,35 @@ def test_text_encoder_failure_mid_set_restores_clip(tmp_path, served_tiny, monke
         served_tiny.set_loras([(second, 1.0), (third, 1.0)])
     assert torch.equal(_latents(served_tiny), before)
     assert served_tiny.active == [("first", 1.0)]
+
+
+def _parse_within(path, seconds: float):
+    """The error `parse_adapter(path)` raises; fails the test if parsing is still running after `seconds`."""
+    outcome = {}
+
+    def parse():
+        try:
+            parse_adapter(path)
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=parse, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"parsing {path.name} did not end within {seconds} s"
+    return outcome.get("error")
+
+
+@pytest.mark.parametrize("alpha", [-4.0, 0.0])
+@pytest.mark.parametrize("layout", ["kohya", "mixture"])
+def test_non_positive_alpha_is_refused(layout, alpha, tmp_path):
+    """diffusers' kohya and mixture converters split alpha / rank in a loop that never ends for alpha < 0 (and
+    alpha 0 silently zeroes the layer): refused before conversion, at once."""
+    transformer = make_transformer()
+    state = formats.kohya(dict(transformer.config), skip=("linear1",)) if layout == "kohya" else \
+        formats.mixture(transformer, unet_keys=False)
+    key = sorted(k for k in state if k.endswith(".alpha"))[3]
+    state[key] = torch.tensor(alpha)
+    error = _parse_within(formats.write(state, tmp_path / f"{layout}.safetensors"), 120)
+    assert isinstance(error, AdapterFormatError), error
+    assert key in str(error) and f"= {alpha:g}" in str(error) and error.fix

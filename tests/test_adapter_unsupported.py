@@ -1,5 +1,5 @@
 """What a LoRA slot cannot hold is refused with a message listing the parts, never dropped silently;
-all-zero additive parts (no effect) are dropped with a note."""
+all-zero additive parts (no effect), and bias / norm deltas that diffusers never applies, are dropped with a note."""
 
 from __future__ import annotations
 
@@ -38,10 +38,8 @@ REFUSED = {
     "loha": (lambda e: {f"lora_unet_double_blocks_0_img_attn_proj.hada_w{i}_{ab}": torch.ones(4, 32)
                         for i in (1, 2) for ab in "ab"}, "LoHa"),
     "lora_bias": (lambda e: _peft(e, lora_bias="nonzero"), "LoRA biases"),
-    "diff_b": (lambda e: formats.comfyui(dict(e.transformer.config), diff_b="nonzero", skip=("linear1",)),
-               "bias deltas (diff_b)"),
-    "norm_diff": (lambda e: {**_kohya(e), "diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff":
-                             torch.full((16,), 0.1)}, "full weight deltas (diff)"),
+    "linear_diff": (lambda e: {**_kohya(e), "diffusion_model.double_blocks.0.img_attn.proj.diff":
+                               torch.full((32, 32), 0.1)}, "full weight deltas (diff)"),
     "control_norm_scales": (lambda e: {**_peft(e), "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16)},
                             "norm scale replacements"),
 }
@@ -79,3 +77,24 @@ def test_all_zero_additive_parts_are_dropped_with_a_note(part, eager, tmp_path, 
     theirs = reference_latents(eager, [(path, 1.0)])
     assert rel_error(ours, theirs) <= 1e-3
     assert rel_error(theirs, reference_latents(eager, [])) > 0.1
+
+
+# ComfyUI's LoRA extraction writes bias deltas and norm weight deltas by default; diffusers' load_lora_weights drops
+# them (an info log line) and loads the factors
+DROPPED_BY_DIFFUSERS = {
+    "diff_b": (lambda e: formats.comfyui(dict(e.transformer.config), diff_b="nonzero", skip=("linear1",)),
+               "bias deltas (diff_b)"),
+    "norm_diff": (lambda e: {**formats.comfyui(dict(e.transformer.config), skip=("linear1",)),
+                             "diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff": torch.full((16,), 0.1),
+                             "diffusion_model.double_blocks.0.txt_attn.norm.key_norm.scale.diff":
+                                 torch.full((16,), 0.1)}, "norm weight deltas (diff)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROPPED_BY_DIFFUSERS))
+def test_nonzero_parts_diffusers_drops_are_dropped_with_a_note(case, eager, tmp_path):
+    make, words = DROPPED_BY_DIFFUSERS[case]
+    path = formats.write(make(eager), tmp_path / f"{case}.safetensors")
+    adapter = parse_adapter(path)
+    assert formats.delta_error(adapter, formats.peft_deltas(eager, path)) <= 1e-6
+    assert any(words in note and "non-zero" in note and "not applied" in note for note in adapter.notes), adapter.notes

@@ -34,6 +34,7 @@ class Conversion:
     alphas: dict[str, torch.Tensor]
     dropped: list[str]  # raw keys that reach nothing FluxPipeline loads
     misnamed: dict[str, list[str]]  # of those, raw keys converted to names no component loads -> those names
+    sources: dict[str, set[str]]  # converted key -> the raw keys its tensor was computed from
 
 
 def convert(state_dict: dict[str, torch.Tensor], source: str) -> Conversion:
@@ -56,10 +57,11 @@ def convert(state_dict: dict[str, torch.Tensor], source: str) -> Conversion:
         if key not in loaded:
             for raw_key in used_keys(dropped, {key: value}):
                 misnamed.setdefault(raw_key, []).append(key)
+    sources = {key: used_keys((), {key: value}) for key, value in converted.items()}
     # Untag: the output tensors are aliases that must not carry the tags into the adapter.
     converted = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in converted.items()}
     alphas = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in alphas.items()}
-    return Conversion(converted, alphas, dropped, misnamed)
+    return Conversion(converted, alphas, dropped, misnamed, sources)
 
 
 def _where(err: Exception) -> str:
@@ -68,11 +70,17 @@ def _where(err: Exception) -> str:
     return f"{type(err).__name__}: {err} at {Path(frame.filename).name}:{frame.lineno} `{frame.line}`"
 
 
-def _label(key: str, conversion: Conversion) -> str:
+def _misnamed_as(key: str, conversion: Conversion) -> str | None:
+    """The name no component loads that diffusers converted `key` (or, for an alpha, its module) to, if any."""
+    if key in conversion.misnamed:
+        return conversion.misnamed[key][0]
     module = key[: -len("alpha")] if key.endswith(".alpha") else None
-    if key in conversion.misnamed or (module and any(k.startswith(module) for k in conversion.misnamed)):
-        example = next(iter(conversion.misnamed.values()))[0]
-        return f"converted to names that FluxPipeline.load_lora_weights does not load, such as {example}"
+    return next((names[0] for raw, names in conversion.misnamed.items() if module and raw.startswith(module)), None)
+
+
+def _label(key: str, conversion: Conversion) -> str:
+    if _misnamed_as(key, conversion):
+        return "converted to names that FluxPipeline.load_lora_weights does not load"
     return next((label for label, pattern in _DROPPED_KINDS if pattern.search(key)), "not converted")
 
 
@@ -87,5 +95,7 @@ def dropped_notes(conversion: Conversion, state_dict: dict[str, torch.Tensor]) -
         effect = ("all zero, so nothing is lost" if not nonzero else
                   f"{len(nonzero)} non-zero tensors not applied, exactly as diffusers' load_lora_weights skips them")
         example = next((k for k in keys if not k.endswith(".alpha")), keys[0])
+        misnamed_as = _misnamed_as(example, conversion)  # the example's own converted name
+        label = f"{label}: this one to {misnamed_as}" if misnamed_as else label
         notes.append(f"diffusers drops {len(keys)} keys, e.g. {example} ({label}): {effect}")
     return notes

@@ -110,6 +110,13 @@ def max_magnitudes(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     return magnitudes
 
 
+def upcast_float8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with float8 ones (e4m3fn, e5m2, ...) as float32, which holds their values exactly. torch has no
+    reductions or arithmetic for float8 (the checks and diffusers' converters would fail), and PEFT copies the
+    factors into float32/bfloat16 LoRA weights anyway, so these are the values diffusers loads."""
+    return {name: t.float() if t.is_floating_point() and t.element_size() == 1 else t for name, t in tensors.items()}
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     bad = [name for name, value in max_magnitudes(tensors).items() if not math.isfinite(value)]
     if bad:
@@ -127,7 +134,7 @@ def check_float_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
     if bad:
         raise AdapterFileError(
             f"adapter {where} holds {len(bad)} non-float tensors (e.g. {bad[0]!r}: {tensors[bad[0]].dtype}); LoRA "
-            "factors must be float (float32, bfloat16, float16, float64)",
+            "factors must be float (float32, bfloat16, float16, float64, float8)",
             "re-export the adapter with float weights (quantized LoRA files are not supported)")
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import torch
 
 from ..errors import AdapterFileError, AdapterFormatError
-from .convert import convert, dropped_notes
-from .files import check_finite, check_float_dtypes, load_safetensors, max_magnitudes
+from .convert import Conversion, convert, dropped_notes
+from .files import METADATA_KEY, check_finite, check_float_dtypes, load_safetensors, max_magnitudes, upcast_float8
 from .sources import AdapterSource, adapter_source, local_path
 from .unsupported import scan
 
@@ -68,25 +69,76 @@ class Adapter:
         return dataclasses.replace(self, layers=layers)  # same uid: the same parse
 
 
-def _split(converted: dict) -> tuple[dict, dict, list[str]]:
-    """(transformer LoRA factors, text-encoder LoRA keys, slot-incompatible keys); keys for no
-    FluxPipeline component are left out (`convert` reports them as dropped)."""
-    transformer, text_encoder, incompatible = {}, {}, []
-    for key, value in converted.items():
-        if key.startswith(TRANSFORMER_PREFIX):
-            if key.endswith((".lora_A.weight", ".lora_B.weight")):
-                transformer[key[len(TRANSFORMER_PREFIX):]] = value
-            else:  # norm / full-weight replacements, biases: what the converters add beyond A/B
-                incompatible.append(key)
-        elif key.startswith(TEXT_ENCODER_PREFIX) and "lora" in key:
-            text_encoder[key] = value
-    return transformer, text_encoder, incompatible
+def _split(converted: dict) -> tuple[dict, dict, list[str], list[str]]:
+    """(transformer LoRA factors, text-encoder LoRA keys, transformer alpha keys diffusers does not apply,
+    slot-incompatible keys); keys for no FluxPipeline component are left out (`convert` reports them as dropped)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    transformer = {k[len(TRANSFORMER_PREFIX):]: v for k, v in converted.items() if k.startswith(TRANSFORMER_PREFIX)}
+    if transformer and "lora_A" not in next(iter(transformer)):
+        # diffusers' load_lora_adapter does this (judging by the first key): old diffusers names such as
+        # `….lora.down.weight` become PEFT's `….lora_A.weight`
+        transformer = convert_unet_state_dict_to_peft(transformer)
+    factors, unapplied_alphas, incompatible = {}, [], []
+    for key, value in transformer.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            factors[key] = value
+        elif key.endswith(".alpha"):
+            # only in a file with `lora_down`/`lora_up` keys: diffusers' kohya converter keeps its `transformer.`
+            # keys as they are (lora_down/up renamed lora_A/B), alphas too, which load_lora_weights then ignores
+            unapplied_alphas.append(TRANSFORMER_PREFIX + key)
+        else:  # norm / full-weight replacements, biases: what the converters add beyond A/B
+            incompatible.append(TRANSFORMER_PREFIX + key)
+    text_encoder = {k: v for k, v in converted.items() if k.startswith(TEXT_ENCODER_PREFIX) and "lora" in k}
+    return factors, text_encoder, unapplied_alphas, incompatible
 
 
-def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict) -> dict[str, float]:
+# diffusers' "mixture" converter maps the block modules it does not know (ff, proj_mlp, proj_out, norms) onto the
+# block itself, so they collide on a name that is no linear layer (diffusers' load_lora_weights then fails)
+_BLOCK = re.compile(r"(single_)?transformer_blocks\.\d+")
+
+
+def _check_leaf_layers(factors: dict, conversion: Conversion, source: str) -> None:
+    blocks = sorted({k.rsplit(".lora_", 1)[0] for k in factors if _BLOCK.fullmatch(k.rsplit(".lora_", 1)[0])})
+    if blocks:
+        raw = sorted(conversion.sources.get(f"{TRANSFORMER_PREFIX}{blocks[0]}.lora_A.weight", ()))
+        example = next((k for k in raw if not k.endswith(".alpha")), blocks[0])
+        raise AdapterFormatError(
+            f"adapter {source}: diffusers' converter maps modules of this file (e.g. {example}) onto the block name "
+            f"{blocks[0]}, which is no linear layer, and every other module of the block that is not an attention "
+            "projection (ff, proj_mlp, proj_out, norm linears) onto the same name: diffusers' converter cannot map "
+            "those modules of this file (diffusers' load_lora_weights fails on it too)",
+            "use a version of this LoRA in the diffusers/PEFT layout (transformer.<layer>.lora_A.weight), or one "
+            "trained on the attention projections only")
+
+
+def _check_alphas(state_dict: dict, source: str) -> None:
+    """A layer is scaled by alpha / rank. diffusers' kohya and mixture converters split that scale in a loop that
+    never ends for alpha < 0 (a server must never hang on a file), and alpha 0 would silently zero the layer:
+    both are refused before conversion."""
+    keys = [k for k, v in state_dict.items() if k.endswith(".alpha") and v.numel() == 1]
+    values = torch.cat([state_dict[k].reshape(1) for k in keys]).double().tolist() if keys else []  # one transfer
+    bad = [(k, v) for k, v in zip(keys, values) if not (math.isfinite(v) and v > 0)]
+    if bad:
+        key, value = bad[0]
+        raise AdapterFormatError(
+            f"adapter {source}: {len(bad)} alpha values are not a finite number above 0 (e.g. {key} = {value:g}); "
+            "a LoRA layer is scaled by alpha / rank",
+            "the adapter is broken; re-export it with positive alphas (usually the rank), or use another checkpoint")
+
+
+def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict, source: str) -> dict[str, float]:
     """alpha / r (or alpha / sqrt(r) with rsLoRA) per module, as diffusers' load_lora_adapter + PEFT compute it."""
     from diffusers.utils.peft_utils import _create_lora_config
     from peft.utils.other import get_pattern_key
+
+    if alphas and metadata:  # two scalings that may disagree: diffusers' load_lora_adapter refuses them too
+        raise AdapterFormatError(
+            f"adapter {source} holds both a saved LoraConfig ({METADATA_KEY!r} metadata) and {len(alphas)} .alpha "
+            f"keys (e.g. {min(alphas)}); diffusers refuses such a file ('Both network_alphas and metadata cannot "
+            "be specified')",
+            f"re-save the adapter with diffusers' save_lora_weights (metadata, no .alpha keys), or remove the "
+            f"{METADATA_KEY!r} metadata to scale by the .alpha keys")
 
     rank = {f"^{k}": v.shape[1] for k, v in transformer_sd.items() if "lora_B" in k and v.ndim > 1}
     if not rank:  # e.g. a text-encoder-only adapter
@@ -155,32 +207,57 @@ def _check_product_fits(module: str, a_max: float, b_max: float, rank: int, sour
 def parse_state_dict(state_dict: dict, *, name: str, source: str, metadata: dict | None = None) -> Adapter:
     """Parse an in-memory LoRA state dict (any layout diffusers understands)."""
     metadata = metadata or {}
+    state_dict = upcast_float8(state_dict)
     check_float_dtypes(state_dict, source)
+    _check_alphas(state_dict, source)
     check_finite(state_dict, source)
     findings = scan(state_dict)
     if findings.refused:
         raise AdapterFormatError(
             f"adapter {source} holds parts a LoRA slot cannot represent ({findings.refusal_text()})", _FIX_PLAIN)
-    notes = [f"{len(keys)} all-zero {label} dropped (no effect), e.g. {keys[0]}"
-             for label, keys in findings.zero.items()]
-    zero = set(findings.zero_keys())
-    state_dict = {k: v for k, v in state_dict.items() if k not in zero}
+    notes = list(findings.notes)
+    dropped = set(findings.dropped)
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
 
     conversion = convert(state_dict, source)
-    transformer_sd, text_encoder, incompatible = _split(conversion.state_dict)
+    transformer_sd, text_encoder, unapplied_alphas, incompatible = _split(conversion.state_dict)
     if incompatible:
         raise AdapterFormatError(
             f"adapter {source} holds parts a LoRA slot cannot represent (after diffusers' conversion: "
             f"{len(incompatible)} keys, e.g. {sorted(incompatible)[:3]})", _FIX_PLAIN)
+    _check_leaf_layers(transformer_sd, conversion, source)
     notes += dropped_notes(conversion, state_dict)
-    scalings = _module_scalings(transformer_sd, conversion.alphas, metadata)
+    if unapplied_alphas:
+        notes.append(f"{len(unapplied_alphas)} alpha keys not applied, e.g. {min(unapplied_alphas)}: a file with "
+                     "lora_down/lora_up keys goes through diffusers' kohya converter, which keeps the transformer. "
+                     "factors unscaled and these alphas unused, so diffusers' load_lora_weights loads B @ A (scale 1); "
+                     "the same here, to match it")
+    scalings = _module_scalings(transformer_sd, conversion.alphas, metadata, source)
     layers = _layer_deltas(transformer_sd, scalings, source)
     if not layers and not text_encoder:
-        raise AdapterFormatError(f"adapter {source} holds no Flux LoRA layers (keys like {sorted(state_dict)[:3]})",
-                                 "check that this is a Flux.1 LoRA (not SD/SDXL or another model's)")
+        raise _nothing_loads(state_dict, source)
     text_alphas = {k: v for k, v in conversion.alphas.items() if k.startswith(TEXT_ENCODER_PREFIX)}
     return Adapter(name=name, source=source, layers=layers, text_encoder=text_encoder,
                    text_encoder_alphas=text_alphas, metadata=metadata, notes=notes)
+
+
+# kohya/ComfyUI module names with PEFT factor names: diffusers' converters read those module names only with
+# lora_down/lora_up, and its PEFT loader reads lora_A/lora_B only under transformer.<diffusers name>
+_MIXED_NAMING = re.compile(r"^(diffusion_model\.|lora_unet_).*\.lora_[AB]\.weight$")
+
+
+def _nothing_loads(state_dict: dict, source: str) -> AdapterFormatError:
+    mixed = sorted(k for k in state_dict if _MIXED_NAMING.match(k))
+    if mixed:
+        return AdapterFormatError(
+            f"adapter {source} names its modules as kohya/ComfyUI files do but its factors as PEFT does "
+            f"({len(mixed)} keys like {mixed[0]}): diffusers reads lora_unet_…/diffusion_model.… module names only "
+            "with .lora_down.weight/.lora_up.weight factors, and lora_A/lora_B only under transformer.<diffusers "
+            "layer name>, so no layer of it loads (diffusers' load_lora_weights loads nothing from it, silently)",
+            "rename its factors to .lora_down.weight/.lora_up.weight (the convention of its module names), or "
+            "re-export it from its trainer in the kohya or diffusers (PEFT) layout")
+    return AdapterFormatError(f"adapter {source} holds no Flux LoRA layers (keys like {sorted(state_dict)[:3]})",
+                              "check that this is a Flux.1 LoRA (not SD/SDXL or another model's)")
 
 
 def _compact(tensors: list[torch.Tensor], dtype) -> list[torch.Tensor]:
