@@ -100,8 +100,11 @@ def test_hub_adapter_from_offline_cache(loras, tmp_path, monkeypatch, served_tin
     assert parse_adapter("someone/flux-style", weight_name="sub/other.safetensors").layers
     result = served_tiny.set_loras([(AdapterSource("someone/flux-style", "sub/other.safetensors"), 0.5)])
     assert result.adapters == [("other", 0.5)]
-    with pytest.raises(AdapterFileError, match="not in the local Hugging Face cache"):
+    with pytest.raises(AdapterFileError, match="not in the local Hugging Face cache") as unavailable:
         parse_adapter("someone/flux-style/missing.safetensors")
+    from aotpack.serve.errors import http_status  # the server's network or cache, not the request: 503
+
+    assert http_status(unavailable.value) == (503, "adapter_unavailable")
 
 
 def test_hub_names_and_revisions_reach_hf_hub_download(loras, monkeypatch):
