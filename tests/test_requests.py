@@ -294,3 +294,11 @@ def test_report_numbers_stay_json():
     from aotpack.runtime.jobs import _finite
 
     assert json.dumps(_finite({"a": [math.nan, 1.0], "b": math.inf})) == '{"a": [null, 1.0], "b": null}'
+
+
+@pytest.mark.parametrize("prompt, says", [("x \ud800", "lone surrogate"), ("a" * 20_001, "20001 characters"),
+                                          (None, "not a string")])
+def test_prompts_the_tokenizers_cannot_take_are_refused(prompt, says):
+    with pytest.raises(RequestError, match=says):
+        validate_request(Request(prompt=prompt))
+    assert validate_request(Request(prompt="a" * 20_000)).prompt == "a" * 20_000
