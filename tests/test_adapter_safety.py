@@ -285,3 +285,23 @@ def test_non_positive_alpha_is_refused(layout, alpha, tmp_path):
     error = _parse_within(formats.write(state, tmp_path / f"{layout}.safetensors"), 120)
     assert isinstance(error, AdapterFormatError), error
     assert key in str(error) and f"= {alpha:g}" in str(error) and error.fix
+
+
+def test_rank_zero_text_alphas_and_lone_factors_get_typed_errors_that_say_so(lora, tmp_path):
+    """A review found these as a ZeroDivisionError, a ValueError and "holds no Flux LoRA layers"."""
+    from safetensors.torch import load_file
+
+    good = load_file(str(lora))
+    key_a = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    key_b = key_a.replace("lora_A", "lora_B")
+    cases = {
+        "rank0": ({key_a: torch.randn(0, 32), key_b: torch.randn(32, 0)}, None, "rank 0"),
+        "only_a": ({key_a: good[key_a]}, None, "have lora_A but no lora_B"),
+        "text_alpha": (good, {"transformer.lora_alpha": "abc"}, "LoRA alpha 'abc', not a finite number"),
+        "nan_alpha": (good, {"transformer.lora_alpha": float("nan")}, "not a finite number"),
+    }
+    for name, (state, meta, says) in cases.items():
+        metadata = {"lora_adapter_metadata": json.dumps(meta)} if meta else None
+        path = formats.write(state, tmp_path / f"{name}.safetensors", metadata=metadata)
+        with pytest.raises(AdapterFormatError, match=says):
+            parse_adapter(path)

@@ -317,3 +317,62 @@ def test_fuzzed_jobs_lines_never_traceback_or_succeed_with_bad_output(tiny_packa
     assert result.exit_code == (1 if report["failed"] else 0)
     touched = {p for p in tmp_path.rglob("*")} - before
     assert all(p.is_relative_to(tmp_path / "out") for p in touched), sorted(touched)
+
+
+# -- run: outputs never land in the package or on an input; flags never silently ignored ---------------
+
+def _package_files(package) -> dict:
+    return {p.relative_to(package): p.read_bytes() for p in Path(package).rglob("*") if p.is_file()}
+
+
+def test_run_refuses_outputs_inside_the_package_or_on_its_inputs_before_loading(tiny_package, demo_loras,
+                                                                                tmp_path, monkeypatch):
+    from aotpack.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "load_package", lambda *a, **k: pytest.fail("loaded before the checks"))
+    before = _package_files(tiny_package)
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(Path(demo_loras["tiny-style-attn"]).read_bytes())
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(dict(COMMON, loras=[[str(lora), 1.0]], out=str(tmp_path / "a.png"))) + "\n")
+    args = ["run", tiny_package, "--prompt", "a cat", "--steps", 1, "--height", 64, "--width", 64]
+    cases = [
+        (args + ["--report", Path(tiny_package) / "manifest.json"], "inside the package"),  # it replaced the manifest
+        (args + ["--out", Path(tiny_package) / "extra.png"], "inside the package"),
+        (args + ["--lora", lora, "--save-latents", lora], "would overwrite or add to the LoRA"),
+        (args + ["--lora", "", "--out", tmp_path / "b.png"], "empty path"),  # "" read the folder "."
+        (args + ["--out", f"{tmp_path / 'c.png'}/"], "is not a file path"),  # PIL failed after generating
+    ]
+    for case, says in cases:
+        result = invoke(*case)
+        assert result.exit_code == 1 and says in result.output, (case, result.output)
+    report_on_jobs = jobs.with_suffix(".json")
+    jobs.rename(report_on_jobs)
+    result = invoke("run", tiny_package, "--requests", report_on_jobs, "--report", report_on_jobs)
+    assert result.exit_code == 1 and "would overwrite or add to the jobs file" in result.output, result.output
+    latents_on_lora = tmp_path / "latents-on-lora.jsonl"
+    latents_on_lora.write_text(json.dumps(dict(COMMON, loras=[[str(lora), 1.0]], save_latents=str(lora))) + "\n")
+    result = invoke("run", tiny_package, "--requests", latents_on_lora)
+    assert result.exit_code == 1 and "would overwrite or add to the LoRA" in result.output, result.output
+    assert _package_files(tiny_package) == before
+    assert lora.read_bytes() == Path(demo_loras["tiny-style-attn"]).read_bytes()
+
+
+def test_run_refuses_per_request_flags_with_requests_and_missing_local_loras_up_front(tiny_package, tmp_path,
+                                                                                      monkeypatch):
+    from aotpack.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "load_package", lambda *a, **k: pytest.fail("loaded before the checks"))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(COMMON) + "\n")
+    for flags in (["--lora", "x.safetensors:7"], ["--out", "ignored.png"], ["--steps", 5], ["--merge"]):
+        result = invoke("run", tiny_package, "--requests", jobs, *flags)
+        assert result.exit_code == 2 and f"{flags[0]} apply to --prompt only" in result.output, result.output
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)  # "sub/dir/x.safetensors" is a local typo here, not the Hub repo sub/dir
+    result = invoke("run", tiny_package, "--prompt", "a", "--lora", "sub/dir/missing.safetensors")
+    assert result.exit_code == 1 and "does not exist" in result.output, result.output
+    bad_scale = tmp_path / "bad-scale.jsonl"
+    bad_scale.write_text(json.dumps(dict(COMMON, loras=["style.safetensors:abc"])) + "\n")
+    result = invoke("run", tiny_package, "--requests", bad_scale)
+    assert result.exit_code == 1 and f"{bad_scale}:1: loras entry 'style.safetensors:abc'" in result.output

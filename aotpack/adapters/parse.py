@@ -141,8 +141,13 @@ def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict, source:
             f"{METADATA_KEY!r} metadata to scale by the .alpha keys")
 
     rank = {f"^{k}": v.shape[1] for k, v in transformer_sd.items() if "lora_B" in k and v.ndim > 1}
-    if not rank:  # e.g. a text-encoder-only adapter
+    if not rank:  # e.g. a text-encoder-only adapter (A without B is refused by _layer_deltas)
         return {}
+    empty = sorted(k for k, r in rank.items() if r == 0)
+    if empty:  # alpha / 0 below; a rank-0 layer holds no LoRA
+        raise AdapterFormatError(f"adapter {source}: {len(empty)} layers have rank 0 (e.g. {empty[0][1:]}: "
+                                 f"shape {tuple(transformer_sd[empty[0][1:]].shape)})",
+                                 "the adapter is broken; re-export it with a rank of 1 or more")
     prefix_alphas = {k[len(TRANSFORMER_PREFIX):]: v for k, v in alphas.items() if k.startswith(TRANSFORMER_PREFIX)}
     meta = {k[len(TRANSFORMER_PREFIX):]: v for k, v in metadata.items() if k.startswith(TRANSFORMER_PREFIX)}
     try:
@@ -157,24 +162,30 @@ def _module_scalings(transformer_sd: dict, alphas: dict, metadata: dict, source:
         module = key[: -len(".lora_A.weight")]
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        alpha = float(alpha.item() if torch.is_tensor(alpha) else alpha)
+        given = alpha.item() if torch.is_tensor(alpha) else alpha
+        try:
+            alpha = float(given)
+        except (TypeError, ValueError):
+            alpha = math.nan
+        if not math.isfinite(alpha):  # metadata is free text: "abc" or NaN would scale the layer by nothing
+            raise AdapterFormatError(f"adapter {source}: layer {module} has LoRA alpha {given!r}, not a finite "
+                                     "number (from its metadata or .alpha key)",
+                                     "re-save the adapter with a numeric lora_alpha (usually the rank)")
         scalings[module] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     return scalings
 
 
 def _layer_deltas(transformer_sd: dict, scalings: dict[str, float], source: str) -> dict[str, LayerDelta]:
-    orphans = sorted(k for k in transformer_sd if k.endswith(".lora_B.weight")
-                     and k[: -len(".lora_B.weight")] not in scalings)
-    if orphans:
-        raise AdapterFormatError(f"adapter {source}: {len(orphans)} layers have lora_B but no lora_A "
-                                 f"(e.g. {orphans[0]})", "the file is incomplete; download it again")
+    for have, lack in (("lora_B", "lora_A"), ("lora_A", "lora_B")):
+        orphans = sorted(k for k in transformer_sd
+                         if k.endswith(f".{have}.weight") and k.replace(f".{have}.", f".{lack}.") not in transformer_sd)
+        if orphans:
+            raise AdapterFormatError(f"adapter {source}: {len(orphans)} layers have {have} but no {lack} "
+                                     f"(e.g. {orphans[0]})", "the file is incomplete; download it again")
     layers = {}
     magnitudes = max_magnitudes(transformer_sd)  # for the product bound, in one reduction
     for module, scaling in scalings.items():
         b_key = f"{module}.lora_B.weight"
-        if b_key not in transformer_sd:
-            raise AdapterFormatError(f"adapter {source}: layer {module} has lora_A but no lora_B",
-                                     "the file is incomplete; download it again")
         a, b = transformer_sd[f"{module}.lora_A.weight"], transformer_sd[b_key]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterFormatError(

@@ -50,14 +50,16 @@ class AdapterSource:
 def adapter_source(source, *, weight_name: str | None = None, revision: str | None = None) -> AdapterSource:
     """Interpret `source`: an existing path, `[hf://]owner/repo[@revision]/[sub/]file.safetensors`, or
     `owner/repo` with `weight_name`. A missing path that does not look like a Hub file name is reported
-    as missing."""
+    as missing; so is one whose first folder exists here (`loras/sub/x.safetensors`: a typo in a local
+    path, not a Hub repo `loras/sub`; `hf://` says Hub explicitly)."""
     if isinstance(source, AdapterSource):
         return source
     text = os.fspath(source)
     if weight_name is not None:
         return AdapterSource(text.removeprefix("hf://"), weight_name, revision)
     path = Path(text).expanduser()
-    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 2
+    looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 2
+                   or Path(text.split("/", 1)[0]).is_dir())
     if looks_local and not text.startswith("hf://"):
         return AdapterSource(text, None, revision)
     return _parse_hub_file(text if text.startswith("hf://") else f"hf://{text}", revision)

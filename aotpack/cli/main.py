@@ -126,6 +126,11 @@ def targets():
         click.echo(f"{name:10s} {recipe.gpu_arch or '-':6s} {recipe.description}")
 
 
+# `run`'s options that describe one request: with --requests, each jobs line gives its own
+PER_REQUEST_OPTIONS = ("loras", "fit", "merge", "steps", "height", "width", "guidance", "max_sequence_length", "seed",
+                       "out", "save_latents")
+
+
 @cli.command()
 @click.argument("package")
 @click.option("--model", default=None,
@@ -170,10 +175,13 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
 
     from ..runtime.jobs import (
         Request,
+        check_local_loras,
+        check_outputs_apart,
         check_report_path,
         parse_lora_option,
         read_jobs,
         run_jobs,
+        warn_if_nothing_is_written,
         write_report,
     )
     from ..runtime.pipeline import load_package
@@ -184,6 +192,13 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
     requests_file = requests_file or jobs_file
     if (prompt is None) == (requests_file is None):
         raise click.UsageError("pass exactly one of --prompt and --requests FILE")
+    if requests_file:  # each jobs line carries its own: these flags would be ignored without a word
+        context = click.get_current_context()
+        given = [param.opts[0] for param in context.command.params if param.name in PER_REQUEST_OPTIONS
+                 and context.get_parameter_source(param.name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply to --prompt only; with --requests each line gives "
+                                   "its own (\"loras\", \"out\", \"steps\", ...)")
     if report_file:
         check_report_path(report_file)
     package_dir = locate_package(package)
@@ -196,6 +211,9 @@ def run(package, model, revision, prompt, requests_file, jobs_file, report_file,
                           height=height, width=width, guidance=guidance, max_sequence_length=max_sequence_length,
                           out=out, save_latents=save_latents, fit=fit, merge=merge)
         requests = [validate_request(request, limits)]
+    check_outputs_apart(requests, package_dir, report=report_file, jobs_file=requests_file)
+    check_local_loras(requests)
+    warn_if_nothing_is_written(requests)
     if model is None:
         model, recorded_revision = recorded_model(manifest)
         revision = revision or recorded_revision

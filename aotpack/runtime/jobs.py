@@ -88,10 +88,10 @@ class JobOutcome:
         return data
 
 
-def parse_lora_option(text: str) -> tuple[str, float]:
+def parse_lora_option(text: str, where: str = "--lora") -> tuple[str, float]:
     """`FILE[:SCALE]` -> (file, scale). A colon-suffix without a slash is a scale and must be a number
     (so `f:abc` is refused as a scale, not looked up as a file named `f:abc`); an existing file whose name
-    holds a colon is taken whole."""
+    holds a colon is taken whole. `where` names the option or jobs line in a refusal."""
     head, sep, tail = text.rpartition(":")
     try:
         exists = Path(text).expanduser().exists()
@@ -102,7 +102,7 @@ def parse_lora_option(text: str) -> tuple[str, float]:
     try:
         scale = float(tail)
     except ValueError:
-        raise RequestError(f"--lora {text!r}: the scale {tail!r} is not a number",
+        raise RequestError(f"{where} {text!r}: the scale {tail!r} is not a number",
                            f"write FILE[:SCALE] with a number, e.g. {head}:0.8 (a file name with a colon: "
                            f"add ':1')") from None
     return head, scale
@@ -123,7 +123,7 @@ def _lora_entries(value, where: str) -> list:
     entries = []
     for item in value:
         if isinstance(item, str):
-            entries.append(parse_lora_option(item))
+            entries.append(parse_lora_option(item, f"{where}: loras entry"))
         elif isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
             entries.append((item[0], item[1]))  # the scale is checked by validate_request
         else:
@@ -206,12 +206,64 @@ def read_jobs(path: str | Path, limits: PackageLimits = ANY_PACKAGE) -> list[Req
     return requests
 
 
+def check_outputs_apart(requests: list[Request], package_dir, *, report=None, jobs_file=None) -> None:
+    """Before anything loads: no output may land inside the package (a file there makes it fail verification)
+    or overwrite an input of this run (the jobs file, a local LoRA file, or a file in a LoRA folder)."""
+    package = Path(package_dir).resolve()
+    inputs = {Path(jobs_file).resolve(): "the jobs file"} if jobs_file else {}
+    for request in requests:
+        for source, _ in request.loras:
+            if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists():
+                inputs[Path(source).expanduser().resolve()] = f"the LoRA {os.fspath(source)}"
+    outputs = [("--report", report)] if report else []
+    outputs += [(f"request {i}: {field}", path) for i, r in enumerate(requests, start=1)
+                for field, path in (("out", r.out), ("save_latents", r.save_latents)) if path]
+    for label, path in outputs:
+        target = Path(path).expanduser().resolve()
+        if target == package or package in target.parents:
+            raise RequestError(f"{label} = {path} is inside the package {package_dir}",
+                               "write outputs outside the package folder (a package holds only the files its "
+                               "manifest lists; another file there makes it fail verification)")
+        for source, what in inputs.items():
+            if target == source or source in target.parents:
+                raise RequestError(f"{label} = {path} would overwrite or add to {what}",
+                                   "write outputs to another file; inputs are never written")
+
+
+def check_local_loras(requests: list[Request]) -> None:
+    """Each local LoRA path names one file (a missing file or an ambiguous folder is refused before the package
+    loads, not after); Hub files are fetched when their request runs."""
+    from ..adapters.sources import adapter_source, local_path
+
+    for source in dict.fromkeys(s for r in requests for s, _ in r.loras if isinstance(s, (str, os.PathLike))):
+        where = adapter_source(source)
+        if not where.is_hub:
+            local_path(where)
+
+
+def warn_if_nothing_is_written(requests: list[Request]) -> None:
+    silent = [i for i, r in enumerate(requests, start=1) if not r.out and not r.save_latents]
+    if silent:
+        logger.warning("%s write nothing (no out or save_latents): they run and are timed only; pass --out "
+                       "image.png (or \"out\" in a jobs line) to keep the image",
+                       "the request" if len(requests) == 1 else f"requests {silent[:10]}")
+
+
+def _written(path: str, write) -> str:
+    """`write(path)` after making its folder; a file system refusal (a read-only or virtual folder) is a
+    RequestError naming the path, not an OSError."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except (OSError, ValueError) as err:
+        raise RequestError(f"could not write {path}: {err}", "write to a folder where you can create files") from err
+    return path
+
+
 def _save_latents(path: str, latents: torch.Tensor) -> str:
     from safetensors.torch import save_file
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.detach().to("cpu").contiguous()}, path)
-    return path
+    return _written(path, lambda p: save_file({"latents": latents.detach().to("cpu").contiguous()}, p))
 
 
 def check_finite_output(latents: torch.Tensor, request: Request) -> None:
@@ -305,6 +357,4 @@ def _finite(value):
 
 
 def _save_image(path: str, image) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return _written(path, image.save)

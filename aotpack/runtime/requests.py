@@ -106,6 +106,9 @@ def check_loras(loras, where: str = "") -> list[tuple[str, float]]:
                 and not hasattr(source, "weight_name"):
             raise RequestError(f"{_where(where, 'loras')}: entry {entry!r} is not a path or [path, scale]",
                                'give [["style.safetensors", 0.8], ...]')
+        if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # "" would read the folder "."
+            raise RequestError(f"{_where(where, 'loras')}: entry {entry!r} has an empty path",
+                               "give the LoRA file's path, e.g. style.safetensors:0.8")
         checked.append((source, check_scale(scale, where, str(source))))
     return checked
 
@@ -149,7 +152,8 @@ def check_sequence_length(value, limits: PackageLimits = ANY_PACKAGE, where: str
 
 def check_output_path(path, field: str = "out", suffixes=IMAGE_SUFFIXES, where: str = "") -> str:
     """`path` can be written: the right extension, not a directory, its parent a directory (or creatable)."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path) or "\0" in str(path):
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or "\0" in str(path) \
+            or str(path).endswith(("/", os.sep)):  # "out.png/" names a folder (pathlib drops the slash)
         raise RequestError(f"{_where(where, field)} = {path!r} is not a file path",
                            f"give a file path ending in {' or '.join(suffixes)}")
     target = Path(path).expanduser()
