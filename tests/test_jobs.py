@@ -69,6 +69,14 @@ def test_a_non_utf8_jobs_file_is_a_typed_error_with_the_line(tiny_package, tmp_p
     assert result.exit_code == 1 and "jobs.jsonl:2: not UTF-8" in result.output and "fix:" in result.output
 
 
+def test_a_jobs_file_with_a_utf8_bom_reads_as_without_it(tmp_path):
+    from aotpack.runtime.jobs import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b"\xef\xbb\xbf" + json.dumps(COMMON).encode() + b"\n")  # Windows editors save one
+    assert read_jobs(jobs)[0].prompt == COMMON["prompt"]
+
+
 def test_jobs_writing_the_same_file_are_refused(tiny_package, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"out": str(tmp_path / "a.png")}, {"out": str(tmp_path / "a.png")}])
     result = invoke("run", tiny_package, "--requests", jobs)

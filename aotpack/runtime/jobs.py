@@ -160,7 +160,7 @@ def request_from_json(data, where: str, limits: PackageLimits = ANY_PACKAGE) -> 
 def _decode_lines(path: Path) -> list[str]:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8-sig").splitlines()  # a BOM (Windows editors write one) is not part of line 1
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise RequestError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})",
