@@ -187,6 +187,128 @@ def test_file_store_refuses_hub_only_options(tiny_package, tmp_path):
     assert "push a package there first" in err.value.fix
 
 
+# -- file store: destinations and damaged stores are typed errors that touch nothing ------------------------
+def files_under(folder: Path) -> dict:
+    """Every file under `folder` (hidden ones too) with its digest: to show that nothing was touched."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(*args) -> str:
+    """The CLI's output for a command that must fail as a typed error: exit 1, no traceback."""
+    result = invoke(*args, ok=False)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "unexpected" not in result.output, result.output
+    return result.output
+
+
+def test_pull_refuses_a_local_dir_that_is_a_package_or_inside_one(tiny_package, tmp_path):
+    store = f"file://{tmp_path / 'store'}"
+    push_package(tiny_package, store)
+    package = tmp_path / "pkgc"  # a package folder (not a pulled copy): a pull would add files it does not list
+    shutil.copytree(tiny_package, package)
+    before = files_under(tmp_path)
+    with pytest.raises(PublishError, match="is the aotpack package") as err:
+        pull_package(store, local_dir=package)
+    assert str(package) in err.value.problem and "outside any package" in err.value.fix
+    output = refused("pull", store, "--local-dir", package / "sub")
+    assert f"{package / 'sub'} is inside the aotpack package {package}" in output
+    assert files_under(tmp_path) == before and not (package / "sub").exists()
+    invoke("inspect", package)  # still a package that verifies
+
+
+def test_push_refuses_a_folder_holding_files_aotpack_did_not_write(tiny_package, tmp_path):
+    user = tmp_path / "ustore"  # no aotpack index: someone's folder, with a target-shaped subfolder
+    (user / CPU).mkdir(parents=True)
+    (user / "README.md").write_text("# my notes")
+    (user / "data.csv").write_text("1,2,3")
+    (user / CPU / "mywork.txt").write_text("years of work")
+    before = files_under(tmp_path)
+    output = refused("push", tiny_package, f"file://{user}")
+    assert f"{user} is not an aotpack store" in output and f"{CPU}/mywork.txt" in output and "data.csv" in output
+    assert "move those files away" in output
+    assert files_under(tmp_path) == before  # not even the store lock was created
+
+    store = tmp_path / "store"  # a real store whose target folder someone added a file to
+    push_package(tiny_package, f"file://{store}")
+    (store / CPU / "notes.txt").write_text("mine")
+    before = files_under(store)
+    with pytest.raises(PublishError, match="did not write there: \\['notes.txt'\\]") as err:
+        push_package(tiny_package, f"file://{store}")
+    assert str(store / CPU) in err.value.problem and "move them out" in err.value.fix
+    assert "--overwrite" not in err.value.fix  # push has no such option
+    assert files_under(store) == before
+
+    empty = tmp_path / "empty"  # a new, empty folder is where a store starts
+    empty.mkdir()
+    assert push_package(tiny_package, f"file://{empty}").url == f"file://{empty}/{CPU}"
+
+
+def test_destinations_that_cannot_be_folders_are_a_typed_error(tiny_package, tmp_path):
+    store = f"file://{tmp_path / 'store'}"
+    push_package(tiny_package, store)
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("not a folder")
+    before = files_under(tmp_path)
+    output = refused("push", tiny_package, f"file://{a_file}")
+    assert f"{a_file} exists and is not a folder" in output and "fix:" in output
+    with pytest.raises(PublishError, match="exists and is not a folder") as err:
+        pull_package(store, local_dir=a_file)
+    assert str(a_file) in err.value.problem
+    assert files_under(tmp_path) == before
+    if Path("/proc/self").is_dir():  # procfs takes no new folders: mkdir fails with ENOENT
+        output = refused("push", tiny_package, "file:///proc/aotpack-x")
+        assert "/proc/aotpack-x does not exist and cannot be created" in output
+        output = refused("pull", store, "--local-dir", "/proc/aotpack-x")
+        assert "/proc/aotpack-x does not exist and cannot be created" in output
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda index, entry: index.update(targets=None), "targets is null"),
+    (lambda index, entry: entry.update(files=5), f"targets['{CPU}'].files is 5, expected an object"),
+    (lambda index, entry: entry["files"].update({"../../../evil.txt": "0" * 64}), "'../../../evil.txt' is not a plain"),
+    (lambda index, entry: entry["model"].update(id=7), f"targets['{CPU}'].model.id is 7"),
+    (lambda index, entry: index.update(format_version="1"), 'format_version is "1", expected 1'),
+    (lambda index, entry: b"\xff\x00 not text", "it is not valid JSON"),
+], ids=["targets-null", "files-number", "file-outside", "model-id-number", "format-string", "not-text"])
+def test_a_damaged_store_index_is_a_typed_error_with_the_fix(tiny_package, tmp_path, edit, named):
+    store = tmp_path / "store"
+    push_package(tiny_package, f"file://{store}")
+    index = json.loads((store / INDEX_NAME).read_text())
+    raw = edit(index, index["targets"][CPU])  # bytes to write instead, or None: the edited index
+    (store / INDEX_NAME).write_bytes(raw or json.dumps(index).encode())
+    before = files_under(tmp_path)
+    for args in (("pull", f"file://{store}", "--local-dir", tmp_path / "local"),
+                 ("push", tiny_package, f"file://{store}")):
+        output = refused(*args)
+        assert f"the {INDEX_NAME} of file://{store} is damaged" in output and named in output, output
+        assert f"delete {INDEX_NAME} from file://{store}, then push" in output
+        assert "manifest.json" not in output and "rebuild" not in output  # the fix is about the index
+    assert files_under(tmp_path) == before and not (tmp_path / "local").exists()
+
+
+def test_a_newer_index_format_names_both_formats(tiny_package, tmp_path):
+    store = tmp_path / "store"
+    push_package(tiny_package, f"file://{store}")
+    index = json.loads((store / INDEX_NAME).read_text())
+    (store / INDEX_NAME).write_text(json.dumps({**index, "format_version": 2}))
+    with pytest.raises(PublishError, match="of format 2; this aotpack reads format 1") as err:
+        pull_package(f"file://{store}")
+    assert "newer aotpack" in err.value.fix
+
+
+def test_a_file_missing_from_the_store_is_a_typed_error_naming_it(tiny_package, tmp_path):
+    store = tmp_path / "store"
+    push_package(tiny_package, f"file://{store}")
+    (store / CPU / "epilogue.pt2").unlink()
+    local = tmp_path / "local"
+    with pytest.raises(PackageIntegrityError, match="epilogue.pt2") as err:
+        pull_package(f"file://{store}", local_dir=local)
+    assert str(store / CPU) in err.value.problem and f"push the package to file://{store} again" in err.value.fix
+    assert "epilogue.pt2" in refused("pull", f"file://{store}", "--local-dir", local)
+    assert not local.exists()
+
+
 # -- Hub (huggingface_hub against a stubbed HTTP boundary) ------------------------------------------
 def test_hub_push_writes_the_layout_and_merges_index_and_card(fake_hub, tiny_package, h100_package, capfd, caplog):
     caplog.set_level(logging.DEBUG)

@@ -14,9 +14,19 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import PublishError
+from ..errors import PackageIntegrityError, PublishError
 from ..progress import Progress
-from .local_copy import pull_into, staging_dir, swap_in, writable
+from .local_copy import (
+    REPLACED_PREFIX,
+    STAGING_PREFIX,
+    foreign_files,
+    pull_into,
+    refuse_foreign,
+    some_of,
+    staging_dir,
+    swap_in,
+    writable,
+)
 from .manifest import read_manifest, verify_files
 from .package_ref import StoreRef
 from .repo_layout import CARD_NAME, INDEX_NAME, PushResult, parse_index
@@ -34,7 +44,7 @@ class FileStore:
     def open_index(self) -> tuple[dict, None]:
         if not self.root.is_dir():
             raise PublishError(f"file store {self.display} does not exist", self._nearby_stores_fix())
-        text = _read_text(self.root / INDEX_NAME)
+        text = _read(self.root / INDEX_NAME)
         if text is None:
             raise PublishError(f"{self.display} has no {INDEX_NAME}: it is not a store written by `aotpack push`",
                                self._nearby_stores_fix())
@@ -52,9 +62,13 @@ class FileStore:
             if check is not None:
                 check(source)
             return source
+        names = files or [p.name for p in sorted(source.iterdir()) if p.is_file()]
+        missing = [name for name in names if not (source / name).is_file()]
+        if missing:  # before anything is created under local_dir
+            raise PackageIntegrityError(f"{source} lacks files the {INDEX_NAME} of {self.display} lists for {folder}: "
+                                        f"{some_of(missing)}", self.repair_hint(local_dir))
 
         def fill(staging: Path):
-            names = files or [p.name for p in sorted(source.iterdir()) if p.is_file()]
             copy_with_progress([(source / name, _inside(staging, folder, f"{folder}/{name}")) for name in names],
                                f"copy {folder}")
             return staging, (self.root / INDEX_NAME).read_text()
@@ -77,23 +91,40 @@ class FileStore:
         `commit_message` has nowhere to go in a directory; the flags the Hub alone has are refused
         before this is called.
         """
+        self._refuse_a_user_folder()
         with writable(self.root, f"push to {self.display}"):
             self.root.mkdir(parents=True, exist_ok=True)
             with _locked(self.root / LOCK_NAME):
                 remove_stale_staging(self.root, report)
-                plan = make_plan(_read_text(self.root / INDEX_NAME), _read_text(self.root / CARD_NAME))
+                plan = make_plan(_read(self.root / INDEX_NAME), _read_text(self.root / CARD_NAME))
+                refuse_foreign(self.root / plan.folder, overwrite=False,
+                               fix=f"move them out of {self.root / plan.folder} (a store's folders hold only what "
+                                   "`aotpack push` wrote), then push again")
                 report.info(f"copying {len(plan.uploads)} files to {self.display}/{plan.folder}")
                 staging = staging_dir(self.root, plan.folder)
                 try:
                     copy_with_progress([(local, _inside(staging, plan.folder, path))
                                         for path, local in plan.uploads.items()], f"copy {plan.folder}")
                     verify_files(staging, read_manifest(staging))  # a network filesystem can corrupt a copy too
-                    swap_in(staging, self.root / plan.folder, overwrite=True)  # the store's own folder
+                    swap_in(staging, self.root / plan.folder, overwrite=True)  # its files were checked above
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
                 _write_atomic(self.root / INDEX_NAME, plan.index_text)
                 _write_atomic(self.root / CARD_NAME, plan.card_text)
         return PushResult(target=plan.folder, url=f"file://{self.root / plan.folder}")
+
+    def _refuse_a_user_folder(self) -> None:
+        """A push writes into a new or empty folder, or a store: a folder of other files without an index is a
+        user's (the push would rewrite its README.md and replace its `<target>/` folders)."""
+        if not self.root.is_dir() or (self.root / INDEX_NAME).is_file():
+            return
+        theirs = [name for name in foreign_files(self.root)
+                  if not name.startswith((LOCK_NAME, STAGING_PREFIX, REPLACED_PREFIX))]  # a killed first push's
+        if theirs:
+            raise PublishError(f"{self.root} is not an aotpack store (it has no {INDEX_NAME}) and holds files aotpack "
+                               f"did not write: {some_of(theirs)}",
+                               "push to a new or empty folder, or to a store written by `aotpack push`; to use this "
+                               "folder, move those files away first")
 
     def _nearby_stores_fix(self) -> str:
         parent = self.root.parent
@@ -120,6 +151,10 @@ def copy_with_progress(pairs: list[tuple[Path, Path]], label: str) -> None:
 
 def _read_text(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None  # the index: `parse_index` reports bytes that are not text
 
 
 def _write_atomic(path: Path, text: str) -> None:

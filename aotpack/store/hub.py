@@ -57,7 +57,7 @@ class HubStore:
                                "model repo such as black-forest-labs/FLUX.1-dev belongs in --model")
         # snapshot folders are named after their commit (huggingface_hub's cache layout)
         commit = root.name if _COMMIT_HASH.fullmatch(root.name) else self.revision
-        return parse_index(path.read_text(), self.display), commit
+        return parse_index(path.read_bytes(), self.display), commit
 
     def fetch_target(self, folder: str, commit: str | None, local_dir: Path | None, check=None,
                      overwrite: bool = False, files: list[str] | None = None) -> Path:

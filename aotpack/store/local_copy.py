@@ -20,6 +20,7 @@ from .manifest import MANIFEST_NAME, files_of_package
 from .repo_layout import INDEX_NAME
 
 STAGING_PREFIX = ".incoming-"
+REPLACED_PREFIX = ".replaced-"  # a replaced folder, until the swap that replaced it is done
 
 
 def staging_dir(parent: Path, folder: str) -> Path:
@@ -37,9 +38,14 @@ def writable(where: Path, action: str):
     except PermissionError as err:
         raise PublishError(f"cannot {action}: {err.filename or where} is not writable ({err.strerror})",
                            f"pass a folder you can write to (--local-dir), or fix the permissions of {where}") from err
+    except FileExistsError as err:  # a file where the folder must go
+        path = err.filename or where
+        raise PublishError(f"cannot {action}: {path} exists and is not a folder",
+                           f"pass the path of a folder (or of one to create), or move {path} away") from err
+    except FileNotFoundError as err:  # a folder that cannot be made there (e.g. under /proc)
+        raise PublishError(f"cannot {action}: {err.filename or where} does not exist and cannot be created there "
+                           f"({err.strerror})", "pass a folder on a writable filesystem") from err
     except OSError as err:
-        if isinstance(err, (FileNotFoundError, FileExistsError)):
-            raise
         raise PublishError(f"cannot {action} in {where} ({err.strerror or err})",
                            "check the free space and permissions of that folder") from err
 
@@ -67,14 +73,29 @@ def foreign_files(folder: Path) -> list[str]:
     return sorted(name for name in files_of_package(folder) if name not in ours)
 
 
-def refuse_foreign(final: Path, overwrite: bool) -> None:
+def some_of(names: list[str]) -> str:
+    """`['a', 'b']`, or the first 8 and how many more, for a message."""
+    return f"{names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def refuse_foreign(final: Path, overwrite: bool,
+                   fix: str = "move them away, pull into another --local-dir, or pass --overwrite to replace the "
+                              "folder") -> None:
     """Refuse to replace `final` when it holds files aotpack did not write (unless `overwrite`)."""
     foreign = foreign_files(final)
     if foreign and not overwrite:
-        raise PublishError(
-            f"{final} holds files aotpack did not write there: {foreign[:8]}"
-            + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""),
-            "move them away, pull into another --local-dir, or pass --overwrite to replace the folder")
+        raise PublishError(f"{final} holds files aotpack did not write there: {some_of(foreign)}", fix)
+
+
+def refuse_package_as_local_dir(local_dir: Path) -> None:
+    """A pull writes `<target>/` and the index into `local_dir`: inside a package they would be files its manifest
+    does not list, and the package would fail verification."""
+    local_dir = local_dir.resolve()
+    packages = [folder for folder in [local_dir, *local_dir.parents] if aotpack_written_files(folder) is not None]
+    if packages:
+        where = "is" if packages[0] == local_dir else "is inside"
+        raise PublishError(f"--local-dir {local_dir} {where} the aotpack package {packages[0]}",
+                           f"pull into a folder outside any package, e.g. --local-dir {packages[-1].parent / 'pulled'}")
 
 
 def swap_in(staging: Path, final: Path, overwrite: bool = False) -> None:
@@ -84,7 +105,7 @@ def swap_in(staging: Path, final: Path, overwrite: bool = False) -> None:
     if not final.exists():
         staging.rename(final)
         return
-    previous = final.with_name(f".replaced-{final.name}-{uuid.uuid4().hex}")
+    previous = final.with_name(f"{REPLACED_PREFIX}{final.name}-{uuid.uuid4().hex}")
     final.rename(previous)
     staging.rename(final)
     shutil.rmtree(previous, ignore_errors=True)
@@ -113,7 +134,8 @@ def pull_into(local_dir: Path, folder: str, fill, check=None, overwrite: bool = 
     folder inside it, the store's index text or None); `check(path)` verifies that folder.
     """
     final = local_dir / folder
-    refuse_foreign(final, overwrite)  # before downloading gigabytes
+    refuse_package_as_local_dir(local_dir)  # before downloading gigabytes
+    refuse_foreign(final, overwrite)
     action = f"pull {folder} into {local_dir}"
     with writable(local_dir, action):
         local_dir.mkdir(parents=True, exist_ok=True)

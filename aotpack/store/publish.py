@@ -18,11 +18,9 @@ from ..errors import (
 )
 from ..progress import Progress
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
-from .manifest_schema import check_relative_name
 from .package_ref import StoreRef, is_store_ref, parse_store_ref
 from .repo_layout import (
     INDEX_NAME,
-    check_folder_name,
     describe_targets,
     entry_series,
     entry_target,
@@ -107,9 +105,7 @@ def pull_package(repo: str, *, target: str = AUTO, revision: str | None = None, 
         except PackageIntegrityError as err:
             raise PackageIntegrityError(err.problem, store.repair_hint(local_dir)) from err
 
-    files = sorted(entry.get("files") or {})
-    for name in files:  # names from the store's index: never a path outside the folder
-        check_relative_name(name, f"a file name in {INDEX_NAME}")
+    files = sorted(entry["files"])  # plain names inside the folder (`parse_index` checked them)
     package_dir = store.fetch_target(folder, commit, local_dir, check=check, overwrite=overwrite, files=files)
     return PulledPackage(path=package_dir, target=folder, warning=runs_here_warning(index["targets"][folder]))
 
@@ -117,9 +113,7 @@ def pull_package(repo: str, *, target: str = AUTO, revision: str | None = None, 
 def choose_target(index: dict, requested: str, where: str, report: Progress | None = None) -> str:
     """The folder to pull: for a target name (or `auto`: this machine's target, or a published one of
     its GPU arch), the folder built with this machine's torch series; an exact folder name as it is."""
-    targets = index["targets"]
-    for name in targets:  # an index names folders: never let one point outside the repo
-        check_folder_name(name)
+    targets = index["targets"]  # folder names that stay inside the repo (`parse_index` checked them)
     if "/" in requested and requested in targets:
         return requested  # an exact folder: `<target>/torch-<X.Y>`
     if requested != AUTO:
@@ -237,7 +231,7 @@ def push_package(package, repo: str, *, revision: str | None = None, private: bo
                            "drop the flag (file stores are as private as their directory's permissions)")
     store = open_store(ref, token)
 
-    def make_plan(index_text: str | None, card_text: str | None):
+    def make_plan(index_text: str | bytes | None, card_text: str | None):
         return plan_push(package_dir, manifest, parse_index(index_text, store.display), card_text, store.display)
 
     message = commit_message or (f"aotpack push {manifest.target} ({manifest.model['id']}, "

@@ -22,8 +22,9 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import PublishError
+from ..errors import ManifestError, PublishError
 from .manifest import MANIFEST_NAME, Manifest, sha256_file
+from .manifest_schema import check_relative_name
 
 INDEX_NAME = "aotpack_index.json"
 CARD_NAME = "README.md"
@@ -66,14 +67,11 @@ def package_folder(manifest: Manifest) -> str:
     return f"{target_folder(manifest.target)}/torch-{torch_series(manifest.versions['torch'])}"
 
 
-def check_folder_name(name: str) -> str:
+def _is_folder_name(name: str) -> bool:
     """An index key: `<target>` (older repos) or `<target>/torch-<X.Y>`; never a path outside the repo."""
-    parts = name.split("/") if isinstance(name, str) else [None]
-    if not (1 <= len(parts) <= 2 and all(isinstance(p, str) and _FOLDER_NAME.fullmatch(p) for p in parts)
-            and (len(parts) == 1 or _SERIES_FOLDER.fullmatch(parts[1]))):
-        raise PublishError(f"the index names folder {name!r}, which is not <target> or <target>/torch-<X.Y>",
-                           "push the package again to rewrite the index, or delete aotpack_index.json")
-    return name
+    parts = name.split("/")
+    return (1 <= len(parts) <= 2 and all(_FOLDER_NAME.fullmatch(p) for p in parts)
+            and (len(parts) == 1 or bool(_SERIES_FOLDER.fullmatch(parts[1]))))
 
 
 def entry_target(name: str, entry: dict) -> str:
@@ -125,21 +123,79 @@ def empty_index() -> dict:
     return {"format_version": INDEX_FORMAT, "library": "aotpack", "targets": {}}
 
 
-def parse_index(text: str | None, where: str) -> dict:
-    """The index read from `where`; an empty one when the repo has none yet (`text` None)."""
+def parse_index(text: str | bytes | None, where: str) -> dict:
+    """The index read from `where` (its text or bytes); an empty one when the repo has none yet (`text` None)."""
     if text is None:
         return empty_index()
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PublishError(f"{where} has an {INDEX_NAME} that is not valid JSON ({err})",
-                           f"push a package again to rewrite it, or delete {INDEX_NAME} from the repo") from err
-    if not isinstance(data, dict) or data.get("format_version") != INDEX_FORMAT \
-            or not isinstance(data.get("targets"), dict):
-        raise PublishError(f"{where} has an {INDEX_NAME} of format {data.get('format_version')!r}; this aotpack "
-                           f"reads format {INDEX_FORMAT}",
-                           "install the aotpack version that pushed it, or push again with this one")
+    except ValueError as err:  # not JSON, or bytes that are not UTF-8 text
+        raise _damaged(where, f"it is not valid JSON ({err})") from err
+    return check_index(data, where)
+
+
+# What pull, push and the model card read from an index entry, and the JSON types each may hold (None: null).
+_TEXT = (str, type(None))
+_ENTRY_FIELDS = {"folder": (str,), "files": (dict,), "model": (dict,), "bytes": (int,), "max_rank": (int, type(None)),
+                 **dict.fromkeys(("target", "torch_series", "device", "gpu_arch", "torch", "cuda", "aotpack", "dtype",
+                                  "quantization", "attention", "layout", "built", "pushed"), _TEXT)}
+_ENTRY_REQUIRED = ("folder", "files", "model")
+_MODEL_FIELDS = dict.fromkeys(("id", "revision", "fingerprint"), _TEXT)
+
+
+def check_index(data, where: str) -> dict:
+    """`data`, once every field pull, push and the card use has its type and every name stays inside the repo:
+    a damaged or hand-edited index is refused with the fix, never half-read."""
+    if not isinstance(data, dict):
+        raise _damaged(where, f"it holds {_shown(data)}, not an object")
+    version = data.get("format_version")
+    if type(version) is int and version > INDEX_FORMAT:
+        raise PublishError(f"{where} has an {INDEX_NAME} of format {version}; this aotpack reads format {INDEX_FORMAT}",
+                           "install the newer aotpack that pushed it")
+    if type(version) is not int or version != INDEX_FORMAT:
+        raise _damaged(where, f"format_version is {_shown(version)}, expected {INDEX_FORMAT}")
+    if not isinstance(data.get("targets"), dict):
+        raise _damaged(where, f"targets is {_shown(data.get('targets'))}, expected an object (folder -> entry)")
+    for name, entry in data["targets"].items():
+        at = f"targets[{name!r}]"
+        if not _is_folder_name(name):
+            raise _damaged(where, f"{at} names a folder that is not <target> or <target>/torch-<X.Y>")
+        _check_fields(entry, _ENTRY_FIELDS, at, where)
+        missing = [field for field in _ENTRY_REQUIRED if field not in entry]
+        if missing:
+            raise _damaged(where, f"{at} has no {missing[0]!r}")
+        _check_fields(entry["model"], _MODEL_FIELDS, f"{at}.model", where)
+        for file_name, digest in entry["files"].items():
+            try:  # the names a pull copies: never a path outside the target's folder
+                check_relative_name(file_name, f"{at}.files name")
+            except ManifestError as err:
+                raise _damaged(where, err.problem) from err
+            if not isinstance(digest, str):
+                raise _damaged(where, f"{at}.files[{file_name!r}] is {_shown(digest)}, expected a sha256 string")
     return data
+
+
+def _check_fields(record, types: dict, at: str, where: str) -> None:
+    if not isinstance(record, dict):
+        raise _damaged(where, f"{at} is {_shown(record)}, expected an object")
+    for field, kinds in types.items():
+        value = record.get(field)
+        if field in record and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
+            expected = " or ".join({str: "a string", int: "an integer", dict: "an object"}.get(kind, "null")
+                                   for kind in kinds)
+            raise _damaged(where, f"{at}.{field} is {_shown(value)}, expected {expected}")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _damaged(where: str, what: str) -> PublishError:
+    # pushing rewrites the index from the one there, so a damaged one goes first
+    return PublishError(f"the {INDEX_NAME} of {where} is damaged: {what}",
+                        f"re-push: delete {INDEX_NAME} from {where}, then push each target's package there again "
+                        f"(aotpack push PACKAGE {where})")
 
 
 def render_index(index: dict) -> str:
