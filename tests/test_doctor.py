@@ -250,3 +250,51 @@ def test_doctor_json_through_main_exits_1_on_a_static_compiler(static_cxx, monke
     assert checks["compiler-linkage"]["status"] == "fail" and "export CXX=" in checks["compiler-linkage"]["fix"]
     assert set(checks) >= {"compiler", "python", "torch", "diffusers", "peft", "transformers", "triton", "torchao",
                            "cuda", "gpu", "disk-inductor-cache", "disk-output"}
+
+
+def test_doctor_checks_out_with_builds_own_check(tiny_package, tmp_path, monkeypatch):
+    """What `build --out` refuses, `doctor --out` fails with the same words: a file, a user's folder, a folder
+    inside a package, a package holding files aotpack did not write, a place that cannot be written."""
+    from aotpack.builder import output
+    from aotpack.builder.output import OutputDirError, check_output_dir
+
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    package = tmp_path / "package"
+    shutil.copytree(tiny_package, package)
+    noted = tmp_path / "noted"
+    shutil.copytree(tiny_package, noted)
+    (noted / "NOTES.md").write_text("mine")
+    refused = [tmp_path / "file.txt", tmp_path / "mine", package / "sub", noted]
+    if Path("/proc").is_dir():
+        refused.append(Path("/proc/nonexist/x"))
+    for out in refused:
+        with pytest.raises(OutputDirError) as err:
+            check_output_dir(out, overwrite=True)
+        result = doctor.check_output(out)
+        assert (result.status, result.detail, result.fix) == ("fail", err.value.problem, err.value.fix)
+        assert "disk-output" not in [r.name for r in doctor.run_checks(out_dir=out)]  # no "0.0 GB free"
+    assert doctor.check_output(package).status == "warn"  # build replaces it with --overwrite only
+    assert doctor.check_output(tmp_path / "new" / "pkg").status == "ok"
+    result = CliRunner().invoke(cli, ["doctor", "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 1 and "FAIL  output" in result.output and "thesis.tex" in result.output
+    def refuse(out, overwrite=False):
+        raise OutputDirError("build's own check said no")
+
+    monkeypatch.setattr(output, "check_output_dir", refuse)
+    assert doctor.check_output(tmp_path / "new").detail == "build's own check said no"  # the same function
+
+
+def test_doctor_refuses_a_recipe_file_that_is_not_text_or_has_a_nan_tolerance(tmp_path):
+    recipe = tmp_path / "binary.toml"
+    recipe.write_bytes(b"\xff\xfe")
+    result = CliRunner().invoke(cli, ["doctor", "--target", str(recipe)])
+    assert result.exit_code == 1 and f"{recipe} is not a TOML recipe" in result.output and "UTF-8" in result.output
+    assert "unexpected" not in result.output and "Traceback" not in result.output
+    cpu = Path(doctor.__file__).parents[1] / "recipes" / "cpu.toml"
+    recipe = tmp_path / "nan.toml"
+    recipe.write_text(cpu.read_text().replace("tolerance = 1e-4", "tolerance = nan"))
+    result = CliRunner().invoke(cli, ["doctor", "--target", str(recipe)])
+    assert result.exit_code == 1 and "validation.tolerance = nan is not a finite number" in result.output
+    assert "unexpected" not in result.output and "Traceback" not in result.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aotpack.errors import RecipeError, UnknownTargetError
+from aotpack.errors import AotpackError, RecipeError, UnknownTargetError
 from aotpack.recipes.recipe import known_targets, load_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "aotpack" / "recipes"
@@ -89,6 +89,13 @@ def write_variant(tmp_path: Path, old: str, new: str) -> Path:
     ("batch = [1, 4]", "batch = [4, 1]", ["shapes.batch", "[4, 1]", "min <= max"]),
     ("image_tokens = [256, 16384]", 'image_tokens = "lots"', ["shapes.image_tokens", "'lots'"]),
     ("tolerance = 3e-2", "tolerance = -1.0", ["validation.tolerance", "> 0"]),
+    ("tolerance = 3e-2", "tolerance = nan", ["validation.tolerance", "nan", "not a finite number"]),
+    ("tolerance = 3e-2", "tolerance = inf", ["validation.tolerance", "inf", "not a finite number"]),
+    ("end_to_end_tolerance = 0.15", "end_to_end_tolerance = -nan", ["validation.end_to_end_tolerance", "nan",
+                                                                   "not a finite number"]),
+    ("end_to_end_tolerance = 0.15", "end_to_end_tolerance = inf", ["validation.end_to_end_tolerance", "inf"]),
+    ("end_to_end_tolerance = 0.15", "end_to_end_tolerance = -0.5", ["validation.end_to_end_tolerance", "-0.5",
+                                                                   "negative"]),
     ("group_lora_down = true", 'group_lora_down = "yes"', ["group_lora_down", "'yes'", "true or false"]),
     ('layout = "regional"', 'layout = "regional"\ngroup_lora_up = 1', ["group_lora_up", "1", "true or false"]),
     ('layout = "regional"', 'layout = "regional"\ngelu_via_sigmoid = true', ["gelu_via_sigmoid", "True", "string"]),
@@ -125,6 +132,41 @@ def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(RecipeError, match="not valid TOML") as caught:
         load_recipe(path)
     assert str(path) in str(caught.value)
+
+
+def test_a_recipe_file_that_is_not_text_names_the_file(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(RecipeError, match="not a TOML recipe") as caught:
+        load_recipe(path)
+    assert str(path) in caught.value.problem and "UTF-8" in caught.value.problem
+
+
+def test_a_max_rank_above_the_slotted_layers_rank_is_refused_before_slots_are_made(tmp_path, monkeypatch):
+    """--max-rank 100000000 took a tiny build past 10 GB of memory: a rank above the widest side of any slotted
+    linear is refused, naming the value and the limit, before any slot tensor."""
+    import torch
+    from click.testing import CliRunner
+
+    from aotpack.builder import build as build_module
+    from aotpack.cli import cli
+    from aotpack.models.slots import select_slot_names
+    from aotpack.models.tiny import make_transformer
+
+    model = make_transformer()
+    names = select_slot_names(model, ("*",))
+    limit = max(max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    build_module.check_max_rank(model, names, 64)  # the benches' r64 LoRA on 32-wide layers still fits
+    build_module.check_max_rank(model, names, limit)
+    with pytest.raises(AotpackError, match=f"max_rank = {limit + 1} is above {limit}") as caught:
+        build_module.check_max_rank(model, names, limit + 1)
+    assert f"--max-rank {limit}" in caught.value.fix
+    build_module.check_max_rank(model, [], 10**8)  # no slots (max_rank 0 builds): nothing to bound
+    monkeypatch.setattr(build_module, "prepare_transformer", lambda *a, **k: pytest.fail("slots were prepared"))
+    result = CliRunner().invoke(cli, ["build", "--model", "tiny", "--max-rank", "100000000",
+                                      "--out", str(tmp_path / "x5b")])
+    assert result.exit_code == 1 and f"max_rank = 100000000 is above {limit}" in result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
 
 
 def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +25,14 @@ from click.testing import CliRunner
 from aotpack.builder.output import (
     OutputDir,
     OutputDirError,
+    _locked,
     check_output_dir,
     removes_staging_on_error,
 )
 from aotpack.cli import cli
 from aotpack.errors import ManifestError, PackageIntegrityError, PublishError
 from aotpack.store.filestore import STALE_AFTER_S
+from aotpack.store.inspect import inspect_package
 from aotpack.store.manifest import MANIFEST_NAME, sha256_file
 from aotpack.store.publish import pull_package, push_package
 from aotpack.store.repo_layout import INDEX_NAME
@@ -112,6 +117,37 @@ def test_build_into_an_existing_package_needs_overwrite(package_copy):
     assert snapshot(package_copy) == before
 
 
+@pytest.mark.parametrize("inside", ["sub", "a/b"])
+def test_build_refuses_an_out_inside_a_package(package_copy, inside):
+    """Its lock file and staging folder would land in the package, which would then fail `inspect`."""
+    before = snapshot(package_copy.parent)
+    with pytest.raises(OutputDirError, match="inside the aotpack package") as err:
+        check_output_dir(package_copy / inside, overwrite=True)
+    assert str(package_copy) in err.value.problem and "outside it" in err.value.fix
+    result = CliRunner().invoke(cli, ["build", "--model", "tiny", "--out", str(package_copy / inside)])
+    assert result.exit_code == 1 and "inside the aotpack package" in result.output
+    assert "Traceback" not in result.output and "unexpected" not in result.output
+    assert snapshot(package_copy.parent) == before
+    assert sorted(p.name for p in package_copy.parent.iterdir()) == ["package"]
+    inspect_package(package_copy)  # still verifies: nothing unlisted was added
+
+
+def test_overwrite_refuses_a_package_holding_files_aotpack_did_not_write(package_copy):
+    (package_copy / "NOTES.md").write_text("my notes")
+    (package_copy / "images").mkdir()
+    (package_copy / "images" / "a.png").write_bytes(b"png")
+    before = snapshot(package_copy)
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match="did not write") as err:
+            check_output_dir(package_copy, overwrite=overwrite)
+        assert "'NOTES.md', 'images/a.png'" in err.value.problem and "move them out" in err.value.fix
+    result = CliRunner().invoke(cli, ["build", "--model", "tiny", "--out", str(package_copy), "--overwrite"])
+    assert result.exit_code == 1 and "NOTES.md" in result.output and "images/a.png" in result.output
+    assert "Traceback" not in result.output
+    assert snapshot(package_copy) == before
+    assert sorted(p.name for p in package_copy.parent.iterdir()) == ["package"]
+
+
 def test_a_broken_manifest_does_not_make_a_folder_replaceable(tmp_path):
     folder = user_folder(tmp_path / "mine")
     (folder / MANIFEST_NAME).write_text("not json")
@@ -125,7 +161,8 @@ def _build_into(out: str, tag: str, delay: float) -> None:
         for name in ("a.pt2", "b.pt2"):
             (staging / name).write_text(tag)
             time.sleep(delay)
-        (staging / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "target": tag}))
+        files = {name: sha256_file(staging / name) for name in ("a.pt2", "b.pt2")}
+        (staging / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "target": tag, "files": files}))
 
 
 def test_concurrent_builds_into_one_out_never_mix(tmp_path):
@@ -140,8 +177,39 @@ def test_concurrent_builds_into_one_out_never_mix(tmp_path):
     tags = {(out / name).read_text() for name in ("a.pt2", "b.pt2")}
     winner = json.loads((out / MANIFEST_NAME).read_text())["target"]
     assert tags == {winner}  # every file of the package comes from the same build
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("pkg", ".pkg.aotpack-lock")]
-    assert leftovers == []  # staging folders and replaced packages are all gone
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "pkg"]
+    assert leftovers == []  # staging folders, replaced packages and the lock file are all gone
+
+
+def test_no_lock_file_stays_after_a_build(tiny_package, tmp_path):
+    assert sorted(p.name for p in tiny_package.parent.iterdir()) == [tiny_package.name]  # a real build's
+    with OutputDir(tmp_path / "pkg") as staging:
+        (staging / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "target": "t", "files": {}}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def _take_turns(out: str, turns: int) -> None:
+    """Enter `out`'s lock `turns` times; inside, no other process may be (a marker file tells)."""
+    marker = Path(out).with_name("inside")
+    for _ in range(turns):
+        with _locked(Path(out)):
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # FileExistsError: two holders at once
+            os.close(fd)
+            time.sleep(0.002)
+            marker.unlink()
+
+
+def test_the_lock_holds_one_build_at_a_time_though_its_file_is_removed(tmp_path):
+    """The holder removes the lock file; a waiter that locked the removed file must not enter beside a
+    process that locked the new one (`_locked` checks its file is still the one at the path)."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_take_turns, args=(str(tmp_path / "pkg"), 40)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_each_build_stages_in_its_own_folder_next_to_out(tmp_path):
@@ -170,10 +238,60 @@ def test_a_failed_or_interrupted_build_leaves_out_as_it_was(tiny_package, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
+def _open_and_die(out: str) -> None:
+    """A build killed outright (SIGKILL, power loss) after it made its staging folder: no cleanup runs."""
+    staging = OutputDir(out).open()
+    (staging / "prologue.pt2").write_bytes(b"x" * 1000)
+    os._exit(0)
+
+
+def test_the_next_build_removes_staging_folders_of_dead_builds_only(tmp_path):
+    out = tmp_path / "pkg"
+    worker = multiprocessing.get_context("fork").Process(target=_open_and_die, args=(str(out),))
+    worker.start()
+    worker.join(30)
+    (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(".pkg.aotpack-build-")]
+    running = OutputDir(out)
+    live = running.open()  # a build still running holds its staging folder's flock
+    user_file = tmp_path / ".pkg.aotpack-build-notes.txt"  # not a folder: not ours
+    user_file.write_text("mine")
+    other = tmp_path / ".other.aotpack-build-abc"  # another --out's: left to builds into that one
+    other.mkdir()
+    mine = tmp_path / "pkg.aotpack-build-x"
+    mine.mkdir()
+    staging = OutputDir(out).open()
+    assert not dead.exists() and live.exists() and staging.exists()
+    assert user_file.read_text() == "mine" and other.exists() and mine.exists()
+    running.discard()
+
+
+def test_sigterm_mid_build_removes_the_staging_folder(tmp_path):
+    """`timeout 60 aotpack build ...`: SIGTERM ends the build as Ctrl-C does, its staging folder removed."""
+    work, log = tmp_path / "work", tmp_path / "build.log"
+    work.mkdir()
+    with open(log, "w") as output:
+        build = subprocess.Popen([sys.executable, "-m", "aotpack", "build", "--model", "tiny", "--out", "x8"],
+                                 cwd=work, env={**os.environ, "AOTPACK_DEBUG": ""}, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.name.startswith(".x8.aotpack-build-") for p in work.iterdir()):
+            assert build.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(3)  # exporting and compiling by now
+        build.send_signal(signal.SIGTERM)
+        build.wait(timeout=120)
+    finally:
+        build.kill()
+    printed = log.read_text()
+    assert build.returncode == 130 and "interrupted" in printed and "Traceback" not in printed, printed
+    assert list(work.iterdir()) == []  # no staging folder, no package, no lock file
+
+
 def test_replacing_a_package_swaps_it_whole(tiny_package, tmp_path):
     out = tmp_path / "pkg"
     shutil.copytree(tiny_package, out)
-    (out / "stale.pt2").write_text("from the previous build")
+    (out / "stale.pt2").write_text("from the previous build")  # a file the previous build wrote and listed
+    edit_manifest(out, lambda d: d["files"].update({"stale.pt2": sha256_file(out / "stale.pt2")}))
     with OutputDir(out, overwrite=True) as staging:
         (staging / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "target": "new"}))
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]

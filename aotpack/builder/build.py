@@ -108,6 +108,19 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
     return recipe.replace(**changes) if changes else recipe
 
 
+def check_max_rank(transformer, slot_names, max_rank: int) -> None:
+    """Refuse a max_rank above the widest side of any slotted linear: the A/B inputs (and the build's memory) grow
+    with max_rank (--max-rank 100000000 took a tiny build past 10 GB of memory). The bound is the larger side, not
+    the smaller, because over-parameterized files exist (the benches' r64 LoRA on the tiny model's 32-wide layers)
+    and served without --fit svd need slots of their full rank."""
+    modules = dict(transformer.named_modules())
+    limit = max((max(modules[name].in_features, modules[name].out_features) for name in slot_names), default=0)
+    if slot_names and max_rank > limit:
+        raise AotpackError(f"max_rank = {max_rank} is above {limit}, the widest side of any slotted linear "
+                           "(no LoRA factor of these layers is wider)",
+                           f"pass --max-rank {limit} or less (or set max_rank in the recipe)")
+
+
 def _program_plan(transformer, layout: str, parallel: str = "none") -> list[tuple[str, list]]:
     """(kind, instances) for each program to compile, in execution order."""
     if layout == WHOLE:
@@ -261,6 +274,7 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             names = regional_slot_names(transformer, recipe.slots)
         else:
             names = select_slot_names(transformer, recipe.slots)
+        check_max_rank(transformer, names, recipe.max_rank)  # before any slot tensor of that rank is made
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
                                          quantization=recipe.quantization, slot_names=names,
                                          unquantized_linears=recipe.unquantized_linears)

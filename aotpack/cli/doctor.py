@@ -27,7 +27,8 @@ def format_table(results) -> str:
 @click.option("--target", default=None,
               help="Also check what building this recipe needs (name, 'auto' or .toml path).")
 @click.option("--out", type=click.Path(), default=None,
-              help="Package directory whose free disk to check (default: where `aotpack build` writes).")
+              help="Package directory to check as `aotpack build --out` checks it, and its free disk "
+                   "(default: the free disk where `aotpack build` writes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def doctor(target, out, as_json):
     """Check this machine can build and serve packages: compiler, CUDA, GPU arch, versions, disk."""

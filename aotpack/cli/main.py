@@ -92,10 +92,12 @@ def build(model, target, revision, max_rank, slots, layout, parallel, attention,
     """Export and AOT-compile a Flux transformer with LoRA slots into a package."""
     quiet_libraries()
     from ..builder.build import build_package
+    from ..builder.output import sigterm_as_interrupt
 
-    path = build_package(model, target, out=out, overwrite=overwrite, revision=revision, max_rank=max_rank,
-                         slots=slots or None, layout=layout, parallel=parallel,
-                         attention=attention, compile_workers=workers or workers_alias, progress=True)
+    with sigterm_as_interrupt():  # `timeout`, `kill`: the staging folder goes, as on Ctrl-C (exit 130)
+        path = build_package(model, target, out=out, overwrite=overwrite, revision=revision, max_rank=max_rank,
+                             slots=slots or None, layout=layout, parallel=parallel,
+                             attention=attention, compile_workers=workers or workers_alias, progress=True)
     click.echo(str(path))
 
 

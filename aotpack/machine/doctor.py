@@ -229,6 +229,21 @@ def check_disk(name: str, path: Path, setting: str) -> CheckResult:
     return CheckResult(name, OK, detail)
 
 
+def check_output(out: Path) -> CheckResult:
+    """`--out` through `aotpack build`'s own check (`check_output_dir`): what build would refuse fails here."""
+    from ..builder.output import OutputDirError, check_output_dir
+
+    try:
+        check_output_dir(out, overwrite=True)
+    except OutputDirError as err:
+        return CheckResult("output", FAIL, err.problem, err.fix)
+    try:
+        check_output_dir(out)
+    except OutputDirError as err:  # a package there: build replaces it with --overwrite only
+        return CheckResult("output", WARN, err.problem, err.fix)
+    return CheckResult("output", OK, f"`aotpack build` can write {out}")
+
+
 # -- all of them ---------------------------------------------------------------------------------
 
 def resolve_target(target: str | None) -> Recipe | None:
@@ -249,7 +264,10 @@ def run_checks(target: str | None = None, out_dir: str | Path | None = None) -> 
     if recipe is not None:
         results += [check_quantization(recipe), check_attention(recipe)]
     results.append(check_disk("disk-inductor-cache", inductor_cache_dir(), "set TORCHINDUCTOR_CACHE_DIR"))
-    results.append(check_disk("disk-output", Path(out_dir or DEFAULT_OUT), "pass --out elsewhere"))
+    output = [check_output(Path(out_dir))] if out_dir is not None else []
+    results += output
+    if not output or output[0].status != FAIL:  # where build cannot write, its free space tells nothing
+        results.append(check_disk("disk-output", Path(out_dir or DEFAULT_OUT), "pass --out elsewhere"))
     return results
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -172,6 +173,14 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fp8_attention_min_tokens=fields.value("fp8_attention_min_tokens", int, 0),
     )
     fields.refuse_unknown()
+    # nan passes `> 0` and fails every later comparison: such a build failed its validation after compiling it all
+    for field in ("validation.tolerance", "validation.end_to_end_tolerance"):
+        if not math.isfinite(value := fields.value(field, float, 0.0)):
+            raise fields.error(field, f"= {value!r} is not a finite number; use a relative L2 error such as 3e-2"
+                                      + ("" if field == "validation.tolerance" else ", or 0 for tolerance's"))
+    if recipe.end_to_end_tolerance < 0:
+        raise fields.error("validation.end_to_end_tolerance", f"= {recipe.end_to_end_tolerance!r} is negative; use "
+                                                               "a relative L2 error, or 0 for tolerance's")
     if recipe.unquantized_linears and recipe.quantization == "none":
         raise fields.error("unquantized_linears", "keeps linears out of a quantization, but this recipe has "
                                                   "quantization = \"none\"; remove it or set a quantization")
@@ -217,7 +226,15 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
 
 
 def _load_file(path: Path) -> Recipe:
-    fields = TomlFields.read(path)
+    try:
+        fields = TomlFields.read(path)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path} is not a TOML recipe: it is not UTF-8 text (byte {err.start} is "
+                          f"{err.object[err.start:err.start + 1]!r})",
+                          "pass a recipe .toml file saved as UTF-8 (a copy of a shipped one, edited)") from err
+    except OSError as err:
+        raise RecipeError(f"cannot read the recipe {path} ({err.strerror or err})",
+                          f"check that {path} is a readable file") from err
     return parse_recipe(fields.data, fields.source)
 
 
