@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import zipfile
 
@@ -16,9 +17,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from aotpack.bench.report import render, render_markdown
+from aotpack.bench.report import render, render_markdown, variants_table
 from aotpack.cli import cli
-from aotpack.errors import PackageMismatchError
+from aotpack.cli.bench import PARTS
+from aotpack.errors import PackageMismatchError, RequestError
 from aotpack.runtime.program import ProgramFile
 
 SMALL = ["--height", "128", "--width", "128", "--text-tokens", "16"]
@@ -27,19 +29,21 @@ SMALL = ["--height", "128", "--width", "128", "--text-tokens", "16"]
 def test_variants_then_report(tiny_package, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["bench", "variants", "--model", "tiny", "--variant", f"r32={tiny_package}",
-                                      "--variant", f"broken={tmp_path / 'missing'}", "--out", str(out),
-                                      "--lora-dir", str(tmp_path / "loras"), *SMALL], catch_exceptions=False)
+                                      "--out", str(out), "--lora-dir", str(tmp_path / "loras"), *SMALL],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "variants.json").read_text())
     measured = data["variants"]["r32"]
     assert measured["max_rank"] == 32 and measured["active_lora"] == "r16-attn"
     assert 0 < measured["step"]["min_ms"] <= measured["step"]["median_ms"] <= measured["step"]["max_ms"]
     assert measured["package_mb"] > 0 and measured["validation"]["max_rel_error"] < 1e-3
-    assert data["variants"]["broken"]["failed"].startswith("no package")
     markdown = render(out, "aotpack bench variants ...", "test machine", notes=["a note"]).read_text()
     assert f"| r32 | regional | 32 | {measured['step']['median_ms']:.2f} |" in markdown
-    assert "| broken |  |  | no package (build did not finish) |" in markdown
+    assert "Head to head" not in markdown  # no compare or cold start ran: no eager 1.00x or error 0 to show
     assert "- a note" in markdown
+    # older results recorded builds that did not finish (benchmarks/results/2026-11-29-h200): their row says so
+    assert "| broken |  |  | no package (build did not finish) |" in "\n".join(
+        variants_table({"variants": {"broken": {"failed": "no package (build did not finish)"}}}))
     assert Image.open(out / "results.png").size[0] == 900
 
 
@@ -53,6 +57,47 @@ def test_cold_start_of_a_package_in_a_fresh_process(tiny_package, tmp_path):
     assert "failed" not in cold, cold
     phases = cold["imported_seconds"] + cold["load_package"] + cold["activate_lora"] + cold["first_image"]
     assert 0 < phases <= cold["process_to_first_image_seconds"] <= cold["process_wall_seconds"]
+
+
+def test_cold_start_refuses_a_missing_package_before_any_phase(tmp_path, monkeypatch):
+    from aotpack.bench import cold_start
+
+    monkeypatch.setattr(cold_start, "spawn", lambda *a, **k: pytest.fail("a phase ran"))
+    for package in (tmp_path / "missing", tmp_path):  # no folder; a folder that is no package
+        result = CliRunner().invoke(cli, ["bench", "cold-start", "--package", str(package), "--model", "tiny",
+                                          "--out", str(tmp_path / "cold")])
+        assert result.exit_code == 1, result.output
+        assert f"--package {str(package)!r}: " in result.output and "unexpected" not in result.output
+    assert not (tmp_path / "cold").exists()
+
+
+def test_cold_start_exits_1_naming_a_failed_phase_after_writing_the_others(tiny_package, tmp_path, monkeypatch):
+    """A child that fails (here the aotpack one, with a typed error's traceback) fails the command once every phase
+    ran: exit 1 with its error's line, and cold_start.json keeps what the other phases measured."""
+    from aotpack.bench import cold_start
+
+    def child(command, **kwargs):  # the children's output, as subprocess.run returns it
+        kind = command[command.index("--child") + 1]
+        if kind == "aotpack":
+            output = ('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+                      "aotpack.errors.PackageIntegrityError: block_0.pt2 does not match its sha256\n"
+                      "  fix: pull or build the package again\n")
+            return subprocess.CompletedProcess(command, 1, output)
+        result = {"imported_seconds": 1.0, "first_image_since_spawn_seconds": 2.0}
+        return subprocess.CompletedProcess(command, 0, cold_start.RESULT_PREFIX + json.dumps(result) + "\n")
+
+    monkeypatch.setattr(cold_start.subprocess, "run", child)
+    out = tmp_path / "cold"
+    result = CliRunner().invoke(cli, ["bench", "cold-start", "--package", str(tiny_package), "--model", "tiny",
+                                      "--out", str(out), "--kinds", "aotpack", "eager-reference"])
+    assert result.exit_code == 1, result.output
+    assert "cold start: aotpack failed (exit 1: aotpack.errors.PackageIntegrityError: block_0.pt2 does not match " \
+           "its sha256)" in result.output
+    assert "unexpected" not in result.output and "eager-reference failed" not in result.output
+    written = json.loads((out / "cold_start.json").read_text())
+    assert written["aotpack"]["failed"] == "exit 1"
+    assert written["eager-reference"]["process_to_first_image_seconds"] == 2.0
+    assert "PackageIntegrityError" in (out / "cold_start.log").read_text()
 
 
 def test_report_ratios_and_missing_figures():
@@ -70,6 +115,36 @@ def test_report_ratios_and_missing_figures():
     assert "0.05x / not measured" in markdown  # cold start vs recipe cold / warm (no warm figure)
     assert "| 9.0-9.0 |" in markdown  # the stacked set is not a cached-set switch
     assert "from its cold-start process" in markdown
+
+
+def test_report_shows_no_figure_for_a_contender_that_did_not_run():
+    """Only the aotpack cold start ran: eager's own 1.00x and error 0, and aotpack's recompile count, are not
+    figures of this run."""
+    markdown = render_markdown({}, {"aotpack": {"process_to_first_image_seconds": 20.0}}, {}, "cmd", "machine")
+    assert "| step vs eager | not measured | not measured | not measured |" in markdown
+    assert "| step vs compiled recipe | not measured | not measured | not measured |" in markdown
+    assert "| output rel. error vs eager (same seed and LoRA) | not measured |" in markdown
+    assert "| recompiles during hotswaps / in the first pipeline image | n/a (no compile) | not measured / not " \
+           "measured | not measured |" in markdown
+    assert "| 20.0 |" in markdown
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.mkdir(), "holds no benchmark results (bench.json, cold_start.json or variants*.json)"),
+    (lambda d: d.mkdir() or (d / "notes.txt").write_text("mine"), "holds no benchmark results"),
+    (lambda d: None, "does not exist"),
+    (lambda d: d.write_text("a file"), "is not a folder"),
+    (lambda d: d.mkdir() or (d / "bench.json").write_text("{trunc"), "bench.json cannot be read as benchmark results"),
+    (lambda d: d.mkdir() or (d / "variants.json").write_text("[]"), "variants.json holds list, not benchmark results"),
+])
+def test_report_refuses_a_folder_without_results_writing_nothing(make, message, tmp_path):
+    folder = tmp_path / "user"
+    make(folder)
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(cli, ["bench", "report", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and str(folder) in result.output and "unexpected" not in result.output
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_program_archive_escaping_its_folder_is_refused(tmp_path):
@@ -331,10 +406,50 @@ def test_variants_refuses_a_graph_variant_it_does_not_time(tmp_path):
     """`--graph-variant` names a `--variant` label: a typo fails before any package loads, never a silent skip."""
     from aotpack.bench import variants
 
-    with pytest.raises(ValueError, match=r"\['r64'\] are not among the variants \['r32'\]"):
+    with pytest.raises(RequestError, match=r"--graph-variant \['r64'\] are not among the --variant labels"):
         variants.run({"r32": str(tmp_path / "pkg")}, "tiny", tmp_path / "out", height=128, width=128, text_tokens=16,
                      lora_dir=tmp_path / "loras", graph_variants=("r64",))
     assert not (tmp_path / "out").exists()
+
+
+def test_variants_refuses_a_missing_package_before_any_is_measured(tiny_package, tmp_path, monkeypatch):
+    """A --variant whose package is not there (its build failed) is refused before the others are timed: a result
+    file recording only a failed build was an exit 0 with the wrong reason."""
+    from aotpack.bench import variants
+
+    monkeypatch.setattr(variants, "measure", lambda *a, **k: pytest.fail("a package was measured"))
+    (tmp_path / "empty").mkdir()
+    base = ["bench", "variants", "--model", "tiny", "--out", str(tmp_path / "out"),
+            "--variant", f"r32={tiny_package}"]
+    for package, why in ((tmp_path / "missing", "no such folder"), (tmp_path / "empty", "has no manifest.json")):
+        result = CliRunner().invoke(cli, [*base, "--variant", f"none={package}"])
+        assert result.exit_code == 1, result.output
+        assert f"--variant 'none={package}': " in result.output and why in result.output
+    result = CliRunner().invoke(cli, [*base, "--variant", "none"])  # no package at all: usage
+    assert result.exit_code == 2 and "--variant 'none': write LABEL=PACKAGE_DIR" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# each part's arguments but --out (a real package where it takes one); `report` takes a results folder instead
+_PART_ARGS = {"quality": ["--model", "tiny", "--package", "a={package}", "--prompt", "x", "--steps", "1"],
+              "variants": ["--model", "tiny", "--variant", "a={package}"]}
+
+
+@pytest.mark.parametrize("part", [part for part in PARTS if part != "report"])
+def test_every_bench_refuses_an_out_that_is_not_a_folder_before_any_work(part, tiny_package, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"aotpack.bench.{PARTS[part][0]}")
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    args = [a.format(package=tiny_package) for a in _PART_ARGS.get(part, ["--model", "tiny", "--package", "{package}"])]
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    for out, message in ((afile, f"--out {str(afile)!r} exists and is not a folder"),
+                         (afile / "sub", f"--out {str(afile / 'sub')!r}: {afile} is not a folder")):
+        result = CliRunner().invoke(cli, ["bench", part, *args, "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "unexpected" not in result.output
+    assert afile.read_text() == "mine" and sorted(tmp_path.iterdir()) == [afile]
 
 
 def test_compare_top_kernels_follow_every_timed_figure(tiny_package, tmp_path, monkeypatch):

@@ -176,3 +176,18 @@ def test_quality_refuses_a_set_that_does_not_move_the_reference(tiny_package, de
     assert result.exit_code == 1, result.output
     assert "the LoRA set leaves eager's latents for prompt 'a lighthouse on a cliff at dusk' unchanged" in result.output
     assert not (tmp_path / "z").exists()
+
+
+def test_quality_refuses_an_out_that_is_a_file_before_any_pipeline_loads(tiny_package, demo_loras, tmp_path,
+                                                                         monkeypatch):
+    """--out naming a file failed with an untyped FileExistsError after every image was made; now it is refused
+    first, and the file is left as it was."""
+    monkeypatch.setattr(quality, "load_package", lambda *a, **k: pytest.fail("a package loaded"))
+    monkeypatch.setattr(quality, "eager_images", lambda *a, **k: pytest.fail("eager ran"))
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    result = CliRunner().invoke(cli, ["bench", "quality", *_args(tiny_package, demo_loras["tiny-style-attn"], afile),
+                                      "--steps", "1"])
+    assert result.exit_code == 1, result.output
+    assert f"--out {str(afile)!r} exists and is not a folder" in result.output and "unexpected" not in result.output
+    assert afile.read_text() == "mine"

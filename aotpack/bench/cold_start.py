@@ -9,7 +9,9 @@ Three fresh processes, one after another, each timed from spawn to exit by this 
    (`torch.compiler.save_cache_artifacts`);
 3. `recipe-warm`: the same with fresh, empty cache folders, warm-started from that saved cache
    (`torch.compiler.load_cache_artifacts`): the strongest JIT competitor.
-Each child also reports its own phases. Writes OUT/cold_start.json.
+Each child also reports its own phases. Writes OUT/cold_start.json (and each child's output to
+OUT/cold_start.log); a phase that fails is recorded there, and once every phase ran the command exits 1
+naming it and its error.
 """
 
 from __future__ import annotations
@@ -24,10 +26,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import AotpackError
+from .checks import package_and_output
 from .timing import Profiles, Stopwatch, bench_device
 
 KINDS = ("aotpack", "eager-reference", "recipe", "recipe-warm")
 RESULT_PREFIX = "COLD_START_RESULT "
+
+
+class PhaseFailedError(AotpackError):
+    """A cold-start phase (a child process) that failed or was killed: the others still ran and were written."""
 
 
 def _since_spawn() -> float:
@@ -171,7 +179,26 @@ def run(args) -> dict:
             log.flush()
             (out / "cold_start.json").write_text(json.dumps(results, indent=2))
             print(f"[cold start] {kind}: {json.dumps(results[kind])[:300]}", flush=True)
+    failures = {kind: why for kind in args.kinds if (why := _failure(results[kind]))}
+    if failures:  # each phase ran and what it measured is written; the run did not succeed
+        raise PhaseFailedError("cold start: " + "; ".join(f"{kind} failed ({why})" for kind, why in failures.items()),
+                               f"read each phase's output in {out / 'cold_start.log'}; the phases that finished are "
+                               f"in {out / 'cold_start.json'}")
     return results
+
+
+def _failure(result: dict) -> str | None:
+    """Why a phase failed, in one line: its exit and the last unindented line of its output (a traceback's
+    exception); None when it finished."""
+    if "failed" in result:
+        code, output = result["failed"], result.get("tail", "")
+    elif "failed_after_cold_start" in result:  # "exit N: <output>"
+        code, _, output = result["failed_after_cold_start"].partition(": ")
+        code += " after its cold start"
+    else:
+        return None
+    lines = [line for line in output.splitlines() if line.strip() and not line[0].isspace()]
+    return f"{code}: {lines[-1][:300]}" if lines else code
 
 
 def main(argv=None) -> None:
@@ -191,6 +218,7 @@ def main(argv=None) -> None:
     if args.kind:
         child(args)
     else:
+        package_and_output(args)
         run(args)
 
 

@@ -29,6 +29,7 @@ from ..models.random_weights import (
 )
 from ..runtime.pipeline import load_package
 from . import serve_demo
+from .checks import package_and_output
 from .loras import write_bench_loras
 from .timing import (
     Profiles,
@@ -232,6 +233,7 @@ def main(argv=None) -> None:
     parser = serve_demo.workload_parser(__doc__)
     parser.add_argument("--skip-recipe", action="store_true")
     args = parser.parse_args(argv)
+    package_and_output(args)
     run(args.package, args.model, args.out, skip_recipe=args.skip_recipe, **serve_demo.workload_kwargs(args))
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
+from .checks import package_and_output
 from .compare import shared_workload
 from .loras import write_bench_loras
 from .timing import Stopwatch, kernel_breakdown, synchronize, time_ms
@@ -318,6 +319,7 @@ def main(argv=None) -> None:
                         help="also time steps replayed from CUDA graphs (the GPU default; collectives captured), "
                              "in launches of their own")
     args = parser.parse_args(argv)
+    package_and_output(args)
     run(args.package, args.model, args.out, gpus=args.gpus, sizes=args.sizes, steps=args.steps,
         text_tokens=args.text_tokens, lora_dir=args.lora_dir, repeats=args.repeats, lora_name=args.lora,
         overlap_chunks=args.overlap_chunks, graphs=args.cuda_graphs)

@@ -20,6 +20,7 @@ from ..models.examples import transformer_inputs
 from ..models.prepare import torch_dtype
 from ..runtime.pipeline import load_package
 from ..store.manifest import read_manifest
+from .checks import output_folder
 from .timing import time_ms
 
 
@@ -50,6 +51,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image-tokens", type=int, default=1024)
     parser.add_argument("--text-tokens", type=int, default=128)
     args = parser.parse_args(argv)
+    output_folder(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [measure(args.model, args.target, layout, args.out, args.image_tokens, args.text_tokens)
             for layout in ("regional", "whole")]

@@ -51,6 +51,7 @@ from ..runtime.pipeline import decode_packed_latents, load_package
 from ..runtime.requests import SIZE_MULTIPLE, check_loras
 from ..store.manifest import read_manifest, recorded_model
 from ..store.publish import locate_package
+from .checks import output_folder
 from .fidelity import conditioning_as, effect_strength, lora_effect_error, upcast_dtype
 
 EAGER = "eager"
@@ -363,6 +364,7 @@ def main(argv=None) -> dict:
     packages = _packages(args.package, parser)
     prompts = _prompts(args, parser)
     loras = [parse_lora_option(text) for text in args.lora]
+    output_folder(args.out)  # before any pipeline loads: run() writes it last
     results = run(packages, args.model, args.out, prompts=prompts, loras=loras, seed=args.seed,
                   reference=args.reference, modes=tuple(args.modes), height=args.height, width=args.width,
                   steps=args.steps, guidance=args.guidance, max_sequence_length=args.max_sequence_length)

@@ -3,7 +3,8 @@
     python -m aotpack.bench.report RESULTS_DIR [--command "..."] [--machine "..."]
 
 Reads whichever of bench.json, cold_start.json and variants*.json are in RESULTS_DIR and writes
-results.json, results.md and results.png there. Missing measurements show as "not measured".
+results.json, results.md and results.png there. Missing measurements show as "not measured"; a folder
+holding none of them is refused, and nothing is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import RequestError
+
 MISSING = "not measured"
+RESULTS_FIX = "pass the --out folder of `aotpack bench compare`, `cold-start` or `variants`, once it has run"
 
 
 def _get(data, *keys):
@@ -67,11 +71,14 @@ def head_to_head(bench: dict, cold: dict) -> list[str]:
     recipe_colds = recipe_cold_starts(cold)
     cold_recipe = min(recipe_colds, default=None)  # the ratio is taken against the fastest JIT cold start
     cold_warm, cold_aot = (_get(cold, k, "process_to_first_image_seconds") for k in ("recipe-warm", "aotpack"))
+
+    def itself(value, text="1.00x"):  # a contender against itself: only where it ran
+        return text if value else MISSING
+
     rows = [
         ["step, median of 10 (ms)", *(_fmt(s) for s in steps)],
-        ["step vs eager", "1.00x", _ratio(steps[1], steps[0]), _ratio(steps[2], steps[0])],
-        ["step vs compiled recipe", MISSING if not steps[1] else _ratio(steps[0], steps[1]), "1.00x",
-         _ratio(steps[2], steps[1])],
+        ["step vs eager", itself(steps[0]), _ratio(steps[1], steps[0]), _ratio(steps[2], steps[0])],
+        ["step vs compiled recipe", _ratio(steps[0], steps[1]), itself(steps[1]), _ratio(steps[2], steps[1])],
         ["image, 28 steps (s)", *(_fmt(i, digits=2) for i in images)],
         ["cold start: fresh process to first image (s)", "", " / ".join(_fmt(c) for c in recipe_colds) or MISSING,
          _fmt(cold_aot)],
@@ -85,10 +92,12 @@ def head_to_head(bench: dict, cold: dict) -> list[str]:
          _fmt(aot.get("switch_r64_all_from_file_ms"))],
         ["recompiles during hotswaps / in the first pipeline image", "n/a (no compile)",
          f"{_fmt(recipe.get('recompiles_during_switches'), digits=0)} / "
-         f"{_fmt(recipe.get('recompiles_in_pipeline_image'), digits=0)}", "0 (nothing is compiled at run time)"],
+         f"{_fmt(recipe.get('recompiles_in_pipeline_image'), digits=0)}",
+         itself(aot, "0 (nothing is compiled at run time)")],
         ["peak GPU memory (GiB)", _fmt(eager.get("peak_gpu_gb")), _fmt(recipe.get("peak_gpu_gb")),
          _fmt(aot.get("peak_gpu_gb"))],
-        ["output rel. error vs eager (same seed and LoRA)", "0", _fmt(recipe.get("rel_error_vs_eager"), digits=4),
+        ["output rel. error vs eager (same seed and LoRA)", itself(eager, "0"),
+         _fmt(recipe.get("rel_error_vs_eager"), digits=4),
          _fmt(eager.get("aotpack_rel_error_vs_eager"), digits=4)],
     ]
     return _table(["", "eager bf16 + PEFT", "FP8 + hotswap + compile_repeated_blocks", "aotpack (default h200 build)"],
@@ -131,8 +140,10 @@ def render_markdown(bench: dict, cold: dict, variant_runs: dict[str, dict], comm
              f"{setup.get('gpu') or cold.get('gpu')}. **Random weights** ({setup.get('model', 'random:flux-dev')}, "
              f"FLUX.1-dev configuration), {setup.get('height', 1024)}x{setup.get('width', 1024)}, "
              f"{setup.get('steps', 28)} steps, batch 1, {setup.get('text_tokens', 512)} text tokens.", "",
-             f"Command: `{command}`", "", "## Head to head (same GPU, same random weights, inputs and LoRAs)", "",
-             *head_to_head(bench, cold)]
+             f"Command: `{command}`"]
+    if bench or cold:  # a variants-only folder has no contender to set side by side
+        lines += ["", "## Head to head (same GPU, same random weights, inputs and LoRAs)", "",
+                  *head_to_head(bench, cold)]
     if recipe_figures(bench, cold).get("source"):
         lines += ["", "The recipe's step, switch, image, memory and error figures come from its cold-start process "
                       "(after its first image), not from the `compare` process."]
@@ -195,13 +206,30 @@ def render_png(bench: dict, cold: dict, path: Path, caption: str = "") -> None:
 
 def _load(folder: Path, name: str) -> dict:
     path = folder / name
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RequestError(f"{path} cannot be read as benchmark results ({err})",
+                           "run that benchmark again, or move the file out of the folder") from err
+    if not isinstance(data, dict):
+        raise RequestError(f"{path} holds {type(data).__name__}, not benchmark results",
+                           "run that benchmark again, or move the file out of the folder")
+    return data
 
 
 def render(folder: Path, command: str, machine: str, notes=()) -> Path:
+    """Every file is read, and a folder without results refused, before anything is written."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise RequestError(f"{str(folder)!r} " + ("is not a folder" if folder.exists() else "does not exist"),
+                           RESULTS_FIX)
     bench, cold = (_load(folder, n) for n in ("bench.json", "cold_start.json"))
     variant_runs = {p.name: _load(folder, p.name) for p in sorted(folder.glob("variants*.json"))}
+    if not (bench or cold or any(variant_runs.values())):
+        raise RequestError(f"{str(folder)!r} holds no benchmark results (bench.json, cold_start.json or "
+                           "variants*.json)", RESULTS_FIX)
     (folder / "results.json").write_text(json.dumps({"machine": machine, "command": command, "notes": list(notes),
                                                      "compare": bench, "cold_start": cold, "variants": variant_runs},
                                                     indent=2))

@@ -20,6 +20,7 @@ from ..models.examples import transformer_inputs
 from ..models.prepare import torch_dtype
 from ..models.random_weights import random_prompt_embeds
 from ..runtime.pipeline import load_package
+from .checks import package_and_output
 from .loras import meta_transformer, write_bench_loras
 from .timing import Stopwatch, peak_memory_gb, reset_peak_memory, time_ms
 
@@ -112,6 +113,7 @@ def workload_kwargs(args) -> dict:
 
 def main(argv=None) -> None:
     args = workload_parser(__doc__).parse_args(argv)
+    package_and_output(args)
     run(args.package, args.model, args.out, **workload_kwargs(args))
 
 

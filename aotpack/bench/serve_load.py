@@ -241,6 +241,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from .checks import package_and_output
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True)
     parser.add_argument("--model", default="tiny")
@@ -264,6 +266,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.adapters < 1:
         parser.error("--requests and --adapters must be at least 1")
+    package_and_output(args)
     run(args)
 
 

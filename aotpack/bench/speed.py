@@ -24,6 +24,7 @@ from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from ..models.random_weights import make_transformer
 from . import images, merge_shares, timing
+from .checks import package_and_output
 from .compare import Report, recipe_transformer, shared_workload
 from .fidelity import conditioning_as, effect_strength, lora_effect_error, upcast_dtype
 from .loras import write_bench_loras
@@ -634,6 +635,7 @@ def main(argv=None) -> None:
     if args.precise_reference and not args.fidelity_stds:
         parser.error("--precise-reference reads the fidelity sweep against float32: give the sweep too, e.g. "
                      "--fidelity-stds 0.005,0.02,0.4")
+    package_and_output(args)
     import json
 
     build = json.loads(args.build_json.read_text()) if args.build_json else None

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import RequestError
 from ..machine.cublaslt import WORKSPACE_VARIABLE, use_no_cublaslt_workspace
 from ..models.examples import transformer_inputs
 from ..runtime.pipeline import load_package
+from .checks import output_folder, package_path
 from .denoise import denoising_loop
 from .loras import write_bench_loras
 from .timing import Profiles, back_to_back_ms, kernel_breakdown, kernel_profiles_on, time_ms
@@ -119,7 +121,10 @@ def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: 
     step, the kernel breakdowns, one package loaded at a time."""
     unknown = [label for label in graph_variants if label not in variants]
     if unknown:  # a typo would otherwise skip the graph pass silently
-        raise ValueError(f"graph variants {unknown} are not among the variants {sorted(variants)}")
+        raise RequestError(f"--graph-variant {unknown} are not among the --variant labels {sorted(variants)}",
+                           "name a --variant label, or add that --variant")
+    for label, package in variants.items():  # a missing package fails here, not after the others are timed
+        package_path(package, f"--variant '{label}={package}'")
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "weights": "random", "model": model, "height": height,
                "width": width, "text_tokens": text_tokens, "torch": torch.__version__,
@@ -129,12 +134,9 @@ def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: 
     passes = [(label, package, False) for label, package in variants.items()]
     passes += [(label, variants[label], True) for label in graph_variants]
     for label, package, graph in passes:
-        if not (Path(package) / "manifest.json").exists():  # its build failed or timed out: say so
-            results["variants"][label] = {"package": str(package), "failed": "no package (build did not finish)"}
-        else:
-            _record(results["variants"], label, graph,
-                    measure(label, package, model, image_tokens=(height // 16) * (width // 16),
-                            text_tokens=text_tokens, lora_dir=lora_dir, profiles=profiles, cuda_graph=graph))
+        _record(results["variants"], label, graph,
+                measure(label, package, model, image_tokens=(height // 16) * (width // 16),
+                        text_tokens=text_tokens, lora_dir=lora_dir, profiles=profiles, cuda_graph=graph))
         gc.collect()  # the previous package's programs and weights go before the next loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -167,7 +169,13 @@ def main(argv=None) -> None:
     parser.add_argument("--graph-variant", action="append", default=[],
                         help="LABEL whose step is also timed from CUDA graphs (repeatable)")
     args = parser.parse_args(argv)
-    variants = dict(v.split("=", 1) for v in args.variant)
+    variants = {}
+    for spec in args.variant:
+        label, sep, package = spec.partition("=")
+        if not sep or not label or not package or label in variants:
+            parser.error(f"--variant {spec!r}: write LABEL=PACKAGE_DIR, each label once, e.g. r64=/tmp/r64")
+        variants[label] = package
+    output_folder(args.out)
     run(variants, args.model, args.out, height=args.height, width=args.width, text_tokens=args.text_tokens,
         lora_dir=args.lora_dir, graph_variants=tuple(args.graph_variant))
 

@@ -17,6 +17,7 @@ cat /tmp/variants-status.log
 for f in /tmp/variants-*.log; do echo "===== $f"; tail -25 "$f"; done > "$OUT/variants_build.log"
 args=()
 for label in none r64 r128 whole-r64; do
-  args+=(--variant "$label=/tmp/variants/$label")
+  # only built ones: the bench refuses a --variant without a package (a failed build is in the log above)
+  [ -f "/tmp/variants/$label/manifest.json" ] && args+=(--variant "$label=/tmp/variants/$label")
 done
 python3 -m aotpack.bench.variants --model $MODEL --lora-dir /tmp/aotpack-bench-loras --out "$OUT" --graph-variant r64 "${args[@]}" 2>&1 | tee "$OUT/variants.log"
