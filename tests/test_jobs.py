@@ -77,6 +77,19 @@ def test_a_jobs_file_with_a_utf8_bom_reads_as_without_it(tmp_path):
     assert read_jobs(jobs)[0].prompt == COMMON["prompt"]
 
 
+def test_a_missing_local_lora_refuses_the_jobs_before_the_package_loads(tiny_package, demo_loras, tmp_path,
+                                                                          monkeypatch):
+    from aotpack.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "load_package", lambda *a, **k: pytest.fail("loaded before the checks"))
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"loras": [[str(demo_loras["tiny-style-attn"]), 0.8]], "out": str(tmp_path / "a.png")},
+        {"loras": [[str(tmp_path / "missing.safetensors"), 1.0]], "out": str(tmp_path / "b.png")}])
+    result = invoke("run", tiny_package, "--requests", jobs)
+    assert result.exit_code == 1 and "missing.safetensors does not exist" in result.output, result.output
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_jobs_writing_the_same_file_are_refused(tiny_package, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"out": str(tmp_path / "a.png")}, {"out": str(tmp_path / "a.png")}])
     result = invoke("run", tiny_package, "--requests", jobs)
@@ -85,9 +98,11 @@ def test_jobs_writing_the_same_file_are_refused(tiny_package, tmp_path):
 
 def test_a_failing_job_does_not_stop_the_others(tiny_package, demo_loras, big_lora, tmp_path):
     outputs = [tmp_path / f"job{i}.png" for i in range(4)]
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
     jobs = write_jobs(tmp_path / "jobs.jsonl", [
         {"loras": [[str(demo_loras["tiny-style-attn"]), 0.8]], "out": str(outputs[0])},
-        {"loras": [[str(tmp_path / "missing.safetensors"), 1.0]], "out": str(outputs[1])},  # fails at run time
+        {"loras": [[str(broken), 1.0]], "out": str(outputs[1])},  # fails at run time, when it is parsed
         {"loras": [[str(big_lora), 100]], "out": str(outputs[2])},  # NaN latents: an error, no image
         # diffusers' names mean the same as the short ones
         {"num_inference_steps": 2, "guidance_scale": 2.0, "height": 100, "width": 72, "out": str(outputs[3])},
@@ -100,11 +115,12 @@ def test_a_failing_job_does_not_stop_the_others(tiny_package, demo_loras, big_lo
     assert Image.open(outputs[3]).size == (64, 96)  # 72x100 is produced as 64x96, and said so
     assert "produced as 64x96" in result.output
     assert "summary: 2 ok, 2 failed" in result.output
-    assert "request 2: FAILED: adapter file" in result.output and "request 3: FAILED: the generation produced" in result.output
+    assert "request 2: FAILED: adapter" in result.output and "broken.safetensors" in result.output
+    assert "request 3: FAILED: the generation produced" in result.output
     data = json.loads(report.read_text())
     assert (data["ok"], data["failed"]) == (2, 2)
     assert [job["ok"] for job in data["jobs"]] == [True, False, False, True]
-    assert "does not exist" in data["jobs"][1]["error"] and data["jobs"][1]["fix"]
+    assert "not a readable safetensors file" in data["jobs"][1]["error"] and data["jobs"][1]["fix"]
     assert "NaN/Inf" in data["jobs"][2]["error"]
     assert data["jobs"][3]["size"] == [64, 96] and data["jobs"][3]["image"] == str(outputs[3])
 
