@@ -67,7 +67,7 @@ def body_problems(err: RequestValidationError) -> str:
         elif e["type"] == "missing":
             problems.append(f"{field} is missing")
         else:
-            problems.append(f"{field} = {str(repr(e.get('input')))[:80]}: {e['msg']}")
+            problems.append(f"{field} = {repr(e.get('input'))[:80]}: {e['msg']}")
     return "; ".join(problems)
 
 
