@@ -537,3 +537,22 @@ def test_publish_workflow_passes_actionlint():
     result = subprocess.run([_actionlint(), "-no-color", str(WORKFLOW.relative_to(ROOT))], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_store_card_that_is_not_utf8_is_a_typed_error_on_push(fake_hub, tiny_package, h100_package, tmp_path):
+    """A README.md saved in another encoding ended a push in an untyped UnicodeDecodeError (file store and Hub)."""
+    store = tmp_path / "store"
+    push_package(tiny_package, f"file://{store}")
+    (store / "README.md").write_bytes("# Mod\xe8les\n".encode("latin-1"))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    output = refused("push", h100_package, f"file://{store}")
+    assert "README.md" in output and "not UTF-8" in output and "save README.md in the repo as UTF-8" in output
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+    invoke("push", tiny_package, REPO)
+    repo = fake_hub.repos[REPO]
+    repo.commits[repo.refs["main"]].files["README.md"] = "# Mod\xe8les\n".encode("latin-1")
+    commits = len(fake_hub.commit_log(REPO))
+    output = refused("push", h100_package, REPO)
+    assert "README.md" in output and "not UTF-8" in output
+    assert len(fake_hub.commit_log(REPO)) == commits  # nothing pushed

@@ -96,7 +96,7 @@ class FileStore:
             self.root.mkdir(parents=True, exist_ok=True)
             with _locked(self.root / LOCK_NAME):
                 remove_stale_staging(self.root, report)
-                plan = make_plan(_read(self.root / INDEX_NAME), _read_text(self.root / CARD_NAME))
+                plan = make_plan(_read(self.root / INDEX_NAME), _read(self.root / CARD_NAME))
                 refuse_foreign(self.root / plan.folder, overwrite=False,
                                fix=f"move them out of {self.root / plan.folder} (a store's folders hold only what "
                                    "`aotpack push` wrote), then push again")
@@ -149,12 +149,9 @@ def copy_with_progress(pairs: list[tuple[Path, Path]], label: str) -> None:
             shutil.copymode(src, dst)
 
 
-def _read_text(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
 def _read(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None  # the index: `parse_index` reports bytes that are not text
+    # the index and the card as bytes: `parse_index` and the card's parse report bytes that are not text
+    return path.read_bytes() if path.is_file() else None
 
 
 def _write_atomic(path: Path, text: str) -> None:

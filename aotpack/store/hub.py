@@ -104,7 +104,7 @@ class HubStore:
             self.api.create_repo(self.repo_id, private=private, exist_ok=True)
             for attempt in range(1, PUSH_ATTEMPTS + 1):
                 head = self._head(create_branch=not create_pr, report=report)
-                plan = make_plan(self._read_text(INDEX_NAME, head), self._read_text(CARD_NAME, head))
+                plan = make_plan(self._read_bytes(INDEX_NAME, head), self._read_bytes(CARD_NAME, head))
                 report.info(f"uploading {len(plan.uploads)} files to {self.display}/{plan.folder}")
                 try:
                     info = self.api.create_commit(self.repo_id, self._operations(plan), commit_message=commit_message,
@@ -136,12 +136,13 @@ class HubStore:
         self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
         return self.api.repo_info(self.repo_id, revision=self.revision).sha
 
-    def _read_text(self, name: str, commit: str) -> str | None:
+    def _read_bytes(self, name: str, commit: str) -> bytes | None:
+        """A repo file as bytes (the index's and the card's parsers report bytes that are not text), None if absent."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
 
         try:
-            return Path(hf_hub_download(self.repo_id, name, revision=commit, **self._download_options())).read_text()
+            return Path(hf_hub_download(self.repo_id, name, revision=commit, **self._download_options())).read_bytes()
         except (EntryNotFoundError, RemoteEntryNotFoundError):
             return None
 

@@ -108,13 +108,21 @@ _BASE_LICENSES = {
 }
 
 
-def _parse_card(text: str, where: str):
-    """The card as huggingface_hub's `ModelCard` (front matter in `.data`, body in `.text`).
+def _parse_card(text: str | bytes, where: str):
+    """The card as huggingface_hub's `ModelCard` (front matter in `.data`, body in `.text`), from its text or the
+    file's bytes (a card that is not UTF-8 is refused here, for the Hub and file stores alike).
 
     Line endings are normalised first so a CRLF card merges as one front-matter block.
     """
     from huggingface_hub import ModelCard
 
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PublishError(f"the README.md of {where} is not UTF-8 text (byte {text[err.start]:#04x} at offset "
+                               f"{err.start})", "save README.md in the repo as UTF-8, or delete it, then push "
+                               "again") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     try:
         return ModelCard(text) if text.lstrip().startswith("---") else ModelCard("---\n{}\n---\n" + text)
@@ -138,8 +146,8 @@ def _merge_card_data(data, index: dict) -> None:
             setattr(data, key, value)
 
 
-def render_model_card(index: dict, store_ref: str, existing: str | None) -> str:
-    """README.md for a repo whose merged index is `index`; `existing` is the card already there."""
+def render_model_card(index: dict, store_ref: str, existing: str | bytes | None) -> str:
+    """README.md for a repo whose merged index is `index`; `existing` is the card already there (text or bytes)."""
     card = _parse_card(existing or "", store_ref)
     body = card.text
     block = _generated_block(index, store_ref)

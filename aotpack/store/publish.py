@@ -231,7 +231,7 @@ def push_package(package, repo: str, *, revision: str | None = None, private: bo
                            "drop the flag (file stores are as private as their directory's permissions)")
     store = open_store(ref, token)
 
-    def make_plan(index_text: str | bytes | None, card_text: str | None):
+    def make_plan(index_text: str | bytes | None, card_text: str | bytes | None):
         return plan_push(package_dir, manifest, parse_index(index_text, store.display), card_text, store.display)
 
     message = commit_message or (f"aotpack push {manifest.target} ({manifest.model['id']}, "
