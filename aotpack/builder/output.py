@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import AotpackError
-from ..store.local_copy import aotpack_written_files
+from ..store.local_copy import aotpack_written_files, some_of
 from ..store.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,6 @@ def _not_ours(out: Path) -> tuple[bool, list[str]]:
     return False, sorted(p.name for p in out.iterdir())
 
 
-def _some(names: list[str], shown: int = 8) -> str:
-    return f"{names[:shown]}" + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def check_output_dir(out: Path, overwrite: bool = False) -> Path:
     """Refuse an `out` that is `.`/`..`, the working directory or one of its parents, inside an aotpack package,
     a file, in a place that cannot be written, or an existing folder that is not an aotpack package, holds files
@@ -113,12 +109,12 @@ def check_output_dir(out: Path, overwrite: bool = False) -> Path:
         package, not_ours = _not_ours(absolute)
         if not_ours and not package:
             raise OutputDirError(
-                f"--out {raw!r} exists and is not an aotpack package (it holds {_some(not_ours, 5)})",
+                f"--out {raw!r} exists and is not an aotpack package (it holds {some_of(not_ours, 5)})",
                 "pass a new folder; aotpack only ever replaces a folder it wrote itself (even with --overwrite)")
         if not_ours:
             raise OutputDirError(
                 f"--out {raw!r} holds files aotpack did not write there (its manifest does not list them): "
-                f"{_some(not_ours)}",
+                f"{some_of(not_ours)}",
                 "move them out of the package, or pass a new folder; --overwrite never deletes files aotpack "
                 "did not write")
         if package and not overwrite:
@@ -301,7 +297,7 @@ class OutputDir:
             if self.out.exists():
                 _, not_ours = _not_ours(self.out)
                 if not_ours:
-                    raise OutputDirError(f"--out {self.out} now holds files aotpack did not write: {_some(not_ours)}",
+                    raise OutputDirError(f"--out {self.out} now holds files aotpack did not write: {some_of(not_ours)}",
                                          "pass a new folder; nothing was replaced")
                 previous = self.out.with_name(f".{self.out.name}.aotpack-old-{uuid.uuid4().hex}")
                 self.out.rename(previous)

@@ -73,9 +73,9 @@ def foreign_files(folder: Path) -> list[str]:
     return sorted(name for name in files_of_package(folder) if name not in ours)
 
 
-def some_of(names: list[str]) -> str:
-    """`['a', 'b']`, or the first 8 and how many more, for a message."""
-    return f"{names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+def some_of(names: list[str], shown: int = 8) -> str:
+    """`['a', 'b']`, or the first `shown` and how many more, for a message."""
+    return f"{names[:shown]}" + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def refuse_foreign(final: Path, overwrite: bool,
