@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 
 import torch
@@ -29,6 +30,18 @@ from ..adapters.sources import adapter_source, local_path
 from ..adapters.stack import check_adapter, stack_adapters
 from ..errors import AdapterError, UnsupportedCallError
 from ..models.prepare import torch_dtype
+from .requests import check_scale
+
+
+def checked_scale(value, name: str = "") -> float:
+    """A LoRA scale as a float, refused as `requests.check_scale` refuses it (NaN, Inf, |s| > 100, bools, strings).
+    numpy scalars (`np.float32(0.8)`, `np.int64(1)`) and one-element real tensors are numbers, as diffusers and PEFT
+    take them (`float(w)`); `check_scale` alone called them "not a number"."""
+    if torch.is_tensor(value) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        value = float(value)
+    return check_scale(value, name=name)
 
 
 @dataclasses.dataclass
@@ -41,9 +54,10 @@ class _LoraState:
 
 
 def _fusing_refused() -> UnsupportedCallError:
-    return UnsupportedCallError("LoRA adapters cannot be fused into a compiled package's weights (the programs "
-                                "read the bound weights as they are)",
-                                "keep them unfused: set_adapters switches the slots without recompiling")
+    return UnsupportedCallError("fuse_lora/unfuse_lora are not supported on a transformer set up with aotpack.apply",
+                                "keep the adapters unfused (set_adapters switches the slots without recompiling), or "
+                                "load with aotpack.load(...) and call set_loras(..., merge=True), which folds a set "
+                                "into the FP8 weights and restores them exactly")
 
 
 @functools.cache
@@ -192,7 +206,8 @@ class LoraContractMixin:
         if any(isinstance(w, dict) for w in weights):
             raise UnsupportedCallError("per-block LoRA weights (dicts) are not supported by compiled slots",
                                        "pass one float weight per adapter")
-        resolved = {n: 1.0 if w is None else float(w) for n, w in zip(names, weights)}
+        # NaN/Inf/huge weights would run as NaN/saturated images: refused as set_loras refuses them
+        resolved = {n: 1.0 if w is None else checked_scale(w, name=f"adapter {n!r}") for n, w in zip(names, weights)}
         self._commit(active=names, weights={**self._lora.weights, **resolved})
 
     def set_adapter(self, adapter_name) -> None:

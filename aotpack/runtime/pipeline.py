@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import os
 import time
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import torch
 
 from ..adapters.cache import AdapterCache
 from ..adapters.parse import Adapter
+from ..adapters.sources import AdapterSource
 from ..adapters.stack import StackReport, stack_adapters
 from ..adapters.text_encoder import TextEncoderLoRA
-from ..errors import NonFiniteOutputError
+from ..errors import NonFiniteOutputError, RequestError, UnsupportedCallError
 from ..machine.compat import check_package_runs_here
 from ..models.attention import check_attention_runs_here
 from ..models.checkpoint import (
@@ -29,7 +32,7 @@ from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
 from .merge import MERGED, SLOTS
 from .merge_policy import MergePolicy
-from .requests import check_scale
+from .lora_contract import checked_scale
 from .transformer import CompiledFluxTransformer
 
 
@@ -84,11 +87,11 @@ class AotpackPipeline:
         return self.transformer.device
 
     def _resolve(self, entry) -> tuple[Adapter, float, bool]:
-        adapter_or_source, scale = entry if isinstance(entry, (tuple, list)) else (entry, 1.0)
+        adapter_or_source, scale = entry  # checked by `_checked_entries`
         if isinstance(adapter_or_source, Adapter):
-            return adapter_or_source.to(self.cache.device, self.cache.dtype), float(scale), False
+            return adapter_or_source.to(self.cache.device, self.cache.dtype), scale, False
         was_cached = adapter_or_source in self.cache
-        return self.cache.get(adapter_or_source), float(scale), not was_cached
+        return self.cache.get(adapter_or_source), scale, not was_cached
 
     def set_loras(self, loras=(), *, fit: str | None = None, merge: bool | None = None) -> SwitchResult:
         """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
@@ -103,20 +106,22 @@ class AotpackPipeline:
         active one exactly as it was. An empty list deactivates all adapters.
         """
         started = time.perf_counter()
-        loras = list(loras)
-        for entry in loras:  # NaN/Inf/huge scales are refused before any file is read (requests.py)
-            if isinstance(entry, (tuple, list)):
-                check_scale(entry[1], name=str(getattr(entry[0], "name", entry[0])))
+        loras = _checked_entries(loras)  # NaN/Inf/huge scales, dicts, odd entries: refused before any file is read
+        if merge is not None and not isinstance(merge, bool):  # merge="false" would merge
+            raise RequestError(f"merge = {merge!r} is not True, False or None",
+                               "pass merge=True (fold the set in now), merge=False (keep it in slots) or leave it "
+                               "out (the merge policy decides)")
         resolved = [self._resolve(entry) for entry in loras]
         marks = [time.perf_counter()]
         entries = [(adapter, scale) for adapter, scale, _ in resolved]
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
+        self._forget_removed_text_encoder_adapters()
         self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
         same = self._is_live_set(entries, fit)
         self._same_set_count = self._same_set_count + 1 if same else 1
-        if self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
-            merge = True  # the same set N times in a row: fold it in (see merge.py)
+        if merge is None and self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
+            merge = True  # the same set N times in a row: fold it in (see merge.py); merge=False stays pinned
         marks.append(time.perf_counter())
         try:
             if not (entries and same and self._live_mode_accepts(merge)):
@@ -136,6 +141,20 @@ class AotpackPipeline:
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
+
+    def _forget_removed_text_encoder_adapters(self) -> None:
+        """Forget the CLIP adapters that diffusers' own calls on `self.pipeline` removed from the text encoder
+        (`unload_lora_weights`, `delete_adapters`), so that the next set injects them again: taken as still there,
+        the set ran without its CLIP part and no error said so."""
+        loaded, text_encoder = self.text_encoder_lora.loaded, self.pipeline.text_encoder
+        if not loaded or text_encoder is None:
+            return
+        present = set(getattr(text_encoder, "peft_config", None) or {})
+        gone = [uid for uid, name in loaded.items() if name not in present]
+        for uid in gone:
+            del loaded[uid]
+        if gone:
+            self.text_encoder_lora.active = None
 
     def _is_live_set(self, entries, fit) -> bool:
         """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
@@ -157,8 +176,22 @@ class AotpackPipeline:
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs). The merge policy learns how many
         steps the call will run, so a set whose image pays for a merge merges before its first step."""
-        with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)):
-            return self.pipeline(*args, **kwargs)
+        with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)), _refusing_non_finite(self):
+            output = self.pipeline(*args, **kwargs)
+        images = output[0] if isinstance(output, tuple) else getattr(output, "images", None)
+        if torch.is_tensor(images):  # output_type="latent" (decoded outputs were checked by the VAE's hook)
+            _check_finite(images, "latents")
+        return output
+
+    def __getattr__(self, name: str):
+        """diffusers' LoRA calls are not this object's: a typed error pointing to `set_loras` (an AttributeError
+        too, so `hasattr` stays False), not a bare AttributeError."""
+        if name in _DIFFUSERS_LORA_CALLS:
+            raise _NotALoraCallHere(
+                f"AotpackPipeline has no {name}(): its LoRA set is switched with set_loras",
+                "served.set_loras([(file, scale), ...]) loads and activates a set (set_loras([]) removes it, "
+                "merge=True folds it in); diffusers' own LoRA calls are on served.pipeline (see docs/design.md)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _steps_of(self, kwargs) -> int:
         for schedule in ("sigmas", "timesteps"):
@@ -172,6 +205,80 @@ class AotpackPipeline:
     def decode_latents(self, latents: torch.Tensor, height: int, width: int):
         """The PIL image `FluxPipeline` makes from packed `output_type="latent"` latents."""
         return decode_packed_latents(self.pipeline, latents, height, width)
+
+
+_DIFFUSERS_LORA_CALLS = frozenset({
+    "load_lora_weights", "unload_lora_weights", "set_adapters", "set_adapter", "fuse_lora", "unfuse_lora",
+    "disable_lora", "enable_lora", "delete_adapters", "get_active_adapters", "get_list_adapters",
+    "set_lora_device", "enable_lora_hotswap", "lora_state_dict", "load_lora_into_transformer"})
+
+
+class _NotALoraCallHere(UnsupportedCallError, AttributeError):
+    """A diffusers LoRA call asked of an `AotpackPipeline` (whose LoRA set `set_loras` switches)."""
+
+
+_NON_FINITE_FIX = "lower the LoRA scales or use other adapters (values that large overflow the model's dtype)"
+
+
+def _describe(value) -> str:
+    return f"Adapter {value.name!r}" if isinstance(value, Adapter) else repr(value)[:200]
+
+
+def _checked_entries(loras) -> list[tuple[object, float]]:
+    """`set_loras`' argument as `(source, scale)` pairs with checked scales, or a `RequestError` naming the value:
+    a dict (`{file: 0.5}`) ran its files at scale 1.0, a bare path was read as one adapter per character."""
+    if isinstance(loras, (str, bytes, os.PathLike, dict, Adapter, AdapterSource)) or not hasattr(loras, "__iter__"):
+        fix = ("pass a list of (adapter, scale) pairs, e.g. set_loras(list(loras.items()))" if isinstance(loras, dict)
+               else f"pass a list, e.g. set_loras([({_describe(loras)}, 1.0)])")
+        raise RequestError(f"loras = {_describe(loras)} is a {type(loras).__name__}, not a list of adapters", fix)
+    checked = []
+    for entry in loras:
+        if isinstance(entry, (tuple, list)):
+            if len(entry) != 2:
+                raise RequestError(f"loras: entry {_describe(entry)} has {len(entry)} items, not (adapter, scale)",
+                                   "give each entry as an adapter or an (adapter, scale) pair")
+            source, scale = entry
+        else:
+            source, scale = entry, 1.0
+        if not isinstance(source, (str, os.PathLike, Adapter, AdapterSource)):
+            raise RequestError(f"loras: entry {_describe(entry)} is not a path, a Hub file, an AdapterSource or an "
+                               "Adapter", 'give e.g. [("style.safetensors", 0.8)]')
+        if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # "" would read the folder "."
+            raise RequestError(f"loras: entry {_describe(entry)} has an empty path", "give the LoRA file's path")
+        checked.append((source, checked_scale(scale, name=str(getattr(source, "name", source)))))
+    return checked
+
+
+def _check_finite(values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise NonFiniteOutputError(f"the generation produced {bad} NaN/Inf {what} of {values.numel()}; no image "
+                                   "was made", _NON_FINITE_FIX)
+
+
+@contextlib.contextmanager
+def _refusing_non_finite(served):
+    """While the pipeline runs: the VAE decoder refuses NaN/Inf latents and pixels, which diffusers' postprocess
+    turns into a black image without a word."""
+    decoder = getattr(getattr(served.pipeline, "vae", None), "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        yield
+        return
+
+    def check_input(module, args):
+        if args and torch.is_tensor(args[0]):
+            _check_finite(args[0], "latents")
+
+    def check_output(module, args, output):
+        if torch.is_tensor(output):
+            _check_finite(output, "pixels")
+
+    handles = [decoder.register_forward_pre_hook(check_input), decoder.register_forward_hook(check_output)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -218,6 +325,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
     that share of a set's block weights, the rest staying in slots: less FP8 re-rounding for some of the
     merge's speed (runtime/merge_share.py, docs/merging.md).
     """
+    _check_auto_merge_after(auto_merge_after)  # before anything is read: "3" failed mid-switch
     report = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     package_dir = _resolve_package_dir(package)
     manifest = read_manifest(package_dir)
@@ -298,10 +406,30 @@ class AotpackFluxTransformer:
     modulation rows once (without it, once a step: correct, as slow as before the lever)."""
 
     @staticmethod
-    def from_pretrained(package, *, model: str, revision: str | None = None,
-                        device: str | None = None) -> CompiledFluxTransformer:
+    def from_pretrained(package, *, model: str, revision: str | None = None, device: str | None = None,
+                        torch_dtype: torch.dtype | None = None) -> CompiledFluxTransformer:
+        """`torch_dtype`, as diffusers users pass it, may only name the dtype the package was built for."""
         package_dir = _resolve_package_dir(package)  # pulled once; bind_package takes the directory
         manifest = read_manifest(package_dir)
+        _check_requested_dtype(torch_dtype, manifest)
         device = manifest.run_device(device)
-        transformer = load_transformer(parse_model_ref(model, revision), torch_dtype(manifest.dtype), device)
+        transformer = load_transformer(parse_model_ref(model, revision), _dtype_of(manifest.dtype), device)
         return bind_package(transformer, package_dir, device=device)
+
+
+_dtype_of = torch_dtype  # `from_pretrained`'s parameter of that name shadows it there
+
+
+def _check_requested_dtype(requested, manifest) -> None:
+    """A package's programs run in the dtype they were compiled for: another `torch_dtype` is refused by name."""
+    if requested is None or requested == _dtype_of(manifest.dtype):
+        return
+    raise UnsupportedCallError(
+        f"torch_dtype={requested!r}: this package's programs were compiled for {manifest.dtype}",
+        f"leave torch_dtype out (or pass torch.{manifest.dtype}), or build a package for the other dtype")
+
+
+def _check_auto_merge_after(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RequestError(f"auto_merge_after = {value!r} is not a whole number of 1 or more",
+                           "pass e.g. auto_merge_after=3 (merge a set after 3 switches to it in a row), or None (off)")

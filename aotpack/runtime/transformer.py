@@ -291,13 +291,18 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         return contextlib.nullcontext()
 
     def to(self, *args, **kwargs):
-        """Programs are compiled for one device and dtype: moving is a no-op, converting is refused."""
+        """Programs are compiled for one device and dtype: moving to another device type is refused; another dtype
+        leaves the programs in theirs, with a warning (`pipe.to(torch.float16)` converts the other components
+        first, so a refusal here would leave the pipeline half converted)."""
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and torch.device(device).type != self._device.type:
             raise UnsupportedCallError(
                 f"the compiled transformer lives on {self._device}; it cannot move to {device}",
                 "load the package on the device it was built for (see `aotpack inspect`)",
             )
+        if dtype is not None and dtype != self._dtype:
+            logger.warning("the compiled transformer runs in %s, as its package was built; .to(%s) leaves it in %s "
+                           "(its inputs and outputs are cast)", self._dtype, dtype, self._dtype)
         return self
 
     # -- forward ---------------------------------------------------------------------------------
