@@ -13,6 +13,20 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a l
                bool: "true or false"}
 
 
+def _near_miss(node, parents: list[str], part: str) -> str:
+    """What the file holds where `part` was looked for: a misspelled key or section (`[shape]` for `[shapes]`), or a
+    value where a table should be."""
+    where = ".".join(parents)
+    if not isinstance(node, dict):
+        return f" ({where} = {node!r} is not a table)"
+    close = difflib.get_close_matches(part, [key for key in node if key != part], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    found = ".".join([*parents, close[0]])
+    what = "section" if isinstance(node[close[0]], dict) else "key"
+    return f" (the file has the {what} {found!r}: a misspelling of {'.'.join([*parents, part])!r}?)"
+
+
 class TomlFields:
     def __init__(self, data: dict, source: str):
         self.data = data
@@ -32,11 +46,11 @@ class TomlFields:
     def value(self, field: str, kind: type, default=_REQUIRED):
         """`field` ("shapes.batch" for a nested table) checked to be of `kind` (an int is a fine float)."""
         self.known.add(field)
-        node = self.data
-        for part in field.split("."):
+        node, parts = self.data, field.split(".")
+        for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
                 if default is _REQUIRED:
-                    raise self.error(field, "is missing")
+                    raise self.error(field, "is missing" + _near_miss(node, parts[:depth], part))
                 return default
             node = node[part]
         if kind is float and isinstance(node, int) and not isinstance(node, bool):

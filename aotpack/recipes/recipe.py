@@ -76,6 +76,8 @@ class Recipe:
                               f"use one of: {', '.join(ATTENTION_BACKENDS)}")
         if problem := attention_parallel_conflict(self.attention, self.parallel):
             raise RecipeError(f"recipe {self.name!r}: {problem}", _ATTENTION_PARALLEL_FIX)
+        if problem := layout_parallel_conflict(self.layout, self.parallel):
+            raise RecipeError(f"recipe {self.name!r}: {problem}", _LAYOUT_PARALLEL_FIX)
         if self.batched_modulation and (self.layout != "regional" or self.parallel != "none"):
             raise RecipeError(f"recipe {self.name!r}: batched_modulation = true needs the regional layout without "
                               f"context parallelism (layout = {self.layout!r}, parallel = {self.parallel!r})",
@@ -90,7 +92,11 @@ class Recipe:
         which only chooses between FP8 and bf16 attention (a recipe file with both is refused by parse_recipe)."""
         if changes.get("attention", self.attention) != "cudnn_fp8":
             changes.setdefault("fp8_attention_min_tokens", 0)
-        return dataclasses.replace(self, **changes)
+        recipe = dataclasses.replace(self, **changes)
+        # the build's --attention override (parse_recipe checks a file's fields, naming the file)
+        if problem := attention_device_conflict(recipe.attention, recipe.device):
+            raise RecipeError(f"recipe {recipe.name!r}: {problem}", _ATTENTION_DEVICE_FIX)
+        return recipe
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -109,6 +115,31 @@ def attention_parallel_conflict(attention: str, parallel: str) -> str | None:
     if attention == "cudnn_fp8" and parallel == "ulysses":
         return ("attention = 'cudnn_fp8' cannot be combined with parallel = 'ulysses' (context-parallel "
                 "packages run attention in the runtime, between the split programs, not as FP8)")
+    return None
+
+
+# attention backends that need a CUDA GPU: on the CPU torch has no cuDNN SDPA ("No viable backend" at the build's
+# first export) and FlashAttention-3 is a CUDA kernel ("flash" has a CPU kernel; "cudnn_fp8" a CPU reference op)
+CUDA_ONLY_ATTENTION = ("cudnn", "fa3")
+_ATTENTION_DEVICE_FIX = "use attention = 'sdpa' (or 'flash') on a cpu target, or device = 'cuda' (build flag: --attention sdpa)"
+_LAYOUT_PARALLEL_FIX = "set layout = 'regional' with parallel = 'ulysses' (build flags: --layout regional), or parallel = 'none'"
+# a target's name names folders: the default --out (`<model>-<name>`) and its folder in a package repo
+# (store/repo_layout.target_folder): one path segment
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def attention_device_conflict(attention: str, device: str) -> str | None:
+    """Why `attention` cannot run on `device`, or None."""
+    if device != "cuda" and attention in CUDA_ONLY_ATTENTION:
+        return f"attention = {attention!r} needs a CUDA GPU, but device = {device!r}"
+    return None
+
+
+def layout_parallel_conflict(layout: str, parallel: str) -> str | None:
+    """Why `layout` cannot go with `parallel`, or None (split packages run attention between block programs)."""
+    if parallel != "none" and layout != "regional":
+        return (f"parallel = {parallel!r} needs layout = 'regional', not {layout!r} (the runtime runs attention "
+                "between the block programs)")
     return None
 
 
@@ -134,8 +165,20 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if conflict := attention_parallel_conflict(attention, parallel):
         raise RecipeError(f"{fields.source}: {conflict}",
                           f"edit attention or parallel in {fields.source}: {_ATTENTION_PARALLEL_FIX}")
+    layout = fields.choice("layout", LAYOUTS, "regional")
+    if conflict := layout_parallel_conflict(layout, parallel):
+        raise RecipeError(f"{fields.source}: {conflict}",
+                          f"edit layout or parallel in {fields.source}: {_LAYOUT_PARALLEL_FIX}")
+    batched_modulation = fields.value("batched_modulation", bool, False)
+    if batched_modulation and (layout != "regional" or parallel != "none"):
+        raise fields.error("batched_modulation", f"= true needs the regional layout without context parallelism "
+                                                 f"(layout = {layout!r}, parallel = {parallel!r}); set it to false")
+    name = fields.value("name", str)
+    if not _TARGET_NAME.fullmatch(name):
+        raise fields.error("name", f"= {name!r} cannot name a target: it names the package's default folder and its "
+                                   "folder in a package repo; use letters, digits, '.', '_' and '-' (e.g. 'my-h200')")
     recipe = Recipe(
-        name=fields.value("name", str),
+        name=name,
         description=fields.value("description", str, ""),
         device=device,
         gpu_arch=gpu_arch,
@@ -145,7 +188,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         attention=attention,
         max_rank=fields.positive("max_rank"),
         slots=fields.strings("slots", ["*"]),
-        layout=fields.choice("layout", LAYOUTS, "regional"),
+        layout=layout,
         text_encoder_policy=fields.choice("text_encoder_policy", TEXT_ENCODER_POLICIES, "full"),
         batch=fields.int_range("shapes.batch"),
         image_tokens=fields.int_range("shapes.image_tokens"),
@@ -154,7 +197,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         example_image_tokens=fields.positive("example.image_tokens"),
         example_text_tokens=fields.positive("example.text_tokens"),
         tolerance=fields.positive("validation.tolerance", float),
-        inductor_configs=dict(fields.value("inductor", dict, {})),
+        inductor_configs=_inductor_configs(fields),
         end_to_end_tolerance=float(fields.value("validation.end_to_end_tolerance", float, 0.0)),
         group_lora_down=fields.value("group_lora_down", bool, False),
         group_lora_up=fields.value("group_lora_up", bool, False),
@@ -164,7 +207,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
-        batched_modulation=fields.value("batched_modulation", bool, False),
+        batched_modulation=batched_modulation,
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),
@@ -217,12 +260,39 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.fused_gelu_quant and recipe.gelu_via_sigmoid != "none":
         raise fields.error("gelu_via_sigmoid", f"= {recipe.gelu_via_sigmoid!r} cannot go with fused_gelu_quant = true, "
                                                "whose kernel computes the GELU itself; set it to \"none\"")
+    if conflict := attention_device_conflict(recipe.attention, recipe.device):
+        raise RecipeError(f"{fields.source}: {conflict}",
+                          f"edit attention or device in {fields.source}: {_ATTENTION_DEVICE_FIX}")
     for field in ("batch", "image_tokens", "text_tokens"):
         low, high = getattr(recipe, field)
         example_value = getattr(recipe, f"example_{field}")
         if not low <= example_value <= high:  # the example traces the program: it must lie in the dynamic range
             raise fields.error(f"example.{field}", f"= {example_value} is outside shapes.{field} [{low}, {high}]")
     return recipe
+
+
+def _inductor_configs(fields: TomlFields) -> dict:
+    """The `[inductor]` table, each key an Inductor config of this torch: a misspelled one (`max_autotun`) failed
+    the build only at its first compile, after loading and exporting the model."""
+    configs = dict(fields.value("inductor", dict, {}))
+    if not configs:
+        return configs
+    import difflib
+
+    import torch
+    import torch._inductor.config as inductor_config
+
+    known = set(inductor_config.get_config_copy())
+    for key, value in configs.items():
+        if key in known:
+            continue
+        if isinstance(value, dict):  # [inductor.triton] cudagraphs = true: the configs take dotted names
+            hint = f'; write it as "{key}.{next(iter(value), "NAME")}" = ... under [inductor]'
+        else:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise fields.error(f"inductor.{key}", f"is not an Inductor config of torch {torch.__version__}{hint}")
+    return configs
 
 
 def _load_file(path: Path) -> Recipe:
@@ -244,6 +314,11 @@ def load_recipe(target: str | Path) -> Recipe:
     if path.suffix == ".toml" and path.is_file():
         return _load_file(path)
     files = _recipe_files()
+    if str(target) not in files and (path.suffix == ".toml" or len(path.parts) > 1):  # meant as a file
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UnknownTargetError(f"the recipe file {str(target)!r} {what}",
+                                 f"pass the path of a recipe .toml file (a copy of one in {Path(__file__).parent}), "
+                                 f"or a target name: {', '.join(known_targets())}")
     if str(target) not in files:
         raise UnknownTargetError(
             f"unknown target {str(target)!r}",

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import pickle
-import socket
+import signal
 import traceback
 from pathlib import Path
 
@@ -28,7 +29,24 @@ from ..models.split_regions import valid_world_sizes
 from .process_folders import ProcessFolder
 from .ulysses import Ulysses
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("AOTPACK_PARALLEL_TIMEOUT_S", "300"))
+DEFAULT_TIMEOUT_S = 300.0  # AOTPACK_PARALLEL_TIMEOUT_S overrides it (parallel_timeout)
+TEARDOWN_GRACE_S = 5.0  # ranks ended on an interrupt get this long after SIGTERM before SIGKILL
+
+
+def parallel_timeout() -> float:
+    """The collectives' timeout: AOTPACK_PARALLEL_TIMEOUT_S seconds (a finite number > 0), else 300."""
+    text = os.environ.get("AOTPACK_PARALLEL_TIMEOUT_S")
+    if text is None or not text.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or value > 10**8:
+        raise AotpackError(f"AOTPACK_PARALLEL_TIMEOUT_S = {text!r} is not a number of seconds > 0",
+                           f"set AOTPACK_PARALLEL_TIMEOUT_S to seconds such as 300, or unset it "
+                           f"(default {DEFAULT_TIMEOUT_S:g})")
+    return value
 
 
 class ParallelRunError(AotpackError):
@@ -41,6 +59,8 @@ def package_parallel(manifest) -> str:
 
 def check_world_size(manifest, world_size: int) -> None:
     """Refuse a package not split for context parallelism, or a rank count that does not divide the heads."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise PackageMismatchError(f"{world_size!r} GPUs asked for", "pass --gpus 1 or more")
     if world_size == 1:
         return
     if package_parallel(manifest) == "none":
@@ -76,24 +96,26 @@ class RankContext:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world_size, port, device_type, timeout_s, folder, target, args):
+def _rank_main(rank, world_size, port, device_type, timeout_s, folder, target, args, parent_pid=None):
     error_file = Path(folder) / f"rank{rank}.error"
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # a rank outlives no launcher: killed with it (SIGKILL reaches a rank blocked inside a collective, where
+        # torch's SIGINT would wait for the collective's timeout), also when the launcher died before this line
+        from torch.multiprocessing import _prctl_pr_set_pdeathsig
+
+        _prctl_pr_set_pdeathsig(signal.SIGKILL)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os._exit(1)
         if device_type == "cuda":
             torch.cuda.set_device(rank)
             device, backend = torch.device("cuda", rank), "nccl"
         else:  # share the cores: two ranks each using all of them would thrash
             device, backend = torch.device("cpu"), "gloo"
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # the launcher holds the store's port for the whole run: no other process can take it meanwhile
+        store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                 **({"device_id": device} if device_type == "cuda" else {}))
         comm = Ulysses(rank, world_size, dist.group.WORLD, device)
         result = target(RankContext(rank, world_size, device, comm), *args)
@@ -108,42 +130,90 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, folder, target, a
         raise
 
 
-def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+def _end_processes(processes, grace_s: float = TEARDOWN_GRACE_S) -> None:
+    """SIGTERM every live rank, SIGKILL those still alive after `grace_s`, and reap them all."""
+    import time
+
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float | None = None):
     """Run `target(RankContext, *args)` on `world_size` ranks (one process each; GPU r for rank r on
     `device="cuda"`, NCCL; gloo on the CPU); returns rank 0's return value.
 
     `target` must be importable (a module-level function). If any rank fails, the others are ended
-    and `ParallelRunError` names the first failing rank, its problem and fix.
+    and `ParallelRunError` names the first failing rank, its problem and fix. An interrupt (Ctrl-C, or
+    SIGTERM in the main thread) ends every rank before it is raised; a rank never outlives this process.
+    `timeout_s` (default AOTPACK_PARALLEL_TIMEOUT_S, else 300) bounds every collective.
     """
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
+    from ..builder.output import sigterm_as_interrupt
+
+    timeout_s = parallel_timeout() if timeout_s is None else timeout_s
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise AotpackError(f"{world_size!r} ranks asked for", "pass a rank count of 1 or more (--gpus N)")
     if device == "cuda" and torch.cuda.device_count() < world_size:
-        raise AotpackError(f"{world_size} GPUs asked for, {torch.cuda.device_count()} visible",
-                           f"pass --gpus {max(1, torch.cuda.device_count())} or fewer")
-    with ProcessFolder("parallel-run") as folder:  # removed by a later run if this process is killed
+        visible = torch.cuda.device_count()
+        raise AotpackError(f"{world_size} GPUs asked for, {visible} visible",
+                           f"pass --gpus {visible} or fewer" if visible else
+                           "run on a machine with that many CUDA GPUs (check CUDA_VISIBLE_DEVICES)")
+    with sigterm_as_interrupt(), ProcessFolder("parallel-run") as folder:  # removed by a later run if killed
+        # the rendezvous store lives here, on a port the OS picks and this process holds until the ranks end
+        store = dist.TCPStore("127.0.0.1", 0, world_size, True, datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+        context = mp.start_processes(_rank_main, nprocs=world_size, join=False, start_method="spawn",
+                                     args=(world_size, store.port, device, timeout_s, folder, target, args,
+                                           os.getpid()))
         try:
-            mp.start_processes(_rank_main, nprocs=world_size, join=True, start_method="spawn",
-                               args=(world_size, _free_port(), device, timeout_s, folder, target, args))
+            while not context.join():
+                pass
         except ProcessException as err:
             rank = getattr(err, "error_index", None)
             raise _rank_error(Path(folder), rank, err) from None
-        return pickle.loads((Path(folder) / "result.pkl").read_bytes())
+        except BaseException:  # Ctrl-C, SIGTERM, an error here: no rank may run on (or hold this exit)
+            _end_processes(context.processes)
+            raise
+        finally:
+            del store
+        result = Path(folder) / "result.pkl"
+        if not result.exists():  # every rank exited 0, rank 0 without its result (ended from outside)
+            raise ParallelRunError("rank 0 of the context-parallel run ended without its result (it was stopped "
+                                   "from outside, e.g. by SIGINT)", "run it again; set AOTPACK_DEBUG=1 for tracebacks")
+        return pickle.loads(result.read_bytes())
 
 
 def _rank_error(folder: Path, rank, err) -> ParallelRunError:
-    """The failing rank's own error (a rank torn down after another failed leaves no file)."""
+    """The failing rank's own error; a rank that died without one (killed, crashed, exited) is named as such,
+    with what another rank saw."""
     files = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
     preferred = folder / f"rank{rank}.error"
-    chosen = preferred if preferred.exists() else (files[0] if files else None)
-    if chosen is None:
-        return ParallelRunError(f"rank {rank} of the context-parallel run ended: {err}",
-                                "see the rank's output above; set AOTPACK_DEBUG=1 for tracebacks")
-    problem, fix, trace = pickle.loads(chosen.read_bytes())
-    failed = chosen.stem.removeprefix("rank")
+    if not preferred.exists():  # it ended without a Python exception: it is the cause, not the others' errors
+        seen = ""
+        if files:
+            other_problem = pickle.loads(files[0].read_bytes())[0]
+            seen = f" (rank {files[0].stem.removeprefix('rank')} then saw: {other_problem.splitlines()[0][:300]})"
+        signal_name = getattr(err, "signal_name", None)
+        how = (f"was killed by {signal_name}" if signal_name else
+               f"exited with code {err.exit_code}" if getattr(err, "exit_code", None) is not None else f"ended: {err}")
+        return ParallelRunError(f"rank {rank} of the context-parallel run {how} without an error of its own, so the "
+                                f"run was ended on every rank{seen}",
+                                "see the rank's output above (out of memory: use fewer ranks or a smaller image); "
+                                "set AOTPACK_DEBUG=1 for tracebacks")
+    problem, fix, trace = pickle.loads(preferred.read_bytes())
     if os.environ.get("AOTPACK_DEBUG"):
         problem += "\n" + trace
-    return ParallelRunError(f"rank {failed} failed, so the run was ended on every rank: {problem}",
+    return ParallelRunError(f"rank {rank} failed, so the run was ended on every rank: {problem}",
                             fix or "set AOTPACK_DEBUG=1 for the rank's traceback")
 
 
@@ -217,7 +287,7 @@ def _serve_requests(ctx: RankContext, package, model, revision, requests, cuda_g
 
 
 def generate(package, model: str, requests, *, gpus: int, revision: str | None = None,
-             device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, cuda_graphs: bool | None = None,
+             device: str | None = None, timeout_s: float | None = None, cuda_graphs: bool | None = None,
              merge_policy: str = "auto", merge_share: float = 1.0):
     """Run `requests` (jobs.Request) with `package` on `gpus` ranks; returns rank 0's JobOutcomes.
 
