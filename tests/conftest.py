@@ -38,3 +38,18 @@ def served_tiny(tiny_package):
     import aotpack
 
     return aotpack.load(tiny_package, model="tiny")
+
+
+@pytest.fixture(scope="session")
+def big_lora(tmp_path_factory):
+    """A LoRA file of finite values (1e14, within the parse bound) whose effect at scale 100 overflows float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aotpack.demo import random_lora_state_dict
+    from aotpack.models.tiny import make_transformer
+
+    state = random_lora_state_dict(make_transformer(), 4, ["*"], seed=3)
+    path = tmp_path_factory.mktemp("big") / "big.safetensors"
+    save_file({k: torch.full_like(t, 1e14) for k, t in state.items()}, str(path))
+    return path

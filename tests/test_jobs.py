@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import save_file
 
 from aotpack.cli import cli
 
@@ -31,18 +29,6 @@ def invoke(*args):
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
-
-
-@pytest.fixture(scope="module")
-def big_lora(tmp_path_factory):
-    """Finite values (1e14) within the parse bound whose effect at scale 100 overflows float32."""
-    from aotpack.demo import random_lora_state_dict
-    from aotpack.models.tiny import make_transformer
-
-    state = random_lora_state_dict(make_transformer(), 4, ["*"], seed=3)
-    path = tmp_path_factory.mktemp("big") / "big.safetensors"
-    save_file({k: torch.full_like(t, 1e14) for k, t in state.items()}, str(path))
-    return path
 
 
 def test_every_line_is_validated_before_the_first_job_runs(tiny_package, tmp_path):

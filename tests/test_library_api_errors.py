@@ -11,21 +11,8 @@ import numpy as np
 import pytest
 import torch
 from reference import latents, rel_error
-from safetensors.torch import save_file
 
 from aotpack.errors import NonFiniteOutputError, RequestError, UnsupportedCallError
-
-
-@pytest.fixture(scope="module")
-def big_lora(tmp_path_factory):
-    """Finite values (1e14) within the parse bound whose effect at scale 100 overflows float32 (as in test_jobs)."""
-    from aotpack.demo import random_lora_state_dict
-    from aotpack.models.tiny import make_transformer
-
-    state = random_lora_state_dict(make_transformer(), 4, ["*"], seed=3)
-    path = tmp_path_factory.mktemp("big") / "big.safetensors"
-    save_file({k: torch.full_like(t, 1e14) for k, t in state.items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
