@@ -2,27 +2,73 @@
 
 Switching to a cached adapter set reads no file and makes no network call: it copies these factors
 into the slot tensors on the device.
+
+Thread-safe: lookups and inserts hold a lock; a file is parsed outside it, once, however many threads
+ask for it at the same time (they all get the same parse).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
+import numbers
+import threading
 
+import torch
+
+from ..errors import RequestError
 from .parse import Adapter, parse_adapter
 from .sources import AdapterSource, adapter_source
 
 DEFAULT_BUDGET_BYTES = 4 << 30
 
 
+def _checked_budget(budget_bytes) -> int:
+    """A byte count >= 0 (0: only the newest entry stays). NaN made the cache unbounded (no size compares above
+    it), a string failed only at the first insert, after the parse, and True meant 1 byte."""
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real) or \
+            not math.isfinite(budget_bytes) or budget_bytes < 0:
+        raise RequestError(f"adapter cache budget_bytes = {budget_bytes!r} is not a number of bytes >= 0",
+                           "pass a byte count, e.g. cache_budget_bytes=4 << 30 (4 GiB); the newest adapter always "
+                           "stays cached, even above it")
+    return int(budget_bytes)
+
+
+def _own_memory(tensors: dict) -> dict:
+    """`tensors` with each one that is a view of a larger buffer (the file's bytes: a CPU parse keeps the CLIP parts
+    as views of the whole file) copied into its own memory, so the cache holds and counts only what it keeps."""
+    return {k: t.clone() if torch.is_tensor(t) and t.untyped_storage().nbytes() > t.numel() * t.element_size()
+            else t for k, t in tensors.items()}
+
+
+def _compacted(adapter: Adapter) -> Adapter:
+    """`adapter` itself when all its tensors own their memory; else a copy (same uid) whose tensors do."""
+    layers = {}
+    for name, delta in adapter.layers.items():
+        own = _own_memory({"A": delta.A, "B": delta.B})
+        layers[name] = delta if own["A"] is delta.A and own["B"] is delta.B else dataclasses.replace(delta, **own)
+    text_encoder, alphas = _own_memory(adapter.text_encoder), _own_memory(adapter.text_encoder_alphas)
+    if all(layers[k] is d for k, d in adapter.layers.items()) and \
+            all(text_encoder[k] is t for k, t in adapter.text_encoder.items()) and \
+            all(alphas[k] is t for k, t in adapter.text_encoder_alphas.items()):
+        return adapter
+    return dataclasses.replace(adapter, layers=layers, text_encoder=text_encoder, text_encoder_alphas=alphas)
+
+
 class AdapterCache:
     def __init__(self, device, dtype, budget_bytes: int = DEFAULT_BUDGET_BYTES):
-        self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
+        self.device, self.dtype, self.budget_bytes = device, dtype, _checked_budget(budget_bytes)
         self._entries: collections.OrderedDict[tuple, Adapter] = collections.OrderedDict()
+        self._sizes: dict[tuple, int] = {}
+        self._nbytes = 0
+        self._lock = threading.RLock()
+        self._parsing: dict[tuple, threading.Event] = {}  # keys being parsed now, by one thread
         self.hits = self.misses = self.evictions = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._entries.values())
+        return self._nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -30,36 +76,62 @@ class AdapterCache:
     def __contains__(self, source) -> bool:
         return adapter_source(source).cache_key() in self._entries
 
+    def key_of(self, source, *, weight_name: str | None = None, revision: str | None = None) -> tuple:
+        """The cache key of `source` now. Take it before parsing the file elsewhere and hand it to `add`: a key
+        taken after the parse could name bytes written during it."""
+        return adapter_source(source, weight_name=weight_name, revision=revision).cache_key()
+
     def get(self, source, *, weight_name: str | None = None, revision: str | None = None) -> Adapter:
         """The parsed adapter for `source` (path, `owner/repo/file.safetensors`, `AdapterSource`), parsing
-        and caching it on a miss. The most recently used entry is always kept, even above the budget."""
+        and caching it on a miss. The most recently used entry is always kept, even above the budget.
+        Threads asking for one adapter at the same time share one parse."""
         where: AdapterSource = adapter_source(source, weight_name=weight_name, revision=revision)
-        key = where.cache_key()
-        if key in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        self.misses += 1
-        adapter = parse_adapter(where, device=self.device, dtype=self.dtype)  # checked and parsed there
-        self._entries[key] = adapter
-        self._evict(keep=key)
-        return adapter
+        key = where.cache_key()  # before the parse: bytes written meanwhile get a new key, never this one
+        while True:
+            with self._lock:
+                if key in self._entries:
+                    self.hits += 1
+                    self._entries.move_to_end(key)
+                    return self._entries[key]
+                pending = self._parsing.get(key)
+                if pending is None:
+                    self._parsing[key] = threading.Event()
+                    self.misses += 1
+                    break
+            pending.wait()  # another thread parses it; then a hit (or, if that parse failed, this one tries)
+        try:
+            adapter = _compacted(parse_adapter(where, device=self.device, dtype=self.dtype))  # checked, parsed there
+            with self._lock:
+                self._insert(key, adapter)
+            return adapter
+        finally:
+            with self._lock:
+                self._parsing.pop(key).set()
 
-    def add(self, source, adapter: Adapter) -> Adapter:
+    def add(self, source, adapter: Adapter, *, key: tuple | None = None) -> Adapter:
         """Insert `adapter`, parsed for `source` elsewhere (the serve prefetcher parses and copies outside
-        the lock that guards this cache); an entry already there wins. Counted as a miss."""
-        key = adapter_source(source).cache_key()
-        if key in self._entries:
-            return self._entries[key]
-        self.misses += 1
+        the lock that guards this cache); an entry already there wins. Counted as a miss. Pass the `key`
+        that `key_of(source)` gave before the parse (without it the key is taken now, after the parse)."""
+        key = key if key is not None else adapter_source(source).cache_key()
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key]
+            self.misses += 1
+            adapter = _compacted(adapter)
+            self._insert(key, adapter)
+            return adapter
+
+    def _insert(self, key: tuple, adapter: Adapter) -> None:
         self._entries[key] = adapter
+        self._sizes[key] = adapter.nbytes
+        self._nbytes += self._sizes[key]
         self._evict(keep=key)
-        return adapter
 
     def _evict(self, keep: tuple) -> None:
-        while self.nbytes > self.budget_bytes and len(self._entries) > 1:
+        while self._nbytes > self.budget_bytes and len(self._entries) > 1:
             oldest = next(iter(self._entries))
             if oldest == keep:
                 break
             self._entries.popitem(last=False)
+            self._nbytes -= self._sizes.pop(oldest)
             self.evictions += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from ..errors import AdapterFileError, AdapterUnavailableError
@@ -42,8 +43,12 @@ class AdapterSource:
         if path.is_dir():
             path = _file_in_folder(path)
         if path.is_file():
+            # inode and ctime too: `cp -p`, `rsync -a`, `tar x` or `os.replace` of a file whose mtime was kept give
+            # new bytes with the old size and mtime (a retrained LoRA of the same rank has the same size); ctime
+            # cannot be set back, and a replaced file is a new inode
             stat = path.stat()
-            return ("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            return ("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino,
+                    stat.st_ctime_ns)
         return ("file", str(path))
 
 
@@ -56,13 +61,50 @@ def adapter_source(source, *, weight_name: str | None = None, revision: str | No
         return source
     text = os.fspath(source)
     if weight_name is not None:
+        if not text.startswith("hf://") and Path(text).expanduser().is_dir():
+            # diffusers' load_lora_weights("my_lora_dir", weight_name="x.safetensors") reads the folder's file
+            return AdapterSource(str(Path(text) / weight_name), None, None)
         return AdapterSource(text.removeprefix("hf://"), weight_name, revision)
+    _refuse_urls(text)
     path = Path(text).expanduser()
     looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 2
-                   or Path(text.split("/", 1)[0]).is_dir())
+                   or Path(text.split("/", 1)[0]).is_dir() or _WINDOWS_PATH.match(text) is not None or "\\" in text)
     if looks_local and not text.startswith("hf://"):
         return AdapterSource(text, None, revision)
-    return _parse_hub_file(text if text.startswith("hf://") else f"hf://{text}", revision)
+    if not text.startswith("hf://"):
+        try:
+            return _parse_hub_file(f"hf://{text}", revision)
+        except AdapterFileError as err:
+            from huggingface_hub.errors import HfUriError
+
+            if isinstance(err.__cause__, HfUriError):  # no Hub file is named so (a space or unicode in a repo
+                return AdapterSource(text, None, revision)  # id): a local path that does not exist
+            raise
+    return _parse_hub_file(text, revision)
+
+
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")  # C:\... or C:/...: a drive, never a Hub repo
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/"
+                      r"(?P<revision>[^/]+)/(?P<path>.+?)(?:\?.*)?$")
+
+
+def _refuse_urls(text: str) -> None:
+    """A URL is not read (aotpack downloads Hub files only, through the HF cache): a typed error naming the hf://
+    reference of a Hub file's URL, instead of a Hub-id parse error about 'https:/'."""
+    if not _URL.match(text) or text.startswith("hf://"):
+        return
+    hub = _HUB_URL.match(text)
+    if hub:
+        from urllib.parse import unquote
+
+        revision = unquote(hub["revision"])
+        suggestion = f"hf://{hub['repo']}{'' if revision == 'main' else '@' + revision}/{unquote(hub['path'])}"
+        raise AdapterFileError(f"adapter {text!r} is a URL; Hub files are named by reference, not URL",
+                               f"write {suggestion}")
+    raise AdapterFileError(f"adapter {text!r} is a URL; aotpack reads local files and Hub files only",
+                           "download the file and pass its path, or name a Hub file as "
+                           "hf://owner/repo[@REVISION]/file.safetensors")
 
 
 def _parse_hub_file(uri: str, revision: str | None) -> AdapterSource:
@@ -79,6 +121,9 @@ def _parse_hub_file(uri: str, revision: str | None) -> AdapterSource:
     if parsed.type != "model":
         raise AdapterFileError(f"adapter {uri!r} is in a {parsed.type} repository; adapters are read from model "
                                "repos", f"use hf://{parsed.id}/... of a model repo, or download the file")
+    if ".." in parsed.path_in_repo.split("/") or "\\" in parsed.path_in_repo:
+        raise AdapterFileError(f"adapter {uri!r} names the file {parsed.path_in_repo!r}, which leaves the repository "
+                               "('..' or a backslash)", "name a file inside the repo: hf://owner/repo/sub/file.safetensors")
     if not parsed.path_in_repo.strip("/"):
         raise AdapterFileError(f"adapter {uri!r} names a repository, not a file in it",
                                f"add the file: hf://{parsed.id}/pytorch_lora_weights.safetensors")
@@ -137,13 +182,26 @@ def _download(source: AdapterSource) -> Path:
         raise AdapterFileError(f"adapter {source.describe()} is in a gated repository ({err})",
                                "accept its terms on the Hub and set HF_TOKEN") from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "the Hub could not be reached")
         raise AdapterUnavailableError(
-            f"adapter {source.describe()} is not in the local Hugging Face cache and cannot be downloaded "
+            f"adapter {source.describe()} is not in the local Hugging Face cache and cannot be downloaded: {why} "
             f"({type(err).__name__})",
-            "connect to the network once (unset HF_HUB_OFFLINE), or point HF_HOME at a cache that holds it") from err
+            ("unset HF_HUB_OFFLINE to download it once" if constants.HF_HUB_OFFLINE else
+             "check the network or HF_ENDPOINT and retry") +
+            f", or point HF_HOME at a cache that holds it (now {constants.HF_HUB_CACHE})") from err
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as err:
         raise AdapterFileError(f"adapter {source.describe()} could not be found on the Hub ({type(err).__name__})",
                                "check the repo id, file name and revision") from err
     except HfHubHTTPError as err:
         raise AdapterUnavailableError(f"adapter {source.describe()} could not be downloaded ({err})",
                                "retry, or check HF_TOKEN and the network") from err
+    except ValueError as err:  # huggingface_hub's own checks of the name (e.g. a '..' segment)
+        raise AdapterFileError(f"adapter {source.describe()} is not a valid Hub file name ({err})",
+                               "name a file inside the repo: hf://owner/repo/sub/file.safetensors") from err
+    except OSError as err:  # the HF cache cannot be written (permissions, disk full)
+        raise AdapterUnavailableError(f"adapter {source.describe()} could not be stored in the Hugging Face cache "
+                                      f"({type(err).__name__}: {err})",
+                                      "free disk space or point HF_HOME at a writable folder") from err

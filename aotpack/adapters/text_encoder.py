@@ -84,12 +84,36 @@ class TextEncoderLoRA:
         for uid in inactive[: max(0, len(inactive) - KEEP_INACTIVE)]:
             self._delete(uid)
 
+    def forget_removed(self) -> None:
+        """Forget the adapters no longer in the text encoder: diffusers' own calls on the pipeline
+        (`unload_lora_weights`, `delete_adapters`) or a new text encoder removed their PEFT layers. Taken as still
+        there, a set holding them ran without its CLIP part and no error said so; forgotten, it injects them again."""
+        text_encoder = self.pipeline.text_encoder
+        if not self.loaded:
+            return
+        present = set(getattr(text_encoder, "peft_config", None) or {}) if text_encoder is not None else set()
+        gone = [uid for uid, name in self.loaded.items() if name not in present]
+        for uid in gone:
+            del self.loaded[uid]
+        if gone:
+            self.active = None
+
     def activate(self, entries) -> None:
         """Make the CLIP parts of `entries` ((adapter, scale) pairs) the active text-encoder LoRAs.
 
         On failure the injected adapters are removed and the previous active set is restored.
         """
-        wanted = [(adapter, scale) for adapter, scale in entries if adapter.text_encoder]
+        self.forget_removed()
+        # one adapter twice in a set (scales s1, s2) is one PEFT adapter at s1 + s2, as the transformer's stack
+        # adds both deltas: given twice, PEFT ran it twice at the last scale (1.0 and -0.5 gave -1.0, not 0.5)
+        summed: dict[int, list] = {}
+        for adapter, scale in entries:
+            if adapter.text_encoder:
+                if adapter.uid in summed:
+                    summed[adapter.uid][1] += float(scale)
+                else:
+                    summed[adapter.uid] = [adapter, float(scale)]
+        wanted = [(adapter, scale) for adapter, scale in summed.values()]
         if wanted and self.pipeline.text_encoder is None:
             raise AdapterFormatError("the adapters have text-encoder (CLIP) parts but the pipeline has no CLIP "
                                      "text encoder", "load the pipeline with its text encoder")

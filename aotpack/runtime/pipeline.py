@@ -116,7 +116,6 @@ class AotpackPipeline:
         entries = [(adapter, scale) for adapter, scale, _ in resolved]
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
-        self._forget_removed_text_encoder_adapters()
         self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
         same = self._is_live_set(entries, fit)
         self._same_set_count = self._same_set_count + 1 if same else 1
@@ -141,20 +140,6 @@ class AotpackPipeline:
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
-
-    def _forget_removed_text_encoder_adapters(self) -> None:
-        """Forget the CLIP adapters that diffusers' own calls on `self.pipeline` removed from the text encoder
-        (`unload_lora_weights`, `delete_adapters`), so that the next set injects them again: taken as still there,
-        the set ran without its CLIP part and no error said so."""
-        loaded, text_encoder = self.text_encoder_lora.loaded, self.pipeline.text_encoder
-        if not loaded or text_encoder is None:
-            return
-        present = set(getattr(text_encoder, "peft_config", None) or {})
-        gone = [uid for uid, name in loaded.items() if name not in present]
-        for uid in gone:
-            del loaded[uid]
-        if gone:
-            self.text_encoder_lora.active = None
 
     def _is_live_set(self, entries, fit) -> bool:
         """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
@@ -353,7 +338,7 @@ def load_package(package, model: str | None = None, *, revision: str | None = No
         pipeline.to(device)
         compiled.follow_scheduler(pipeline)  # batched_modulation: rows for every step of an image at once
     cache = AdapterCache(device, torch_dtype(manifest.lora_dtype),
-                         **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes else {}))
+                         **({"budget_bytes": cache_budget_bytes} if cache_budget_bytes is not None else {}))
     served = AotpackPipeline(manifest, package_dir, compiled, pipeline, cache)
     served.auto_merge_after = auto_merge_after
     return served

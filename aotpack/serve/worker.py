@@ -216,12 +216,13 @@ class Worker:
         with self.cache_lock:
             if source in cache:
                 return False
+        key = cache.key_of(source)  # before the parse: a file rewritten meanwhile must not be cached under its new key
         adapter = self._parse_unlocked(source, stream)
         with self.cache_lock:
             if source in cache:
                 return False
-            cache.add(source, adapter)
-            self._prefetched.add(source.cache_key())
+            cache.add(source, adapter, key=key)
+            self._prefetched.add(key)
         self.stats["prefetched"] += 1
         return True
 
@@ -232,9 +233,10 @@ class Worker:
         with self.cache_lock:
             if source in cache:
                 return cache.get(source)
+        key = cache.key_of(source)  # before the parse, as in `stage`
         adapter = self._parse_unlocked(source, None)
         with self.cache_lock:
-            return cache.add(source, adapter)
+            return cache.add(source, adapter, key=key)
 
     def _parse_unlocked(self, source, stream):
         self._no_switch.wait()
