@@ -80,18 +80,20 @@ class AotpackPipeline:
         self._same_set_count = 0  # consecutive calls with the live set (auto_merge_after)
         # the (adapter, scale) entries and fit `enter` made live, and the bank's write count right after
         self._live: tuple[list, str | None, int] = ([], None, -1)
+        self._live_pins = object()  # the cache's owner of the live set's pins (`set_loras`)
         self._model_layers = set(manifest.slot_table()) | set(transformer.weight_layer_names())
 
     @property
     def device(self) -> torch.device:
         return self.transformer.device
 
-    def _resolve(self, entry) -> tuple[Adapter, float, bool]:
+    def _resolve(self, entry, pin) -> tuple[Adapter, float, bool]:
         adapter_or_source, scale = entry  # checked by `_checked_entries`
         if isinstance(adapter_or_source, Adapter):
             return adapter_or_source.to(self.cache.device, self.cache.dtype), scale, False
         was_cached = adapter_or_source in self.cache
-        return self.cache.get(adapter_or_source), scale, not was_cached
+        # pinned under `pin` as it is got: a later entry of this set cannot evict it
+        return self.cache.get(adapter_or_source, pin=pin), scale, not was_cached
 
     def set_loras(self, loras=(), *, fit: str | None = None, merge: bool | None = None) -> SwitchResult:
         """Make `loras` the active set, each entry `x` or `(x, scale)` where `x` is a local file or
@@ -111,7 +113,14 @@ class AotpackPipeline:
             raise RequestError(f"merge = {merge!r} is not True, False or None",
                                "pass merge=True (fold the set in now), merge=False (keep it in slots) or leave it "
                                "out (the merge policy decides)")
-        resolved = [self._resolve(entry) for entry in loras]
+        cache, resolving = self.cache, object()  # this call's pins, while it resolves and checks the set
+        try:
+            return self._switch(loras, fit, merge, started, cache, resolving)
+        finally:
+            cache.unpin(resolving)  # the set is live (pinned as such) or refused: the previous live pins stand
+
+    def _switch(self, loras, fit, merge, started, cache, resolving) -> SwitchResult:
+        resolved = [self._resolve(entry, resolving) for entry in loras]
         marks = [time.perf_counter()]
         entries = [(adapter, scale) for adapter, scale, _ in resolved]
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
@@ -129,7 +138,9 @@ class AotpackPipeline:
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
             self.active, self._same_set_count, self._live = [], 0, ([], None, -1)
+            cache.unpin(self._live_pins)  # no set is live
             raise
+        cache.pin(self._live_pins, cache.pins_of(resolving))  # the live set's entries: kept while it stays live
         marks.append(time.perf_counter())
         _synchronize(self.device)
         marks.append(time.perf_counter())
