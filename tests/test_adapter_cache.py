@@ -112,7 +112,9 @@ def test_hub_names_and_revisions_reach_hf_hub_download(loras, monkeypatch):
 
     calls = []
 
-    def fake_download(repo_id, filename, revision=None, **kwargs):
+    def fake_download(repo_id, filename, revision=None, dry_run=False, **kwargs):
+        if dry_run:  # the commit lookup after a download (local files only), not a download
+            raise FileNotFoundError(filename)
         calls.append((repo_id, filename, revision))
         return str(loras[0])
 

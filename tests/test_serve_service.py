@@ -36,8 +36,13 @@ def test_a_failing_batch_fails_only_its_faulty_request(monkeypatch, tiny_package
             raise TypeError("TextEncodeInput must be Union[...]")
         return BatchOutput([f"image of {prompt} {seed}" for prompt, seed in items], 0.01, 0.0)
 
+    class NoLoRA:  # what the worker reads of a loaded pipeline when no set is active
+        def live_adapters(self):
+            return []
+
     monkeypatch.setattr(worker_module, "generate", fake_generate)
     service = Service(tiny_package, loader=lambda: None)
+    service.worker.served = NoLoRA()  # as if loaded
     service.worker.ready.set()
     jobs = [service.submit({"prompt": prompt, "size": "64x64", "steps": 2, "seed": 5}) for prompt in
             ("good", "bad", "fine")]

@@ -8,6 +8,7 @@ checked against the file size first, so truncated or corrupt files fail with a c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -140,7 +141,25 @@ def check_float_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 def load_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, diffusers LoRA metadata or {}) from a local `.safetensors` file (values are checked by
-    `check_finite` when the adapter is parsed).
+    `check_finite` when the adapter is parsed); `read_safetensors` also gives the bytes' sha256."""
+    tensors, metadata, _ = _load(path, device, with_sha256=False)
+    return tensors, metadata
+
+
+def read_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """`load_safetensors`' (tensors, metadata) and the sha256 (hex) of the very bytes they were read from.
+
+    The digest is taken from the one read of the file (never a second read, which could also see other
+    bytes). Its cost on a 2-core AMD EPYC CPU machine (OpenSSL 3.0, SHA-NI; 2026-12-06, a 303 MB rank-64
+    float32 file from the page cache, best of 5): 0.17 s (1.8 GB/s), as long as the read itself (0.17 s),
+    and ~5% of the whole host `parse_adapter` of that file (3.1 s); hashing a second read of the file
+    (`hashlib.file_digest`) took 0.19-0.29 s.
+    """
+    return _load(path, device, with_sha256=True)
+
+
+def _load(path: str | Path, device, *, with_sha256: bool) -> tuple[dict[str, torch.Tensor], dict, str | None]:
+    """The tensors of `path` (on `device`), its diffusers LoRA metadata, and (`with_sha256`) its bytes' sha256.
 
     `device`: the tensors are views of one copy of the file's bytes on that device. For a GPU the file
     is read into pinned memory and sent in one asynchronous copy (on the current stream), so that the
@@ -170,10 +189,12 @@ def load_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.
     base = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
     if device is not None:
         buffer = buffer.to(device, non_blocking=pinned)
+    # from the host bytes, while an asynchronous copy to the device runs (hashlib releases the GIL)
+    sha256 = hashlib.sha256(data).hexdigest() if with_sha256 else None
     tensors = _tensors_in(path, buffer, header, base)
     # Key order as safetensors' load_file (and so diffusers) gives it: diffusers' choice of a default
     # alpha depends on it (its "most common alpha" counts tensors by identity, so the first one wins).
-    return {key: tensors[key] for key in sorted(tensors)}, lora_meta
+    return {key: tensors[key] for key in sorted(tensors)}, lora_meta, sha256
 
 
 def _tensors_in(path: Path, raw: torch.Tensor, header: dict, base: int) -> dict[str, torch.Tensor]:

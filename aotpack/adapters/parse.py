@@ -18,8 +18,8 @@ import torch
 
 from ..errors import AdapterFileError, AdapterFormatError
 from .convert import Conversion, convert, dropped_notes
-from .files import METADATA_KEY, check_finite, check_float_dtypes, load_safetensors, max_magnitudes, upcast_float8
-from .sources import AdapterSource, adapter_source, local_path
+from .files import METADATA_KEY, check_finite, check_float_dtypes, max_magnitudes, read_safetensors, upcast_float8
+from .sources import AdapterSource, adapter_source, resolve_file
 from .unsupported import scan
 
 TRANSFORMER_PREFIX = "transformer."
@@ -53,6 +53,11 @@ class Adapter:
     metadata: dict
     notes: list[str]
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))  # identity of this parse
+    # provenance, to reproduce an output: the sha256 of the file's bytes as parsed (None for an in-memory state
+    # dict), and for a Hub file the revision asked for (None: the default branch) and the commit it resolved to
+    sha256: str | None = None
+    revision: str | None = None
+    commit_hash: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +67,12 @@ class Adapter:
     @property
     def max_rank(self) -> int:
         return max((d.rank for d in self.layers.values()), default=0)
+
+    def provenance(self) -> dict:
+        """What identifies the bytes this adapter was parsed from: {"source", "sha256", "revision", "commit_hash"}
+        (huggingface_hub's names; the last two None for a local file)."""
+        return {"source": self.source, "sha256": self.sha256, "revision": self.revision,
+                "commit_hash": self.commit_hash}
 
     def to(self, device=None, dtype=None) -> "Adapter":
         layers = {k: LayerDelta(d.A.to(device=device, dtype=dtype), d.B.to(device=device, dtype=dtype))
@@ -284,30 +295,35 @@ def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None
     """Parse a LoRA from a local file/folder or the Hub (`owner/repo/file.safetensors`, or `repo_id` +
     `weight_name`).
 
-    With `device` the file goes there first and is checked and parsed there (`load_safetensors`); the
+    With `device` the file goes there first and is checked and parsed there (`read_safetensors`); the
     factors come back as compact copies in `dtype` (the file's bytes are freed) and the CLIP parts on
     the host. Otherwise the factors are views of the file's bytes in host memory.
+
+    The adapter records its provenance (`Adapter.provenance()`): the sha256 of the bytes parsed and, for a
+    Hub file, the revision asked for and the commit hash it resolved to.
     """
     where = adapter_source(source, weight_name=weight_name, revision=revision)
-    path = local_path(where)
+    path, commit_hash = resolve_file(where)
     name = name or path.stem
     if device is not None:
         try:
-            return _parse_on(device, dtype, path, name, where)
+            return _parse_on(device, dtype, path, name, where, commit_hash)
         except (AdapterFormatError, torch.OutOfMemoryError):
             # diffusers' converters are written for host tensors: one that cannot run on `device`
             # surfaces as a conversion error; and the device parse briefly needs the file's size
             # twice there, which a full small card may not have. The host parse below is the
             # reference (and gives the real error for a file that is broken).
             pass
-    tensors, metadata = load_safetensors(path)
-    adapter = parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata)
+    tensors, metadata, sha256 = read_safetensors(path)
+    adapter = dataclasses.replace(parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata),
+                                  sha256=sha256, revision=where.revision, commit_hash=commit_hash)
     return adapter if device is None else adapter.to(device, dtype)
 
 
-def _parse_on(device, dtype, path: Path, name: str, where: AdapterSource) -> Adapter:
-    tensors, metadata = load_safetensors(path, device=device)
-    adapter = parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata)
+def _parse_on(device, dtype, path: Path, name: str, where: AdapterSource, commit_hash: str | None) -> Adapter:
+    tensors, metadata, sha256 = read_safetensors(path, device=device)
+    adapter = dataclasses.replace(parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata),
+                                  sha256=sha256, revision=where.revision, commit_hash=commit_hash)
     factors = _compact([t for d in adapter.layers.values() for t in (d.A, d.B)], dtype)
     layers = {k: LayerDelta(a, b) for k, a, b in zip(adapter.layers, factors[0::2], factors[1::2])}
     host = {k: v.cpu() for k, v in adapter.text_encoder.items()}

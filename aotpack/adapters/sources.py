@@ -147,20 +147,44 @@ def _file_in_folder(folder: Path) -> Path:
 
 def local_path(source: AdapterSource) -> Path:
     """A local file for `source`, downloading Hub files into (or reading them from) the HF cache."""
+    return resolve_file(source)[0]
+
+
+def resolve_file(source: AdapterSource) -> tuple[Path, str | None]:
+    """(`local_path(source)`, the commit hash of the Hub snapshot that file is in; None for a local file)."""
     if not source.is_hub:
         path = Path(source.location).expanduser()
         if path.is_dir():
-            return _file_in_folder(path)
+            return _file_in_folder(path), None
         if not path.exists():
             raise AdapterFileError(
                 f"adapter file {source.location} does not exist",
                 "check the path; a Hub adapter is named owner/repo/file.safetensors")
-        return path
+        return path, None
     if Path(source.weight_name).suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterFileError(
             f"adapter {source.describe()} is a pickle file; it is neither downloaded nor loaded "
             "(unpickling can run code)", "use the repository's .safetensors file")
-    return _download(source)
+    path = _download(source)
+    return path, _commit_hash(source, path)
+
+
+def _commit_hash(source: AdapterSource, path: Path) -> str:
+    """The commit of the cached snapshot `path` (what `hf_hub_download` returned) is part of. huggingface_hub
+    says it: a dry run on local files only (no network call) resolves the revision through the cache's refs
+    and names the file it maps to. If that is another file (the ref moved between the two calls, or a cache
+    that could not be written kept an older ref), the commit is the snapshot folder the cache layout names
+    `snapshots/<commit_hash>/<filename>`."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        info = hf_hub_download(source.location, source.weight_name, revision=source.revision, dry_run=True,
+                               local_files_only=True)
+        if Path(info.local_path) == path:
+            return info.commit_hash
+    except Exception:  # a lookup only (the file itself was found): the layout below says it too
+        pass
+    return path.parents[len(Path(source.weight_name).parts) - 1].name
 
 
 def _download(source: AdapterSource) -> Path:

@@ -144,7 +144,8 @@ PER_REQUEST_OPTIONS = ("loras", "fit", "merge", "steps", "height", "width", "gui
 @click.option("--jobs", "jobs_file", type=click.Path(), default=None, hidden=True,
               callback=_deprecated_alias("run --jobs", "--requests"))
 @click.option("--report", "report_file", type=click.Path(), default=None,
-              help="JSON file for the per-request summary (ok/failed with the reason).")
+              help="JSON file for the per-request summary (ok/failed with the reason; each LoRA's "
+                   "sha256 and Hub commit).")
 @click.option("--lora", "loras", multiple=True, help="FILE[:SCALE] (repeatable: adapters are stacked).")
 @click.option("--fit", type=click.Choice(["svd"]), default=None, help="Compress stacks above max_rank by SVD.")
 @click.option("--merge/--no-merge", default=None,

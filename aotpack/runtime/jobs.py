@@ -59,6 +59,7 @@ class RequestResult:
     latents_path: str | None
     notes: list[str]
     lora_mode: str = "none"  # how the set ran at the last step: "none", "slots" or "merged" (the merge policy's doing)
+    adapters: list[dict] = dataclasses.field(default_factory=list)  # the set as used, with provenance (adapters_used)
 
 
 @dataclasses.dataclass
@@ -81,8 +82,8 @@ class JobOutcome:
                 "notes": list(self.request.notes)}
         if self.result:
             data.update(seconds=self.result.seconds, switch_seconds=self.result.switch_seconds,
-                        lora_mode=self.result.lora_mode, image=self.result.image_path, latents=self.result.latents_path,
-                        notes=data["notes"] + self.result.notes)
+                        lora_mode=self.result.lora_mode, adapters=self.result.adapters, image=self.result.image_path,
+                        latents=self.result.latents_path, notes=data["notes"] + self.result.notes)
         else:
             data.update(error=self.error, fix=self.fix)
         return data
@@ -285,6 +286,7 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
             "with prompt_embeds= and pooled_prompt_embeds=",
         )
     switch = served.set_loras(request.loras, fit=request.fit, merge=request.merge)
+    adapters = adapters_used(served)
     started = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(request.seed)
     # The latents are what FluxPipeline(..., output_type="latent").images returns; decoding them gives
@@ -302,7 +304,13 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
         torch.cuda.synchronize()
     return RequestResult(index=index, seconds=time.perf_counter() - started, switch_seconds=switch.seconds,
                          adapters_parsed=switch.parsed, image_path=image_path, latents_path=latents_path,
-                         notes=list(request.notes) + switch.notes, lora_mode=lora_mode)
+                         notes=list(request.notes) + switch.notes, lora_mode=lora_mode, adapters=adapters)
+
+
+def adapters_used(served) -> list[dict]:
+    """The active LoRA set of `served` (an `AotpackPipeline`) as it runs: per adapter its name, scale and
+    provenance (`Adapter.provenance()`: source, sha256 of the bytes parsed, revision, commit_hash)."""
+    return [{"name": adapter.name, "scale": scale, **adapter.provenance()} for adapter, scale in served.live_adapters()]
 
 
 def run_jobs(served, requests: list[Request], *, on_outcome=None, progress: bool = False,
@@ -337,13 +345,28 @@ def check_report_path(path: str) -> str:
 
 
 def write_report(path: str | Path, outcomes: list[JobOutcome]) -> Path:
-    """`{"ok": n, "failed": n, "jobs": [...]}` as JSON (non-finite numbers written as null)."""
+    """`{"ok": n, "failed": n, "adapters": [...], "jobs": [...]}` as JSON (non-finite numbers written as null).
+    `adapters`: each adapter file the jobs ran with, once (source, sha256, revision, commit_hash) with the jobs'
+    indices; each job's entry lists its own with name and scale."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     failed = sum(not o.ok for o in outcomes)
-    data = {"ok": len(outcomes) - failed, "failed": failed, "jobs": [o.to_json() for o in outcomes]}
+    data = {"ok": len(outcomes) - failed, "failed": failed, "adapters": adapters_summary(outcomes),
+            "jobs": [o.to_json() for o in outcomes]}
     path.write_text(json.dumps(_finite(data), indent=2) + "\n")
     return path
+
+
+def adapters_summary(outcomes: list[JobOutcome]) -> list[dict]:
+    """Each distinct adapter (by provenance) the jobs that ran used, with those jobs' indices."""
+    summary: dict[tuple, dict] = {}
+    for outcome in outcomes:
+        for used in outcome.result.adapters if outcome.result else ():
+            provenance = {k: used.get(k) for k in ("source", "sha256", "revision", "commit_hash")}
+            entry = summary.setdefault(tuple(provenance.values()), {**provenance, "jobs": []})
+            if outcome.index not in entry["jobs"]:
+                entry["jobs"].append(outcome.index)
+    return list(summary.values())
 
 
 def _finite(value):

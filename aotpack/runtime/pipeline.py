@@ -152,6 +152,11 @@ class AotpackPipeline:
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
 
+    def live_adapters(self) -> list[tuple[Adapter, float]]:
+        """The active set's parsed adapters with their scales, as `active` names them (for provenance in reports:
+        `Adapter.provenance()`)."""
+        return list(self._live[0])
+
     def _is_live_set(self, entries, fit) -> bool:
         """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
         elsewhere is another adapter) with the same scales."""

@@ -174,8 +174,10 @@ class Service:
 
         cache = self.worker.cache
         cached = cache is not None and entry.source in cache
+        parsed = self.worker.provenance(entry.source)  # {} until the file is parsed here: a listing reads no file
         return {"name": entry.name, "source": entry.describe(), "rank": header_rank(entry.source),
-                "bytes": entry.file_bytes(), "cached": cached}
+                "bytes": entry.file_bytes(), "cached": cached, "sha256": parsed.get("sha256"),
+                "revision": entry.source.revision, "commit_hash": parsed.get("commit_hash")}
 
     def describe_adapters(self) -> list[dict]:
         """Every registered adapter; one that cannot be described (its file changed since) says why, and the

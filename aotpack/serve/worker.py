@@ -22,9 +22,11 @@ import time
 import torch
 
 from ..adapters.parse import parse_adapter
+from ..runtime.jobs import adapters_used
 from .generate import Params, generate
 
 log = logging.getLogger("aotpack.serve")
+PROVENANCE = ("sha256", "revision", "commit_hash")  # what identifies an adapter's bytes (Adapter.provenance())
 PREFETCH_DEPTH = 2  # batches ahead whose adapters are staged (each rank-64 FLUX.1-dev file: 687 MB of cache)
 
 
@@ -37,11 +39,12 @@ class Worker:
         self.load_error: BaseException | None = None
         self.active_set: tuple = ()
         self.running_set: tuple | None = None  # adapter set of the batch on the model now
-        self.cache_lock = threading.Lock()  # AdapterCache is not thread-safe; held for lookups and inserts only
+        self.cache_lock = threading.Lock()  # check-then-insert as one step (the cache locks each call itself)
         self._no_switch = threading.Event()  # clear while a switch runs: the prefetcher waits
         self._no_switch.set()
         self._prefetched: set = set()  # cache keys staged by the prefetcher, not yet used by a switch
         self._failed: set = set()  # cache keys whose staging failed (the switch reports the error)
+        self._provenance: dict = {}  # AdapterSource -> (its cache key when parsed here, Adapter.provenance())
         self._stop = threading.Event()
         self._kick = threading.Event()
         self.stats = {"batches": 0, "images": 0, "switches": 0, "prefetch_hits": 0, "prefetch_misses": 0,
@@ -98,6 +101,7 @@ class Worker:
         try:
             switch = self._switch(adapter_set)
             switched = time.perf_counter()
+            adapters = self._answer_adapters(adapter_set)
             self.running_set = adapter_set  # set after the switch: the prefetcher stays idle during it
             self._kick.set()  # stage the next set while this batch runs
             payloads = [job.payload for job in batch]
@@ -131,7 +135,7 @@ class Worker:
                        "batch": self.stats["batches"], **switch}
             params = job.payload["params"]
             job.future.set_result({"images": out.images[position:position + count], "timings": timings,
-                                   "adapters": [{"name": n, "scale": s} for n, s in adapter_set],
+                                   "adapters": adapters,
                                    "size": f"{params.width}x{params.height}",
                                    "notes": list(job.payload.get("notes", ()))})
             position += count
@@ -148,14 +152,16 @@ class Worker:
             waited = time.perf_counter()
             with self.cache_lock:
                 info["lock_wait_ms"] = (time.perf_counter() - waited) * 1000
-                for source, _ in sources:
-                    key = source.cache_key()
+                keys = [source.cache_key() for source, _ in sources]  # before any parse, as the cache takes them
+                for (source, _), key in zip(sources, keys):
                     if source not in self.served.cache:
                         info["parsed_at_switch"] += 1
                     elif key in self._prefetched:
                         self._prefetched.discard(key)
                         info["prefetched"] += 1
                 result = self.served.set_loras(sources)
+                for (source, _), key, used in zip(sources, keys, adapters_used(self.served)):
+                    self._record(source, key, used)
         finally:
             self._no_switch.set()
         self.active_set = adapter_set
@@ -223,6 +229,7 @@ class Worker:
                 return False
             cache.add(source, adapter, key=key)
             self._prefetched.add(key)
+        self._record(source, key, adapter.provenance())
         self.stats["prefetched"] += 1
         return True
 
@@ -235,8 +242,28 @@ class Worker:
                 return cache.get(source)
         key = cache.key_of(source)  # before the parse, as in `stage`
         adapter = self._parse_unlocked(source, None)
+        self._record(source, key, adapter.provenance())
         with self.cache_lock:
             return cache.add(source, adapter, key=key)
+
+    # -- provenance
+    def _record(self, source, key: tuple, provenance: dict) -> None:
+        self._provenance[source] = (key, {k: provenance.get(k) for k in PROVENANCE})
+
+    def provenance(self, source) -> dict:
+        """`Adapter.provenance()` of `source`'s file as last parsed here ({} before its first parse, or once the
+        file changed since: a rewritten local file has another cache key)."""
+        key, provenance = self._provenance.get(source, (None, {}))
+        return provenance if key == source.cache_key() else {}
+
+    def _answer_adapters(self, adapter_set: tuple) -> list[dict]:
+        """The answer's adapters: each registered name and scale, with the sha256, revision and commit_hash of the
+        file parsed for it."""
+        used = adapters_used(self.served)
+        if len(used) != len(adapter_set):  # not the set asked for (never expected): names and scales only
+            return [{"name": n, "scale": s} for n, s in adapter_set]
+        return [{"name": n, "scale": s, **{k: u.get(k) for k in PROVENANCE}}
+                for (n, s), u in zip(adapter_set, used)]
 
     def _parse_unlocked(self, source, stream):
         self._no_switch.wait()
