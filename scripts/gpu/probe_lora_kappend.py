@@ -98,12 +98,18 @@ def three_tails(x, u, b, w_q, s_w, pad_to: int = 1):
     return xs.contiguous(), s, ws.contiguous()
 
 
-def probe(tokens: int, k: int, n: int, generator: torch.Generator) -> dict:
+def random_layer(tokens: int, k: int, n: int, generator: torch.Generator):
+    """bf16 x [tokens, k], W [n, k], a rank-RANK LoRA's A and B, on the GPU (B moves the output by ~30%)."""
     dev = "cuda"
     x = torch.randn(tokens, k, device=dev, generator=generator).bfloat16()
     w = (torch.randn(n, k, device=dev, generator=generator) * k ** -0.5).bfloat16()
     a = (torch.randn(RANK, k, device=dev, generator=generator) * k ** -0.5).bfloat16()
     b = (torch.randn(n, RANK, device=dev, generator=generator) * (0.3 * RANK ** -0.5)).bfloat16()
+    return x, w, a, b
+
+
+def probe(tokens: int, k: int, n: int, generator: torch.Generator) -> dict:
+    x, w, a, b = random_layer(tokens, k, n, generator)
     x_q, s_x = rowwise(x)
     w_q, s_w = rowwise(w)
     a_q, s_a = rowwise(a)

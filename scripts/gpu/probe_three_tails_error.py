@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from probe_lora_kappend import FP8, FP8_MAX, RANK, SHAPES, rel, rowwise
+from probe_lora_kappend import FP8, FP8_MAX, RANK, SHAPES, random_layer, rel, rowwise
 
 
 def tails(x, u, b, w_q, s_w, headroom=None):
@@ -46,11 +46,7 @@ def tails(x, u, b, w_q, s_w, headroom=None):
 
 
 def probe(tokens, k, n, generator):
-    dev = "cuda"
-    x = torch.randn(tokens, k, device=dev, generator=generator).bfloat16()
-    w = (torch.randn(n, k, device=dev, generator=generator) * k ** -0.5).bfloat16()
-    a = (torch.randn(RANK, k, device=dev, generator=generator) * k ** -0.5).bfloat16()
-    b = (torch.randn(n, RANK, device=dev, generator=generator) * (0.3 * RANK ** -0.5)).bfloat16()
+    x, w, a, b = random_layer(tokens, k, n, generator)
     x_q, s_x = rowwise(x)
     w_q, s_w = rowwise(w)
     s_w_row = s_w.t().contiguous()
