@@ -158,3 +158,13 @@ def test_auto_merge_after_that_is_not_a_whole_number_is_refused_before_the_load(
 
     with pytest.raises(RequestError, match=f"auto_merge_after = {value!r} is not a whole number"):
         aotpack.load(tiny_package, auto_merge_after=value)
+
+
+def test_an_attribute_error_inside_a_property_keeps_its_own_message():
+    from aotpack.runtime.pipeline import AotpackPipeline
+
+    bare = object.__new__(AotpackPipeline)  # no transformer: `device` fails inside its getter
+    with pytest.raises(AttributeError, match="transformer"):
+        bare.device  # noqa: B018 (the lookup is the test)
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        bare.no_such_thing  # noqa: B018

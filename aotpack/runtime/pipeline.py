@@ -192,7 +192,8 @@ class AotpackPipeline:
                 f"AotpackPipeline has no {name}(): its LoRA set is switched with set_loras",
                 "served.set_loras([(file, scale), ...]) loads and activates a set (set_loras([]) removes it, "
                 "merge=True folds it in); diffusers' own LoRA calls are on served.pipeline (see docs/design.md)")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        # not ours: Python's own lookup again, so an AttributeError raised inside a property keeps its message
+        return object.__getattribute__(self, name)
 
     def _steps_of(self, kwargs) -> int:
         for schedule in ("sigmas", "timesteps"):
