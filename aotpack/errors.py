@@ -95,3 +95,16 @@ class RequestError(AotpackError):
 
 class NonFiniteOutputError(AotpackError):
     """The generation produced NaN/Inf values; no image is written."""
+
+    FIX = "lower the LoRA scales or use other adapters (values that large overflow the model's dtype)"
+
+    @classmethod
+    def refuse(cls, values, what: str, *, context: str = "", outcome: str = "no image was made",
+               fix: str = FIX) -> None:
+        """Raise when the tensor `values` (the generation's `what`: latents, pixels, ...) holds NaN/Inf: the
+        one check behind the pipeline call, the VAE decode, jobs and bench quality (postprocess would turn NaN
+        into a black image). One reduction and one host sync."""
+        finite = values.isfinite()
+        if not finite.all():
+            raise cls(f"the generation produced {int((~finite).sum())} NaN/Inf {what} of {values.numel()}{context}; "
+                      f"{outcome}", fix)

@@ -74,9 +74,8 @@ def _latents(call, prompt: str, seed: int, request: dict, who: str) -> torch.Ten
     with torch.no_grad():
         latents = call(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
                        **request).images
-    if not torch.isfinite(latents).all():
-        raise NonFiniteOutputError(f"{who} produced NaN/Inf latents for prompt {prompt!r} (seed {seed})",
-                                   "check the LoRA scales and the model; nothing was compared")
+    NonFiniteOutputError.refuse(latents, "latents", context=f" from {who} for prompt {prompt!r} (seed {seed})",
+                                outcome="nothing was compared", fix="check the LoRA scales and the model")
     return latents.float().cpu()
 
 

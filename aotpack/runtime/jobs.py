@@ -267,15 +267,6 @@ def _save_latents(path: str, latents: torch.Tensor) -> str:
     return _written(path, lambda p: save_file({"latents": latents.detach().to("cpu").contiguous()}, p))
 
 
-def check_finite_output(latents: torch.Tensor, request: Request) -> None:
-    if not torch.isfinite(latents).all():
-        bad = int((~torch.isfinite(latents)).sum())
-        raise NonFiniteOutputError(
-            f"the generation produced {bad} NaN/Inf values of {latents.numel()} (loras {request.loras}, guidance "
-            f"{request.guidance:g}); no image was written",
-            "lower the LoRA scales or use other adapters (values that large overflow the model's dtype)")
-
-
 def run_request(served, request: Request, index: int = 0) -> RequestResult:
     """Switch to the request's LoRA set, generate, check the latents are finite, then write the
     image/latents; time both parts. Nothing is written for a non-finite output."""
@@ -296,7 +287,8 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
                      max_sequence_length=request.max_sequence_length, generator=generator,
                      output_type="latent").images
     lora_mode = served.transformer.lora_modes.mode
-    check_finite_output(latents, request)
+    NonFiniteOutputError.refuse(latents, "values", outcome="no image was written",  # what reaches the files
+                                context=f" (loras {request.loras}, guidance {request.guidance:g})")
     image = served.decode_latents(latents, request.height, request.width) if request.out else None
     latents_path = _save_latents(request.save_latents, latents) if request.save_latents else None
     image_path = _save_image(request.out, image) if request.out else None

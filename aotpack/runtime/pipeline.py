@@ -181,7 +181,7 @@ class AotpackPipeline:
             output = self.pipeline(*args, **kwargs)
         images = output[0] if isinstance(output, tuple) else getattr(output, "images", None)
         if torch.is_tensor(images):  # output_type="latent" (decoded outputs were checked by the VAE's hook)
-            _check_finite(images, "latents")
+            NonFiniteOutputError.refuse(images, "latents")
         return output
 
     def __getattr__(self, name: str):
@@ -219,9 +219,6 @@ class _NotALoraCallHere(UnsupportedCallError, AttributeError):
     """A diffusers LoRA call asked of an `AotpackPipeline` (whose LoRA set `set_loras` switches)."""
 
 
-_NON_FINITE_FIX = "lower the LoRA scales or use other adapters (values that large overflow the model's dtype)"
-
-
 def _describe(value) -> str:
     return f"Adapter {value.name!r}" if isinstance(value, Adapter) else repr(value)[:200]
 
@@ -251,13 +248,6 @@ def _checked_entries(loras) -> list[tuple[object, float]]:
     return checked
 
 
-def _check_finite(values: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(values).all():
-        bad = int((~torch.isfinite(values)).sum())
-        raise NonFiniteOutputError(f"the generation produced {bad} NaN/Inf {what} of {values.numel()}; no image "
-                                   "was made", _NON_FINITE_FIX)
-
-
 @contextlib.contextmanager
 def _refusing_non_finite(served):
     """While the pipeline runs: the VAE decoder refuses NaN/Inf latents and pixels, which diffusers' postprocess
@@ -269,11 +259,11 @@ def _refusing_non_finite(served):
 
     def check_input(module, args):
         if args and torch.is_tensor(args[0]):
-            _check_finite(args[0], "latents")
+            NonFiniteOutputError.refuse(args[0], "latents")
 
     def check_output(module, args, output):
         if torch.is_tensor(output):
-            _check_finite(output, "pixels")
+            NonFiniteOutputError.refuse(output, "pixels")
 
     handles = [decoder.register_forward_pre_hook(check_input), decoder.register_forward_hook(check_output)]
     try:
@@ -290,9 +280,7 @@ def decode_packed_latents(pipe, latents: torch.Tensor, height: int, width: int):
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     # latents kept on the host (bench quality) go to the VAE's device
     image = pipe.vae.decode(latents.to(device=pipe.vae.device, dtype=pipe.vae.dtype), return_dict=False)[0]
-    if not torch.isfinite(image).all():  # postprocess would turn NaN into a black image
-        raise NonFiniteOutputError("the VAE decoded NaN/Inf pixels; no image was made",
-                                   "check the latents (and the LoRA scales that produced them)")
+    NonFiniteOutputError.refuse(image, "pixels", fix="check the latents (and the LoRA scales that produced them)")
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
