@@ -66,7 +66,8 @@ class TextEncoderLoRA:
 
         text_encoder = self.pipeline.text_encoder
         if state is None:
-            if self.loaded:
+            # also adapters diffusers' own load_lora_weights put there: "no LoRA" must run none
+            if self.loaded or getattr(text_encoder, "peft_config", None):
                 disable_lora_for_text_encoder(text_encoder)
         else:
             enable_lora_for_text_encoder(text_encoder)

@@ -75,7 +75,8 @@ class AotpackPipeline:
         self.pipeline = pipeline
         self.cache = cache
         self.text_encoder_lora = TextEncoderLoRA(pipeline)
-        self.active: list[tuple[str, float]] = []
+        self._active: list[tuple[str, float]] = []
+        self._bank_watch = _BankWatch(transformer)
         self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
         self._same_set_count = 0  # consecutive calls with the live set (auto_merge_after)
         # the (adapter, scale) entries and fit `enter` made live, and the bank's write count right after
@@ -126,7 +127,7 @@ class AotpackPipeline:
         layers, report = stack_adapters(entries, self.manifest.slot_table(), self.manifest.max_rank, fit=fit,
                                         model_layers=self._model_layers)
         self.text_encoder_lora.activate(entries)  # loads any new CLIP parts; on error nothing changed
-        same = self._is_live_set(entries, fit)
+        same = self._is_live_set(entries, fit) and self._bank_watch.untouched()  # else the bank holds another set
         self._same_set_count = self._same_set_count + 1 if same else 1
         if merge is None and self.auto_merge_after and self._same_set_count >= self.auto_merge_after:
             merge = True  # the same set N times in a row: fold it in (see merge.py); merge=False stays pinned
@@ -135,27 +136,59 @@ class AotpackPipeline:
             if not (entries and same and self._live_mode_accepts(merge)):
                 self.transformer.lora_modes.enter(layers, merge=merge)
                 self._live = (entries, fit, self.transformer.lora_modes.bank_writes)
+                self._bank_watch.ours()
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
-            self.active, self._same_set_count, self._live = [], 0, ([], None, -1)
+            self._active, self._same_set_count, self._live = [], 0, ([], None, -1)
+            self._bank_watch.ours()  # the base weights and an empty bank: known
             cache.unpin(self._live_pins)  # no set is live
             raise
         cache.pin(self._live_pins, cache.pins_of(resolving))  # the live set's entries: kept while it stays live
         marks.append(time.perf_counter())
         _synchronize(self.device)
         marks.append(time.perf_counter())
-        self.active = [(adapter.name, scale) for adapter, scale in entries]
+        self._active = [(adapter.name, scale) for adapter, scale in entries]
         phases = dict(zip(("resolve", "stack", "write", "sync"),
                           ((b - a) * 1000 for a, b in zip([started, *marks], marks))))
-        return SwitchResult(adapters=list(self.active), seconds=marks[-1] - started,
+        return SwitchResult(adapters=list(self._active), seconds=marks[-1] - started,
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
 
+    @property
+    def active(self) -> list[tuple[str, float]] | None:
+        """The live set as `(name, scale)` pairs; None when it is unknown (`live_set_known`)."""
+        return list(self._active) if self._unknown_because() is None else None
+
+    @property
+    def live_set_known(self) -> bool:
+        """False once diffusers' LoRA calls on `.pipeline` (or any other writer of the slot bank) changed what runs
+        since the last `set_loras`: `active` and `live_adapters()` would describe a set that no longer runs."""
+        return self._unknown_because() is None
+
     def live_adapters(self) -> list[tuple[Adapter, float]]:
         """The active set's parsed adapters with their scales, as `active` names them (for provenance in reports:
-        `Adapter.provenance()`)."""
+        `Adapter.provenance()`). Refused while the live set is unknown: a report must not name a set that is not
+        the one running."""
+        reason = self._unknown_because()
+        if reason is not None:
+            raise UnsupportedCallError(
+                f"the live LoRA set is unknown: {reason}",
+                "use one LoRA API per pipeline: served.set_loras([(file, scale), ...]) makes a known set live "
+                "(served.pipeline.unload_lora_weights() first removes adapters loaded through diffusers' calls)")
         return list(self._live[0])
+
+    def _unknown_because(self) -> str | None:
+        """Why the live set is not the one `set_loras` made live, or None."""
+        if not self._bank_watch.untouched():
+            return ("the LoRA slot bank was written by another caller since the last set_loras (diffusers' "
+                    "load_lora_weights, set_adapters, disable_lora, delete_adapters or unload_lora_weights on "
+                    "served.pipeline?)")
+        foreign = _foreign_clip_adapters(self.pipeline, set(self.text_encoder_lora.loaded.values()))
+        if foreign:
+            return (f"the text encoder runs LoRA adapters {sorted(foreign)} that set_loras did not load (diffusers' "
+                    "load_lora_weights on served.pipeline?)")
+        return None
 
     def _is_live_set(self, entries, fit) -> bool:
         """Whether `entries` and `fit` are the live set: the same parses (`Adapter.uid`: a same-named file
@@ -217,6 +250,45 @@ _DIFFUSERS_LORA_CALLS = frozenset({
 
 class _NotALoraCallHere(UnsupportedCallError, AttributeError):
     """A diffusers LoRA call asked of an `AotpackPipeline` (whose LoRA set `set_loras` switches)."""
+
+
+class _BankWatch:
+    """Whether the slot bank was written since `set_loras` last wrote it by anyone but the merge policy. Writes
+    inside a transformer step are the policy's (it folds the set `set_loras` made live); any other write is
+    diffusers' LoRA calls on the pipeline (lora_contract.py) or someone else's, and holds another set."""
+
+    def __init__(self, transformer):
+        self._bank, self._foreign = transformer.bank, False
+        self._mark = self._bank.writes  # the bank's write count as set_loras or the last step left it
+        transformer.register_forward_pre_hook(self._before_step)
+        transformer.register_forward_hook(self._after_step, always_call=True)
+
+    def untouched(self) -> bool:
+        self._foreign = self._foreign or self._bank.writes != self._mark  # stays foreign until `ours`
+        return not self._foreign
+
+    def ours(self) -> None:
+        """`set_loras` wrote the bank: what it holds is known again."""
+        self._mark, self._foreign = self._bank.writes, False
+
+    def _before_step(self, *_) -> None:
+        self.untouched()
+
+    def _after_step(self, *_) -> None:
+        self._mark = self._bank.writes
+
+
+def _foreign_clip_adapters(pipeline, ours: set[str]) -> set[str]:
+    """The PEFT adapters other than `ours` that the pipeline's text encoder runs (enabled and active in one of its
+    LoRA layers); its layers are only scanned when it holds some."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    text_encoder = getattr(pipeline, "text_encoder", None)
+    others = set(getattr(text_encoder, "peft_config", None) or {}) - ours
+    if not others:
+        return set()
+    return {name for module in text_encoder.modules() if isinstance(module, BaseTunerLayer)
+            and not module.disable_adapters for name in module.active_adapters if name in others}
 
 
 def _describe(value) -> str:

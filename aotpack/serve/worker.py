@@ -144,7 +144,7 @@ class Worker:
         """Make `adapter_set` active. Returns what the switch did: its time inside `set_loras` (None when the
         set was active already), adapters parsed at the switch (prefetch misses) and staged ahead (hits)."""
         info = {"switch_copy_ms": None, "parsed_at_switch": 0, "prefetched": 0, "lock_wait_ms": 0.0}
-        if adapter_set == self.active_set:
+        if adapter_set == self.active_set and self.served.live_set_known:  # else someone else changed what runs
             return info
         sources = [(self.registry.get(name).source, scale) for name, scale in adapter_set]
         self._no_switch.clear()
