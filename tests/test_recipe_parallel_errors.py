@@ -221,7 +221,7 @@ def test_a_bad_parallel_timeout_setting_is_a_typed_error_before_any_rank_starts(
     from aotpack.runtime import parallel
 
     monkeypatch.setenv("AOTPACK_PARALLEL_TIMEOUT_S", text)
-    monkeypatch.setattr("torch.multiprocessing.start_processes", lambda *a, **k: pytest.fail("ranks started"))
+    monkeypatch.setattr(parallel, "_start_ranks", lambda *a, **k: pytest.fail("ranks started"))
     with pytest.raises(AotpackError) as caught:
         parallel.launch(_rank_ok, 2)
     assert "AOTPACK_PARALLEL_TIMEOUT_S" in caught.value.problem and repr(text) in caught.value.problem

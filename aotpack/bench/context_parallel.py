@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import RequestError
 from ..models.checkpoint import load_transformer_config, parse_model_ref
 from ..models.examples import relative_error
 from .checks import package_and_output
@@ -201,21 +202,47 @@ def _eager_outputs(model: str, config: dict, sizes, text_tokens: int, lora: str,
     return outputs
 
 
+def rank_counts(gpus) -> list[int]:
+    """The rank counts `--gpus` asks for besides 1 (one int or several), each 2 or more."""
+    counts = [gpus] if isinstance(gpus, int) and not isinstance(gpus, bool) else list(gpus)
+    for count in counts:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            raise RequestError(f"--gpus {count!r}: the bench compares 1 rank (always run) with N ranks, N of 2 or more",
+                               "pass --gpus 2 or more, e.g. --gpus 2 (several: --gpus 2 4)")
+    return counts
+
+
+def check_gpus(package: str, gpus, device: str) -> str:
+    """Refuse every `--gpus` count the machine or the package's parallel layout cannot run, before anything loads
+    or any rank starts (the checks of `aotpack run --gpus`); returns the package's local folder."""
+    from ..runtime.parallel import check_parallel_run
+    from ..store.manifest import read_manifest
+    from ..store.publish import locate_package
+
+    counts = rank_counts(gpus)
+    package_dir = locate_package(package)
+    manifest = read_manifest(package_dir)
+    for count in counts:
+        check_parallel_run(manifest, count, device, fewest=2)
+    return str(package_dir)
+
+
 def run(package: str, model: str, out: Path, *, gpus, sizes, steps: int, text_tokens: int, lora_dir: Path,
         repeats: int, lora_name: str = "r64-all", overlap_chunks=(2,), graphs: bool = False) -> dict:
     from ..runtime.parallel import launch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    package = check_gpus(package, gpus, device)
     out.mkdir(parents=True, exist_ok=True)
     config = load_transformer_config(parse_model_ref(model))
     lora = str(write_bench_loras(config, lora_dir, names=[lora_name])[lora_name])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     data = {"date": time.strftime("%Y-%m-%d"), "weights": "random" if model.startswith("random:") else model,
             "model": model, "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
             "steps": steps, "text_tokens": text_tokens, "lora": lora_name, "runs": {}}
     outputs = {}
     eager_reference = model.startswith("random:")  # a user's checkpoint would need its own eager load
-    counts = sorted({1, *([gpus] if isinstance(gpus, int) else gpus)})  # 1, then every N asked for
+    counts = sorted({1, *rank_counts(gpus)})  # 1, then every N asked for
     for ranks in counts:
         started = time.time()
         result = launch(_bench_rank, ranks, package, model, list(sizes), steps, text_tokens, lora, repeats, started,
@@ -319,6 +346,10 @@ def main(argv=None) -> None:
                         help="also time steps replayed from CUDA graphs (the GPU default; collectives captured), "
                              "in launches of their own")
     args = parser.parse_args(argv)
+    try:  # a usage error (exit 2); the package's and the machine's limits are checked in `run`
+        rank_counts(args.gpus)
+    except RequestError as err:
+        parser.error(f"{err.problem}; fix: {err.fix}")
     package_and_output(args)
     run(args.package, args.model, args.out, gpus=args.gpus, sizes=args.sizes, steps=args.steps,
         text_tokens=args.text_tokens, lora_dir=args.lora_dir, repeats=args.repeats, lora_name=args.lora,

@@ -12,12 +12,14 @@ Every collective has the process group's timeout, and a rank that fails ends the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
 import os
 import pickle
 import signal
+import threading
 import traceback
 from pathlib import Path
 
@@ -57,21 +59,43 @@ def package_parallel(manifest) -> str:
     return (manifest.recipe or {}).get("parallel", "none")
 
 
-def check_world_size(manifest, world_size: int) -> None:
-    """Refuse a package not split for context parallelism, or a rank count that does not divide the heads."""
+def check_world_size(manifest, world_size: int, fewest: int = 1) -> None:
+    """Refuse a package not split for context parallelism, or a rank count that does not divide the heads.
+    `fewest`: the smallest --gpus the caller accepts (the fixes suggest no count below it)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise PackageMismatchError(f"{world_size!r} GPUs asked for", "pass --gpus 1 or more")
+        raise PackageMismatchError(f"{world_size!r} GPUs asked for", f"pass --gpus {fewest} or more")
     if world_size == 1:
         return
     if package_parallel(manifest) == "none":
         raise PackageMismatchError(
             f"this package was not built for context parallelism, so it cannot run on {world_size} GPUs",
-            "rebuild it with `aotpack build ... --parallel ulysses`, or run it with --gpus 1")
+            "rebuild it with `aotpack build ... --parallel ulysses`"
+            + (", or run it with --gpus 1" if fewest <= 1 else ""))
     heads = int(manifest.model["config"]["num_attention_heads"])
     if heads % world_size:
+        valid = [n for n in valid_world_sizes(heads) if n >= fewest]
         raise PackageMismatchError(
             f"{heads} attention heads cannot be divided over {world_size} ranks",
-            f"use one of --gpus {', '.join(map(str, valid_world_sizes(heads)))}")
+            f"use one of --gpus {', '.join(map(str, valid))}" if valid else
+            f"a model with {heads} heads cannot be split over {fewest} or more ranks")
+
+
+def check_visible_gpus(world_size: int, device: str, fewest: int = 1) -> None:
+    """Refuse more CUDA ranks than visible GPUs (one GPU per rank; CPU ranks are processes, not devices)."""
+    if device != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if visible < world_size:
+        raise AotpackError(f"{world_size} GPUs asked for, {visible} visible",
+                           f"pass --gpus {visible} or fewer" if visible >= fewest else
+                           "run on a machine with that many CUDA GPUs (check CUDA_VISIBLE_DEVICES)")
+
+
+def check_parallel_run(manifest, world_size: int, device: str, fewest: int = 1) -> None:
+    """The checks a run of `manifest` on `world_size` ranks passes before anything loads or any rank starts
+    (`generate` / `aotpack run --gpus`, `aotpack bench context-parallel`): the package's split and heads, the GPUs."""
+    check_world_size(manifest, world_size, fewest)
+    check_visible_gpus(world_size, device, fewest)
 
 
 def attach(transformer, comm: Ulysses) -> None:
@@ -134,16 +158,55 @@ def _end_processes(processes, grace_s: float = TEARDOWN_GRACE_S) -> None:
     """SIGTERM every live rank, SIGKILL those still alive after `grace_s`, and reap them all."""
     import time
 
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-        process.join()
+    try:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + grace_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+    finally:  # also on a second Ctrl-C during the grace period
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C or SIGTERM arriving inside takes effect at the block's end (the main thread's Python handlers only):
+    a rank forked inside `start` is registered before the interrupt can unwind past it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, previous = [], {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):  # SIG_DFL/SIG_IGN raise nothing here to hold
+            previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            previous[pending[0]](pending[0], None)
+
+
+def _start_ranks(processes: list, world_size: int, folder, rank_args: tuple):
+    """Start one spawned process per rank, each appended to `processes` before the next starts (the caller ends
+    them whatever happens meanwhile); torch's `start_processes` returns its handles only after the last start."""
+    import multiprocessing
+
+    from torch.multiprocessing.spawn import ProcessContext, _wrap
+
+    spawn = multiprocessing.get_context("spawn")
+    error_files = [str(Path(folder) / f"rank{rank}.traceback") for rank in range(world_size)]
+    for rank in range(world_size):
+        process = spawn.Process(target=_wrap, args=(_rank_main, rank, rank_args, error_files[rank]), daemon=False)
+        with _signals_held():
+            process.start()
+            processes.append(process)
+    return ProcessContext(processes, error_files)
 
 
 def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float | None = None):
@@ -155,7 +218,6 @@ def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float
     SIGTERM in the main thread) ends every rank before it is raised; a rank never outlives this process.
     `timeout_s` (default AOTPACK_PARALLEL_TIMEOUT_S, else 300) bounds every collective.
     """
-    import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     from ..builder.output import sigterm_as_interrupt
@@ -163,28 +225,22 @@ def launch(target, world_size: int, *args, device: str = "cpu", timeout_s: float
     timeout_s = parallel_timeout() if timeout_s is None else timeout_s
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise AotpackError(f"{world_size!r} ranks asked for", "pass a rank count of 1 or more (--gpus N)")
-    if device == "cuda" and torch.cuda.device_count() < world_size:
-        visible = torch.cuda.device_count()
-        raise AotpackError(f"{world_size} GPUs asked for, {visible} visible",
-                           f"pass --gpus {visible} or fewer" if visible else
-                           "run on a machine with that many CUDA GPUs (check CUDA_VISIBLE_DEVICES)")
+    check_visible_gpus(world_size, device)
     with sigterm_as_interrupt(), ProcessFolder("parallel-run") as folder:  # removed by a later run if killed
         # the rendezvous store lives here, on a port the OS picks and this process holds until the ranks end
         store = dist.TCPStore("127.0.0.1", 0, world_size, True, datetime.timedelta(seconds=timeout_s),
                               wait_for_workers=False)
-        context = mp.start_processes(_rank_main, nprocs=world_size, join=False, start_method="spawn",
-                                     args=(world_size, store.port, device, timeout_s, folder, target, args,
-                                           os.getpid()))
-        try:
+        processes = []
+        try:  # covers the starts too: Ctrl-C between two starts leaves no started rank behind
+            context = _start_ranks(processes, world_size, folder,
+                                   (world_size, store.port, device, timeout_s, folder, target, args, os.getpid()))
             while not context.join():
                 pass
         except ProcessException as err:
             rank = getattr(err, "error_index", None)
             raise _rank_error(Path(folder), rank, err) from None
-        except BaseException:  # Ctrl-C, SIGTERM, an error here: no rank may run on (or hold this exit)
-            _end_processes(context.processes)
-            raise
-        finally:
+        finally:  # Ctrl-C, SIGTERM, an error here: no rank may run on (or hold this exit); a no-op once all exited
+            _end_processes(processes)
             del store
         result = Path(folder) / "result.pkl"
         if not result.exists():  # every rank exited 0, rank 0 without its result (ended from outside)
@@ -299,7 +355,7 @@ def generate(package, model: str, requests, *, gpus: int, revision: str | None =
 
     package_dir = locate_package(package)
     manifest = read_manifest(package_dir)
-    check_world_size(manifest, gpus)
     device = manifest.run_device(device)
+    check_parallel_run(manifest, gpus, device)
     return launch(_serve_requests, gpus, str(package_dir), model, revision, list(requests), cuda_graphs,
                   merge_policy, merge_share, device=device, timeout_s=timeout_s)
