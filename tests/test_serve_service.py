@@ -37,6 +37,8 @@ def test_a_failing_batch_fails_only_its_faulty_request(monkeypatch, tiny_package
         return BatchOutput([f"image of {prompt} {seed}" for prompt, seed in items], 0.01, 0.0)
 
     class NoLoRA:  # what the worker reads of a loaded pipeline when no set is active
+        live_set_known = True
+
         def live_adapters(self):
             return []
 
