@@ -394,8 +394,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         "gpu": gpu_name(),
         "compiler": cxx,
     }
-    for spec in programs:  # the compiled max_rank/slots/inputs travel inside each program (covered by its sha256)
-        stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table())
+    for spec in programs:  # the compiled max_rank/slots/inputs/shapes travel inside each program (in its sha256)
+        stamp_program(staging / spec.file, spec, recipe.max_rank, manifest.slot_table(), shapes)
     manifest.files = {f: sha256_file(staging / f) for f in manifest.program_files()}
     manifest.write(staging)
     output.commit()  # atomic swap under out's lock; a replaced package is removed only afterwards

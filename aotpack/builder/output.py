@@ -26,7 +26,6 @@ import contextlib
 import contextvars
 import fcntl
 import functools
-import json
 import logging
 import os
 import shutil
@@ -38,22 +37,13 @@ from pathlib import Path
 
 from ..errors import AotpackError
 from ..store.local_copy import aotpack_written_files, some_of
-from ..store.manifest import MANIFEST_NAME
+from ..store.manifest import MANIFEST_NAME, enclosing_package, is_package_dir
 
 logger = logging.getLogger(__name__)
 
 
 class OutputDirError(AotpackError):
     """An `--out` that aotpack must not write to (a user's folder, the working directory, ...)."""
-
-
-def is_package_dir(path: Path) -> bool:
-    """A directory aotpack wrote: it holds a manifest.json that parses as a JSON object with a target."""
-    try:
-        data = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "format_version" in data and "target" in data
 
 
 def files_aotpack_did_not_write(folder: Path) -> list[str]:
@@ -91,7 +81,7 @@ def check_output_dir(out: Path, overwrite: bool = False) -> Path:
                              "pass a new folder for the package, e.g. --out artifacts/packages/my-package")
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
         raise OutputDirError(f"--out {raw!r} is {resolved}", "pass a new folder for the package")
-    if package := next((p for p in resolved.parents if is_package_dir(p)), None):
+    if package := enclosing_package(resolved.parent):
         # its lock file and staging folder would land in the package, which then fails `inspect`
         raise OutputDirError(f"--out {raw!r} is inside the aotpack package {package}",
                              f"pass a folder outside it, e.g. --out {package.parent / resolved.name}")

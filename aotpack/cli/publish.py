@@ -19,7 +19,10 @@ _TOKEN_HELP = "Hub token (default: HF_TOKEN, else the `hf auth login` token). Ne
 @click.option("--token", default=None, help=_TOKEN_HELP)
 @click.option("--commit-message", default=None, help="Commit summary (default names target, model and torch).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
-def push(package, repo_id, revision, private, token, commit_message, create_pr):
+@click.option("--repair-index", is_flag=True,
+              help="File stores: write a damaged aotpack_index.json again from the store's verified package "
+                   "folders (the damaged file is kept beside it).")
+def push(package, repo_id, revision, private, token, commit_message, create_pr, repair_index):
     """Publish PACKAGE to REPO_ID (owner/name, hf://owner/name or file:///store), in a folder named after its target.
 
     The repo's aotpack_index.json and README.md are merged with what is already there.
@@ -30,7 +33,8 @@ def push(package, repo_id, revision, private, token, commit_message, create_pr):
     from ..store.publish import push_package
 
     result = push_package(package, repo_id, revision=revision, private=private, token=token,
-                          commit_message=commit_message, create_pr=create_pr, progress=True)
+                          commit_message=commit_message, create_pr=create_pr, repair_index=repair_index,
+                          progress=True)
     if result.pr_url:
         click.echo(f"pull request opened for {result.target}", err=True)
     click.echo(result.pr_url or result.url)

@@ -50,10 +50,10 @@ class AdapterRegistration(BaseModel):
     source: str
 
 
-def error_response(err: Exception) -> JSONResponse:
+def error_response(err: Exception, redact=None) -> JSONResponse:
     status, _ = http_status(err)
     headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QueueFullError) else None
-    return JSONResponse(error_body(err), status_code=status, headers=headers)
+    return JSONResponse(error_body(err, redact), status_code=status, headers=headers)
 
 
 def body_problems(err: RequestValidationError) -> str:
@@ -156,11 +156,11 @@ def create_app(service) -> FastAPI:
 
     @app.exception_handler(AotpackError)
     async def typed_error(request, err):  # JSON with the type, the problem and the fix
-        return error_response(err)
+        return error_response(err, service.registry.redact)
 
     @app.exception_handler(Exception)
     async def any_error(request, err):  # anything else: logged, a JSON 500, and the server lives on
-        return error_response(err)
+        return error_response(err, service.registry.redact)
 
     add_request_error_handlers(app)
 
@@ -178,7 +178,7 @@ def create_app(service) -> FastAPI:
                 return Response(await asyncio.to_thread(png_bytes, result["images"][0]), media_type="image/png")
             return await asyncio.to_thread(json_answer, result)
         except Exception as err:
-            return error_response(err)
+            return error_response(err, service.registry.redact)
 
     @app.get("/v1/adapters")
     async def list_adapters():
@@ -189,7 +189,7 @@ def create_app(service) -> FastAPI:
         service.check_token(authorization)
         service.check_ready()
         entry = await asyncio.to_thread(service.register, body.name, body.source)
-        return entry
+        return {**entry, "source": body.source}  # the client's own words; the listing shows the served form
 
     @app.get("/healthz")
     async def healthz():

@@ -62,10 +62,13 @@ def http_status(err: Exception) -> tuple[int, str]:
     return 500, "server_error"
 
 
-def error_body(err: Exception) -> dict:
+def error_body(err: Exception, redact=None) -> dict:
+    """The JSON error answer; `redact` (the registry's) shows the server's adapter paths as clients know them."""
     status, kind = http_status(err)
     if isinstance(err, AotpackError):
         message, fix = err.problem, err.fix
     else:  # an unexpected failure: say what it was, never crash the server
         message, fix = f"{type(err).__name__}: {err}", "retry; if it persists, report it with the server log"
+    if redact is not None:
+        message, fix = redact(message), redact(fix)
     return {"error": {"type": kind, "message": message, "fix": fix}}

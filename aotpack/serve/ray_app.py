@@ -126,7 +126,8 @@ class Replica:
             if not isinstance(err, AotpackError):
                 log.exception("a generation request failed")
             headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QueueFullError) else {}
-            return {"status": http_status(err)[0], "json": error_body(err), "headers": headers}
+            return {"status": http_status(err)[0], "json": error_body(err, self.service.registry.redact),
+                    "headers": headers}
         headers = {"x-aotpack-replica": self.replica}
         if fields.get("response_format") == "png":
             return {"status": 200, "png": await asyncio.to_thread(png_bytes, result["images"][0]), "headers": headers}
@@ -140,7 +141,7 @@ class Replica:
         try:
             self.service.check_ready()
         except AotpackError as err:
-            return {"status": http_status(err)[0], "json": error_body(err)}
+            return {"status": http_status(err)[0], "json": error_body(err, self.service.registry.redact)}
         return {"status": 200, "json": {"status": "ready", "replica": self.replica, "sets": list(self.sets_loaded)}}
 
     async def metrics(self) -> bytes:

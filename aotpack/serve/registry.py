@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -25,9 +26,14 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class RegisteredAdapter:
     name: str
     source: AdapterSource
+    # what HTTP clients see of a local source: its path inside the --adapters folder, else its file name;
+    # the server's own paths go to its log only
+    shown: str | None = None
 
     def describe(self) -> str:
-        return ("hf://" if self.source.is_hub else "") + self.source.describe()
+        if self.source.is_hub:
+            return "hf://" + self.source.describe()
+        return self.shown or Path(self.source.location).name
 
     def file_bytes(self) -> int | None:
         if self.source.is_hub:
@@ -99,7 +105,8 @@ class AdapterRegistry:
                                              f"the adapter {name!r}", "rename one of them (names are unique)")
             found[name] = entry
         self._roots.append(directory)
-        return [self._put(name, AdapterSource(str(entry))) for name, entry in found.items()]
+        return [self.put(RegisteredAdapter(name, AdapterSource(str(entry)), self._shown(entry))).name
+                for name, entry in found.items()]
 
     def add(self, name: str, source: str, *, trusted: bool = False) -> RegisteredAdapter:
         """Register `source` under `name` (see `resolve`)."""
@@ -135,16 +142,39 @@ class AdapterRegistry:
             if not _is_adapter_entry(path):
                 raise AdapterNotAllowedError(f"source {text!r} is not a .safetensors file or LoRA folder",
                                              "pass an existing .safetensors file")
-            where = AdapterSource(str(path))
+            return RegisteredAdapter(name, AdapterSource(str(path)), self._shown(path))
         return RegisteredAdapter(name, where)
+
+    def _shown(self, path: Path) -> str:
+        """`path` as clients see it: relative to the --adapters folder holding it, else its file name alone."""
+        candidates = [Path(os.path.abspath(path))]  # as listed in the folder (a link inside it stays its name)
+        try:
+            candidates.append(path.resolve())
+        except (OSError, RuntimeError):
+            pass
+        for candidate in candidates:
+            for root in self._roots:
+                if candidate.is_relative_to(root):
+                    return candidate.relative_to(root).as_posix()
+        return path.name
+
+    def redact(self, text: str) -> str:
+        """`text` (an error's problem or fix) with the server's paths of registered files and --adapters folders
+        shown as clients see them: parse errors name the file they read."""
+        with self._lock:
+            files = {entry.source.location: entry.describe() for entry in self._adapters.values()
+                     if not entry.source.is_hub}
+        for location in sorted(files, key=len, reverse=True):  # longest first: a file before its folder
+            text = text.replace(location, files[location])
+        for root in sorted(self._roots, key=lambda r: len(str(r)), reverse=True):
+            text = text.replace(f"{root}{os.sep}", "").replace(str(root), "--adapters folder")
+        return text
 
     def put(self, entry: RegisteredAdapter) -> RegisteredAdapter:
         with self._lock:
             self._adapters[check_name(entry.name)] = entry
+        log.info("adapter %r registered from %s", entry.name, entry.source.describe())  # the full path: log only
         return entry
-
-    def _put(self, name: str, source: AdapterSource) -> str:
-        return self.put(RegisteredAdapter(name, source)).name
 
     def get(self, name: str) -> RegisteredAdapter:
         check_name(name)

@@ -187,5 +187,5 @@ class Service:
             try:
                 described.append(self.describe(entry))
             except AotpackError as err:
-                described.append({"name": entry.name, "source": entry.describe(), "error": err.problem})
+                described.append({"name": entry.name, "source": entry.describe(), "error": self.registry.redact(err.problem)})
         return described

@@ -7,14 +7,17 @@ replaced by a rename, so a reader never sees a half-copied folder under its fina
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
+import json
+import logging
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-from ..errors import PackageIntegrityError, PublishError
+from ..errors import AotpackError, PackageIntegrityError, PublishError
 from ..progress import Progress
 from .local_copy import (
     REPLACED_PREFIX,
@@ -27,10 +30,23 @@ from .local_copy import (
     swap_in,
     writable,
 )
-from .manifest import read_manifest, verify_files
+from .manifest import MANIFEST_NAME, read_manifest, verify_files
 from .package_ref import StoreRef
-from .repo_layout import CARD_NAME, INDEX_NAME, PushResult, parse_index
+from .repo_layout import (
+    CARD_NAME,
+    INDEX_NAME,
+    DamagedIndexError,
+    PushResult,
+    empty_index,
+    index_entry,
+    is_folder_name,
+    package_folder,
+    parse_index,
+    render_index,
+    target_folder,
+)
 
+log = logging.getLogger("aotpack.store")
 LOCK_NAME = ".aotpack.lock"
 STALE_AFTER_S = 6 * 3600  # longer than any push takes; older staging folders belong to killed pushes
 
@@ -85,18 +101,33 @@ class FileStore:
 
     # -- push --------------------------------------------------------------------------------------
     def push(self, make_plan, *, commit_message: str, private: bool = False, create_pr: bool = False,
-             report: Progress) -> PushResult:
+             report: Progress, repair_index: bool = False) -> PushResult:
         """Write the plan `make_plan(index_text, card_text)` makes from the store's current state.
 
         `commit_message` has nowhere to go in a directory; the flags the Hub alone has are refused
-        before this is called.
+        before this is called. A store without an index (or with a damaged one and `repair_index`) gets
+        one listing its verified package folders again, so no published target drops out of it.
         """
         self._refuse_a_user_folder()
         with writable(self.root, f"push to {self.display}"):
             self.root.mkdir(parents=True, exist_ok=True)
             with _locked(self.root / LOCK_NAME):
                 remove_stale_staging(self.root, report)
-                plan = make_plan(_read(self.root / INDEX_NAME), _read(self.root / CARD_NAME))
+                damaged, relisted = None, None
+                index_text = _read(self.root / INDEX_NAME)
+                if repair_index and index_text is not None:
+                    try:
+                        parse_index(index_text, self.display)
+                        report.info(f"the {INDEX_NAME} of {self.display} reads well: --repair-index leaves it as it is")
+                    except DamagedIndexError as err:  # a newer format is not damaged: never rewritten here
+                        report.info(f"{err.problem}; listing the package folders of the store again")
+                        damaged, index_text = index_text, None
+                if index_text is None:
+                    relisted, problems = package_entries(self.root)
+                    index_text = render_index({**empty_index(), "targets": relisted})
+                plan = make_plan(index_text, _read(self.root / CARD_NAME))
+                if relisted is not None:
+                    self._check_relisting(plan.folder, relisted, problems, damaged, report)
                 refuse_foreign(self.root / plan.folder, overwrite=False,
                                fix=f"move them out of {self.root / plan.folder} (a store's folders hold only what "
                                    "`aotpack push` wrote), then push again")
@@ -109,17 +140,40 @@ class FileStore:
                     swap_in(staging, self.root / plan.folder, overwrite=True)  # its files were checked above
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
+                if damaged is not None:  # kept, never overwritten: what it held may still matter to someone
+                    kept = self.root / f"{INDEX_NAME}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                    _write_atomic(kept, damaged)
+                    report.info(f"the damaged {INDEX_NAME} is kept as {kept}")
                 _write_atomic(self.root / INDEX_NAME, plan.index_text)
                 _write_atomic(self.root / CARD_NAME, plan.card_text)
-        return PushResult(target=plan.folder, url=f"file://{self.root / plan.folder}")
+        return PushResult(target=plan.folder, url=f"file://{self.root / plan.folder}",
+                          relisted=None if relisted is None else sorted({*relisted, plan.folder}))
+
+    def _check_relisting(self, folder: str, relisted: dict, problems: dict, damaged: bytes | None,
+                         report: Progress) -> None:
+        """Refuse to write an index that would leave out a package folder of the store (other than the one this push
+        replaces); say which targets of the damaged index have no folder left."""
+        problems.pop(folder, None)
+        if problems:
+            raise PublishError(f"cannot list the package folders of {self.display} again: "
+                               + "; ".join(f"{name}: {why}" for name, why in sorted(problems.items())),
+                               f"push those targets' packages to {self.display} again, or move their folders out "
+                               "of the store, then push this one again (nothing was written)")
+        if relisted:
+            report.info(f"listing {len(relisted)} package folders found in {self.display}: {sorted(relisted)}")
+        gone = sorted(set(_listed_folders(damaged)) - set(relisted) - {folder})
+        if gone:
+            log.warning("%s: the damaged %s listed %s, which have no package folder in the store: not listed again",
+                        self.display, INDEX_NAME, gone)
 
     def _refuse_a_user_folder(self) -> None:
         """A push writes into a new or empty folder, or a store: a folder of other files without an index is a
         user's (the push would rewrite its README.md and replace its `<target>/` folders)."""
         if not self.root.is_dir() or (self.root / INDEX_NAME).is_file():
             return
-        theirs = [name for name in foreign_files(self.root)
-                  if not name.startswith((LOCK_NAME, STAGING_PREFIX, REPLACED_PREFIX))]  # a killed first push's
+        theirs = [name for name in foreign_files(self.root)  # a killed first push's, or a store that lost its index
+                  if not name.startswith((LOCK_NAME, STAGING_PREFIX, REPLACED_PREFIX, f"{INDEX_NAME}.damaged-"))
+                  and not (name == CARD_NAME and _is_aotpack_card(self.root / CARD_NAME))]
         if theirs:
             raise PublishError(f"{self.root} is not an aotpack store (it has no {INDEX_NAME}) and holds files aotpack "
                                f"did not write: {some_of(theirs)}",
@@ -132,6 +186,54 @@ class FileStore:
             if parent.is_dir() else []
         seen = f"stores next to it: {', '.join(stores)}" if stores else f"no stores found in {parent}"
         return f"check the path ({seen}), or push a package there first: aotpack push PACKAGE {self.display}"
+
+
+def package_folders(root: Path) -> list[str]:
+    """The package folders of the store layout under `root`: `<target>/torch-<X.Y>` and older repos' `<target>`."""
+    found = []
+    for target in sorted(root.iterdir()):
+        if target.is_symlink() or not target.is_dir() or not is_folder_name(target.name):
+            continue
+        if (target / MANIFEST_NAME).is_file():
+            found.append(target.name)
+        for series in sorted(target.iterdir()):
+            name = f"{target.name}/{series.name}"
+            if is_folder_name(name) and series.is_dir() and not series.is_symlink() \
+                    and (series / MANIFEST_NAME).is_file():
+                found.append(name)
+    return found
+
+
+def package_entries(root: Path) -> tuple[dict, dict]:
+    """Index entries of the package folders under `root` that verify, and why each other one does not."""
+    entries, problems = {}, {}
+    for folder in package_folders(root):
+        path = root / folder
+        try:
+            manifest = read_manifest(path)
+            verify_files(path, manifest)  # an index lists nothing a pull would refuse
+            expected = package_folder(manifest) if "/" in folder else target_folder(manifest.target)
+            if expected != folder:
+                raise PublishError(f"it holds the package of {expected}")
+        except AotpackError as err:
+            problems[folder] = err.problem
+            continue
+        pushed = datetime.datetime.fromtimestamp((path / MANIFEST_NAME).stat().st_mtime, datetime.UTC)
+        entry = index_entry(manifest, path, pushed.replace(microsecond=0).isoformat())  # a push wrote the manifest
+        if "/" not in folder:  # an older repo's `<target>/` folder: keyed by the target alone, no series
+            entry["folder"] = folder
+            entry.pop("torch_series")
+        entries[folder] = entry
+    return entries, problems
+
+
+def _listed_folders(damaged: bytes | None) -> list[str]:
+    """The folder keys a damaged index still shows, as far as it parses (for the warning only)."""
+    try:
+        targets = json.loads(damaged).get("targets") if damaged else None
+    except (ValueError, AttributeError):
+        return []
+    return [name for name in targets if isinstance(name, str)] if isinstance(targets, dict) else []
 
 
 def copy_with_progress(pairs: list[tuple[Path, Path]], label: str) -> None:
@@ -149,14 +251,26 @@ def copy_with_progress(pairs: list[tuple[Path, Path]], label: str) -> None:
             shutil.copymode(src, dst)
 
 
+def _is_aotpack_card(path: Path) -> bool:
+    from .model_card import BEGIN
+
+    try:
+        return BEGIN.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
 def _read(path: Path) -> bytes | None:
     # the index and the card as bytes: `parse_index` and the card's parse report bytes that are not text
     return path.read_bytes() if path.is_file() else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str | bytes) -> None:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temporary.write_text(text)
+    if isinstance(text, bytes):
+        temporary.write_bytes(text)
+    else:
+        temporary.write_text(text)
     os.replace(temporary, path)
 
 

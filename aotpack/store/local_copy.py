@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import PublishError
-from .manifest import MANIFEST_NAME, files_of_package
+from .manifest import MANIFEST_NAME, enclosing_package, files_of_package
 from .repo_layout import INDEX_NAME
 
 STAGING_PREFIX = ".incoming-"
@@ -91,11 +91,11 @@ def refuse_package_as_local_dir(local_dir: Path) -> None:
     """A pull writes `<target>/` and the index into `local_dir`: inside a package they would be files its manifest
     does not list, and the package would fail verification."""
     local_dir = local_dir.resolve()
-    packages = [folder for folder in [local_dir, *local_dir.parents] if aotpack_written_files(folder) is not None]
-    if packages:
-        where = "is" if packages[0] == local_dir else "is inside"
-        raise PublishError(f"--local-dir {local_dir} {where} the aotpack package {packages[0]}",
-                           f"pull into a folder outside any package, e.g. --local-dir {packages[-1].parent / 'pulled'}")
+    if package := enclosing_package(local_dir):
+        where = "is" if package == local_dir else "is inside"
+        outside = enclosing_package(local_dir, outermost=True).parent / "pulled"
+        raise PublishError(f"--local-dir {local_dir} {where} the aotpack package {package}",
+                           f"pull into a folder outside any package, e.g. --local-dir {outside}")
 
 
 def swap_in(staging: Path, final: Path, overwrite: bool = False) -> None:

@@ -205,6 +205,29 @@ def recorded_model(manifest: Manifest) -> tuple[str, str | None]:
     return model_id, revision
 
 
+def is_package_dir(path: Path) -> bool:
+    """A directory aotpack wrote: it holds a manifest.json that parses as a JSON object with a target."""
+    try:
+        data = json.loads((Path(path) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "target" in data
+
+
+def enclosing_package(path: Path, *, outermost: bool = False) -> Path | None:
+    """The package folder that is `path` or holds it (resolved), nearest first, or the outermost one (an older
+    repo's `<target>/` package holds `torch-X.Y/` packages); None outside any package. Build and pull ask this
+    before writing: a file added inside a package makes it fail verification."""
+    path = Path(path).resolve()
+    found = None
+    for folder in (path, *path.parents):
+        if is_package_dir(folder):
+            if not outermost:
+                return folder
+            found = folder
+    return found
+
+
 def files_of_package(folder: Path) -> list[str]:
     """Relative paths of the files under `folder`, leaving out nested packages (an older repo's
     `<target>/` package folder holds the `<target>/torch-<X.Y>/` folders of later pushes)."""

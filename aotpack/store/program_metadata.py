@@ -1,9 +1,11 @@
 """`aotpack.json` inside each `.pt2`: what the program was compiled for, covered by its sha256.
 
 The manifest is the index; the archive is the truth. `max_rank`, the slot table (names and
-in/out features, in input order) and the activation inputs are written into the archive at build
-time, so an edited manifest (a larger `max_rank`, a reordered slot list) is refused at load
-instead of feeding the program tensors of the wrong shape (NaN or wrong output with exit 0).
+in/out features, in input order), the activation inputs and the dynamic shape ranges (batch,
+image_tokens, text_tokens) are written into the archive at build time, so an edited manifest (a
+larger `max_rank`, a reordered slot list, a wider `image_tokens`) is refused at load instead of
+feeding the program tensors of the wrong shape (NaN or wrong output with exit 0, or a size the
+compiled code never allowed for).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def _slot_prefix(kind: str, instance) -> str:
     return instance_slot_prefix(kind, instance)
 
 
-def program_metadata(spec, manifest_max_rank: int, slot_table: dict) -> dict:
-    """The record written into a program: derived from the build's own spec, before the manifest is written."""
+def program_metadata(spec, manifest_max_rank: int, slot_table: dict, shapes: dict) -> dict:
+    """The record written into a program: derived from the build's own spec, before the manifest is written.
+    `shapes`: the package's ranges the program was exported from (split programs take a shard of them)."""
     prefix = _slot_prefix(spec.kind, spec.instances[0])
     return {
         "format": METADATA_FORMAT,
@@ -34,7 +37,13 @@ def program_metadata(spec, manifest_max_rank: int, slot_table: dict) -> dict:
         "slots": [{"name": name, "in_features": slot_table[prefix + name].in_features,
                    "out_features": slot_table[prefix + name].out_features} for name in spec.slots],
         "inputs": spec.inputs,
+        # added within format 1: records without it (older builds) skip the check, older readers ignore it
+        "shapes": _plain_shapes(shapes),
     }
+
+
+def _plain_shapes(shapes: dict) -> dict:
+    return {name: [int(low), int(high)] for name, (low, high) in sorted(shapes.items())}
 
 
 def _archive_root(archive: zipfile.ZipFile) -> str:
@@ -42,9 +51,9 @@ def _archive_root(archive: zipfile.ZipFile) -> str:
     return next(iter(roots)) if len(roots) == 1 else ""
 
 
-def stamp_program(path: Path, spec, max_rank: int, slot_table: dict) -> None:
+def stamp_program(path: Path, spec, max_rank: int, slot_table: dict, shapes: dict) -> None:
     """Add `<root>/aotpack.json` to the program archive at `path` (before its sha256 is taken)."""
-    record = program_metadata(spec, max_rank, slot_table)
+    record = program_metadata(spec, max_rank, slot_table, shapes)
     with zipfile.ZipFile(path, "a") as archive:
         root = _archive_root(archive)
         archive.writestr(f"{root}/{METADATA_NAME}" if root else METADATA_NAME, json.dumps(record, indent=1))
@@ -68,7 +77,8 @@ def read_program_metadata(path: Path) -> dict | None:
 
 
 def check_program_metadata(path: Path, spec, manifest) -> None:
-    """The manifest's max_rank, slot table and inputs for this program match what it was compiled for."""
+    """The manifest's max_rank, slot table, inputs and shape ranges for this program match what it was compiled
+    for."""
     record = read_program_metadata(path)
     if record is None:  # built before records existed: only the sha256 covers it (docs/reliability.md)
         return
@@ -83,6 +93,9 @@ def check_program_metadata(path: Path, spec, manifest) -> None:
     if record.get("inputs") != spec.inputs:
         raise PackageMismatchError(f"manifest inputs of {spec.kind} differ from those {path.name} was compiled for",
                                    fix)
+    compiled_shapes = record.get("shapes")
+    if compiled_shapes is not None:  # absent: built before shapes were recorded (sha256 only, as above)
+        _check_shapes(path, manifest.shapes, compiled_shapes, fix)
     table = manifest.slot_table()
     compiled = record.get("slots") or []
     if [s.get("name") for s in compiled] != list(spec.slots):
@@ -98,3 +111,17 @@ def check_program_metadata(path: Path, spec, manifest) -> None:
                 raise PackageMismatchError(
                     f"manifest slot {prefix + slot['name']!r} ({have}) differs from {path.name}'s compiled "
                     f"{slot['in_features']}x{slot['out_features']}", fix)
+
+
+def _check_shapes(path: Path, shapes: dict, compiled, fix: str) -> None:
+    """A range the programs were not exported for (a wider `image_tokens`, say) would reach a compiled call
+    that fails obscurely or computes garbage; a narrower one is an edit as well."""
+    if not isinstance(compiled, dict):
+        raise PackageIntegrityError(f"program {path} holds a {METADATA_NAME} whose shapes are {compiled!r}",
+                                    "pull or build the package again")
+    declared = _plain_shapes(shapes)  # the manifest schema checked it: names -> [lo, hi] integers
+    for name in sorted(set(declared) | set(compiled)):
+        have, built = declared.get(name), compiled.get(name)
+        if have != built:
+            raise PackageMismatchError(f"manifest shapes.{name} is {have}, but {path.name} was compiled for "
+                                       f"{name} {built}", fix)

@@ -212,11 +212,13 @@ def runs_here_warning(entry: dict) -> str | None:
 # -- push ------------------------------------------------------------------------------------------
 def push_package(package, repo: str, *, revision: str | None = None, private: bool = False,
                  token: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                 progress: bool | Progress = False):
+                 repair_index: bool = False, progress: bool | Progress = False):
     """Publish a package to `repo` (Hub id, `hf://…` or `file:///…`) in the folder named after its target.
 
     The repo's index and model card are merged with what is there (other targets are kept), and
-    the package is verified before anything is uploaded. Returns a `PushResult`.
+    the package is verified before anything is uploaded. `repair_index` (file stores): a damaged
+    index is written again from the store's verified package folders, the damaged file kept beside it.
+    Returns a `PushResult`.
     """
     report = _report(progress)
     package_dir = locate_package(package)
@@ -229,6 +231,10 @@ def push_package(package, repo: str, *, revision: str | None = None, private: bo
     if ref.kind == "file" and (private or create_pr):
         raise PublishError(f"{'--private' if private else '--create-pr'} is a Hub feature; {ref} is a file store",
                            "drop the flag (file stores are as private as their directory's permissions)")
+    if repair_index and ref.kind != "file":  # listing a Hub repo's folders again would download every package
+        raise PublishError(f"--repair-index rewrites a file store's index from its folders; {ref} is a Hub repo",
+                           f"restore the last good {INDEX_NAME} from the repo's history, or delete it and push each "
+                           "target's package there again")
     store = open_store(ref, token)
 
     def make_plan(index_text: str | bytes | None, card_text: str | bytes | None):
@@ -236,4 +242,6 @@ def push_package(package, repo: str, *, revision: str | None = None, private: bo
 
     message = commit_message or (f"aotpack push {manifest.target} ({manifest.model['id']}, "
                                  f"torch {manifest.versions['torch']})")
-    return store.push(make_plan, commit_message=message, private=private, create_pr=create_pr, report=report)
+    extra = {"repair_index": True} if repair_index else {}
+    return store.push(make_plan, commit_message=message, private=private, create_pr=create_pr, report=report,
+                      **extra)

@@ -50,6 +50,11 @@ class PushResult:
     url: str  # web URL of the target folder (Hub), or its file:// URL (file store)
     pr_url: str | None = None
     commit: str | None = None
+    relisted: list[str] | None = None  # file store: folders the index was written from (it was missing or repaired)
+
+
+class DamagedIndexError(PublishError):
+    """An index that cannot be read as aotpack's (not one of a newer format: that one is never rewritten)."""
 
 
 def target_folder(target: str) -> str:
@@ -67,7 +72,7 @@ def package_folder(manifest: Manifest) -> str:
     return f"{target_folder(manifest.target)}/torch-{torch_series(manifest.versions['torch'])}"
 
 
-def _is_folder_name(name: str) -> bool:
+def is_folder_name(name: str) -> bool:
     """An index key: `<target>` (older repos) or `<target>/torch-<X.Y>`; never a path outside the repo."""
     parts = name.split("/")
     return (1 <= len(parts) <= 2 and all(_FOLDER_NAME.fullmatch(p) for p in parts)
@@ -158,7 +163,7 @@ def check_index(data, where: str) -> dict:
         raise _damaged(where, f"targets is {_shown(data.get('targets'))}, expected an object (folder -> entry)")
     for name, entry in data["targets"].items():
         at = f"targets[{name!r}]"
-        if not _is_folder_name(name):
+        if not is_folder_name(name):
             raise _damaged(where, f"{at} names a folder that is not <target> or <target>/torch-<X.Y>")
         _check_fields(entry, _ENTRY_FIELDS, at, where)
         missing = [field for field in _ENTRY_REQUIRED if field not in entry]
@@ -191,11 +196,18 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _damaged(where: str, what: str) -> PublishError:
-    # pushing rewrites the index from the one there, so a damaged one goes first
-    return PublishError(f"the {INDEX_NAME} of {where} is damaged: {what}",
-                        f"re-push: delete {INDEX_NAME} from {where}, then push each target's package there again "
-                        f"(aotpack push PACKAGE {where})")
+def _damaged(where: str, what: str) -> DamagedIndexError:
+    # pushing merges with the index there, so a damaged one must be rewritten or removed first
+    problem = f"the {INDEX_NAME} of {where} is damaged: {what}"
+    if where.startswith("file://"):  # a file store holds its packages: the index can be listed from them again
+        return DamagedIndexError(problem, f"rewrite it from the package folders in the store: aotpack push PACKAGE "
+                                          f"{where} --repair-index (each folder is verified; the damaged file is kept "
+                                          f"as {INDEX_NAME}.damaged-<time>); or delete {INDEX_NAME} from {where}, "
+                                          "then push a package there (a push into a store without an index lists "
+                                          "its package folders again)")
+    return DamagedIndexError(problem, f"re-push: delete {INDEX_NAME} from {where}, then push each target's package "
+                                      f"there again (aotpack push PACKAGE {where}), or restore its last good version "
+                                      "from the repo's history")
 
 
 def render_index(index: dict) -> str:
