@@ -114,6 +114,35 @@ def test_the_live_set_reports_what_was_parsed(served_tiny, demo_loras):
     assert adapters_used(served_tiny) == []
 
 
+def test_a_file_switch_does_not_wait_for_the_sha256(served_tiny, demo_loras, tmp_path, monkeypatch):
+    """The digest is hashed on a background thread: a switch from a file (and the serve worker's record of it)
+    returns while the hash is still held back; the provenance read afterwards waits for it and is exact."""
+    import threading
+
+    from aotpack.adapters import files
+
+    release, hashing = threading.Event(), threading.Event()
+    real = hashlib.sha256
+
+    def held_back(data):
+        hashing.set()
+        assert release.wait(60)
+        return real(data)
+
+    monkeypatch.setattr(files.hashlib, "sha256", held_back)
+    path = tmp_path / "fresh.safetensors"  # a new file: parsed, not taken from the adapter cache
+    shutil.copy(demo_loras["tiny-style-attn"], path)
+    try:
+        switch = served_tiny.set_loras([(str(path), 0.8)])
+        assert switch.parsed == 1 and hashing.is_set() and not release.is_set()  # done while the hash waits
+        (adapter, _), = served_tiny.live_adapters()
+        assert not adapter.digest.done() and adapter.provenance(wait=False)["sha256"] is adapter.digest
+    finally:
+        release.set()
+    assert adapters_used(served_tiny)[0]["sha256"] == sha256(path)
+    served_tiny.set_loras([])
+
+
 def test_the_run_report_names_each_adapter_file_and_commit(hub, tiny_package, demo_loras, tmp_path):
     _, [_, (head, head_bytes)] = hub
     local = demo_loras["tiny-style-attn"]

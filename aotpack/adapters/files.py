@@ -8,6 +8,7 @@ checked against the file size first, so truncated or corrupt files fail with a c
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -146,20 +147,24 @@ def load_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.
     return tensors, metadata
 
 
-def read_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """`load_safetensors`' (tensors, metadata) and the sha256 (hex) of the very bytes they were read from.
+def read_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.Tensor], dict, concurrent.futures.Future]:
+    """`load_safetensors`' (tensors, metadata) and a `Future` of the sha256 (hex) of the very bytes they were read
+    from, hashed on a background thread (hashlib releases the GIL) while the caller parses and switches.
 
-    The digest is taken from the one read of the file (never a second read, which could also see other
-    bytes). Its cost on a 2-core AMD EPYC CPU machine (OpenSSL 3.0, SHA-NI; 2026-12-06, a 303 MB rank-64
-    float32 file from the page cache, best of 5): 0.17 s (1.8 GB/s), as long as the read itself (0.17 s),
-    and ~5% of the whole host `parse_adapter` of that file (3.1 s); hashing a second read of the file
-    (`hashlib.file_digest`) took 0.19-0.29 s.
+    The digest is taken from the one read of the file (never a second read, which could also see other bytes).
+    In the foreground it cost a file switch most of its time: on the H100 machine's host (2026-12-06, the
+    687 MB rank-64 benchmark LoRA from the page cache, `scripts/gpu/probe_provenance_cost.py`) the read to the
+    GPU took 0.17 s without it and 0.90 s with it (sha256 alone 0.73 s, ~0.94 GB/s), a file switch 0.76-0.81 s.
     """
     return _load(path, device, with_sha256=True)
 
 
-def _load(path: str | Path, device, *, with_sha256: bool) -> tuple[dict[str, torch.Tensor], dict, str | None]:
-    """The tensors of `path` (on `device`), its diffusers LoRA metadata, and (`with_sha256`) its bytes' sha256.
+_HASHING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="aotpack-sha256")
+
+
+def _load(path: str | Path, device, *, with_sha256: bool):
+    """The tensors of `path` (on `device`), its diffusers LoRA metadata, and (`with_sha256`) a Future of its bytes'
+    sha256 (else None).
 
     `device`: the tensors are views of one copy of the file's bytes on that device. For a GPU the file
     is read into pinned memory and sent in one asynchronous copy (on the current stream), so that the
@@ -189,8 +194,8 @@ def _load(path: str | Path, device, *, with_sha256: bool) -> tuple[dict[str, tor
     base = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
     if device is not None:
         buffer = buffer.to(device, non_blocking=pinned)
-    # from the host bytes, while an asynchronous copy to the device runs (hashlib releases the GIL)
-    sha256 = hashlib.sha256(data).hexdigest() if with_sha256 else None
+    # from the host bytes, which the hashing thread keeps alive (`data` views them) until it is done
+    sha256 = _HASHING.submit(lambda: hashlib.sha256(data).hexdigest()) if with_sha256 else None
     tensors = _tensors_in(path, buffer, header, base)
     # Key order as safetensors' load_file (and so diffusers) gives it: diffusers' choice of a default
     # alpha depends on it (its "most common alpha" counts tensors by identity, so the first one wins).

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import math
 import re
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ class LayerDelta:
         return self.A.shape[0]
 
 
+
+def resolved(value):
+    """`value`, or the result of a `Future` (a background sha256, `read_safetensors`)."""
+    return value.result() if isinstance(value, Future) else value
+
 @dataclasses.dataclass
 class Adapter:
     """A parsed adapter in compact form (rank-r factors), ready to be stacked into slots."""
@@ -54,10 +60,16 @@ class Adapter:
     notes: list[str]
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))  # identity of this parse
     # provenance, to reproduce an output: the sha256 of the file's bytes as parsed (None for an in-memory state
-    # dict), and for a Hub file the revision asked for (None: the default branch) and the commit it resolved to
-    sha256: str | None = None
+    # dict; a Future while a background thread hashes them, `read_safetensors`), and for a Hub file the revision
+    # asked for (None: the default branch) and the commit it resolved to
+    digest: "str | Future[str] | None" = None
     revision: str | None = None
     commit_hash: str | None = None
+
+    @property
+    def sha256(self) -> str | None:
+        """The sha256 of the bytes parsed (waits for their background hash, ~1 s a GB)."""
+        return resolved(self.digest)
 
     @property
     def nbytes(self) -> int:
@@ -68,10 +80,11 @@ class Adapter:
     def max_rank(self) -> int:
         return max((d.rank for d in self.layers.values()), default=0)
 
-    def provenance(self) -> dict:
+    def provenance(self, *, wait: bool = True) -> dict:
         """What identifies the bytes this adapter was parsed from: {"source", "sha256", "revision", "commit_hash"}
-        (huggingface_hub's names; the last two None for a local file)."""
-        return {"source": self.source, "sha256": self.sha256, "revision": self.revision,
+        (huggingface_hub's names; the last two None for a local file). `wait=False`: "sha256" may still be a
+        Future (`resolved` gives its value), for records kept past a switch that must not wait for the hash."""
+        return {"source": self.source, "sha256": self.sha256 if wait else self.digest, "revision": self.revision,
                 "commit_hash": self.commit_hash}
 
     def to(self, device=None, dtype=None) -> "Adapter":
@@ -314,16 +327,16 @@ def parse_adapter(source: str | Path | AdapterSource, *, weight_name: str | None
             # twice there, which a full small card may not have. The host parse below is the
             # reference (and gives the real error for a file that is broken).
             pass
-    tensors, metadata, sha256 = read_safetensors(path)
+    tensors, metadata, digest = read_safetensors(path)
     adapter = dataclasses.replace(parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata),
-                                  sha256=sha256, revision=where.revision, commit_hash=commit_hash)
+                                  digest=digest, revision=where.revision, commit_hash=commit_hash)
     return adapter if device is None else adapter.to(device, dtype)
 
 
 def _parse_on(device, dtype, path: Path, name: str, where: AdapterSource, commit_hash: str | None) -> Adapter:
-    tensors, metadata, sha256 = read_safetensors(path, device=device)
+    tensors, metadata, digest = read_safetensors(path, device=device)
     adapter = dataclasses.replace(parse_state_dict(tensors, name=name, source=where.describe(), metadata=metadata),
-                                  sha256=sha256, revision=where.revision, commit_hash=commit_hash)
+                                  digest=digest, revision=where.revision, commit_hash=commit_hash)
     factors = _compact([t for d in adapter.layers.values() for t in (d.A, d.B)], dtype)
     layers = {k: LayerDelta(a, b) for k, a, b in zip(adapter.layers, factors[0::2], factors[1::2])}
     host = {k: v.cpu() for k, v in adapter.text_encoder.items()}

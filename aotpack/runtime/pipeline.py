@@ -329,15 +329,16 @@ def _refusing_non_finite(served):
         yield
         return
 
-    def check_input(module, args):
-        if args and torch.is_tensor(args[0]):
-            NonFiniteOutputError.refuse(args[0], "latents")
-
+    # Both checks after the decode: one before it waited for the GPU between the last step and the decode,
+    # which then could not be queued behind the steps (with it, a 1024² 28-step image took 2.97 s against
+    # 2.94-2.96 s for diffusers' own call: H100, random weights, 2026-12-06, scripts/gpu/probe_provenance_cost.py).
     def check_output(module, args, output):
+        if args and torch.is_tensor(args[0]):
+            NonFiniteOutputError.refuse(args[0], "latents")  # named first: NaN pixels follow from NaN latents
         if torch.is_tensor(output):
             NonFiniteOutputError.refuse(output, "pixels")
 
-    handles = [decoder.register_forward_pre_hook(check_input), decoder.register_forward_hook(check_output)]
+    handles = [decoder.register_forward_hook(check_output)]
     try:
         yield
     finally:

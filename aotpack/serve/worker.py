@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..adapters.parse import parse_adapter
+from ..adapters.parse import parse_adapter, resolved
 from ..runtime.jobs import adapters_used
 from .generate import Params, generate
 
@@ -160,8 +160,8 @@ class Worker:
                         self._prefetched.discard(key)
                         info["prefetched"] += 1
                 result = self.served.set_loras(sources)
-                for (source, _), key, used in zip(sources, keys, adapters_used(self.served)):
-                    self._record(source, key, used)
+                for (source, _), key, (adapter, _) in zip(sources, keys, self.served.live_adapters()):
+                    self._record(source, key, adapter)
         finally:
             self._no_switch.set()
         self.active_set = adapter_set
@@ -229,7 +229,7 @@ class Worker:
                 return False
             cache.add(source, adapter, key=key)
             self._prefetched.add(key)
-        self._record(source, key, adapter.provenance())
+        self._record(source, key, adapter)
         self.stats["prefetched"] += 1
         return True
 
@@ -242,19 +242,21 @@ class Worker:
                 return cache.get(source)
         key = cache.key_of(source)  # before the parse, as in `stage`
         adapter = self._parse_unlocked(source, None)
-        self._record(source, key, adapter.provenance())
+        self._record(source, key, adapter)
         with self.cache_lock:
             return cache.add(source, adapter, key=key)
 
     # -- provenance
-    def _record(self, source, key: tuple, provenance: dict) -> None:
+    def _record(self, source, key: tuple, adapter) -> None:
+        # not waiting for the file's background sha256 (most of a file switch's time if waited for here)
+        provenance = adapter.provenance(wait=False)
         self._provenance[source] = (key, {k: provenance.get(k) for k in PROVENANCE})
 
     def provenance(self, source) -> dict:
         """`Adapter.provenance()` of `source`'s file as last parsed here ({} before its first parse, or once the
         file changed since: a rewritten local file has another cache key)."""
         key, provenance = self._provenance.get(source, (None, {}))
-        return provenance if key == source.cache_key() else {}
+        return {k: resolved(v) for k, v in provenance.items()} if key == source.cache_key() else {}
 
     def _answer_adapters(self, adapter_set: tuple) -> list[dict]:
         """The answer's adapters: each registered name and scale, with the sha256, revision and commit_hash of the
