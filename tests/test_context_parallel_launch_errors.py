@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from processes import alive
 
 from aotpack.cli import cli
 
@@ -102,17 +103,6 @@ def _rank_waits(ctx):
     return "finished"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone as a process; only its entry waits for its parent
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("when", ["before rank 1 is forked", "after rank 1 is forked, inside its start"])
 def test_ctrl_c_while_the_ranks_start_leaves_no_rank_running(monkeypatch, when):
     """The launcher started every rank before it held any of them: a Ctrl-C between two starts (or inside one,
@@ -140,11 +130,11 @@ def test_ctrl_c_while_the_ranks_start_leaves_no_rank_running(monkeypatch, when):
         monkeypatch.undo()
         assert len(forked) == (1 if when.startswith("before") else 2)
         deadline = time.monotonic() + GONE_BOUND_S
-        while any(map(_alive, forked)) and time.monotonic() < deadline:
+        while any(map(alive, forked)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [pid for pid in forked if _alive(pid)], "a rank outlived the interrupted launch"
+        assert not [pid for pid in forked if alive(pid)], "a rank outlived the interrupted launch"
         assert set(Path(tempfile.gettempdir()).glob("aotpack-parallel-run-*")) <= before  # the run's folder went
     finally:
         for pid in forked:  # never leave a rank of this test behind
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

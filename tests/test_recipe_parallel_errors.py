@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from processes import alive
 
 from aotpack.cli import cli
 from aotpack.errors import AotpackError, RecipeError
@@ -161,17 +162,6 @@ def _rank_waits(ctx, pid_dir):
     return "finished"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone as a process; only its entry waits for its parent
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_rank_that_dies_without_an_error_is_named_not_the_rank_that_saw_it_go(tmp_path):
     """Rank 1 was killed; rank 0 then failed with gloo's "Connection closed by peer" and left its error file before
     it was torn down. The run was reported as "rank 0 failed ... Connection closed by peer"."""
@@ -274,9 +264,9 @@ def test_ranks_never_outlive_an_interrupted_or_killed_launcher(tmp_path, sig, si
         launcher.send_signal(sig)
         output = launcher.communicate(timeout=40)[0].decode(errors="replace")
         assert launcher.returncode != 0 and "finished" not in output
-        while any(map(_alive, ranks)) and time.monotonic() - signaled < 40:
+        while any(map(alive, ranks)) and time.monotonic() - signaled < 40:
             time.sleep(0.2)
-        assert not [pid for pid in ranks if _alive(pid)], "a rank outlived its launcher"
+        assert not [pid for pid in ranks if alive(pid)], "a rank outlived its launcher"
         assert time.monotonic() - signaled < 30  # not the minute rank 0 would have worked on
     finally:
         if launcher.poll() is None:
@@ -284,7 +274,7 @@ def test_ranks_never_outlive_an_interrupted_or_killed_launcher(tmp_path, sig, si
             launcher.wait()
         for pid_file in tmp_path.glob("rank*.pid"):  # never leave a rank of this test behind
             pid = int(pid_file.read_text())
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         from aotpack.runtime.process_folders import remove_orphans
 
