@@ -123,6 +123,9 @@ def test_ctrl_c_while_the_ranks_start_leaves_no_rank_running(monkeypatch, when):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C reaching the launcher before `start` returns
 
     monkeypatch.setattr(popen_spawn_posix.Popen, "_launch", launch_rank)
+    # Python's Ctrl-C handler, as an interactive launcher has it: a suite started in the background by a script
+    # (`nohup bash .ci/run &`) inherits SIGINT ignored, and the signal above would do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = set(Path(tempfile.gettempdir()).glob("aotpack-parallel-run-*"))
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -135,6 +138,7 @@ def test_ctrl_c_while_the_ranks_start_leaves_no_rank_running(monkeypatch, when):
         assert not [pid for pid in forked if alive(pid)], "a rank outlived the interrupted launch"
         assert set(Path(tempfile.gettempdir()).glob("aotpack-parallel-run-*")) <= before  # the run's folder went
     finally:
+        signal.signal(signal.SIGINT, previous)
         for pid in forked:  # never leave a rank of this test behind
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
