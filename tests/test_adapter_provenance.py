@@ -196,3 +196,38 @@ def test_the_http_answer_and_listing_carry_sha256_and_commit(hub, tiny_package, 
         listed = {a["name"]: a for a in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
         assert {k: listed["attn"][k] for k in local_file} == local_file
         assert {k: listed["hub"][k] for k in hub_file} == hub_file
+
+
+def test_the_adapter_listing_does_not_wait_for_a_hash_still_running(tiny_package, demo_loras, monkeypatch):
+    """GET /v1/adapters runs on the server's event loop: a sha256 still being hashed is null there, not waited
+    for (every request would stall); the generation answers and POST wait for it."""
+    import threading
+
+    from aotpack.adapters import files
+    from aotpack.adapters.cache import AdapterCache
+    from aotpack.serve.service import Service
+
+    release = threading.Event()
+    real = hashlib.sha256
+    monkeypatch.setattr(files.hashlib, "sha256", lambda data: (release.wait(60), real(data))[1])
+
+    class Loaded:  # the worker's view of a loaded pipeline: its adapter cache
+        def __init__(self):
+            import torch
+
+            self.device = torch.device("cpu")
+            self.cache = AdapterCache(self.device, torch.float32)
+
+    service = Service(tiny_package, loader=lambda: None)
+    service.worker.served = Loaded()
+    path = demo_loras["tiny-style-attn"]
+    entry = service.registry.add("attn", str(path), trusted=True)
+    try:
+        service.worker.parsed(entry.source)  # as a registration parses it
+        (listed,) = service.describe_adapters()
+        assert listed["sha256"] is None and listed["cached"]
+    finally:
+        release.set()
+    assert service.describe(entry)["sha256"] == sha256(path)
+    (listed,) = service.describe_adapters()
+    assert listed["sha256"] == sha256(path)

@@ -147,7 +147,8 @@ def load_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.
     return tensors, metadata
 
 
-def read_safetensors(path: str | Path, *, device=None) -> tuple[dict[str, torch.Tensor], dict, concurrent.futures.Future]:
+def read_safetensors(path: str | Path, *,
+                     device=None) -> tuple[dict[str, torch.Tensor], dict, concurrent.futures.Future]:
     """`load_safetensors`' (tensors, metadata) and a `Future` of the sha256 (hex) of the very bytes they were read
     from, hashed on a background thread (hashlib releases the GIL) while the caller parses and switches.
 

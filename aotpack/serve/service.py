@@ -169,12 +169,15 @@ class Service:
             self.registry.put(entry)
         return self.describe(entry)
 
-    def describe(self, entry) -> dict:
+    def describe(self, entry, *, wait: bool = True) -> dict:
+        """`entry` as the adapter endpoints answer it; `wait=False` (the listing, on the event loop): a sha256 still
+        being hashed after a parse is null rather than waited for."""
         from .registry import header_rank
 
         cache = self.worker.cache
         cached = cache is not None and entry.source in cache
-        parsed = self.worker.provenance(entry.source)  # {} until the file is parsed here: a listing reads no file
+        # {} until the file is parsed here: a listing reads no file
+        parsed = self.worker.provenance(entry.source, wait=wait)
         return {"name": entry.name, "source": entry.describe(), "rank": header_rank(entry.source),
                 "bytes": entry.file_bytes(), "cached": cached, "sha256": parsed.get("sha256"),
                 "revision": entry.source.revision, "commit_hash": parsed.get("commit_hash")}
@@ -185,7 +188,8 @@ class Service:
         described = []
         for entry in self.registry.entries():
             try:
-                described.append(self.describe(entry))
+                described.append(self.describe(entry, wait=False))
             except AotpackError as err:
-                described.append({"name": entry.name, "source": entry.describe(), "error": self.registry.redact(err.problem)})
+                described.append({"name": entry.name, "source": entry.describe(),
+                                  "error": self.registry.redact(err.problem)})
         return described

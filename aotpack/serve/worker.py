@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -252,11 +253,15 @@ class Worker:
         provenance = adapter.provenance(wait=False)
         self._provenance[source] = (key, {k: provenance.get(k) for k in PROVENANCE})
 
-    def provenance(self, source) -> dict:
+    def provenance(self, source, *, wait: bool = True) -> dict:
         """`Adapter.provenance()` of `source`'s file as last parsed here ({} before its first parse, or once the
-        file changed since: a rewritten local file has another cache key)."""
+        file changed since: a rewritten local file has another cache key). `wait=False`: a sha256 still being
+        hashed (~1 s a GB after the parse) is None instead of waited for."""
         key, provenance = self._provenance.get(source, (None, {}))
-        return {k: resolved(v) for k, v in provenance.items()} if key == source.cache_key() else {}
+        if key != source.cache_key():
+            return {}
+        return {k: resolved(v) if wait or not isinstance(v, Future) or v.done() else None
+                for k, v in provenance.items()}
 
     def _answer_adapters(self, adapter_set: tuple) -> list[dict]:
         """The answer's adapters: each registered name and scale, with the sha256, revision and commit_hash of the

@@ -4,7 +4,8 @@ One 1024² 28-step image on diffusers' own `served.pipeline` (no checks) and the
 NaN/Inf checks on latents and pixels), four pairs, diffusers' call first in each (`probe_provenance_cost.py` runs
 the checked call first). Random weights (random:flux-dev), random prompt embeddings.
 
-On the GPU machine: `source scripts/gpu/env.sh && python3 scripts/gpu/probe_image_checks_order.py PACKAGE_DIR OUT.json`
+On the GPU machine:
+`source scripts/gpu/env.sh && python3 scripts/gpu/probe_image_checks_order.py PACKAGE_DIR OUT.json`
 """
 
 import json, sys, time, torch

@@ -11,7 +11,8 @@ nothing regresses)
    check) against the same call on `served.pipeline` (diffusers' own, no checks), alternated, three of each.
 Random weights (random:flux-dev), random prompt embeddings.
 
-On the GPU machine: `source scripts/gpu/env.sh && python3 scripts/gpu/probe_provenance_cost.py PACKAGE_DIR $OUT/provenance.json`
+On the GPU machine:
+`source scripts/gpu/env.sh && python3 scripts/gpu/probe_provenance_cost.py PACKAGE_DIR $OUT/provenance.json`
 """
 
 import hashlib
