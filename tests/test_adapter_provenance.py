@@ -231,3 +231,41 @@ def test_the_adapter_listing_does_not_wait_for_a_hash_still_running(tiny_package
     assert service.describe(entry)["sha256"] == sha256(path)
     (listed,) = service.describe_adapters()
     assert listed["sha256"] == sha256(path)
+
+
+def test_a_job_starts_its_steps_while_the_sha256_is_still_hashed(served_tiny, demo_loras, tmp_path, monkeypatch):
+    """`aotpack run` reports each adapter's sha256, but reads it after the image: had the job read it at the
+    switch, its first step would wait for the background hash (~0.5 s for a rank-64 FLUX.1-dev LoRA)."""
+    import threading
+
+    from aotpack.adapters import files
+    from aotpack.runtime.jobs import Request, run_request
+    from aotpack.runtime.requests import PackageLimits, validate_request
+
+    first_step, hashed, steps_while_hashing = threading.Event(), threading.Event(), []
+    real = hashlib.sha256
+
+    def held_back(data):
+        first_step.wait(10)  # a job that waits for the hash before its steps lets this time out
+        digest = real(data)
+        hashed.set()
+        return digest
+
+    def step_starts(module, args, kwargs):
+        steps_while_hashing.append(not hashed.is_set())
+        first_step.set()
+
+    monkeypatch.setattr(files.hashlib, "sha256", held_back)
+    path = tmp_path / "fresh.safetensors"  # a new file: parsed, not taken from the adapter cache
+    shutil.copy(demo_loras["tiny-style-mlp"], path)
+    request = validate_request(Request(prompt="a cat", steps=1, height=64, width=64, max_sequence_length=16,
+                                       loras=[(str(path), 0.7)]),
+                               PackageLimits(image_tokens=(16, 4096), text_tokens=(8, 512)))
+    hook = served_tiny.transformer.register_forward_pre_hook(step_starts, with_kwargs=True)
+    try:
+        result = run_request(served_tiny, request)
+    finally:
+        hook.remove()
+        served_tiny.set_loras([])
+    assert steps_while_hashing[:1] == [True]
+    assert [(a["source"], a["sha256"]) for a in result.adapters] == [(str(path), sha256(path))]

@@ -118,7 +118,7 @@ class AdapterCache:
 
     def _warn_if_pins_exceed_budget(self) -> None:
         """Log once per budget when the pinned entries alone exceed it (eviction cannot bring the cache within it)."""
-        pinned = [k for k in frozenset().union(*self._pins.values()) if k in self._sizes]
+        pinned = [k for k in self.pinned if k in self._sizes]
         pinned_bytes = sum(self._sizes[k] for k in pinned)
         if pinned_bytes <= self._budget or self._warned_over_budget:
             return
@@ -199,7 +199,7 @@ class AdapterCache:
         """Drop the least recently used entries until within the budget; never `keep` (the newest) nor a pinned one."""
         if self._nbytes <= self._budget:
             return
-        pinned = frozenset().union(*self._pins.values())
+        pinned = self.pinned
         for key in [k for k in self._entries if k != keep and k not in pinned]:  # oldest first
             if self._nbytes <= self._budget:
                 break

@@ -78,10 +78,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: {problem}", _ATTENTION_PARALLEL_FIX)
         if problem := layout_parallel_conflict(self.layout, self.parallel):
             raise RecipeError(f"recipe {self.name!r}: {problem}", _LAYOUT_PARALLEL_FIX)
-        if self.batched_modulation and (self.layout != "regional" or self.parallel != "none"):
-            raise RecipeError(f"recipe {self.name!r}: batched_modulation = true needs the regional layout without "
-                              f"context parallelism (layout = {self.layout!r}, parallel = {self.parallel!r})",
-                              "set batched_modulation = false, or build the regional layout on one GPU")
+        if problem := modulation_conflict(self.batched_modulation, self.layout, self.parallel):
+            raise RecipeError(f"recipe {self.name!r}: {problem}", _MODULATION_FIX)
 
     @property
     def end_to_end_limit(self) -> float:
@@ -135,6 +133,17 @@ def attention_device_conflict(attention: str, device: str) -> str | None:
     return None
 
 
+_MODULATION_FIX = "set batched_modulation = false, or build the regional layout on one GPU"
+
+
+def modulation_conflict(batched_modulation: bool, layout: str, parallel: str) -> str | None:
+    """Why `batched_modulation` cannot go with `layout` and `parallel`, or None."""
+    if batched_modulation and (layout != "regional" or parallel != "none"):
+        return (f"batched_modulation = true needs the regional layout without context parallelism "
+                f"(layout = {layout!r}, parallel = {parallel!r})")
+    return None
+
+
 def layout_parallel_conflict(layout: str, parallel: str) -> str | None:
     """Why `layout` cannot go with `parallel`, or None (split packages run attention between block programs)."""
     if parallel != "none" and layout != "regional":
@@ -170,9 +179,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{fields.source}: {conflict}",
                           f"edit layout or parallel in {fields.source}: {_LAYOUT_PARALLEL_FIX}")
     batched_modulation = fields.value("batched_modulation", bool, False)
-    if batched_modulation and (layout != "regional" or parallel != "none"):
-        raise fields.error("batched_modulation", f"= true needs the regional layout without context parallelism "
-                                                 f"(layout = {layout!r}, parallel = {parallel!r}); set it to false")
+    if conflict := modulation_conflict(batched_modulation, layout, parallel):
+        raise RecipeError(f"{fields.source}: {conflict}",
+                          f"edit batched_modulation in {fields.source}: {_MODULATION_FIX}")
     name = fields.value("name", str)
     if not _TARGET_NAME.fullmatch(name):
         raise fields.error("name", f"= {name!r} cannot name a target: it names the package's default folder and its "

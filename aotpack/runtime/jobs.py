@@ -277,7 +277,7 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
             "with prompt_embeds= and pooled_prompt_embeds=",
         )
     switch = served.set_loras(request.loras, fit=request.fit, merge=request.merge)
-    adapters = adapters_used(served)
+    live = served.live_adapters()  # what this job runs; its provenance is read after the image (the sha256 hashes)
     started = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(request.seed)
     # The latents are what FluxPipeline(..., output_type="latent").images returns; decoding them gives
@@ -296,13 +296,19 @@ def run_request(served, request: Request, index: int = 0) -> RequestResult:
         torch.cuda.synchronize()
     return RequestResult(index=index, seconds=time.perf_counter() - started, switch_seconds=switch.seconds,
                          adapters_parsed=switch.parsed, image_path=image_path, latents_path=latents_path,
-                         notes=list(request.notes) + switch.notes, lora_mode=lora_mode, adapters=adapters)
+                         notes=list(request.notes) + switch.notes, lora_mode=lora_mode, adapters=adapter_records(live))
 
 
 def adapters_used(served) -> list[dict]:
-    """The active LoRA set of `served` (an `AotpackPipeline`) as it runs: per adapter its name, scale and
-    provenance (`Adapter.provenance()`: source, sha256 of the bytes parsed, revision, commit_hash)."""
-    return [{"name": adapter.name, "scale": scale, **adapter.provenance()} for adapter, scale in served.live_adapters()]
+    """The active LoRA set of `served` (an `AotpackPipeline`) as it runs, as `adapter_records` gives it."""
+    return adapter_records(served.live_adapters())
+
+
+def adapter_records(live) -> list[dict]:
+    """Per (adapter, scale) of `live` (`AotpackPipeline.live_adapters()`) its name, scale and provenance
+    (`Adapter.provenance()`: source, sha256 of the bytes parsed, revision, commit_hash). Waits for a sha256 still
+    being hashed: take `live` at the switch and call this after the image."""
+    return [{"name": adapter.name, "scale": scale, **adapter.provenance()} for adapter, scale in live]
 
 
 def run_jobs(served, requests: list[Request], *, on_outcome=None, progress: bool = False,

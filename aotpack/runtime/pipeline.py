@@ -75,7 +75,6 @@ class AotpackPipeline:
         self.pipeline = pipeline
         self.cache = cache
         self.text_encoder_lora = TextEncoderLoRA(pipeline)
-        self._active: list[tuple[str, float]] = []
         self._bank_watch = _BankWatch(transformer)
         self.auto_merge_after: int | None = None  # merge a set after N consecutive switches to it (off)
         self._same_set_count = 0  # consecutive calls with the live set (auto_merge_after)
@@ -139,7 +138,7 @@ class AotpackPipeline:
                 self._bank_watch.ours()
         except BaseException:  # e.g. out of memory mid-merge: the transformer is back on its base weights
             self.text_encoder_lora.activate([])  # so no LoRA is active anywhere, and `active` says so
-            self._active, self._same_set_count, self._live = [], 0, ([], None, -1)
+            self._same_set_count, self._live = 0, ([], None, -1)
             self._bank_watch.ours()  # the base weights and an empty bank: known
             cache.unpin(self._live_pins)  # no set is live
             raise
@@ -147,10 +146,9 @@ class AotpackPipeline:
         marks.append(time.perf_counter())
         _synchronize(self.device)
         marks.append(time.perf_counter())
-        self._active = [(adapter.name, scale) for adapter, scale in entries]
         phases = dict(zip(("resolve", "stack", "write", "sync"),
                           ((b - a) * 1000 for a, b in zip([started, *marks], marks))))
-        return SwitchResult(adapters=list(self._active), seconds=marks[-1] - started,
+        return SwitchResult(adapters=[(adapter.name, scale) for adapter, scale in entries], seconds=marks[-1] - started,
                             parsed=sum(parsed for *_, parsed in resolved), report=report,
                             adapter_notes=[(adapter.name, adapter.notes) for adapter, _ in entries if adapter.notes],
                             phases_ms=phases)
@@ -158,7 +156,9 @@ class AotpackPipeline:
     @property
     def active(self) -> list[tuple[str, float]] | None:
         """The live set as `(name, scale)` pairs; None when it is unknown (`live_set_known`)."""
-        return list(self._active) if self._unknown_because() is None else None
+        if self._unknown_because() is not None:
+            return None
+        return [(adapter.name, scale) for adapter, scale in self._live[0]]  # a repeated set leaves `_live` as is
 
     @property
     def live_set_known(self) -> bool:
@@ -338,12 +338,11 @@ def _refusing_non_finite(served):
         if torch.is_tensor(output):
             NonFiniteOutputError.refuse(output, "pixels")
 
-    handles = [decoder.register_forward_hook(check_output)]
+    handle = decoder.register_forward_hook(check_output)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 import torch
 
 from ..adapters.parse import parse_adapter, resolved
-from ..runtime.jobs import adapters_used
+from ..runtime.jobs import adapter_records
 from .generate import Params, generate
 
 log = logging.getLogger("aotpack.serve")
@@ -102,12 +102,13 @@ class Worker:
         try:
             switch = self._switch(adapter_set)
             switched = time.perf_counter()
-            adapters = self._answer_adapters(adapter_set)
+            live = self.served.live_adapters()  # the provenance is read after the images (the sha256 hashes)
             self.running_set = adapter_set  # set after the switch: the prefetcher stays idle during it
             self._kick.set()  # stage the next set while this batch runs
             payloads = [job.payload for job in batch]
             items = [item for p in payloads for item in p["items"]]
             out = generate(self.served, payloads[0]["params"], items)
+            adapters = self._answer_adapters(adapter_set, live)
         except BaseException as err:  # the requests fail, the worker goes on
             self.stats["failed_batches"] += 1
             if not isinstance(err, Exception):
@@ -263,10 +264,10 @@ class Worker:
         return {k: resolved(v) if wait or not isinstance(v, Future) or v.done() else None
                 for k, v in provenance.items()}
 
-    def _answer_adapters(self, adapter_set: tuple) -> list[dict]:
+    def _answer_adapters(self, adapter_set: tuple, live) -> list[dict]:
         """The answer's adapters: each registered name and scale, with the sha256, revision and commit_hash of the
-        file parsed for it."""
-        used = adapters_used(self.served)
+        file parsed for it (`live`: `live_adapters()` at the switch)."""
+        used = adapter_records(live)
         if len(used) != len(adapter_set):  # not the set asked for (never expected): names and scales only
             return [{"name": n, "scale": s} for n, s in adapter_set]
         return [{"name": n, "scale": s, **{k: u.get(k) for k in PROVENANCE}}
