@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import os
 
 import torch
@@ -32,16 +31,6 @@ from ..errors import AdapterError, UnsupportedCallError
 from ..models.prepare import torch_dtype
 from .requests import check_scale
 
-
-def checked_scale(value, name: str = "") -> float:
-    """A LoRA scale as a float, refused as `requests.check_scale` refuses it (NaN, Inf, |s| > 100, bools, strings).
-    numpy scalars (`np.float32(0.8)`, `np.int64(1)`) and one-element real tensors are numbers, as diffusers and PEFT
-    take them (`float(w)`); `check_scale` alone called them "not a number"."""
-    if torch.is_tensor(value) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
-        value = value.item()
-    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-        value = float(value)
-    return check_scale(value, name=name)
 
 
 @dataclasses.dataclass
@@ -207,7 +196,7 @@ class LoraContractMixin:
             raise UnsupportedCallError("per-block LoRA weights (dicts) are not supported by compiled slots",
                                        "pass one float weight per adapter")
         # NaN/Inf/huge weights would run as NaN/saturated images: refused as set_loras refuses them
-        resolved = {n: 1.0 if w is None else checked_scale(w, name=f"adapter {n!r}") for n, w in zip(names, weights)}
+        resolved = {n: 1.0 if w is None else check_scale(w, name=f"adapter {n!r}") for n, w in zip(names, weights)}
         self._commit(active=names, weights={**self._lora.weights, **resolved})
 
     def set_adapter(self, adapter_name) -> None:

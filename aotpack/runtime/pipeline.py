@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 
 from ..adapters.cache import AdapterCache
 from ..adapters.parse import Adapter
-from ..adapters.sources import AdapterSource
 from ..adapters.stack import StackReport, stack_adapters
 from ..adapters.text_encoder import TextEncoderLoRA
 from ..errors import NonFiniteOutputError, RequestError, UnsupportedCallError
@@ -32,7 +30,7 @@ from ..progress import Progress
 from ..store.manifest import Manifest, read_manifest, recorded_model, verify_files
 from .merge import MERGED, SLOTS
 from .merge_policy import MergePolicy
-from .lora_contract import checked_scale
+from .requests import check_loras
 from .transformer import CompiledFluxTransformer
 
 
@@ -88,7 +86,7 @@ class AotpackPipeline:
         return self.transformer.device
 
     def _resolve(self, entry, pin) -> tuple[Adapter, float, bool]:
-        adapter_or_source, scale = entry  # checked by `_checked_entries`
+        adapter_or_source, scale = entry  # checked by `check_loras` in set_loras
         if isinstance(adapter_or_source, Adapter):
             return adapter_or_source.to(self.cache.device, self.cache.dtype), scale, False
         was_cached = adapter_or_source in self.cache
@@ -108,7 +106,9 @@ class AotpackPipeline:
         active one exactly as it was. An empty list deactivates all adapters.
         """
         started = time.perf_counter()
-        loras = _checked_entries(loras)  # NaN/Inf/huge scales, dicts, odd entries: refused before any file is read
+        # NaN/Inf/huge scales, a dict (ran at scale 1.0), a bare path (one adapter per character), odd entries:
+        # refused before any file is read
+        loras = check_loras(loras, example='[("style.safetensors", 0.8)]')
         if merge is not None and not isinstance(merge, bool):  # merge="false" would merge
             raise RequestError(f"merge = {merge!r} is not True, False or None",
                                "pass merge=True (fold the set in now), merge=False (keep it in slots) or leave it "
@@ -289,35 +289,6 @@ def _foreign_clip_adapters(pipeline, ours: set[str]) -> set[str]:
         return set()
     return {name for module in text_encoder.modules() if isinstance(module, BaseTunerLayer)
             and not module.disable_adapters for name in module.active_adapters if name in others}
-
-
-def _describe(value) -> str:
-    return f"Adapter {value.name!r}" if isinstance(value, Adapter) else repr(value)[:200]
-
-
-def _checked_entries(loras) -> list[tuple[object, float]]:
-    """`set_loras`' argument as `(source, scale)` pairs with checked scales, or a `RequestError` naming the value:
-    a dict (`{file: 0.5}`) ran its files at scale 1.0, a bare path was read as one adapter per character."""
-    if isinstance(loras, (str, bytes, os.PathLike, dict, Adapter, AdapterSource)) or not hasattr(loras, "__iter__"):
-        fix = ("pass a list of (adapter, scale) pairs, e.g. set_loras(list(loras.items()))" if isinstance(loras, dict)
-               else f"pass a list, e.g. set_loras([({_describe(loras)}, 1.0)])")
-        raise RequestError(f"loras = {_describe(loras)} is a {type(loras).__name__}, not a list of adapters", fix)
-    checked = []
-    for entry in loras:
-        if isinstance(entry, (tuple, list)):
-            if len(entry) != 2:
-                raise RequestError(f"loras: entry {_describe(entry)} has {len(entry)} items, not (adapter, scale)",
-                                   "give each entry as an adapter or an (adapter, scale) pair")
-            source, scale = entry
-        else:
-            source, scale = entry, 1.0
-        if not isinstance(source, (str, os.PathLike, Adapter, AdapterSource)):
-            raise RequestError(f"loras: entry {_describe(entry)} is not a path, a Hub file, an AdapterSource or an "
-                               "Adapter", 'give e.g. [("style.safetensors", 0.8)]')
-        if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # "" would read the folder "."
-            raise RequestError(f"loras: entry {_describe(entry)} has an empty path", "give the LoRA file's path")
-        checked.append((source, checked_scale(scale, name=str(getattr(source, "name", source)))))
-    return checked
 
 
 @contextlib.contextmanager

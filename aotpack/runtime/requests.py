@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -86,30 +87,57 @@ def check_int(value, field: str, low: int, high: int, where: str = "") -> int:
 
 
 def check_scale(value, where: str = "", name: str = "") -> float:
+    """A LoRA scale as a float. numpy scalars (`np.float32(0.8)`, `np.int64(1)`) and one-element real tensors are
+    numbers, as diffusers and PEFT take them (`float(w)`); bools and strings are not."""
     field = f"LoRA scale of {name}" if name else "LoRA scale"
+    if _is_scalar_tensor(value):
+        value = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        value = float(value)
     return check_number(value, field, -MAX_LORA_SCALE, MAX_LORA_SCALE, where)
 
 
-def check_loras(loras, where: str = "") -> list[tuple[str, float]]:
-    """`[(source, scale), ...]`: a list (not a dict: its order and scales would be guessed) of pairs."""
-    if isinstance(loras, (str, dict)) or not isinstance(loras, (list, tuple)):
-        raise RequestError(f"{_where(where, 'loras')} = {loras!r} is a {type(loras).__name__}, not a list",
-                           'give a list of [path, scale] pairs or "path[:scale]" strings, e.g. '
-                           '[["style.safetensors", 0.8]]')
+def _is_scalar_tensor(value) -> bool:
+    import torch
+
+    return torch.is_tensor(value) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool
+
+
+def _is_adapter_object(value) -> bool:
+    return hasattr(value, "layers") or hasattr(value, "weight_name")  # a parsed Adapter or an AdapterSource
+
+
+def _shown(value) -> str:
+    return f"Adapter {value.name!r}" if hasattr(value, "layers") else repr(value)[:200]  # an Adapter's repr is huge
+
+
+def check_loras(loras, where: str = "", example: str = '[["style.safetensors", 0.8]]') -> list[tuple[object, float]]:
+    """`[(source, scale), ...]` from any iterable of sources or (source, scale) pairs; a dict (its scales would be
+    lost), a bare path (read as one adapter per character) or a lone adapter is refused, as is an entry that is not
+    a pair, a source that is not a path / Hub file / Adapter / AdapterSource, and an empty path. `example`: the
+    caller's form of a valid value, for the fixes (JSON lines, `set_loras`)."""
+    if isinstance(loras, (str, bytes, os.PathLike, dict)) or _is_adapter_object(loras) \
+            or not hasattr(loras, "__iter__"):
+        fix = (f"give a list of (adapter, scale) pairs, e.g. {example} (a dict: list(loras.items()))"
+               if isinstance(loras, dict) else f"give a list, e.g. {example}")
+        raise RequestError(f"{_where(where, 'loras')} = {_shown(loras)} is a {type(loras).__name__}, not a list", fix)
     checked = []
     for entry in loras:
-        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        if isinstance(entry, (list, tuple)):
+            if len(entry) != 2:
+                raise RequestError(f"{_where(where, 'loras')}: entry {_shown(entry)} has {len(entry)} items, not "
+                                   "(adapter, scale)", f"give each entry as an adapter or an (adapter, scale) pair, "
+                                                       f"e.g. {example}")
             source, scale = entry
         else:
             source, scale = entry, 1.0
-        if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "layers") \
-                and not hasattr(source, "weight_name"):
-            raise RequestError(f"{_where(where, 'loras')}: entry {entry!r} is not a path or [path, scale]",
-                               'give [["style.safetensors", 0.8], ...]')
+        if not isinstance(source, (str, os.PathLike)) and not _is_adapter_object(source):
+            raise RequestError(f"{_where(where, 'loras')}: entry {_shown(entry)} is not a path, a Hub file, an "
+                               "AdapterSource or an Adapter", f"give e.g. {example}")
         if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # "" would read the folder "."
-            raise RequestError(f"{_where(where, 'loras')}: entry {entry!r} has an empty path",
+            raise RequestError(f"{_where(where, 'loras')}: entry {_shown(entry)} has an empty path",
                                "give the LoRA file's path, e.g. style.safetensors:0.8")
-        checked.append((source, check_scale(scale, where, str(source))))
+        checked.append((source, check_scale(scale, where, source.name if hasattr(source, "layers") else str(source))))
     return checked
 
 
