@@ -28,3 +28,50 @@ def equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dtype == torch.float8_e4m3fn:
         a, b = a.view(torch.uint8), b.view(torch.uint8)
     return float((a == b).float().mean())
+
+
+def sweep_from_env(default: dict) -> dict:
+    """A probe's launch-config sweep: `default` ({name: values}), or PROBE_SWEEP='{"block_m": [128, 256], ...}'."""
+    import json
+    import os
+
+    given = json.loads(os.environ.get("PROBE_SWEEP") or "{}")
+    return {key: tuple(values) for key, values in given.items()} or default
+
+
+def shapes_from_env(shapes: dict) -> dict:
+    """A probe's {size: {name: shape}}, or only the PROBE_SHAPES="1024:single_block 512:single_block" ones (the
+    per-step totals then cover only them)."""
+    import os
+
+    if not os.environ.get("PROBE_SHAPES"):
+        return shapes
+    kept = [entry.split(":") for entry in os.environ["PROBE_SHAPES"].split()]
+    return {size: {name: shape for name, shape in by_name.items() if [str(size), name] in kept}
+            for size, by_name in shapes.items()}
+
+
+def timed_sweep(sweep: dict, call) -> tuple[list, list]:
+    """`call(**config)` timed for every configuration of `sweep`: (all rows, the timed ones fastest first). A
+    configuration that fails (e.g. out of shared memory) is a row with its error, not a crash."""
+    import itertools
+
+    rows = []
+    for values in itertools.product(*sweep.values()):
+        config = dict(zip(sweep, values))
+        try:
+            rows.append({**config, "ms": graph_ms(lambda: call(**config))})
+        except Exception as err:
+            rows.append({**config, "failed": f"{type(err).__name__}: {err}"[:200]})
+    return rows, sorted((row for row in rows if "ms" in row), key=lambda row: row["ms"])
+
+
+def record_size(report: dict, size, totals: dict, rows: list, out_path: str) -> None:
+    """Add a size's per-step totals and rows to `report`, print the totals and write the report: after each size,
+    so a command cut by its time limit keeps what was measured."""
+    import json
+
+    report["sizes"][size] = {"per_step_ms": totals, "shapes": rows}
+    print(f"[{size}] per step: {json.dumps(totals)}", flush=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=2)

@@ -15,9 +15,7 @@ each shape by its calls in a step (38 single blocks; 19 double blocks, one image
 On the GPU machine: `python3 scripts/gpu/probe_lora_down_fp8.py $OUT/probe_lora_down_fp8.json`
 """
 
-import itertools
 import json
-import os
 import sys
 
 import torch
@@ -27,7 +25,7 @@ sys.path.insert(0, ".")
 from aotpack.models import lora_down_fp8 as lever  # noqa: E402
 from aotpack.models.examples import relative_error  # noqa: E402
 from aotpack.models.fused_quant import _gelu_quant_triton  # noqa: E402
-from kernel_probe import graph_ms  # noqa: E402  same folder
+from kernel_probe import graph_ms, record_size, shapes_from_env, sweep_from_env, timed_sweep  # noqa: E402  same folder
 
 RANK = 64
 SHAPES = {  # size: {name: (rows, prefix width, GELU width, calls per step)}
@@ -36,15 +34,19 @@ SHAPES = {  # size: {name: (rows, prefix width, GELU width, calls per step)}
     512: {"single_block": (1536, 3072, 12288, 38), "double_block_image": (1024, 0, 12288, 19),
           "double_block_text": (512, 0, 12288, 19)},
 }
-SWEEP = {"block_m": (64, 128), "block_k": (128, 256), "per_slice": (1024, 2048, 4096), "num_warps": (4, 8),
-         "num_stages": (3, 4)}
-# PROBE_SWEEP='{"block_m": [128, 256], ...}' replaces the sweep; PROBE_SHAPES="1024:single_block 512:single_block"
-# keeps only those shapes (the per-step totals then cover only them)
-SWEEP = {key: tuple(values) for key, values in json.loads(os.environ.get("PROBE_SWEEP", "null") or "{}").items()} or SWEEP
-if os.environ.get("PROBE_SHAPES"):
-    kept = [entry.split(":") for entry in os.environ["PROBE_SHAPES"].split()]
-    SHAPES = {size: {name: shape for name, shape in shapes.items() if [str(size), name] in kept}
-              for size, shapes in SHAPES.items()}
+SWEEP = sweep_from_env({"block_m": (64, 128), "block_k": (128, 256), "per_slice": (1024, 2048, 4096),
+                        "num_warps": (4, 8), "num_stages": (3, 4)})  # PROBE_SWEEP replaces it (kernel_probe.py)
+SHAPES = shapes_from_env(SHAPES)  # PROBE_SHAPES="1024:single_block 512:single_block" keeps only those
+
+
+def gelu_inputs(rows: int, prefix_width: int, width: int, g: torch.Generator) -> tuple:
+    """Random bf16 (prefix, GELU input, bias, LoRA delta) for the GELU kernel, and a rank-RANK A over its output."""
+    prefix = 3 * torch.randn(rows, prefix_width, device="cuda", generator=g, dtype=torch.bfloat16)
+    pre = 3 * torch.randn(rows, width, device="cuda", generator=g, dtype=torch.bfloat16)
+    bias = torch.randn(width, device="cuda", generator=g, dtype=torch.bfloat16)
+    delta = 0.1 * torch.randn(rows, width, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = prefix_width + width
+    return prefix, pre, bias, delta, (torch.randn(RANK, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
 
 
 def main(out_path):
@@ -57,12 +59,8 @@ def main(out_path):
             continue
         rows_out, totals = [], {"today_ms": 0.0, "lever_ms": 0.0, "best_config_lever_ms": 0.0}
         for name, (rows, prefix_width, width, calls) in shapes.items():
-            prefix = 3 * torch.randn(rows, prefix_width, device="cuda", generator=g, dtype=torch.bfloat16)
-            pre = 3 * torch.randn(rows, width, device="cuda", generator=g, dtype=torch.bfloat16)
-            bias = torch.randn(width, device="cuda", generator=g, dtype=torch.bfloat16)
-            delta = 0.1 * torch.randn(rows, width, device="cuda", generator=g, dtype=torch.bfloat16)
+            prefix, pre, bias, delta, a = gelu_inputs(rows, prefix_width, width, g)
             k = prefix_width + width
-            a = (torch.randn(RANK, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
 
             def today():
                 _, _, h = _gelu_quant_triton(prefix, pre, bias, delta, True)
@@ -84,14 +82,7 @@ def main(out_path):
                    "gelu_no_keep_ms": graph_ms(lambda: _gelu_quant_triton(prefix, pre, bias, delta, False)),
                    "cublas_bf16_down_ms": graph_ms(lambda: F.linear(h, a)),
                    "lever_down_ms": graph_ms(lambda: lever._lora_down_fp8_triton(q, scale, a))}
-            sweep = []
-            for values in itertools.product(*SWEEP.values()):
-                config = dict(zip(SWEEP, values))
-                try:
-                    sweep.append({**config, "ms": graph_ms(lambda: lever._lora_down_fp8_triton(q, scale, a, **config))})
-                except Exception as err:  # e.g. out of shared memory: a result, not a crash
-                    sweep.append({**config, "failed": f"{type(err).__name__}: {err}"[:200]})
-            timed = sorted((s for s in sweep if "ms" in s), key=lambda s: s["ms"])
+            sweep, timed = timed_sweep(SWEEP, lambda **config: lever._lora_down_fp8_triton(q, scale, a, **config))
             row["sweep_best"] = timed[:5]
             best = {key: timed[0][key] for key in SWEEP}
             row["best_config_lever_ms"] = graph_ms(lambda: with_lever(**best))
@@ -100,10 +91,7 @@ def main(out_path):
                 totals[key] += calls * row[key]
             rows_out.append(row)
             print(json.dumps({key: value for key, value in row.items() if key != "sweep"}), flush=True)
-        report["sizes"][size] = {"per_step_ms": totals, "shapes": rows_out}
-        print(f"[{size}] per step: {json.dumps(totals)}", flush=True)
-        with open(out_path, "w") as f:  # after each size: a timeout keeps what was measured
-            json.dump(report, f, indent=2)
+        record_size(report, size, totals, rows_out, out_path)
 
 
 if __name__ == "__main__":
