@@ -292,10 +292,12 @@ def test_runtime_runs_the_package_like_eager_fp8_and_near_diffusers(fp8_attentio
     assert 5e-3 < rel_error(ours, diffusers_latents) < 0.1
 
 
-def test_min_tokens_takes_bf16_attention_below_it_and_fp8_from_it(tmp_path):
+@pytest.mark.parametrize("fp8_qk", [False, True], ids=["quantize-q-k-apart", "fp8_qk_in_norm_rope"])
+def test_min_tokens_takes_bf16_attention_below_it_and_fp8_from_it(tmp_path, fp8_qk):
     """`fp8_attention_min_tokens`: one package, a branch per call on the joint token count (a torch.cond that
     export keeps): bf16 (here fp32) attention below the threshold, equal to eager diffusers, and the FP8 op
-    from it, equal to eager under the FP8 context."""
+    from it, equal to eager under the FP8 context. With `fp8_qk_in_norm_rope` the q/k norm + RoPE op moves into
+    the branches (e4m3 q/k in the FP8 one): the same results."""
     import aotpack
     from aotpack.builder.build import build_package
     from aotpack.models.examples import transformer_inputs
@@ -303,10 +305,13 @@ def test_min_tokens_takes_bf16_attention_below_it_and_fp8_from_it(tmp_path):
     from aotpack.store.manifest import read_manifest
 
     recipe = tmp_path / "cpu-fp8-threshold.toml"
-    recipe.write_text(RECIPE.replace('attention = "cudnn_fp8"', 'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 48'))
+    lever = "\nfused_qk_norm_rope = true\nfp8_qk_in_norm_rope = true" if fp8_qk else ""
+    recipe.write_text(RECIPE.replace('attention = "cudnn_fp8"',
+                                     'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 48' + lever))
     package = build_package("tiny", str(recipe), out=tmp_path / "pkg", max_rank=0, progress=False)
     manifest = read_manifest(package)
     assert manifest.recipe["fp8_attention_min_tokens"] == 48 and manifest.format_version == 3
+    assert manifest.recipe["fp8_qk_in_norm_rope"] is fp8_qk
     kernels = {p.name: p.attention_kernels for p in manifest.programs}
     assert kernels["double_block"] == kernels["single_block"] == ["bf16_branch", "cudnn_fp8"]  # both branches
 

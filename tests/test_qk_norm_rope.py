@@ -46,7 +46,8 @@ def test_reference_is_diffusers_norm_concat_and_rope():
                                            norm_image.weight, cos[:7], sin[:7], 1e-6, head_dim)
     assert torch.equal(alone, apply_rotary_emb(norm_image(image.unflatten(-1, (heads, head_dim))), (cos[:7], sin[:7]),
                                                sequence_dim=1))
-    assert kernel_errors("cpu") == {"double_block": 0.0, "single_block": 0.0}  # the build's GPU check, on the CPU
+    assert kernel_errors("cpu") == {"double_block": 0.0, "single_block": 0.0, "double_block_fp8": 0.0,
+                                    "single_block_fp8": 0.0}  # the build's GPU check, on the CPU
 
 
 @pytest.mark.parametrize("rank", [0, 8])
@@ -119,3 +120,73 @@ def test_fused_processor_keeps_fp8_attention_and_its_norm_bound_scales():
     names = [e.name for e in profile.events()]
     assert names.count("aotpack::fp8_sdpa") == 4 and names.count("aotpack::qk_norm_rope") == 8
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("min_tokens", [0, 48, 200])
+def test_fp8_qk_lever_writes_q_and_k_in_fp8_for_the_same_output(min_tokens):
+    """`fp8_qk_in_norm_rope`: under FP8 attention the q/k op writes e4m3 at the norm-bound scales (no bf16 q/k
+    for a separate quantization to read back), inside the FP8 branch when `fp8_attention_min_tokens` sets one;
+    below the threshold the bf16 branch runs the bf16 op. Either way the output is the unquantized-q/k path's, bit
+    for bit (80 tokens here: FP8 for thresholds 0 and 48, bf16 attention for 200)."""
+    from aotpack.models.attention import attention_context
+    from aotpack.models.tiny import make_transformer
+
+    transformer = make_transformer()
+    inputs = transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.float32,
+                                device="cpu", generator=torch.Generator().manual_seed(1))
+    outputs, calls = {}, {}
+    with torch.no_grad(), attention_context(transformer, "cudnn_fp8", fp8_min_tokens=min_tokens):
+        for lever in (False, True):
+            install_fused_qk_norm_rope(transformer, quantize_qk=lever)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                outputs[lever] = transformer(**inputs, return_dict=False)[0]
+            names = [e.name for e in profile.events()]
+            calls[lever] = {op: names.count(f"aotpack::{op}") for op in
+                            ("qk_norm_rope", "qk_norm_rope_fp8", "fp8_sdpa", "bf16_sdpa")}
+    fp8 = 80 >= min_tokens
+    assert calls[False] == {"qk_norm_rope": 8, "qk_norm_rope_fp8": 0, "fp8_sdpa": 4 * fp8, "bf16_sdpa": 4 * (not fp8)}
+    assert calls[True] == {"qk_norm_rope": 8 * (not fp8), "qk_norm_rope_fp8": 8 * fp8, "fp8_sdpa": 4 * fp8,
+                           "bf16_sdpa": 4 * (not fp8)}
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_fp8_qk_op_is_the_bf16_op_quantized_at_the_given_scale():
+    generator = torch.Generator().manual_seed(2)
+    width, head_dim = 4 * 32, 32
+
+    def part(tokens):  # GEMM output, bias, LoRA delta, norm weight
+        shapes = ((2, tokens, width), (width,), (2, tokens, width))
+        return ([torch.randn(shape, generator=generator).bfloat16() for shape in shapes]
+                + [(1 + torch.randn(head_dim, generator=generator)).bfloat16()])
+
+    angles = torch.randn(5 + 9, head_dim, generator=generator)
+    args = part(5) + part(9) + [angles.cos(), angles.sin()]
+    bf16 = torch.ops.aotpack.qk_norm_rope(*args, 1e-6, head_dim)
+    descale = (bf16.float().abs().amax() / 600).reshape(1, 1, 1, 1)  # values up to 600: the largest saturate
+    q8 = torch.ops.aotpack.qk_norm_rope_fp8(*args, descale, 1e-6, head_dim)
+    assert q8.dtype == torch.float8_e4m3fn and q8.shape == bf16.shape == (2, 14, 4, head_dim)
+    expected = (bf16.float() / descale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(q8.view(torch.uint8), expected.view(torch.uint8))
+    assert q8.float().abs().max() == 448  # saturated, not inf/nan
+
+
+def test_fp8_qk_lever_is_a_recipe_field_that_needs_fp8_attention(tmp_path):
+    from pathlib import Path
+
+    from aotpack.recipes import recipe as recipes
+
+    text = (Path(recipes.__file__).parent / "h200.toml").read_text()
+    on = tmp_path / "on.toml"
+    on.write_text(text.replace("[shapes]", "fp8_qk_in_norm_rope = true\n[shapes]", 1))
+    recipe = recipes.load_recipe(on)
+    assert recipe.fp8_qk_in_norm_rope and recipe.to_json()["fp8_qk_in_norm_rope"]
+    assert recipe.replace(attention="cudnn").fp8_qk_in_norm_rope is False  # the build's --attention cudnn
+    for old, new in (('attention = "cudnn_fp8"', 'attention = "cudnn"'),
+                     ("fused_qk_norm_rope = true", "fused_qk_norm_rope = false")):
+        bad = tmp_path / "bad.toml"
+        edited = on.read_text().replace(old, new, 1).replace("fp8_attention_min_tokens = 4096\n", "")
+        edited = edited.replace("fused_norm_quant = true", "fused_norm_quant = false")
+        bad.write_text(edited)
+        with pytest.raises(RecipeError, match="fp8_qk_in_norm_rope = true needs fused_qk_norm_rope = true and "
+                                              "attention"):
+            recipes.load_recipe(bad)

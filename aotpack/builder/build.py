@@ -292,7 +292,9 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                 if recipe.fused_gelu_lora:
                     check_gelu_lora_kernel_against_reference(device)
         if recipe.fused_qk_norm_rope:  # q/k epilogue + norms + RoPE in one op per tensor; names do not change
-            report.info(f"    {install_fused_qk_norm_rope(transformer)} attentions take q/k norms + RoPE in one op")
+            fused = install_fused_qk_norm_rope(transformer, quantize_qk=recipe.fp8_qk_in_norm_rope)
+            report.info(f"    {fused} attentions take q/k norms + RoPE in one op"
+                        + (", which writes q/k in FP8 for FP8 attention" if recipe.fp8_qk_in_norm_rope else ""))
             if torch.device(device).type == "cuda":
                 check_qk_kernel_against_reference(device)
         if recipe.fused_norm_quant:  # each block norm + modulation quantized once for its FP8 linears

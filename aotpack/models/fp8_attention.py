@@ -44,6 +44,7 @@ trained weights is unmeasured.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import threading
 
@@ -106,11 +107,15 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     return rows.abs().amax(dim=-1).amax()
 
 
+def descale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The fp32 descale, shape (1, 1, 1, 1), that maps `amax` to e4m3's largest value."""
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE).reshape(1, 1, 1, 1)
+
+
 def quantize(x: torch.Tensor, bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor quantization: (e4m3 tensor, fp32 descale of shape (1, 1, 1, 1)). The scale comes from
     `bound` (a proven upper bound of |x|) when given, else from the tensor's amax (a full reduction)."""
-    amax = abs_max(x) if bound is None else bound
-    descale = (amax.float() / FP8_MAX).clamp(min=MIN_SCALE).reshape(1, 1, 1, 1)
+    descale = descale_of(abs_max(x) if bound is None else bound)
     return quantize_with(x, descale), descale
 
 
@@ -284,20 +289,39 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
         return _fp8_attention(q, k, v, q_b, k_b)
 
     def bf16_branch(q, k, v, *given):
-        return _bf16_attention(q, k, v)
+        return bf16_attention(q, k, v)
 
     return torch.cond(query.shape[1] >= min_tokens, fp8_branch, bf16_branch, (query, key, value, *bounds))
 
 
-def _fp8_attention(query, key, value, q_bound, k_bound) -> torch.Tensor:
-    (q8, descale_q), (k8, descale_k) = quantize(query.contiguous(), q_bound), quantize(key.contiguous(), k_bound)
+def min_tokens_of(attention_fn) -> int | None:
+    """The `min_tokens` that `attention_fn` (what Flux's processor calls as `dispatch_attention_fn`) runs FP8
+    attention from (0: every length), or None when it is not `fp8_attention` (`attention.attention_context`
+    installs it, with `min_tokens` bound by `functools.partial` when the recipe sets one)."""
+    if attention_fn is fp8_attention:
+        return 0
+    if (isinstance(attention_fn, functools.partial) and attention_fn.func is fp8_attention and not attention_fn.args
+            and set(attention_fn.keywords) <= {"min_tokens"}):
+        return attention_fn.keywords.get("min_tokens", 0)
+    return None
+
+
+def attend_quantized(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
+                     value: torch.Tensor) -> torch.Tensor:
+    """FP8 attention of quantized q/k and a `value` in the activation dtype (quantized here at its amax), returned
+    (B, S, H, D) in `value`'s dtype."""
     v8, descale_v = quantize(value.contiguous())  # no norm before V: its amax, a pass over V (abs_max)
     out8 = torch.ops.aotpack.fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), descale_q, descale_k,
                                       descale_v)
-    return (out8.float() * descale_v).to(query.dtype)
+    return (out8.float() * descale_v).to(value.dtype)
 
 
-def _bf16_attention(query, key, value) -> torch.Tensor:
+def _fp8_attention(query, key, value, q_bound, k_bound) -> torch.Tensor:
+    (q8, descale_q), (k8, descale_k) = quantize(query.contiguous(), q_bound), quantize(key.contiguous(), k_bound)
+    return attend_quantized(q8, descale_q, k8, descale_k, value.to(query.dtype))
+
+
+def bf16_attention(query, key, value) -> torch.Tensor:
     return torch.ops.aotpack.bf16_sdpa(query.contiguous(), key.contiguous(), value.contiguous())
 
 

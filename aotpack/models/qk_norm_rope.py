@@ -14,6 +14,10 @@ weights). The minimum is one read of the GEMM output and one write of the result
   `[B, S_text + S_image, heads, head_dim]`, what the processor hands to attention. On CUDA the body
   launches one Triton kernel per part through `wrap_triton` (compiled into the programs); elsewhere, and
   as the reference, it runs `qk_norm_rope_reference`, diffusers' own arithmetic in torch ops.
+- `torch.ops.aotpack.qk_norm_rope_fp8(..., descale, eps, head_dim)`: the same kernel writing e4m3 at a per-tensor
+  scale, for FP8 attention (recipe lever `fp8_qk_in_norm_rope`, off: on an H100 0.2-0.6 ms faster a 1024² step,
+  0.1-0.3 ms slower at 512², where its kernels sit in the attention's `torch.cond` branches;
+  `benchmarks/results/2026-12-06e-h100-fp8-qk-in-norm-rope/`, random weights).
 - `FusedQKNormRopeProcessor` is diffusers' `FluxAttnProcessor` with the q/k path through the op; the
   value path, attention and the output projections are unchanged. `install_fused_qk_norm_rope` sets it
   on every Flux attention (`attn.set_processor`); weight and slot names do not change. Context-parallel
@@ -31,7 +35,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import fp8_attention
 from .examples import relative_error
+from .fp8_attention import FP8, quantize_with
 from .fused_quant import (
     QuantizedActivation,
     epilogue_sum,
@@ -72,10 +78,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def qk_norm_rope_kernel(y_ptr, bias_ptr, delta_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, tokens,
+    def qk_norm_rope_kernel(y_ptr, bias_ptr, delta_ptr, weight_ptr, cos_ptr, sin_ptr, descale_ptr, out_ptr, tokens,
                             first_token, total_tokens, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            HEAD_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr):
-        # one program: HEAD_BLOCK heads of one token of one batch row; even/odd lanes are RoPE's pairs
+                            HEAD_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
+                            OUT_FP8: tl.constexpr):
+        # one program: HEAD_BLOCK heads of one token of one batch row; even/odd lanes are RoPE's pairs. Every
+        # rounding is to the activation dtype (y's); with OUT_FP8 the rounded result is then quantized to e4m3 at
+        # one per-tensor scale, as fp8_attention.quantize_with quantizes the bf16 output
         groups: tl.constexpr = HEADS // HEAD_BLOCK
         program = tl.program_id(0)
         batch = tl.program_id(1).to(tl.int64)
@@ -85,14 +94,14 @@ def _kernel():
         x = tl.load(y_ptr + (batch * tokens + token) * (HEADS * HEAD_DIM) + cols).to(tl.float32)
         # the linear's epilogue, each add rounded to the activation dtype as the eager adds round
         if HAS_BIAS:
-            x = (x + tl.load(bias_ptr + cols).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+            x = (x + tl.load(bias_ptr + cols).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
         if HAS_DELTA:
             x += tl.load(delta_ptr + (batch * tokens + token) * (HEADS * HEAD_DIM) + cols).to(tl.float32)
-            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+            x = x.to(y_ptr.dtype.element_ty).to(tl.float32)
         # RMSNorm as torch's rms_norm: x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once
         variance = tl.sum(x * x, axis=1)[:, None] / HEAD_DIM
         weight = tl.load(weight_ptr + tl.arange(0, HEAD_DIM)[None, :]).to(tl.float32)
-        normed = (x * tl.math.rsqrt(variance + eps) * weight).to(out_ptr.dtype.element_ty).to(tl.float32)
+        normed = (x * tl.math.rsqrt(variance + eps) * weight).to(y_ptr.dtype.element_ty).to(tl.float32)
         # RoPE on pairs (2i, 2i+1): out = x * cos + [-x_odd, x_even] * sin
         position = first_token + token
         angle = position * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
@@ -100,7 +109,10 @@ def _kernel():
         sin = tl.load(sin_ptr + angle)
         even, odd = tl.split(tl.reshape(normed, (HEAD_BLOCK, HEAD_DIM // 2, 2)))
         rotated = tl.reshape(tl.join(-odd, even), (HEAD_BLOCK, HEAD_DIM))
-        out = normed * cos + rotated * sin
+        out = (normed * cos + rotated * sin).to(y_ptr.dtype.element_ty)
+        if OUT_FP8:
+            scaled = tl.math.div_rn(out.to(tl.float32), tl.load(descale_ptr))
+            out = tl.clamp(scaled, -448.0, 448.0)  # e4m3fn's largest finite value: saturate, as quantize_with
         tl.store(out_ptr + (batch * total_tokens + position) * (HEADS * HEAD_DIM) + cols,
                  out.to(out_ptr.dtype.element_ty))
 
@@ -123,15 +135,17 @@ _WARPS = 1
 
 def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta,
                          image_weight, cos, sin, eps: float, head_dim: int, head_block: int | None = None,
-                         num_warps: int = _WARPS) -> torch.Tensor:
-    """The kernel launches; `head_block` and `num_warps` override the launch config (the probe's sweep)."""
+                         num_warps: int = _WARPS, descale: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel launches; `head_block` and `num_warps` override the launch config (the probe's sweep). With
+    `descale` (float32, one element) the output is e4m3 at that scale."""
     from torch.library import wrap_triton
 
     batch, image_tokens, width = image_y.shape
     text_tokens = text_y.shape[1]
     heads = width // head_dim
     total = text_tokens + image_tokens
-    out = torch.empty(batch, total, heads, head_dim, dtype=image_y.dtype, device=image_y.device)
+    out_fp8 = descale is not None
+    out = torch.empty(batch, total, heads, head_dim, dtype=FP8 if out_fp8 else image_y.dtype, device=image_y.device)
     cos, sin = cos.contiguous(), sin.contiguous()
     block = head_block or _head_block(heads)
     for first, (y, bias, delta, weight) in ((0, (text_y, text_bias, text_delta, text_weight)),
@@ -142,9 +156,10 @@ def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, im
         y, bias, delta, weight = y.contiguous(), bias.contiguous(), delta.contiguous(), weight.contiguous()
         # an empty input's pointer is never read (its flag is off): `y` stands in for it
         wrap_triton(_kernel())[(tokens * (heads // block), batch)](
-            y, bias if bias.numel() else y, delta if delta.numel() else y, weight, cos, sin, out, tokens, first,
-            total, eps, HEADS=heads, HEAD_DIM=head_dim, HEAD_BLOCK=block, HAS_BIAS=bias.numel() > 0,
-            HAS_DELTA=delta.numel() > 0, num_warps=num_warps)
+            y, bias if bias.numel() else y, delta if delta.numel() else y, weight, cos, sin,
+            descale if out_fp8 else cos, out, tokens, first, total, eps, HEADS=heads, HEAD_DIM=head_dim,
+            HEAD_BLOCK=block, HAS_BIAS=bias.numel() > 0, HAS_DELTA=delta.numel() > 0, OUT_FP8=out_fp8,
+            num_warps=num_warps)
     return out
 
 
@@ -166,8 +181,44 @@ def _qk_norm_rope(text_y: torch.Tensor, text_bias: torch.Tensor, text_delta: tor
 qk_norm_rope = register_triton_op("aotpack::qk_norm_rope", _qk_norm_rope)
 
 
+def qk_norm_rope_fp8_reference(*args) -> torch.Tensor:
+    """`qk_norm_rope_reference(*parts, cos, sin, eps, head_dim)` quantized to e4m3 at `descale` (the argument
+    before eps), exactly as FP8 attention quantizes the bf16 result (`fp8_attention.quantize_with`)."""
+    *parts, descale, eps, head_dim = args
+    return quantize_with(qk_norm_rope_reference(*parts, eps, head_dim), descale)
+
+
+def _qk_norm_rope_fp8(text_y: torch.Tensor, text_bias: torch.Tensor, text_delta: torch.Tensor,
+                      text_weight: torch.Tensor, image_y: torch.Tensor, image_bias: torch.Tensor,
+                      image_delta: torch.Tensor, image_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      descale: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor:
+    parts = (text_y, text_bias, text_delta, text_weight, image_y, image_bias, image_delta, image_weight, cos, sin)
+    if image_y.device.type == "cuda" and _supported_by_kernel(head_dim):
+        return _qk_norm_rope_triton(*parts, eps, head_dim, descale=descale.reshape(1).float().contiguous())
+    return qk_norm_rope_fp8_reference(*parts, descale, eps, head_dim)
+
+
+# recipe lever fp8_qk_in_norm_rope: the same kernel writing q (or k) in e4m3 for FP8 attention, so the bf16 tensor is
+# never written and read back by a separate quantization kernel
+qk_norm_rope_fp8 = register_triton_op("aotpack::qk_norm_rope_fp8", _qk_norm_rope_fp8)
+
+
 def _projection_parts(linear, x: torch.Tensor, norm) -> tuple:
     return (*unsummed_linear(linear, x), norm.weight)
+
+
+def query_key_parts(attn, hidden_states: torch.Tensor | QuantizedActivation,
+                    encoder_hidden_states: torch.Tensor | QuantizedActivation | None) -> tuple[tuple, tuple]:
+    """The q and k ops' operands before the rotary table: each (text GEMM output, bias, delta, norm weight, image
+    GEMM output, bias, delta, norm weight), the text part empty without `encoder_hidden_states`."""
+    if encoder_hidden_states is not None:
+        text_q = _projection_parts(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)
+        text_k = _projection_parts(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
+    else:
+        empty = no_tokens(hidden_states)
+        text_q = text_k = (empty, empty.new_empty(0), empty.new_empty(0), attn.norm_q.weight)
+    return ((*text_q, *_projection_parts(attn.to_q, hidden_states, attn.norm_q)),
+            (*text_k, *_projection_parts(attn.to_k, hidden_states, attn.norm_k)))
 
 
 def fused_query_key(attn, hidden_states: torch.Tensor | QuantizedActivation,
@@ -177,18 +228,46 @@ def fused_query_key(attn, hidden_states: torch.Tensor | QuantizedActivation,
     `encoder_hidden_states` is given) through the op: what diffusers' processor hands to attention. `attn` needs
     only the projections and norms (a context-parallel part holds just those). The inputs may come quantized
     once for all projections (`QuantizedActivation`, recipe lever `fused_norm_quant`)."""
-    if encoder_hidden_states is not None:
-        text_q = _projection_parts(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)
-        text_k = _projection_parts(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
-    else:
-        empty = no_tokens(hidden_states)
-        text_q = text_k = (empty, empty.new_empty(0), empty.new_empty(0), attn.norm_q.weight)
+    q_parts, k_parts = query_key_parts(attn, hidden_states, encoder_hidden_states)
     eps = attn.norm_q.eps
-    query = torch.ops.aotpack.qk_norm_rope(*text_q, *_projection_parts(attn.to_q, hidden_states, attn.norm_q),
-                                           cos, sin, eps, head_dim)
-    key = torch.ops.aotpack.qk_norm_rope(*text_k, *_projection_parts(attn.to_k, hidden_states, attn.norm_k),
-                                         cos, sin, eps, head_dim)
-    return query, key
+    return (torch.ops.aotpack.qk_norm_rope(*q_parts, cos, sin, eps, head_dim),
+            torch.ops.aotpack.qk_norm_rope(*k_parts, cos, sin, eps, head_dim))
+
+
+def fp8_attention_from_parts(attn, hidden_states: torch.Tensor | QuantizedActivation,
+                             encoder_hidden_states: torch.Tensor | QuantizedActivation | None, value: torch.Tensor,
+                             cos: torch.Tensor, sin: torch.Tensor, head_dim: int, min_tokens: int) -> torch.Tensor:
+    """`fp8_attention.fp8_attention` of `attn`'s query, key and `value` ([B, S, heads, head_dim]), with q and k
+    written in e4m3 by their norm + RoPE kernel (`qk_norm_rope_fp8`, at the norm-bound scales FP8 attention
+    uses), never in bf16: recipe lever `fp8_qk_in_norm_rope`. The same numbers as quantizing the bf16 result.
+    With `min_tokens` > 0 the q/k kernels move inside the branches of FP8 attention's `torch.cond`: bf16
+    attention (and bf16 q/k) below that joint token count, as `fp8_attention` chooses."""
+    q_parts, k_parts = query_key_parts(attn, hidden_states, encoder_hidden_states)
+    bounds = (fp8_attention.rms_norm_bound(attn, "q", head_dim), fp8_attention.rms_norm_bound(attn, "k", head_dim))
+    if any(bound is None for bound in bounds):  # `_fusable` admits weighted RMSNorms only, which have bounds
+        raise ValueError("fp8_qk_in_norm_rope needs RMSNorm q/k norms (their bound is the FP8 scale)")
+    eps, parts = attn.norm_q.eps, len(q_parts)
+
+    def split(operands):  # torch.cond passes the operands flat: q's parts, k's parts, then the rest
+        return operands[:parts], operands[parts:2 * parts], operands[2 * parts:]
+
+    def fp8_branch(*operands):
+        q_in, k_in, (value, cos, sin, q_bound, k_bound) = split(operands)
+        descale_q, descale_k = fp8_attention.descale_of(q_bound), fp8_attention.descale_of(k_bound)
+        q8 = torch.ops.aotpack.qk_norm_rope_fp8(*q_in, cos, sin, descale_q, eps, head_dim)
+        k8 = torch.ops.aotpack.qk_norm_rope_fp8(*k_in, cos, sin, descale_k, eps, head_dim)
+        return fp8_attention.attend_quantized(q8, descale_q, k8, descale_k, value)
+
+    def bf16_branch(*operands):
+        q_in, k_in, (value, cos, sin, _, _) = split(operands)
+        return fp8_attention.bf16_attention(torch.ops.aotpack.qk_norm_rope(*q_in, cos, sin, eps, head_dim),
+                                            torch.ops.aotpack.qk_norm_rope(*k_in, cos, sin, eps, head_dim), value)
+
+    operands = (*q_parts, *k_parts, value, cos, sin, *bounds)
+    if min_tokens <= 0:
+        return fp8_branch(*operands)
+    tokens = q_parts[0].shape[1] + q_parts[parts // 2].shape[1]
+    return torch.cond(tokens >= min_tokens, fp8_branch, bf16_branch, operands)
 
 
 def uses_fused_qk_norm_rope(attn) -> bool:
@@ -205,6 +284,7 @@ def _processor_class():
         CUDA). Calls it cannot take (no rotary table, an attention mask, fused projections) go to the parent."""
 
         fuses_qk_norm_rope = True
+        quantizes_qk = False  # recipe lever fp8_qk_in_norm_rope: q/k written in e4m3 for FP8 attention
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                      image_rotary_emb=None):
@@ -212,24 +292,29 @@ def _processor_class():
             # call the processor directly (fused_blocks.py), never with the calls that go to the parent
             if image_rotary_emb is None or attention_mask is not None or attn.fused_projections:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            from . import fp8_attention
-
             joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-            query, key = fused_query_key(attn, hidden_states, encoder_hidden_states if joint else None,
-                                         *image_rotary_emb, attn.head_dim)
+            text = encoder_hidden_states if joint else None
             value = linear_output(attn.to_v, hidden_states)
             if joint:
                 value = torch.cat([linear_output(attn.add_v_proj, encoder_hidden_states), value], dim=1)
             value = value.unflatten(-1, (-1, attn.head_dim))
-            # the FP8-attention op (recipe attention = "cudnn_fp8") reads its q/k scales from `attn`'s norms
-            token = fp8_attention.current_attention_module.set(attn)
-            try:
-                out = transformer_flux.dispatch_attention_fn(query, key, value, attn_mask=None,
-                                                             backend=self._attention_backend,
-                                                             parallel_config=self._parallel_config)
-            finally:
-                fp8_attention.current_attention_module.reset(token)
-            out = out.flatten(2, 3).to(query.dtype)
+            # FP8 attention (recipe attention = "cudnn_fp8") with the q/k quantization in their kernels
+            min_tokens = (fp8_attention.min_tokens_of(transformer_flux.dispatch_attention_fn)
+                          if self.quantizes_qk and self._parallel_config is None else None)
+            if min_tokens is not None:
+                out = fp8_attention_from_parts(attn, hidden_states, text, value, *image_rotary_emb, attn.head_dim,
+                                               min_tokens)
+            else:
+                query, key = fused_query_key(attn, hidden_states, text, *image_rotary_emb, attn.head_dim)
+                # the FP8-attention op (recipe attention = "cudnn_fp8") reads its q/k scales from `attn`'s norms
+                token = fp8_attention.current_attention_module.set(attn)
+                try:
+                    out = transformer_flux.dispatch_attention_fn(query, key, value, attn_mask=None,
+                                                                 backend=self._attention_backend,
+                                                                 parallel_config=self._parallel_config)
+                finally:
+                    fp8_attention.current_attention_module.reset(token)
+            out = out.flatten(2, 3).to(value.dtype)
             if not joint:
                 return out
             text_out, image_out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
@@ -241,25 +326,29 @@ def _processor_class():
 
 
 def _fusable(attn) -> bool:
-    """diffusers' own processor, and q/k norms the kernel computes: torch.nn.RMSNorm over the head dim with a
-    weight and one eps (Flux in the supported diffusers series)."""
+    """diffusers' own processor (or the fused one, which an install may set again with another `quantize_qk`),
+    and q/k norms the kernel computes: torch.nn.RMSNorm over the head dim with a weight and one eps (Flux in the
+    supported diffusers series)."""
     from diffusers.models.transformers import transformer_flux
 
     norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if attn.added_kv_proj_dim else [])
-    return (type(attn.processor) is transformer_flux.FluxAttnProcessor
+    return (type(attn.processor) in (transformer_flux.FluxAttnProcessor, _processor_class())
             and all(type(n) is torch.nn.RMSNorm and n.weight is not None and n.eps is not None
                     and tuple(n.normalized_shape) == (attn.head_dim,) and n.eps == attn.norm_q.eps for n in norms))
 
 
-def install_fused_qk_norm_rope(transformer) -> int:
+def install_fused_qk_norm_rope(transformer, quantize_qk: bool = False) -> int:
     """Give every Flux attention of `transformer` whose q/k norms are weighted RMSNorms the fused processor, in
-    place; returns how many. Weight and slot names do not change."""
+    place; returns how many. Weight and slot names do not change. `quantize_qk` (recipe lever
+    `fp8_qk_in_norm_rope`): under FP8 attention their kernels write q/k in e4m3."""
     processor_class = _processor_class()
     attentions = [block.attn for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
     fused = 0
     for attn in attentions:
         if _fusable(attn):
-            attn.set_processor(processor_class())
+            processor = processor_class()
+            processor.quantizes_qk = quantize_qk
+            attn.set_processor(processor)
             fused += 1
     return fused
 
@@ -281,6 +370,11 @@ def kernel_errors(device, tokens: int = 67) -> dict[str, float]:
         args = [t.to(device, torch.bfloat16) for t in args] + [t.to(device) for t in (angles.cos(), angles.sin())]
         got = torch.ops.aotpack.qk_norm_rope(*args, 1e-6, 128)
         errors[name] = relative_error(got.float(), qk_norm_rope_reference(*args, 1e-6, 128).float())
+        # the e4m3 form at a bound-like scale (|x| <= sqrt(128) * max|w| after the norm): dequantized values
+        descale = (args[3].float().abs().amax() * 128**0.5 / 448).reshape(1, 1, 1, 1)
+        got8 = torch.ops.aotpack.qk_norm_rope_fp8(*args, descale, 1e-6, 128)
+        expected8 = qk_norm_rope_fp8_reference(*args, descale, 1e-6, 128)
+        errors[f"{name}_fp8"] = relative_error(got8.float() * descale, expected8.float() * descale)
     return errors
 
 

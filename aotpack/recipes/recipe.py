@@ -48,6 +48,7 @@ class Recipe:
     group_lora_up: bool = False  # each group's (or lone slot's) up-projections in one kernel (models/lora_up.py)
     fused_gelu_quant: bool = False  # GELU (+ concat) + FP8 quantization in one Triton kernel (models/fused_quant.py)
     fused_qk_norm_rope: bool = False  # q/k epilogue + RMSNorm + RoPE in one Triton kernel (models/qk_norm_rope.py)
+    fp8_qk_in_norm_rope: bool = False  # under FP8 attention that kernel writes q/k in e4m3 (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
@@ -87,9 +88,11 @@ class Recipe:
 
     def replace(self, **changes) -> "Recipe":
         """A copy with `changes`. Switching attention to a backend other than cudnn_fp8 drops the FP8 threshold,
-        which only chooses between FP8 and bf16 attention (a recipe file with both is refused by parse_recipe)."""
+        which only chooses between FP8 and bf16 attention, and `fp8_qk_in_norm_rope`, which writes q/k for FP8
+        attention (a recipe file with either and another backend is refused by parse_recipe)."""
         if changes.get("attention", self.attention) != "cudnn_fp8":
             changes.setdefault("fp8_attention_min_tokens", 0)
+            changes.setdefault("fp8_qk_in_norm_rope", False)
         recipe = dataclasses.replace(self, **changes)
         # the build's --attention override (parse_recipe checks a file's fields, naming the file)
         if problem := attention_device_conflict(recipe.attention, recipe.device):
@@ -212,6 +215,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         group_lora_up=fields.value("group_lora_up", bool, False),
         fused_gelu_quant=fields.value("fused_gelu_quant", bool, False),
         fused_qk_norm_rope=fields.value("fused_qk_norm_rope", bool, False),
+        fp8_qk_in_norm_rope=fields.value("fp8_qk_in_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
@@ -249,6 +253,10 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.fused_norm_quant and not (recipe.fused_gelu_quant and recipe.fused_qk_norm_rope):
         raise fields.error("fused_norm_quant", "= true needs fused_gelu_quant = true and fused_qk_norm_rope = true: "
                                                "the blocks' MLPs and attentions take its quantized norms")
+    if recipe.fp8_qk_in_norm_rope and not (recipe.fused_qk_norm_rope and recipe.attention == "cudnn_fp8"):
+        raise fields.error("fp8_qk_in_norm_rope", "= true needs fused_qk_norm_rope = true and attention = "
+                                                  f"\"cudnn_fp8\" (this recipe has {recipe.attention!r}): it makes "
+                                                  "that kernel write q/k for FP8 attention")
     if recipe.lora_down_from_fp8 and not recipe.fused_gelu_quant:
         raise fields.error("lora_down_from_fp8", "= true needs fused_gelu_quant = true: it reads the FP8 GELU output "
                                                  "that the fused kernel writes")

@@ -34,6 +34,8 @@
 #      it inside the GELU quantization kernel, two passes over the row block; models/gelu_lora.py);
 #    gemm_lora: lora_up_in_gemm = true (each FP8 slot's bias and LoRA up-projection added in the epilogue of one
 #      persistent TMA Triton FP8 GEMM instead of cuBLAS + a bf16 up GEMM + the add; models/gemm_lora.py);
+#    fp8qk: fp8_qk_in_norm_rope = true (under FP8 attention the q/k norm + RoPE kernel writes q/k in e4m3 at the
+#      norm-bound scales, so no separate kernel reads bf16 q/k back to quantize them; models/qk_norm_rope.py);
 #    batched: batched_modulation = true (the blocks' AdaLN modulation linears in one program run once an image over
 #      every timestep, the block programs taking its rows; models/modulation.py). Its per-image figure is the
 #      variants bench's `image_loop_ms_per_step` (28 timesteps as FluxPipeline passes them, GRAPHS=1);
@@ -90,6 +92,7 @@ sed 's/^\[shapes\]/batched_modulation = true\n[shapes]/' aotpack/recipes/h200.to
 sed 's/^\[shapes\]/group_lora_up = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/up.toml
 sed 's/^\[shapes\]/fused_gelu_lora = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu_lora.toml
 sed 's/^\[shapes\]/lora_up_in_gemm = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gemm_lora.toml
+sed 's/^\[shapes\]/fp8_qk_in_norm_rope = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/fp8qk.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
