@@ -307,18 +307,17 @@ def min_tokens_of(attention_fn) -> int | None:
 
 
 def attend_quantized(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
-                     value: torch.Tensor) -> torch.Tensor:
-    """FP8 attention of quantized q/k and a `value` in the activation dtype (quantized here at its amax), returned
-    (B, S, H, D) in `value`'s dtype."""
+                     value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 attention of quantized q/k and `value` (quantized here at its amax), returned (B, S, H, D) in `dtype`."""
     v8, descale_v = quantize(value.contiguous())  # no norm before V: its amax, a pass over V (abs_max)
     out8 = torch.ops.aotpack.fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), descale_q, descale_k,
                                       descale_v)
-    return (out8.float() * descale_v).to(value.dtype)
+    return (out8.float() * descale_v).to(dtype)
 
 
 def _fp8_attention(query, key, value, q_bound, k_bound) -> torch.Tensor:
     (q8, descale_q), (k8, descale_k) = quantize(query.contiguous(), q_bound), quantize(key.contiguous(), k_bound)
-    return attend_quantized(q8, descale_q, k8, descale_k, value.to(query.dtype))
+    return attend_quantized(q8, descale_q, k8, descale_k, value, query.dtype)
 
 
 def bf16_attention(query, key, value) -> torch.Tensor:

@@ -256,7 +256,7 @@ def fp8_attention_from_parts(attn, hidden_states: torch.Tensor | QuantizedActiva
         descale_q, descale_k = fp8_attention.descale_of(q_bound), fp8_attention.descale_of(k_bound)
         q8 = torch.ops.aotpack.qk_norm_rope_fp8(*q_in, cos, sin, descale_q, eps, head_dim)
         k8 = torch.ops.aotpack.qk_norm_rope_fp8(*k_in, cos, sin, descale_k, eps, head_dim)
-        return fp8_attention.attend_quantized(q8, descale_q, k8, descale_k, value)
+        return fp8_attention.attend_quantized(q8, descale_q, k8, descale_k, value, q_in[parts // 2].dtype)
 
     def bf16_branch(*operands):
         q_in, k_in, (value, cos, sin, _, _) = split(operands)

@@ -1,5 +1,10 @@
 """What the kernel probes share (imported from this folder): timing from a CUDA graph, so an eager `wrap_triton`
-launch's host time (more than a small kernel takes) stays out of the figure, and bitwise comparison of outputs."""
+launch's host time (more than a small kernel takes) stays out of the figure; bitwise comparison of outputs; launch-config
+sweeps (PROBE_SWEEP) and shape filters (PROBE_SHAPES) read from the environment; a report written after each size."""
+
+import itertools
+import json
+import os
 
 import torch
 
@@ -32,9 +37,6 @@ def equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def sweep_from_env(default: dict) -> dict:
     """A probe's launch-config sweep: `default` ({name: values}), or PROBE_SWEEP='{"block_m": [128, 256], ...}'."""
-    import json
-    import os
-
     given = json.loads(os.environ.get("PROBE_SWEEP") or "{}")
     return {key: tuple(values) for key, values in given.items()} or default
 
@@ -42,8 +44,6 @@ def sweep_from_env(default: dict) -> dict:
 def shapes_from_env(shapes: dict) -> dict:
     """A probe's {size: {name: shape}}, or only the PROBE_SHAPES="1024:single_block 512:single_block" ones (the
     per-step totals then cover only them)."""
-    import os
-
     if not os.environ.get("PROBE_SHAPES"):
         return shapes
     kept = [entry.split(":") for entry in os.environ["PROBE_SHAPES"].split()]
@@ -54,8 +54,6 @@ def shapes_from_env(shapes: dict) -> dict:
 def timed_sweep(sweep: dict, call) -> tuple[list, list]:
     """`call(**config)` timed for every configuration of `sweep`: (all rows, the timed ones fastest first). A
     configuration that fails (e.g. out of shared memory) is a row with its error, not a crash."""
-    import itertools
-
     rows = []
     for values in itertools.product(*sweep.values()):
         config = dict(zip(sweep, values))
@@ -69,8 +67,6 @@ def timed_sweep(sweep: dict, call) -> tuple[list, list]:
 def record_size(report: dict, size, totals: dict, rows: list, out_path: str) -> None:
     """Add a size's per-step totals and rows to `report`, print the totals and write the report: after each size,
     so a command cut by its time limit keeps what was measured."""
-    import json
-
     report["sizes"][size] = {"per_step_ms": totals, "shapes": rows}
     print(f"[{size}] per step: {json.dumps(totals)}", flush=True)
     with open(out_path, "w") as f:

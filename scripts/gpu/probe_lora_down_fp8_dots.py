@@ -150,6 +150,8 @@ def main(out_path):
     g = torch.Generator(device="cuda").manual_seed(0)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rank": RANK, "sizes": {}}
     for size, shapes in SHAPES.items():
+        if not shapes:
+            continue
         totals = {key: 0.0 for key in ("cublas_bf16_ms", "current_ms", "hilo_ms", "hilo_best_ms", "hi_ms",
                                        "current_best_ms", "tma_best_ms", "tma_kernel_only_ms",
                                        "partial_reduce_compiled_ms", "split_a_ms", "split_a_compiled_ms",
