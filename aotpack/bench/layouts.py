@@ -35,7 +35,7 @@ def measure(model: str, target: str, layout: str, out: Path, image_tokens: int, 
     inputs = transformer_inputs(served.transformer.config, batch=1, image_tokens=image_tokens,
                                 text_tokens=text_tokens, dtype=torch_dtype(manifest.dtype), device=served.device,
                                 generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), served:  # closed after: the next layout's package loads into this process
         step = time_ms(lambda: served.transformer(**inputs), served.device, warmup=3, repeats=10)
     return {"layout": layout, "build_seconds": round(build_seconds, 1),
             "compile_seconds": manifest.build["compile_seconds"], "package_mb": round(manifest.total_bytes(package) / 1e6, 2),

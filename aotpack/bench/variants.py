@@ -100,18 +100,21 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                 profiles.queue(result, "breakdown_no_lora",
                                lambda: breakdown(package, model, with_lora=False, **workload))
     print(f"[variants] {label}: {json.dumps(result, default=str)[:400]}", flush=True)
+    # the next pass loads a package into this process: without close() this one's weights would stay allocated
+    # (an H100 ran out of memory at the breakdowns after four passes, 2026-12-06)
+    served.close()
     return result
 
 
 def breakdown(package: str, model: str, *, with_lora: bool, **workload) -> dict:
     """`measure`'s plain-chain step kernel by kernel, on `package` loaded again (its LoRA active, or none): kept
     loaded until every variant is timed, all the packages' weights would be on the GPU at once."""
-    served = _load(package, model)
-    _, step, _ = _activate(served, **workload)
-    if not with_lora:
-        served.set_loras([])
-    with torch.no_grad():
-        return kernel_breakdown(step, served.device, top_kernels=12)
+    with _load(package, model) as served:  # closed after: the next breakdown loads the next package
+        _, step, _ = _activate(served, **workload)
+        if not with_lora:
+            served.set_loras([])
+        with torch.no_grad():
+            return kernel_breakdown(step, served.device, top_kernels=12)
 
 
 def run(variants: dict[str, str], model: str, out: Path, *, height: int, width: int, text_tokens: int,

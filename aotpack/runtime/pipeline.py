@@ -85,6 +85,20 @@ class AotpackPipeline:
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def close(self) -> int:
+        """Free the package's weights on the device now (`CompiledFluxTransformer.close`: torch's AOTInductor keeps
+        them referenced after the pipeline is dropped); returns the bytes freed. For a process that loads packages
+        one after another: without it each earlier load's weights stay allocated until the process ends (the rest,
+        adapters and text encoders, goes with the pipeline object). The pipeline refuses generation afterwards.
+        `with aotpack.load(...) as served:` closes it on leaving the block."""
+        return self.transformer.close()
+
+    def __enter__(self) -> "AotpackPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _resolve(self, entry, pin) -> tuple[Adapter, float, bool]:
         adapter_or_source, scale = entry  # checked by `check_loras` in set_loras
         if isinstance(adapter_or_source, Adapter):

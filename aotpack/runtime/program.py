@@ -90,6 +90,7 @@ class CompiledProgram:
     def __init__(self, source: ProgramFile, runner):
         self._source = source  # keeps the unpacked folder (CUDA kernels load from it on first call)
         self.runner = runner
+        self.bound: tuple[torch.Tensor, ...] = ()  # the constants `bind_constants` bound
         in_spec, out_spec = (pytree.treespec_loads(s) for s in runner.get_call_spec())
         self._out_spec = out_spec
         # Number every leaf, rebuild the input structure, and read back which position is which.
@@ -105,6 +106,9 @@ class CompiledProgram:
         # user_managed: the program reads our tensors in place; no second copy of the weights.
         internal = {self._fqn_to_internal[name]: tensor for name, tensor in constants.items()}
         self.runner.update_constant_buffer(internal, False, True, True)
+        # AOTInductor keeps a reference to each user-managed constant that it never releases, runner gone or not
+        # (pytorch/pytorch#194480): `CompiledFluxTransformer.close` frees these tensors' memory itself
+        self.bound = tuple(constants.values())
 
     def __call__(self, flat_inputs: list[torch.Tensor]):
         return pytree.tree_unflatten(self.runner.run(flat_inputs), self._out_spec)

@@ -176,6 +176,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.lora_modes = LoRAModes(self, policy=MergePolicy.parse("auto", self._device))
         self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
         self._step_graphs = None  # use_cuda_graphs(): captured step graphs (cuda_graphs.py)
+        self.closed = False  # close(): the weights' memory freed, the programs dropped
 
     # -- loading ---------------------------------------------------------------------------------
     def _load_instance(self, source: program_files.ProgramFile, spec, instance, cache: dict) -> _Instance:
@@ -429,10 +430,47 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
 
         self._step_graphs = StepGraphs(self._device)
 
+    def close(self) -> int:
+        """Free the memory of the weights the programs read, now, and drop the programs; returns the bytes freed.
+
+        torch's AOTInductor keeps a reference to every constant bound user-managed (the zero-copy binding this
+        runtime uses, so a merge writes the weights the programs read) and never releases it, runner destroyed or
+        not (pytorch/pytorch#194480; seen with torch 2.11 and 2.13): a dropped pipeline's weights stayed allocated
+        until the process ended, 14.2 GiB for each load of the default FLUX.1-dev package on an H100 (2026-12-06,
+        `benchmarks/results/2026-12-06f-h100-package-release/`). Emptying their storages frees that memory; the
+        leaked references then hold empty storages. The model the weights came from (`aotpack.apply`'s, too) is
+        unusable afterwards, and so is this transformer: a call refuses."""
+        if self.closed:
+            return 0
+        self._step_graphs = None  # graphs replay the programs and hold their own memory pool
+        storages = {}
+        for programs in (self._programs, self._no_slot_programs):
+            for instances in programs.values():
+                for instance in instances:
+                    for tensor in instance.program.bound:
+                        storage = tensor.untyped_storage()
+                        storages[storage.data_ptr()] = storage
+        freed = 0
+        for storage in storages.values():
+            size = storage.nbytes()
+            try:
+                storage.resize_(0)
+            except RuntimeError:  # not resizable (a file mapped on the CPU): the mapping goes with the process
+                continue
+            freed += size
+        self._programs.clear()
+        self._no_slot_programs.clear()
+        self.compiled_merge = self.address_merge = None
+        self.closed = True
+        return freed
+
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
                 controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict=True,
                 controlnet_blocks_repeat=False):
+        if self.closed:
+            raise UnsupportedCallError("this compiled transformer was closed: its weights are freed",
+                                       "load the package again (aotpack.load) to generate with it")
         if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
             raise UnsupportedCallError("controlnet residuals are not compiled into this package",
                                        "use the eager transformer for ControlNet pipelines")
