@@ -59,3 +59,23 @@ def test_close_leaves_another_load_of_the_package_intact(tiny_package):
     assert freed == sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _bound(second)}.values())
     after = second(**{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
     assert torch.equal(before, after)  # the other load's weights are its own
+
+
+def test_a_service_frees_the_package_it_loaded_when_it_stops(tiny_package):
+    """The HTTP service's worker closes the pipeline it loaded itself once its threads have ended; a pipeline handed
+    in by a loader (shared, e.g. by the serve-load bench across policies) stays open."""
+    from aotpack.serve.service import Service
+
+    own = Service(tiny_package, "tiny").start()
+    assert own.worker.ready.wait(120) and own.worker.load_error is None
+    served = own.worker.served
+    assert own.worker.stop() is True
+    assert served.transformer.closed and all(t.untyped_storage().nbytes() == 0 for t in _bound(served))
+
+    shared = aotpack.load(tiny_package, model="tiny")
+    lent = Service(tiny_package, "tiny", loader=lambda: shared).start()
+    assert lent.worker.ready.wait(120) and lent.worker.load_error is None
+    assert lent.worker.stop() is True
+    assert not shared.transformer.closed
+    image = shared(prompt="a red fox", num_inference_steps=2, height=64, width=64, output_type="pt").images
+    assert torch.isfinite(image).all()

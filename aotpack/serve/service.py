@@ -70,7 +70,8 @@ class Service:
                                                merge_policy=self.options.merge_policy,
                                                merge_share=self.options.merge_share))
         self.worker = Worker(load, self.registry, self.scheduler, self.metrics, prefetch=self.options.prefetch,
-                             warm_params=self.warm_params() if self.options.warm_up else None)
+                             warm_params=self.warm_params() if self.options.warm_up else None,
+                             close_on_stop=loader is None)  # a given loader's pipeline may be shared: not ours
         self.metrics.bind(self.scheduler, self.worker)
         self._registering = threading.Lock()  # a name's check and its insert are one step
 

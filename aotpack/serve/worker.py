@@ -32,8 +32,10 @@ PREFETCH_DEPTH = 2  # batches ahead whose adapters are staged (each rank-64 FLUX
 
 
 class Worker:
-    def __init__(self, load, registry, scheduler, metrics, *, prefetch: bool = True, warm_params: Params | None = None):
+    def __init__(self, load, registry, scheduler, metrics, *, prefetch: bool = True, warm_params: Params | None = None,
+                 close_on_stop: bool = False):
         self._load, self.registry, self.scheduler, self.metrics = load, registry, scheduler, metrics
+        self.close_on_stop = close_on_stop  # the pipeline `load` makes is this worker's own (no caller shares it)
         self.prefetch_enabled, self.warm_params = prefetch, warm_params
         self.served = None
         self.ready = threading.Event()
@@ -70,13 +72,19 @@ class Worker:
             thread.start()
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Stop after the batch on the model; True when both threads ended within `timeout` each."""
+        """Stop after the batch on the model; True when both threads ended within `timeout` each. With
+        `close_on_stop` the package's weights are then freed (`AotpackPipeline.close`): a process that starts
+        another service would otherwise keep them, as torch's AOTInductor holds them past the pipeline (docs/gpu.md,
+        known issue 7)."""
         self._stop.set()
         self._kick.set()
         self.scheduler.wake()
         for thread in self._threads:
             thread.join(timeout)
-        return not any(thread.is_alive() for thread in self._threads)
+        stopped = not any(thread.is_alive() for thread in self._threads)
+        if stopped and self.close_on_stop and self.served is not None:  # a running thread would step freed weights
+            self.served.close()
+        return stopped
 
     def _run(self) -> None:
         try:
