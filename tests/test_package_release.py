@@ -47,6 +47,8 @@ def test_a_dropped_pipeline_leaves_its_weights_referenced_and_close_frees_them(t
     with pytest.raises(UnsupportedCallError, match="closed") as caught:
         served(prompt="a red fox", num_inference_steps=2, height=64, width=64, output_type="pt")
     assert "load the package again" in caught.value.fix
+    with pytest.raises(UnsupportedCallError, match="closed"):  # no half-run switch on freed weights
+        served.set_loras([(demo_loras["tiny-style-all"], 0.5)])
 
 
 def test_close_leaves_another_load_of_the_package_intact(tiny_package):
