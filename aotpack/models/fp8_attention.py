@@ -277,8 +277,6 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     head_dim = query.shape[-1]
     q_bound, k_bound = ((None, None) if attn is None else
                         (rms_norm_bound(attn, "q", head_dim), rms_norm_bound(attn, "k", head_dim)))
-    if min_tokens <= 0:
-        return _fp8_attention(query, key, value, q_bound, k_bound)
     # torch.cond takes tensors only: the bounds that exist travel as operands, their presence in the closure
     has_bounds = (q_bound is not None, k_bound is not None)
     bounds = tuple(bound for bound in (q_bound, k_bound) if bound is not None)
@@ -291,7 +289,15 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     def bf16_branch(q, k, v, *given):
         return bf16_attention(q, k, v)
 
-    return torch.cond(query.shape[1] >= min_tokens, fp8_branch, bf16_branch, (query, key, value, *bounds))
+    return by_token_count(query.shape[1], min_tokens, fp8_branch, bf16_branch, (query, key, value, *bounds))
+
+
+def by_token_count(tokens, min_tokens: int, fp8_branch, bf16_branch, operands: tuple) -> torch.Tensor:
+    """`fp8_branch(*operands)` from `min_tokens` joint tokens on (always when it is 0 or less), `bf16_branch`
+    below: a `torch.cond` that export keeps in the program, decided per call on the host from the shapes."""
+    if min_tokens <= 0:
+        return fp8_branch(*operands)
+    return torch.cond(tokens >= min_tokens, fp8_branch, bf16_branch, operands)
 
 
 def min_tokens_of(attention_fn) -> int | None:

@@ -263,11 +263,9 @@ def fp8_attention_from_parts(attn, hidden_states: torch.Tensor | QuantizedActiva
         return fp8_attention.bf16_attention(torch.ops.aotpack.qk_norm_rope(*q_in, cos, sin, eps, head_dim),
                                             torch.ops.aotpack.qk_norm_rope(*k_in, cos, sin, eps, head_dim), value)
 
-    operands = (*q_parts, *k_parts, value, cos, sin, *bounds)
-    if min_tokens <= 0:
-        return fp8_branch(*operands)
-    tokens = q_parts[0].shape[1] + q_parts[parts // 2].shape[1]
-    return torch.cond(tokens >= min_tokens, fp8_branch, bf16_branch, operands)
+    tokens = q_parts[0].shape[1] + q_parts[parts // 2].shape[1]  # text + image
+    return fp8_attention.by_token_count(tokens, min_tokens, fp8_branch, bf16_branch,
+                                        (*q_parts, *k_parts, value, cos, sin, *bounds))
 
 
 def uses_fused_qk_norm_rope(attn) -> bool:

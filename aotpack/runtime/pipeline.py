@@ -120,9 +120,7 @@ class AotpackPipeline:
         active one exactly as it was. An empty list deactivates all adapters.
         """
         started = time.perf_counter()
-        if self.transformer.closed:  # its programs and merge kernels are gone (close())
-            raise UnsupportedCallError("this pipeline was closed: its weights are freed",
-                                       "load the package again (aotpack.load) to switch LoRAs on it")
+        self.transformer.refuse_if_closed("switch LoRAs on it")  # its programs and merge kernels are gone
         # NaN/Inf/huge scales, a dict (ran at scale 1.0), a bare path (one adapter per character), odd entries:
         # refused before any file is read
         loras = check_loras(loras, example='[("style.safetensors", 0.8)]')

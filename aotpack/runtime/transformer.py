@@ -464,13 +464,17 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.closed = True
         return freed
 
+    def refuse_if_closed(self, to: str) -> None:
+        """A typed error once `close()` freed the weights: nothing may run on them (`to`: what the caller does)."""
+        if self.closed:
+            raise UnsupportedCallError("this package was closed: its weights are freed",
+                                       f"load the package again (aotpack.load) to {to}")
+
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
                 controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict=True,
                 controlnet_blocks_repeat=False):
-        if self.closed:
-            raise UnsupportedCallError("this compiled transformer was closed: its weights are freed",
-                                       "load the package again (aotpack.load) to generate with it")
+        self.refuse_if_closed("generate with it")
         if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
             raise UnsupportedCallError("controlnet residuals are not compiled into this package",
                                        "use the eager transformer for ControlNet pipelines")
