@@ -3,7 +3,7 @@
 # VARIANTS, "LABEL [VAR=VALUE ...]", one build after another (never at once: they would share the 16 cores).
 # Results under $OUT: builds.txt (exit status and seconds of each), LABEL.log (the build's progress, with each
 # program's compile: wall and CPU seconds and torch's compile phases) and LABEL-build.json (the manifest's build
-# record); with KEEP_PACKAGE=LABEL that build's package as $OUT/package-LABEL.tar (carry it as PACKAGE_TAR later).
+# record); with KEEP_PACKAGE="LABEL ..." those builds' packages as $OUT/package-LABEL.tar (carry it as PACKAGE_TAR later).
 # Carry .device (the wheels). ~230-250 s a build on the H200 (2026-12-05), so two builds fill one call. E.g.
 #   VARIANTS=$'default\nlean AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL=O0 TORCHINDUCTOR_COMPILE_THREADS=2' \
 #     KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
@@ -29,5 +29,5 @@ while read -r label settings; do
   [ $status -eq 0 ] || continue
   python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['build'], indent=1))" \
     "$package/manifest.json" > "$OUT/$label-build.json"
-  [ "${KEEP_PACKAGE:-}" = "$label" ] && tar cf "$OUT/package-$label.tar" -C "$package" .
+  [[ " ${KEEP_PACKAGE:-} " == *" $label "* ]] && tar cf "$OUT/package-$label.tar" -C "$package" .
 done <<< "$VARIANTS"
