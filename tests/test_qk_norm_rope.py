@@ -175,7 +175,11 @@ def test_fp8_qk_lever_is_a_recipe_field_that_needs_fp8_attention(tmp_path):
 
     from aotpack.recipes import recipe as recipes
 
-    text = (Path(recipes.__file__).parent / "h200.toml").read_text()
+    assert recipes.load_recipe("h200").fp8_qk_in_norm_rope is True  # the default there (and in h100) since 2026-12-06
+    text = (Path(recipes.__file__).parent / "h200.toml").read_text().replace("\nfp8_qk_in_norm_rope = true\n", "\n")
+    off = tmp_path / "off.toml"
+    off.write_text(text)
+    assert recipes.load_recipe(off).fp8_qk_in_norm_rope is False  # off unless a recipe turns it on
     on = tmp_path / "on.toml"
     on.write_text(text.replace("[shapes]", "fp8_qk_in_norm_rope = true\n[shapes]", 1))
     recipe = recipes.load_recipe(on)

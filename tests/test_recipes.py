@@ -32,6 +32,8 @@ def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens
     assert recipe.fp8_attention_min_tokens == 4096  # 1024^2 (4096 + 512 tokens) and up; bf16 below (512^2)
     assert recipe.dtype == recipe.lora_dtype == "bfloat16"  # the LoRA path stays in bf16
     assert recipe.fused_gelu_quant  # one Triton kernel for GELU + FP8 quantization (measured on the H200)
+    # q/k written in FP8 by their norm kernel, LoRA down-projections from the FP8 GELU output (H100, 2026-12-06i)
+    assert recipe.fp8_qk_in_norm_rope and recipe.lora_down_from_fp8
     # the AdaLN modulation stays bf16 (LoRA fidelity 0.105 -> 0.094 on the H200, +3.2 GB of weights)
     assert recipe.unquantized_linears == ("*.norm1.linear", "*.norm1_context.linear",
                                           "single_transformer_blocks.*.norm.linear")
@@ -189,9 +191,13 @@ def test_fp8_attention_is_the_hopper_default_from_a_token_count(tmp_path):
     assert fp8 == {"h100", "h200"}  # measured there; the Ada recipes keep bf16 attention
     everywhere = load_recipe(write_variant(tmp_path, "fp8_attention_min_tokens = 4096", ""))
     assert (everywhere.attention, everywhere.fp8_attention_min_tokens, everywhere.parallel) == ("cudnn_fp8", 0, "none")
-    bf16 = load_recipe(write_variant(tmp_path, 'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 4096',
-                                     'attention = "cudnn"'))
-    assert (bf16.attention, bf16.fp8_attention_min_tokens) == ("cudnn", 0)
+    path = write_variant(tmp_path, 'attention = "cudnn_fp8"\nfp8_attention_min_tokens = 4096', 'attention = "cudnn"')
+    # the q/k kernel's FP8 output (on in h100/h200) is for FP8 attention: a bf16 copy must drop it too, and is told so
+    with pytest.raises(RecipeError, match="fp8_qk_in_norm_rope = true needs .* attention = \"cudnn_fp8\""):
+        load_recipe(path)
+    path.write_text(path.read_text().replace("\nfp8_qk_in_norm_rope = true\n", "\n"))
+    bf16 = load_recipe(path)
+    assert (bf16.attention, bf16.fp8_attention_min_tokens, bf16.fp8_qk_in_norm_rope) == ("cudnn", 0, False)
 
 
 def test_fp8_attention_with_ulysses_names_both_values_and_the_file(tmp_path):

@@ -24,21 +24,26 @@
 #      reduction is written);
 #    fp8_mod: without `unquantized_linears` (the AdaLN modulation linears in FP8 too; the default keeps them in bf16
 #      since 2026-12-03j, when this lever was measured the other way round as `bf16_mod`);
-#    grouped: group_lora_down = true (one LoRA down-projection GEMM for the slots that read one input: q/k/v of each
-#      stream, and q/k/v/MLP in the single block; builder/lora_grouping.py), off since 2026-11-29 on a 6-block model;
-#    fp8down: lora_down_from_fp8 = true (the LoRA down-projections after the MLP GELUs read the FP8 GELU output, so
-#      the GELU kernel no longer writes a bf16 copy for them; models/lora_down_fp8.py);
+#    no_grouped: group_lora_down off (on by default since 2026-12-04d: one LoRA down-projection GEMM for the slots
+#      that read one input: q/k/v of each stream, and q/k/v/MLP in the single block; builder/lora_grouping.py);
+#    no_fp8down: lora_down_from_fp8 off (on by default since 2026-12-06i: the LoRA down-projections after the MLP
+#      GELUs read the FP8 GELU output, so the GELU kernel writes no bf16 copy for them; models/lora_down_fp8.py);
 #    up: group_lora_up = true (each group's LoRA up-projections, and each lone slot's, in one Triton kernel launch
 #      instead of a cuBLAS GEMM per slot; models/lora_up.py);
 #    gelu_lora: fused_gelu_lora = true (the LoRA up-projection before each MLP GELU and the down-projection after
 #      it inside the GELU quantization kernel, two passes over the row block; models/gelu_lora.py);
 #    gemm_lora: lora_up_in_gemm = true (each FP8 slot's bias and LoRA up-projection added in the epilogue of one
 #      persistent TMA Triton FP8 GEMM instead of cuBLAS + a bf16 up GEMM + the add; models/gemm_lora.py);
-#    fp8qk: fp8_qk_in_norm_rope = true (under FP8 attention the q/k norm + RoPE kernel writes q/k in e4m3 at the
-#      norm-bound scales, so no separate kernel reads bf16 q/k back to quantize them; models/qk_norm_rope.py);
-#    batched: batched_modulation = true (the blocks' AdaLN modulation linears in one program run once an image over
-#      every timestep, the block programs taking its rows; models/modulation.py). Its per-image figure is the
-#      variants bench's `image_loop_ms_per_step` (28 timesteps as FluxPipeline passes them, GRAPHS=1);
+#    no_fp8qk: fp8_qk_in_norm_rope off (on by default since 2026-12-06i: under FP8 attention the q/k norm + RoPE
+#      kernel writes q/k in e4m3 at the norm-bound scales, so no separate kernel reads bf16 q/k back to quantize
+#      them; models/qk_norm_rope.py);
+#    no_qkdown: both of those off (the default before 2026-12-06i);
+#    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
+#    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
+#    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one
+#      program run once an image over every timestep, the block programs taking its rows; models/modulation.py). The
+#      per-image figure is the variants bench's `image_loop_ms_per_step` (28 timesteps as FluxPipeline passes them,
+#      GRAPHS=1);
 #    static: [shapes] of one value, batch 1 x 1024^2 x 512 text tokens (programs specialised to that shape,
 #      as the recipe's first compile is; tests whether the dynamic token axis costs the ~1.25x slower
 #      Triton kernels seen against the recipe; run it with SIZES=1024 only);
@@ -77,22 +82,26 @@ fi
 # validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
 sed '/^fp8_attention_min_tokens = /d; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
   aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
-sed '/^fp8_attention_min_tokens = /d; s/^attention = "cudnn_fp8"/attention = "cudnn"/' aotpack/recipes/h200.toml > /tmp/recipes/bf16attn.toml
+sed '/^fp8_attention_min_tokens = /d; /^fp8_qk_in_norm_rope = /d; s/^attention = "cudnn_fp8"/attention = "cudnn"/' \
+  aotpack/recipes/h200.toml > /tmp/recipes/bf16attn.toml
 { cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
 sed 's/^fused_norm_quant = true/fused_norm_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/norm_unfused.toml
-sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/unfused.toml
+sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/; /^lora_down_from_fp8 = /d' /tmp/recipes/norm_unfused.toml \
+  > /tmp/recipes/unfused.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
 sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
-sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/' /tmp/recipes/norm_unfused.toml > /tmp/recipes/qk_unfused.toml
+sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/; /^fp8_qk_in_norm_rope = /d' /tmp/recipes/norm_unfused.toml \
+  > /tmp/recipes/qk_unfused.toml
 sed '/^unquantized_linears = /d' aotpack/recipes/h200.toml > /tmp/recipes/fp8_mod.toml
 cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
-sed 's/^\[shapes\]/group_lora_down = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/grouped.toml
-sed 's/^\[shapes\]/lora_down_from_fp8 = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/fp8down.toml
-sed 's/^\[shapes\]/batched_modulation = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/batched.toml
-sed 's/^\[shapes\]/group_lora_up = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/up.toml
-sed 's/^\[shapes\]/fused_gelu_lora = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu_lora.toml
-sed 's/^\[shapes\]/lora_up_in_gemm = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gemm_lora.toml
-sed 's/^\[shapes\]/fp8_qk_in_norm_rope = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/fp8qk.toml
+sed '/^group_lora_down = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_grouped.toml
+sed '/^lora_down_from_fp8 = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_fp8down.toml
+sed '/^batched_modulation = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_batched.toml
+sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/group_lora_up = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/up.toml
+sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/fused_gelu_lora = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu_lora.toml
+sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/lora_up_in_gemm = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gemm_lora.toml
+sed '/^fp8_qk_in_norm_rope = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_fp8qk.toml
+sed '/^fp8_qk_in_norm_rope = /d; /^lora_down_from_fp8 = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_qkdown.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
 build() {  # label
