@@ -1,7 +1,7 @@
 """The GELU and norm quantization kernels (models/fused_quant.py, models/norm_quant.py) of two source trees, side by
-side at FLUX.1-dev's 1024² shapes: ms per call from CUDA graphs (`kernel_probe.graph_ms`) for several `num_warps`,
-the per-step sums, and whether the two trees' outputs are equal, bit for bit (sha256 of q, scale and the kept input
-on the same seeded inputs).
+side at FLUX.1-dev's 1024² shapes: ms per call from CUDA graphs (`kernel_probe.graph_ms`) for each launch config
+(`CONFIGS`), the per-step sums of each tree's own config, and whether the two trees' outputs are equal, bit for bit
+(sha256 of q, scale and the kept input on the same seeded inputs).
 
 Made for a kernel rewrite that should change no value, e.g. a row taken in power-of-two segments instead of one
 padded block (2026-12-06). Each tree runs in its own process (both are the package `aotpack`):
@@ -42,7 +42,7 @@ def digest(tensors) -> str:
 
 
 def run_tree() -> list:
-    """In a tree's process (its root first on sys.path): every shape, slot or not, every warp count."""
+    """In a tree's process (its root first on sys.path): every shape, slot or not, every launch config."""
     from aotpack.models.fused_quant import _gelu_quant_triton
     from aotpack.models.norm_quant import _norm_modulate_quant_triton
     from kernel_probe import graph_ms
