@@ -150,9 +150,9 @@ def aotpack_top_kernels(package: str, model: str, lora, inputs: dict) -> list[di
     """The aotpack step's top kernels, on the package loaded again as `serve_demo` loads it, `lora` in slots as when
     its step was timed. Loaded again rather than kept: kept, its weights (~12 GB for FLUX.1-dev) would sit under
     eager's and the recipe's timings and peak memory."""
-    served = load_package(package, model)
-    served.set_loras([(lora, 1.0)], merge=False)
-    return _top_kernels(lambda: served.transformer(**inputs, return_dict=False), served.device)
+    with load_package(package, model) as served:  # closed after: a dropped package keeps its weights (docs/gpu.md)
+        served.set_loras([(lora, 1.0)], merge=False)
+        return _top_kernels(lambda: served.transformer(**inputs, return_dict=False), served.device)
 
 
 def compiled_recipe(name: str, dtype, device, inputs: dict, loras: dict, request: dict,
@@ -210,7 +210,10 @@ def run(package: str, model: str, out: Path, *, height: int, width: int, steps: 
     report["aotpack"] = {**{k: demo[k] for k in ("load_seconds", "load_peak_gpu_gb", "bf16_weights_gb", "step",
                                                  "requests", "switch_r64_all_from_file_ms", "peak_gpu_gb",
                                                  "manifest")}, **levers}
-    del served, fitted  # the package goes before eager's and the recipe's timings and peaks
+    # the package goes before eager's and the recipe's timings and peaks: closed, as a dropped one keeps its weights
+    # allocated (torch's AOTInductor, docs/gpu.md known issue 7)
+    served.close()
+    del served, fitted
     free_memory()
 
     eager, eager_output = eager_peft(ref.location, dtype, device, inputs, loras, request)

@@ -153,7 +153,8 @@ def package_images(package: str, model: str, label: str, loras, prompts, seeds, 
             out[key] = Images(*base, *_generate(served, served.decode_latents, prompts, seeds, request, key))
             served.set_loras([])
         return out
-    finally:
+    finally:  # closed: a dropped package keeps its weights allocated (docs/gpu.md, known issue 7), and the next loads
+        served.close()
         del served
         _free()
 

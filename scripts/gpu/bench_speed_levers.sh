@@ -70,6 +70,7 @@ if ! python3 -c "import cudnn" 2>/dev/null; then
 fi
 SIZES=${SIZES-${SIZE:-1024}}  # set but empty: build (and keep) the packages only
 SIZE=${SIZES%% *}
+rm -rf /tmp/recipes  # a warm machine keeps /tmp: only this run's recipes count as levers
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
 PACKAGE_TAR=${PACKAGE_TAR:-artifacts/h200/package-merge.tar}
 if [ -f "$PACKAGE_TAR" ]; then
@@ -104,6 +105,9 @@ sed '/^fp8_qk_in_norm_rope = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_fp8
 sed '/^fp8_qk_in_norm_rope = /d; /^lora_down_from_fp8 = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_qkdown.toml
 sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
   aotpack/recipes/h200.toml > /tmp/recipes/static.toml
+for label in $LEVERS; do  # a lever without a recipe here (e.g. renamed: grouped is no_grouped now) stops before any build
+  [ -f "/tmp/recipes/$label.toml" ] || { echo "unknown lever '$label'; known: $(cd /tmp/recipes && ls | sed 's/\.toml$//' | tr '\n' ' ')" >&2; exit 2; }
+done
 build() {  # label
   timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
     --workers "${WORKERS:-4}" --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
