@@ -81,3 +81,26 @@ def test_a_service_frees_the_package_it_loaded_when_it_stops(tiny_package):
     assert not shared.transformer.closed
     image = shared(prompt="a red fox", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert torch.isfinite(image).all()
+
+
+def test_a_service_whose_thread_outlives_stop_keeps_its_package_and_says_so(tiny_package, caplog):
+    """A thread still running after `stop`'s timeout could be stepping the weights: they stay loaded, `stop` returns
+    False and a warning names the thread; once it ends, a second `stop` frees them."""
+    import threading
+
+    from aotpack.serve.service import Service
+
+    own = Service(tiny_package, "tiny").start()
+    assert own.worker.ready.wait(120) and own.worker.load_error is None
+    release = threading.Event()
+    busy = threading.Thread(target=release.wait, name="busy-step", daemon=True)  # stands in for a long step
+    busy.start()
+    own.worker._threads.append(busy)
+    with caplog.at_level("WARNING", logger="aotpack.serve"):
+        assert own.worker.stop(timeout=0.2) is False
+    assert "busy-step still running" in caplog.text and "stays loaded" in caplog.text
+    served = own.worker.served
+    assert not served.transformer.closed
+    release.set()
+    assert own.worker.stop() is True
+    assert served.transformer.closed

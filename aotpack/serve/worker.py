@@ -81,10 +81,13 @@ class Worker:
         self.scheduler.wake()
         for thread in self._threads:
             thread.join(timeout)
-        stopped = not any(thread.is_alive() for thread in self._threads)
-        if stopped and self.close_on_stop and self.served is not None:  # a running thread would step freed weights
+        running = [thread.name for thread in self._threads if thread.is_alive()]
+        if running and self.close_on_stop and self.served is not None:  # a running thread would step freed weights
+            log.warning("%s still running %.0f s after stop: the package stays loaded (its weights are not freed); "
+                        "the process should exit rather than load another package", ", ".join(running), timeout)
+        elif self.close_on_stop and self.served is not None:
             self.served.close()
-        return stopped
+        return not running
 
     def _run(self) -> None:
         try:
