@@ -1,7 +1,9 @@
 """A LoRA down-projection that reads the FP8 activation its base GEMM reads: the recipe lever `lora_down_from_fp8`.
 
 With `fused_gelu_quant`, the linear after each MLP GELU (a double block's `ff.net.2` / `ff_context.net.2`, a single
-block's `proj_out`) takes the GELU output quantized row-wise to FP8. A bound LoRA slot there also needs that input
+block's `proj_out`) takes the GELU output quantized row-wise to FP8. The lever marks all but `ff_context.net.2`: a
+text stream's 512 rows (batch 1) are too few for this kernel (36 against 24 us a call, H200 probe 2026-12-04f; in a
+package 1024² 96.89 -> 96.57 ms, H100, `benchmarks/results/2026-12-06k-h100-fp8down-image-stream/`). A bound LoRA slot there also needs that input
 in bf16, so the GELU kernel writes it a second time (`keep_input`) and the down-projection reads it back: at 1024²
 the widest activations of the step (4608 x 15360 in a single block), 3.5 ms of the GELU kernel's 8.7 ms a slotted
 step against 5.2 ms with no LoRA (H200, 2026-12-04, `benchmarks/results/2026-12-04e-h200-row-amax/`, random
@@ -20,7 +22,8 @@ against 0.17% through bf16), on those linears only. Measured beside the default 
 2026-12-04, random weights, `benchmarks/results/2026-12-04f-h200-lora-down-fp8/`): r64 in slots from CUDA graphs
 1024² 98.95 -> 98.01 ms, 512² 36.38 -> 36.32 ms, LoRA fidelity error in slots 0.0953 -> 0.0972. The kernel reads half
 cuBLAS's bytes and is still slower than cuBLAS's bf16 GEMM (2.75 vs ~2.3 ms a 1024² step), so the GELU kernel's
-saving (-1.8 ms) mostly goes to it: off in `h100`/`h200`, an opt-in recipe field.
+saving (-1.8 ms) mostly goes to it alone. Together with `fp8_qk_in_norm_rope` it paid more (1024² 99.64 -> 97.35 ms,
+H100, `benchmarks/results/2026-12-06i-h100-fp8qk-fp8down/`): on in `h100`/`h200` since 2026-12-06.
 """
 
 from __future__ import annotations
