@@ -95,7 +95,8 @@ def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effec
         marked = [block.ff.net[2] for block in transformer.transformer_blocks]
         marked += [block.proj_out for block in transformer.single_transformer_blocks]
         text_stream = [block.ff_context.net[2] for block in transformer.transformer_blocks]
-        assert routed == len(marked) + len(text_stream) and all(reads_fp8_input(layer) == bool(rank) for layer in marked)
+        assert routed == len(marked) + len(text_stream)
+        assert all(reads_fp8_input(layer) == bool(rank) for layer in marked)
         assert not any(reads_fp8_input(m) for name, m in transformer.named_modules() if not name.endswith("ff.net.2")
                        and "proj_out" not in name)  # the text feed-forwards keep the bf16 copy
         lever = outputs(transformer)

@@ -75,17 +75,19 @@ class Worker:
         """Stop after the batch on the model; True when both threads ended within `timeout` each. With
         `close_on_stop` the package's weights are then freed (`AotpackPipeline.close`): a process that starts
         another service would otherwise keep them, as torch's AOTInductor holds them past the pipeline (docs/gpu.md,
-        known issue 7)."""
+        known issue 7). A thread still running after `timeout` is logged, and keeps the weights loaded under it."""
         self._stop.set()
         self._kick.set()
         self.scheduler.wake()
         for thread in self._threads:
             thread.join(timeout)
         running = [thread.name for thread in self._threads if thread.is_alive()]
-        if running and self.close_on_stop and self.served is not None:  # a running thread would step freed weights
-            log.warning("%s still running %.0f s after stop: the package stays loaded (its weights are not freed); "
-                        "the process should exit rather than load another package", ", ".join(running), timeout)
-        elif self.close_on_stop and self.served is not None:
+        closing = self.close_on_stop and self.served is not None
+        if running:  # a running thread would step freed weights: nothing is closed under it
+            log.warning("%s still running %.0f s after stop%s", ", ".join(running), timeout,
+                        ": the package stays loaded (its weights are not freed); the process should exit rather than "
+                        "load another package" if closing else "")
+        elif closing:
             self.served.close()
         return not running
 
