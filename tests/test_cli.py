@@ -34,6 +34,23 @@ def invoke(*args, **kwargs):
 
 # -- exit codes and messages ---------------------------------------------------------------------------
 
+def test_float_options_refuse_nan_and_infinity_as_usage_errors(tmp_path):
+    """nan passes click's FloatRange bounds (every comparison with it is False) and inf passes a lower bound: each
+    float option of run and serve refuses both before anything loads, naming the option."""
+    options = {"run": ["--guidance", "--merge-share"],
+               "serve": ["--max-wait", "--request-timeout", "--shutdown-timeout", "--cache-gb", "--merge-share"]}
+    for command, names in options.items():
+        for name in names:
+            for value in ("nan", "inf", "1e999"):
+                result = invoke(command, tmp_path, name, value)
+                assert result.exit_code == 2, (command, name, value, result.output)
+                assert name in result.output and ("not a finite number" in result.output
+                                                  or "is not in the range" in result.output)
+            assert "nan is not a finite number" in invoke(command, tmp_path, name, "nan").output
+    # a finite value parses: the run gets as far as the missing package (a runtime error, exit 1)
+    assert invoke("run", tmp_path / "missing", "--prompt", "a cat", "--guidance", "4.5").exit_code == 1
+
+
 def test_runtime_errors_exit_1_with_the_fix_and_usage_errors_exit_2(tmp_path):
     missing = invoke("inspect", tmp_path / "nope")
     assert missing.exit_code == 1 and missing.output.startswith("error: ") and "fix: " in missing.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import merge_policy_option, merge_share_option
+from .options import FiniteFloat, merge_policy_option, merge_share_option
 
 
 @click.command()
@@ -21,15 +21,15 @@ from .options import merge_policy_option, merge_share_option
               help="Bearer token that POST /v1/adapters requires [env AOTPACK_TOKEN]; none: registering is off.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Waiting requests before 429.")
-@click.option("--max-wait", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--max-wait", type=FiniteFloat(min=0), default=30.0, show_default=True,
               help="Seconds after which a waiting request is served before LoRA affinity.")
 @click.option("--policy", type=click.Choice(["affinity", "fifo"]), default="affinity", show_default=True)
-@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+@click.option("--request-timeout", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds per request.")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--shutdown-timeout", type=FiniteFloat(min=0), default=30.0, show_default=True,
               help="On SIGTERM, seconds to finish requests in flight before closing their connections.")
 @click.option("--no-prefetch", is_flag=True, help="Parse the next batch's adapters only at the switch.")
-@click.option("--cache-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--cache-gb", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Adapter cache budget on the device (default 4 GiB).")
 @merge_policy_option
 @merge_share_option
