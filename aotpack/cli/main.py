@@ -10,6 +10,7 @@ import click
 
 from ..machine.cublaslt import use_no_cublaslt_workspace
 from ..recipes.recipe import ATTENTION_BACKENDS
+from ..runtime.requests import GUIDANCE_RANGE
 from .options import FiniteFloat, merge_policy_option, merge_share_option
 from .output import DEBUG, configure_logging, quiet_libraries
 
@@ -156,7 +157,7 @@ PER_REQUEST_OPTIONS = ("loras", "fit", "merge", "steps", "height", "width", "gui
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=1024, show_default=True)
-@click.option("--guidance", type=FiniteFloat(), default=3.5, show_default=True)
+@click.option("--guidance", type=FiniteFloat(*GUIDANCE_RANGE), default=3.5, show_default=True)
 @click.option("--max-sequence-length", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.Generator('cpu').manual_seed(SEED).")
 @click.option("--out", type=click.Path(), default=None, help="Image file to write (PNG).")
