@@ -26,6 +26,16 @@ def tiny_package(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def split_package(tmp_path_factory):
+    """The tiny model built for the cpu target with `--parallel ulysses` (blocks cut around attention), read-only:
+    shared by the context-parallel tests and their launch-error tests (one build of ~55 s on 2 cores, not two)."""
+    from aotpack.builder.build import build_package
+
+    return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("cp") / "tiny-cpu-ulysses", parallel="ulysses",
+                         progress=False)
+
+
+@pytest.fixture(scope="session")
 def demo_loras(tmp_path_factory):
     from aotpack.demo import write_demo_loras
 

@@ -19,14 +19,6 @@ from aotpack.models.examples import relative_error, transformer_inputs
 TOLERANCE = 1e-5  # fp32 relative L2
 
 
-@pytest.fixture(scope="module")
-def split_package(tmp_path_factory):
-    from aotpack.builder.build import build_package
-
-    return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("cp") / "tiny-cpu-ulysses", parallel="ulysses",
-                         progress=False)
-
-
 def _inputs():
     from aotpack.models.checkpoint import load_transformer_config, parse_model_ref
 

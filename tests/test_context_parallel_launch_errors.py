@@ -20,14 +20,6 @@ from aotpack.cli import cli
 GONE_BOUND_S = 20  # a leaked rank waits for its peers for the run's timeout (60 s here)
 
 
-@pytest.fixture(scope="module")
-def split_package(tmp_path_factory):
-    from aotpack.builder.build import build_package
-
-    return build_package("tiny", "cpu", out=tmp_path_factory.mktemp("cp") / "tiny-cpu-ulysses", parallel="ulysses",
-                         progress=False)
-
-
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Fail the test if the bench gets past its checks: model config, LoRA files, launch, any process start."""
