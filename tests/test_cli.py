@@ -34,6 +34,7 @@ def invoke(*args, **kwargs):
 
 # -- exit codes and messages ---------------------------------------------------------------------------
 
+
 def test_float_options_refuse_nan_and_infinity_as_usage_errors(tmp_path):
     """nan passes click's FloatRange bounds (every comparison with it is False) and inf passes a lower bound: each
     float option of run and serve refuses both before anything loads, naming the option."""

@@ -357,31 +357,30 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
     from diffusers.models.attention import FeedForward
 
     after_gelu = []  # the linear after each routed GELU
-    text_stream = set()  # of them, the double blocks' text feed-forwards (`ff_context`), by id
+    # of them, those whose LoRA reads the FP8 GELU output under `lora_down_from_fp8`: not the double blocks' text
+    # feed-forwards, whose <= 512 rows (a batch-1 prompt) are too few for the FP8 kernel (36 us a call there against
+    # 24 us for the bf16 copy + cuBLAS, H200 probe 2026-12-04f: +0.23 ms a step, any size; batch 4's 2048 text rows
+    # unmeasured)
+    fp8_down = []
     for block in transformer.transformer_blocks:
         for name in ("ff", "ff_context"):
             feed_forward = getattr(block, name)
-            if isinstance(feed_forward, FusedFeedForward):  # routed by an earlier call
-                after_gelu.append(feed_forward.net[2])
-            elif isinstance(feed_forward, FeedForward) and isinstance(feed_forward.net[0], GELU):
+            if isinstance(feed_forward, FeedForward) and isinstance(feed_forward.net[0], GELU):
                 _require_fp8(feed_forward.net[2])
                 setattr(block, name, FusedFeedForward(feed_forward))
-                after_gelu.append(feed_forward.net[2])
-            else:
+            elif not isinstance(feed_forward, FusedFeedForward):  # else routed by an earlier call
                 continue
-            if name == "ff_context":
-                text_stream.add(id(after_gelu[-1]))
+            after_gelu.append(feed_forward.net[2])
+            if name == "ff":
+                fp8_down.append(feed_forward.net[2])
     for block in transformer.single_transformer_blocks:
         _require_fp8(block.proj_out)
         block.act_mlp = GeluIntoProjOut()
         after_gelu.append(block.proj_out)
+        fp8_down.append(block.proj_out)
     if lora_down_from_fp8:
-        # Not the text stream: its <= 512 rows (a batch-1 prompt) are too few for the FP8 kernel, which took 36 us a
-        # call there against 24 us for the bf16 copy + cuBLAS (H200 probe, 2026-12-04f: +0.23 ms a step, any size;
-        # batch 4's 2048 text rows unmeasured).
-        for layer in after_gelu:
-            if id(layer) not in text_stream:
-                mark_reads_fp8_input(layer)
+        for layer in fp8_down:
+            mark_reads_fp8_input(layer)
     if fused_gelu_lora:
         for layer in after_gelu:
             layer.gelu_lora_fused = True

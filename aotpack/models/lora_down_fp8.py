@@ -1,14 +1,14 @@
 """A LoRA down-projection that reads the FP8 activation its base GEMM reads: the recipe lever `lora_down_from_fp8`.
 
 With `fused_gelu_quant`, the linear after each MLP GELU (a double block's `ff.net.2` / `ff_context.net.2`, a single
-block's `proj_out`) takes the GELU output quantized row-wise to FP8. The lever marks all but `ff_context.net.2`: a
-text stream's 512 rows (batch 1) are too few for this kernel (36 against 24 us a call, H200 probe 2026-12-04f; in a
-package 1024² 96.89 -> 96.57 ms, H100, `benchmarks/results/2026-12-06k-h100-fp8down-image-stream/`). A bound LoRA
-slot there also needs that input in bf16, so the GELU kernel writes it a second time (`keep_input`) and the
-down-projection reads it back: at 1024²
+block's `proj_out`) takes the GELU output quantized row-wise to FP8. A bound LoRA slot there also needs that input
+in bf16, so the GELU kernel writes it a second time (`keep_input`) and the down-projection reads it back: at 1024²
 the widest activations of the step (4608 x 15360 in a single block), 3.5 ms of the GELU kernel's 8.7 ms a slotted
 step against 5.2 ms with no LoRA (H200, 2026-12-04, `benchmarks/results/2026-12-04e-h200-row-amax/`, random
-weights; part of the difference is reading the LoRA delta of the linear before the GELU).
+weights; part of the difference is reading the LoRA delta of the linear before the GELU). The lever marks all but
+`ff_context.net.2` (`fused_quant.install_fused_gelu_quant`): a text stream's 512 rows (batch 1) are too few for this
+kernel (36 against 24 us a call, H200 probe 2026-12-04f; in a package 1024² 96.89 -> 96.57 ms, H100,
+`benchmarks/results/2026-12-06k-h100-fp8down-image-stream/`).
 
 This module computes `u = A x` from the FP8 copy instead, `u[m] = scale[m] * sum_k q[m, k] A[:, k]`:
 - `torch.ops.aotpack.lora_down_fp8(q, scale, a)`: a `torch.library.triton_op`. On CUDA a split-K Triton kernel
