@@ -40,6 +40,13 @@ def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens
     assert recipe.to_json()["unquantized_linears"] == list(recipe.unquantized_linears)
 
 
+def test_h100_and_h200_recipes_differ_only_in_name_and_description():
+    # one Hopper recipe in two files: a lever turned on in one and forgotten in the other would ship two defaults
+    h100, h200 = (load_recipe(name).to_json() for name in ("h100", "h200"))
+    differing = {key for key in h100.keys() | h200.keys() if h100.get(key) != h200.get(key)}
+    assert differing == {"name", "description"}
+
+
 @pytest.mark.parametrize("name", ["l40s", "rtx4090"])
 def test_ada_recipes_use_fp8(name):
     recipe = load_recipe(name)
