@@ -36,6 +36,21 @@ def split_package(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fp8_build(tmp_path_factory):
+    """The h100/h200 recipes' shape at tiny size (`reference.fp8_cpu_recipe` + grouped LoRA down-projections and
+    batched modulation, both on in h100/h200), read-only: shared by the FP8 and batched-modulation tests (one build
+    of ~60 s on 2 cores, not two). `.path` is the package; `.calls` what the build ran through each fused op."""
+    from reference import build_fp8_package
+
+    return build_fp8_package(tmp_path_factory.mktemp("fp8"), "group_lora_down = true\nbatched_modulation = true")
+
+
+@pytest.fixture(scope="session")
+def fp8_package(fp8_build):
+    return fp8_build.path
+
+
+@pytest.fixture(scope="session")
 def demo_loras(tmp_path_factory):
     from aotpack.demo import write_demo_loras
 

@@ -79,6 +79,36 @@ unquantized_linears = {json.dumps(list(load_recipe("h200").unquantized_linears))
 """, tolerance=0.1, end_to_end=2.0)
 
 
+def build_fp8_package(folder, extra: str = ""):
+    """Build `fp8_cpu_recipe` (+ `extra` lines) under `folder` with torchao's hardware check lifted, counting what
+    the build traced and ran through each fused op (their torch references on the CPU). Returns a namespace:
+    `path`, and `calls` with `gelu` and `norm` (each call's `keep_input`) and `qk` (each call's image tokens)."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torchao.quantization.quant_api as quant_api
+
+    from aotpack.builder.build import build_package
+    from aotpack.models import fused_quant, norm_quant, qk_norm_rope
+
+    calls = SimpleNamespace(gelu=[], qk=[], norm=[])
+    recipe = folder / "cpu-fp8.toml"
+    recipe.write_text(fp8_cpu_recipe("cpu-fp8", extra))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        patch.setattr(fused_quant, "gelu_quant_reference",
+                      lambda *args, _reference=fused_quant.gelu_quant_reference: calls.gelu.append(args[4])
+                      or _reference(*args))
+        patch.setattr(qk_norm_rope, "qk_norm_rope_reference",
+                      lambda *args, _reference=qk_norm_rope.qk_norm_rope_reference: calls.qk.append(args[4].shape[1])
+                      or _reference(*args))
+        patch.setattr(norm_quant, "norm_modulate_quant_reference",
+                      lambda *args, _reference=norm_quant.norm_modulate_quant_reference: calls.norm.append(args[4])
+                      or _reference(*args))
+        path = build_package("tiny", str(recipe), out=folder / "pkg", compile_workers=2, progress=False)
+    return SimpleNamespace(path=path, calls=calls)
+
+
 def fp8_tiny_transformer(monkeypatch, rank: int):
     """The tiny transformer in bf16 with FP8 row-wise linears (torchao's hardware check lifted) and, with
     `rank`, random LoRA factors bound to every slot; returns it and its slot count."""

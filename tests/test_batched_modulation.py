@@ -273,24 +273,10 @@ def test_regions_with_rows_equal_diffusers_on_a_model_without_guidance():
     assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fp8_package(tmp_path_factory):
-    """The h100/h200 recipes' shape on the CPU with the lever: FP8 row-wise linears, the fused kernels (their torch
-    references here), bf16 modulation linears, grouped LoRA down-projections."""
-    import torchao.quantization.quant_api as quant_api
-    from reference import fp8_cpu_recipe
-
-    recipe = tmp_path_factory.mktemp("recipe") / "cpu-fp8-batched.toml"
-    recipe.write_text(fp8_cpu_recipe("cpu-fp8-batched", "group_lora_down = true\nbatched_modulation = true"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-        return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8-batched",
-                             compile_workers=2, progress=False)
-
-
 def test_fp8_package_with_the_lever_takes_rows_once_an_image_and_merges(fp8_package, demo_loras):
-    """What a GPU build of the lever compiles, built and run here: the table's rows give the per-step rows' image
-    bit for bit, a merge moves the output as the slots do, and the unmerge gives the base image back exactly."""
+    """What a GPU build of the lever compiles (`fp8_package`, conftest: the h100/h200 recipes' shape), built and run
+    here: the table's rows give the per-step rows' image bit for bit, a merge moves the output as the slots do, and
+    the unmerge gives the base image back exactly."""
     import torchao.quantization.quant_api as quant_api
 
     manifest = read_manifest(fp8_package)

@@ -13,61 +13,23 @@ import json
 
 import pytest
 import torch
-from reference import fp8_cpu_recipe
 
-from aotpack.builder.build import build_package
 from aotpack.recipes.recipe import load_recipe
 from aotpack.store.inspect import format_manifest
 from aotpack.store.manifest import read_manifest
 from aotpack.store.manifest_schema import format_version_for
 
 
-FUSED_CALLS: list[bool] = []
-QK_CALLS: list[int] = []
-NORM_CALLS: list[bool] = []
-
-
 MODULATION = list(load_recipe("h200").unquantized_linears)  # the AdaLN modulation linears, as h200 keeps them
 
 
-def _build_fp8(tmp_path_factory):
-    """The h200 recipe's mechanics at tiny size, with its kernel levers fused_gelu_quant, fused_qk_norm_rope and
-    fused_norm_quant on, and its AdaLN modulation linears kept in bf16 (unquantized_linears)."""
-    import torchao.quantization.quant_api as quant_api
-
-    from aotpack.models import fused_quant, norm_quant, qk_norm_rope
-
-    recipe = (tmp_path_factory.mktemp("recipe") / "cpu-fp8.toml")
-    recipe.write_text(fp8_cpu_recipe("cpu-fp8"))
-    patch = pytest.MonkeyPatch()
-    patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-    patch.setattr(fused_quant, "gelu_quant_reference",  # counts what the build traced and ran through the op
-                  lambda *args, _reference=fused_quant.gelu_quant_reference: FUSED_CALLS.append(args[4]) or _reference(*args))
-    patch.setattr(qk_norm_rope, "qk_norm_rope_reference",  # the same for the q/k norm + RoPE op
-                  lambda *args, _reference=qk_norm_rope.qk_norm_rope_reference: QK_CALLS.append(args[4].shape[1])
-                  or _reference(*args))
-    patch.setattr(norm_quant, "norm_modulate_quant_reference",  # and for the norm + modulation + quantization op
-                  lambda *args, _reference=norm_quant.norm_modulate_quant_reference: NORM_CALLS.append(args[4])
-                  or _reference(*args))
-    try:
-        return build_package("tiny", str(recipe), out=tmp_path_factory.mktemp("pkg") / "fp8", compile_workers=2,
-                             progress=False)
-    finally:
-        patch.undo()
-
-
-@pytest.fixture(scope="module")
-def fp8_package(tmp_path_factory):
-    return _build_fp8(tmp_path_factory)
-
-
-def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
-    manifest = read_manifest(fp8_package)
+def test_fp8_weights_are_flattened_bound_and_validated(fp8_build):
+    manifest, calls = read_manifest(fp8_build.path), fp8_build.calls
     assert manifest.quantization["method"] == "fp8_rowwise"
-    assert manifest.recipe["fused_gelu_quant"] is True and FUSED_CALLS  # GELU + quantization went through the op
-    assert manifest.recipe["fused_qk_norm_rope"] is True and QK_CALLS  # and q/k norms + RoPE through theirs
+    assert manifest.recipe["fused_gelu_quant"] is True and calls.gelu  # GELU + quantization went through the op
+    assert manifest.recipe["fused_qk_norm_rope"] is True and calls.qk  # and q/k norms + RoPE through theirs
     # and each block norm, quantized once: kept for the slotted programs, not for their no-slot twins
-    assert manifest.recipe["fused_norm_quant"] is True and True in NORM_CALLS and False in NORM_CALLS
+    assert manifest.recipe["fused_norm_quant"] is True and True in calls.norm and False in calls.norm
     assert manifest.build["compile_workers"] == 2
     # every program's compile, in this process or a worker, recorded with where its time went
     names = {p.name for p in manifest.programs} | {"merge_layers"}
@@ -77,16 +39,24 @@ def test_fp8_weights_are_flattened_bound_and_validated(fp8_package):
     block = next(p for p in manifest.programs if p.kind == "double_block")
     # torchao's Float8Tensor becomes two constants (qdata, scale) per quantized linear
     flattened = [c for c in block.constants if ".parametrizations.weight.original" in c]
-    assert len(flattened) == 2 * 12  # 14 linears in a double block, the 2 AdaLN ones kept in bf16
+    assert len(flattened) == 2 * 12  # its 12 FP8 linears; its 2 AdaLN ones run in the modulation program, in bf16
     assert manifest.quantization["unquantized_linears"] == MODULATION
     # the lowest format that says so: an aotpack before format 2 refuses the package instead of quantizing them
-    assert manifest.format_version == 2 == format_version_for(manifest.quantization)
+    # (format 4 for the batched modulation, which an aotpack before it would not feed)
+    assert format_version_for(manifest.quantization) == 2
+    assert manifest.format_version == 4 == format_version_for(manifest.quantization, manifest.recipe)
     shown = format_manifest(manifest)  # `aotpack inspect`
     assert "not quantized: *.norm1.linear, *.norm1_context.linear" in shown
     # every program's own compile time, the no-slot twins' and the merge program's included
     for name, seconds in manifest.build["compile_seconds"].items():
         assert any(line.split()[:1] == [name] and line.endswith(f"  {seconds}") for line in shown.splitlines()), name
-    assert {"body.norm1.linear.base.weight", "body.norm1_context.linear.base.weight"} <= set(block.constants)
+    modulation = next(p for p in manifest.programs if p.kind == "modulation")
+    # every block's AdaLN linears, bf16 weights there (nothing flattened), none left in the block programs
+    adaln = {f"body.transformer_blocks.{i}.{norm}.linear.base.weight" for i in (0, 1) for norm in ("norm1", "norm1_context")}
+    adaln |= {f"body.single_transformer_blocks.{i}.norm.linear.base.weight" for i in (0, 1)}
+    assert adaln <= set(modulation.constants)
+    assert not [c for c in modulation.constants if ".parametrizations." in c]
+    assert not [c for c in block.constants if ".norm1" in c]
     assert not any(c.endswith("base.bias") for c in block.constants)  # the slot owns the bias
     # its no-slot twin (what runs with no LoRA): no LoRA inputs, and the bias still added after the FP8
     # matmul (cuBLASLt's row-wise FP8 + bias fails for small M)
