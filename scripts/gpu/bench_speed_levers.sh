@@ -70,7 +70,10 @@ if ! python3 -c "import cudnn" 2>/dev/null; then
 fi
 SIZES=${SIZES-${SIZE:-1024}}  # set but empty: build (and keep) the packages only
 SIZE=${SIZES%% *}
-rm -rf /tmp/recipes  # a warm machine keeps /tmp: only this run's recipes count as levers
+# a warm machine keeps /tmp: only this run's recipes count as levers, its builds would refuse the last run's
+# packages (2026-12-06l: "--out /tmp/levers/fp8attn already holds an aotpack package") and a tar would unpack
+# into the last default
+rm -rf /tmp/recipes /tmp/levers /tmp/pkg
 mkdir -p /tmp/recipes /tmp/levers /tmp/pkg "$OUT"
 PACKAGE_TAR=${PACKAGE_TAR:-artifacts/h200/package-merge.tar}
 if [ -f "$PACKAGE_TAR" ]; then
