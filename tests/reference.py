@@ -94,17 +94,16 @@ def build_fp8_package(folder, extra: str = ""):
     calls = SimpleNamespace(gelu=[], qk=[], norm=[])
     recipe = folder / "cpu-fp8.toml"
     recipe.write_text(fp8_cpu_recipe("cpu-fp8", extra))
+
+    def record(patch, module, name: str, note):  # the op's reference still computes; `note(args)` records the call
+        reference = getattr(module, name)
+        patch.setattr(module, name, lambda *args: note(args) or reference(*args))
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-        patch.setattr(fused_quant, "gelu_quant_reference",
-                      lambda *args, _reference=fused_quant.gelu_quant_reference: calls.gelu.append(args[4])
-                      or _reference(*args))
-        patch.setattr(qk_norm_rope, "qk_norm_rope_reference",
-                      lambda *args, _reference=qk_norm_rope.qk_norm_rope_reference: calls.qk.append(args[4].shape[1])
-                      or _reference(*args))
-        patch.setattr(norm_quant, "norm_modulate_quant_reference",
-                      lambda *args, _reference=norm_quant.norm_modulate_quant_reference: calls.norm.append(args[4])
-                      or _reference(*args))
+        record(patch, fused_quant, "gelu_quant_reference", lambda args: calls.gelu.append(args[4]))
+        record(patch, qk_norm_rope, "qk_norm_rope_reference", lambda args: calls.qk.append(args[4].shape[1]))
+        record(patch, norm_quant, "norm_modulate_quant_reference", lambda args: calls.norm.append(args[4]))
         path = build_package("tiny", str(recipe), out=folder / "pkg", compile_workers=2, progress=False)
     return SimpleNamespace(path=path, calls=calls)
 
