@@ -41,7 +41,7 @@ def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens
 
 
 def test_h100_and_h200_recipes_differ_only_in_name_and_description():
-    # one Hopper recipe in two files: a lever turned on in one and forgotten in the other would ship two defaults
+    # one Hopper recipe: h100.toml takes h200.toml's fields as its base; a field set there would ship two defaults
     h100, h200 = (load_recipe(name).to_json() for name in ("h100", "h200"))
     differing = {key for key in h100.keys() | h200.keys() if h100.get(key) != h200.get(key)}
     assert differing == {"name", "description"}
@@ -79,8 +79,9 @@ def test_unknown_target_lists_the_known_ones():
 
 
 def write_variant(tmp_path: Path, old: str, new: str) -> Path:
-    """A copy of the h100 recipe with the exact line `old` replaced by `new`."""
-    text = (RECIPES_DIR / "h100.toml").read_text()
+    """A copy of the h200 recipe (the Hopper fields; h100.toml takes them as its base) with the exact line `old`
+    replaced by `new`."""
+    text = (RECIPES_DIR / "h200.toml").read_text()
     assert text.count(f"\n{old}\n") == 1, old
     path = tmp_path / "variant.toml"
     path.write_text(text.replace(f"\n{old}\n", f"\n{new}\n"))
@@ -181,10 +182,10 @@ def test_a_max_rank_above_the_slotted_layers_rank_is_refused_before_slots_are_ma
 def test_a_shipped_recipe_must_carry_its_file_name(tmp_path, monkeypatch):
     import aotpack.recipes.recipe as recipe_module
 
-    path = write_variant(tmp_path, 'name = "h100"', 'name = "h200"')
-    monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h100": path})
+    path = write_variant(tmp_path, 'name = "h200"', 'name = "h100"')
+    monkeypatch.setattr(recipe_module, "_recipe_files", lambda: {"h200": path})
     with pytest.raises(RecipeError, match="differs from the file name"):
-        load_recipe("h100")
+        load_recipe("h200")
 
 
 def test_the_merge_by_address_is_on_by_default_and_can_be_left_out(tmp_path):

@@ -39,6 +39,14 @@ class TomlFields:
             return cls(tomllib.loads(Path(path).read_text()), str(path))
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"{path} is not valid TOML ({err})", f"fix the syntax of {path}") from err
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{path} is not a TOML recipe: it is not UTF-8 text (byte {err.start} is "
+                              f"{err.object[err.start:err.start + 1]!r})",
+                              "pass a recipe .toml file saved as UTF-8 (e.g. base = \"h200\" and the fields you "
+                              "change)") from err
+        except OSError as err:
+            raise RecipeError(f"cannot read the recipe {path} ({err.strerror or err})",
+                              f"check that {path} is a readable file") from err
 
     def error(self, field: str, problem: str) -> RecipeError:
         return RecipeError(f"{self.source}: {field} {problem}", f"edit {field} in {self.source}")
@@ -79,12 +87,13 @@ class TomlFields:
             raise self.error(field, f"= {value!r} should be [min, max] with integers 1 <= min <= max")
         return value[0], value[1]
 
-    def strings(self, field: str, default=_REQUIRED) -> tuple[str, ...]:
+    def strings(self, field: str, default=_REQUIRED, allow_empty: bool = False) -> tuple[str, ...]:
+        """A list of strings; `allow_empty` takes `[]` (a recipe turning off its base's list)."""
         value = self.value(field, list, default)
         if value is default:  # absent: the default as it is (it may be empty)
             return tuple(value)
-        if not value or not all(isinstance(v, str) for v in value):
-            raise self.error(field, f"= {value!r} should be a non-empty list of strings")
+        if (not value and not allow_empty) or not all(isinstance(v, str) for v in value):
+            raise self.error(field, f"= {value!r} should be a {'' if allow_empty else 'non-empty '}list of strings")
         return tuple(value)
 
     def refuse_unknown(self) -> None:

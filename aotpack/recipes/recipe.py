@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import RecipeError, UnknownTargetError
+from .bases import resolve_bases
 from .fields import TomlFields
 
 QUANTIZATIONS = ("none", "fp8_rowwise")
@@ -225,7 +226,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         parallel=parallel,
         no_slot_programs=fields.value("no_slot_programs", bool, True),
         merge_by_address=fields.value("merge_by_address", bool, True),
-        unquantized_linears=fields.strings("unquantized_linears", ()),
+        unquantized_linears=fields.strings("unquantized_linears", (), allow_empty=True),
         fp8_attention_min_tokens=fields.value("fp8_attention_min_tokens", int, 0),
     )
     fields.refuse_unknown()
@@ -313,16 +314,8 @@ def _inductor_configs(fields: TomlFields) -> dict:
 
 
 def _load_file(path: Path) -> Recipe:
-    try:
-        fields = TomlFields.read(path)
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path} is not a TOML recipe: it is not UTF-8 text (byte {err.start} is "
-                          f"{err.object[err.start:err.start + 1]!r})",
-                          "pass a recipe .toml file saved as UTF-8 (a copy of a shipped one, edited)") from err
-    except OSError as err:
-        raise RecipeError(f"cannot read the recipe {path} ({err.strerror or err})",
-                          f"check that {path} is a readable file") from err
-    return parse_recipe(fields.data, fields.source)
+    data, source = resolve_bases(path, TomlFields.read(path).data, _recipe_files())
+    return parse_recipe(data, source)
 
 
 def load_recipe(target: str | Path) -> Recipe:
@@ -334,8 +327,8 @@ def load_recipe(target: str | Path) -> Recipe:
     if str(target) not in files and (path.suffix == ".toml" or len(path.parts) > 1):  # meant as a file
         what = "is not a file" if path.exists() else "does not exist"
         raise UnknownTargetError(f"the recipe file {str(target)!r} {what}",
-                                 f"pass the path of a recipe .toml file (a copy of one in {Path(__file__).parent}), "
-                                 f"or a target name: {', '.join(known_targets())}")
+                                 "pass the path of a recipe .toml file (e.g. base = \"h200\" and the fields you "
+                                 f"change: docs/recipes.md), or a target name: {', '.join(known_targets())}")
     if str(target) not in files:
         raise UnknownTargetError(
             f"unknown target {str(target)!r}",
