@@ -3,7 +3,8 @@
 # nvidia-cudnn-frontend wheel, and the default h200 package as a tar: PACKAGE_TAR, by default
 # artifacts/h200/package-merge.tar; without that file the default package is built in the same call):
 # 1. with fp8attn among LEVERS, the op check: aotpack::fp8_sdpa's CUDA kernel vs its CPU reference, eager and graph-replayed;
-# 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"):
+# 2. builds variants of h200.toml concurrently (LEVERS, default "fp8attn cdt"; each is base = "h200" plus the fields
+#    scripts/gpu/lever_recipes.py gives it):
 #    fp8attn: FP8 attention at every length (h200.toml without fp8_attention_min_tokens; the default takes bf16
 #      attention below 4096 tokens since 2026-12-04);
 #    bf16attn: attention = "cudnn" (bf16 cuDNN attention at every length, the default before 2026-12-04);
@@ -81,36 +82,10 @@ if [ -f "$PACKAGE_TAR" ]; then
 else  # no carried default package: build it beside the levers (same call, concurrently)
   echo "no $PACKAGE_TAR: building the default h200 package too"
   BUILD_DEFAULT=1
-  cp aotpack/recipes/h200.toml /tmp/recipes/default.toml
 fi
-# validation compares with eager bf16 attention: FP8 attention's own error (~6e-2 per call) needs room
-sed '/^fp8_attention_min_tokens = /d; s/^tolerance = .*/tolerance = 0.15/; s/^end_to_end_tolerance = .*/end_to_end_tolerance = 0.5/' \
-  aotpack/recipes/h200.toml > /tmp/recipes/fp8attn.toml
-sed '/^fp8_attention_min_tokens = /d; /^fp8_qk_in_norm_rope = /d; s/^attention = "cudnn_fp8"/attention = "cudnn"/' \
-  aotpack/recipes/h200.toml > /tmp/recipes/bf16attn.toml
-{ cat aotpack/recipes/h200.toml; echo 'coordinate_descent_tuning = true'; } > /tmp/recipes/cdt.toml  # [inductor] is last
-sed 's/^fused_norm_quant = true/fused_norm_quant = false/' aotpack/recipes/h200.toml > /tmp/recipes/norm_unfused.toml
-sed 's/^fused_gelu_quant = true/fused_gelu_quant = false/; /^lora_down_from_fp8 = /d' /tmp/recipes/norm_unfused.toml \
-  > /tmp/recipes/unfused.toml
-sed 's/^\[shapes\]/gelu_via_sigmoid = "all"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu.toml
-sed 's/^\[shapes\]/gelu_via_sigmoid = "feed_forward"\n[shapes]/' /tmp/recipes/unfused.toml > /tmp/recipes/gelu_ff.toml
-sed 's/^fused_qk_norm_rope = true/fused_qk_norm_rope = false/; /^fp8_qk_in_norm_rope = /d' /tmp/recipes/norm_unfused.toml \
-  > /tmp/recipes/qk_unfused.toml
-sed '/^unquantized_linears = /d' aotpack/recipes/h200.toml > /tmp/recipes/fp8_mod.toml
-cp aotpack/recipes/h200.toml /tmp/recipes/rebuilt.toml
-sed '/^group_lora_down = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_grouped.toml
-sed '/^lora_down_from_fp8 = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_fp8down.toml
-sed '/^batched_modulation = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_batched.toml
-sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/group_lora_up = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/up.toml
-sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/fused_gelu_lora = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gelu_lora.toml
-sed '/^lora_down_from_fp8 = /d; s/^\[shapes\]/lora_up_in_gemm = true\n[shapes]/' aotpack/recipes/h200.toml > /tmp/recipes/gemm_lora.toml
-sed '/^fp8_qk_in_norm_rope = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_fp8qk.toml
-sed '/^fp8_qk_in_norm_rope = /d; /^lora_down_from_fp8 = /d' aotpack/recipes/h200.toml > /tmp/recipes/no_qkdown.toml
-sed 's/^batch = \[1, 4\]/batch = [1, 1]/; s/^image_tokens = \[256, 16384\]/image_tokens = [4096, 4096]/; s/^text_tokens = \[8, 512\]/text_tokens = [512, 512]/' \
-  aotpack/recipes/h200.toml > /tmp/recipes/static.toml
-for label in $LEVERS; do  # a lever without a recipe here (e.g. renamed: grouped is no_grouped now) stops before any build
-  [ -f "/tmp/recipes/$label.toml" ] || { echo "unknown lever '$label'; known: $(cd /tmp/recipes && ls | sed 's/\.toml$//' | tr '\n' ' ')" >&2; exit 2; }
-done
+# every lever as base = "h200" plus the fields it changes; an unknown lever (e.g. renamed: grouped is no_grouped now)
+# or a recipe the loader refuses stops here, before any build
+python3 scripts/gpu/lever_recipes.py /tmp/recipes $LEVERS || exit 2
 build() {  # label
   timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
     --workers "${WORKERS:-4}" --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1

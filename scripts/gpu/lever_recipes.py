@@ -1,0 +1,79 @@
+"""The lever recipes of `bench_speed_levers.sh`: each is `base = "h200"` plus the fields it changes.
+
+Until 2026-12-06 the script made them with `sed` over h200.toml, which did nothing, silently, where a line it looked
+for had moved or changed (the lever then built the default again). A field written here that the loader does not
+know is refused, and tests/test_lever_recipes.py loads every lever and checks that it differs from h200.
+
+    python3 scripts/gpu/lever_recipes.py FOLDER [LABEL ...]
+writes FOLDER/LABEL.toml for every lever, and default.toml, then loads the LABELs named (as the build will): an
+unknown label or a refused recipe stops the call before any build, exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# label: the TOML fields over h200's (what each measures: bench_speed_levers.sh's header)
+LEVERS = {
+    "rebuilt": "",  # h200 as it is, built by this checkout
+    # FP8 attention at every length; validation compares with eager bf16 attention: FP8's own error needs room
+    "fp8attn": "fp8_attention_min_tokens = 0\n[validation]\ntolerance = 0.15\nend_to_end_tolerance = 0.5\n",
+    "bf16attn": 'attention = "cudnn"\nfp8_attention_min_tokens = 0\nfp8_qk_in_norm_rope = false\n',
+    "cdt": "[inductor]\ncoordinate_descent_tuning = true\n",
+    "norm_unfused": "fused_norm_quant = false\n",
+    "unfused": "fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n",
+    "gelu": 'fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
+    "gelu_ff": ("fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n"
+                'gelu_via_sigmoid = "feed_forward"\n'),
+    "qk_unfused": "fused_norm_quant = false\nfused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
+    "fp8_mod": "unquantized_linears = []\n",
+    "no_grouped": "group_lora_down = false\n",
+    "no_fp8down": "lora_down_from_fp8 = false\n",
+    "no_batched": "batched_modulation = false\n",
+    "up": "lora_down_from_fp8 = false\ngroup_lora_up = true\n",
+    "gelu_lora": "lora_down_from_fp8 = false\nfused_gelu_lora = true\n",
+    "gemm_lora": "lora_down_from_fp8 = false\nlora_up_in_gemm = true\n",
+    "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
+    "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
+    # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
+    "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
+}
+
+
+def recipe_text(label: str) -> str:
+    """The recipe of lever `label`; "default" is h200 itself (its package named h200, as a default build's is)."""
+    if label == "default":
+        return 'base = "h200"\nname = "h200"\n'
+    return f'base = "h200"\nname = "{label}"\n' + LEVERS[label]
+
+
+def write(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for label in ["default", *LEVERS]:
+        paths.append(folder / f"{label}.toml")
+        paths[-1].write_text(recipe_text(label))
+    return paths
+
+
+def main(folder: str, labels: list[str]) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's aotpack (and its recipes)
+    from aotpack.errors import AotpackError
+    from aotpack.recipes.recipe import load_recipe
+
+    write(Path(folder))
+    for label in labels:
+        if label != "default" and label not in LEVERS:
+            print(f"unknown lever {label!r}; known: {' '.join(LEVERS)}", file=sys.stderr)
+            return 2
+        try:
+            load_recipe(Path(folder) / f"{label}.toml")
+        except AotpackError as err:
+            print(f"lever {label}: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
