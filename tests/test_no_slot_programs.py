@@ -155,3 +155,5 @@ def test_build_validation_refuses_outputs_that_do_not_repeat(tiny_package, monke
     with pytest.raises(ValidationFailedError, match=r"not deterministic.*no LoRA, batch 1: [0-9.e-]+") as failure:
         validate()
     assert "epilogue (0.001)" in str(failure.value) and "double_block.noslot" in str(failure.value)
+    # the fix: the recipe on its own target without its Inductor tuning (h100 turns coordinate descent on)
+    assert 'base = "cpu"' in failure.value.fix and "coordinate_descent_tuning = false" in failure.value.fix

@@ -88,9 +88,11 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
             "difference " + ", ".join(f"{k}: {v:.3g}" for k, v in unrepeatable.items()) + "); programs whose own "
             "second run differed: " + (", ".join(f"{k} ({v:.3g})" for k, v in sorted(culprits.items()))
                                        or "none alone (look at what the chain passes between them)"),
-            "exact unmerge and CUDA-graph replay rely on repeatable outputs; drop non-default [inductor] "
-            "settings from the recipe (coordinate_descent_tuning broke this on the H200), else report it "
-            "with `aotpack doctor` output",
+            "exact unmerge and CUDA-graph replay rely on repeatable outputs; build without the recipe's "
+            f"[inductor] settings ({', '.join(recipe.inductor_configs) or 'none here'}): a recipe file with "
+            f"base = \"{recipe.name}\", its own name and [inductor] coordinate_descent_tuning = false (h100 "
+            "turns it on; it once broke this on an H200, docs/recipes.md), else report it with `aotpack doctor` "
+            "output",
         )
     worst_program = max(program_errors.values())
     if not worst_program <= recipe.tolerance or not worst_end_to_end <= recipe.end_to_end_limit:
