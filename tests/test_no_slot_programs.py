@@ -139,7 +139,9 @@ def test_build_validation_refuses_outputs_that_do_not_repeat(tiny_package, monke
         transformer = load_transformer(parse_model_ref("tiny"), torch.float32, "cpu")
         prepare_transformer(transformer, dtype=manifest.dtype, device="cpu",
                             quantization=manifest.quantization["method"], slot_names=[s.name for s in manifest.slots])
-        return validate_package(tiny_package, manifest, transformer, load_recipe("cpu"), "cpu", Progress(False))
+        return validate_package(tiny_package, manifest, transformer, recipe, "cpu", Progress(False))
+
+    recipe = load_recipe("cpu")
 
     assert read_manifest(tiny_package).validation["repeatable"] is True  # what the real build recorded
     assert validate()["repeatable"] is True
@@ -155,5 +157,9 @@ def test_build_validation_refuses_outputs_that_do_not_repeat(tiny_package, monke
     with pytest.raises(ValidationFailedError, match=r"not deterministic.*no LoRA, batch 1: [0-9.e-]+") as failure:
         validate()
     assert "epilogue (0.001)" in str(failure.value) and "double_block.noslot" in str(failure.value)
-    # the fix: the recipe on its own target without its Inductor tuning (h100 turns coordinate descent on)
+    assert "[inductor]" not in failure.value.fix  # the cpu recipe has no Inductor settings to blame
+    # a recipe with some (h100 turns coordinate descent on): the fix builds on it without them
+    recipe = recipe.replace(inductor_configs={"coordinate_descent_tuning": True})
+    with pytest.raises(ValidationFailedError) as failure:
+        validate()
     assert 'base = "cpu"' in failure.value.fix and "coordinate_descent_tuning = false" in failure.value.fix

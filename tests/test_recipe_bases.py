@@ -128,3 +128,14 @@ def test_the_example_in_docs_recipes_loads_as_it_says(tmp_path):
     assert (recipe.name, recipe.attention, recipe.unquantized_linears) == ("my-h200", "cudnn", ())
     assert recipe.tolerance == 5e-2
     assert recipe.end_to_end_tolerance == load_recipe("h200").end_to_end_tolerance
+
+
+def test_a_chain_longer_than_the_limit_is_refused(tmp_path):
+    from aotpack.recipes.bases import MAX_CHAIN
+
+    write(tmp_path, "r0.toml", 'base = "h200"\nname = "r0"\n')
+    for i in range(1, MAX_CHAIN + 2):
+        write(tmp_path, f"r{i}.toml", f'base = "r{i - 1}.toml"\nname = "r{i}"\n')
+    assert load_recipe(tmp_path / f"r{MAX_CHAIN - 1}.toml").name == f"r{MAX_CHAIN - 1}"  # MAX_CHAIN bases: fine
+    with pytest.raises(RecipeError, match=f"more than {MAX_CHAIN} bases"):
+        load_recipe(tmp_path / f"r{MAX_CHAIN + 1}.toml")

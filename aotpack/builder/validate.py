@@ -29,6 +29,16 @@ def validation_cases(recipe: Recipe) -> list[tuple[int, int, int]]:
     return [example] if other == example else [example, other]
 
 
+def _without_tuning(recipe: Recipe) -> str:
+    """How to build `recipe` without its Inductor settings, the likely cause of unrepeatable programs (h100's
+    coordinate_descent_tuning broke repeatability once on an H200, docs/recipes.md); empty when it has none."""
+    if not recipe.inductor_configs:
+        return ""
+    return (f"build without the recipe's [inductor] settings ({', '.join(recipe.inductor_configs)}): a recipe file "
+            f"with base = \"{recipe.name}\" (or your recipe file's path), its own name and each of them set back, "
+            "e.g. [inductor] coordinate_descent_tuning = false; if that repeats, keep it, else ")
+
+
 def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe: Recipe, device: str,
               progress: Progress) -> dict:
     """Check the package (bound to this very model) against eager, with random LoRA tensors in the slots.
@@ -88,11 +98,8 @@ def validate_package(package_dir: Path, manifest: Manifest, transformer, recipe:
             "difference " + ", ".join(f"{k}: {v:.3g}" for k, v in unrepeatable.items()) + "); programs whose own "
             "second run differed: " + (", ".join(f"{k} ({v:.3g})" for k, v in sorted(culprits.items()))
                                        or "none alone (look at what the chain passes between them)"),
-            "exact unmerge and CUDA-graph replay rely on repeatable outputs; build without the recipe's "
-            f"[inductor] settings ({', '.join(recipe.inductor_configs) or 'none here'}): a recipe file with "
-            f"base = \"{recipe.name}\", its own name and [inductor] coordinate_descent_tuning = false (h100 "
-            "turns it on; it once broke this on an H200, docs/recipes.md), else report it with `aotpack doctor` "
-            "output",
+            "exact unmerge and CUDA-graph replay rely on repeatable outputs; " + _without_tuning(recipe)
+            + "report it with `aotpack doctor` output",
         )
     worst_program = max(program_errors.values())
     if not worst_program <= recipe.tolerance or not worst_end_to_end <= recipe.end_to_end_limit:
