@@ -39,7 +39,11 @@ coordinate_descent_tuning = true
     recipe, h200 = load_recipe(path), load_recipe("h200")
     assert changed_fields(recipe, h200) == {
         "name": "my-h200", "attention": "cudnn", "fp8_attention_min_tokens": 0, "fp8_qk_in_norm_rope": False,
-        "unquantized_linears": (), "tolerance": 5e-2, "inductor_configs": {"coordinate_descent_tuning": True}}
+        "unquantized_linears": (), "tolerance": 5e-2, "inductor_configs": {"coordinate_descent_tuning": True},
+        # without a description of its own, h200's would claim FP8 attention: it says what this file sets instead
+        "description": f"{h200.description} (base h200; this file sets attention, fp8_attention_min_tokens, "
+                       "fp8_qk_in_norm_rope, unquantized_linears, validation.tolerance, "
+                       "inductor.coordinate_descent_tuning)"}
     # a table merges key by key: the end-to-end tolerance not set here is h200's
     assert recipe.end_to_end_tolerance == h200.end_to_end_tolerance == 0.15
 

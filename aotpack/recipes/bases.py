@@ -2,7 +2,8 @@
 
 `base = "h200"` (a shipped target) or `base = "./my-h200.toml"` (a file, relative to this one). Tables merge key by
 key (`[validation]`, `[inductor]`), any other value replaces the base's whole (a list too). A field cannot be
-removed, only set: every field has a value meaning "off" (false, 0, `[]` for `unquantized_linears`).
+removed, only set: every field has a value meaning "off" (false, 0, `[]` for `unquantized_linears`). A file that
+changes fields without a `description` of its own gets the base's followed by the fields it sets.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def resolve_bases(path: Path, data: dict, shipped: dict[str, Path]) -> tuple[dic
         current, current_path = TomlFields.read(base_path).data, base_path
         layers.append(current)
     merged: dict = {}
-    for layer in reversed(layers):
+    for layer in reversed(layers[1:]):
         merged = merged_tables(merged, {key: value for key, value in layer.items() if key != "base"})
+    changes = _field_paths({key: value for key, value in data.items() if key not in ("base", "name", "description")})
+    if changes and "description" not in data:  # the base's own would describe the base, not what this file changed
+        data = {**data, "description": f"{merged.get('description', chain[1].stem)} (base {chain[1].stem}; this file "
+                                       f"sets {', '.join(changes)})"}
+    merged = merged_tables(merged, {key: value for key, value in data.items() if key != "base"})
     return merged, f"{path} (on {' on '.join(p.name for p in chain[1:])})"
+
+
+def _field_paths(table: dict, prefix: str = "") -> list[str]:
+    """The fields a table sets, tables spelled out (`validation.tolerance`)."""
+    paths = []
+    for key, value in table.items():
+        paths += _field_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return paths

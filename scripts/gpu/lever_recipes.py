@@ -48,13 +48,10 @@ def recipe_text(label: str) -> str:
     return f'base = "h200"\nname = "{label}"\n' + LEVERS[label]
 
 
-def write(folder: Path) -> list[Path]:
+def write(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
     for label in ["default", *LEVERS]:
-        paths.append(folder / f"{label}.toml")
-        paths[-1].write_text(recipe_text(label))
-    return paths
+        (folder / f"{label}.toml").write_text(recipe_text(label))
 
 
 def main(folder: str, labels: list[str]) -> int:
