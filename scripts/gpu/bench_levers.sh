@@ -15,12 +15,12 @@ if [ "${SERVE:-1}" = 1 ]; then  # SERVE=0: variants only
   echo "serve_demo: exit $?"; tail -8 "$OUT/serve/serve.log"
 fi
 
-variant() {  # group_lora_down value -> h200.toml with that value, whatever its default
-  sed "/^group_lora_down/d; s/^layout = \"regional\"/&\ngroup_lora_down = $1/" aotpack/recipes/h200.toml
+variant() {  # name, group_lora_down value, extra TOML -> a recipe on h200 (sed over its lines did nothing where one moved)
+  printf 'base = "h200"\nname = "%s"\ngroup_lora_down = %s\n%s' "$1" "$2" "${3:-}" > "/tmp/recipes/$1.toml"
 }
-variant true > /tmp/recipes/grouped.toml
-variant false > /tmp/recipes/plain.toml
-{ cat /tmp/recipes/plain.toml; echo 'max_autotune = true'; } > /tmp/recipes/autotune.toml  # [inductor] is last
+variant grouped true
+variant plain false
+variant autotune false $'[inductor]\nmax_autotune = true\n'
 build() {  # label, timeout, recipe, extra args...
   local label=$1 limit=$2 recipe=$3; shift 3
   timeout "$limit" python3 -m aotpack build --model $MODEL --target "$recipe" --workers 4 \
