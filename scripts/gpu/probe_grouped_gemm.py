@@ -7,6 +7,8 @@ in one launch over the stacked rows [image; text] against the two weights stacke
 q, k, v and MLP-in linears read one input: one GEMM at N = 21504 over their concatenated weights replaces four
 (and one at N = 9216 the three q, k, v GEMMs of each double-block stream).
 Either would need the runtime to bind weights as slices of one buffer (a merge keeps working in place on them).
+Not counted here: a joined GEMM's outputs are column slices of one output, which the kernels after it (q/k norm +
+RoPE, the GELU) would read with a row stride of the joined width, or copy.
 
 This probe times, from CUDA graphs, each FLUX.1-dev linear pair as today's two row-wise `_scaled_mm` calls (fast
 accumulation, as torchao's FP8 linears run) against one grouped call, and the GEMMs that share an input against one
@@ -26,7 +28,7 @@ from probe_lora_kappend import graph_ms, rel, rowwise
 
 WIDTH, MLP, TEXT = 3072, 12288, 512
 DOUBLE, SINGLE = 19, 38
-# a double block's linear pairs (in, out): q, k, v, out, ff in, ff out; each pair once per double block
+# a double block's linear pairs, image and text: (in, out, pairs of that shape in a block): q/k/v, out, ff in, ff out
 PAIRS = {"qkv (each of 3)": (WIDTH, WIDTH, 3), "attention out": (WIDTH, WIDTH, 1), "ff in": (WIDTH, MLP, 1),
          "ff out": (MLP, WIDTH, 1)}
 
