@@ -30,8 +30,9 @@ def validation_cases(recipe: Recipe) -> list[tuple[int, int, int]]:
 
 
 def _without_tuning(recipe: Recipe) -> str:
-    """How to build `recipe` without its Inductor settings, the likely cause of unrepeatable programs (h100's
-    coordinate_descent_tuning broke repeatability once on an H200, docs/recipes.md); empty when it has none."""
+    """How to build `recipe` without its Inductor settings, the likely cause of unrepeatable programs
+    (coordinate_descent_tuning, on in h100 since, made an h200 build on an H200 unrepeatable on 2026-12-01,
+    docs/recipes.md); empty when it has none."""
     if not recipe.inductor_configs:
         return ""
     return (f"build without the recipe's [inductor] settings ({', '.join(recipe.inductor_configs)}): a recipe file "
