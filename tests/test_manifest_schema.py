@@ -36,7 +36,7 @@ from aotpack.store.manifest import (
     read_manifest,
     verify_files,
 )
-from aotpack.store.manifest_schema import check_manifest_data
+from aotpack.store.manifest_schema import FORMAT_VERSION, check_manifest_data
 from aotpack.store.program_metadata import METADATA_NAME, read_program_metadata
 
 
@@ -110,7 +110,7 @@ def refused(package: Path, error=AotpackError) -> AotpackError:
     (lambda d: d["programs"][0]["inputs"][0].update(shape=[-1]), "dimension -1"),
     (lambda d: d.update(programs=[]), "programs is empty"),
     (lambda d: d.update(programs=[d["programs"][0], d["programs"][0]]), "repeats another program"),
-    (lambda d: d.update(format_version=5), "format_version 5"),  # newer than this aotpack reads
+    (lambda d: d.update(format_version=FORMAT_VERSION + 1), f"format_version {FORMAT_VERSION + 1}"),  # newer than read
     (lambda d: d.update(format_version=0), "format_version 0"),
     (lambda d: d.update(format_version=True), "format_version True"),
     (lambda d: d["quantization"].update(unquantized_linears="*.norm1.linear"), "unquantized_linears is '*.norm1"),
@@ -350,3 +350,5 @@ def test_a_manifest_is_written_in_the_format_its_fields_need(tiny_package):
     assert manifest.to_json()["format_version"] == 3
     manifest.recipe = {**manifest.recipe, "batched_modulation": True}  # its blocks take rows, not temb
     assert manifest.to_json()["format_version"] == 4
+    manifest.recipe = {**manifest.recipe, "joined_qkv": True}  # its double blocks read q/k/v weights joined
+    assert manifest.to_json()["format_version"] == 5

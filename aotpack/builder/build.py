@@ -35,6 +35,7 @@ from ..models.qk_norm_rope import install_fused_qk_norm_rope
 from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
 from ..models.norm_quant import check_kernel_against_reference as check_norm_kernel_against_reference
 from ..models.norm_quant import install_fused_norm_quant
+from ..models.joined_qkv import install_joined_qkv
 from ..models.modulation import (
     MODULATION,
     block_index,
@@ -96,6 +97,10 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
         logger.warning("--layout/--parallel: target %s's batched_modulation is off for this build (it needs the "
                        "regional layout on one GPU)", recipe.name)
         changes["batched_modulation"] = False
+    if recipe.joined_qkv and ((layout and layout != "regional") or (parallel and parallel != "none")):
+        logger.warning("--layout/--parallel: target %s's joined_qkv is off for this build (its programs run "
+                       "diffusers' own block forward, which reads each projection's weight)", recipe.name)
+        changes["joined_qkv"] = False
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
@@ -301,6 +306,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             report.info(f"    {install_fused_norm_quant(transformer)} blocks quantize each norm once for their linears")
             if torch.device(device).type == "cuda":
                 check_norm_kernel_against_reference(device)
+        if recipe.joined_qkv:  # after quantizing and slotting: the members' FP8 rows move into one buffer
+            report.info(f"    {install_joined_qkv(transformer)} q/k/v groups run as one FP8 GEMM each")
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
         if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program

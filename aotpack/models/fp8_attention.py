@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PackageMismatchError, UnsupportedCallError
+from .cond_operands import unaliased
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
@@ -297,7 +298,9 @@ def by_token_count(tokens, min_tokens: int, fp8_branch, bf16_branch, operands: t
     below: a `torch.cond` that export keeps in the program, decided per call on the host from the shapes."""
     if min_tokens <= 0:
         return fp8_branch(*operands)
-    return torch.cond(tokens >= min_tokens, fp8_branch, bf16_branch, operands)
+    flat, rebuild = unaliased(operands)  # cond refuses operands that alias (joined_qkv's q/k column slices)
+    return torch.cond(tokens >= min_tokens, lambda *inputs: fp8_branch(*rebuild(*inputs)),
+                      lambda *inputs: bf16_branch(*rebuild(*inputs)), flat)
 
 
 def min_tokens_of(attention_fn) -> int | None:

@@ -2,9 +2,10 @@
 
 diffusers' `FluxTransformerBlock` / `FluxSingleTransformerBlock.forward`, step for step, except where a lever
 routes work through aotpack's ops: the single block's `proj_out(cat([attention, gelu(mlp)]))` as one
-`linear_after_gelu` (`fused_gelu_quant`), and with `fused_norm_quant` each norm + modulation quantized once
-for the FP8 linears that read it (`norm_quant.py`). The attention processor (diffusers' or
-`fused_qk_norm_rope`'s) is called directly, so it receives those quantized inputs as they are.
+`linear_after_gelu` (`fused_gelu_quant`), with `fused_norm_quant` each norm + modulation quantized once
+for the FP8 linears that read it (`norm_quant.py`), and with `joined_qkv` each stream's q/k/v as one GEMM
+(`joined_qkv.py`). The attention processor (diffusers' or `fused_qk_norm_rope`'s) is called directly, so it
+receives those quantized inputs as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .fused_quant import linear_after_gelu
+from .joined_qkv import with_joined_outputs
 from .norm_quant import fuses_norm_quant, modulated_norm_quant, modulation
 
 
@@ -43,9 +45,11 @@ def fused_double_block(block: nn.Module, hidden: torch.Tensor, encoder: torch.Te
     attn = block.attn
     shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(block.norm1, temb, 6)
     c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = modulation(block.norm1_context, temb, 6)
-    normed = modulated_norm_quant(block.norm1.norm, hidden, shift, scale, (attn.to_q, attn.to_k, attn.to_v))
-    c_normed = modulated_norm_quant(block.norm1_context.norm, encoder, c_shift, c_scale,
-                                    (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    readers, c_readers = (attn.to_q, attn.to_k, attn.to_v), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    # with joined_qkv each stream's q/k/v run as one GEMM here; the processor takes their outputs from `normed`
+    normed = with_joined_outputs(modulated_norm_quant(block.norm1.norm, hidden, shift, scale, readers), readers)
+    c_normed = with_joined_outputs(modulated_norm_quant(block.norm1_context.norm, encoder, c_shift, c_scale,
+                                                        c_readers), c_readers)
     attention, c_attention = attn.processor(attn, normed, c_normed, None, rotary)
 
     hidden = hidden + gate_msa.unsqueeze(1) * attention

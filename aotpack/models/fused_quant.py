@@ -183,6 +183,8 @@ class QuantizedActivation(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
     hidden: torch.Tensor
+    # recipe lever joined_qkv: the readers' GEMM outputs, computed once over their joined weight (joined_qkv.py)
+    outputs: dict | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -220,7 +222,9 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
         q, scale = (x.q, x.scale) if isinstance(x, QuantizedActivation) else quantize_rows(x)
         y = fp8_linear_with_lora(layer, q, scale, lora_input(x))
         return y, y.new_empty(0), y.new_empty(0)
-    if isinstance(x, QuantizedActivation):
+    if isinstance(x, QuantizedActivation) and x.outputs and layer in x.outputs:  # its slice of the joined GEMM
+        y = x.outputs[layer]
+    elif isinstance(x, QuantizedActivation):
         y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
                                     x.dtype)
     elif not isinstance(layer, BiasAfterLinear):

@@ -79,7 +79,7 @@ def _kernel():
 
     @triton.jit
     def qk_norm_rope_kernel(y_ptr, bias_ptr, delta_ptr, weight_ptr, cos_ptr, sin_ptr, descale_ptr, out_ptr, tokens,
-                            first_token, total_tokens, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            first_token, total_tokens, y_row_stride, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             HEAD_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
                             OUT_FP8: tl.constexpr):
         # one program: HEAD_BLOCK heads of one token of one batch row; even/odd lanes are RoPE's pairs. Every
@@ -91,7 +91,8 @@ def _kernel():
         token = program // groups
         heads = (program % groups) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)[:, None]
         cols = heads * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [HEAD_BLOCK, HEAD_DIM] within the token
-        x = tl.load(y_ptr + (batch * tokens + token) * (HEADS * HEAD_DIM) + cols).to(tl.float32)
+        # y's rows at their stride: a column slice of one joined q/k/v GEMM output (recipe lever joined_qkv)
+        x = tl.load(y_ptr + (batch * tokens + token) * y_row_stride + cols).to(tl.float32)
         # the linear's epilogue, each add rounded to the activation dtype as the eager adds round
         if HAS_BIAS:
             x = (x + tl.load(bias_ptr + cols).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -153,14 +154,21 @@ def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, im
         tokens = y.shape[1]
         if tokens == 0:
             continue
-        y, bias, delta, weight = y.contiguous(), bias.contiguous(), delta.contiguous(), weight.contiguous()
+        # rows may stand apart (a column slice of a joined GEMM's output): read in place, not copied
+        y = y if _rows_at_stride(y) else y.contiguous()
+        bias, delta, weight = bias.contiguous(), delta.contiguous(), weight.contiguous()
         # an empty input's pointer is never read (its flag is off): `y` stands in for it
         wrap_triton(_kernel())[(tokens * (heads // block), batch)](
             y, bias if bias.numel() else y, delta if delta.numel() else y, weight, cos, sin,
-            descale if out_fp8 else cos, out, tokens, first, total, eps, HEADS=heads, HEAD_DIM=head_dim,
+            descale if out_fp8 else cos, out, tokens, first, total, y.stride(1), eps, HEADS=heads, HEAD_DIM=head_dim,
             HEAD_BLOCK=block, HAS_BIAS=bias.numel() > 0, HAS_DELTA=delta.numel() > 0, OUT_FP8=out_fp8,
             num_warps=num_warps)
     return out
+
+
+def _rows_at_stride(y: torch.Tensor) -> bool:
+    """Whether the kernel can read `y` ([B, S, width]) in place: dense rows, each batch's rows one stride apart."""
+    return y.stride(2) == 1 and y.stride(0) == y.shape[1] * y.stride(1)
 
 
 def _supported_by_kernel(head_dim: int) -> bool:
@@ -368,6 +376,14 @@ def kernel_errors(device, tokens: int = 67) -> dict[str, float]:
         args = [t.to(device, torch.bfloat16) for t in args] + [t.to(device) for t in (angles.cos(), angles.sin())]
         got = torch.ops.aotpack.qk_norm_rope(*args, 1e-6, 128)
         errors[name] = relative_error(got.float(), qk_norm_rope_reference(*args, 1e-6, 128).float())
+        # each y as the middle column slice of a wider output, as joined_qkv hands q and k over (read in place)
+        strided = list(args)
+        for index in (0, 4):
+            wide = args[index].new_zeros(*args[index].shape[:2], 3 * width)
+            wide[..., width:2 * width] = args[index]
+            strided[index] = wide[..., width:2 * width]
+        errors[f"{name}_strided"] = relative_error(torch.ops.aotpack.qk_norm_rope(*strided, 1e-6, 128).float(),
+                                                   got.float())
         # the e4m3 form at a bound-like scale (|x| <= sqrt(128) * max|w| after the norm): dequantized values
         descale = (args[3].float().abs().amax() * 128**0.5 / 448).reshape(1, 1, 1, 1)
         got8 = torch.ops.aotpack.qk_norm_rope_fp8(*args, descale, 1e-6, 128)

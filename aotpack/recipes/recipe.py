@@ -54,6 +54,7 @@ class Recipe:
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
+    joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -221,6 +222,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
+        joined_qkv=fields.value("joined_qkv", bool, False),
         batched_modulation=batched_modulation,
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -263,6 +265,12 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
                                                  "that the fused kernel writes")
     if recipe.fused_gelu_lora and not recipe.fused_gelu_quant:
         raise fields.error("fused_gelu_lora", "= true needs fused_gelu_quant = true: it extends that kernel")
+    if recipe.joined_qkv and not recipe.fused_norm_quant:
+        raise fields.error("joined_qkv", "= true needs fused_norm_quant = true: only then do a stream's q/k/v read "
+                                         "one FP8 input, which their joined GEMM takes")
+    if recipe.joined_qkv and recipe.lora_up_in_gemm:
+        raise fields.error("joined_qkv", "= true cannot go with lora_up_in_gemm = true: both replace the q/k/v "
+                                         "GEMMs; set one of them to false")
     if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
         raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                               f"{recipe.quantization!r}): its kernel is the FP8 GEMM")

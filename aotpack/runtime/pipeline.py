@@ -24,6 +24,7 @@ from ..models.checkpoint import (
     load_transformer_config,
     parse_model_ref,
 )
+from ..models.joined_qkv import install_joined_qkv
 from ..models.modulation import mark_batched_modulation
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
@@ -355,6 +356,8 @@ def _prepare_as_built(transformer, manifest, device) -> None:
                         unquantized_linears=manifest.quantization.get("unquantized_linears", ()))
     if manifest.recipe.get("batched_modulation"):  # its block programs read the modulation program's rows
         mark_batched_modulation(transformer)
+    if manifest.recipe.get("joined_qkv"):  # its double-block programs read each stream's q/k/v weights joined
+        install_joined_qkv(transformer, check_norms=False)
 
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,

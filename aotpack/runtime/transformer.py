@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import PackageMismatchError, UnsupportedCallError
 from ..machine.cublaslt import check_blas_settings, workspace_hint
+from ..models.joined_qkv import member_weight_names
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.modulation import MODULATION, block_widths, split_step_rows
@@ -60,7 +61,8 @@ def region_constants(transformer, kind: str, instance: str | None) -> dict[str, 
     region = make_region(transformer, kind, instance)
     if any(is_traceable_wrapper_subclass(p) for p in region.parameters()):
         unwrap_tensor_subclass_parameters(region)
-    return {name: tensor.detach() for name, tensor in region.state_dict(keep_vars=True).items()}
+    joined = member_weight_names(region)  # read through their joined weight (recipe lever joined_qkv)
+    return {name: tensor.detach() for name, tensor in region.state_dict(keep_vars=True).items() if name not in joined}
 
 
 class _Instance:

@@ -22,8 +22,10 @@ from ..errors import ManifestError
 # runtime would quantize the linears a format-2 package keeps in bf16 and then fail to bind them. Format 3: a recipe
 # with `fp8_attention_min_tokens`, whose programs call `aotpack::bf16_sdpa`, an op older aotpacks do not register
 # (they would load the package and fail at its first short sequence). Format 4: a recipe with `batched_modulation`,
-# whose block programs take modulation rows where older runtimes would pass `temb`.
-FORMAT_VERSION = 4
+# whose block programs take modulation rows where older runtimes would pass `temb`. Format 5: a recipe with
+# `joined_qkv`, whose double-block programs read each stream's q/k/v weights joined, which older runtimes do not make
+# (they would refuse the package only after reading the whole model, naming weights the user cannot fix).
+FORMAT_VERSION = 5
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -36,6 +38,8 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
     """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("joined_qkv"):
+        return 5
     if (recipe or {}).get("batched_modulation"):
         return 4
     if (recipe or {}).get("fp8_attention_min_tokens"):

@@ -36,6 +36,7 @@ LEVERS = {
     "gemm_lora": "lora_down_from_fp8 = false\nlora_up_in_gemm = true\n",
     "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
     "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
+    "joined": "joined_qkv = true\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
     "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
 }
