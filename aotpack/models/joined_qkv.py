@@ -125,5 +125,6 @@ def member_weight_names(region: nn.Module) -> set[str]:
     for name, module in region.named_modules():
         if getattr(module, _MEMBER, None) is not None:
             base = f"{name}.base." if isinstance(module, BiasAfterLinear) else f"{name}."
-            names |= {key for key in state if key == base + "weight" or key.startswith(base + "parametrizations.weight.")}
+            names |= {key for key in state
+                      if key == base + "weight" or key.startswith(base + "parametrizations.weight.")}
     return names
