@@ -167,8 +167,9 @@ def _qk_norm_rope_triton(text_y, text_bias, text_delta, text_weight, image_y, im
 
 
 def _rows_at_stride(y: torch.Tensor) -> bool:
-    """Whether the kernel can read `y` ([B, S, width]) in place: dense rows, each batch's rows one stride apart."""
-    return y.stride(2) == 1 and y.stride(0) == y.shape[1] * y.stride(1)
+    """Whether the kernel can read `y` ([B, S, width]) in place: dense rows that do not overlap, each batch's rows
+    one stride apart."""
+    return y.stride(2) == 1 and y.stride(1) >= y.shape[2] and y.stride(0) == y.shape[1] * y.stride(1)
 
 
 def _supported_by_kernel(head_dim: int) -> bool:

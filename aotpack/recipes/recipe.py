@@ -268,9 +268,6 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.joined_qkv and not recipe.fused_norm_quant:
         raise fields.error("joined_qkv", "= true needs fused_norm_quant = true: only then do a stream's q/k/v read "
                                          "one FP8 input, which their joined GEMM takes")
-    if recipe.joined_qkv and recipe.lora_up_in_gemm:
-        raise fields.error("joined_qkv", "= true cannot go with lora_up_in_gemm = true: both replace the q/k/v "
-                                         "GEMMs; set one of them to false")
     if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
         raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                               f"{recipe.quantization!r}): its kernel is the FP8 GEMM")
