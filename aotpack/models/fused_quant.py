@@ -218,11 +218,13 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     `with_delta` False: the delta left out (empty), for a caller that computes it itself."""
     if layer is None:
         return x, x.new_empty(0), x.new_empty(0)
-    if with_delta and lora_up_in_gemm(layer, lora_input(x)):
+    # its slice of one GEMM over joined weights (joined_qkv), which the programs read instead of the layer's own
+    joined = isinstance(x, QuantizedActivation) and bool(x.outputs) and layer in x.outputs
+    if with_delta and not joined and lora_up_in_gemm(layer, lora_input(x)):
         q, scale = (x.q, x.scale) if isinstance(x, QuantizedActivation) else quantize_rows(x)
         y = fp8_linear_with_lora(layer, q, scale, lora_input(x))
         return y, y.new_empty(0), y.new_empty(0)
-    if isinstance(x, QuantizedActivation) and x.outputs and layer in x.outputs:  # its slice of the joined GEMM
+    if joined:
         y = x.outputs[layer]
     elif isinstance(x, QuantizedActivation):
         y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
