@@ -47,7 +47,7 @@ from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX, MIN_SCALE
 from .kernel_ops import refuse_kernel_errors, register_triton_op
 from .lora_down_fp8 import lora_delta_from_fp8, mark_reads_fp8_input, reads_fp8_input
-from .slots import BiasAfterLinear, LoRASlotLinear
+from .slots import BiasAfterLinear, LoRASlotLinear, weight_holder
 
 
 def epilogue_sum(y: torch.Tensor, bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -227,8 +227,7 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     if joined:
         y = x.outputs[layer]
     elif isinstance(x, QuantizedActivation):
-        y = fp8_linear_prequantized(layer.base if isinstance(layer, BiasAfterLinear) else layer, x.q, x.scale,
-                                    x.dtype)
+        y = fp8_linear_prequantized(weight_holder(layer), x.q, x.scale, x.dtype)
     elif not isinstance(layer, BiasAfterLinear):
         y = layer(x)
         return y, y.new_empty(0), y.new_empty(0)

@@ -28,7 +28,7 @@ from ..errors import RecipeError
 from .cond_operands import column_slice
 from .fused_quant import QuantizedActivation, fp8_linear_prequantized, is_fp8_linear
 from .norm_quant import fuses_norm_quant
-from .slots import BiasAfterLinear
+from .slots import BiasAfterLinear, weight_holder
 
 # (holder name on the attention, the linears that read one quantized input), per double-block stream
 GROUPS = (("joined_qkv", ("to_q", "to_k", "to_v")),
@@ -44,10 +44,6 @@ class JoinedWeight(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.widths = tuple(widths)
-
-
-def _fp8_base(layer: nn.Module) -> nn.Module:
-    return layer.base if isinstance(layer, BiasAfterLinear) else layer
 
 
 def _float8_over(qdata: torch.Tensor, scale: torch.Tensor, like) -> torch.Tensor:
@@ -70,7 +66,7 @@ def _groups(transformer, check_norms: bool) -> list[tuple[nn.Module, str, list[n
             if hasattr(block.attn, holder_name):
                 continue  # installed already (a second call changes nothing)
             layers = [getattr(block.attn, name) for name in names]
-            bases = [_fp8_base(layer) for layer in layers]
+            bases = [weight_holder(layer) for layer in layers]
             if not all(is_fp8_linear(base) for base in bases) or len({b.weight.shape[1] for b in bases}) != 1:
                 raise RecipeError(f"joined_qkv joins FP8 row-wise linears of one input width, but "
                                   f"transformer_blocks.{index}.attn's {', '.join(names)} are not all such",
@@ -86,7 +82,7 @@ def install_joined_qkv(transformer, check_norms: bool = True) -> int:
     them; a package's runtime does not mark blocks, and its build joined every one)."""
     groups = _groups(transformer, check_norms)  # all checked before any is changed
     for attn, holder_name, layers in groups:
-        weights = [_fp8_base(layer).weight for layer in layers]
+        weights = [weight_holder(layer).weight for layer in layers]
         qdata = torch.cat([w.qdata for w in weights])
         scale = torch.cat([w.scale for w in weights])
         holder = JoinedWeight(_float8_over(qdata, scale, weights[0]), [w.shape[0] for w in weights])
@@ -95,7 +91,8 @@ def install_joined_qkv(transformer, check_norms: bool = True) -> int:
             rows = slice(start, start + weight.shape[0])
             start = rows.stop
             # the member's own storage goes (its rows now live in the joined buffer): no memory held twice
-            _fp8_base(layer).weight = nn.Parameter(_float8_over(qdata[rows], scale[rows], weight), requires_grad=False)
+            weight_holder(layer).weight = nn.Parameter(_float8_over(qdata[rows], scale[rows], weight),
+                                                       requires_grad=False)
             object.__setattr__(layer, _MEMBER, (holder, position))  # not a submodule: names stay the model's
         setattr(attn, holder_name, holder)
     return len(groups)
@@ -118,13 +115,13 @@ def with_joined_outputs(x: QuantizedActivation, readers) -> QuantizedActivation:
                                for layer, (_, position) in zip(readers, members)})
 
 
-def member_weight_names(region: nn.Module) -> set[str]:
-    """The state-dict names (plain or flattened as `region_constants` flattens them) of the member weights under
-    `region`: the programs read their joined holder instead, so they are no program's constants."""
-    state, names = region.state_dict(keep_vars=True), set()
+def member_weight_names(region: nn.Module, state_names) -> set[str]:
+    """Those of `state_names` (`region`'s state-dict names, plain or flattened as `region_constants` flattens them)
+    that name member weights: the programs read their joined holder instead, so they are no program's constants."""
+    names = set()
     for name, module in region.named_modules():
         if getattr(module, _MEMBER, None) is not None:
             base = f"{name}.base." if isinstance(module, BiasAfterLinear) else f"{name}."
-            names |= {key for key in state
+            names |= {key for key in state_names
                       if key == base + "weight" or key.startswith(base + "parametrizations.weight.")}
     return names

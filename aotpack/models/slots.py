@@ -55,6 +55,11 @@ class BiasAfterLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def weight_holder(layer: nn.Module) -> nn.Module:
+    """The module that holds `layer`'s weight: the wrapped linear of a `BiasAfterLinear` (or slot), else itself."""
+    return layer.base if isinstance(layer, BiasAfterLinear) else layer
+
+
 class LoRASlotLinear(BiasAfterLinear):
     """`base(x) + bias + B (A x)`, where A and B are bound per call by the region that owns the slot.
 

@@ -61,8 +61,9 @@ def region_constants(transformer, kind: str, instance: str | None) -> dict[str, 
     region = make_region(transformer, kind, instance)
     if any(is_traceable_wrapper_subclass(p) for p in region.parameters()):
         unwrap_tensor_subclass_parameters(region)
-    joined = member_weight_names(region)  # read through their joined weight (recipe lever joined_qkv)
-    return {name: tensor.detach() for name, tensor in region.state_dict(keep_vars=True).items() if name not in joined}
+    state = region.state_dict(keep_vars=True)
+    joined = member_weight_names(region, state)  # read through their joined weight (recipe lever joined_qkv)
+    return {name: tensor.detach() for name, tensor in state.items() if name not in joined}
 
 
 class _Instance:
