@@ -34,6 +34,7 @@ def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens
     assert recipe.fused_gelu_quant  # one Triton kernel for GELU + FP8 quantization (measured on the H200)
     # q/k written in FP8 by their norm kernel, LoRA down-projections from the FP8 GELU output (H100, 2026-12-06i)
     assert recipe.fp8_qk_in_norm_rope and recipe.lora_down_from_fp8
+    assert recipe.joined_qkv  # each double-block stream's q/k/v as one FP8 GEMM (H100, 2026-12-07a)
     # the AdaLN modulation stays bf16 (LoRA fidelity 0.105 -> 0.094 on the H200, +3.2 GB of weights)
     assert recipe.unquantized_linears == ("*.norm1.linear", "*.norm1_context.linear",
                                           "single_transformer_blocks.*.norm.linear")

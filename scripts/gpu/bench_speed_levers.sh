@@ -39,8 +39,8 @@
 #      kernel writes q/k in e4m3 at the norm-bound scales, so no separate kernel reads bf16 q/k back to quantize
 #      them; models/qk_norm_rope.py);
 #    no_qkdown: both of those off (the default before 2026-12-06i);
-#    joined: joined_qkv = true (each double-block stream's q/k/v as one FP8 GEMM over their weights joined along N;
-#      models/joined_qkv.py);
+#    no_joined: joined_qkv off (on by default since 2026-12-07a: each double-block stream's q/k/v as one FP8 GEMM over
+#      their weights joined along N; models/joined_qkv.py); the levers that turn fused_norm_quant off drop it too;
 #    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
 #    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
 #    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one

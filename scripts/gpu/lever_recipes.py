@@ -21,12 +21,12 @@ LEVERS = {
     "fp8attn": "fp8_attention_min_tokens = 0\n[validation]\ntolerance = 0.15\nend_to_end_tolerance = 0.5\n",
     "bf16attn": 'attention = "cudnn"\nfp8_attention_min_tokens = 0\nfp8_qk_in_norm_rope = false\n',
     "cdt": "[inductor]\ncoordinate_descent_tuning = true\n",
-    "norm_unfused": "fused_norm_quant = false\n",
-    "unfused": "fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n",
-    "gelu": 'fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
-    "gelu_ff": ("fused_norm_quant = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n"
+    "norm_unfused": "fused_norm_quant = false\njoined_qkv = false\n",
+    "unfused": "fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n",
+    "gelu": 'fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
+    "gelu_ff": ("fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n"
                 'gelu_via_sigmoid = "feed_forward"\n'),
-    "qk_unfused": "fused_norm_quant = false\nfused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
+    "qk_unfused": "fused_norm_quant = false\njoined_qkv = false\nfused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
     "fp8_mod": "unquantized_linears = []\n",
     "no_grouped": "group_lora_down = false\n",
     "no_fp8down": "lora_down_from_fp8 = false\n",
@@ -36,7 +36,7 @@ LEVERS = {
     "gemm_lora": "lora_down_from_fp8 = false\nlora_up_in_gemm = true\n",
     "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
     "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
-    "joined": "joined_qkv = true\n",
+    "no_joined": "joined_qkv = false\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
     "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
 }
