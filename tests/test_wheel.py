@@ -132,8 +132,8 @@ def _every_help(bin_dir: Path, env, work) -> list[tuple[list[str], object, str]]
               "    with contextlib.redirect_stdout(shown):\n"
               "        try:\n"
               "            main()\n"
-              "        except SystemExit as exit:\n"
-              "            code = exit.code\n"
+              "        except SystemExit as stop:\n"
+              "            code = stop.code\n"
               "    helps.append([path, code, shown.getvalue()])\n"
               "print(json.dumps(helps))")
     return json.loads(_run([bin_dir / "python", "-c", script], cwd=work, env=env, timeout=300).stdout)
