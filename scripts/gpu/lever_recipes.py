@@ -14,6 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# fused_norm_quant off, with joined_qkv, which needs it (the loader refuses the one without the other)
+NORM_UNFUSED = "fused_norm_quant = false\njoined_qkv = false\n"
+
 # label: the TOML fields over h200's (what each measures: bench_speed_levers.sh's header)
 LEVERS = {
     "rebuilt": "",  # h200 as it is, built by this checkout
@@ -21,12 +24,12 @@ LEVERS = {
     "fp8attn": "fp8_attention_min_tokens = 0\n[validation]\ntolerance = 0.15\nend_to_end_tolerance = 0.5\n",
     "bf16attn": 'attention = "cudnn"\nfp8_attention_min_tokens = 0\nfp8_qk_in_norm_rope = false\n',
     "cdt": "[inductor]\ncoordinate_descent_tuning = true\n",
-    "norm_unfused": "fused_norm_quant = false\njoined_qkv = false\n",
-    "unfused": "fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n",
-    "gelu": 'fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
-    "gelu_ff": ("fused_norm_quant = false\njoined_qkv = false\nfused_gelu_quant = false\nlora_down_from_fp8 = false\n"
+    "norm_unfused": NORM_UNFUSED,
+    "unfused": NORM_UNFUSED + "fused_gelu_quant = false\nlora_down_from_fp8 = false\n",
+    "gelu": NORM_UNFUSED + 'fused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
+    "gelu_ff": (NORM_UNFUSED + "fused_gelu_quant = false\nlora_down_from_fp8 = false\n"
                 'gelu_via_sigmoid = "feed_forward"\n'),
-    "qk_unfused": "fused_norm_quant = false\njoined_qkv = false\nfused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
+    "qk_unfused": NORM_UNFUSED + "fused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
     "fp8_mod": "unquantized_linears = []\n",
     "no_grouped": "group_lora_down = false\n",
     "no_fp8down": "lora_down_from_fp8 = false\n",
