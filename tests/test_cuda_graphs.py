@@ -82,3 +82,17 @@ def test_ranks_that_do_not_all_capture_all_run_the_plain_chain(caplog):
     assert votes == [True]  # asked once; from then on no rank captures again
     assert len(graphs) == 0 and graphs.failed == "another rank's capture failed"
     assert len(calls) == 3  # the capture's body, then the plain chain twice
+
+
+def test_every_capture_warms_up_on_one_side_stream(monkeypatch):
+    """cuBLAS keeps a workspace per (handle, stream) for the process (32 MiB on Hopper): a fresh pool stream per
+    capture left one more behind for each new shape a server captured (scripts/gpu/probe_capture_streams.py)."""
+    import torch
+
+    from aotpack.runtime.cuda_graphs import StepGraphs
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())
+    graphs = StepGraphs(torch.device("cuda", 0))
+    assert graphs._warmup_stream() is graphs._warmup_stream()
+    assert made == [torch.device("cuda", 0)]

@@ -38,6 +38,7 @@ class StepGraphs:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None  # one memory pool for all graphs: they never replay concurrently
+        self._warmup = None  # one side stream for every capture's warm-up (see `_warmup_stream`)
         self.captures = 0  # how many graphs were captured (benchmarks report it)
         self.failed: str | None = None  # why a capture failed: from then on every step runs the plain chain
 
@@ -83,11 +84,19 @@ class StepGraphs:
         captured.graph.replay()
         return captured.output.clone()
 
+    def _warmup_stream(self) -> torch.cuda.Stream:
+        """The side stream every capture warms up on, made once. cuBLAS keeps a workspace per (handle, stream) for
+        the whole process (32 MiB on Hopper), so a fresh pool stream per capture left one more behind for each of
+        torch's 32 pool streams, up to 1 GiB in a server that keeps capturing new shapes."""
+        if self._warmup is None:
+            self._warmup = torch.cuda.Stream(self.device)
+        return self._warmup
+
     def _capture(self, inputs, body) -> _Captured:
         static = [t.clone() for t in inputs]
         # Warm up on a side stream (torch's recipe): lazy kernel loading, cuDNN plans and allocator
         # growth happen here, not inside the capture.
-        side = torch.cuda.Stream(self.device)
+        side = self._warmup_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             body(static)
