@@ -84,15 +84,17 @@ def test_ranks_that_do_not_all_capture_all_run_the_plain_chain(caplog):
     assert len(calls) == 3  # the capture's body, then the plain chain twice
 
 
-def test_every_capture_warms_up_on_one_side_stream(monkeypatch):
+def test_every_capture_warms_up_on_one_side_stream_per_device(monkeypatch):
     """cuBLAS keeps a workspace per (handle, stream) for the process (32 MiB on Hopper): a fresh pool stream per
-    capture left one more behind for each new shape a server captured (scripts/gpu/probe_capture_streams.py)."""
+    capture left one more behind for each load or new shape (scripts/gpu/probe_capture_streams.py)."""
     import torch
 
-    from aotpack.runtime.cuda_graphs import StepGraphs
+    from aotpack.runtime import cuda_graphs
 
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())
-    graphs = StepGraphs(torch.device("cuda", 0))
-    assert graphs._warmup_stream() is graphs._warmup_stream()
-    assert made == [torch.device("cuda", 0)]
+    monkeypatch.setattr(cuda_graphs, "_WARMUP_STREAMS", {})
+    first, second = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert cuda_graphs.warmup_stream(first) is cuda_graphs.warmup_stream(first)  # two packages, many shapes: one
+    assert cuda_graphs.warmup_stream(second) is not cuda_graphs.warmup_stream(first)
+    assert made == [first, second]

@@ -25,6 +25,22 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every capture on `device` warms up on, one per process. cuBLAS keeps a workspace per
+    (handle, stream) until the process ends (32 MiB on Hopper), so a fresh pool stream per capture left one more
+    behind each time, up to one per pool stream (32: 1 GiB) in a server that loads packages or captures new shapes:
+    on 2026-12-06 (H100) a plain pass left 33 MiB after `close()`, a graph pass 66 more, the next graph pass 33 more
+    (`benchmarks/results/2026-12-06h-h100-close-release/`)."""
+    if device.index is None:  # "cuda" and "cuda:0" are one device: one stream
+        device = torch.device(device.type, torch.cuda.current_device())
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class _Captured:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output: torch.Tensor):
         self.graph, self.inputs, self.output = graph, inputs, output
@@ -38,7 +54,6 @@ class StepGraphs:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None  # one memory pool for all graphs: they never replay concurrently
-        self._warmup = None  # one side stream for every capture's warm-up (see `_warmup_stream`)
         self.captures = 0  # how many graphs were captured (benchmarks report it)
         self.failed: str | None = None  # why a capture failed: from then on every step runs the plain chain
 
@@ -84,19 +99,11 @@ class StepGraphs:
         captured.graph.replay()
         return captured.output.clone()
 
-    def _warmup_stream(self) -> torch.cuda.Stream:
-        """The side stream every capture warms up on, made once. cuBLAS keeps a workspace per (handle, stream) for
-        the whole process (32 MiB on Hopper), so a fresh pool stream per capture left one more behind for each of
-        torch's 32 pool streams, up to 1 GiB in a server that keeps capturing new shapes."""
-        if self._warmup is None:
-            self._warmup = torch.cuda.Stream(self.device)
-        return self._warmup
-
     def _capture(self, inputs, body) -> _Captured:
         static = [t.clone() for t in inputs]
         # Warm up on a side stream (torch's recipe): lazy kernel loading, cuDNN plans and allocator
         # growth happen here, not inside the capture.
-        side = self._warmup_stream()
+        side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             body(static)
