@@ -1,0 +1,172 @@
+"""A LoRA as three FP8 tails of its base GEMM's K: the math and the activation-rows op (first piece; not in programs).
+
+In slots a linear runs its FP8 GEMM, a bf16 up GEMM writes `u B^T` (u = A x) as wide as the output, and the next
+kernel reads both. With tails the FP8 GEMM computes the whole `x W^T + u B^T` in one accumulator:
+
+    y = (H s_x) s_w [q / H | u_hi | u_lo | u_hi | 0] [W | B_hi | B_hi | B_lo | 0]^T
+
+- `q, s_x`: the input's row-wise FP8 quantization, as the block's quantization kernel writes it; `H` a power-of-two
+  headroom on the row scale so that u fits beside x (`q / H` is exact above FP8's normal range);
+- `t = u / (H s_x c)` split into `u_hi = fp8(t)` and `u_lo = fp8(t - u_hi)`; `B c / s_w` likewise into `B_hi`,
+  `B_lo`, with one factor c per linear, the largest that keeps every `B[n] c / s_w[n]` in range. The `lo x lo` term
+  is left out (~2^-8 of the delta): the whole output's error equals slots' (2026-12-06b, 2026-12-07d);
+- K + 3R padded to K + `TAIL_COLUMNS` (= K + 256 for rank 64): at K + 192 the tail GEMMs ran 3-6% slower, and the
+  weight stored `[out, in + 256]` lets the no-slot GEMMs read its base columns as a view at no cost, where an
+  `[out, in + 192]` view cost them 1.0-1.6 ms a 1024² step (H100, `benchmarks/results/2026-12-07d-h100-tails-block/`).
+
+Measured piece by piece there: -2.0 to -2.2 ms a 512² step and -2.3 to -3.0 at 1024² against slots. This module
+holds the weight side (`weight_tail`, `tail_factor`, `tails_fit`) and `aotpack::tailed_rows`, one launch per group of
+linears that read one input: every reader's rows `[q / H | tails]`, written from `q` and the group's down-projection
+output, so no quantization kernel changes. On an H100 its Triton kernel writes the torch reference's bytes and takes
+31.5 us for a single block's four readers at 1024² (9.5 at 512²), 6.7 us for a double block's MLP-in; for the
+readers of K >= 12288 (MLP-out, `proj_out`) copying q costs 48-64 us, more than their tails gain, so those would
+need their GELU kernel to write the rows (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The rest of the build (the weights' storage and their tails written at each switch, a tailed program set,
+merges) is planned in `docs/design.md`, "Where next pieces go".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .fp8_attention import FP8, FP8_MAX
+from .kernel_ops import register_triton_op
+
+TAIL_RANK = 64  # the rank the tails hold; a set of higher rank stays in slots
+TAIL_COLUMNS = 256  # 3 x TAIL_RANK = 192, padded to a multiple of 128 (see the module docstring)
+HEADROOM = 16.0  # no u clamped at 16 or 64 with a LoRA moving the output ~30% (2026-12-07d); tails_fit bounds it
+
+
+def tail_factor(weight_scale: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """c, a float32 scalar: the largest factor that keeps every `B[n] c / s_w[n]` within FP8's range
+    (`weight_scale` [out, 1], the base weight's row scales; `lora_b` [out, R])."""
+    b_max = lora_b.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
+    return (weight_scale.float() * FP8_MAX / b_max).amin()
+
+
+def _hi_lo(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`value` (float32, in FP8's range) as an FP8 high part and the FP8 rounding of the rest."""
+    hi = value.to(FP8)
+    return hi, (value - hi.float()).to(FP8)
+
+
+def weight_tail(lora_b: torch.Tensor, weight_scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`[B_hi | B_hi | B_lo | 0]`, [out, TAIL_COLUMNS] FP8: the columns a tailed weight stores after its base
+    (`lora_b` [out, R <= TAIL_RANK], zero-padded to TAIL_RANK)."""
+    out_features, rank = lora_b.shape
+    if rank > TAIL_RANK:
+        raise ValueError(f"a rank-{rank} LoRA does not fit the tails (rank {TAIL_RANK} at most)")
+    scaled = torch.zeros(out_features, TAIL_RANK, dtype=torch.float32, device=lora_b.device)
+    scaled[:, :rank] = lora_b.float() * factor / weight_scale.float()
+    hi, lo = _hi_lo(scaled)
+    pad = torch.zeros(out_features, TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=lora_b.device)
+    return torch.cat([hi, hi, lo, pad], dim=-1)
+
+
+def tails_fit(lora_a: torch.Tensor, factor: torch.Tensor, headroom: float = HEADROOM) -> bool:
+    """Whether no input can push a tail out of FP8's range: `|u_j| <= ||A_j||_1 amax(x)` and `s_x = amax(x) / 448`,
+    so `t_j = u_j / (H s_x c)` stays within 448 when every row of A has `||A_j||_1 <= H c`. A set that fails this
+    stays in slots (checked once, at the switch)."""
+    return bool(lora_a.float().abs().sum(dim=-1).amax() <= headroom * factor)
+
+
+def tailed_rows_reference(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
+                          headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every reader's GEMM rows and their row scale: `q` [T, K] FP8 and `scale` [T, 1] float32 (the input's
+    row-wise quantization), `u` [T, n * TAIL_RANK] (the group's down-projection, reader i's in columns
+    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and
+    `scale * headroom`."""
+    readers = factors.numel()
+    row_scale = scale * headroom
+    x_part = (q.float() / headroom).to(FP8)
+    rows = []
+    for i in range(readers):
+        t = u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float() / (row_scale * factors[i])
+        hi, lo = _hi_lo(t.clamp(-FP8_MAX, FP8_MAX))
+        pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
+        rows.append(torch.cat([x_part, hi, lo, hi, pad], dim=-1))
+    return torch.stack(rows), row_scale
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, made on first use: the CPU-only install has no triton."""
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, headroom,
+                           inverse_headroom,
+                           K: tl.constexpr, R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: q / H in columns [0, K), the tails after them
+        row_block, reader = tl.program_id(0), tl.program_id(1)
+        offs_t = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = offs_t < tokens
+        width = K + TAIL
+        out = rows_ptr + reader * tokens * width + offs_t[:, None] * width
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (offs_k[None, :] < K)
+            q = tl.load(q_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask).to(tl.float32)
+            # times 1 / H, exact for a power of two (div_rn here made the kernel 2.3x slower, H100)
+            tl.store(out + offs_k[None, :], (q * inverse_headroom).to(tl.float8e4nv), mask=mask)
+        row_scale = tl.load(scale_ptr + offs_t, mask=row_ok, other=1.0) * headroom
+        if reader == 0:
+            tl.store(row_scale_ptr + offs_t, row_scale, mask=row_ok)
+        offs_r = tl.arange(0, R)
+        mask = row_ok[:, None]
+        u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
+        # div_rn: IEEE division as torch's (Triton's `/` may round its last bit otherwise)
+        t = tl.clamp(tl.math.div_rn(u, row_scale[:, None] * tl.load(factor_ptr + reader)), -448.0, 448.0)
+        # fp8(t) as float32 by arithmetic: with `t.to(fp8).to(float32)` Triton 3.6 wrote `lo` equal to `hi` wherever
+        # |t| >= 32 on an H100 (2026-12-07), as if the value read back as 0. Normal numbers: round-to-nearest-even
+        # to 3 mantissa bits; below 2^-6 (FP8's subnormals) a fixed step of 2^-9. Same bits as torch's conversion.
+        bits = t.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        hi_value = tl.where(tl.abs(t) < 0.015625, libdevice.rint(t * 512.0) / 512.0, normal)
+        hi = hi_value.to(tl.float8e4nv)  # exact: hi_value is on FP8's grid
+        lo = (t - hi_value).to(tl.float8e4nv)
+        tail = out + K + offs_r[None, :]
+        tl.store(tail, hi, mask=mask)
+        tl.store(tail + R, lo, mask=mask)
+        tl.store(tail + 2 * R, hi, mask=mask)
+        for p0 in range(3 * R, TAIL, R):  # the pad columns, zeroed each call (the rows are a fresh buffer)
+            tl.store(tail + p0, tl.zeros([BLOCK_T, R], dtype=tl.float8e4nv), mask=mask)
+
+    return tailed_rows_kernel
+
+
+def _tailed_rows_triton(q, scale, u, factors, headroom):
+    from torch.library import wrap_triton
+
+    tokens, k = q.shape
+    readers = factors.numel()
+    rows = torch.empty(readers, tokens, k + TAIL_COLUMNS, dtype=FP8, device=q.device)
+    row_scale = torch.empty(tokens, 1, dtype=torch.float32, device=q.device)
+    block_t = 16
+    grid = ((tokens + block_t - 1) // block_t, readers)
+    wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, headroom, 1.0 / headroom, K=k,
+                                 R=TAIL_RANK,
+                                 TAIL=TAIL_COLUMNS, U_STRIDE=u.stride(0), BLOCK_T=block_t, BLOCK_K=512)
+    return rows, row_scale
+
+
+def _tailed_rows(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
+                 headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.device.type == "cuda" and q.is_contiguous() and scale.is_contiguous() and u.stride(-1) == 1:
+        return _tailed_rows_triton(q, scale, u, factors, headroom)
+    return tailed_rows_reference(q, scale, u, factors, headroom)
+
+
+tailed_rows = register_triton_op("aotpack::tailed_rows", _tailed_rows)
+
+
+def tailed_linear(rows: torch.Tensor, row_scale: torch.Tensor, weight_rows: torch.Tensor,
+                  weight_scale: torch.Tensor, out_dtype=torch.bfloat16, fast_accum: bool = True) -> torch.Tensor:
+    """One reader's `x W^T + u B^T`: its rows [T, K + TAIL_COLUMNS] against its tailed weight [out, K +
+    TAIL_COLUMNS] (row-wise scales `row_scale` [T, 1], `weight_scale` [out, 1])."""
+    return torch._scaled_mm(rows, weight_rows.t(), scale_a=row_scale, scale_b=weight_scale.reshape(1, -1),
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)

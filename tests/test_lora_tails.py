@@ -1,0 +1,187 @@
+"""Three FP8 tails (`models/lora_tails.py`): a linear's `x W^T + u B^T` as one FP8 GEMM over `[q / H | tails]` rows.
+
+On the CPU `aotpack::tailed_rows` runs its torch reference (the GPU runs a Triton kernel that
+`scripts/gpu/check_tailed_rows_kernel.py` checks against it). These tests pin the numerics against PEFT's LoRA
+layer and against slots' math (FP8 base GEMM + bf16 up GEMM), the bound that keeps the tails in range, and the
+layout the no-slot programs will rely on (the base columns of a tailed weight read as a view give the base GEMM
+bit for bit).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from aotpack.models.examples import relative_error
+from aotpack.models.fp8_attention import FP8, FP8_MAX
+from aotpack.models.fused_quant import quantize_rows
+from aotpack.models.lora_tails import (
+    HEADROOM,
+    TAIL_COLUMNS,
+    TAIL_RANK,
+    tail_factor,
+    tailed_linear,
+    tailed_rows_reference,
+    tails_fit,
+    weight_tail,
+)
+
+
+def _peft_linears(in_features: int, outs: tuple[int, ...], rank: int, generator: torch.Generator):
+    """n bf16 linears reading one input, each with a PEFT LoRA of `rank` (random A and B, alpha = rank)."""
+    model = nn.ModuleDict({f"l{i}": nn.Linear(in_features, n, bias=True) for i, n in enumerate(outs)})
+    for linear in model.values():
+        nn.init.normal_(linear.weight, std=in_features ** -0.5, generator=generator)
+        nn.init.normal_(linear.bias, std=0.02, generator=generator)
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(model)), model)
+    for linear in model.values():
+        nn.init.normal_(linear.lora_A["default"].weight, std=in_features ** -0.5, generator=generator)
+        nn.init.normal_(linear.lora_B["default"].weight, std=0.3 * rank ** -0.5, generator=generator)
+    return model.to(torch.bfloat16)
+
+
+def _quantized_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows(linear.base_layer.weight)
+
+
+def _tailed_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[W | tail]` [out, K + TAIL_COLUMNS], W's row scales and c."""
+    w_q, s_w = _quantized_weight(linear)
+    b = linear.lora_B["default"].weight
+    c = tail_factor(s_w, b)
+    return torch.cat([w_q, weight_tail(b, s_w, c)], dim=-1), s_w, c
+
+
+def _slots_output(linear: nn.Module, x: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+    """Slots' math: the FP8 base GEMM, then bias and the bf16 `B (A x)` added."""
+    w_q, s_w = _quantized_weight(linear)
+    y = torch._scaled_mm(q, w_q.t(), scale_a=s_x, scale_b=s_w.reshape(1, -1), out_dtype=torch.bfloat16,
+                         use_fast_accum=True)
+    delta = linear.lora_B["default"](linear.lora_A["default"](x))
+    return y + linear.base_layer.bias + delta
+
+
+@pytest.mark.parametrize("outs", [(96,), (64, 64, 64, 256)])
+def test_tailed_gemm_matches_peft_as_closely_as_slots(outs):
+    generator = torch.Generator().manual_seed(0)
+    in_features, rank = 128, 16
+    model = _peft_linears(in_features, outs, rank, generator)
+    x = torch.randn(40, in_features, generator=generator).to(torch.bfloat16)
+    q, s_x = quantize_rows(x)
+    linears = list(model.values())
+    u = torch.cat([torch.nn.functional.pad(m.lora_A["default"](x), (0, TAIL_RANK - rank)) for m in linears], -1)
+    tailed = [_tailed_weight(m) for m in linears]
+    factors = torch.stack([c for *_, c in tailed])
+    rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM)
+    assert rows.shape == (len(outs), 40, in_features + TAIL_COLUMNS) and rows.dtype == FP8
+    assert torch.equal(row_scale, s_x * HEADROOM)
+    for i, m in enumerate(linears):
+        w_rows, s_w, c = tailed[i]
+        assert tails_fit(m.lora_A["default"].weight, c)
+        tails = tailed_linear(rows[i], row_scale, w_rows, s_w) + m.base_layer.bias
+        with torch.no_grad():
+            peft = m(x).double()
+            slots = _slots_output(m, x, q, s_x).double()
+        exact = x.double() @ m.base_layer.weight.double().t() + m.base_layer.bias.double() + (
+            x.double() @ m.lora_A["default"].weight.double().t() @ m.lora_B["default"].weight.double().t())
+        tails_error, slots_error = relative_error(tails.double(), exact), relative_error(slots, exact)
+        # the FP8 base GEMM dominates both; the tails add no error of their own beyond bf16's
+        assert tails_error < 1.02 * slots_error + 1e-3, (tails_error, slots_error)
+        assert relative_error(tails.double(), peft) < 0.06  # FP8's ~3.6% against PEFT's bf16 layer
+        # the LoRA's own effect survives: (tails - the tailed rows' base) against PEFT's delta
+        base_rows = rows[i].clone()
+        base_rows.view(torch.uint8)[:, in_features:] = 0
+        tails_delta = tails.double() - (tailed_linear(base_rows, row_scale, w_rows, s_w).double()
+                                        + m.base_layer.bias.double())
+        with torch.no_grad():
+            peft_delta = peft - m.base_layer(x).double()
+        assert relative_error(tails_delta, peft_delta) < 0.02
+
+
+def test_rows_hold_the_input_over_the_headroom_then_the_split_delta():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 128, generator=generator).to(torch.bfloat16)
+    q, s_x = quantize_rows(x)
+    u = torch.randn(8, TAIL_RANK, generator=generator).to(torch.bfloat16)
+    factor = torch.tensor([0.5])
+    rows, row_scale = tailed_rows_reference(q, s_x, u, factor, HEADROOM)
+    head, hi, lo, hi_again, pad = rows[0].split([128, TAIL_RANK, TAIL_RANK, TAIL_RANK,
+                                                 TAIL_COLUMNS - 3 * TAIL_RANK], dim=-1)
+    # q / H is exact where it stays a normal FP8 number (H a power of two)
+    normal = (q.float() / HEADROOM).abs() >= 2.0 ** -6
+    assert torch.equal(head.float()[normal], (q.float() / HEADROOM)[normal])
+    assert torch.equal(hi.view(torch.uint8), hi_again.view(torch.uint8))
+    assert not pad.float().any()
+    t = u.float() / (row_scale * factor)
+    assert relative_error((hi.float() + lo.float()).double(), t.double()) < 2e-3  # two FP8 parts: ~8 bits
+
+
+def test_a_weight_tail_is_b_in_two_parts_at_the_weight_row_scales():
+    generator = torch.Generator().manual_seed(2)
+    w = (torch.randn(32, 128, generator=generator) * 0.05).to(torch.bfloat16)
+    _, s_w = quantize_rows(w)
+    b = (torch.randn(32, 8, generator=generator) * 0.02).to(torch.bfloat16)
+    c = tail_factor(s_w, b)
+    tail = weight_tail(b, s_w, c)
+    assert tail.shape == (32, TAIL_COLUMNS)
+    b_hi, b_hi_again, b_lo, pad = tail.split([TAIL_RANK, TAIL_RANK, TAIL_RANK, TAIL_COLUMNS - 3 * TAIL_RANK], -1)
+    scaled = b.float() * c / s_w
+    assert scaled.abs().max() <= FP8_MAX and torch.isclose(scaled.abs().max(), torch.tensor(FP8_MAX))
+    assert relative_error((b_hi.float() + b_lo.float())[:, :8].double(), scaled.double()) < 2e-3
+    assert torch.equal(b_hi.view(torch.uint8), b_hi_again.view(torch.uint8))
+    assert not b_hi[:, 8:].float().any() and not b_lo[:, 8:].float().any() and not pad.float().any()
+    with pytest.raises(ValueError, match="rank-80"):
+        weight_tail(torch.zeros(32, 80), s_w, c)
+
+
+def test_tails_fit_bounds_every_input_and_refuses_a_large_a():
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 128, generator=generator) * 128 ** -0.5
+    l1 = a.abs().sum(-1).max()
+    assert tails_fit(a, l1 / HEADROOM)
+    assert not tails_fit(a, 0.99 * l1 / HEADROOM)
+    # where it fits, the input that reaches the bound (x = amax * sign(A_j)) lands exactly on FP8's largest value
+    factor = l1 / HEADROOM
+    j = a.abs().sum(-1).argmax()
+    x = torch.sign(a[j]).unsqueeze(0) * 3.0
+    s_x = x.abs().amax(-1, keepdim=True) / FP8_MAX
+    t = (x @ a.t()) / (s_x * HEADROOM * factor)
+    assert t.abs().max() <= FP8_MAX * (1 + 1e-5)
+
+
+def test_the_base_columns_of_a_tailed_weight_give_the_base_gemm_bit_for_bit():
+    """What the no-slot programs rely on: the weight stored [out, K + 256], read as a view of its first K columns."""
+    generator = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 128, generator=generator).to(torch.bfloat16)
+    x = torch.randn(24, 128, generator=generator).to(torch.bfloat16)
+    w_q, s_w = quantize_rows(w)
+    q, s_x = quantize_rows(x)
+    stored = torch.cat([w_q, weight_tail(torch.randn(48, TAIL_RANK, generator=generator), s_w,
+                                         torch.tensor(1.0))], dim=-1)
+    view = stored[:, :128]
+    assert not view.is_contiguous()
+    base = torch._scaled_mm(q, w_q.t(), scale_a=s_x, scale_b=s_w.reshape(1, -1), out_dtype=torch.bfloat16)
+    from_view = torch._scaled_mm(q, view.t(), scale_a=s_x, scale_b=s_w.reshape(1, -1), out_dtype=torch.bfloat16)
+    assert torch.equal(base, from_view)
+
+
+def test_the_op_exports_with_its_outputs():
+    """`torch.export` keeps `aotpack::tailed_rows` as one node (what a tailed program will call)."""
+
+    class Reader(nn.Module):
+        def forward(self, q, s_x, u, factors):
+            rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM)
+            return rows.view(torch.uint8).sum(), row_scale
+
+    generator = torch.Generator().manual_seed(5)
+    q, s_x = quantize_rows(torch.randn(8, 128, generator=generator))
+    u = torch.randn(8, 2 * TAIL_RANK, generator=generator).to(torch.bfloat16)
+    factors = torch.tensor([0.5, 0.25])
+    exported = torch.export.export(Reader(), (q, s_x, u, factors))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("tailed_rows" in t for t in targets), targets
+    total, scale = exported.module()(q, s_x, u, factors)
+    expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, HEADROOM)
+    assert torch.equal(total, expected_rows.view(torch.uint8).sum()) and torch.equal(scale, expected_scale)
