@@ -185,3 +185,9 @@ def test_the_op_exports_with_its_outputs():
     total, scale = exported.module()(q, s_x, u, factors)
     expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, HEADROOM)
     assert torch.equal(total, expected_rows.view(torch.uint8).sum()) and torch.equal(scale, expected_scale)
+
+
+def test_a_headroom_that_is_not_a_power_of_two_is_refused():
+    q, s_x = quantize_rows(torch.ones(2, 128))
+    with pytest.raises(ValueError, match="headroom 12.0 is not a power of two"):
+        torch.ops.aotpack.tailed_rows(q, s_x, torch.zeros(2, TAIL_RANK), torch.tensor([1.0]), 12.0)

@@ -20,13 +20,15 @@ linears that read one input: every reader's rows `[q / H | tails]`, written from
 output, so no quantization kernel changes. On an H100 its Triton kernel writes the torch reference's bytes and takes
 31.5 us for a single block's four readers at 1024² (9.5 at 512²), 6.7 us for a double block's MLP-in; for the
 readers of K >= 12288 (MLP-out, `proj_out`) copying q costs 48-64 us, more than their tails gain, so those would
-need their GELU kernel to write the rows (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The rest of the build (the weights' storage and their tails written at each switch, a tailed program set,
-merges) is planned in `docs/design.md`, "Where next pieces go".
+need their GELU kernel to write the rows (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The rest of
+the build (the weights' storage and their tails written at each switch, a tailed program set, merges) is planned in
+`docs/design.md`, "Where next pieces go".
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -98,9 +100,8 @@ def _kernel():
 
     @triton.jit
     def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, headroom,
-                           inverse_headroom,
-                           K: tl.constexpr, R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                           inverse_headroom, K: tl.constexpr, R: tl.constexpr, TAIL: tl.constexpr,
+                           U_STRIDE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: q / H in columns [0, K), the tails after them
         row_block, reader = tl.program_id(0), tl.program_id(1)
         offs_t = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -149,14 +150,17 @@ def _tailed_rows_triton(q, scale, u, factors, headroom):
     block_t = 16
     grid = ((tokens + block_t - 1) // block_t, readers)
     wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, headroom, 1.0 / headroom, K=k,
-                                 R=TAIL_RANK,
-                                 TAIL=TAIL_COLUMNS, U_STRIDE=u.stride(0), BLOCK_T=block_t, BLOCK_K=512)
+                                 R=TAIL_RANK, TAIL=TAIL_COLUMNS, U_STRIDE=u.stride(0), BLOCK_T=block_t, BLOCK_K=512)
     return rows, row_scale
 
 
 def _tailed_rows(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
                  headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.device.type == "cuda" and q.is_contiguous() and scale.is_contiguous() and u.stride(-1) == 1:
+    mantissa, _ = math.frexp(headroom)
+    if mantissa != 0.5:  # q / H must be exact: the kernel multiplies by 1 / H, the reference divides
+        raise ValueError(f"the tails' headroom {headroom} is not a power of two; use e.g. {HEADROOM}")
+    if (q.device.type == "cuda" and q.is_contiguous() and scale.is_contiguous() and u.stride(-1) == 1
+            and scale.dtype == factors.dtype == torch.float32 and factors.is_contiguous()):
         return _tailed_rows_triton(q, scale, u, factors, headroom)
     return tailed_rows_reference(q, scale, u, factors, headroom)
 

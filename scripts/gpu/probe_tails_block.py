@@ -155,7 +155,7 @@ def tail_weight(w_q, s_w, b):
 
 
 def block_diagonal_tail_weight(w_qs, s_ws, bs):
-    """Joined q/k/v: `[W_i | 0.. B_i tails ..0]` stacked, one factor for all three (rows read `[q | t_q | t_k | t_v]`)."""
+    """Joined q/k/v: `[W_i | 0.. B_i tails ..0]` stacked, one factor for all three (rows `[q | t_q | t_k | t_v]`)."""
     c = min((s_w * FP8_MAX / b.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)).min()
             for s_w, b in zip(s_ws, bs))
     rows = []
@@ -337,7 +337,8 @@ def main(out_path):
     if DEVICE == "cpu":
         TOKENS.clear()
         TOKENS[16] = {"single": 48, "image": 32, "text": 16}
-    report = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "rank": RANK, "sizes": {}}
+    report = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+              "rank": RANK, "sizes": {}}
     for size, tokens in TOKENS.items():
         rows, totals = [], {}
         for name, k, outs, count, stream in GROUPS:
