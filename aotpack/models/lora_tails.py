@@ -82,11 +82,11 @@ def tailed_rows_reference(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor,
     readers = factors.numel()
     row_scale = scale * headroom
     x_part = (q.float() / headroom).to(FP8)
+    pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
     rows = []
     for i in range(readers):
         t = u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float() / (row_scale * factors[i])
         hi, lo = _hi_lo(t.clamp(-FP8_MAX, FP8_MAX))
-        pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
         rows.append(torch.cat([x_part, hi, lo, hi, pad], dim=-1))
     return torch.stack(rows), row_scale
 

@@ -95,7 +95,8 @@ def main(package: str, model: str, out_path: str) -> None:
         try:
             results["package"].append(package_pass(package, model, fresh, clear))
         except Exception as err:  # a pass that fails is a result
-            results["package"].append({"fresh_stream_per_capture": fresh, "failed": f"{type(err).__name__}: {err}"[:500]})
+            results["package"].append({"fresh_stream_per_capture": fresh,
+                                       "failed": f"{type(err).__name__}: {err}"[:500]})
         print(json.dumps(results["package"][-1]), flush=True)
         with open(out_path, "w") as f:
             json.dump(results, f, indent=2)
