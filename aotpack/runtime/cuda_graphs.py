@@ -34,7 +34,8 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     behind each time, up to one per pool stream (32: 1 GiB) in a server that loads packages or captures new shapes:
     on 2026-12-06 (H100) a plain pass left 33 MiB after `close()`, a graph pass 66 more, the next graph pass 33 more
     (`benchmarks/results/2026-12-06h-h100-close-release/`). With one stream, six captures left three workspaces and
-    a second load none; a fresh stream per capture left eight (`benchmarks/results/2026-12-07c-h100-capture-streams/`)."""
+    a second load none; a fresh stream per capture left eight
+    (`benchmarks/results/2026-12-07c-h100-capture-streams/`)."""
     if device.index is None:  # "cuda" and "cuda:0" are one device: one stream
         device = torch.device(device.type, torch.cuda.current_device())
     if device not in _WARMUP_STREAMS:
