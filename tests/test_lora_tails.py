@@ -18,13 +18,13 @@ from aotpack.models.examples import relative_error
 from aotpack.models.fp8_attention import FP8, FP8_MAX
 from aotpack.models.fused_quant import quantize_rows
 from aotpack.models.lora_tails import (
-    HEADROOM,
+    MIN_HEADROOM,
     TAIL_COLUMNS,
     TAIL_RANK,
-    tail_factor,
+    column_factors,
+    row_headroom,
     tailed_linear,
     tailed_rows_reference,
-    tails_fit,
     weight_tail,
 )
 
@@ -47,11 +47,11 @@ def _quantized_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tailed_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`[W | tail]` [out, K + TAIL_COLUMNS], W's row scales and c."""
+    """`[W | tail]` [out, K + TAIL_COLUMNS], W's row scales and the factors c_j (one per rank component)."""
     w_q, s_w = _quantized_weight(linear)
     b = linear.lora_B["default"].weight
-    c = tail_factor(s_w, b)
-    return torch.cat([w_q, weight_tail(b, s_w, c)], dim=-1), s_w, c
+    c = column_factors(s_w, b)
+    return torch.cat([w_q, weight_tail(b, s_w, c[None, :])], dim=-1), s_w, c
 
 
 def _slots_output(linear: nn.Module, x: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
@@ -71,15 +71,15 @@ def test_tailed_gemm_matches_peft_as_closely_as_slots(outs):
     x = torch.randn(40, in_features, generator=generator).to(torch.bfloat16)
     q, s_x = quantize_rows(x)
     linears = list(model.values())
-    u = torch.cat([torch.nn.functional.pad(m.lora_A["default"](x), (0, TAIL_RANK - rank)) for m in linears], -1)
     tailed = [_tailed_weight(m) for m in linears]
-    factors = torch.stack([c for *_, c in tailed])
-    rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM)
+    # as the runtime passes it: each A_j divided by its c_j (exact, a power of two), zero-padded to TAIL_RANK
+    scaled_a = [(m.lora_A["default"].weight / c[:, None]).to(x.dtype) for m, (*_, c) in zip(linears, tailed)]
+    u = torch.cat([torch.nn.functional.pad(x @ a.t(), (0, TAIL_RANK - rank)) for a in scaled_a], -1)
+    rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, torch.ones(len(outs)), MIN_HEADROOM)
     assert rows.shape == (len(outs), 40, in_features + TAIL_COLUMNS) and rows.dtype == FP8
-    assert torch.equal(row_scale, s_x * HEADROOM)
+    assert row_scale.shape == (40, 1)  # one row scale for every reader (its headroom chosen for all of them)
     for i, m in enumerate(linears):
         w_rows, s_w, c = tailed[i]
-        assert tails_fit(m.lora_A["default"].weight, c)
         tails = tailed_linear(rows[i], row_scale, w_rows, s_w) + m.base_layer.bias
         with torch.no_grad():
             peft = m(x).double()
@@ -100,22 +100,45 @@ def test_tailed_gemm_matches_peft_as_closely_as_slots(outs):
         assert relative_error(tails_delta, peft_delta) < 0.02
 
 
-def test_rows_hold_the_input_over_the_headroom_then_the_split_delta():
+def test_rows_hold_the_input_over_each_rows_headroom_then_the_split_delta():
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 128, generator=generator).to(torch.bfloat16)
     q, s_x = quantize_rows(x)
-    u = torch.randn(8, TAIL_RANK, generator=generator).to(torch.bfloat16)
-    factor = torch.tensor([0.5])
-    rows, row_scale = tailed_rows_reference(q, s_x, u, factor, HEADROOM)
-    head, hi, lo, hi_again, pad = rows[0].split([128, TAIL_RANK, TAIL_RANK, TAIL_RANK,
-                                                 TAIL_COLUMNS - 3 * TAIL_RANK], dim=-1)
-    # q / H is exact where it stays a normal FP8 number (H a power of two)
-    normal = (q.float() / HEADROOM).abs() >= 2.0 ** -6
-    assert torch.equal(head.float()[normal], (q.float() / HEADROOM)[normal])
-    assert torch.equal(hi.view(torch.uint8), hi_again.view(torch.uint8))
-    assert not pad.float().any()
-    t = u.float() / (row_scale * factor)
-    assert relative_error((hi.float() + lo.float()).double(), t.double()) < 2e-3  # two FP8 parts: ~8 bits
+    u = torch.randn(8, 2 * TAIL_RANK, generator=generator) * 1e-3
+    u[3, TAIL_RANK:] *= 1e6  # one row whose second reader's u needs headroom
+    u = u.to(torch.bfloat16)
+    factors = torch.tensor([0.5, 0.25])
+    rows, row_scale = tailed_rows_reference(q, s_x, u, factors, MIN_HEADROOM)
+    headroom = row_scale / s_x
+    assert headroom[3] > 1 and torch.equal(headroom[[0, 1, 2, 4, 5, 6, 7]], torch.ones(7, 1))
+    for i in range(2):
+        head, hi, lo, hi_again, pad = rows[i].split([128, TAIL_RANK, TAIL_RANK, TAIL_RANK,
+                                                     TAIL_COLUMNS - 3 * TAIL_RANK], dim=-1)
+        # q / H is exact where it stays a normal FP8 number (H a power of two)
+        normal = (q.float() / headroom).abs() >= 2.0 ** -6
+        assert torch.equal(head.float()[normal], (q.float() / headroom)[normal])
+        assert torch.equal(hi.view(torch.uint8), hi_again.view(torch.uint8))
+        assert not pad.float().any()
+        t = u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float() / (row_scale * factors[i])
+        assert t.abs().max() <= FP8_MAX
+        assert relative_error((hi.float() + lo.float()).double(), t.double()) < 2e-3  # two FP8 parts: ~8 bits
+    assert (u[3, TAIL_RANK:].float() / (row_scale[3] * factors[1])).abs().max() > FP8_MAX / 2  # H no larger than needed
+
+
+def test_row_headroom_is_the_least_power_of_two_that_keeps_every_readers_tails_in_range():
+    generator = torch.Generator().manual_seed(6)
+    u = (torch.randn(64, 2 * TAIL_RANK, generator=generator) * torch.logspace(-6, 6, 64)[:, None]).to(torch.bfloat16)
+    scale = torch.rand(64, 1, generator=generator) * 1e-3 + 1e-4
+    factors = torch.tensor([0.25, 2.0])
+    for least in (1.0, 16.0):
+        headroom, inverse = row_headroom(u, scale, factors, least)
+        mantissa, _ = torch.frexp(headroom)
+        assert torch.all(mantissa == 0.5) and torch.equal(headroom * inverse, torch.ones_like(headroom))
+        need = torch.maximum(*(u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float().abs().amax(-1, keepdim=True)
+                               / (scale * factors[i] * FP8_MAX) for i in range(2)))
+        assert torch.all(need <= headroom) and torch.all(headroom >= least)
+        assert torch.all((headroom == least) | (need > headroom / 2))
+        assert (headroom > least).any() and (headroom == least).any()
 
 
 def test_a_weight_tail_is_b_in_two_parts_at_the_weight_row_scales():
@@ -123,32 +146,19 @@ def test_a_weight_tail_is_b_in_two_parts_at_the_weight_row_scales():
     w = (torch.randn(32, 128, generator=generator) * 0.05).to(torch.bfloat16)
     _, s_w = quantize_rows(w)
     b = (torch.randn(32, 8, generator=generator) * 0.02).to(torch.bfloat16)
-    c = tail_factor(s_w, b)
-    tail = weight_tail(b, s_w, c)
+    c = column_factors(s_w, b)
+    assert c.shape == (8,) and torch.all(torch.frexp(c)[0] == 0.5)  # powers of two
+    tail = weight_tail(b, s_w, c[None, :])
     assert tail.shape == (32, TAIL_COLUMNS)
     b_hi, b_hi_again, b_lo, pad = tail.split([TAIL_RANK, TAIL_RANK, TAIL_RANK, TAIL_COLUMNS - 3 * TAIL_RANK], -1)
     scaled = b.float() * c / s_w
-    assert scaled.abs().max() <= FP8_MAX and torch.isclose(scaled.abs().max(), torch.tensor(FP8_MAX))
+    # each column within FP8's range and above half of it: its c_j the largest power of two that fits
+    assert torch.all(scaled.abs().amax(0) <= FP8_MAX) and torch.all(scaled.abs().amax(0) > FP8_MAX / 2)
     assert relative_error((b_hi.float() + b_lo.float())[:, :8].double(), scaled.double()) < 2e-3
     assert torch.equal(b_hi.view(torch.uint8), b_hi_again.view(torch.uint8))
     assert not b_hi[:, 8:].float().any() and not b_lo[:, 8:].float().any() and not pad.float().any()
     with pytest.raises(ValueError, match="rank-80"):
         weight_tail(torch.zeros(32, 80), s_w, c)
-
-
-def test_tails_fit_bounds_every_input_and_refuses_a_large_a():
-    generator = torch.Generator().manual_seed(3)
-    a = torch.randn(16, 128, generator=generator) * 128 ** -0.5
-    l1 = a.abs().sum(-1).max()
-    assert tails_fit(a, l1 / HEADROOM)
-    assert not tails_fit(a, 0.99 * l1 / HEADROOM)
-    # where it fits, the input that reaches the bound (x = amax * sign(A_j)) lands exactly on FP8's largest value
-    factor = l1 / HEADROOM
-    j = a.abs().sum(-1).argmax()
-    x = torch.sign(a[j]).unsqueeze(0) * 3.0
-    s_x = x.abs().amax(-1, keepdim=True) / FP8_MAX
-    t = (x @ a.t()) / (s_x * HEADROOM * factor)
-    assert t.abs().max() <= FP8_MAX * (1 + 1e-5)
 
 
 def test_the_base_columns_of_a_tailed_weight_give_the_base_gemm_bit_for_bit():
@@ -172,7 +182,7 @@ def test_the_op_exports_with_its_outputs():
 
     class Reader(nn.Module):
         def forward(self, q, s_x, u, factors):
-            rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM)
+            rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, MIN_HEADROOM)
             return rows.view(torch.uint8).sum(), row_scale
 
     generator = torch.Generator().manual_seed(5)
@@ -183,11 +193,11 @@ def test_the_op_exports_with_its_outputs():
     targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
     assert any("tailed_rows" in t for t in targets), targets
     total, scale = exported.module()(q, s_x, u, factors)
-    expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, HEADROOM)
+    expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, MIN_HEADROOM)
     assert torch.equal(total, expected_rows.view(torch.uint8).sum()) and torch.equal(scale, expected_scale)
 
 
 def test_a_headroom_that_is_not_a_power_of_two_is_refused():
     q, s_x = quantize_rows(torch.ones(2, 128))
-    with pytest.raises(ValueError, match="headroom 12.0 is not a power of two"):
+    with pytest.raises(ValueError, match="least headroom 12.0 is not a power of two"):
         torch.ops.aotpack.tailed_rows(q, s_x, torch.zeros(2, TAIL_RANK), torch.tensor([1.0]), 12.0)

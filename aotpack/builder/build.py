@@ -36,6 +36,13 @@ from ..models.merge_rows import MERGE_PROGRAM, export_merge_layers
 from ..models.norm_quant import check_kernel_against_reference as check_norm_kernel_against_reference
 from ..models.norm_quant import install_fused_norm_quant
 from ..models.joined_qkv import install_joined_qkv
+from ..models.tail_groups import (
+    TAILS_SUFFIX,
+    example_tail_inputs,
+    install_lora_tails,
+    tail_groups,
+    with_tails,
+)
 from ..models.modulation import (
     MODULATION,
     block_index,
@@ -64,7 +71,7 @@ from ..models.slots import (
 )
 from ..models.units import make_region
 from ..progress import Progress
-from ..recipes.recipe import Recipe, load_recipe
+from ..recipes.recipe import TAILS_MAX_RANK, Recipe, load_recipe
 from ..runtime.program import open_program
 from ..store.manifest import Manifest, ProgramSpec, sha256_file
 from ..store.package_ref import DEFAULT_OUT
@@ -101,11 +108,19 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
         logger.warning("--layout/--parallel: target %s's joined_qkv is off for this build (its programs run "
                        "diffusers' own block forward, which reads each projection's weight)", recipe.name)
         changes["joined_qkv"] = False
+    if recipe.lora_tails and ((layout and layout != "regional") or (parallel and parallel != "none")):
+        logger.warning("--layout/--parallel: target %s's lora_tails is off for this build (its single blocks run "
+                       "other programs)", recipe.name)
+        changes["lora_tails"] = False
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
                                "pass --max-rank 0 for a package without LoRA slots, or the largest rank to serve")
         changes["max_rank"] = int(max_rank)
+        if recipe.lora_tails and not 0 < int(max_rank) <= TAILS_MAX_RANK:
+            logger.warning("--max-rank %s: target %s's lora_tails is off for this build (the tails hold sets up to "
+                           "rank %d)", max_rank, recipe.name, TAILS_MAX_RANK)
+            changes["lora_tails"] = False
     if slots:
         changes["slots"] = tuple(slots)
     if layout:
@@ -188,6 +203,13 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             with report.stage(f"export {kind}{NO_SLOT_SUFFIX}"):
                 program = export_region(plain, activations, {}, _shard_shapes(shapes, kind, recipe.parallel))
             yield kind + NO_SLOT_SUFFIX, instances, plain, activations, program
+        if recipe.lora_tails and kind == SINGLE_BLOCK and tail_groups(region.body):
+            tailed = with_tails(region)
+            tail_lora = {name: tensor for name, tensor in lora.items() if name in tailed.lora_names()}
+            tail_lora.update(example_tail_inputs(region, lora_dtype, device, generator))
+            with report.stage(f"export {kind}{TAILS_SUFFIX}"):  # export_region unbinds the group inputs after
+                program = export_region(tailed, activations, tail_lora, _shard_shapes(shapes, kind, recipe.parallel))
+            yield kind + TAILS_SUFFIX, instances, tailed, activations, program
 
 
 NO_SLOT_SUFFIX = ".noslot"
@@ -308,6 +330,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                 check_norm_kernel_against_reference(device)
         if recipe.joined_qkv:  # after quantizing and slotting: the members' FP8 rows move into one buffer
             report.info(f"    {install_joined_qkv(transformer)} q/k/v groups run as one FP8 GEMM each")
+        if recipe.lora_tails:  # after quantizing and slotting: each single block's readers get tailed weights
+            report.info(f"    {install_lora_tails(transformer)} single blocks also compiled with LoRA tails")
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
         if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program
@@ -364,11 +388,11 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
     programs = []
     for kind, instances, region, activations, _ in exported:
         path = staging / f"{kind}.pt2"
-        variant_of = kind.removesuffix(NO_SLOT_SUFFIX)
+        variant_of = kind.removesuffix(NO_SLOT_SUFFIX).removesuffix(TAILS_SUFFIX)
         programs.append(ProgramSpec(name=kind, kind=variant_of, file=path.name, instances=list(instances),
                                     inputs=describe_inputs(region, activations), slots=region.slot_names(),
                                     constants=[], attention_kernels=kernels_in_package(path),
-                                    rank=0 if variant_of != kind else recipe.max_rank))
+                                    rank=0 if kind.endswith(NO_SLOT_SUFFIX) else recipe.max_rank))
     del exported
 
     manifest = Manifest(

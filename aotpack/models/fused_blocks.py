@@ -16,6 +16,7 @@ from torch import nn
 from .fused_quant import linear_after_gelu
 from .joined_qkv import with_joined_outputs
 from .norm_quant import fuses_norm_quant, modulated_norm_quant, modulation
+from .tail_groups import with_tailed_outputs
 
 
 def _clip_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +29,9 @@ def fused_single_block(block: nn.Module, joint: torch.Tensor, temb: torch.Tensor
     attn = block.attn
     if fuses_norm_quant(block):
         shift, scale, gate = modulation(block.norm, temb, 3)
-        normed = modulated_norm_quant(block.norm.norm, joint, shift, scale,
-                                      (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp))
+        readers = (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp)
+        # with lora_tails (a tailed program) the readers' outputs, LoRA included, are computed here
+        normed = with_tailed_outputs(modulated_norm_quant(block.norm.norm, joint, shift, scale, readers), readers)
         attention = attn.processor(attn, normed, None, None, rotary)
     else:
         normed, gate = block.norm(joint, emb=temb)

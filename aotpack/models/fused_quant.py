@@ -185,6 +185,8 @@ class QuantizedActivation(NamedTuple):
     hidden: torch.Tensor
     # recipe lever joined_qkv: the readers' GEMM outputs, computed once over their joined weight (joined_qkv.py)
     outputs: dict | None = None
+    # recipe lever lora_tails: those outputs include the readers' LoRA (tail_groups.py), so none is added to them
+    outputs_with_lora: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -234,7 +236,7 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     else:
         y = layer.base(x)
     bias = layer.bias if layer.bias is not None else y.new_empty(0)
-    delta = with_delta and bound_lora(layer)
+    delta = with_delta and bound_lora(layer) and not (joined and x.outputs_with_lora)
     return y, bias, (layer.lora_delta(lora_input(x)).to(y.dtype) if delta else y.new_empty(0))
 
 

@@ -1,28 +1,28 @@
-"""A LoRA as three FP8 tails of its base GEMM's K: the math and the activation-rows op (first piece; not in programs).
+"""A LoRA as three FP8 tails of its base GEMM's K: the math and the activation-rows op.
 
 In slots a linear runs its FP8 GEMM, a bf16 up GEMM writes `u B^T` (u = A x) as wide as the output, and the next
 kernel reads both. With tails the FP8 GEMM computes the whole `x W^T + u B^T` in one accumulator:
 
     y = (H s_x) s_w [q / H | u_hi | u_lo | u_hi | 0] [W | B_hi | B_hi | B_lo | 0]^T
 
-- `q, s_x`: the input's row-wise FP8 quantization, as the block's quantization kernel writes it; `H` a power-of-two
-  headroom on the row scale so that u fits beside x (`q / H` is exact above FP8's normal range);
-- `t = u / (H s_x c)` split into `u_hi = fp8(t)` and `u_lo = fp8(t - u_hi)`; `B c / s_w` likewise into `B_hi`,
-  `B_lo`, with one factor c per linear, the largest that keeps every `B[n] c / s_w[n]` in range. The `lo x lo` term
-  is left out (~2^-8 of the delta): the whole output's error equals slots' (2026-12-06b, 2026-12-07d);
+- `q, s_x`: the input's row-wise FP8 quantization, as the block's quantization kernel writes it; `H` each row's
+  power-of-two headroom, the least that keeps that row's tails in FP8's range (`row_headroom`; `q / H` is exact
+  above FP8's normal range);
+- `t = u / (H s_x)` split into `u_hi = fp8(t)` and `u_lo = fp8(t - u_hi)`; `B c / s_w` likewise into `B_hi`, `B_lo`,
+  with a power-of-two factor c_j per rank component folded into A (`column_factors`). The `lo x lo` term is left out
+  (~2^-8 of the delta): the whole output's error equals slots' (2026-12-06b, 2026-12-07d);
 - K + 3R padded to K + `TAIL_COLUMNS` (= K + 256 for rank 64): at K + 192 the tail GEMMs ran 3-6% slower, and the
   weight stored `[out, in + 256]` lets the no-slot GEMMs read its base columns as a view at no cost, where an
   `[out, in + 192]` view cost them 1.0-1.6 ms a 1024² step (H100, `benchmarks/results/2026-12-07d-h100-tails-block/`).
 
 Measured piece by piece there: -2.0 to -2.2 ms a 512² step and -2.3 to -3.0 at 1024² against slots. This module
-holds the weight side (`weight_tail`, `tail_factor`, `tails_fit`) and `aotpack::tailed_rows`, one launch per group of
-linears that read one input: every reader's rows `[q / H | tails]`, written from `q` and the group's down-projection
-output, so no quantization kernel changes. On an H100 its Triton kernel writes the torch reference's bytes and takes
-31.5 us for a single block's four readers at 1024² (9.5 at 512²), 6.7 us for a double block's MLP-in; for the
-readers of K >= 12288 (MLP-out, `proj_out`) copying q costs 48-64 us, more than their tails gain, so those would
-need their GELU kernel to write the rows (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The rest of
-the build (the weights' storage and their tails written at each switch, a tailed program set, merges) is planned in
-`docs/design.md`, "Where next pieces go".
+holds the weight side (`weight_tail`, `column_factors`) and `aotpack::tailed_rows`, one launch per group of linears
+that read one input: every reader's rows `[q / H | tails]` and row scales, written from `q` and the group's
+down-projection output, so no quantization kernel changes. On an H100 its first form (one H for every row) wrote the
+torch reference's bytes and took 31.5 us for a single block's four readers at 1024² (9.5 at 512²), 6.7 us for a
+double block's MLP-in; for the readers of K >= 12288 (MLP-out, `proj_out`) copying q costs 48-64 us, more than their
+tails gain, so those would need their GELU kernel to write the rows
+(`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The programs that use it: `tail_groups.py`.
 """
 
 from __future__ import annotations
@@ -37,14 +37,25 @@ from .kernel_ops import register_triton_op
 
 TAIL_RANK = 64  # the rank the tails hold; a set of higher rank stays in slots
 TAIL_COLUMNS = 256  # 3 x TAIL_RANK = 192, padded to a multiple of 128 (see the module docstring)
-HEADROOM = 16.0  # no u clamped at 16 or 64 with a LoRA moving the output ~30% (2026-12-07d); tails_fit bounds it
+# H, each row's headroom: the least power of two >= MIN_HEADROOM that keeps that row's tails in FP8's range,
+# chosen per row and reader by `tailed_rows` from the row's own `u` (so no LoRA is refused and nothing is clamped).
+# As small as it can be: q / H loses bits below FP8's normal range and t = u / (H s_x) loses them likewise. A fixed
+# H (16 or 64) needed the worst-case bound ||A_j||_1 amax(x) <= H c at each switch, which refused the benches' r64
+# LoRA at factor std 0.4 by ~8x and the tiny demo's attention LoRA at H = 16.
+MIN_HEADROOM = 1.0
 
 
-def tail_factor(weight_scale: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """c, a float32 scalar: the largest factor that keeps every `B[n] c / s_w[n]` within FP8's range
-    (`weight_scale` [out, 1], the base weight's row scales; `lora_b` [out, R])."""
-    b_max = lora_b.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
-    return (weight_scale.float() * FP8_MAX / b_max).amin()
+def column_factors(weight_scale: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """One factor per rank component, [..., R], each the largest power of two (at most 2^64: an all-zero column
+    stays finite) that keeps its column of `B c_j / s_w` within FP8's range (`weight_scale` [..., out, 1],
+    `lora_b` [..., out, R]). A LoRA is the same LoRA with A_j multiplied and B's column j divided by any c_j, so the
+    runtime passes `A_j / c_j` and the tail holds `B_j c_j / s_w`: the programs need no factor, and each
+    component's `t_j` is as small as its own column allows (one c for the layer, set by its largest column, made
+    the other components' `t_j` larger and so each row's headroom). A power of two keeps `A_j / c_j` exact in
+    bf16."""
+    b_abs = lora_b.abs().float().clamp_min(torch.finfo(torch.float32).tiny)
+    largest = (weight_scale.float() * FP8_MAX / b_abs).amin(dim=-2)
+    return torch.exp2(torch.floor(torch.log2(largest.clamp(max=2.0 ** 64))))
 
 
 def _hi_lo(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,37 +65,48 @@ def _hi_lo(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weight_tail(lora_b: torch.Tensor, weight_scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """`[B_hi | B_hi | B_lo | 0]`, [out, TAIL_COLUMNS] FP8: the columns a tailed weight stores after its base
-    (`lora_b` [out, R <= TAIL_RANK], zero-padded to TAIL_RANK)."""
-    out_features, rank = lora_b.shape
+    """`[B_hi | B_hi | B_lo | 0]`, [..., out, TAIL_COLUMNS] FP8: the columns a tailed weight stores after its base
+    (`lora_b` [..., out, R <= TAIL_RANK], zero-padded to TAIL_RANK; `factor` broadcast against it:
+    `column_factors(...)[..., None, :]`)."""
+    *lead, out_features, rank = lora_b.shape
     if rank > TAIL_RANK:
         raise ValueError(f"a rank-{rank} LoRA does not fit the tails (rank {TAIL_RANK} at most)")
-    scaled = torch.zeros(out_features, TAIL_RANK, dtype=torch.float32, device=lora_b.device)
-    scaled[:, :rank] = lora_b.float() * factor / weight_scale.float()
+    scaled = torch.zeros(*lead, out_features, TAIL_RANK, dtype=torch.float32, device=lora_b.device)
+    scaled[..., :rank] = lora_b.float() * factor.float() / weight_scale.float()
     hi, lo = _hi_lo(scaled)
-    pad = torch.zeros(out_features, TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=lora_b.device)
+    pad = torch.zeros(*lead, out_features, TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=lora_b.device)
     return torch.cat([hi, hi, lo, pad], dim=-1)
 
 
-def tails_fit(lora_a: torch.Tensor, factor: torch.Tensor, headroom: float = HEADROOM) -> bool:
-    """Whether no input can push a tail out of FP8's range: `|u_j| <= ||A_j||_1 amax(x)` and `s_x = amax(x) / 448`,
-    so `t_j = u_j / (H s_x c)` stays within 448 when every row of A has `||A_j||_1 <= H c`. A set that fails this
-    stays in slots (checked once, at the switch)."""
-    return bool(lora_a.float().abs().sum(dim=-1).amax() <= headroom * factor)
+def row_headroom(u: torch.Tensor, scale: torch.Tensor, factors: torch.Tensor,
+                 min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, 1 / H), [T, 1] float32 powers of two: for each row the least H >= `min_headroom` with
+    `max_j |u_ij| / (H s_x c_i) <= 448` for every reader i (`u` [T, n * TAIL_RANK] the group's, `scale` [T, 1] the
+    input's row scales, `factors` [n]), at most 2^126. One H a row for all readers: they share one row-scale tensor,
+    as the base GEMM's (per-reader row scales, slices of one buffer, failed in cuBLASLt at 530 rows on an H100,
+    2026-12-07: CUBLAS_STATUS_NOT_SUPPORTED 16 bytes aligned, "Invalid scaling configuration" 256 bytes aligned).
+    The kernel computes the same exponent from the bits of the same float32 quotients."""
+    need = torch.stack([u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float().abs().amax(dim=-1, keepdim=True)
+                        / (scale * factors[i] * FP8_MAX) for i in range(factors.numel())]).amax(dim=0)
+    mantissa, exponent = torch.frexp(need)
+    ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent)  # need == 0: mantissa 0, exponent 0
+    k = ceil_log2.clamp(int(math.log2(min_headroom)), 126)
+    one = torch.ones_like(need)
+    return torch.ldexp(one, k), torch.ldexp(one, -k)
 
 
 def tailed_rows_reference(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
-                          headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every reader's GEMM rows and their row scale: `q` [T, K] FP8 and `scale` [T, 1] float32 (the input's
     row-wise quantization), `u` [T, n * TAIL_RANK] (the group's down-projection, reader i's in columns
-    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and
-    `scale * headroom`."""
-    readers = factors.numel()
-    row_scale = scale * headroom
-    x_part = (q.float() / headroom).to(FP8)
+    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and the
+    row scale [T, 1], `scale * H` with each row's headroom H (`row_headroom`)."""
     pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
+    headroom, inverse = row_headroom(u, scale, factors, min_headroom)
+    row_scale = scale * headroom
+    x_part = (q.float() * inverse).to(FP8)
     rows = []
-    for i in range(readers):
+    for i in range(factors.numel()):
         t = u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float() / (row_scale * factors[i])
         hi, lo = _hi_lo(t.clamp(-FP8_MAX, FP8_MAX))
         rows.append(torch.cat([x_part, hi, lo, hi, pad], dim=-1))
@@ -99,29 +121,44 @@ def _kernel():
     from triton.language.extra import libdevice
 
     @triton.jit
-    def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, headroom,
-                           inverse_headroom, K: tl.constexpr, R: tl.constexpr, TAIL: tl.constexpr,
-                           U_STRIDE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: q / H in columns [0, K), the tails after them
+    def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, K: tl.constexpr,
+                           R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr, READERS: tl.constexpr,
+                           MIN_LOG2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: the rows' headroom H from every reader's u, q / H
+        # in columns [0, K), reader i's tails after them
         row_block, reader = tl.program_id(0), tl.program_id(1)
         offs_t = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = offs_t < tokens
         width = K + TAIL
         out = rows_ptr + reader * tokens * width + offs_t[:, None] * width
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (offs_k[None, :] < K)
-            q = tl.load(q_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask).to(tl.float32)
-            # times 1 / H, exact for a power of two (div_rn here made the kernel 2.3x slower, H100)
-            tl.store(out + offs_k[None, :], (q * inverse_headroom).to(tl.float8e4nv), mask=mask)
-        row_scale = tl.load(scale_ptr + offs_t, mask=row_ok, other=1.0) * headroom
-        if reader == 0:
-            tl.store(row_scale_ptr + offs_t, row_scale, mask=row_ok)
         offs_r = tl.arange(0, R)
         mask = row_ok[:, None]
+        scale = tl.load(scale_ptr + offs_t, mask=row_ok, other=1.0)
+        # H = 2^k, k = ceil(log2(need)) from need's float32 bits (row_headroom's frexp), at least MIN_LOG2
+        need = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for j in tl.static_range(READERS):
+            u_j = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + j * R + offs_r[None, :], mask=mask).to(tl.float32)
+            need = tl.maximum(need, tl.math.div_rn(tl.max(tl.abs(u_j), axis=1),
+                                                   scale * tl.load(factor_ptr + j) * 448.0))
+        need_bits = need.to(tl.int32, bitcast=True)
+        biased = (need_bits >> 23) & 0xFF
+        k = tl.where((need_bits & 0x7FFFFF) == 0, biased - 127, biased - 126)
+        k = tl.minimum(tl.maximum(k, MIN_LOG2), 126)
+        headroom = ((k + 127) << 23).to(tl.float32, bitcast=True)
+        inverse = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        row_scale = scale * headroom
+        if reader == 0:
+            tl.store(row_scale_ptr + offs_t, row_scale, mask=row_ok)
         u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
+        factor = tl.load(factor_ptr + reader)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = row_ok[:, None] & (offs_k[None, :] < K)
+            q = tl.load(q_ptr + offs_t[:, None] * K + offs_k[None, :], mask=kmask).to(tl.float32)
+            # times 1 / H, exact for a power of two (div_rn here made the kernel 2.3x slower, H100)
+            tl.store(out + offs_k[None, :], (q * inverse[:, None]).to(tl.float8e4nv), mask=kmask)
         # div_rn: IEEE division as torch's (Triton's `/` may round its last bit otherwise)
-        t = tl.clamp(tl.math.div_rn(u, row_scale[:, None] * tl.load(factor_ptr + reader)), -448.0, 448.0)
+        t = tl.clamp(tl.math.div_rn(u, row_scale[:, None] * factor), -448.0, 448.0)
         # fp8(t) as float32 by arithmetic: with `t.to(fp8).to(float32)` Triton 3.6 wrote `lo` equal to `hi` wherever
         # |t| >= 32 on an H100 (2026-12-07), as if the value read back as 0. Normal numbers: round-to-nearest-even
         # to 3 mantissa bits; below 2^-6 (FP8's subnormals) a fixed step of 2^-9. Same bits as torch's conversion.
@@ -140,7 +177,7 @@ def _kernel():
     return tailed_rows_kernel
 
 
-def _tailed_rows_triton(q, scale, u, factors, headroom):
+def _tailed_rows_triton(q, scale, u, factors, min_headroom):
     from torch.library import wrap_triton
 
     tokens, k = q.shape
@@ -149,20 +186,24 @@ def _tailed_rows_triton(q, scale, u, factors, headroom):
     row_scale = torch.empty(tokens, 1, dtype=torch.float32, device=q.device)
     block_t = 16
     grid = ((tokens + block_t - 1) // block_t, readers)
-    wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, headroom, 1.0 / headroom, K=k,
-                                 R=TAIL_RANK, TAIL=TAIL_COLUMNS, U_STRIDE=u.stride(0), BLOCK_T=block_t, BLOCK_K=512)
+    # the headroom's exponent a constexpr: compiled by AOTInductor, float arguments came in as fp64 ("Expected dtype
+    # ['fp32'] but got fp64" from div_rn, H100 2026-12-07)
+    wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, K=k, R=TAIL_RANK, TAIL=TAIL_COLUMNS,
+                                 U_STRIDE=u.stride(0), READERS=readers, MIN_LOG2=int(math.log2(min_headroom)),
+                                 BLOCK_T=block_t, BLOCK_K=512)
     return rows, row_scale
 
 
 def _tailed_rows(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
-                 headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
-    mantissa, _ = math.frexp(headroom)
-    if mantissa != 0.5:  # q / H must be exact: the kernel multiplies by 1 / H, the reference divides
-        raise ValueError(f"the tails' headroom {headroom} is not a power of two; use e.g. {HEADROOM}")
+                 min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mantissa, _ = math.frexp(min_headroom)
+    if mantissa != 0.5 or min_headroom < 1:  # H must be exact: the kernel multiplies by 1 / H, the reference too
+        raise ValueError(f"the tails' least headroom {min_headroom} is not a power of two >= 1; use e.g. "
+                         f"{MIN_HEADROOM}")
     if (q.device.type == "cuda" and q.is_contiguous() and scale.is_contiguous() and u.stride(-1) == 1
             and scale.dtype == factors.dtype == torch.float32 and factors.is_contiguous()):
-        return _tailed_rows_triton(q, scale, u, factors, headroom)
-    return tailed_rows_reference(q, scale, u, factors, headroom)
+        return _tailed_rows_triton(q, scale, u, factors, min_headroom)
+    return tailed_rows_reference(q, scale, u, factors, min_headroom)
 
 
 tailed_rows = register_triton_op("aotpack::tailed_rows", _tailed_rows)

@@ -35,6 +35,7 @@ from torch import nn
 from .examples import relative_error
 from .fused_quant import QuantizedActivation, bound_lora, quantize_rows
 from .kernel_ops import refuse_kernel_errors, register_triton_op
+from .tail_groups import bound_tails
 
 
 def norm_modulate_quant_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -88,7 +89,7 @@ def modulated_norm_quant(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tenso
                          readers) -> QuantizedActivation:
     """`norm(x) * (1 + scale[:, None]) + shift[:, None]`, quantized once for the FP8 linears `readers`; the
     modulated input itself is kept only where one of them is a bound LoRA slot."""
-    keep = any(bound_lora(layer) for layer in readers)
+    keep = any(bound_lora(layer) or bound_tails(layer) for layer in readers)  # tails: the down-projection reads it
     return QuantizedActivation(*torch.ops.aotpack.norm_modulate_quant(x, shift, scale, norm.eps, keep))
 
 

@@ -19,6 +19,7 @@ LAYOUTS = ("regional", "whole")
 PARALLEL_MODES = ("none", "ulysses")  # "ulysses": block programs split around attention (context parallel)
 TEXT_ENCODER_POLICIES = ("full", "t5_nf4")
 DTYPES = ("float32", "bfloat16", "float16")  # the names `prepare.DTYPES` maps to torch dtypes
+TAILS_MAX_RANK = 64  # `lora_tails`: models/lora_tails.TAIL_RANK (not imported: recipes load without torch)
 GELU_SCOPES = ("none", "feed_forward", "all")  # `gelu_via_sigmoid`: which GELUs `activations.use_sigmoid_gelu` swaps
 
 
@@ -55,6 +56,8 @@ class Recipe:
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
+    # a third program set for the single blocks: their q/k/v/MLP-in LoRA in the FP8 GEMM's K (models/tail_groups.py)
+    lora_tails: bool = False
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -223,6 +226,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         joined_qkv=fields.value("joined_qkv", bool, False),
+        lora_tails=fields.value("lora_tails", bool, False),
         batched_modulation=batched_modulation,
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -268,6 +272,14 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.joined_qkv and not recipe.fused_norm_quant:
         raise fields.error("joined_qkv", "= true needs fused_norm_quant = true: only then do a stream's q/k/v read "
                                          "one FP8 input, which their joined GEMM takes")
+    if recipe.lora_tails and not (recipe.fused_norm_quant and 0 < recipe.max_rank <= TAILS_MAX_RANK):
+        raise fields.error("lora_tails", f"= true needs fused_norm_quant = true and max_rank 1-{TAILS_MAX_RANK} (this "
+                                         f"recipe has {recipe.max_rank}): the tails take a single block's one FP8 "
+                                         f"input and LoRA sets up to rank {TAILS_MAX_RANK}")
+    if recipe.lora_tails and (recipe.layout != "regional" or recipe.parallel != "none"):
+        raise fields.error("lora_tails", f"= true needs the regional layout without context parallelism (layout = "
+                                         f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its programs are "
+                                         "single-block ones; set lora_tails = false")
     if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
         raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                               f"{recipe.quantization!r}): its kernel is the FP8 GEMM")

@@ -25,6 +25,7 @@ from ..models.checkpoint import (
     parse_model_ref,
 )
 from ..models.joined_qkv import install_joined_qkv
+from ..models.tail_groups import install_lora_tails
 from ..models.modulation import mark_batched_modulation
 from ..models.prepare import prepare_transformer, torch_dtype
 from ..progress import Progress
@@ -358,6 +359,8 @@ def _prepare_as_built(transformer, manifest, device) -> None:
         mark_batched_modulation(transformer)
     if manifest.recipe.get("joined_qkv"):  # its double-block programs read each stream's q/k/v weights joined
         install_joined_qkv(transformer, check_norms=False)
+    if manifest.recipe.get("lora_tails"):  # its tailed single-block programs read tailed copies of their weights
+        install_lora_tails(transformer)
 
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,

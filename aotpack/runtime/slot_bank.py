@@ -17,6 +17,7 @@ class SlotBank:
         self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
         self.used_rank = {s.name: 0 for s in slots}
         self.before_write = None  # merge.py: a write from outside unmerges a merged set first
+        self.after_write = None  # tail_bank.py: a lora_tails package writes the tails of the new set
         self.writes = 0  # every write (modulation_rows.py: a table of rows is not used after one)
 
     @property
@@ -60,6 +61,8 @@ class SlotBank:
             torch._foreach_copy_(dst, src, non_blocking=True)
         if zero:
             torch._foreach_zero_(zero)
+        if self.after_write is not None:
+            self.after_write()
 
     def warm_up(self) -> None:
         """Run every kind of write once, with zeros, so that the first real switch pays no one-off cost.

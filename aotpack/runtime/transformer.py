@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..errors import PackageMismatchError, UnsupportedCallError
 from ..machine.cublaslt import check_blas_settings, workspace_hint
 from ..models.joined_qkv import member_weight_names
+from ..models.tail_groups import TAILS_SUFFIX, is_tail_weight
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM
 from ..models.merge_rows import MERGE_PROGRAM
 from ..models.modulation import MODULATION, block_widths, split_step_rows
@@ -43,6 +44,7 @@ from .merge_policy import MergePolicy
 from .modulation_rows import ModulationRows
 from .program import CompiledProgram
 from .slot_bank import SlotBank
+from .tail_bank import TailBank
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         object.__setattr__(self, "_weights_owner", transformer)
         self.bank = SlotBank(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device)
         self.bank.warm_up()
+        # lora_tails packages: tailed single-block programs, run while the live set's rank is at most 64 (tail_bank.py);
+        # `use_tails = False` keeps such sets in slots (the build's validation checks both)
+        self._tail_programs: dict[str, list[_Instance]] = {}
+        self.tails = None
+        self.use_tails = True
+        if manifest.recipe.get("lora_tails") and any(spec.name.endswith(TAILS_SUFFIX) for spec in manifest.programs):
+            self.tails = TailBank(transformer, self.bank)
+            self.bank.after_write = self.tails.refresh
         self._input_dtypes = {}
         self._programs: dict[str, list[_Instance]] = {}
         # No-slot variants (rank 0) of the slotted programs, bound to the same weight tensors: they run
@@ -122,10 +132,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self._instance_index = {spec.kind: {inst: i for i, inst in enumerate(spec.instances)} for spec in main}
         constants = {}
         for spec in manifest.programs:
-            target = self._programs if spec.name == spec.kind else self._no_slot_programs
-            if target is self._programs:
+            if spec.name == spec.kind:
+                target = self._programs
                 self._input_dtypes[spec.kind] = [getattr(torch, i["dtype"]) for i in spec.inputs]
-            elif spec.rank != 0:
+            elif spec.name == spec.kind + TAILS_SUFFIX and self.tails is not None:
+                target = self._tail_programs
+            elif spec.rank == 0:
+                target = self._no_slot_programs
+            else:
                 continue  # a variant this runtime does not know: the slotted program covers it
             source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
             target[spec.kind] = [self._load_instance(source, spec, instance, constants)
@@ -177,7 +191,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             self._block_widths = block_widths(transformer)
             self.modulation_rows = ModulationRows(self._run_modulation, self._dtype, sum(self._block_widths))
         self.lora_modes = LoRAModes(self, policy=MergePolicy.parse("auto", self._device))
-        self.last_variant: str | None = None  # "slots" or "no_slots": what the last forward ran
+        self.last_variant: str | None = None  # "slots", "no_slots" or "tails": what the last forward ran
         self._step_graphs = None  # use_cuda_graphs(): captured step graphs (cuda_graphs.py)
         self.closed = False  # close(): the weights' memory freed, the programs dropped
 
@@ -188,8 +202,12 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             cache[spec.kind, instance] = region_constants(self._weights_owner, spec.kind, instance)
         constants = cache[spec.kind, instance]
         expected = set(program.constant_names())
-        if expected != set(constants):
-            missing, extra = sorted(expected - set(constants)), sorted(set(constants) - expected)
+        # the tailed weights are constants of the tailed programs only, which read them instead of their readers'
+        # base weights (lora_tails): a tailed program may leave any weight unread, the others only those
+        tailed = spec.name.endswith(TAILS_SUFFIX)
+        provided = {name for name in constants if name in expected or not (tailed or is_tail_weight(name))}
+        if expected != provided:
+            missing, extra = sorted(expected - provided), sorted(provided - expected)
             raise PackageMismatchError(
                 f"program {spec.file} (instance {instance}) expects weights the model does not provide: "
                 f"missing {missing[:8]}, unexpected {extra[:8]}",
@@ -274,9 +292,11 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             self._mixed_programs = (frozenset(), {})
         return differences
 
-    def program_constants(self, kind: str) -> list[str]:
-        """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening)."""
-        return sorted(self._programs[kind][0].program.constant_names())
+    def program_constants(self, kind: str, name: str | None = None) -> list[str]:
+        """Names of the weights the `kind` program reads (as bound, after quantized-tensor flattening); `name` a
+        variant's program name (`single_block.tails`), the slotted program's without it."""
+        programs = self._tail_programs if name and name.endswith(TAILS_SUFFIX) else self._programs
+        return sorted(programs[kind][0].program.constant_names())
 
     def weight_layer_names(self) -> set[str]:
         """Module names of the model the weights come from (to tell foreign adapters from unslotted layers)."""
@@ -331,6 +351,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             # one graph per mix (cuda_graphs.py keys on the variant): the folded blocks, named
             self.last_variant = "slots+merged:" + ",".join(f"{kind}.{i}" for kind, i in sorted(self.merged_blocks))
             return self._mixed()
+        if self._tail_programs and self.use_tails and self.tails.ready:  # rank <= 64, tails written (tail_bank.py)
+            self.last_variant = "tails"
+            return {**self._programs, **self._tail_programs}
         self.last_variant = "slots"
         return self._programs
 
@@ -447,7 +470,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             return 0
         self._step_graphs = None  # graphs replay the programs and hold their own memory pool
         storages = {}
-        for programs in (self._programs, self._no_slot_programs):
+        for programs in (self._programs, self._no_slot_programs, self._tail_programs):
             for instances in programs.values():
                 for instance in instances:
                     for tensor in instance.program.bound:
@@ -463,6 +486,7 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             freed += size
         self._programs.clear()
         self._no_slot_programs.clear()
+        self._tail_programs.clear()
         self.compiled_merge = self.address_merge = None
         self.closed = True
         return freed

@@ -1,0 +1,158 @@
+"""Recipe lever `lora_tails`: a single block's q/k/v/MLP-in LoRA in its FP8 GEMM's K, as a third program set.
+
+In slots each of a single block's four input linears (to_q, to_k, to_v, proj_mlp: one quantized input) runs its FP8
+GEMM, a bf16 up GEMM writes `u B^T` as wide as its output, and the next kernel reads both. With tails
+(`lora_tails.py`) the FP8 GEMM computes `x W^T + u B^T` in one accumulator over rows `[q / H | u_hi | u_lo | u_hi]`
+against the weight `[W | B_hi | B_hi | B_lo]`. This module puts that into programs:
+
+- `install_lora_tails` gives each single block a `TailGroup` (`block.lora_tails`) holding one `[out, in + 256]` FP8
+  weight per reader: its base rows copied into the first `in` columns, the tails after them (written by the
+  runtime's `runtime/tail_bank.py` at each switch). The tailed programs read these; the slotted and no-slot programs
+  keep reading the base weights, so this lever costs a copy of those weights (~2.7 GB for FLUX.1-dev), the price of
+  measuring it before the storage is shared (`docs/design.md`, "Where next pieces go");
+- `with_tails(region)` is a single-block region whose readers take one LoRA input for the group, `lora_tails.lora_A`
+  `[4 x 64, in]` (each row of a reader's A divided by its power-of-two factor, so the program needs no factor), and
+  whose other slots (proj_out) stay slots;
+- in such a program `with_tailed_outputs` runs the group's down-projection (one GEMM), `aotpack::tailed_rows` (one
+  launch) and each reader's tailed GEMM, and hands the outputs (LoRA included) to the readers as joined_qkv hands its
+  column slices.
+
+The single blocks' group is where the probe measured most of the tails' gain (0.8-1.3 ms of a 512² step on an H100,
+`benchmarks/results/2026-12-07d-h100-tails-block/`); the double blocks' MLP-in would come next.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RecipeError
+from .fp8_attention import FP8
+from .fused_quant import QuantizedActivation, is_fp8_linear
+from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, tailed_linear
+from .slots import LoRASlotLinear, lora_input_names, slot_modules
+
+READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # a single block's linears of one quantized input
+HOLDER = "lora_tails"  # the TailGroup's attribute on the block
+GROUP_INPUT = f"{HOLDER}.lora_A"  # the group's LoRA input, relative to the block
+TAILS_SUFFIX = ".tails"  # the tailed programs' names: `single_block.tails`
+_MEMBER = "_tail_member"  # plain attribute on a reader: (its TailGroup, its position)
+
+
+class TailGroup(nn.Module):
+    """The tailed FP8 weights of one block's readers (`weights[i]` [out_i, in + TAIL_COLUMNS]) and, while a tailed
+    program is traced, the group's LoRA input `lora_A` (not a module state: a program input)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
+        self.lora_A: torch.Tensor | None = None
+
+
+def install_lora_tails(transformer) -> int:
+    """Give every single block a `TailGroup` over its readers' FP8 weights (after quantization and slotting), in
+    place; returns how many. Refuses a transformer whose readers are not FP8 LoRA slots; a second call changes
+    nothing."""
+    blocks = []
+    for index, block in enumerate(transformer.single_transformer_blocks):
+        if hasattr(block, HOLDER):
+            continue
+        layers = [block.get_submodule(name) for name in READERS]
+        if not all(isinstance(layer, LoRASlotLinear) and is_fp8_linear(layer.base) for layer in layers):
+            raise RecipeError(f"lora_tails needs single_transformer_blocks.{index}'s {', '.join(READERS)} to be FP8 "
+                              "row-wise LoRA slots", "set lora_tails = false, or slot and quantize those linears")
+        blocks.append((block, layers))
+    for block, layers in blocks:
+        weights = []
+        for layer in layers:
+            qdata = layer.base.weight.qdata
+            tailed = torch.zeros(qdata.shape[0], qdata.shape[1] + TAIL_COLUMNS, dtype=FP8, device=qdata.device)
+            tailed[:, :qdata.shape[1]] = qdata
+            weights.append(tailed)
+        holder = TailGroup(weights)
+        for position, layer in enumerate(layers):
+            object.__setattr__(layer, _MEMBER, (holder, position))  # not a submodule: names stay the model's
+        setattr(block, HOLDER, holder)
+    return len(blocks)
+
+
+def tailed_readers(block: nn.Module) -> list[nn.Module]:
+    """The readers of `block` that a `TailGroup` serves (none without the lever)."""
+    return [block.get_submodule(name) for name in READERS] if hasattr(block, HOLDER) else []
+
+
+def bound_tails(layer: nn.Module) -> bool:
+    """Whether `layer` is a reader whose group's LoRA input is bound (a tailed program is being traced)."""
+    member = getattr(layer, _MEMBER, None)
+    return member is not None and member[0].lora_A is not None
+
+
+def with_tailed_outputs(x: QuantizedActivation, readers) -> QuantizedActivation:
+    """`x` carrying `readers`' outputs, LoRA included, where they are one bound tail group: the group's
+    down-projection, `aotpack::tailed_rows` and one tailed GEMM per reader. `x` as it is otherwise."""
+    members = [getattr(layer, _MEMBER, None) for layer in readers]
+    if not isinstance(x, QuantizedActivation) or not members or any(m is None for m in members):
+        return x
+    holder = members[0][0]
+    if holder.lora_A is None or any(m[0] is not holder for m in members) or len(members) != len(holder.weights):
+        return x
+    lead, width = x.q.shape[:-1], x.q.shape[-1]
+    u = F.linear(x.hidden.to(holder.lora_A.dtype), holder.lora_A)  # [..., n * TAIL_RANK]
+    ones = torch.ones(len(members), dtype=torch.float32, device=x.q.device)  # the factors are folded into lora_A
+    rows, row_scale = torch.ops.aotpack.tailed_rows(x.q.reshape(-1, width), x.scale.reshape(-1, 1),
+                                                    u.reshape(-1, u.shape[-1]), ones, MIN_HEADROOM)
+    outputs = {}
+    for layer, (_, position) in zip(readers, members):
+        weight = layer.base.weight
+        fast = bool(getattr(weight.mm_config, "use_fast_accum", False))
+        y = tailed_linear(rows[position], row_scale, holder.weights[position], weight.scale, x.dtype, fast)
+        outputs[layer] = y.reshape(*lead, y.shape[-1])
+    return x._replace(outputs=outputs, outputs_with_lora=True)
+
+
+def tail_groups(body: nn.Module) -> dict[str, TailGroup]:
+    """The tail groups inside `body`, by name relative to it."""
+    return {name: m for name, m in body.named_modules() if isinstance(m, TailGroup)}
+
+
+def with_tails(region):
+    """`region` (a single block's) traced as the tailed program: each tail group takes one input
+    (`lora_tails.lora_A`), its readers no slot inputs; other slots as before. Same weights, same names."""
+    groups = tail_groups(region.body)
+    members = {name for name, slot in slot_modules(region.body).items() if getattr(slot, _MEMBER, None)}
+    tailed = copy.copy(region)
+
+    def lora_names():
+        names = [n for slot in region.slot_names() if slot not in members for n in lora_input_names(slot)]
+        return names + [f"{name}.lora_A" for name in groups]
+
+    def bind_lora(lora):
+        for name, slot in slot_modules(region.body).items():
+            if lora is None or name in members:
+                slot.lora_A = slot.lora_B = None
+            else:
+                slot.lora_A, slot.lora_B = (lora[n] for n in lora_input_names(name))
+        for name, group in groups.items():
+            group.lora_A = None if lora is None else lora[f"{name}.lora_A"]
+
+    tailed.lora_names = lora_names
+    tailed.bind_lora = bind_lora
+    return tailed
+
+
+def example_tail_inputs(region, lora_dtype, device, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random group inputs for tracing `with_tails(region)`: each group's `[n * TAIL_RANK, in]`."""
+    inputs = {}
+    for name, group in tail_groups(region.body).items():
+        rows, in_features = len(group.weights) * TAIL_RANK, group.weights[0].shape[1] - TAIL_COLUMNS
+        a = torch.randn(rows, in_features, generator=generator) * in_features ** -0.5
+        inputs[f"{name}.lora_A"] = a.to(device=device, dtype=lora_dtype)
+    return inputs
+
+
+def is_tail_weight(constant_name: str) -> bool:
+    """Whether a program constant is a tailed weight (read by the tailed programs only)."""
+    return f"{HOLDER}.weights." in constant_name

@@ -1,0 +1,77 @@
+"""The tails of a `lora_tails` package's tailed programs, written after every slot-bank write.
+
+The tailed single-block programs (models/tail_groups.py) read each reader's tailed weight `[W | B_hi | B_hi | B_lo]`
+and one LoRA input per block, `lora_tails.lora_A` = the four readers' A, each row j divided by its factor c_j
+(`lora_tails.column_factors`). After each switch the bank's own A/B tensors hold the set; this writes the tails and
+the group inputs from them, layers of one shape in one batch of kernels, no host read. `ready` says whether the
+tailed programs may run: a set of rank above `TAIL_RANK` in a reader keeps the slotted programs. No set is refused
+for its strength: the programs choose each row's headroom from its own `u` (`lora_tails.row_headroom`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.lora_tails import TAIL_COLUMNS, TAIL_RANK, column_factors, weight_tail
+from ..models.slots import lora_input_names
+from ..models.tail_groups import GROUP_INPUT, HOLDER, READERS
+
+
+class _Reader:
+    """One tailed reader: its slot name, base row scales, tailed weight's tail columns and its rows of the group
+    input."""
+
+    def __init__(self, name: str, scale: torch.Tensor, tail: torch.Tensor, group_rows: torch.Tensor):
+        self.name, self.scale, self.tail, self.group_rows = name, scale, tail, group_rows
+
+
+class TailBank:
+    def __init__(self, transformer, bank):
+        self.bank = bank
+        self.readers: list[_Reader] = []
+        dtype = next(iter(bank.tensors.values())).dtype if bank.tensors else torch.bfloat16
+        for index, block in enumerate(transformer.single_transformer_blocks):
+            holder = getattr(block, HOLDER, None)
+            if holder is None:
+                continue
+            prefix = f"single_transformer_blocks.{index}"
+            in_features = holder.weights[0].shape[1] - TAIL_COLUMNS
+            group = torch.zeros(len(READERS) * TAIL_RANK, in_features, dtype=dtype, device=holder.weights[0].device)
+            bank.tensors[f"{prefix}.{GROUP_INPUT}"] = group  # the tailed programs' input, found by name at load
+            for position, reader in enumerate(READERS):
+                scale = block.get_submodule(reader).base.weight.scale
+                self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
+                                            group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
+        self.ready = False
+
+    def refresh(self) -> None:
+        """Write the live set's tails and group inputs (the bank was just written); `ready` if they hold it."""
+        self.ready = False
+        if self.bank.is_empty or not self.readers:
+            return
+        if any(self.bank.used_rank[reader.name] > TAIL_RANK for reader in self.readers):
+            return
+        by_shape: dict[tuple, list[_Reader]] = {}
+        for reader in self.readers:
+            by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
+        targets, values = [], []
+        for readers in by_shape.values():
+            a_parts, b_parts = zip(*(self._factors(reader) for reader in readers))
+            lora_a, lora_b = torch.stack(a_parts), torch.stack(b_parts)  # [L, TAIL_RANK, in], [L, out, TAIL_RANK]
+            scales = torch.stack([reader.scale for reader in readers])
+            factors = column_factors(scales, lora_b)  # [L, TAIL_RANK], powers of two
+            tails = weight_tail(lora_b, scales, factors[:, None, :])
+            scaled_a = (lora_a.float() / factors[:, :, None]).to(lora_a.dtype)  # exact: c_j is a power of two
+            for i, reader in enumerate(readers):
+                targets += [reader.tail, reader.group_rows]
+                values += [tails[i], scaled_a[i]]
+        torch._foreach_copy_(targets, values)
+        self.ready = True
+
+    def _factors(self, reader: _Reader) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reader's live A [TAIL_RANK, in] and B [out, TAIL_RANK] from the bank, zero-padded to TAIL_RANK."""
+        a, b = (self.bank.tensors[name] for name in lora_input_names(reader.name))
+        a, b = a[:TAIL_RANK], b[:, :TAIL_RANK]
+        missing = TAIL_RANK - a.shape[0]
+        return (F.pad(a, (0, 0, 0, missing)), F.pad(b, (0, missing))) if missing else (a, b)

@@ -1,0 +1,162 @@
+"""Recipe lever `lora_tails`: a real CPU package whose single blocks also carry tailed programs (models/tail_groups.py).
+
+The package is the FP8 test package's recipe (tests/conftest.py: `fp8_build`) plus the lever, so its slotted and
+no-slot programs are that package's; the tailed single-block programs read the tailed weights and one group input a
+block, written by the runtime at each switch (runtime/tail_bank.py). Against diffusers + PEFT in bf16 the tails
+reproduce a LoRA as closely as slots do (output error and LoRA fidelity), at scale 1 and at 100 (each row's headroom
+then large), and a set the tails cannot hold (rank above 64) runs in slots, bit for bit the FP8 package's output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aotpack.errors import RecipeError
+from aotpack.models.lora_tails import TAIL_RANK
+from aotpack.store.manifest import read_manifest
+
+READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+
+
+@pytest.fixture(scope="module")
+def tails_package(tmp_path_factory):
+    from reference import build_fp8_package
+
+    return build_fp8_package(tmp_path_factory.mktemp("tails"), "group_lora_down = true\nbatched_modulation = true\n"
+                                                               "lora_tails = true").path
+
+
+def _load(package):
+    import torchao.quantization.quant_api as quant_api
+
+    import aotpack
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        return aotpack.load(package, model="tiny")
+
+
+def _inputs(transformer):
+    from aotpack.models.examples import transformer_inputs
+
+    return transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                              device="cpu", generator=torch.Generator().manual_seed(2))
+
+
+def _run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0].float()
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_the_tailed_programs_read_the_tailed_weights(tails_package, fp8_package):
+    manifest, plain = read_manifest(tails_package), read_manifest(fp8_package)
+    assert manifest.recipe["lora_tails"] is True
+    # the build validated both sets: the random LoRA ran the tailed programs, then the slotted ones
+    assert set(manifest.validation["cases"][0]) >= {"rel_error_random_lora", "rel_error_random_lora_slots"}
+    programs = {p.name: p for p in manifest.programs}
+    tailed = programs["single_block.tails"]
+    assert tailed.kind == "single_block" and tailed.rank == manifest.max_rank
+    weights = {f"body.lora_tails.weights.{i}" for i in range(len(READERS))}
+    assert weights <= set(tailed.constants)
+    # instead of the readers' FP8 data (their row scales stay: the tailed GEMM scales by them)
+    assert not {f"body.{r}.base.parametrizations.weight.original0" for r in READERS} & set(tailed.constants)
+    assert {f"body.{r}.base.parametrizations.weight.original1" for r in READERS} <= set(tailed.constants)
+    # the other programs are the FP8 package's, the tailed weights none of their constants
+    for name in ("single_block", "single_block.noslot", "double_block"):
+        assert programs[name].constants == next(p for p in plain.programs if p.name == name).constants
+
+
+def test_tails_reproduce_a_lora_as_slots_do_and_fall_back_to_slots(tails_package, fp8_package, demo_loras):
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+
+    served, slots = _load(tails_package), _load(fp8_package)
+    transformer = served.transformer
+    inputs = _inputs(transformer)
+    eager = load_transformer(parse_model_ref("tiny"), torch.bfloat16, "cpu").eval()
+    ref_base = _run(eager, inputs)
+    served.set_loras([])
+    slots.set_loras([])
+    base, slots_base = _run(transformer, inputs), _run(slots.transformer, inputs)
+    assert transformer.last_variant == "no_slots" and torch.equal(base, slots_base)
+    for index, (name, path) in enumerate(demo_loras.items()):
+        eager.load_lora_adapter(str(path), adapter_name=f"a{index}", prefix="transformer")
+        eager.set_adapters([f"a{index}"], [1.0])
+        reference = _run(eager, inputs)
+        served.set_loras([(path, 1.0)])
+        tails = _run(transformer, inputs)
+        assert transformer.last_variant == "tails", name
+        slots.set_loras([(path, 1.0)])
+        in_slots = _run(slots.transformer, inputs)
+        assert slots.transformer.last_variant == "slots"
+        # the LoRA's effect: as close to PEFT's as slots' (LoRA fidelity), and the output's error too
+        effect = reference - ref_base
+        fidelity = _error(tails - base, effect)
+        slots_fidelity = _error(in_slots - slots_base, effect)
+        assert fidelity <= 1.02 * slots_fidelity + 0.01, (name, fidelity, slots_fidelity)
+        assert _error(tails, reference) <= 1.05 * _error(in_slots, reference) + 1e-3, name
+        assert _error(tails, in_slots) > 0  # a program of its own ran (not the slots' bits)
+    # a strong set (scale 100: most rows' tails need headroom) runs in tails too, as close to PEFT as slots
+    strong = [(demo_loras["tiny-style-attn"], 100.0)]
+    eager.set_adapters(["a0"], [100.0])  # a0: tiny-style-attn, loaded first above
+    effect = _run(eager, inputs) - ref_base
+    served.set_loras(strong)
+    tails = _run(transformer, inputs)
+    assert transformer.last_variant == "tails"
+    slots.set_loras(strong)
+    in_slots = _run(slots.transformer, inputs)
+    assert _error(tails - base, effect) <= 1.02 * _error(in_slots - slots_base, effect) + 0.01
+    # a set of rank above the tails' keeps the slotted programs, bit for bit the FP8 package's (the rank is set by
+    # hand: this package's max_rank, 16, admits no such set)
+    transformer.bank.used_rank[transformer.tails.readers[0].name] = TAIL_RANK + 1
+    transformer.tails.refresh()
+    assert not transformer.tails.ready
+    assert torch.equal(_run(transformer, inputs), in_slots) and transformer.last_variant == "slots"
+
+
+def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tails_package, demo_loras):
+    served = _load(tails_package)
+    transformer = served.transformer
+    inputs = _inputs(transformer)
+    lora = [(demo_loras["tiny-style-all"], 0.8)]
+    served.set_loras(lora)
+    tails = _run(transformer, inputs)
+    assert transformer.last_variant == "tails"
+    owner = transformer._weights_owner
+    base_rows = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features].clone()
+                 for block in owner.single_transformer_blocks for i in range(len(READERS))]
+    served.set_loras(lora, merge=True)
+    _run(transformer, inputs)
+    assert transformer.merged and transformer.last_variant == "no_slots"
+    served.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # unmerges, then writes the new set's tails
+    _run(transformer, inputs)
+    assert not transformer.merged and transformer.last_variant == "tails"
+    served.set_loras(lora)
+    assert torch.equal(_run(transformer, inputs), tails) and transformer.last_variant == "tails"
+    # the tailed weights' base columns are the base weights' FP8 rows, untouched by the merge and the tails
+    after = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features]
+             for block in owner.single_transformer_blocks for i in range(len(READERS))]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(after, base_rows))
+    for block in owner.single_transformer_blocks:
+        for i, reader in enumerate(READERS):
+            qdata = block.get_submodule(reader).base.weight.qdata
+            base_columns = block.lora_tails.weights[i][:, :qdata.shape[1]]
+            assert torch.equal(base_columns.view(torch.uint8), qdata.view(torch.uint8))
+
+
+def test_the_lever_needs_the_quantized_norms(tmp_path):
+    from pathlib import Path
+
+    import aotpack.recipes
+    from aotpack.recipes.recipe import TAILS_MAX_RANK, load_recipe
+
+    cpu = (Path(aotpack.recipes.__file__).parent / "cpu.toml").read_text()
+    path = tmp_path / "r.toml"
+    path.write_text(cpu.replace('layout = "regional"', 'layout = "regional"\nlora_tails = true'))
+    with pytest.raises(RecipeError, match="lora_tails = true needs fused_norm_quant"):
+        load_recipe(str(path))
+    assert TAILS_MAX_RANK == TAIL_RANK  # the recipe's bound is the op's rank (recipes load without torch)
