@@ -77,6 +77,7 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
         result["active_lora"] = name
     with torch.no_grad():
         result["step"] = time_ms(step, device, warmup=3, repeats=10)
+        result["variant"] = served.transformer.last_variant  # which program set ran ("tails" with lora_tails)
         if cuda_graph:
             if device.type == "cuda":
                 try:

@@ -88,7 +88,12 @@ fi
 # every lever as base = "h200" plus the fields it changes; an unknown lever (e.g. renamed: grouped is no_grouped now)
 # or a recipe the loader refuses stops here, before any build
 python3 scripts/gpu/lever_recipes.py /tmp/recipes $LEVERS || exit 2
-build() {  # label
+build() {  # label; LEVER_TARS=FOLDER: a lever whose FOLDER/package-LABEL.tar exists (KEEP_PACKAGES of an earlier
+  # call, carried) is unpacked, not built
+  if [ -n "${LEVER_TARS:-}" ] && [ -f "$LEVER_TARS/package-$1.tar" ]; then
+    mkdir -p "/tmp/levers/$1" && tar xf "$LEVER_TARS/package-$1.tar" -C "/tmp/levers/$1"
+    echo "build $1: unpacked from $LEVER_TARS/package-$1.tar" | tee -a "$OUT/builds.txt"; return
+  fi
   timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
     --workers "${WORKERS:-4}" --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
   echo "build $1: exit $? after $SECONDS s" | tee -a "$OUT/builds.txt"

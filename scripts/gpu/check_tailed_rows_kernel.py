@@ -1,9 +1,9 @@
 """Does `aotpack::tailed_rows`' Triton kernel write what its torch reference writes, and how long does it take?
 
 `aotpack/models/lora_tails.py`: one launch per group of linears that read one input writes each reader's rows
-`[q / H | u_hi | u_lo | u_hi | 0]`. The 2026-12-07d probe (`probe_tails_block.py`) counted the tails' gain with the
-first reader's rows free (its quantization kernel would write them) plus 2.7-4.9 us of tail writer and the other
-readers' copies; this kernel writes every reader's rows from `q`, so its time against those pieces is the check.
+`[q / H | u_hi | u_lo | u_hi | 0]`, each row's H chosen from the readers' u (`row_headroom`). The 2026-12-07d probe
+(`probe_tails_block.py`) counted the tails' gain with the first reader's rows free (its quantization kernel would write
+them) plus 2.7-4.9 us of tail writer and the other readers' copies; this kernel writes every reader's rows from `q`, so its time against those pieces is the check.
 Random inputs at FLUX.1-dev's shapes; bit-equality per shape, then us a call from CUDA graphs.
 
 On the GPU machine: `python3 scripts/gpu/check_tailed_rows_kernel.py $OUT/tailed_rows.json`
@@ -19,7 +19,7 @@ sys.path.insert(0, "scripts/gpu")
 from probe_lora_kappend import graph_ms  # noqa: E402
 
 from aotpack.models.fused_quant import quantize_rows  # noqa: E402
-from aotpack.models.lora_tails import HEADROOM, TAIL_RANK, tailed_rows_reference  # noqa: E402
+from aotpack.models.lora_tails import MIN_HEADROOM, TAIL_RANK, tailed_rows_reference  # noqa: E402
 
 # (group, tokens, K, readers)
 SHAPES = (("single q/k/v/MLP-in 1024²", 4608, 3072, 4), ("single q/k/v/MLP-in 512²", 1536, 3072, 4),
@@ -33,15 +33,19 @@ def main(out_path):
     for name, tokens, k, readers in SHAPES:
         x = torch.randn(tokens, k, device="cuda", generator=generator).bfloat16()
         q, s_x = quantize_rows(x)
-        u = (torch.randn(tokens, readers * TAIL_RANK, device="cuda", generator=generator) * 4).bfloat16()
+        # magnitudes over 12 decades across rows: most rows keep H = 1, the larger ones take their own headroom
+        order = torch.randperm(tokens, device="cuda", generator=generator)
+        spread = torch.logspace(-6, 6, tokens, device="cuda")[order]
+        u = (torch.randn(tokens, readers * TAIL_RANK, device="cuda", generator=generator) * spread[:, None]).bfloat16()
         factors = torch.rand(readers, device="cuda", generator=generator) + 0.25
-        rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM)
-        expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, HEADROOM)
+        rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, MIN_HEADROOM)
+        expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, MIN_HEADROOM)
         row = {"group": name, "tokens": tokens, "k": k, "readers": readers,
                "bit_equal": torch.equal(rows.view(torch.uint8), expected_rows.view(torch.uint8)),
                "scale_equal": torch.equal(row_scale, expected_scale),
+               "rows_with_headroom": int((row_scale > s_x).sum()),
                "differing_bytes": int((rows.view(torch.uint8) != expected_rows.view(torch.uint8)).sum()),
-               "us": 1000 * graph_ms(lambda: torch.ops.aotpack.tailed_rows(q, s_x, u, factors, HEADROOM))}
+               "us": 1000 * graph_ms(lambda: torch.ops.aotpack.tailed_rows(q, s_x, u, factors, MIN_HEADROOM))}
         moved = q.numel() + readers * rows[0].numel() + u.numel() * 2
         row["tb_per_s"] = moved / (row["us"] * 1e-6) / 1e12
         report["shapes"].append(row)

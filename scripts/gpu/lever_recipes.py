@@ -6,11 +6,13 @@ know is refused, and tests/test_lever_recipes.py loads every lever and checks th
 
     python3 scripts/gpu/lever_recipes.py FOLDER [LABEL ...]
 writes FOLDER/LABEL.toml for every lever, and default.toml, then loads the LABELs named (as the build will): an
-unknown label or a refused recipe stops the call before any build, exit 2.
+unknown label or a refused recipe stops the call before any build, exit 2. LEVER_BASE=h100 bases them on h100
+instead (to step them beside a carried h100 package on an H100).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +42,8 @@ LEVERS = {
     "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
     "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
     "no_joined": "joined_qkv = false\n",
+    # the single blocks' q/k/v/MLP-in LoRA in their FP8 GEMMs' K, a third program set (models/tail_groups.py)
+    "tails": "lora_tails = true\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
     "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
 }
@@ -47,9 +51,10 @@ LEVERS = {
 
 def recipe_text(label: str) -> str:
     """The recipe of lever `label`; "default" is h200 itself (its package named h200, as a default build's is)."""
+    base = os.environ.get("LEVER_BASE", "h200")
     if label == "default":
-        return 'base = "h200"\nname = "h200"\n'
-    return f'base = "h200"\nname = "{label}"\n' + LEVERS[label]
+        return f'base = "{base}"\nname = "{base}"\n'
+    return f'base = "{base}"\nname = "{label}"\n' + LEVERS[label]
 
 
 def write(folder: Path) -> None:
