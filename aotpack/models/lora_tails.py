@@ -37,8 +37,8 @@ from .kernel_ops import register_triton_op
 
 TAIL_RANK = 64  # the rank the tails hold; a set of higher rank stays in slots
 TAIL_COLUMNS = 256  # 3 x TAIL_RANK = 192, padded to a multiple of 128 (see the module docstring)
-# H, each row's headroom: the least power of two >= MIN_HEADROOM that keeps that row's tails in FP8's range,
-# chosen per row and reader by `tailed_rows` from the row's own `u` (so no LoRA is refused and nothing is clamped).
+# H, each row's headroom: the least power of two >= MIN_HEADROOM that keeps that row's tails in FP8's range for
+# every reader, chosen by `tailed_rows` from the row's own `u` (so no LoRA is refused and nothing is clamped).
 # As small as it can be: q / H loses bits below FP8's normal range and t = u / (H s_x) loses them likewise. A fixed
 # H (16 or 64) needed the worst-case bound ||A_j||_1 amax(x) <= H c at each switch, which refused the benches' r64
 # LoRA at factor std 0.4 by ~8x and the tiny demo's attention LoRA at H = 16.

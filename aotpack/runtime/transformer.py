@@ -267,7 +267,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         """One forward in which every program of the variant the bank selects runs twice on the same
         inputs: the programs whose second run gave other bits, with the largest difference. Build
         validation asks this when the whole chain does not repeat, to name where to look."""
-        differences, saved = {}, (self._programs, self._no_slot_programs, self._step_graphs)
+        differences = {}
+        saved = (self._programs, self._no_slot_programs, self._tail_programs, self._step_graphs)
 
         def twice(name, instance):
             def run(*activations):
@@ -282,13 +283,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             return {kind: [twice(kind + suffix, i) for i in instances] for kind, instances in programs.items()}
 
         self._programs, self._no_slot_programs = wrapped(saved[0], ""), wrapped(saved[1], ".noslot")
+        self._tail_programs = wrapped(saved[2], TAILS_SUFFIX)
         self._step_graphs = None  # a replayed graph would not call the wrappers
         self._mixed_programs = (frozenset(), {})  # nor a partial merge's mix of the unwrapped ones
         try:
             with torch.no_grad():
                 self.forward(**inputs, return_dict=False)
         finally:
-            self._programs, self._no_slot_programs, self._step_graphs = saved
+            self._programs, self._no_slot_programs, self._tail_programs, self._step_graphs = saved
             self._mixed_programs = (frozenset(), {})
         return differences
 

@@ -41,6 +41,8 @@
 #    no_qkdown: both of those off (the default before 2026-12-06i);
 #    no_joined: joined_qkv off (on by default since 2026-12-07a: each double-block stream's q/k/v as one FP8 GEMM over
 #      their weights joined along N; models/joined_qkv.py); the levers that turn fused_norm_quant off drop it too;
+#    tails: lora_tails = true (the single blocks' q/k/v/MLP-in LoRA as FP8 tails of their GEMMs' K, a third program
+#      set the runtime runs for sets of rank <= 64; models/tail_groups.py; 2026-12-07f);
 #    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
 #    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
 #    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one
@@ -59,6 +61,9 @@
 # 5. with FP8_SPEED=1 (default), the speed bench (no recipe) on the FP8-attention package at the first size;
 #    SPEED_LEVER=LABEL: the same on that lever's package (merge + unmerge, cached switches, fidelity; FIDELITY_STDS,
 #    e.g. 0.4, adds the fidelity sweep at those LoRA factor stds; SPEED_TIMEOUT, default 200 s).
+# LEVER_BASE=h100: the levers (and a default built here) take base = "h100" instead, to step beside a carried h100
+# package on an H100; LEVER_TARS=FOLDER: a lever whose FOLDER/package-LABEL.tar exists (KEEP_PACKAGES of an earlier
+# call, carried) is unpacked instead of built.
 # Results under $OUT; about 6-7 minutes at 1024^2.
 # The cuDNN frontend wheel for the GPU machine's python 3.12, fetched on this machine:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .device/wheels nvidia-cudnn-frontend
