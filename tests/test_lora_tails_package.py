@@ -126,6 +126,10 @@ def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tail
     served.set_loras(lora)
     tails = _run(transformer, inputs)
     assert transformer.last_variant == "tails"
+    # the build's repeatability probe runs every program of the chain twice, the tailed ones included
+    calls = [instance.calls for instance in transformer._tail_programs["single_block"]]
+    assert transformer.unrepeatable_programs(**inputs) == {}
+    assert [instance.calls for instance in transformer._tail_programs["single_block"]] == [c + 2 for c in calls]
     owner = transformer._weights_owner
     base_rows = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features].clone()
                  for block in owner.single_transformer_blocks for i in range(len(READERS))]
