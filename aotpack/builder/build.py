@@ -205,7 +205,8 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             yield kind + NO_SLOT_SUFFIX, instances, plain, activations, program
         if recipe.lora_tails and kind == SINGLE_BLOCK and tail_groups(region.body):
             tailed = with_tails(region)
-            tail_lora = {name: tensor for name, tensor in lora.items() if name in tailed.lora_names()}
+            names = set(tailed.lora_names())
+            tail_lora = {name: tensor for name, tensor in lora.items() if name in names}
             tail_lora.update(example_tail_inputs(region, lora_dtype, device, generator))
             with report.stage(f"export {kind}{TAILS_SUFFIX}"):  # export_region unbinds the group inputs after
                 program = export_region(tailed, activations, tail_lora, _shard_shapes(shapes, kind, recipe.parallel))

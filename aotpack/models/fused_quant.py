@@ -183,10 +183,9 @@ class QuantizedActivation(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
     hidden: torch.Tensor
-    # recipe lever joined_qkv: the readers' GEMM outputs, computed once over their joined weight (joined_qkv.py)
+    # the readers' GEMM outputs, computed once: over their joined weight (recipe lever joined_qkv, joined_qkv.py), or
+    # with their LoRA as tails (lora_tails, tail_groups.py: those readers' slots are unbound, so no delta is added)
     outputs: dict | None = None
-    # recipe lever lora_tails: those outputs include the readers' LoRA (tail_groups.py), so none is added to them
-    outputs_with_lora: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -236,7 +235,7 @@ def unsummed_linear(layer: nn.Module | None, x: torch.Tensor | QuantizedActivati
     else:
         y = layer.base(x)
     bias = layer.bias if layer.bias is not None else y.new_empty(0)
-    delta = with_delta and bound_lora(layer) and not (joined and x.outputs_with_lora)
+    delta = with_delta and bound_lora(layer)
     return y, bias, (layer.lora_delta(lora_input(x)).to(y.dtype) if delta else y.new_empty(0))
 
 

@@ -79,11 +79,6 @@ def install_lora_tails(transformer) -> int:
     return len(blocks)
 
 
-def tailed_readers(block: nn.Module) -> list[nn.Module]:
-    """The readers of `block` that a `TailGroup` serves (none without the lever)."""
-    return [block.get_submodule(name) for name in READERS] if hasattr(block, HOLDER) else []
-
-
 def bound_tails(layer: nn.Module) -> bool:
     """Whether `layer` is a reader whose group's LoRA input is bound (a tailed program is being traced)."""
     member = getattr(layer, _MEMBER, None)
@@ -110,7 +105,8 @@ def with_tailed_outputs(x: QuantizedActivation, readers) -> QuantizedActivation:
         fast = bool(getattr(weight.mm_config, "use_fast_accum", False))
         y = tailed_linear(rows[position], row_scale, holder.weights[position], weight.scale, x.dtype, fast)
         outputs[layer] = y.reshape(*lead, y.shape[-1])
-    return x._replace(outputs=outputs, outputs_with_lora=True)
+    # the readers' own slots are unbound in a tailed program (`with_tails`), so `unsummed_linear` adds no delta to these
+    return x._replace(outputs=outputs)
 
 
 def tail_groups(body: nn.Module) -> dict[str, TailGroup]:

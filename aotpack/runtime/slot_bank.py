@@ -15,6 +15,7 @@ class SlotBank:
 
     def __init__(self, slots, max_rank: int, dtype: torch.dtype, device):
         self.tensors = zero_slot_tensors(slots, max_rank, dtype, device)
+        self.dtype = dtype
         self.used_rank = {s.name: 0 for s in slots}
         self.before_write = None  # merge.py: a write from outside unmerges a merged set first
         self.after_write = None  # tail_bank.py: a lora_tails package writes the tails of the new set

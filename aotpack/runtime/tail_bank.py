@@ -30,19 +30,23 @@ class TailBank:
     def __init__(self, transformer, bank):
         self.bank = bank
         self.readers: list[_Reader] = []
-        dtype = next(iter(bank.tensors.values())).dtype if bank.tensors else torch.bfloat16
         for index, block in enumerate(transformer.single_transformer_blocks):
             holder = getattr(block, HOLDER, None)
             if holder is None:
                 continue
             prefix = f"single_transformer_blocks.{index}"
             in_features = holder.weights[0].shape[1] - TAIL_COLUMNS
-            group = torch.zeros(len(READERS) * TAIL_RANK, in_features, dtype=dtype, device=holder.weights[0].device)
+            group = torch.zeros(len(READERS) * TAIL_RANK, in_features, dtype=bank.dtype,
+                                device=holder.weights[0].device)
             bank.tensors[f"{prefix}.{GROUP_INPUT}"] = group  # the tailed programs' input, found by name at load
             for position, reader in enumerate(READERS):
                 scale = block.get_submodule(reader).base.weight.scale
                 self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
                                             group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
+        # readers of one weight shape, written in one batch at each switch
+        self._by_shape: dict[tuple, list[_Reader]] = {}
+        for reader in self.readers:
+            self._by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
         self.ready = False
 
     def refresh(self) -> None:
@@ -52,11 +56,8 @@ class TailBank:
             return
         if any(self.bank.used_rank[reader.name] > TAIL_RANK for reader in self.readers):
             return
-        by_shape: dict[tuple, list[_Reader]] = {}
-        for reader in self.readers:
-            by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
         targets, values = [], []
-        for readers in by_shape.values():
+        for readers in self._by_shape.values():
             a_parts, b_parts = zip(*(self._factors(reader) for reader in readers))
             lora_a, lora_b = torch.stack(a_parts), torch.stack(b_parts)  # [L, TAIL_RANK, in], [L, out, TAIL_RANK]
             scales = torch.stack([reader.scale for reader in readers])
