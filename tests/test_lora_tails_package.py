@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aotpack.errors import RecipeError
-from aotpack.models.lora_tails import TAIL_RANK
+from aotpack.models.lora_tails import TAIL_COLUMNS, TAIL_RANK
 from aotpack.store.manifest import read_manifest
 
 READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
@@ -55,7 +55,8 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_tailed_programs_read_the_tailed_weights(tails_package, fp8_package):
     manifest, plain = read_manifest(tails_package), read_manifest(fp8_package)
-    assert manifest.recipe["lora_tails"] is True
+    # format 6: older runtimes, which would bind the readers' base weights contiguous, refuse the package
+    assert manifest.recipe["lora_tails"] is True and manifest.format_version == 6
     # the build validated both sets: the random LoRA ran the tailed programs, then the slotted ones
     assert set(manifest.validation["cases"][0]) >= {"rel_error_random_lora", "rel_error_random_lora_slots"}
     programs = {p.name: p for p in manifest.programs}
@@ -136,20 +137,26 @@ def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tail
     served.set_loras(lora, merge=True)
     _run(transformer, inputs)
     assert transformer.merged and transformer.last_variant == "no_slots"
+    # one storage: the merge wrote the base weights' rows, which are the tailed weights' first columns
+    merged_rows = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features]
+                   for block in owner.single_transformer_blocks for i in range(len(READERS))]
+    assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(merged_rows, base_rows))
     served.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # unmerges, then writes the new set's tails
     _run(transformer, inputs)
     assert not transformer.merged and transformer.last_variant == "tails"
     served.set_loras(lora)
     assert torch.equal(_run(transformer, inputs), tails) and transformer.last_variant == "tails"
-    # the tailed weights' base columns are the base weights' FP8 rows, untouched by the merge and the tails
+    # the unmerge restored the shared rows bit for bit, and the tails never wrote them
     after = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features]
              for block in owner.single_transformer_blocks for i in range(len(READERS))]
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(after, base_rows))
     for block in owner.single_transformer_blocks:
         for i, reader in enumerate(READERS):
             qdata = block.get_submodule(reader).base.weight.qdata
-            base_columns = block.lora_tails.weights[i][:, :qdata.shape[1]]
-            assert torch.equal(base_columns.view(torch.uint8), qdata.view(torch.uint8))
+            tailed = block.lora_tails.weights[i]
+            # the base weight is a view of the tailed weight's first columns (no second copy of the weights)
+            assert qdata.data_ptr() == tailed.data_ptr() and qdata.stride() == tailed.stride()
+            assert qdata.shape == (tailed.shape[0], tailed.shape[1] - TAIL_COLUMNS)
 
 
 def test_the_lever_needs_the_quantized_norms(tmp_path):

@@ -112,6 +112,8 @@ def refused(package: Path, error=AotpackError) -> AotpackError:
     (lambda d: d.update(programs=[d["programs"][0], d["programs"][0]]), "repeats another program"),
     (lambda d: d.update(format_version=FORMAT_VERSION + 1), f"format_version {FORMAT_VERSION + 1}"),  # newer than read
     (lambda d: d.update(format_version=0), "format_version 0"),
+    # a lora_tails package of the first form (format 5: its tailed weights a copy) would be bound at another stride
+    (lambda d: d.update(format_version=5, recipe={**d["recipe"], "lora_tails": True}), "earlier aotpack whose tailed"),
     (lambda d: d.update(format_version=True), "format_version True"),
     (lambda d: d["quantization"].update(unquantized_linears="*.norm1.linear"), "unquantized_linears is '*.norm1"),
     (lambda d: d["quantization"].update(unquantized_linears=[3]), "unquantized_linears is [3]"),
@@ -352,3 +354,5 @@ def test_a_manifest_is_written_in_the_format_its_fields_need(tiny_package):
     assert manifest.to_json()["format_version"] == 4
     manifest.recipe = {**manifest.recipe, "joined_qkv": True}  # its double blocks read q/k/v weights joined
     assert manifest.to_json()["format_version"] == 5
+    manifest.recipe = {**manifest.recipe, "lora_tails": True}  # its single blocks read base weights as strided views
+    assert manifest.to_json()["format_version"] == 6

@@ -154,6 +154,16 @@ def _gelu_quant_fp8(prefix: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor,
 gelu_quant_fp8 = register_triton_op("aotpack::gelu_quant_fp8", _gelu_quant_fp8)
 
 
+def float8_over(qdata: torch.Tensor, scale: torch.Tensor, like, act_quant_kwargs="like") -> torch.Tensor:
+    """A torchao `Float8Tensor` like `like` (row-wise, same configs) over `qdata` and `scale`, no copy; its
+    `act_quant_kwargs` `like`'s unless given (None: the matmul takes an input quantized already)."""
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    kwargs = like.act_quant_kwargs if act_quant_kwargs == "like" else act_quant_kwargs
+    return Float8Tensor(qdata, scale, list(like.block_size), like.mm_config, kwargs, like.kernel_preference,
+                        like.dtype)
+
+
 def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
     """`linear` (torchao FP8 row-wise) on the already-quantized activation `q, scale`.
 
@@ -163,8 +173,7 @@ def fp8_linear_prequantized(linear: nn.Linear, q: torch.Tensor, scale: torch.Ten
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 
     weight = linear.weight
-    weight_view = Float8Tensor(weight.qdata, weight.scale, weight.block_size, weight.mm_config, None,
-                               weight.kernel_preference, weight.dtype)
+    weight_view = float8_over(weight.qdata, weight.scale, weight, act_quant_kwargs=None)
     activation = Float8Tensor(q, scale, [1] * (q.dim() - 1) + [q.shape[-1]], weight.mm_config, None,
                               weight.kernel_preference, dtype)
     return F.linear(activation, weight_view)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .cond_operands import column_slice
-from .fused_quant import QuantizedActivation, fp8_linear_prequantized, is_fp8_linear
+from .fused_quant import QuantizedActivation, float8_over, fp8_linear_prequantized, is_fp8_linear
 from .norm_quant import fuses_norm_quant
 from .slots import BiasAfterLinear, weight_holder
 
@@ -44,14 +44,6 @@ class JoinedWeight(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.widths = tuple(widths)
-
-
-def _float8_over(qdata: torch.Tensor, scale: torch.Tensor, like) -> torch.Tensor:
-    """A torchao `Float8Tensor` like `like` (row-wise, same configs) over `qdata` and `scale`, no copy."""
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
-
-    return Float8Tensor(qdata, scale, list(like.block_size), like.mm_config, like.act_quant_kwargs,
-                        like.kernel_preference, like.dtype)
 
 
 def _groups(transformer, check_norms: bool) -> list[tuple[nn.Module, str, list[nn.Module]]]:
@@ -85,13 +77,13 @@ def install_joined_qkv(transformer, check_norms: bool = True) -> int:
         weights = [weight_holder(layer).weight for layer in layers]
         qdata = torch.cat([w.qdata for w in weights])
         scale = torch.cat([w.scale for w in weights])
-        holder = JoinedWeight(_float8_over(qdata, scale, weights[0]), [w.shape[0] for w in weights])
+        holder = JoinedWeight(float8_over(qdata, scale, weights[0]), [w.shape[0] for w in weights])
         start = 0
         for position, (layer, weight) in enumerate(zip(layers, weights)):
             rows = slice(start, start + weight.shape[0])
             start = rows.stop
             # the member's own storage goes (its rows now live in the joined buffer): no memory held twice
-            weight_holder(layer).weight = nn.Parameter(_float8_over(qdata[rows], scale[rows], weight),
+            weight_holder(layer).weight = nn.Parameter(float8_over(qdata[rows], scale[rows], weight),
                                                        requires_grad=False)
             object.__setattr__(layer, _MEMBER, (holder, position))  # not a submodule: names stay the model's
         setattr(attn, holder_name, holder)

@@ -6,10 +6,12 @@ GEMM, a bf16 up GEMM writes `u B^T` as wide as its output, and the next kernel r
 against the weight `[W | B_hi | B_hi | B_lo]`. This module puts that into programs:
 
 - `install_lora_tails` gives each single block a `TailGroup` (`block.lora_tails`) holding one `[out, in + 256]` FP8
-  weight per reader: its base rows copied into the first `in` columns, the tails after them (written by the
-  runtime's `runtime/tail_bank.py` at each switch). The tailed programs read these; the slotted and no-slot programs
-  keep reading the base weights, so this lever costs a copy of those weights (~2.7 GB for FLUX.1-dev), the price of
-  measuring it before the storage is shared (`docs/design.md`, "Where next pieces go");
+  weight per reader: its base rows in the first `in` columns, the tails after them (written by the runtime's
+  `runtime/tail_bank.py` at each switch). The reader's base weight becomes a view of those first columns (row stride
+  `in + 256`), so the slotted and no-slot programs, the tailed ones and merges all read or write one storage: the
+  lever adds only the tails (~0.2 GB for FLUX.1-dev; its first form copied the readers' weights, ~2.7 GB). The view
+  costs the GEMMs that read it nothing at `in + 256` (the 2026-12-07d probe; at `in + 192` it cost 1.0-1.6 ms a
+  1024² step); the merge by address takes contiguous weights only, so these readers merge through `merge_layers`;
 - `with_tails(region)` is a single-block region whose readers take one LoRA input for the group, `lora_tails.lora_A`
   `[4 x 64, in]` (each row of a reader's A divided by its power-of-two factor, so the program needs no factor), and
   whose other slots (proj_out) stay slots;
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .fp8_attention import FP8
-from .fused_quant import QuantizedActivation, is_fp8_linear
+from .fused_quant import QuantizedActivation, float8_over, is_fp8_linear
 from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, tailed_linear
 from .slots import LoRASlotLinear, lora_input_names, slot_modules
 
@@ -68,9 +70,14 @@ def install_lora_tails(transformer) -> int:
     for block, layers in blocks:
         weights = []
         for layer in layers:
-            qdata = layer.base.weight.qdata
-            tailed = torch.zeros(qdata.shape[0], qdata.shape[1] + TAIL_COLUMNS, dtype=FP8, device=qdata.device)
-            tailed[:, :qdata.shape[1]] = qdata
+            weight = layer.base.weight
+            rows, columns = weight.qdata.shape
+            tailed = torch.zeros(rows, columns + TAIL_COLUMNS, dtype=FP8, device=weight.qdata.device)
+            tailed[:, :columns] = weight.qdata
+            # one storage: the base weight becomes a view of the tailed weight's first columns, so the slotted and
+            # no-slot programs (and merges) read and write the very bytes the tailed programs read
+            layer.base.weight = nn.Parameter(float8_over(tailed[:, :columns], weight.scale, weight),
+                                             requires_grad=False)
             weights.append(tailed)
         holder = TailGroup(weights)
         for position, layer in enumerate(layers):

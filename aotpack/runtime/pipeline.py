@@ -359,7 +359,7 @@ def _prepare_as_built(transformer, manifest, device) -> None:
         mark_batched_modulation(transformer)
     if manifest.recipe.get("joined_qkv"):  # its double-block programs read each stream's q/k/v weights joined
         install_joined_qkv(transformer, check_norms=False)
-    if manifest.recipe.get("lora_tails"):  # its tailed single-block programs read tailed copies of their weights
+    if manifest.recipe.get("lora_tails"):  # tailed weights, the readers' base weights views of their first columns
         install_lora_tails(transformer)
 
 

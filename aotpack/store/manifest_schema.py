@@ -24,8 +24,13 @@ from ..errors import ManifestError
 # (they would load the package and fail at its first short sequence). Format 4: a recipe with `batched_modulation`,
 # whose block programs take modulation rows where older runtimes would pass `temb`. Format 5: a recipe with
 # `joined_qkv`, whose double-block programs read each stream's q/k/v weights joined, which older runtimes do not make
-# (they would refuse the package only after reading the whole model, naming weights the user cannot fix).
-FORMAT_VERSION = 5
+# (they would refuse the package only after reading the whole model, naming weights the user cannot fix). Format 6: a
+# recipe with `lora_tails`, whose single-block programs read their q/k/v/MLP-in base weights as views of the tailed
+# weights (row stride `in + 256`): a runtime that binds contiguous weights instead (older ones) would run the programs
+# on misread rows, with no error. Format-5 `lora_tails` packages (its first form, a copy of the weights) bind
+# contiguous ones, so this aotpack refuses them too (`_check_values`).
+FORMAT_VERSION = 6
+TAILS_SHARED_FORMAT = 6
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -38,6 +43,8 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
     """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("lora_tails"):
+        return TAILS_SHARED_FORMAT
     if (recipe or {}).get("joined_qkv"):
         return 5
     if (recipe or {}).get("batched_modulation"):
@@ -151,6 +158,12 @@ def _check_values(data: dict) -> None:
         raise ManifestError(f"manifest.quantization.unquantized_linears is {_show(kept)}, expected a list of "
                             "name patterns (strings)", _FIX)
     _check_shapes(data["shapes"])
+    if isinstance(data["recipe"], dict) and data["recipe"].get("lora_tails") and \
+            data["format_version"] < TAILS_SHARED_FORMAT:
+        raise ManifestError(f"this lora_tails package (manifest format {data['format_version']}) was built by an "
+                            "earlier aotpack whose tailed weights were a copy of the base weights; this runtime "
+                            "shares their storage and would bind them at another row stride",
+                            "rebuild the package with this aotpack (`aotpack build`)")
     slot_names = set()
     for i, slot in enumerate(data["slots"]):
         if slot["in_features"] < 1 or slot["out_features"] < 1:
