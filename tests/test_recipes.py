@@ -41,13 +41,14 @@ def test_hopper_recipes_use_fp8_rowwise_and_cudnn_attention_fp8_from_4096_tokens
     assert recipe.to_json()["unquantized_linears"] == list(recipe.unquantized_linears)
 
 
-def test_h100_and_h200_recipes_differ_only_in_name_description_and_the_h100_measured_tuning():
+def test_h100_and_h200_recipes_differ_only_in_name_description_and_the_h100_measured_levers():
     # one Hopper recipe: h100.toml takes h200.toml's fields as its base; a lever set in one file alone ships two
-    # defaults, so only what was measured on H100s differs (coordinate descent, 2026-12-06m)
+    # defaults, so only what was measured on H100s differs (coordinate descent, 2026-12-06m; the tails, 2026-12-07g)
     h100, h200 = (load_recipe(name).to_json() for name in ("h100", "h200"))
     differing = {key for key in h100.keys() | h200.keys() if h100.get(key) != h200.get(key)}
-    assert differing == {"name", "description", "inductor_configs"}
+    assert differing == {"name", "description", "inductor_configs", "lora_tails"}
     assert (h100["inductor_configs"], h200["inductor_configs"]) == ({"coordinate_descent_tuning": True}, {})
+    assert (h100["lora_tails"], h200["lora_tails"]) == (True, False)
 
 
 @pytest.mark.parametrize("name", ["l40s", "rtx4090"])

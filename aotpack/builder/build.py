@@ -253,12 +253,14 @@ def default_compile_workers(device: str) -> int:
     free worker: compile stage 178.4 s of a 227 s build (2026-12-05b, the waiting job 59 s after a worker's ~90).
     9 at once: 161.0 s (758c4c7), and 159.3 s with weightless saves (weightless.py) and exports feeding the
     workers (H200, 2026-12-05c, benchmarks/results/2026-12-05c-h200-weightless-build/).
+    One more on GPU builds since 2026-12-07 (10 on 16 cores), so an h100 package's 10 programs (`lora_tails` adds
+    `single_block.tails`) start at once too: with 8 workers it built in 219 s (H100, 2026-12-07g); 10 is unmeasured.
     CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
     package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os
 
     cores = os.cpu_count() or 1
-    return max(1, cores if device == "cpu" else cores // 2 + 1)
+    return max(1, cores if device == "cpu" else cores // 2 + 2)
 
 
 def default_package_dir(model_id: str, target: str) -> Path:
