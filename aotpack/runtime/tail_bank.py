@@ -26,6 +26,31 @@ class _Reader:
         self.name, self.scale, self.tail, self.group_rows = name, scale, tail, group_rows
 
 
+class _ShapeGroup:
+    """Readers of one weight shape, written in one batch of kernels: their bank views (the bank's tensors never
+    move) and write targets, made once at load rather than looked up per reader at every switch."""
+
+    def __init__(self, readers: list[_Reader], bank):
+        self.readers = readers
+        a_b = [tuple(bank.tensors[name] for name in lora_input_names(reader.name)) for reader in readers]
+        self.lora_a = [a[:TAIL_RANK] for a, _ in a_b]  # [rank, in] each
+        self.lora_b = [b[:, :TAIL_RANK] for _, b in a_b]  # [out, rank] each
+        self.missing = TAIL_RANK - self.lora_a[0].shape[0]  # a bank of max_rank below TAIL_RANK: zero-padded
+        self.scales = [reader.scale for reader in readers]
+        self.targets = [reader.tail for reader in readers] + [reader.group_rows for reader in readers]
+
+    def values(self) -> list[torch.Tensor]:
+        """The tails and the group rows of the bank's live set, in `targets`' order."""
+        lora_a, lora_b = torch.stack(self.lora_a), torch.stack(self.lora_b)  # [L, rank, in], [L, out, rank]
+        if self.missing:
+            lora_a, lora_b = F.pad(lora_a, (0, 0, 0, self.missing)), F.pad(lora_b, (0, self.missing))
+        scales = torch.stack(self.scales)  # read at each switch: a merge writes them, its unmerge restores them
+        factors = column_factors(scales, lora_b)  # [L, TAIL_RANK], powers of two
+        tails = weight_tail(lora_b, scales, factors[:, None, :])
+        scaled_a = (lora_a.float() / factors[:, :, None]).to(lora_a.dtype)  # exact: c_j is a power of two
+        return [*tails.unbind(0), *scaled_a.unbind(0)]
+
+
 class TailBank:
     def __init__(self, transformer, bank):
         self.bank = bank
@@ -43,10 +68,10 @@ class TailBank:
                 scale = block.get_submodule(reader).base.weight.scale
                 self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
                                             group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
-        # readers of one weight shape, written in one batch at each switch
-        self._by_shape: dict[tuple, list[_Reader]] = {}
+        by_shape: dict[tuple, list[_Reader]] = {}
         for reader in self.readers:
-            self._by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
+            by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
+        self._groups = [_ShapeGroup(readers, bank) for readers in by_shape.values()]
         self.ready = False
 
     def refresh(self) -> None:
@@ -57,22 +82,8 @@ class TailBank:
         if any(self.bank.used_rank[reader.name] > TAIL_RANK for reader in self.readers):
             return
         targets, values = [], []
-        for readers in self._by_shape.values():
-            a_parts, b_parts = zip(*(self._factors(reader) for reader in readers))
-            lora_a, lora_b = torch.stack(a_parts), torch.stack(b_parts)  # [L, TAIL_RANK, in], [L, out, TAIL_RANK]
-            scales = torch.stack([reader.scale for reader in readers])
-            factors = column_factors(scales, lora_b)  # [L, TAIL_RANK], powers of two
-            tails = weight_tail(lora_b, scales, factors[:, None, :])
-            scaled_a = (lora_a.float() / factors[:, :, None]).to(lora_a.dtype)  # exact: c_j is a power of two
-            for i, reader in enumerate(readers):
-                targets += [reader.tail, reader.group_rows]
-                values += [tails[i], scaled_a[i]]
+        for group in self._groups:
+            targets += group.targets
+            values += group.values()
         torch._foreach_copy_(targets, values)
         self.ready = True
-
-    def _factors(self, reader: _Reader) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reader's live A [TAIL_RANK, in] and B [out, TAIL_RANK] from the bank, zero-padded to TAIL_RANK."""
-        a, b = (self.bank.tensors[name] for name in lora_input_names(reader.name))
-        a, b = a[:TAIL_RANK], b[:, :TAIL_RANK]
-        missing = TAIL_RANK - a.shape[0]
-        return (F.pad(a, (0, 0, 0, missing)), F.pad(b, (0, missing))) if missing else (a, b)
