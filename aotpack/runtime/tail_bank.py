@@ -31,7 +31,6 @@ class _ShapeGroup:
     move) and write targets, made once at load rather than looked up per reader at every switch."""
 
     def __init__(self, readers: list[_Reader], bank):
-        self.readers = readers
         a_b = [tuple(bank.tensors[name] for name in lora_input_names(reader.name)) for reader in readers]
         self.lora_a = [a[:TAIL_RANK] for a, _ in a_b]  # [rank, in] each
         self.lora_b = [b[:, :TAIL_RANK] for _, b in a_b]  # [out, rank] each

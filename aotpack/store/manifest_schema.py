@@ -158,8 +158,8 @@ def _check_values(data: dict) -> None:
         raise ManifestError(f"manifest.quantization.unquantized_linears is {_show(kept)}, expected a list of "
                             "name patterns (strings)", _FIX)
     _check_shapes(data["shapes"])
-    if isinstance(data["recipe"], dict) and data["recipe"].get("lora_tails") and \
-            data["format_version"] < TAILS_SHARED_FORMAT:
+    if (isinstance(data["recipe"], dict) and data["recipe"].get("lora_tails")
+            and data["format_version"] < TAILS_SHARED_FORMAT):
         raise ManifestError(f"this lora_tails package (manifest format {data['format_version']}) was built by an "
                             "earlier aotpack whose tailed weights were a copy of the base weights; this runtime "
                             "shares their storage and would bind them at another row stride",
