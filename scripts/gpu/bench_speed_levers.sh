@@ -42,7 +42,8 @@
 #    no_joined: joined_qkv off (on by default since 2026-12-07a: each double-block stream's q/k/v as one FP8 GEMM over
 #      their weights joined along N; models/joined_qkv.py); the levers that turn fused_norm_quant off drop it too;
 #    tails: lora_tails = true (the single blocks' q/k/v/MLP-in LoRA as FP8 tails of their GEMMs' K, a third program
-#      set the runtime runs for sets of rank <= 64; models/tail_groups.py; 2026-12-07f);
+#      set the runtime runs for sets of rank <= 64; models/tail_groups.py; 2026-12-07f; on in h100 since 2026-12-07g,
+#      so with LEVER_BASE=h100 it builds that default again: measure it on an H200, against h200);
 #    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
 #    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
 #    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one
