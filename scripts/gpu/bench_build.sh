@@ -7,8 +7,10 @@
 # Carry .device (the wheels). ~230-250 s a build on the H200 (2026-12-05), so two builds fill one call. E.g.
 #   VARIANTS=$'default\nlean AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL=O0 TORCHINDUCTOR_COMPILE_THREADS=2' \
 #     KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
+# TARGET (default h200) names the recipe built, e.g. TARGET=h100 (lora_tails on: one more program).
 source scripts/gpu/env.sh
 VARIANTS=${VARIANTS:-default}
+TARGET=${TARGET:-h200}
 mkdir -p "$OUT"
 while read -r label settings; do
   [ -n "$label" ] || continue
@@ -22,7 +24,7 @@ while read -r label settings; do
   # shellcheck disable=SC2086  # settings: VAR=VALUE words for env
   (cd "$tree" && env PYTHONPATH="$tree:/tmp/site" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
     TRITON_CACHE_DIR="$caches/triton" $settings \
-    python3 -m aotpack build --model random:flux-dev --target h200 --out "$package") > "$OUT/$label.log" 2>&1
+    python3 -m aotpack build --model random:flux-dev --target "$TARGET" --out "$package") > "$OUT/$label.log" 2>&1
   status=$?
   echo "build $label (${settings:-as the CLI runs it}): exit $status after $(( $(date +%s) - started )) s" \
     | tee -a "$OUT/builds.txt"
