@@ -1,8 +1,10 @@
-"""Recipe lever `lora_tails`: a real CPU package whose single blocks also carry tailed programs (models/tail_groups.py).
+"""Recipe levers `lora_tails` and `lora_tails_mlp_in`: a real CPU package whose single blocks and double blocks also
+carry tailed programs (models/tail_groups.py).
 
-The package is the FP8 test package's recipe (tests/conftest.py: `fp8_build`) plus the lever, so its slotted and
-no-slot programs are that package's; the tailed single-block programs read the tailed weights and one group input a
-block, written by the runtime at each switch (runtime/tail_bank.py). Against diffusers + PEFT in bf16 the tails
+The package is the FP8 test package's recipe (tests/conftest.py: `fp8_build`) plus the levers, so its slotted and
+no-slot programs read what that package's read; the tailed programs read the tailed weights and one group input a
+tail group (a single block's q/k/v/MLP-in, each double-block stream's MLP-in), written by the runtime at each switch
+(runtime/tail_bank.py). Against diffusers + PEFT in bf16 the tails
 reproduce a LoRA as closely as slots do (output error and LoRA fidelity), at scale 1 and at 100 (each row's headroom
 then large), and a set the tails cannot hold (rank above 64) runs in slots, bit for bit the FP8 package's output.
 """
@@ -17,6 +19,7 @@ from aotpack.models.lora_tails import TAIL_COLUMNS, TAIL_RANK
 from aotpack.store.manifest import read_manifest
 
 READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+MLP_IN = {"lora_tails": "ff.net.0.proj", "lora_tails_context": "ff_context.net.0.proj"}  # a double block's groups
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def tails_package(tmp_path_factory):
     from reference import build_fp8_package
 
     return build_fp8_package(tmp_path_factory.mktemp("tails"), "group_lora_down = true\nbatched_modulation = true\n"
-                                                               "lora_tails = true").path
+                                                               "lora_tails = true\nlora_tails_mlp_in = true").path
 
 
 def _load(package):
@@ -55,21 +58,26 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_tailed_programs_read_the_tailed_weights(tails_package, fp8_package):
     manifest, plain = read_manifest(tails_package), read_manifest(fp8_package)
-    # format 6: older runtimes, which would bind the readers' base weights contiguous, refuse the package
-    assert manifest.recipe["lora_tails"] is True and manifest.format_version == 6
+    # format 7: older runtimes, which would bind the readers' base weights contiguous, refuse the package
+    assert manifest.recipe["lora_tails"] is True and manifest.recipe["lora_tails_mlp_in"] is True
+    assert manifest.format_version == 7
     # the build validated both sets: the random LoRA ran the tailed programs, then the slotted ones
     assert set(manifest.validation["cases"][0]) >= {"rel_error_random_lora", "rel_error_random_lora_slots"}
     programs = {p.name: p for p in manifest.programs}
-    tailed = programs["single_block.tails"]
-    assert tailed.kind == "single_block" and tailed.rank == manifest.max_rank
-    weights = {f"body.lora_tails.weights.{i}" for i in range(len(READERS))}
-    assert weights <= set(tailed.constants)
-    # instead of the readers' FP8 data (their row scales stay: the tailed GEMM scales by them)
-    assert not {f"body.{r}.base.parametrizations.weight.original0" for r in READERS} & set(tailed.constants)
-    assert {f"body.{r}.base.parametrizations.weight.original1" for r in READERS} <= set(tailed.constants)
-    # the other programs are the FP8 package's, the tailed weights none of their constants
-    for name in ("single_block", "single_block.noslot", "double_block"):
-        assert programs[name].constants == next(p for p in plain.programs if p.name == name).constants
+    plain_programs = {p.name: p for p in plain.programs}
+    groups = {"single_block": {"lora_tails": READERS}, "double_block": {h: (r,) for h, r in MLP_IN.items()}}
+    for kind, holders in groups.items():
+        tailed = programs[f"{kind}.tails"]
+        assert tailed.kind == kind and tailed.rank == manifest.max_rank
+        readers = [r for names in holders.values() for r in names]
+        weights = {f"body.{h}.weights.{i}" for h, names in holders.items() for i in range(len(names))}
+        assert weights <= set(tailed.constants)
+        # instead of the readers' FP8 data (their row scales stay: the tailed GEMM scales by them)
+        assert not {f"body.{r}.base.parametrizations.weight.original0" for r in readers} & set(tailed.constants)
+        assert {f"body.{r}.base.parametrizations.weight.original1" for r in readers} <= set(tailed.constants)
+        # the other programs are the FP8 package's, the tailed weights none of their constants
+        for name in (kind, f"{kind}.noslot"):
+            assert programs[name].constants == plain_programs[name].constants
 
 
 def test_tails_reproduce_a_lora_as_slots_do_and_fall_back_to_slots(tails_package, fp8_package, demo_loras):
@@ -119,6 +127,19 @@ def test_tails_reproduce_a_lora_as_slots_do_and_fall_back_to_slots(tails_package
     assert torch.equal(_run(transformer, inputs), in_slots) and transformer.last_variant == "slots"
 
 
+def _shared_views(owner) -> list[tuple]:
+    """(block, tail group attribute, position, reader, block kind) of every tailed reader of `owner`."""
+    views = [(block, "lora_tails", i, reader, "single") for block in owner.single_transformer_blocks
+             for i, reader in enumerate(READERS)]
+    return views + [(block, holder, 0, reader, "double") for block in owner.transformer_blocks
+                    for holder, reader in MLP_IN.items()]
+
+
+def _base_rows(block, holder, position, reader, kind) -> torch.Tensor:
+    """The tailed weight's first columns: the reader's base weight."""
+    return getattr(block, holder).weights[position][:, :block.get_submodule(reader).in_features]
+
+
 def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tails_package, demo_loras):
     served = _load(tails_package)
     transformer = served.transformer
@@ -132,31 +153,30 @@ def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tail
     assert transformer.unrepeatable_programs(**inputs) == {}
     assert [instance.calls for instance in transformer._tail_programs["single_block"]] == [c + 2 for c in calls]
     owner = transformer._weights_owner
-    base_rows = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features].clone()
-                 for block in owner.single_transformer_blocks for i in range(len(READERS))]
+    views = _shared_views(owner)
+    base_rows = [_base_rows(*view).clone() for view in views]
     served.set_loras(lora, merge=True)
     _run(transformer, inputs)
     assert transformer.merged and transformer.last_variant == "no_slots"
     # one storage: the merge wrote the base weights' rows, which are the tailed weights' first columns
-    merged_rows = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features]
-                   for block in owner.single_transformer_blocks for i in range(len(READERS))]
-    assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(merged_rows, base_rows))
+    merged_rows = [_base_rows(*view) for view in views]
+    for kind in ("single", "double"):  # the merge wrote rows of both block kinds' groups
+        assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for view, a, b in zip(views, merged_rows, base_rows) if view[4] == kind)
     served.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # unmerges, then writes the new set's tails
     _run(transformer, inputs)
     assert not transformer.merged and transformer.last_variant == "tails"
     served.set_loras(lora)
     assert torch.equal(_run(transformer, inputs), tails) and transformer.last_variant == "tails"
     # the unmerge restored the shared rows bit for bit, and the tails never wrote them
-    after = [block.lora_tails.weights[i][:, :block.proj_mlp.in_features]
-             for block in owner.single_transformer_blocks for i in range(len(READERS))]
+    after = [_base_rows(*view) for view in views]
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(after, base_rows))
-    for block in owner.single_transformer_blocks:
-        for i, reader in enumerate(READERS):
-            qdata = block.get_submodule(reader).base.weight.qdata
-            tailed = block.lora_tails.weights[i]
-            # the base weight is a view of the tailed weight's first columns (no second copy of the weights)
-            assert qdata.data_ptr() == tailed.data_ptr() and qdata.stride() == tailed.stride()
-            assert qdata.shape == (tailed.shape[0], tailed.shape[1] - TAIL_COLUMNS)
+    for block, holder, i, reader, _ in views:
+        qdata = block.get_submodule(reader).base.weight.qdata
+        tailed = getattr(block, holder).weights[i]
+        # the base weight is a view of the tailed weight's first columns (no second copy of the weights)
+        assert qdata.data_ptr() == tailed.data_ptr() and qdata.stride() == tailed.stride()
+        assert qdata.shape == (tailed.shape[0], tailed.shape[1] - TAIL_COLUMNS)
 
 
 def test_the_lever_needs_the_quantized_norms(tmp_path):
@@ -169,5 +189,9 @@ def test_the_lever_needs_the_quantized_norms(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text(cpu.replace('layout = "regional"', 'layout = "regional"\nlora_tails = true'))
     with pytest.raises(RecipeError, match="lora_tails = true needs fused_norm_quant"):
+        load_recipe(str(path))
+    # the double blocks' groups extend the single blocks'
+    path.write_text(cpu.replace('layout = "regional"', 'layout = "regional"\nlora_tails_mlp_in = true'))
+    with pytest.raises(RecipeError, match="lora_tails_mlp_in = true needs lora_tails = true"):
         load_recipe(str(path))
     assert TAILS_MAX_RANK == TAIL_RANK  # the recipe's bound is the op's rank (recipes load without torch)

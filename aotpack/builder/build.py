@@ -111,7 +111,7 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
     if recipe.lora_tails and ((layout and layout != "regional") or (parallel and parallel != "none")):
         logger.warning("--layout/--parallel: target %s's lora_tails is off for this build (its single blocks run "
                        "other programs)", recipe.name)
-        changes["lora_tails"] = False
+        changes["lora_tails"] = changes["lora_tails_mlp_in"] = False
     if max_rank is not None:
         if int(max_rank) < 0:
             raise AotpackError(f"max_rank = {max_rank} is negative",
@@ -120,7 +120,7 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
         if recipe.lora_tails and not 0 < int(max_rank) <= TAILS_MAX_RANK:
             logger.warning("--max-rank %s: target %s's lora_tails is off for this build (the tails hold sets up to "
                            "rank %d)", max_rank, recipe.name, TAILS_MAX_RANK)
-            changes["lora_tails"] = False
+            changes["lora_tails"] = changes["lora_tails_mlp_in"] = False
     if slots:
         changes["slots"] = tuple(slots)
     if layout:
@@ -203,7 +203,7 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             with report.stage(f"export {kind}{NO_SLOT_SUFFIX}"):
                 program = export_region(plain, activations, {}, _shard_shapes(shapes, kind, recipe.parallel))
             yield kind + NO_SLOT_SUFFIX, instances, plain, activations, program
-        if recipe.lora_tails and kind == SINGLE_BLOCK and tail_groups(region.body):
+        if recipe.lora_tails and kind in BLOCK_KINDS and tail_groups(region.body):
             tailed = with_tails(region)
             names = set(tailed.lora_names())
             tail_lora = {name: tensor for name, tensor in lora.items() if name in names}
@@ -254,7 +254,8 @@ def default_compile_workers(device: str) -> int:
     9 at once: 161.0 s (758c4c7), and 159.3 s with weightless saves (weightless.py) and exports feeding the
     workers (H200, 2026-12-05c, benchmarks/results/2026-12-05c-h200-weightless-build/).
     One more on GPU builds since 2026-12-07 (10 on 16 cores), so an h100 package's 10 programs (`lora_tails` adds
-    `single_block.tails`) start at once too: with 8 workers it built in 219 s (H100, 2026-12-07g); 10 is unmeasured.
+    `single_block.tails`) start at once too: it built in 219 s with 8 workers (H100, 2026-12-07g) and in 218.8 s with
+    10 (H100, 2026-12-07h): the programs share the cores either way.
     CPU builds: one per core. The C++ compile of each program is single-threaded: the tiny CPU
     package took 111 s with 2 workers against 142 s in-process on a 2-core machine (2026-12-01)."""
     import os
@@ -333,8 +334,10 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
                 check_norm_kernel_against_reference(device)
         if recipe.joined_qkv:  # after quantizing and slotting: the members' FP8 rows move into one buffer
             report.info(f"    {install_joined_qkv(transformer)} q/k/v groups run as one FP8 GEMM each")
-        if recipe.lora_tails:  # after quantizing and slotting: each single block's readers get tailed weights
-            report.info(f"    {install_lora_tails(transformer)} single blocks also compiled with LoRA tails")
+        if recipe.lora_tails:  # after quantizing and slotting: each tail group's readers get tailed weights
+            groups = install_lora_tails(transformer, mlp_in=recipe.lora_tails_mlp_in)
+            where = "single blocks' q/k/v/MLP-in" + (", double blocks' MLP-in" if recipe.lora_tails_mlp_in else "")
+            report.info(f"    {groups} tail groups ({where}) also compiled with LoRA tails")
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
         if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program

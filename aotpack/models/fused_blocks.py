@@ -54,12 +54,15 @@ def fused_double_block(block: nn.Module, hidden: torch.Tensor, encoder: torch.Te
                                                         c_readers), c_readers)
     attention, c_attention = attn.processor(attn, normed, c_normed, None, rotary)
 
+    # with lora_tails_mlp_in (a tailed program) each stream's MLP-in output, LoRA included, is computed here
     hidden = hidden + gate_msa.unsqueeze(1) * attention
-    ff_input = modulated_norm_quant(block.norm2, hidden, shift_mlp, scale_mlp, (block.ff.net[0].proj,))
+    mlp_in = (block.ff.net[0].proj,)
+    ff_input = with_tailed_outputs(modulated_norm_quant(block.norm2, hidden, shift_mlp, scale_mlp, mlp_in), mlp_in)
     hidden = hidden + gate_mlp.unsqueeze(1) * block.ff(ff_input)
 
     encoder = encoder + c_gate_msa.unsqueeze(1) * c_attention
-    c_ff_input = modulated_norm_quant(block.norm2_context, encoder, c_shift_mlp, c_scale_mlp,
-                                      (block.ff_context.net[0].proj,))
+    c_mlp_in = (block.ff_context.net[0].proj,)
+    c_ff_input = with_tailed_outputs(modulated_norm_quant(block.norm2_context, encoder, c_shift_mlp, c_scale_mlp,
+                                                          c_mlp_in), c_mlp_in)
     encoder = encoder + c_gate_mlp.unsqueeze(1) * block.ff_context(c_ff_input)
     return _clip_half(encoder), hidden

@@ -1,26 +1,31 @@
-"""Recipe lever `lora_tails`: a single block's q/k/v/MLP-in LoRA in its FP8 GEMM's K, as a third program set.
+"""Recipe levers `lora_tails` and `lora_tails_mlp_in`: a block's input linears' LoRA in their FP8 GEMM's K, as a third
+program set.
 
 In slots each of a single block's four input linears (to_q, to_k, to_v, proj_mlp: one quantized input) runs its FP8
 GEMM, a bf16 up GEMM writes `u B^T` as wide as its output, and the next kernel reads both. With tails
 (`lora_tails.py`) the FP8 GEMM computes `x W^T + u B^T` in one accumulator over rows `[q / H | u_hi | u_lo | u_hi]`
 against the weight `[W | B_hi | B_hi | B_lo]`. This module puts that into programs:
 
-- `install_lora_tails` gives each single block a `TailGroup` (`block.lora_tails`) holding one `[out, in + 256]` FP8
-  weight per reader: its base rows in the first `in` columns, the tails after them (written by the runtime's
-  `runtime/tail_bank.py` at each switch). The reader's base weight becomes a view of those first columns (row stride
-  `in + 256`), so the slotted and no-slot programs, the tailed ones and merges all read or write one storage: the
-  lever adds only the tails (~0.2 GB for FLUX.1-dev; its first form copied the readers' weights, ~2.7 GB). The view
-  costs the GEMMs that read it nothing at `in + 256` (the 2026-12-07d probe; at `in + 192` it cost 1.0-1.6 ms a
-  1024² step); the merge by address takes contiguous weights only, so these readers merge through `merge_layers`;
-- `with_tails(region)` is a single-block region whose readers take one LoRA input for the group, `lora_tails.lora_A`
-  `[4 x 64, in]` (each row of a reader's A divided by its power-of-two factor, so the program needs no factor), and
-  whose other slots (proj_out) stay slots;
+- `install_lora_tails` gives each single block a `TailGroup` (`block.lora_tails`) and, with `mlp_in`, each double
+  block two, one a stream (`block.lora_tails` over `ff.net.0.proj`, `block.lora_tails_context` over
+  `ff_context.net.0.proj`), each holding one `[out, in + 256]` FP8 weight per reader: its base rows in the first `in`
+  columns, the tails after them (written by the runtime's `runtime/tail_bank.py` at each switch). The reader's base
+  weight becomes a view of those first columns (row stride `in + 256`), so the slotted and no-slot programs, the
+  tailed ones and merges all read or write one storage: the lever adds only the tails (~0.2 GB for FLUX.1-dev; its
+  first form copied the readers' weights, ~2.7 GB). The view costs the GEMMs that read it nothing at `in + 256` (the
+  2026-12-07d probe; at `in + 192` it cost 1.0-1.6 ms a 1024² step); the merge by address takes contiguous weights
+  only, so these readers merge through `merge_layers`;
+- `with_tails(region)` is a block region whose readers take one LoRA input a group, `<holder>.lora_A` `[readers x
+  64, in]` (each row of a reader's A divided by its power-of-two factor, so the program needs no factor), and whose
+  other slots (proj_out; a double block's q/k/v, out and MLP-out) stay slots;
 - in such a program `with_tailed_outputs` runs the group's down-projection (one GEMM), `aotpack::tailed_rows` (one
   launch) and each reader's tailed GEMM, and hands the outputs (LoRA included) to the readers as joined_qkv hands its
   column slices.
 
 The single blocks' group is where the probe measured most of the tails' gain (0.8-1.3 ms of a 512² step on an H100,
-`benchmarks/results/2026-12-07d-h100-tails-block/`); the double blocks' MLP-in would come next.
+`benchmarks/results/2026-12-07d-h100-tails-block/`), the double blocks' MLP-in next (0.29 + 0.10 ms at 512², 0.59 +
+0.12 at 1024², image + text stream); their other linears gained nothing there (q/k/v already share one GEMM, the
+text stream's 512 rows cost the rows kernel's launch) and stay in slots.
 """
 
 from __future__ import annotations
@@ -38,36 +43,51 @@ from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, tailed_linear
 from .slots import LoRASlotLinear, lora_input_names, slot_modules
 
 READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # a single block's linears of one quantized input
-HOLDER = "lora_tails"  # the TailGroup's attribute on the block
-GROUP_INPUT = f"{HOLDER}.lora_A"  # the group's LoRA input, relative to the block
+HOLDER = "lora_tails"  # a TailGroup's attribute on the block (a double block's image stream too)
+# each block kind's groups: (the TailGroup's attribute on the block, its readers, linears of one quantized input)
+SINGLE_GROUPS = ((HOLDER, READERS),)
+DOUBLE_GROUPS = ((HOLDER, ("ff.net.0.proj",)), (f"{HOLDER}_context", ("ff_context.net.0.proj",)))
+HOLDERS = tuple(dict.fromkeys(holder for holder, _ in SINGLE_GROUPS + DOUBLE_GROUPS))
 TAILS_SUFFIX = ".tails"  # the tailed programs' names: `single_block.tails`
 _MEMBER = "_tail_member"  # plain attribute on a reader: (its TailGroup, its position)
 
 
 class TailGroup(nn.Module):
-    """The tailed FP8 weights of one block's readers (`weights[i]` [out_i, in + TAIL_COLUMNS]) and, while a tailed
-    program is traced, the group's LoRA input `lora_A` (not a module state: a program input)."""
+    """The tailed FP8 weights of one block's readers (`weights[i]` [out_i, in + TAIL_COLUMNS]; `readers` their names
+    in the block) and, while a tailed program is traced, the group's LoRA input `lora_A` (not a module state: a
+    program input)."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, readers: tuple[str, ...]):
         super().__init__()
         self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
+        self.readers = readers
         self.lora_A: torch.Tensor | None = None
 
 
-def install_lora_tails(transformer) -> int:
-    """Give every single block a `TailGroup` over its readers' FP8 weights (after quantization and slotting), in
-    place; returns how many. Refuses a transformer whose readers are not FP8 LoRA slots; a second call changes
-    nothing."""
-    blocks = []
-    for index, block in enumerate(transformer.single_transformer_blocks):
-        if hasattr(block, HOLDER):
+def block_tail_groups(transformer, mlp_in: bool = False):
+    """(block list name, index, block, holder attribute, reader names) of every tail group `lora_tails` gives
+    `transformer` (with `mlp_in`, `lora_tails_mlp_in`'s double-block groups too), single blocks first."""
+    kinds = [("single_transformer_blocks", SINGLE_GROUPS)]
+    kinds += [("transformer_blocks", DOUBLE_GROUPS)] if mlp_in else []
+    return [(blocks, index, block, holder, readers) for blocks, groups in kinds
+            for index, block in enumerate(getattr(transformer, blocks)) for holder, readers in groups]
+
+
+def install_lora_tails(transformer, mlp_in: bool = False) -> int:
+    """Give every single block a `TailGroup` over its readers' FP8 weights (after quantization and slotting), with
+    `mlp_in` every double block one a stream over its MLP-in, in place; returns how many groups. Refuses a
+    transformer whose readers are not FP8 LoRA slots; a second call changes nothing."""
+    groups = []
+    for blocks, index, block, holder, readers in block_tail_groups(transformer, mlp_in):
+        if hasattr(block, holder):
             continue
-        layers = [block.get_submodule(name) for name in READERS]
+        layers = [block.get_submodule(name) for name in readers]
         if not all(isinstance(layer, LoRASlotLinear) and is_fp8_linear(layer.base) for layer in layers):
-            raise RecipeError(f"lora_tails needs single_transformer_blocks.{index}'s {', '.join(READERS)} to be FP8 "
-                              "row-wise LoRA slots", "set lora_tails = false, or slot and quantize those linears")
-        blocks.append((block, layers))
-    for block, layers in blocks:
+            lever = "lora_tails_mlp_in" if blocks == "transformer_blocks" else "lora_tails"
+            raise RecipeError(f"{lever} needs {blocks}.{index}'s {', '.join(readers)} to be FP8 row-wise LoRA slots",
+                              f"set {lever} = false, or slot and quantize those linears")
+        groups.append((block, holder, readers, layers))
+    for block, name, readers, layers in groups:
         weights = []
         for layer in layers:
             weight = layer.base.weight
@@ -79,11 +99,11 @@ def install_lora_tails(transformer) -> int:
             layer.base.weight = nn.Parameter(float8_over(tailed[:, :columns], weight.scale, weight),
                                              requires_grad=False)
             weights.append(tailed)
-        holder = TailGroup(weights)
+        holder = TailGroup(weights, readers)
         for position, layer in enumerate(layers):
             object.__setattr__(layer, _MEMBER, (holder, position))  # not a submodule: names stay the model's
-        setattr(block, HOLDER, holder)
-    return len(blocks)
+        setattr(block, name, holder)
+    return len(groups)
 
 
 def bound_tails(layer: nn.Module) -> bool:
@@ -122,8 +142,8 @@ def tail_groups(body: nn.Module) -> dict[str, TailGroup]:
 
 
 def with_tails(region):
-    """`region` (a single block's) traced as the tailed program: each tail group takes one input
-    (`lora_tails.lora_A`), its readers no slot inputs; other slots as before. Same weights, same names."""
+    """`region` (a block's) traced as the tailed program: each tail group takes one input (`<holder>.lora_A`), its
+    readers no slot inputs; other slots as before. Same weights, same names."""
     groups = tail_groups(region.body)
     members = {name for name, slot in slot_modules(region.body).items() if getattr(slot, _MEMBER, None)}
     tailed = copy.copy(region)
@@ -158,4 +178,4 @@ def example_tail_inputs(region, lora_dtype, device, generator: torch.Generator) 
 
 def is_tail_weight(constant_name: str) -> bool:
     """Whether a program constant is a tailed weight (read by the tailed programs only)."""
-    return f"{HOLDER}.weights." in constant_name
+    return any(f"{holder}.weights." in constant_name for holder in HOLDERS)

@@ -58,6 +58,8 @@ class Recipe:
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
     # a third program set for the single blocks: their q/k/v/MLP-in LoRA in the FP8 GEMM's K (models/tail_groups.py)
     lora_tails: bool = False
+    # with lora_tails, the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too: a fourth program
+    lora_tails_mlp_in: bool = False
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -227,6 +229,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         joined_qkv=fields.value("joined_qkv", bool, False),
         lora_tails=fields.value("lora_tails", bool, False),
+        lora_tails_mlp_in=fields.value("lora_tails_mlp_in", bool, False),
         batched_modulation=batched_modulation,
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -280,6 +283,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise fields.error("lora_tails", f"= true needs the regional layout without context parallelism (layout = "
                                          f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its programs are "
                                          "single-block ones; set lora_tails = false")
+    if recipe.lora_tails_mlp_in and not recipe.lora_tails:
+        raise fields.error("lora_tails_mlp_in", "= true needs lora_tails = true: it extends the single blocks' tails "
+                                                "to the double blocks' MLP-in")
     if recipe.lora_up_in_gemm and recipe.quantization != "fp8_rowwise":
         raise fields.error("lora_up_in_gemm", f"= true needs quantization = \"fp8_rowwise\" (this recipe has "
                                               f"{recipe.quantization!r}): its kernel is the FP8 GEMM")

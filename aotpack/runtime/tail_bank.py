@@ -1,11 +1,12 @@
 """The tails of a `lora_tails` package's tailed programs, written after every slot-bank write.
 
-The tailed single-block programs (models/tail_groups.py) read each reader's tailed weight `[W | B_hi | B_hi | B_lo]`
-and one LoRA input per block, `lora_tails.lora_A` = the four readers' A, each row j divided by its factor c_j
-(`lora_tails.column_factors`). After each switch the bank's own A/B tensors hold the set; this writes the tails and
-the group inputs from them, layers of one shape in one batch of kernels, no host read. `ready` says whether the
-tailed programs may run: a set of rank above `TAIL_RANK` in a reader keeps the slotted programs. No set is refused
-for its strength: the programs choose each row's headroom from its own `u` (`lora_tails.row_headroom`).
+The tailed block programs (models/tail_groups.py) read each reader's tailed weight `[W | B_hi | B_hi | B_lo]` and
+one LoRA input per tail group, `<holder>.lora_A` = its readers' A (a single block's four, a double-block stream's
+one), each row j divided by its factor c_j (`lora_tails.column_factors`). After each switch the bank's own A/B
+tensors hold the set; this writes the tails and the group inputs from them, layers of one shape in one batch of
+kernels, no host read. `ready` says whether the tailed programs may run: a set of rank above `TAIL_RANK` in a reader
+keeps the slotted programs. No set is refused for its strength: the programs choose each row's headroom from its own
+`u` (`lora_tails.row_headroom`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.lora_tails import TAIL_COLUMNS, TAIL_RANK, column_factors, weight_tail
 from ..models.slots import lora_input_names
-from ..models.tail_groups import GROUP_INPUT, HOLDER, READERS
+from ..models.tail_groups import TailGroup
 
 
 class _Reader:
@@ -54,24 +55,27 @@ class TailBank:
     def __init__(self, transformer, bank):
         self.bank = bank
         self.readers: list[_Reader] = []
-        for index, block in enumerate(transformer.single_transformer_blocks):
-            holder = getattr(block, HOLDER, None)
-            if holder is None:
-                continue
-            prefix = f"single_transformer_blocks.{index}"
-            in_features = holder.weights[0].shape[1] - TAIL_COLUMNS
-            group = torch.zeros(len(READERS) * TAIL_RANK, in_features, dtype=bank.dtype,
-                                device=holder.weights[0].device)
-            bank.tensors[f"{prefix}.{GROUP_INPUT}"] = group  # the tailed programs' input, found by name at load
-            for position, reader in enumerate(READERS):
-                scale = block.get_submodule(reader).base.weight.scale
-                self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
-                                            group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
+        for blocks in ("transformer_blocks", "single_transformer_blocks"):
+            for index, block in enumerate(getattr(transformer, blocks)):
+                for name, holder in block.named_children():
+                    if isinstance(holder, TailGroup):
+                        self._add_group(f"{blocks}.{index}", block, name, holder)
         by_shape: dict[tuple, list[_Reader]] = {}
         for reader in self.readers:
             by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
         self._groups = [_ShapeGroup(readers, bank) for readers in by_shape.values()]
         self.ready = False
+
+    def _add_group(self, prefix: str, block, name: str, holder: TailGroup) -> None:
+        """`holder`'s readers, and its group input in the bank (the tailed programs' input, found by name at load)."""
+        in_features = holder.weights[0].shape[1] - TAIL_COLUMNS
+        group = torch.zeros(len(holder.readers) * TAIL_RANK, in_features, dtype=self.bank.dtype,
+                            device=holder.weights[0].device)
+        self.bank.tensors[f"{prefix}.{name}.lora_A"] = group
+        for position, reader in enumerate(holder.readers):
+            scale = block.get_submodule(reader).base.weight.scale
+            self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
+                                        group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
 
     def refresh(self) -> None:
         """Write the live set's tails and group inputs (the bank was just written); `ready` if they hold it."""

@@ -28,9 +28,12 @@ from ..errors import ManifestError
 # recipe with `lora_tails`, whose single-block programs read their q/k/v/MLP-in base weights as views of the tailed
 # weights (row stride `in + 256`): a runtime that binds contiguous weights instead (older ones) would run the programs
 # on misread rows, with no error. Format-5 `lora_tails` packages (its first form, a copy of the weights) bind
-# contiguous ones, so this aotpack refuses them too (`_check_values`).
-FORMAT_VERSION = 6
+# contiguous ones, so this aotpack refuses them too (`_check_values`). Format 7: a recipe with `lora_tails_mlp_in`,
+# whose double-block programs read each stream's MLP-in weight as such a view too (a format-6 runtime would bind it
+# contiguous: misread rows again).
+FORMAT_VERSION = 7
 TAILS_SHARED_FORMAT = 6
+TAILS_MLP_IN_FORMAT = 7
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -43,6 +46,8 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
     """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("lora_tails_mlp_in"):
+        return TAILS_MLP_IN_FORMAT
     if (recipe or {}).get("lora_tails"):
         return TAILS_SHARED_FORMAT
     if (recipe or {}).get("joined_qkv"):

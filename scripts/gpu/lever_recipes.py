@@ -44,6 +44,8 @@ LEVERS = {
     "no_joined": "joined_qkv = false\n",
     # the single blocks' q/k/v/MLP-in LoRA in their FP8 GEMMs' K, a third program set (models/tail_groups.py)
     "tails": "lora_tails = true\n",
+    # and the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too, a fourth program (double_block.tails)
+    "tails_mlp": "lora_tails = true\nlora_tails_mlp_in = true\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
     "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
 }
