@@ -195,3 +195,25 @@ def test_the_lever_needs_the_quantized_norms(tmp_path):
     with pytest.raises(RecipeError, match="lora_tails_mlp_in = true needs lora_tails = true"):
         load_recipe(str(path))
     assert TAILS_MAX_RANK == TAIL_RANK  # the recipe's bound is the op's rank (recipes load without torch)
+
+
+def test_the_double_blocks_get_tail_groups_only_with_lora_tails_mlp_in(monkeypatch):
+    """What a package without `lora_tails_mlp_in` (`h100`'s) binds: the double blocks' MLP-in weights stay contiguous,
+    as its double-block programs were compiled; the flag adds one group a stream, views of the tailed weights."""
+    from reference import fp8_tiny_transformer
+
+    from aotpack.models.tail_groups import install_lora_tails
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank=4)  # slotted: the readers must be LoRA slots
+    singles, doubles = transformer.single_transformer_blocks, transformer.transformer_blocks
+    assert install_lora_tails(transformer) == len(singles)
+    for block in doubles:
+        assert not hasattr(block, "lora_tails") and not hasattr(block, "lora_tails_context")
+        assert all(block.get_submodule(reader).base.weight.qdata.is_contiguous() for reader in MLP_IN.values())
+    assert install_lora_tails(transformer) == 0  # a second call changes nothing
+    assert install_lora_tails(transformer, mlp_in=True) == 2 * len(doubles)  # the single blocks' groups kept
+    for block in doubles:
+        for holder, reader in MLP_IN.items():
+            qdata, tailed = block.get_submodule(reader).base.weight.qdata, getattr(block, holder).weights[0]
+            assert getattr(block, holder).readers == (reader,)
+            assert qdata.data_ptr() == tailed.data_ptr() and qdata.stride() == tailed.stride()

@@ -23,9 +23,9 @@ against the weight `[W | B_hi | B_hi | B_lo]`. This module puts that into progra
   column slices.
 
 The single blocks' group is where the probe measured most of the tails' gain (0.8-1.3 ms of a 512² step on an H100,
-`benchmarks/results/2026-12-07d-h100-tails-block/`), the double blocks' MLP-in next (0.29 + 0.10 ms at 512², 0.59 +
-0.12 at 1024², image + text stream); their other linears gained nothing there (q/k/v already share one GEMM, the
-text stream's 512 rows cost the rows kernel's launch) and stay in slots.
+`benchmarks/results/2026-12-07d-h100-tails-block/`), the double blocks' MLP-in next by the probe (0.40 / 0.71 ms at
+512² / 1024²), but as a package (`lora_tails_mlp_in`) it stepped 0.26 / 0.52 ms slower (H100, 2026-12-07i), so that
+lever is off. The double blocks' other linears gained nothing in the probe and stay in slots.
 """
 
 from __future__ import annotations
