@@ -108,7 +108,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         object.__setattr__(self, "_weights_owner", transformer)
         self.bank = SlotBank(manifest.slots, manifest.max_rank, torch_dtype(manifest.lora_dtype), device)
         self.bank.warm_up()
-        # lora_tails packages: tailed single-block programs, run while the live set's rank is at most 64 (tail_bank.py);
+        # lora_tails packages: tailed block programs (single blocks; with lora_tails_mlp_in double blocks too), run while
+        # the live set's rank is at most 64 (tail_bank.py);
         # `use_tails = False` keeps such sets in slots (the build's validation checks both)
         self._tail_programs: dict[str, list[_Instance]] = {}
         self.tails = None
