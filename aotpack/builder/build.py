@@ -193,10 +193,7 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
                                    device, generator)
         with report.stage(f"export {kind}"):
             program = export_region(region, activations, lora, _shard_shapes(shapes, kind, recipe.parallel))
-            if recipe.group_lora_down and (removed := group_lora_down_projections(program, kind)):
-                report.info(f"    {kind}: grouped LoRA down-projections ({removed} matmuls fewer)")
-            if recipe.group_lora_up and (replaced := group_lora_up_projections(program, kind)):
-                report.info(f"    {kind}: {replaced} LoRA up-projections in aotpack::lora_up calls")
+            _group_lora_projections(program, kind, recipe, report)
         yield kind, instances, region, activations, program
         if recipe.no_slot_programs and recipe.max_rank and region.slot_names() and kind not in ONLY_SLOTTED:
             plain = _without_slots(region)
@@ -210,7 +207,17 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
             tail_lora.update(example_tail_inputs(region, lora_dtype, device, generator))
             with report.stage(f"export {kind}{TAILS_SUFFIX}"):  # export_region unbinds the group inputs after
                 program = export_region(tailed, activations, tail_lora, _shard_shapes(shapes, kind, recipe.parallel))
+                # its other slots as the slotted program's (a double block's q/k/v: one down GEMM a stream)
+                _group_lora_projections(program, kind + TAILS_SUFFIX, recipe, report)
             yield kind + TAILS_SUFFIX, instances, tailed, activations, program
+
+
+def _group_lora_projections(program, name: str, recipe: Recipe, report: Progress) -> None:
+    """The recipe's LoRA grouping passes on an exported program, in place (each reports what it changed)."""
+    if recipe.group_lora_down and (removed := group_lora_down_projections(program, name)):
+        report.info(f"    {name}: grouped LoRA down-projections ({removed} matmuls fewer)")
+    if recipe.group_lora_up and (replaced := group_lora_up_projections(program, name)):
+        report.info(f"    {name}: {replaced} LoRA up-projections in aotpack::lora_up calls")
 
 
 NO_SLOT_SUFFIX = ".noslot"

@@ -24,8 +24,9 @@ against the weight `[W | B_hi | B_hi | B_lo]`. This module puts that into progra
 
 The single blocks' group is where the probe measured most of the tails' gain (0.8-1.3 ms of a 512² step on an H100,
 `benchmarks/results/2026-12-07d-h100-tails-block/`), the double blocks' MLP-in next by the probe (0.40 / 0.71 ms at
-512² / 1024²), but as a package (`lora_tails_mlp_in`) it stepped 0.26 / 0.52 ms slower (H100, 2026-12-07i), so that
-lever is off. The double blocks' other linears gained nothing in the probe and stay in slots.
+512² / 1024²); as a package (`lora_tails_mlp_in`, off) it stepped 0.26 / 0.52 ms slower (H100, 2026-12-07i), but that
+build's tailed double program ran its q/k/v down-projections ungrouped, fixed since and not measured again. The
+double blocks' other linears gained nothing in the probe and stay in slots.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class Recipe:
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
     # a third program set for the single blocks: their q/k/v/MLP-in LoRA in the FP8 GEMM's K (models/tail_groups.py)
     lora_tails: bool = False
-    # with lora_tails, the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too: a fourth program (slower
-    # on an H100 by 0.26 / 0.52 ms a 512² / 1024² step, 2026-12-07i: off)
+    # with lora_tails, the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too: a fourth program (off: its
+    # one measurement, 2026-12-07i, ran the tailed program's q/k/v down-projections ungrouped; docs/recipes.md)
     lora_tails_mlp_in: bool = False
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
