@@ -45,7 +45,8 @@
 #      set the runtime runs for sets of rank <= 64; models/tail_groups.py; 2026-12-07f; on in h100 since 2026-12-07g,
 #      so with LEVER_BASE=h100 it builds that default again: measure it on an H200, against h200);
 #    tails_mlp: lora_tails and lora_tails_mlp_in (the double blocks' MLP-in as tails too, one more program:
-#      double_block.tails; with LEVER_BASE=h100, beside the h100 default on an H100, it measures the MLP-in alone);
+#      double_block.tails; with LEVER_BASE=h100, beside the h100 default on an H100, it measures the MLP-in alone;
+#      2026-12-07i's run is confounded: its tailed double program lacked the grouped q/k/v down-projections, fixed since);
 #    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
 #    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
 #    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one
