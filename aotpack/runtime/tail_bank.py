@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.lora_tails import TAIL_COLUMNS, TAIL_RANK, column_factors, weight_tail
 from ..models.slots import lora_input_names
-from ..models.tail_groups import TailGroup
+from ..models.tail_groups import TailGroup, block_tail_groups
 
 
 class _Reader:
@@ -55,11 +55,10 @@ class TailBank:
     def __init__(self, transformer, bank):
         self.bank = bank
         self.readers: list[_Reader] = []
-        for blocks in ("transformer_blocks", "single_transformer_blocks"):
-            for index, block in enumerate(getattr(transformer, blocks)):
-                for name, holder in block.named_children():
-                    if isinstance(holder, TailGroup):
-                        self._add_group(f"{blocks}.{index}", block, name, holder)
+        # every group the package's build may have installed; those it did not are absent from the blocks
+        for blocks, index, block, name, _ in block_tail_groups(transformer, mlp_in=True):
+            if (holder := getattr(block, name, None)) is not None:
+                self._add_group(f"{blocks}.{index}", block, name, holder)
         by_shape: dict[tuple, list[_Reader]] = {}
         for reader in self.readers:
             by_shape.setdefault(tuple(reader.tail.shape) + tuple(reader.group_rows.shape), []).append(reader)
