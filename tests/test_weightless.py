@@ -92,6 +92,7 @@ def test_fp8_weights_keep_their_subclass_and_compile_to_the_same_program(tmp_pat
             theirs.shape, theirs.stride(), theirs.dtype, theirs.device)
 
     configs = {"aot_inductor.package_constants_in_so": False}
+    monkeypatch.setenv("AOTPACK_PROFILE_COMPILE", str(tmp_path / "profiles"))  # and each compile leaves its profile
     compile_saved_program(str(tmp_path / "program.pt2"), str(tmp_path / "worker.pt2"), configs, "sdpa", True,
                           left_out)
     compile_program(exported, tmp_path / "here.pt2", configs)
@@ -110,6 +111,9 @@ def test_fp8_weights_keep_their_subclass_and_compile_to_the_same_program(tmp_pat
         runner.load_constants(constants, check_full_update=True, user_managed=True)
         outputs.append(runner(x))
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].abs().max() > 0.01
+    for program in ("worker", "here"):
+        profile = (tmp_path / "profiles" / f"{program}.profile.txt").read_text()
+        assert "aoti_compile_and_package" in profile and "run_compile_cmd" in profile  # the g++ calls, named
 
 
 @pytest.mark.parametrize("min_bytes", [1, 1 << 40])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,12 +85,43 @@ def _phases_since(counts_before: dict[str, int]) -> dict[str, float]:
                                                                  reverse=True)}
 
 
+# A folder to write one Python profile per compile (`<program>.profile.txt`): torch's timers leave 50-80 s of a
+# concurrent compile on a GPU unnamed (2026-12-07j), and a profile names the function that waits.
+PROFILE_DIR_VARIABLE = "AOTPACK_PROFILE_COMPILE"
+
+
+@contextmanager
+def _profiled(package_path: Path):
+    """Profile the block into `$AOTPACK_PROFILE_COMPILE/<package stem>.profile.txt` where that variable is set."""
+    folder = os.environ.get(PROFILE_DIR_VARIABLE)
+    if not folder:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+        stats.print_stats(80)
+        stats.sort_stats("tottime").print_stats(30)  # where the wall time sits: a lock's or a subprocess's wait
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{package_path.stem}.profile.txt").write_text(text.getvalue())
+
+
 def compile_program(exported, package_path: Path, inductor_configs: dict) -> CompileTime:
     """AOTInductor-compile `exported` into `package_path`; returns where the time went."""
     started, cpu_started, phases_before = time.perf_counter(), time.thread_time(), _phase_counts()
     configs = {**inductor_configs, **BASE_INDUCTOR_CONFIGS}
     try:
-        with warnings.catch_warnings(), scratch_for_every_program():  # aoti_scratch.py: torch 2.11's undersized scratch
+        with warnings.catch_warnings(), scratch_for_every_program(), _profiled(package_path):
+            # aoti_scratch.py: torch 2.11's undersized scratch
             # torch 2.13 copies the program's pytree specs through its own deprecated LeafSpec check: one warning a
             # compile, about torch's code, not the user's
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)

@@ -8,6 +8,8 @@
 #   VARIANTS=$'default\nlean AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL=O0 TORCHINDUCTOR_COMPILE_THREADS=2' \
 #     KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
 # TARGET (default h200) names the recipe built, e.g. TARGET=h100 (lora_tails on: one more program).
+# PROFILE=1: each program's compile profiled by Python's cProfile into $OUT/LABEL-profiles/PROGRAM.profile.txt
+# (AOTPACK_PROFILE_COMPILE): which function holds the 50-80 s a concurrent compile spends outside torch's timers.
 source scripts/gpu/env.sh
 VARIANTS=${VARIANTS:-default}
 TARGET=${TARGET:-h200}
@@ -22,8 +24,10 @@ while read -r label settings; do
   tree=$PWD
   for word in $settings; do case $word in AOTPACK_TREE=*) tree=$PWD/${word#AOTPACK_TREE=} ;; esac; done
   # shellcheck disable=SC2086  # settings: VAR=VALUE words for env
+  profiles=""
+  [ "${PROFILE:-0}" = 1 ] && profiles="AOTPACK_PROFILE_COMPILE=$OUT/$label-profiles"
   (cd "$tree" && env PYTHONPATH="$tree:/tmp/site" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
-    TRITON_CACHE_DIR="$caches/triton" $settings \
+    TRITON_CACHE_DIR="$caches/triton" $profiles $settings \
     python3 -m aotpack build --model random:flux-dev --target "$TARGET" --out "$package") > "$OUT/$label.log" 2>&1
   status=$?
   echo "build $label (${settings:-as the CLI runs it}): exit $status after $(( $(date +%s) - started )) s" \
