@@ -7,7 +7,8 @@
 # Carry .device (the wheels). ~230-250 s a build on the H200 (2026-12-05), so two builds fill one call. E.g.
 #   VARIANTS=$'default\nlean AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL=O0 TORCHINDUCTOR_COMPILE_THREADS=2' \
 #     KEEP_PACKAGE=default bash scripts/gpu/bench_build.sh
-# TARGET (default h200) names the recipe built, e.g. TARGET=h100 (lora_tails on: one more program).
+# TARGET (default h200) names the recipe built, e.g. TARGET=h100, or a recipe file's path (base = "h200" and the fields
+# it changes, e.g. `[inductor]` "aot_inductor.precompile_headers" = false).
 # PROFILE=1: each program's compile profiled by Python's cProfile into $OUT/LABEL-profiles/PROGRAM.profile.txt
 # (AOTPACK_PROFILE_COMPILE): which function holds the 50-80 s a concurrent compile spends outside torch's timers.
 source scripts/gpu/env.sh

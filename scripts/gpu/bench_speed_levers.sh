@@ -41,12 +41,13 @@
 #    no_qkdown: both of those off (the default before 2026-12-06i);
 #    no_joined: joined_qkv off (on by default since 2026-12-07a: each double-block stream's q/k/v as one FP8 GEMM over
 #      their weights joined along N; models/joined_qkv.py); the levers that turn fused_norm_quant off drop it too;
-#    tails: lora_tails = true (the single blocks' q/k/v/MLP-in LoRA as FP8 tails of their GEMMs' K, a third program
-#      set the runtime runs for sets of rank <= 64; models/tail_groups.py; 2026-12-07f; on in h100 since 2026-12-07g,
-#      so with LEVER_BASE=h100 it builds that default again: measure it on an H200, against h200);
-#    tails_mlp: lora_tails and lora_tails_mlp_in (the double blocks' MLP-in as tails too, one more program:
-#      double_block.tails; with LEVER_BASE=h100, beside the h100 default on an H100, it measures the MLP-in alone;
-#      2026-12-07i's run is confounded: its tailed double program lacked the grouped q/k/v down-projections, fixed since);
+#    no_tails: lora_tails off (on by default since 2026-12-07j, in h100 since 2026-12-07g: the single blocks'
+#      q/k/v/MLP-in LoRA as FP8 tails of their GEMMs' K, a third program set the runtime runs for sets of rank <= 64;
+#      models/tail_groups.py); the levers that turn fused_norm_quant off drop it too. Its same-process measure on an
+#      H200 is still to come (2026-12-07j's lever run hit the build limit, then 300 s, BUILD_TIMEOUT: two builds at once);
+#    tails_mlp: lora_tails_mlp_in (the double blocks' MLP-in as tails too, one more program: double_block.tails;
+#      2026-12-07i's run, on an H100, is confounded: its tailed double program lacked the grouped q/k/v
+#      down-projections, fixed since);
 #    Levers that cannot go with those two defaults drop them: bf16attn, qk_unfused (fp8_qk_in_norm_rope needs FP8
 #    attention and the fused q/k kernel), unfused, gelu, gelu_ff, up, gelu_lora, gemm_lora (lora_down_from_fp8);
 #    no_batched: batched_modulation off (on by default since 2026-12-05a: the blocks' AdaLN modulation linears in one
@@ -103,7 +104,7 @@ build() {  # label; LEVER_TARS=FOLDER: a lever whose FOLDER/package-LABEL.tar ex
     mkdir -p "/tmp/levers/$1" && tar xf "$LEVER_TARS/package-$1.tar" -C "/tmp/levers/$1"
     echo "build $1: unpacked from $LEVER_TARS/package-$1.tar" | tee -a "$OUT/builds.txt"; return
   fi
-  timeout "${BUILD_TIMEOUT:-300}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
+  timeout "${BUILD_TIMEOUT:-400}" python3 -m aotpack build --model random:flux-dev --target "/tmp/recipes/$1.toml" \
     --workers "${WORKERS:-4}" --out "/tmp/levers/$1" > "$OUT/build-$1.log" 2>&1
   echo "build $1: exit $? after $SECONDS s" | tee -a "$OUT/builds.txt"
 }

@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-# fused_norm_quant off, with joined_qkv, which needs it (the loader refuses the one without the other)
-NORM_UNFUSED = "fused_norm_quant = false\njoined_qkv = false\n"
+# fused_norm_quant off, with joined_qkv and lora_tails, which need it (the loader refuses the one without the other)
+NORM_UNFUSED = "fused_norm_quant = false\njoined_qkv = false\nlora_tails = false\n"
 
 # label: the TOML fields over h200's (what each measures: bench_speed_levers.sh's header)
 LEVERS = {
@@ -42,10 +42,10 @@ LEVERS = {
     "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
     "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
     "no_joined": "joined_qkv = false\n",
-    # the single blocks' q/k/v/MLP-in LoRA in their FP8 GEMMs' K, a third program set (models/tail_groups.py)
-    "tails": "lora_tails = true\n",
-    # and the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too, a fourth program (double_block.tails)
-    "tails_mlp": "lora_tails = true\nlora_tails_mlp_in = true\n",
+    # without the single blocks' q/k/v/MLP-in LoRA as FP8 tails (on in h200 since 2026-12-07j; models/tail_groups.py)
+    "no_tails": "lora_tails = false\n",
+    # the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too, a fourth program (double_block.tails)
+    "tails_mlp": "lora_tails_mlp_in = true\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)
     "static": "[shapes]\nbatch = [1, 1]\nimage_tokens = [4096, 4096]\ntext_tokens = [512, 512]\n",
 }
