@@ -119,9 +119,8 @@ def compile_program(exported, package_path: Path, inductor_configs: dict) -> Com
     """AOTInductor-compile `exported` into `package_path`; returns where the time went."""
     started, cpu_started, phases_before = time.perf_counter(), time.thread_time(), _phase_counts()
     configs = {**inductor_configs, **BASE_INDUCTOR_CONFIGS}
-    try:
+    try:  # scratch_for_every_program: torch 2.11's undersized scratch (aoti_scratch.py)
         with warnings.catch_warnings(), scratch_for_every_program(), _profiled(package_path):
-            # aoti_scratch.py: torch 2.11's undersized scratch
             # torch 2.13 copies the program's pytree specs through its own deprecated LeafSpec check: one warning a
             # compile, about torch's code, not the user's
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)

@@ -24,9 +24,9 @@ while read -r label settings; do
   # `git archive COMMIT aotpack | tar -x -C artifacts/old-COMMIT` and carried): an A/B of two versions in one call
   tree=$PWD
   for word in $settings; do case $word in AOTPACK_TREE=*) tree=$PWD/${word#AOTPACK_TREE=} ;; esac; done
-  # shellcheck disable=SC2086  # settings: VAR=VALUE words for env
   profiles=""
   [ "${PROFILE:-0}" = 1 ] && profiles="AOTPACK_PROFILE_COMPILE=$OUT/$label-profiles"
+  # shellcheck disable=SC2086  # settings and profiles: VAR=VALUE words for env
   (cd "$tree" && env PYTHONPATH="$tree:/tmp/site" TORCHINDUCTOR_CACHE_DIR="$caches/inductor" \
     TRITON_CACHE_DIR="$caches/triton" $profiles $settings \
     python3 -m aotpack build --model random:flux-dev --target "$TARGET" --out "$package") > "$OUT/$label.log" 2>&1
