@@ -220,6 +220,13 @@ def test_the_lever_needs_the_quantized_norms(tmp_path):
     with pytest.raises(RecipeError, match="lora_tails_mlp_in = true needs lora_tails = true"):
         load_recipe(str(path))
     assert TAILS_MAX_RANK == TAIL_RANK  # the recipe's bound is the op's rank (recipes load without torch)
+    # h200 carries the tails: a larger max_rank over it is refused by name, with the fix
+    path.write_text('base = "h200"\nname = "big"\nmax_rank = 128\n')
+    with pytest.raises(RecipeError, match=r"lora_tails = true needs max_rank 1-64 \(this recipe has 128\)") as caught:
+        load_recipe(str(path))
+    assert "set lora_tails = false" in str(caught.value)
+    path.write_text('base = "h200"\nname = "big"\nmax_rank = 128\nlora_tails = false\n')
+    assert load_recipe(str(path)).max_rank == 128
 
 
 def test_the_double_blocks_get_tail_groups_only_with_lora_tails_mlp_in(monkeypatch):

@@ -119,7 +119,14 @@ def test_lever_is_the_hopper_default_and_needs_the_other_levers(tmp_path, monkey
 
     text = (Path(recipes.__file__).parent / "h200.toml").read_text()
     assert "\nfused_norm_quant = true\n" in text and recipes.load_recipe("h100").fused_norm_quant  # the default there
-    text = text.replace("\nfused_norm_quant = true\n", "\n").replace("\njoined_qkv = true\n", "\n")  # joined needs it
+    # joined_qkv and lora_tails need it: without it the loader names the one left on (the tails here)
+    refused = tmp_path / "refused.toml"
+    refused.write_text(text.replace("\nfused_norm_quant = true\n", "\n").replace("\njoined_qkv = true\n", "\n"))
+    with pytest.raises(RecipeError, match="lora_tails = true needs fused_norm_quant = true") as caught:
+        recipes.load_recipe(refused)
+    assert "set lora_tails = false" in str(caught.value)
+    text = (text.replace("\nfused_norm_quant = true\n", "\n").replace("\njoined_qkv = true\n", "\n")
+            .replace("\nlora_tails = true\n", "\n"))
     off = tmp_path / "off.toml"
     off.write_text(text)
     assert recipes.load_recipe(off).fused_norm_quant is False  # off unless a recipe turns it on

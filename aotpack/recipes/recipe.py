@@ -276,10 +276,13 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.joined_qkv and not recipe.fused_norm_quant:
         raise fields.error("joined_qkv", "= true needs fused_norm_quant = true: only then do a stream's q/k/v read "
                                          "one FP8 input, which their joined GEMM takes")
-    if recipe.lora_tails and not (recipe.fused_norm_quant and 0 < recipe.max_rank <= TAILS_MAX_RANK):
-        raise fields.error("lora_tails", f"= true needs fused_norm_quant = true and max_rank 1-{TAILS_MAX_RANK} (this "
-                                         f"recipe has {recipe.max_rank}): the tails take a single block's one FP8 "
-                                         f"input and LoRA sets up to rank {TAILS_MAX_RANK}")
+    if recipe.lora_tails and not recipe.fused_norm_quant:
+        raise fields.error("lora_tails", "= true needs fused_norm_quant = true: the tails take a single block's one FP8 "
+                                         "input; set lora_tails = false with fused_norm_quant = false")
+    if recipe.lora_tails and not 0 < recipe.max_rank <= TAILS_MAX_RANK:
+        raise fields.error("lora_tails", f"= true needs max_rank 1-{TAILS_MAX_RANK} (this recipe has "
+                                         f"{recipe.max_rank}): the tails hold LoRA sets up to rank {TAILS_MAX_RANK}; "
+                                         "set lora_tails = false for a larger max_rank")
     if recipe.lora_tails and (recipe.layout != "regional" or recipe.parallel != "none"):
         raise fields.error("lora_tails", f"= true needs the regional layout without context parallelism (layout = "
                                          f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its programs are "
