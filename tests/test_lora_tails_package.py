@@ -249,3 +249,29 @@ def test_the_double_blocks_get_tail_groups_only_with_lora_tails_mlp_in(monkeypat
             qdata, tailed = block.get_submodule(reader).base.weight.qdata, getattr(block, holder).weights[0]
             assert getattr(block, holder).readers == (reader,)
             assert qdata.data_ptr() == tailed.data_ptr() and qdata.stride() == tailed.stride()
+
+
+def test_slots_that_leave_a_tail_reader_out_turn_the_tails_off_with_a_warning(monkeypatch, caplog):
+    """`build --target h200 --slots ...` (h200 carries the tails): a slot choice that leaves any tail group's reader
+    unslotted builds without tails and says so, as --layout/--parallel/--max-rank do, instead of refusing after the
+    model loaded with a fix (`lora_tails = false`) that no flag gives."""
+    from reference import fp8_tiny_transformer
+
+    from aotpack.builder.build import tails_for_slots
+    from aotpack.models.slots import slot_modules
+    from aotpack.recipes.recipe import load_recipe
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, rank=4)  # every linear slotted: the names a build would slot
+    h200 = load_recipe("h200")
+    everything = list(slot_modules(transformer))
+    assert tails_for_slots(h200, transformer, everything) is h200
+    attention_only = [name for name in everything if ".attn." in name]
+    with caplog.at_level("WARNING"):
+        built = tails_for_slots(h200, transformer, attention_only)
+    assert not built.lora_tails and not built.lora_tails_mlp_in and built.replace(lora_tails=True) == h200
+    assert "lora_tails is off" in caplog.text and "single_transformer_blocks.0.proj_mlp" in caplog.text
+    # the double blocks' MLP-in counts only where the recipe tails it
+    no_double_mlp_in = [name for name in everything if not name.startswith("transformer_blocks.")
+                        or ".ff.net.0.proj" not in name and ".ff_context.net.0.proj" not in name]
+    assert tails_for_slots(h200, transformer, no_double_mlp_in) is h200
+    assert not tails_for_slots(h200.replace(lora_tails_mlp_in=True), transformer, no_double_mlp_in).lora_tails

@@ -38,6 +38,7 @@ from ..models.norm_quant import install_fused_norm_quant
 from ..models.joined_qkv import install_joined_qkv
 from ..models.tail_groups import (
     TAILS_SUFFIX,
+    block_tail_groups,
     example_tail_inputs,
     install_lora_tails,
     tail_groups,
@@ -126,6 +127,21 @@ def apply_overrides(recipe: Recipe, max_rank=None, slots=None, layout=None, para
     if layout:
         changes["layout"] = layout
     return recipe.replace(**changes) if changes else recipe
+
+
+def tails_for_slots(recipe: Recipe, transformer, slot_names) -> Recipe:
+    """`recipe` without its tails where `--slots` left a tail group's reader unslotted (the tails carry the readers'
+    LoRA, so they need every reader slotted), as --layout/--parallel/--max-rank turn them off; a recipe file that
+    sets both is refused at install instead (`install_lora_tails`)."""
+    chosen = set(slot_names)
+    missing = [f"{blocks}.{index}.{reader}"
+               for blocks, index, _, _, readers in block_tail_groups(transformer, recipe.lora_tails_mlp_in)
+               for reader in readers if f"{blocks}.{index}.{reader}" not in chosen]
+    if not missing:
+        return recipe
+    logger.warning("--slots: target %s's lora_tails is off for this build (it needs every tail reader slotted; "
+                   "%s and %d more are not)", recipe.name, missing[0], len(missing) - 1)
+    return recipe.replace(lora_tails=False, lora_tails_mlp_in=False)
 
 
 def check_max_rank(transformer, slot_names, max_rank: int) -> None:
@@ -313,6 +329,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         else:
             names = select_slot_names(transformer, recipe.slots)
         check_max_rank(transformer, names, recipe.max_rank)  # before any slot tensor of that rank is made
+        if slots and recipe.lora_tails:
+            recipe = tails_for_slots(recipe, transformer, names)
         slot_specs = prepare_transformer(transformer, dtype=recipe.dtype, device=device,
                                          quantization=recipe.quantization, slot_names=names,
                                          unquantized_linears=recipe.unquantized_linears)

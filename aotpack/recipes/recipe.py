@@ -285,8 +285,8 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
                                          "set lora_tails = false for a larger max_rank")
     if recipe.lora_tails and (recipe.layout != "regional" or recipe.parallel != "none"):
         raise fields.error("lora_tails", f"= true needs the regional layout without context parallelism (layout = "
-                                         f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its programs are "
-                                         "single-block ones; set lora_tails = false")
+                                         f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its tailed programs "
+                                         "are regional block ones; set lora_tails = false")
     if recipe.lora_tails_mlp_in and not recipe.lora_tails:
         raise fields.error("lora_tails_mlp_in", "= true needs lora_tails = true: it extends the single blocks' tails "
                                                 "to the double blocks' MLP-in")
