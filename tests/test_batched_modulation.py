@@ -14,7 +14,7 @@ from reference import REQUEST, cpu_test_recipe, latents, reference_latents, rel_
 import aotpack
 from aotpack.bench.denoise import denoising_loop
 from aotpack.builder.build import apply_overrides, build_package
-from aotpack.errors import RecipeError
+from aotpack.errors import RecipeError, UnsupportedCallError
 from aotpack.models.tiny import make_pipeline
 from aotpack.recipes.recipe import load_recipe
 from aotpack.store.inspect import format_manifest
@@ -149,11 +149,81 @@ def test_a_timestep_outside_the_schedule_gets_its_own_rows(served):
                  return_dict=False)
         assert rows.program_calls - calls == 1
         # the benchmarks' denoising loop steps as FluxPipeline does: one program call an image
-        loop = denoising_loop(compiled, pipe.scheduler, {**inputs, "timestep": None}, steps=5)
+        loop = denoising_loop(compiled, pipe, {**inputs, "timestep": None}, steps=5)
         calls, computed = rows.program_calls, rows.rows_computed
         loop()
         loop()
         assert (rows.program_calls - calls, rows.rows_computed - computed) == (2, 10)
+
+
+def test_a_pipeline_step_takes_its_row_by_index_with_one_read_an_image(served, demo_loras):
+    """Where the pipeline's `_current_timestep` names the step (FluxPipeline sets it), no step reads its timestep
+    from the device: one read of the schedule an image and one of the queued checks at the call's end, whatever the
+    step count. The latents equal those of the per-step read (the value lookup)."""
+    rows = served.transformer.modulation_rows
+    served.set_loras([(demo_loras["tiny-style-all"], 0.7)])
+    try:
+        rows.verify()  # checks an earlier test queued: read now, not in the count below
+        reads = rows.host_reads
+        by_index = latents(served, num_inference_steps=5)
+        assert rows.host_reads - reads == 2  # the schedule and the checks: 5 steps, no read a step
+        served.transformer.follow_scheduler(None)  # the same image, each step read and looked up by value
+        served.transformer.follow_scheduler(served.pipeline)
+        rows._by_index = False
+        reads = rows.host_reads
+        by_value = latents(served, num_inference_steps=5)
+        assert rows.host_reads - reads == 6  # five steps and the schedule
+        assert torch.equal(by_index, by_value)
+    finally:
+        rows._by_index = True
+        served.set_loras([])
+
+
+def test_a_pipeline_passing_another_timestep_than_it_names_is_refused_then_read(served):
+    """A caller whose `_current_timestep` names one step while it passes another's value: the queued check fails
+    at the next image (or the AotpackPipeline call's end) with a typed error naming the fix, and from then on each
+    step reads its timestep, so the same calls get their own rows."""
+    pipe, compiled = served.pipeline, served.transformer
+    rows = compiled.modulation_rows
+    generator = torch.Generator().manual_seed(5)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, compiled.config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 16, compiled.config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, compiled.config.pooled_projection_dim, generator=generator),
+        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
+    }
+
+    def lying_image():  # names step i, passes step i + 1's timestep (the last step: its own)
+        pipe.scheduler.set_timesteps(4, mu=1.0)
+        timesteps = pipe.scheduler.timesteps
+        outputs = []
+        try:
+            for i, t in enumerate(timesteps):
+                pipe._current_timestep = t
+                passed = timesteps[min(i + 1, len(timesteps) - 1)].reshape(1) / 1000
+                outputs.append(compiled(**inputs, timestep=passed, return_dict=False)[0])
+        finally:
+            pipe._current_timestep = None
+        return outputs
+
+    try:
+        with torch.no_grad():
+            wrong = lying_image()
+            with pytest.raises(UnsupportedCallError, match="another timestep than its pipeline's _current_timestep"):
+                latents(served)  # its first step reads the schedule, and the checks with it
+            assert not rows._by_index
+            right = lying_image()  # now each step reads what it was passed
+            compiled.follow_scheduler(None)
+            try:
+                own = lying_image()  # rows computed at every step: the reference
+            finally:
+                compiled.follow_scheduler(pipe)
+        assert not torch.equal(wrong[0], own[0])  # the check was not idle: step 0 ran step 0's rows on step 1's t
+        for ours, theirs in zip(right, own):
+            assert rel_error(ours, theirs) <= 1e-5
+        rows.verify()  # nothing taken by index since: nothing to refuse
+    finally:
+        rows._by_index = True
 
 
 def test_recipes_refuse_the_lever_where_it_cannot_apply(caplog):

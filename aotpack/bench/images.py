@@ -1,8 +1,8 @@
 """Whole images with a LoRA as a request runs them: switch the set in, N steps, switch it out, timed end to end
-(device synced). Three ways: no LoRA, the LoRA kept in slots (`merge=False`), and the merge policy deciding
-(`merge=None`: a set whose image pays for it is merged before the first step and unmerged at the switch out,
-both inside the time). The speed bench (`speed.py`) runs it in the same process as the recipe, whose image it
-counts as N x its step (its hotswap not counted).
+(device synced), the steps passed as `FluxPipeline` passes them (`denoise.py`). Three ways: no LoRA, the LoRA kept
+in slots (`merge=False`), and the merge policy deciding (`merge=None`: a set whose image pays for it is merged before
+the first step and unmerged at the switch out, both inside the time). The speed bench (`speed.py`) runs it in the
+same process as the recipe, whose image it counts as N x its step (its hotswap not counted).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.merge_policy import MergePolicy
+from .denoise import denoising_loop
 from .timing import Stopwatch
 
 IMAGE_STEPS = 28  # FluxPipeline's default
@@ -21,8 +22,8 @@ def _image(served, inputs, device, entries, merge, steps: int) -> dict:
     with Stopwatch(device) as watch, torch.no_grad():
         served.set_loras(entries, merge=merge)
         with transformer.lora_modes.auto.expecting(steps):  # what AotpackPipeline.__call__ tells it
-            for _ in range(steps):
-                transformer(**inputs, return_dict=False)
+            denoising_loop(transformer, served.pipeline, inputs, steps)()  # the steps as FluxPipeline passes them
+        transformer.verify_step_rows()  # as AotpackPipeline.__call__ does at an image's end
         merged = bool(transformer.merged)
         served.set_loras([])
     return {"ms": watch.seconds * 1000, "merged": merged}

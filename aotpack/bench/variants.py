@@ -87,7 +87,7 @@ def measure(label: str, package: str, model: str, *, image_tokens: int, text_tok
                     result["step_cuda_graph_back_to_back"] = back_to_back_ms(step, device)
                     # and one image's 28 steps as FluxPipeline passes them (a batched_modulation package computes
                     # its rows once there; the plain step above repeats one timestep)
-                    loop = denoising_loop(served.transformer, served.pipeline.scheduler, inputs, LOOP_STEPS)
+                    loop = denoising_loop(served.transformer, served.pipeline, inputs, LOOP_STEPS)
                     timed = time_ms(loop, device, warmup=1, repeats=3)
                     result["image_loop_ms_per_step"] = {k: timed[k] / LOOP_STEPS
                                                         for k in ("median_ms", "min_ms", "max_ms")}

@@ -5,12 +5,21 @@ guidance tensors at every step of an image, and its scheduler knows every timest
 image's first step the modulation program runs once over all of the scheduler's timesteps (one weight read instead
 of one a step), and each later step takes its row from that table.
 
-A row is looked up by the step's timestep value, which costs one device-to-host copy a step: the value, not the
-scheduler's step counter, decides, so a pipeline that passes other timesteps (or none of the scheduler's) gets rows
-computed for the values it passed, never another step's. Where no scheduler is followed, or the value is not in its
-schedule, the step computes its own rows (what the block programs did before the lever). A table is kept per
-pooled tensor (a true-CFG pipeline has two), dropped with that tensor, and not used after any write of the slot
-bank or a merge.
+Which row: where the followed pipeline says which of its scheduler's timesteps it is at, without a device read,
+the step takes that one; else the step's timestep is read from the device and looked up by value. diffusers' Flux
+pipelines set `_current_timestep` to the loop's `t`, a view of `scheduler.timesteps`, just before they call the
+transformer: its offset in that storage is the step's index. That costs one device-to-host read an image (the
+schedule's values) instead of one a step, and the read a step is what kept the host from queueing the next step
+while the device ran this one: a 28-step 512² image on the H200 stepped 32.42 ms on 29.84 ms of kernels
+(2026-12-07j, random weights). The value still decides: each such step queues a device-side comparison of the
+timestep it was passed with the one its index names, and the comparisons are read at the next image's first step
+and when an `AotpackPipeline` call returns (`verify`). A mismatch (a pipeline that passes other timesteps than its
+`_current_timestep`) raises a typed error before that call's output is returned, and from then on every step reads
+its timestep. Where no pipeline says, the value is read (one device-to-host copy a step): a pipeline that passes
+other timesteps (or none of the scheduler's) gets rows computed for the values it passed, never another step's.
+Where no scheduler is followed, or the value is not in its schedule, the step computes its own rows (what the
+block programs did before the lever). A table is kept per pooled tensor (a true-CFG pipeline has two), dropped with
+that tensor, and not used after any write of the slot bank or a merge.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..errors import UnsupportedCallError
 from ..models.modulation import MAX_STEPS
 
 logger = logging.getLogger(__name__)
@@ -65,51 +75,107 @@ class ModulationRows:
         self._tables: OrderedDict[int, _Table] = OrderedDict()
         self._next_key = 0
         self._told = False  # whether the missing-scheduler hint was logged
+        self._listing = None  # (timesteps tensor's weak reference, its version, dtype, values, device schedule)
+        self._unverified = None  # device bool: a step taken by index was passed another timestep (`verify`)
+        self._by_index = True  # False after a mismatch: every step reads its timestep
         self.program_calls = 0  # how often the program ran, and over how many step rows (tests, benchmarks)
         self.rows_computed = 0
+        self.host_reads = 0  # device-to-host reads of timesteps and checks (tests, benchmarks)
 
     def follow(self, holder) -> None:
         """Take each image's schedule from `holder`: a diffusers pipeline (its current `.scheduler`) or a
         scheduler. Kept by weak reference; None stops following."""
         self._scheduler = None if holder is None else weakref.ref(holder)
         self._tables.clear()
+        self._listing = None
 
-    def _schedule(self, timestep: torch.Tensor) -> torch.Tensor | None:
-        """The followed scheduler's timesteps as the pipeline passes them to the transformer (`t / 1000` in the
-        latents' dtype, which the call's `timestep` has), or None."""
+    def _timesteps(self) -> torch.Tensor | None:
+        """The followed scheduler's `timesteps` (1-D tensor), or None."""
         holder = self._scheduler() if self._scheduler is not None else None
-        scheduler = getattr(holder, "scheduler", holder)
-        timesteps = getattr(scheduler, "timesteps", None)
+        timesteps = getattr(getattr(holder, "scheduler", holder), "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1 or not len(timesteps):
             return None
-        return timesteps.to(device=timestep.device, dtype=timestep.dtype) / 1000
+        return timesteps
+
+    def _step_index(self, timesteps: torch.Tensor | None) -> int | None:
+        """The followed pipeline's step as an index into `timesteps`, read on the host: its `_current_timestep`
+        (diffusers' Flux pipelines: the loop's `t`, a view of the scheduler's timesteps) located by storage offset;
+        None where the pipeline does not say."""
+        if not self._by_index or timesteps is None:
+            return None
+        current = getattr(self._scheduler(), "_current_timestep", None)
+        if (not isinstance(current, torch.Tensor) or current.ndim != 0 or timesteps.stride(0) != 1
+                or current.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr()):
+            return None
+        index = current.storage_offset() - timesteps.storage_offset()
+        return index if 0 <= index < len(timesteps) else None
+
+    def _listed(self, timesteps: torch.Tensor, timestep: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """`timesteps` as the pipeline passes them to the transformer (`t / 1000` in the latents' dtype, which the
+        call's `timestep` has): host values and the device tensor, read once per schedule (one read an image)."""
+        listing = self._listing
+        if (listing is None or listing[0]() is not timesteps or listing[1] != _version(timesteps)
+                or listing[2] != timestep.dtype):
+            self.verify()  # the last image's checks, read with the schedule: no read of its own
+            schedule = timesteps.to(device=timestep.device, dtype=timestep.dtype) / 1000
+            values = schedule.float().tolist()
+            self.host_reads += 1
+            listing = self._listing = (weakref.ref(timesteps), _version(timesteps), timestep.dtype, values, schedule)
+        return listing[3], listing[4]
+
+    def verify(self) -> None:
+        """Raise if a step whose row was taken by index (module docstring) was passed another timestep than the
+        one its pipeline's `_current_timestep` named: that step ran another step's rows. One device read; a no-op
+        where no step was taken by index since the last call."""
+        flag, self._unverified = self._unverified, None
+        if flag is None:
+            return
+        self.host_reads += 1
+        if bool(flag):
+            self._by_index = False
+            self._tables.clear()
+            raise UnsupportedCallError(
+                "a step was passed another timestep than its pipeline's _current_timestep names, so its modulation "
+                "rows were another step's: the output since the last check is wrong",
+                "generate it again: from now on each step reads its own timestep (one device-to-host copy a "
+                "step). A custom pipeline should set _current_timestep to the scheduler's t it passes, or call "
+                "transformer.follow_scheduler(None)")
 
     def rows(self, pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None, state) -> torch.Tensor:
         """This step's `[batch * W]` rows. `state` is anything that changes when the LoRA-dependent rows do."""
         def own_rows():  # this step's alone, as the block programs computed them before the lever
             return self._compute(pooled, timestep.reshape(1, -1), guidance)[0]
 
-        values = timestep.float().tolist()  # the one device-to-host copy a step: the row is found by value
-        if len(set(values)) != 1:  # images at different steps in one batch
-            return own_rows()
-        value = values[0]
+        timesteps = self._timesteps()
+        index = self._step_index(timesteps)
+        if index is not None:
+            listed, schedule = self._listed(timesteps, timestep)
+            value = listed[index]
+            mismatch = (timestep != value).any()  # queued: read by `verify`, not now
+            self._unverified = mismatch if self._unverified is None else self._unverified | mismatch
+        else:
+            values = timestep.float().tolist()  # the device-to-host copy a step: the row is found by value
+            self.host_reads += 1
+            if len(set(values)) != 1:  # images at different steps in one batch
+                return own_rows()
+            value = values[0]
         for key, table in list(self._tables.items()):
             if table.pooled() is None:
                 del self._tables[key]
             elif value in table.index and table.serves(pooled, guidance, state):
                 self._tables.move_to_end(key)
                 return table.rows[table.index[value]]
-        schedule = self._schedule(timestep)
-        listed = [] if schedule is None else schedule.float().tolist()  # once an image
-        if value not in listed:  # no scheduler followed, or a timestep it does not list
-            if self._scheduler is None and not self._told:  # the lever's gain needs the schedule: say how, once
-                self._told = True
-                logger.warning("this batched_modulation package computes its modulation rows at every step: call "
-                               "transformer.follow_scheduler(pipe) once to compute them once an image")
-            return own_rows()
-        start = listed.index(value)
+        if index is None:
+            listed, schedule = ([], None) if timesteps is None else self._listed(timesteps, timestep)
+            if value not in listed:  # no scheduler followed, or a timestep it does not list
+                if self._scheduler is None and not self._told:  # the lever's gain needs the schedule: say how, once
+                    self._told = True
+                    logger.warning("this batched_modulation package computes its modulation rows at every step: "
+                                   "call transformer.follow_scheduler(pipe) once to compute them once an image")
+                return own_rows()
+            index = listed.index(value)
         keep, chosen = set(), []
-        for position in range(start, len(listed)):  # this step and the ones after it, each value once
+        for position in range(index, len(listed)):  # this step and the ones after it, each value once
             if listed[position] not in keep:
                 keep.add(listed[position])
                 chosen.append(position)

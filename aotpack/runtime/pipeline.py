@@ -229,6 +229,7 @@ class AotpackPipeline:
         steps the call will run, so a set whose image pays for a merge merges before its first step."""
         with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)), _refusing_non_finite(self):
             output = self.pipeline(*args, **kwargs)
+        self.transformer.verify_step_rows()  # every step ran its own modulation rows (modulation_rows.py)
         images = output[0] if isinstance(output, tuple) else getattr(output, "images", None)
         if torch.is_tensor(images):  # output_type="latent" (decoded outputs were checked by the VAE's hook)
             NonFiniteOutputError.refuse(images, "latents")

@@ -413,6 +413,12 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if self.modulation_rows is not None:
             self.modulation_rows.follow(holder)
 
+    def verify_step_rows(self) -> None:
+        """batched_modulation packages: raise if a step since the last check was passed another timestep than its
+        pipeline named, so ran another step's rows (modulation_rows.py); one device read. A no-op for others."""
+        if self.modulation_rows is not None:
+            self.modulation_rows.verify()
+
     def _chain(self, programs, prologue_inputs, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Prologue, double blocks, single blocks, epilogue: one step of the regional programs. `rows`: this
         step's modulation rows, which the blocks of a batched_modulation package take in place of `temb`."""

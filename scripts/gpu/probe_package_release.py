@@ -68,7 +68,7 @@ def one_pass(package: str, model: str, mode: str, lora_dir) -> dict:
             for _ in range(3):
                 served.transformer(**inputs, return_dict=False)
         if base == "loop":
-            denoising_loop(served.transformer, served.pipeline.scheduler, inputs, 4)()
+            denoising_loop(served.transformer, served.pipeline, inputs, 4)()
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated()
     alive = {"pipeline": weakref.ref(served), "transformer": weakref.ref(served.transformer),
