@@ -157,32 +157,32 @@ def test_a_timestep_outside_the_schedule_gets_its_own_rows(served):
 
 
 def test_a_pipeline_step_takes_its_row_by_index_with_one_read_an_image(served, demo_loras):
-    """Where the pipeline's `_current_timestep` names the step (FluxPipeline sets it), no step reads its timestep
-    from the device: one read of the schedule an image and one of the queued checks at the call's end, whatever the
-    step count. The latents equal those of the per-step read (the value lookup)."""
+    """Inside an AotpackPipeline call, where the pipeline's `_current_timestep` names the step (FluxPipeline sets it),
+    no step reads its timestep from the device: one read of the schedule an image and one of the queued checks at
+    the call's end, whatever the step count. The diffusers pipeline called directly, outside such a scope, reads
+    each step's timestep (the value lookup). The latents are the same."""
     rows = served.transformer.modulation_rows
     served.set_loras([(demo_loras["tiny-style-all"], 0.7)])
     try:
-        rows.verify()  # checks an earlier test queued: read now, not in the count below
         reads = rows.host_reads
         by_index = latents(served, num_inference_steps=5)
         assert rows.host_reads - reads == 2  # the schedule and the checks: 5 steps, no read a step
-        served.transformer.follow_scheduler(None)  # the same image, each step read and looked up by value
-        served.transformer.follow_scheduler(served.pipeline)
-        rows._by_index = False
         reads = rows.host_reads
-        by_value = latents(served, num_inference_steps=5)
+        by_value = latents(served.pipeline, num_inference_steps=5)
         assert rows.host_reads - reads == 6  # five steps and the schedule
         assert torch.equal(by_index, by_value)
+        reads = rows.host_reads
+        with served.transformer.verified_step_rows():  # a caller's own scope around the diffusers pipeline
+            assert torch.equal(latents(served.pipeline, num_inference_steps=5), by_index)
+        assert rows.host_reads - reads == 2
     finally:
-        rows._by_index = True
         served.set_loras([])
 
 
 def test_a_pipeline_passing_another_timestep_than_it_names_is_refused_then_read(served):
-    """A caller whose `_current_timestep` names one step while it passes another's value: the queued check fails
-    at the next image (or the AotpackPipeline call's end) with a typed error naming the fix, and from then on each
-    step reads its timestep, so the same calls get their own rows."""
+    """A caller whose `_current_timestep` names one step while it passes another's value: the verified scope's end
+    raises a typed error naming the fix, and from then on each step reads its timestep, so the same calls get their
+    own rows."""
     pipe, compiled = served.pipeline, served.transformer
     rows = compiled.modulation_rows
     generator = torch.Generator().manual_seed(5)
@@ -193,10 +193,9 @@ def test_a_pipeline_passing_another_timestep_than_it_names_is_refused_then_read(
         "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
     }
 
-    def lying_image():  # names step i, passes step i + 1's timestep (the last step: its own)
+    def lying_image(outputs: list):  # names step i, passes step i + 1's timestep (the last step: its own)
         pipe.scheduler.set_timesteps(4, mu=1.0)
         timesteps = pipe.scheduler.timesteps
-        outputs = []
         try:
             for i, t in enumerate(timesteps):
                 pipe._current_timestep = t
@@ -208,20 +207,21 @@ def test_a_pipeline_passing_another_timestep_than_it_names_is_refused_then_read(
 
     try:
         with torch.no_grad():
-            wrong = lying_image()
+            wrong = []
             with pytest.raises(UnsupportedCallError, match="another timestep than its pipeline's _current_timestep"):
-                latents(served)  # its first step reads the schedule, and the checks with it
+                with compiled.verified_step_rows():
+                    lying_image(wrong)
             assert not rows._by_index
-            right = lying_image()  # now each step reads what it was passed
+            with compiled.verified_step_rows():
+                right = lying_image([])  # now each step reads what it was passed
             compiled.follow_scheduler(None)
             try:
-                own = lying_image()  # rows computed at every step: the reference
+                own = lying_image([])  # rows computed at every step: the reference
             finally:
                 compiled.follow_scheduler(pipe)
         assert not torch.equal(wrong[0], own[0])  # the check was not idle: step 0 ran step 0's rows on step 1's t
         for ours, theirs in zip(right, own):
             assert rel_error(ours, theirs) <= 1e-5
-        rows.verify()  # nothing taken by index since: nothing to refuse
     finally:
         rows._by_index = True
 

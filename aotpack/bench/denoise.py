@@ -9,10 +9,11 @@ import torch
 def denoising_loop(transformer, pipeline, inputs: dict, steps: int = 28, mu: float = 1.15):
     """A callable that runs one image's `steps` transformer calls as diffusers' `FluxPipeline` makes them: its
     scheduler's timesteps for FLUX's sigmas (shifted by `mu` where the scheduler shifts), each passed as `t` in the
-    latents' dtype / 1000 with `pipeline._current_timestep` set to that `t` while the transformer runs (what a
-    batched_modulation package takes its step's row by, runtime/modulation_rows.py), and a new pooled tensor per
-    image, as each pipeline call has one (such packages compute an image's modulation rows at its first step). The
-    scheduler's own step is left out: it is the same for every package."""
+    latents' dtype / 1000 with `pipeline._current_timestep` set to that `t` while the transformer runs, all in one
+    `verified_step_rows()` scope as in an AotpackPipeline call (a batched_modulation package then takes each step's
+    row by its index, runtime/modulation_rows.py), and a new pooled tensor per image, as each pipeline call has one
+    (such packages compute an image's modulation rows at its first step). The scheduler's own step is left out: it
+    is the same for every package."""
     sigmas = np.linspace(1.0, 1 / steps, steps)
     hidden = inputs["hidden_states"]
     scheduler = pipeline.scheduler
@@ -21,12 +22,14 @@ def denoising_loop(transformer, pipeline, inputs: dict, steps: int = 28, mu: flo
         scheduler.set_timesteps(sigmas=sigmas, device=hidden.device,
                                 mu=mu if scheduler.config.get("use_dynamic_shifting") else None)
         pooled = inputs["pooled_projections"].clone()
-        try:
-            for t in scheduler.timesteps:
-                pipeline._current_timestep = t
-                timestep = t.expand(hidden.shape[0]).to(hidden.dtype)
-                transformer(**{**inputs, "pooled_projections": pooled, "timestep": timestep / 1000}, return_dict=False)
-        finally:
-            pipeline._current_timestep = None
+        with transformer.verified_step_rows():  # as an AotpackPipeline call runs its steps
+            try:
+                for t in scheduler.timesteps:
+                    pipeline._current_timestep = t
+                    timestep = t.expand(hidden.shape[0]).to(hidden.dtype)
+                    transformer(**{**inputs, "pooled_projections": pooled, "timestep": timestep / 1000},
+                                return_dict=False)
+            finally:
+                pipeline._current_timestep = None
 
     return run

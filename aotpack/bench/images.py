@@ -23,7 +23,6 @@ def _image(served, inputs, device, entries, merge, steps: int) -> dict:
         served.set_loras(entries, merge=merge)
         with transformer.lora_modes.auto.expecting(steps):  # what AotpackPipeline.__call__ tells it
             denoising_loop(transformer, served.pipeline, inputs, steps)()  # the steps as FluxPipeline passes them
-        transformer.verify_step_rows()  # as AotpackPipeline.__call__ does at an image's end
         merged = bool(transformer.merged)
         served.set_loras([])
     return {"ms": watch.seconds * 1000, "merged": merged}

@@ -5,17 +5,17 @@ guidance tensors at every step of an image, and its scheduler knows every timest
 image's first step the modulation program runs once over all of the scheduler's timesteps (one weight read instead
 of one a step), and each later step takes its row from that table.
 
-Which row: where the followed pipeline says which of its scheduler's timesteps it is at, without a device read,
-the step takes that one; else the step's timestep is read from the device and looked up by value. diffusers' Flux
-pipelines set `_current_timestep` to the loop's `t`, a view of `scheduler.timesteps`, just before they call the
-transformer: its offset in that storage is the step's index. That costs one device-to-host read an image (the
-schedule's values) instead of one a step, and the read a step is what kept the host from queueing the next step
-while the device ran this one: a 28-step 512² image on the H200 stepped 32.42 ms on 29.84 ms of kernels
-(2026-12-07j, random weights). The value still decides: each such step queues a device-side comparison of the
-timestep it was passed with the one its index names, and the comparisons are read at the next image's first step
-and when an `AotpackPipeline` call returns (`verify`). A mismatch (a pipeline that passes other timesteps than its
-`_current_timestep`) raises a typed error before that call's output is returned, and from then on every step reads
-its timestep. Where no pipeline says, the value is read (one device-to-host copy a step): a pipeline that passes
+Which row: inside a verified call (`verified()`: an `AotpackPipeline` call, the benchmarks' loops, or a caller's
+own `with transformer.verified_step_rows():`), where the followed pipeline says which of its scheduler's timesteps
+it is at, the step takes that one without a device read. diffusers' Flux pipelines set `_current_timestep` to the
+loop's `t`, a view of `scheduler.timesteps`, just before they call the transformer: its offset in that storage is
+the step's index. That costs one device-to-host read an image (the schedule's values) instead of one a step, and
+the read a step is what kept the host from queueing the next step while the device ran this one: a 28-step 512²
+image on the H200 stepped 32.42 ms on 29.84 ms of kernels (2026-12-07j, random weights). The value still decides:
+each such step queues a device-side comparison of the timestep it was passed with the one its index names, read
+when the verified call ends, before its output is returned. A mismatch (a pipeline that passes other timesteps
+than its `_current_timestep`) raises a typed error there, and from then on every step reads its timestep.
+Where no pipeline says, the value is read (one device-to-host copy a step): a pipeline that passes
 other timesteps (or none of the scheduler's) gets rows computed for the values it passed, never another step's.
 Where no scheduler is followed, or the value is not in its schedule, the step computes its own rows (what the
 block programs did before the lever). A table is kept per pooled tensor (a true-CFG pipeline has two), dropped with
@@ -24,6 +24,7 @@ that tensor, and not used after any write of the slot bank or a merge.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections import OrderedDict
@@ -77,6 +78,7 @@ class ModulationRows:
         self._told = False  # whether the missing-scheduler hint was logged
         self._listing = None  # (timesteps tensor's weak reference, its version, dtype, values, device schedule)
         self._unverified = None  # device bool: a step taken by index was passed another timestep (`verify`)
+        self._verified_calls = 0  # open `verified()` scopes: only inside one may a step take its row by index
         self._by_index = True  # False after a mismatch: every step reads its timestep
         self.program_calls = 0  # how often the program ran, and over how many step rows (tests, benchmarks)
         self.rows_computed = 0
@@ -101,7 +103,7 @@ class ModulationRows:
         """The followed pipeline's step as an index into `timesteps`, read on the host: its `_current_timestep`
         (diffusers' Flux pipelines: the loop's `t`, a view of the scheduler's timesteps) located by storage offset;
         None where the pipeline does not say."""
-        if not self._by_index or timesteps is None:
+        if not self._verified_calls or not self._by_index or timesteps is None:
             return None
         current = getattr(self._scheduler(), "_current_timestep", None)
         if (not isinstance(current, torch.Tensor) or current.ndim != 0 or timesteps.stride(0) != 1
@@ -116,17 +118,31 @@ class ModulationRows:
         listing = self._listing
         if (listing is None or listing[0]() is not timesteps or listing[1] != _version(timesteps)
                 or listing[2] != timestep.dtype):
-            self.verify()  # the last image's checks, read with the schedule: no read of its own
             schedule = timesteps.to(device=timestep.device, dtype=timestep.dtype) / 1000
             values = schedule.float().tolist()
             self.host_reads += 1
             listing = self._listing = (weakref.ref(timesteps), _version(timesteps), timestep.dtype, values, schedule)
         return listing[3], listing[4]
 
+    @contextlib.contextmanager
+    def verified(self):
+        """A scope whose steps may take their rows by their pipeline's index (module docstring); leaving it
+        normally reads their queued checks (`verify`), so a wrong row raises before the scope's output is used.
+        Left by an error, the checks are dropped with the output."""
+        self._verified_calls += 1
+        try:
+            yield
+        except BaseException:
+            self._unverified = None
+            raise
+        finally:
+            self._verified_calls -= 1
+        self.verify()
+
     def verify(self) -> None:
-        """Raise if a step whose row was taken by index (module docstring) was passed another timestep than the
-        one its pipeline's `_current_timestep` named: that step ran another step's rows. One device read; a no-op
-        where no step was taken by index since the last call."""
+        """Raise if a step whose row was taken by index was passed another timestep than the one its pipeline's
+        `_current_timestep` named: that step ran another step's rows. One device read; a no-op where no step was
+        taken by index since the last call."""
         flag, self._unverified = self._unverified, None
         if flag is None:
             return
@@ -136,10 +152,9 @@ class ModulationRows:
             self._tables.clear()
             raise UnsupportedCallError(
                 "a step was passed another timestep than its pipeline's _current_timestep names, so its modulation "
-                "rows were another step's: the output since the last check is wrong",
-                "generate it again: from now on each step reads its own timestep (one device-to-host copy a "
-                "step). A custom pipeline should set _current_timestep to the scheduler's t it passes, or call "
-                "transformer.follow_scheduler(None)")
+                "rows were another step's: this call's output is wrong and was not returned",
+                "call again: from now on each step reads its own timestep (one device-to-host copy a step). A "
+                "custom pipeline should set _current_timestep to the scheduler's t it passes")
 
     def rows(self, pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None, state) -> torch.Tensor:
         """This step's `[batch * W]` rows. `state` is anything that changes when the LoRA-dependent rows do."""
@@ -151,7 +166,7 @@ class ModulationRows:
         if index is not None:
             listed, schedule = self._listed(timesteps, timestep)
             value = listed[index]
-            mismatch = (timestep != value).any()  # queued: read by `verify`, not now
+            mismatch = (timestep != value).any()  # queued: read when the verified scope ends
             self._unverified = mismatch if self._unverified is None else self._unverified | mismatch
         else:
             values = timestep.float().tolist()  # the device-to-host copy a step: the row is found by value

@@ -227,9 +227,9 @@ class AotpackPipeline:
     def __call__(self, *args, **kwargs):
         """Call the diffusers `FluxPipeline` (same arguments and outputs). The merge policy learns how many
         steps the call will run, so a set whose image pays for a merge merges before its first step."""
-        with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)), _refusing_non_finite(self):
+        with self.transformer.lora_modes.auto.expecting(self._steps_of(kwargs)), _refusing_non_finite(self), \
+                self.transformer.verified_step_rows():  # steps take rows by index, checked at the end
             output = self.pipeline(*args, **kwargs)
-        self.transformer.verify_step_rows()  # every step ran its own modulation rows (modulation_rows.py)
         images = output[0] if isinstance(output, tuple) else getattr(output, "images", None)
         if torch.is_tensor(images):  # output_type="latent" (decoded outputs were checked by the VAE's hook)
             NonFiniteOutputError.refuse(images, "latents")

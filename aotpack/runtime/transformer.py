@@ -413,11 +413,14 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         if self.modulation_rows is not None:
             self.modulation_rows.follow(holder)
 
-    def verify_step_rows(self) -> None:
-        """batched_modulation packages: raise if a step since the last check was passed another timestep than its
-        pipeline named, so ran another step's rows (modulation_rows.py); one device read. A no-op for others."""
-        if self.modulation_rows is not None:
-            self.modulation_rows.verify()
+    def verified_step_rows(self):
+        """A scope (context manager) in which batched_modulation steps take their rows by their pipeline's step
+        index, no device read a step, checked when it ends (modulation_rows.py). `AotpackPipeline` calls run in
+        one; a diffusers pipeline driven directly (`apply`, `from_pretrained`) gets the speed-up by `with
+        pipe.transformer.verified_step_rows(): pipe(...)`. A no-op scope for other packages."""
+        if self.modulation_rows is None:
+            return contextlib.nullcontext()
+        return self.modulation_rows.verified()
 
     def _chain(self, programs, prologue_inputs, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Prologue, double blocks, single blocks, epilogue: one step of the regional programs. `rows`: this
