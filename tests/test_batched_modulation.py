@@ -150,10 +150,14 @@ def test_a_timestep_outside_the_schedule_gets_its_own_rows(served):
         assert rows.program_calls - calls == 1
         # the benchmarks' denoising loop steps as FluxPipeline does: one program call an image
         loop = denoising_loop(compiled, pipe, {**inputs, "timestep": None}, steps=5)
-        calls, computed = rows.program_calls, rows.rows_computed
+        calls, computed, reads = rows.program_calls, rows.rows_computed, rows.host_reads
         loop()
         loop()
         assert (rows.program_calls - calls, rows.rows_computed - computed) == (2, 10)
+        assert rows.host_reads - reads == 4  # rows by index: the schedule and the checks an image
+        reads = rows.host_reads
+        denoising_loop(compiled, pipe, {**inputs, "timestep": None}, steps=5, by_index=False)()
+        assert rows.host_reads - reads == 6  # each step's timestep and the schedule
 
 
 def test_a_pipeline_step_takes_its_row_by_index_with_one_read_an_image(served, demo_loras):

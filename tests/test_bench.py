@@ -326,10 +326,12 @@ def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_lora
     result = images.measure(served_tiny, {64: inputs}, "cpu", lora, policy="always", steps=2, repeats=1)
     rows = result["sizes"][64]
     assert rows["merge_policy"]["merged"] and not rows["slots"]["merged"] and not rows["no_lora"]["merged"]
+    assert not rows["slots_read_a_step"]["merged"]
     assert all(row["best_ms"] > 0 for row in rows.values())
     assert not served_tiny.transformer.merged and served_tiny.transformer.lora_modes.auto.policy.after_token_steps is None
     table = images.markdown(result, {"64": {"step": {"median_ms": rows["slots"]["best_ms"] / 2}}}, "r64-all")
-    assert "| 64 | recipe (2 x step) |" in table[-4] and "| 64 | slots |" in table[-2] and "| 1.000x | False |" in table[-2]
+    assert "| 64 | recipe (2 x step) |" in table[-5] and "| 64 | slots |" in table[-3] and "| 1.000x | False |" in table[-3]
+    assert "| 64 | slots_read_a_step |" in table[-2]
 
 
 def test_speed_breakdowns_wait_for_every_timed_figure_and_restore_their_mode(served_tiny, demo_loras):

@@ -14,15 +14,20 @@ from .denoise import denoising_loop
 from .timing import Stopwatch
 
 IMAGE_STEPS = 28  # FluxPipeline's default
-MODES = (("no_lora", False), ("slots", False), ("merge_policy", None))  # (mode, set_loras' merge=)
+# (mode, set_loras' merge=, whether steps take their modulation rows by index): "slots_read_a_step" is "slots" with
+# each step's timestep read from the device (a diffusers pipeline outside a verified scope; runtime/modulation_rows.py),
+# the same process's measure of what the index saves (for packages without batched_modulation the two are the same)
+MODES = (("no_lora", False, True), ("slots", False, True), ("slots_read_a_step", False, False),
+         ("merge_policy", None, True))
 
 
-def _image(served, inputs, device, entries, merge, steps: int) -> dict:
+def _image(served, inputs, device, entries, merge, steps: int, by_index: bool = True) -> dict:
     transformer = served.transformer
     with Stopwatch(device) as watch, torch.no_grad():
         served.set_loras(entries, merge=merge)
         with transformer.lora_modes.auto.expecting(steps):  # what AotpackPipeline.__call__ tells it
-            denoising_loop(transformer, served.pipeline, inputs, steps)()  # the steps as FluxPipeline passes them
+            # the steps as FluxPipeline passes them
+            denoising_loop(transformer, served.pipeline, inputs, steps, by_index=by_index)()
         merged = bool(transformer.merged)
         served.set_loras([])
     return {"ms": watch.seconds * 1000, "merged": merged}
@@ -39,8 +44,8 @@ def measure(served, workloads: dict, device, entries, *, policy="auto", steps: i
         served.set_loras([])
         for size, inputs in workloads.items():
             rows = {}
-            for mode, merge in MODES:
-                runs = [_image(served, inputs, device, entries if mode != "no_lora" else [], merge, steps)
+            for mode, merge, by_index in MODES:
+                runs = [_image(served, inputs, device, entries if mode != "no_lora" else [], merge, steps, by_index)
                         for _ in range(repeats)]
                 rows[mode] = {"best_ms": min(r["ms"] for r in runs), "all_ms": [r["ms"] for r in runs],
                               "merged": runs[-1]["merged"]}
@@ -66,7 +71,7 @@ def markdown(images: dict | None, recipe_sizes: dict, lora: str) -> list[str]:
         if recipe_image:
             lines.append(f"| {size} | recipe ({steps} x step) | {recipe_image:.1f} | {recipe_image / steps:.2f} | "
                          "1.00x | |")
-        for mode, _ in MODES:
+        for mode, *_ in MODES:
             row = rows.get(mode)
             if row:
                 ratio = f"{row['best_ms'] / recipe_image:.3f}x" if recipe_image else ""
