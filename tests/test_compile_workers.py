@@ -67,6 +67,13 @@ def test_every_job_compiles_once_here_or_in_a_worker(tmp_path, monkeypatch):
     assert 0 < in_worker.cpu_seconds <= in_worker.seconds + 1
     assert "compile_fx_inner" in in_worker.phases
     assert all(0 < phase <= in_worker.seconds + 1 for phase in in_worker.phases.values())
+    # and its own stages before the compile: imports (torch at least) and the saved program's load
+    stages = in_worker.worker_stages
+    assert sorted(stages) == ["imports", "load"] and stages["imports"] > 0.2 and stages["load"] > 0
+    assert in_worker.seconds + sum(stages.values()) < in_worker.process_seconds
+    said = in_worker.summary()
+    assert f"(its worker process {in_worker.process_seconds:.1f} s, imports {stages['imports']:.1f}, load " in said
+    assert "start and exit" in said
 
 
 def test_a_failed_compile_here_stops_the_workers_and_removes_their_files(tmp_path, monkeypatch, started):

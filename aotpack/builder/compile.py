@@ -44,10 +44,20 @@ class CompileTime:
     cpu_seconds: float  # CPU time of the compiling thread; g++ and Triton's compile pool run in other processes
     phases: dict[str, float] = field(default_factory=dict)  # torch's compile timers (s), nested, the largest first
     process_seconds: float | None = None  # a worker's whole life: its start, imports and program load included
+    # a worker's own stages before the compile (s): "imports" (torch, aotpack's ops, torchao), "load" (the saved
+    # program and its empty weights). On the H200 a worker lived 24-33 s longer than its compile (2026-12-07j); the
+    # rest of that (the interpreter's start and exit) is process_seconds - seconds - these
+    worker_stages: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         phases = ", ".join(f"{name} {self.phases[name]:.1f}" for name in TELLING_PHASES if name in self.phases)
-        process = f" (its worker process {self.process_seconds:.1f} s)" if self.process_seconds is not None else ""
+        process = ""
+        if self.process_seconds is not None:
+            stages = dict(self.worker_stages)
+            if stages:
+                stages["start and exit"] = self.process_seconds - self.seconds - sum(stages.values())
+            told = "".join(f", {name} {seconds:.1f}" for name, seconds in stages.items())
+            process = f" (its worker process {self.process_seconds:.1f} s{told})"
         return (f"{self.seconds:.1f} s{process}, {self.cpu_seconds:.1f} s CPU in its thread"
                 + (f"; phases (s): {phases}" if phases else ""))
 
@@ -141,18 +151,25 @@ def program_configs(kind: str, recipe_configs: dict) -> dict:
 
 
 def compile_saved_program(exported_path: str, package_path: str, inductor_configs: dict, attention: str,
-                          needs_torchao: bool, left_out: dict[str, str]) -> CompileTime:
+                          needs_torchao: bool, left_out: dict[str, str], imports_seconds: float = 0.0) -> CompileTime:
     """Load a program saved without its large weights (`weightless.py`) and compile it (runs in a worker
-    process, see `compile_programs`)."""
+    process, see `compile_programs`); `imports_seconds`: the worker's imports before this call, reported with the
+    rest of its stages."""
     from ..models.attention import attention_context
     from .weightless import give_empty_weights
 
+    started = time.perf_counter()
     if needs_torchao:
         import torchao  # noqa: F401  registers the FP8 tensor subclass before the program is loaded
+    imported = time.perf_counter()
     exported = torch.export.load(exported_path)
     give_empty_weights(exported, left_out)
+    loaded = time.perf_counter()
     with attention_context(None, attention):
-        return compile_program(exported, Path(package_path), inductor_configs)
+        timing = compile_program(exported, Path(package_path), inductor_configs)
+    timing.worker_stages = {"imports": round(imports_seconds + imported - started, 2),
+                            "load": round(loaded - imported, 2)}
+    return timing
 
 
 class _JobQueue:
