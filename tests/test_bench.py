@@ -323,7 +323,11 @@ def test_whole_images_time_slots_against_the_merge_policy(served_tiny, demo_lora
 
     inputs = _step_inputs(served_tiny)
     lora = [(demo_loras["tiny-style-mlp"], 1.0)]
+    scheduler = served_tiny.pipeline.scheduler
+    scheduler.set_timesteps(3, mu=1.0)
+    timesteps = scheduler.timesteps
     result = images.measure(served_tiny, {64: inputs}, "cpu", lora, policy="always", steps=2, repeats=1)
+    assert scheduler.timesteps is timesteps  # its images' schedules left the pipeline's as it was
     rows = result["sizes"][64]
     assert rows["merge_policy"]["merged"] and not rows["slots"]["merged"] and not rows["no_lora"]["merged"]
     assert not rows["slots_read_a_step"]["merged"]
