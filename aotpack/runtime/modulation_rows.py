@@ -9,9 +9,10 @@ Which row: inside a verified call (`verified()`: an `AotpackPipeline` call, the 
 own `with transformer.verified_step_rows():`), where the followed pipeline says which of its scheduler's timesteps
 it is at, the step takes that one without a device read. diffusers' Flux pipelines set `_current_timestep` to the
 loop's `t`, a view of `scheduler.timesteps`, just before they call the transformer: its offset in that storage is
-the step's index. That costs one device-to-host read an image (the schedule's values) instead of one a step, and
-the read a step is what kept the host from queueing the next step while the device ran this one: a 28-step 512²
-image on the H200 stepped 32.42 ms on 29.84 ms of kernels (2026-12-07j, random weights). The value still decides:
+the step's index. That costs one device-to-host read an image (the schedule's values) instead of one a step, so
+the host can queue the next step while the device runs this one: on an H100 a 28-step 512² image took 931.9 ms by
+index against 935.1 with a read a step, 0.11 ms a step (2026-12-07k, random weights; the steps are GPU-bound, so
+little more was there to win). The value still decides:
 each such step queues a device-side comparison of the timestep it was passed with the one its index names, read
 when the verified call ends, before its output is returned. A mismatch (a pipeline that passes other timesteps
 than its `_current_timestep`) raises a typed error there, and from then on every step reads its timestep.
