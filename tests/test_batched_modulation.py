@@ -115,18 +115,23 @@ def test_a_lora_switch_or_a_merge_recomputes_the_rows(served, demo_loras, eager_
         served.set_loras([])
 
 
+def _fixed_inputs(config, seed: int) -> dict:
+    """One image's transformer inputs but the timestep: 16 image and 16 text tokens, random from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 16, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 16, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
+    }
+
+
 def test_a_timestep_outside_the_schedule_gets_its_own_rows(served):
     """Rows are found by the timestep's value: a call the schedule does not know computes its own."""
     pipe, compiled = served.pipeline, served.transformer
     rows = compiled.modulation_rows
-    generator = torch.Generator().manual_seed(3)
     pipe.scheduler.set_timesteps(3, mu=1.0)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, compiled.config.in_channels, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 16, compiled.config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, compiled.config.pooled_projection_dim, generator=generator),
-        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
-    }
+    inputs = _fixed_inputs(compiled.config, seed=3)
     listed = pipe.scheduler.timesteps / 1000
     with torch.no_grad():
         calls, computed = rows.program_calls, rows.rows_computed
@@ -189,13 +194,7 @@ def test_a_pipeline_passing_another_timestep_than_it_names_is_refused_then_read(
     own rows."""
     pipe, compiled = served.pipeline, served.transformer
     rows = compiled.modulation_rows
-    generator = torch.Generator().manual_seed(5)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, compiled.config.in_channels, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 16, compiled.config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, compiled.config.pooled_projection_dim, generator=generator),
-        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(16, 3), "guidance": torch.full([1], 3.5),
-    }
+    inputs = _fixed_inputs(compiled.config, seed=5)
 
     def lying_image(outputs: list):  # names step i, passes step i + 1's timestep (the last step: its own)
         pipe.scheduler.set_timesteps(4, mu=1.0)
