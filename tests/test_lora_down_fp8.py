@@ -136,3 +136,62 @@ def test_single_block_program_with_the_lever_compiles_and_matches_its_eager_regi
     # the op would be off by far more.
     assert relative_error(expected - no_lora, no_lora) > 0.5
     assert relative_error(actual.float(), expected.float()) < 0.1
+
+
+def test_a_split_into_fp8_high_and_low_rows_keeps_a_to_its_second_rounding():
+    from aotpack.models.lora_down_fp8 import fp8_hi_lo_rows
+
+    generator = torch.Generator().manual_seed(6)
+    a = (torch.randn(8, 96, generator=generator) * 96**-0.5).to(torch.bfloat16)
+    a[5] = 0  # an unused rank
+    a8, scale = fp8_hi_lo_rows(a)
+    assert a8.dtype == torch.float8_e4m3fn and a8.shape == (16, 96) and scale.shape == (1, 16)
+    rebuilt = a8[:8].float() * scale[0, :8, None] + a8[8:].float() * scale[0, 8:, None]
+    assert torch.equal(rebuilt[5], torch.zeros(96))
+    high_only = a8[:8].float() * scale[0, :8, None]
+    assert relative_error(high_only, a.float()) > 0.01  # one FP8 rounding: ~2.5%
+    assert relative_error(rebuilt, a.float()) < 2e-3  # the second takes it to ~2^-8 of that
+
+
+def test_the_fp8_gemm_down_projection_equals_the_reference_to_a_bf16_rounding():
+    from aotpack.models.lora_down_fp8 import gemm_fits, lora_down_fp8_gemm
+
+    generator = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(2, 5, 256, generator=generator)
+    q, scale = quantize_rows(x.to(torch.bfloat16))
+    a = (torch.randn(16, 256, generator=generator) * 256**-0.5).to(torch.bfloat16)
+    u = lora_down_fp8_gemm(q, scale, a)
+    reference = lora_down_fp8_reference(q, scale, a)
+    assert u.shape == reference.shape == (2, 5, 16) and u.dtype == torch.bfloat16
+    assert 0 < relative_error(u.float(), reference.float()) < 1e-2
+    assert gemm_fits(16) and not gemm_fits(4)
+    small = a[:4]  # a rank the GEMM does not take runs the op, here its reference
+    assert torch.equal(lora_down_fp8_gemm(q, scale, small), lora_down_fp8_reference(q, scale, small))
+
+
+def test_recipe_gemm_field_needs_the_fp8_down_projection(tmp_path):
+    from aotpack.recipes.recipe import load_recipe
+
+    fields = ('dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\nfused_gelu_quant = true\n'
+              'lora_down_fp8_gemm = true\n')
+    good = tmp_path / "good.toml"
+    good.write_text(cpu_test_recipe("good", fields + "lora_down_from_fp8 = true\n", tolerance=0.1, end_to_end=2.0))
+    assert load_recipe(good).lora_down_fp8_gemm is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cpu_test_recipe("bad", fields, tolerance=0.1, end_to_end=2.0))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(bad)
+    assert "lora_down_fp8_gemm" in str(caught.value) and "lora_down_from_fp8 = true" in str(caught.value)
+
+
+def test_single_block_program_with_the_fp8_gemm_down_projection_matches_its_eager_region(monkeypatch, tmp_path):
+    """The lever `lora_down_fp8_gemm` in a real AOTInductor program (CPU): proj_out's down-projection is one
+    `_scaled_mm` (no Triton op left), and the program matches its eager region as the Triton op's does."""
+    triton_op = SingleBlockProgram(monkeypatch, lora_down_from_fp8=True).targets()  # exported, not compiled
+    block = SingleBlockProgram(monkeypatch, lora_down_from_fp8=True, lora_down_fp8_gemm=True)
+    targets = block.targets()
+    assert "aotpack.lora_down_fp8.default" in triton_op and "aotpack.lora_down_fp8.default" not in targets
+    assert targets.count("aten._scaled_mm.default") == triton_op.count("aten._scaled_mm.default") + 1
+    expected, actual, no_lora = block.run(tmp_path / "single.pt2")
+    assert relative_error(expected - no_lora, no_lora) > 0.5
+    assert relative_error(actual.float(), expected.float()) < 0.1

@@ -337,9 +337,11 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         report.info(f"    {len(slot_specs)} slotted linear layers, rank {recipe.max_rank}")
         if recipe.fused_gelu_quant:  # GELU (+ concat) + FP8 quantization in one op; names do not change
             routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=recipe.lora_down_from_fp8,
-                                              fused_gelu_lora=recipe.fused_gelu_lora)
+                                              fused_gelu_lora=recipe.fused_gelu_lora,
+                                              lora_down_fp8_gemm=recipe.lora_down_fp8_gemm)
             report.info(f"    {routed} MLP GELUs fused into the FP8 quantization"
                         + (", their next linears' LoRA read its FP8 output" if recipe.lora_down_from_fp8 else "")
+                        + (" by an FP8 GEMM" if recipe.lora_down_fp8_gemm else "")
                         + (", with the LoRA projections around them" if recipe.fused_gelu_lora else ""))
             if torch.device(device).type == "cuda":
                 check_kernel_against_reference(device)

@@ -25,6 +25,13 @@ against 0.17% through bf16), on those linears only. Measured beside the default 
 cuBLAS's bytes and is still slower than cuBLAS's bf16 GEMM (2.75 vs ~2.3 ms a 1024² step), so the GELU kernel's
 saving (-1.8 ms) mostly goes to it alone. Together with `fp8_qk_in_norm_rope` it paid more (1024² 99.64 -> 97.35 ms,
 H100, `benchmarks/results/2026-12-06i-h100-fp8qk-fp8down/`): on in `h100`/`h200` since 2026-12-06.
+
+The recipe lever `lora_down_fp8_gemm` (off) computes the same `u` as one cuBLASLt FP8 GEMM instead of the Triton
+kernel (`lora_down_fp8_gemm`): A split in the program into an FP8 high part and the FP8 rounding of the rest, one
+float32 scale a rank row (`fp8_hi_lo_rows`, ~2^-8 of A), `torch._scaled_mm(q, [A_hi; A_lo]^T)` with q's row scales
+and A's as the epilogue's, the two halves summed. The Triton kernel takes 1.14 ms of a 512² step (H200,
+2026-12-07j: 24.5 us a single-block call, where cuBLAS reads a bf16 copy of twice the bytes in 15.7);
+`scripts/gpu/probe_lora_down_scaled_mm.py` times both.
 """
 
 from __future__ import annotations
@@ -127,9 +134,44 @@ def _lora_down_fp8(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> tor
 lora_down_fp8 = register_triton_op("aotpack::lora_down_fp8", _lora_down_fp8)
 
 
+def fp8_hi_lo_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a` [R, K] as `[A_hi; A_lo]` [2R, K] FP8 and their float32 row scales [1, 2R]: each row of A is
+    `A_hi s_hi + A_lo s_lo` to FP8's rounding of the high part's rounding error (~2^-8 of the row's largest
+    element). A zero row (a slot's unused rank) has scale `tiny` and zero codes."""
+    tiny = torch.finfo(torch.float32).tiny
+
+    def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(tiny)
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+    hi, hi_scale = rows(a.float())
+    lo, lo_scale = rows(a.float() - hi.float() * hi_scale)
+    return torch.cat([hi, lo]), torch.cat([hi_scale, lo_scale]).reshape(1, -1)
+
+
+def gemm_fits(rank: int) -> bool:
+    """Whether the FP8 GEMM takes rank `rank`: cuBLASLt's FP8 GEMMs want N (2 x rank here) a multiple of 16."""
+    return rank % 8 == 0
+
+
+def lora_down_fp8_gemm(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`lora_down_fp8_reference`'s `u` as one FP8 GEMM (recipe lever `lora_down_fp8_gemm`): `q` [..., K] FP8 against
+    `fp8_hi_lo_rows(a)`, q's row scales and A's applied by the GEMM, its two halves summed in float32 and rounded
+    to A's dtype. A rank the GEMM does not take (`gemm_fits`) runs the op (`lora_down_fp8`)."""
+    rank, k = a.shape
+    if not gemm_fits(rank):
+        return torch.ops.aotpack.lora_down_fp8(q, scale, a)
+    a8, a_scale = fp8_hi_lo_rows(a)
+    u = torch._scaled_mm(q.reshape(-1, k), a8.t(), scale_a=scale.reshape(-1, 1).float(), scale_b=a_scale,
+                         out_dtype=torch.bfloat16).float()
+    return (u[:, :rank] + u[:, rank:]).to(a.dtype).reshape(*q.shape[:-1], rank)
+
+
 def lora_delta_from_fp8(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A bound slot's `B (A x)` with `A x` taken from x's FP8 copy `q, scale` (`lora_down_fp8`)."""
-    return F.linear(torch.ops.aotpack.lora_down_fp8(q, scale, layer.lora_A), layer.lora_B)
+    """A bound slot's `B (A x)` with `A x` taken from x's FP8 copy `q, scale` (`lora_down_fp8`, or under the lever
+    `lora_down_fp8_gemm` the FP8 GEMM of that name)."""
+    down = lora_down_fp8_gemm if getattr(layer, "lora_down_fp8_gemm", False) else torch.ops.aotpack.lora_down_fp8
+    return F.linear(down(q, scale, layer.lora_A), layer.lora_B)
 
 
 def reads_fp8_input(layer: nn.Module) -> bool:
@@ -137,14 +179,16 @@ def reads_fp8_input(layer: nn.Module) -> bool:
     return getattr(layer, "lora_down_from_fp8", False)
 
 
-def mark_reads_fp8_input(layer: nn.Module) -> bool:
+def mark_reads_fp8_input(layer: nn.Module, gemm: bool = False) -> bool:
     """Mark a LoRA slot (the linear after a GELU that `fused_gelu_quant` routes) to take its down-projection from
-    the FP8 input; False (nothing marked) for a layer without a slot."""
+    the FP8 input, by the FP8 GEMM if `gemm` (`lora_down_fp8_gemm`); False (nothing marked) for a layer without a
+    slot."""
     from .slots import LoRASlotLinear
 
     if not isinstance(layer, LoRASlotLinear):
         return False
     layer.lora_down_from_fp8 = True
+    layer.lora_down_fp8_gemm = gemm
     return True
 
 

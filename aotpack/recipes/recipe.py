@@ -53,6 +53,7 @@ class Recipe:
     fp8_qk_in_norm_rope: bool = False  # under FP8 attention that kernel writes q/k in e4m3 (models/qk_norm_rope.py)
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
+    lora_down_fp8_gemm: bool = False  # ... as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (same module)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
@@ -226,6 +227,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fp8_qk_in_norm_rope=fields.value("fp8_qk_in_norm_rope", bool, False),
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
+        lora_down_fp8_gemm=fields.value("lora_down_fp8_gemm", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         joined_qkv=fields.value("joined_qkv", bool, False),
@@ -271,6 +273,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.lora_down_from_fp8 and not recipe.fused_gelu_quant:
         raise fields.error("lora_down_from_fp8", "= true needs fused_gelu_quant = true: it reads the FP8 GELU output "
                                                  "that the fused kernel writes")
+    if recipe.lora_down_fp8_gemm and not recipe.lora_down_from_fp8:
+        raise fields.error("lora_down_fp8_gemm", "= true needs lora_down_from_fp8 = true: it chooses how those "
+                                                 "down-projections from the FP8 GELU output run")
     if recipe.fused_gelu_lora and not recipe.fused_gelu_quant:
         raise fields.error("fused_gelu_lora", "= true needs fused_gelu_quant = true: it extends that kernel")
     if recipe.joined_qkv and not recipe.fused_norm_quant:

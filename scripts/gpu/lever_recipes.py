@@ -35,6 +35,8 @@ LEVERS = {
     "fp8_mod": "unquantized_linears = []\n",
     "no_grouped": "group_lora_down = false\n",
     "no_fp8down": "lora_down_from_fp8 = false\n",
+    # those down-projections as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (models/lora_down_fp8.py)
+    "down_gemm": "lora_down_fp8_gemm = true\n",
     "no_batched": "batched_modulation = false\n",
     "up": "lora_down_from_fp8 = false\ngroup_lora_up = true\n",
     "gelu_lora": "lora_down_from_fp8 = false\nfused_gelu_lora = true\n",
