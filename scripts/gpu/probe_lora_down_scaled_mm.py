@@ -12,9 +12,11 @@ same FP8 input. Per-step totals weight each shape by its calls (38 single blocks
 image `ff.net.2`; the text stream's stays bf16).
 
 On the GPU machine: `python3 scripts/gpu/probe_lora_down_scaled_mm.py $OUT/probe_lora_down_scaled_mm.json`
+(PROBE_FP8_DOT_SWEEP=0: the FP8-dot kernel at its fixed launch configuration only, no sweep).
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -137,7 +139,8 @@ def main(out_path: str) -> None:
                           "fp8_dot_down": graph_ms(lambda: fp8_dot_down(q, scale, a8, a_scale)) * 1e3,
                           "triton_down_up": graph_ms(lambda: F.linear(triton_down(), b)) * 1e3,
                           "scaled_mm_hilo_down_up": graph_ms(lambda: F.linear(scaled_hilo(), b2)) * 1e3}}
-            _, timed = timed_sweep(SWEEP, lambda **config: fp8_dot_down(q, scale, a8, a_scale, **config))
+            sweep = SWEEP if os.environ.get("PROBE_FP8_DOT_SWEEP", "1") == "1" else {}  # 0: the fixed config only
+            _, timed = timed_sweep(sweep, lambda **config: fp8_dot_down(q, scale, a8, a_scale, **config))
             row["fp8_dot_sweep_best"] = timed[:4]
             if timed:
                 row["us"]["fp8_dot_down_best"] = timed[0]["ms"] * 1e3
