@@ -29,9 +29,12 @@ H100, `benchmarks/results/2026-12-06i-h100-fp8qk-fp8down/`): on in `h100`/`h200`
 The recipe lever `lora_down_fp8_gemm` (off) computes the same `u` as one cuBLASLt FP8 GEMM instead of the Triton
 kernel (`lora_down_fp8_gemm`): A split in the program into an FP8 high part and the FP8 rounding of the rest, one
 float32 scale a rank row (`fp8_hi_lo_rows`, ~2^-8 of A), `torch._scaled_mm(q, [A_hi; A_lo]^T)` with q's row scales
-and A's as the epilogue's, the two halves summed. The Triton kernel takes 1.14 ms of a 512² step (H200,
-2026-12-07j: 24.5 us a single-block call, where cuBLAS reads a bf16 copy of twice the bytes in 15.7);
-`scripts/gpu/probe_lora_down_scaled_mm.py` times both.
+and A's as the epilogue's, the two halves summed. Measured in a package beside the default (H100, 2026-12-08, random
+weights, `benchmarks/results/2026-12-08a-h100-lora-down-fp8-gemm/`): 512² 32.29 -> 33.49 ms a step from CUDA
+graphs. cuBLASLt's GEMM at N = 128 is slower than the Triton kernel with 1536 rows (a 512² single block: 37.0 vs
+24.5 us), faster with 4608 (39.7 vs 58.8), and the split in the program costs ~8 us a call. A Triton kernel with FP8
+tensor-core dots against A's halves took 14.9 / 47.8 us there: the next form, with the halves written by the
+runtime at each switch (docs/design.md, "Where next pieces go").
 """
 
 from __future__ import annotations

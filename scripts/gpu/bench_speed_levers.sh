@@ -30,7 +30,8 @@
 #    no_fp8down: lora_down_from_fp8 off (on by default since 2026-12-06i: the LoRA down-projections after the MLP
 #      GELUs read the FP8 GELU output, so the GELU kernel writes no bf16 copy for them; models/lora_down_fp8.py);
 #    down_gemm: lora_down_fp8_gemm = true (those down-projections from the FP8 GELU output as one cuBLASLt FP8 GEMM
-#      against A split in the program into FP8 high and low parts, instead of the Triton split-K kernel);
+#      against A split in the program into FP8 high and low parts, instead of the Triton split-K kernel; 512² +1.2 ms
+#      a step from graphs on an H100, 2026-12-08a);
 #    up: group_lora_up = true (each group's LoRA up-projections, and each lone slot's, in one Triton kernel launch
 #      instead of a cuBLAS GEMM per slot; models/lora_up.py);
 #    gelu_lora: fused_gelu_lora = true (the LoRA up-projection before each MLP GELU and the down-projection after
