@@ -88,10 +88,14 @@ def _kernel():
     return lora_down_fp8_kernel
 
 
-# Launch configuration. K slices of ~2048 columns (8 for a single block's K = 15360, 6 for 12288) give a 1024²
-# step's 4608 rows 288 programs of 128 rows. Two sweeps of 120 configurations in all found none more than ~3% faster
-# (H200, 2026-12-04, scripts/gpu/probe_lora_down_fp8.py, benchmarks/results/2026-12-04f-h200-lora-down-fp8/).
-BLOCK_M, BLOCK_K, K_PER_SLICE, NUM_WARPS, NUM_STAGES = 128, 128, 2048, 8, 3
+# Launch configuration: programs of 64 rows over K slices of ~1024 columns (15 for a single block's K = 15360, 12 for
+# 12288), 4 warps. A 512² step has too few rows for 128-row programs over ~2048-column slices (a single block's 1536
+# rows: 96 programs for 132 SMs): in the sweep of 2026-12-04f (H200, scripts/gpu/probe_lora_down_fp8.py,
+# benchmarks/results/2026-12-04f-h200-lora-down-fp8/probe/probe_lora_down_fp8.json, the partial sum included) this
+# config against that one (128, 128, 2048, 8 warps, 3 stages) took 21.9 vs 25.3 us a 512² single-block call and
+# 17.6 vs 25.9 a double block's image one (-0.29 ms a step), 52.7 vs 55.2 and 39.5 vs 41.6 at 1024² (-0.14 ms).
+# Kernel figures; in a package unmeasured (`LEVERS=rebuilt` beside a package built before 2026-12-08 measures it).
+BLOCK_M, BLOCK_K, K_PER_SLICE, NUM_WARPS, NUM_STAGES = 64, 128, 1024, 4, 3
 
 
 def kernel_fits(rank: int) -> bool:
