@@ -41,13 +41,6 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def hi_lo(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [R, K] as [A_hi; A_lo] FP8 [2R, K] and their row scales [1, 2R] (A ~ A_hi s_hi + A_lo s_lo)."""
-    hi, s_hi = fp8_rows(a.float())
-    lo, s_lo = fp8_rows(a.float() - hi.float() * s_hi)
-    return torch.cat([hi, lo]), torch.cat([s_hi, s_lo]).reshape(1, -1)
-
-
 def _fp8_dot_kernel():
     """Today's split-K kernel with FP8 tensor-core dots: q's tile against A_hi's and A_lo's (no conversion of q),
     the two accumulators combined by A's row scales before the partial store."""
@@ -79,7 +72,7 @@ def _fp8_dot_kernel():
 
 
 def fp8_dot_down(q, scale, a8, a_scale, block_m=128, block_k=128, per_slice=2048, num_warps=8, num_stages=3):
-    """u [rows, R] in bf16 from `q, scale` and `[A_hi; A_lo]` (`hi_lo`), by `_fp8_dot_kernel`."""
+    """u [rows, R] in bf16 from `q, scale` and `[A_hi; A_lo]` (`lora_down_fp8.fp8_hi_lo_rows`), by `_fp8_dot_kernel`."""
     rows, k = q.shape
     rank = a8.shape[0] // 2
     columns, slices = lever._split(k, block_k, per_slice)
@@ -106,7 +99,7 @@ def main(out_path: str) -> None:
             a = (torch.randn(RANK, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
             b = (torch.randn(OUT_FEATURES, RANK, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
             h = (q.float() * scale).to(torch.bfloat16)  # the bf16 copy today's GELU kernel no longer writes
-            a8, a_scale = hi_lo(a)
+            a8, a_scale = lever.fp8_hi_lo_rows(a)
             a_hi, a_hi_scale = a8[:RANK], a_scale[:, :RANK]
             b2 = torch.cat([b, b], dim=1)
 
