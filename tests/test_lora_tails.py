@@ -125,6 +125,19 @@ def test_rows_hold_the_input_over_each_rows_headroom_then_the_split_delta():
     assert (u[3, TAIL_RANK:].float() / (row_scale[3] * factors[1])).abs().max() > FP8_MAX / 2  # H no larger than needed
 
 
+def test_no_factors_given_means_every_reader_at_one():
+    """The programs pass an empty factors tensor (no fill kernel a call): one 1.0 a reader of u, bit for bit."""
+    generator = torch.Generator().manual_seed(2)
+    q, s_x = quantize_rows(torch.randn(6, 128, generator=generator).to(torch.bfloat16))
+    u = (torch.randn(6, 3 * TAIL_RANK, generator=generator) * 10).to(torch.bfloat16)
+    given = tailed_rows_reference(q, s_x, u, torch.ones(3), MIN_HEADROOM)
+    empty = torch.ops.aotpack.tailed_rows(q, s_x, u, torch.empty(0), MIN_HEADROOM)
+    assert empty[0].shape == (3, 6, 128 + TAIL_COLUMNS)
+    assert torch.equal(empty[0].view(torch.uint8), given[0].view(torch.uint8)) and torch.equal(empty[1], given[1])
+    halves = tailed_rows_reference(q, s_x, u, torch.full([3], 0.5), MIN_HEADROOM)
+    assert not torch.equal(halves[0].view(torch.uint8), given[0].view(torch.uint8))  # factors do count when given
+
+
 def test_row_headroom_is_the_least_power_of_two_that_keeps_every_readers_tails_in_range():
     generator = torch.Generator().manual_seed(6)
     u = (torch.randn(64, 2 * TAIL_RANK, generator=generator) * torch.logspace(-6, 6, 64)[:, None]).to(torch.bfloat16)

@@ -95,13 +95,22 @@ def row_headroom(u: torch.Tensor, scale: torch.Tensor, factors: torch.Tensor,
     return torch.ldexp(one, k), torch.ldexp(one, -k)
 
 
+def reader_factors(u: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """`factors`, or for an empty one (the programs' "every c is 1": the runtime folds them into A, and an empty
+    tensor costs no fill kernel a call) one 1.0 a reader of `u` [T, n * TAIL_RANK]."""
+    if factors.numel():
+        return factors
+    return torch.ones(u.shape[-1] // TAIL_RANK, dtype=torch.float32, device=u.device)
+
+
 def tailed_rows_reference(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
                           min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every reader's GEMM rows and their row scale: `q` [T, K] FP8 and `scale` [T, 1] float32 (the input's
     row-wise quantization), `u` [T, n * TAIL_RANK] (the group's down-projection, reader i's in columns
-    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and the
+    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c; empty: all 1, `reader_factors`). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and the
     row scale [T, 1], `scale * H` with each row's headroom H (`row_headroom`)."""
     pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
+    factors = reader_factors(u, factors)
     headroom, inverse = row_headroom(u, scale, factors, min_headroom)
     row_scale = scale * headroom
     x_part = (q.float() * inverse).to(FP8)
@@ -123,7 +132,8 @@ def _kernel():
     @triton.jit
     def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, K: tl.constexpr,
                            R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr, READERS: tl.constexpr,
-                           MIN_LOG2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                           HAS_FACTORS: tl.constexpr, MIN_LOG2: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
         # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: the rows' headroom H from every reader's u, q / H
         # in columns [0, K), reader i's tails after them
         row_block, reader = tl.program_id(0), tl.program_id(1)
@@ -138,8 +148,10 @@ def _kernel():
         need = tl.zeros([BLOCK_T], dtype=tl.float32)
         for j in tl.static_range(READERS):
             u_j = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + j * R + offs_r[None, :], mask=mask).to(tl.float32)
-            need = tl.maximum(need, tl.math.div_rn(tl.max(tl.abs(u_j), axis=1),
-                                                   scale * tl.load(factor_ptr + j) * 448.0))
+            factor_j = 1.0  # no factors given: every c is 1 (`reader_factors`)
+            if HAS_FACTORS:
+                factor_j = tl.load(factor_ptr + j)
+            need = tl.maximum(need, tl.math.div_rn(tl.max(tl.abs(u_j), axis=1), scale * factor_j * 448.0))
         need_bits = need.to(tl.int32, bitcast=True)
         biased = (need_bits >> 23) & 0xFF
         k = tl.where((need_bits & 0x7FFFFF) == 0, biased - 127, biased - 126)
@@ -150,7 +162,9 @@ def _kernel():
         if reader == 0:
             tl.store(row_scale_ptr + offs_t, row_scale, mask=row_ok)
         u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
-        factor = tl.load(factor_ptr + reader)
+        factor = 1.0
+        if HAS_FACTORS:
+            factor = tl.load(factor_ptr + reader)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = row_ok[:, None] & (offs_k[None, :] < K)
@@ -181,7 +195,7 @@ def _tailed_rows_triton(q, scale, u, factors, min_headroom):
     from torch.library import wrap_triton
 
     tokens, k = q.shape
-    readers = factors.numel()
+    readers = u.shape[1] // TAIL_RANK
     rows = torch.empty(readers, tokens, k + TAIL_COLUMNS, dtype=FP8, device=q.device)
     row_scale = torch.empty(tokens, 1, dtype=torch.float32, device=q.device)
     block_t = 16
@@ -189,7 +203,7 @@ def _tailed_rows_triton(q, scale, u, factors, min_headroom):
     # the headroom's exponent a constexpr: compiled by AOTInductor, float arguments came in as fp64 ("Expected dtype
     # ['fp32'] but got fp64" from div_rn, H100 2026-12-07)
     wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, K=k, R=TAIL_RANK, TAIL=TAIL_COLUMNS,
-                                 U_STRIDE=u.stride(0), READERS=readers, MIN_LOG2=int(math.log2(min_headroom)),
+                                 U_STRIDE=u.stride(0), READERS=readers, HAS_FACTORS=factors.numel() > 0, MIN_LOG2=int(math.log2(min_headroom)),
                                  BLOCK_T=block_t, BLOCK_K=512)
     return rows, row_scale
 

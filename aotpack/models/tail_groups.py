@@ -124,9 +124,10 @@ def with_tailed_outputs(x: QuantizedActivation, readers) -> QuantizedActivation:
         return x
     lead, width = x.q.shape[:-1], x.q.shape[-1]
     u = F.linear(x.hidden.to(holder.lora_A.dtype), holder.lora_A)  # [..., n * TAIL_RANK]
-    ones = torch.ones(len(members), dtype=torch.float32, device=x.q.device)  # the factors are folded into lora_A
+    # the factors are folded into lora_A: none given, so no fill kernel a call (`lora_tails.reader_factors`)
+    all_ones = torch.empty(0, dtype=torch.float32, device=x.q.device)
     rows, row_scale = torch.ops.aotpack.tailed_rows(x.q.reshape(-1, width), x.scale.reshape(-1, 1),
-                                                    u.reshape(-1, u.shape[-1]), ones, MIN_HEADROOM)
+                                                    u.reshape(-1, u.shape[-1]), all_ones, MIN_HEADROOM)
     outputs = {}
     for layer, (_, position) in zip(readers, members):
         weight = layer.base.weight

@@ -40,8 +40,14 @@ def main(out_path):
         factors = torch.rand(readers, device="cuda", generator=generator) + 0.25
         rows, row_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, factors, MIN_HEADROOM)
         expected_rows, expected_scale = tailed_rows_reference(q, s_x, u, factors, MIN_HEADROOM)
+        # no factors (as the programs call it since 2026-12-08: every c is 1, no fill kernel)
+        no_factors = torch.empty(0, device="cuda")
+        rows_1, scale_1 = torch.ops.aotpack.tailed_rows(q, s_x, u, no_factors, MIN_HEADROOM)
+        expected_1 = tailed_rows_reference(q, s_x, u, torch.ones(readers, device="cuda"), MIN_HEADROOM)
         row = {"group": name, "tokens": tokens, "k": k, "readers": readers,
                "bit_equal": torch.equal(rows.view(torch.uint8), expected_rows.view(torch.uint8)),
+               "bit_equal_without_factors": (torch.equal(rows_1.view(torch.uint8), expected_1[0].view(torch.uint8))
+                                             and torch.equal(scale_1, expected_1[1])),
                "scale_equal": torch.equal(row_scale, expected_scale),
                "rows_with_headroom": int((row_scale > s_x).sum()),
                "differing_bytes": int((rows.view(torch.uint8) != expected_rows.view(torch.uint8)).sum()),
