@@ -111,18 +111,24 @@ def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effec
         assert relative_error(with_lever - no_lora, without - no_lora) < 0.05  # 0.040 and 0.012 here
 
 
-def test_recipe_field_needs_the_fused_gelu_kernel(tmp_path):
+@pytest.mark.parametrize("field, needs, common", [
+    ("lora_down_from_fp8", "fused_gelu_quant", ""),
+    ("lora_down_fp8_gemm", "lora_down_from_fp8", "fused_gelu_quant = true\n"),
+])
+def test_recipe_field_needs_the_field_it_builds_on(tmp_path, field, needs, common):
+    """`lora_down_from_fp8` reads the fused GELU kernel's FP8 output; `lora_down_fp8_gemm` chooses how those
+    down-projections run: each is refused without the other, naming both."""
     from aotpack.recipes.recipe import load_recipe
 
-    fields = 'dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\nlora_down_from_fp8 = true\n'
+    fields = f'dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\n{common}{field} = true\n'
     good = tmp_path / "good.toml"
-    good.write_text(cpu_test_recipe("good", fields + "fused_gelu_quant = true\n", tolerance=0.1, end_to_end=2.0))
-    assert load_recipe(good).lora_down_from_fp8 is True
+    good.write_text(cpu_test_recipe("good", fields + f"{needs} = true\n", tolerance=0.1, end_to_end=2.0))
+    assert getattr(load_recipe(good), field) is True
     bad = tmp_path / "bad.toml"
     bad.write_text(cpu_test_recipe("bad", fields, tolerance=0.1, end_to_end=2.0))
     with pytest.raises(RecipeError) as caught:
         load_recipe(bad)
-    assert "lora_down_from_fp8" in str(caught.value) and "fused_gelu_quant = true" in str(caught.value)
+    assert field in str(caught.value) and f"{needs} = true" in str(caught.value)
 
 
 def test_single_block_program_with_the_lever_compiles_and_matches_its_eager_region(monkeypatch, tmp_path):
@@ -167,21 +173,6 @@ def test_the_fp8_gemm_down_projection_equals_the_reference_to_a_bf16_rounding():
     assert gemm_fits(16) and not gemm_fits(4)
     small = a[:4]  # a rank the GEMM does not take runs the op, here its reference
     assert torch.equal(lora_down_fp8_gemm(q, scale, small), lora_down_fp8_reference(q, scale, small))
-
-
-def test_recipe_gemm_field_needs_the_fp8_down_projection(tmp_path):
-    from aotpack.recipes.recipe import load_recipe
-
-    fields = ('dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\nfused_gelu_quant = true\n'
-              'lora_down_fp8_gemm = true\n')
-    good = tmp_path / "good.toml"
-    good.write_text(cpu_test_recipe("good", fields + "lora_down_from_fp8 = true\n", tolerance=0.1, end_to_end=2.0))
-    assert load_recipe(good).lora_down_fp8_gemm is True
-    bad = tmp_path / "bad.toml"
-    bad.write_text(cpu_test_recipe("bad", fields, tolerance=0.1, end_to_end=2.0))
-    with pytest.raises(RecipeError) as caught:
-        load_recipe(bad)
-    assert "lora_down_fp8_gemm" in str(caught.value) and "lora_down_from_fp8 = true" in str(caught.value)
 
 
 def test_single_block_program_with_the_fp8_gemm_down_projection_matches_its_eager_region(monkeypatch, tmp_path):

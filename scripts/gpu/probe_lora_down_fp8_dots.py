@@ -41,14 +41,11 @@ DEFAULT = dict(block_m=128, block_k=128, per_slice=2048, num_warps=4, num_stages
 
 
 def split_a(a):
-    """A [R, K] bf16 -> (hi, s_hi, lo, s_lo): FP8 halves with one float32 scale per rank row, A ~ s_hi hi + s_lo lo."""
-    a32 = a.float()
-    s_hi = (a32.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-30)
-    hi = (a32 / s_hi).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    rest = a32 - hi.float() * s_hi
-    s_lo = (rest.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-30)
-    lo = (rest / s_lo).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return hi, s_hi, lo, s_lo
+    """A [R, K] bf16 -> (hi, s_hi, lo, s_lo): FP8 halves with one float32 scale per rank row, A ~ s_hi hi + s_lo lo
+    (`lora_down_fp8.fp8_hi_lo_rows`, as [R, 1] scales)."""
+    halves, scales = lever.fp8_hi_lo_rows(a)
+    rank = a.shape[0]
+    return halves[:rank], scales[0, :rank, None], halves[rank:], scales[0, rank:, None].contiguous()
 
 
 @functools.cache

@@ -6,7 +6,8 @@ bf16 copy (twice the bytes) in 15.7 (H200, 2026-12-04f), 1.14 ms of a 512² step
 times the same product as `torch._scaled_mm(q, [A_hi; A_lo]^T)`: A split per rank row into an FP8 high part and the
 FP8 rounding of the rest (each row its own scale, given as the GEMM's column scales, so the epilogue applies both),
 out `[rows, 2R]` in bf16, and the up-projection reading it against `[B | B]` (so `B u_hi + B u_lo` needs no add).
-Also the high part alone (N = R: A's own FP8 rounding in u) for its error. Per shape: us a call from CUDA graphs
+Also the high part alone (N = R: A's own FP8 rounding in u) for its error, and the FP8-dot Triton kernel of
+`probe_lora_down_fp8_dots.py` (2026-12-06d, which timed cuBLAS's halves as two float32 GEMMs) with A's halves given. Per shape: us a call from CUDA graphs
 (kernel_probe.graph_ms), down alone and down + up, and u's and the delta's relative error against float64 from the
 same FP8 input. Per-step totals weight each shape by its calls (38 single blocks' `proj_out`, 19 double blocks'
 image `ff.net.2`; the text stream's stays bf16).
@@ -41,46 +42,15 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _fp8_dot_kernel():
-    """Today's split-K kernel with FP8 tensor-core dots: q's tile against A_hi's and A_lo's (no conversion of q),
-    the two accumulators combined by A's row scales before the partial store."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def lora_down_fp8_dot_kernel(q_ptr, a_ptr, a_scale_ptr, partial_ptr, rows, K: tl.constexpr, R: tl.constexpr,
-                                 K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        row_block, split = tl.program_id(0), tl.program_id(1)
-        offs_m = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_r = tl.arange(0, R)
-        acc_hi = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        acc_lo = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
-            in_k = offs_k < K
-            x = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < rows) & in_k[None, :],
-                        other=0.0)
-            a_hi = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=in_k[None, :], other=0.0)
-            a_lo = tl.load(a_ptr + (R + offs_r[:, None]) * K + offs_k[None, :], mask=in_k[None, :], other=0.0)
-            acc_hi = tl.dot(x, tl.trans(a_hi), acc_hi)
-            acc_lo = tl.dot(x, tl.trans(a_lo), acc_lo)
-        acc = acc_hi * tl.load(a_scale_ptr + offs_r)[None, :] + acc_lo * tl.load(a_scale_ptr + R + offs_r)[None, :]
-        tl.store(partial_ptr + (split * rows + offs_m[:, None]) * R + offs_r[None, :], acc,
-                 mask=offs_m[:, None] < rows)
-
-    return lora_down_fp8_dot_kernel
-
-
 def fp8_dot_down(q, scale, a8, a_scale, block_m=128, block_k=128, per_slice=2048, num_warps=8, num_stages=3):
-    """u [rows, R] in bf16 from `q, scale` and `[A_hi; A_lo]` (`lora_down_fp8.fp8_hi_lo_rows`), by `_fp8_dot_kernel`."""
-    rows, k = q.shape
+    """u [rows, R] in bf16 from `q, scale` and `[A_hi; A_lo]` (`lora_down_fp8.fp8_hi_lo_rows`) by the FP8-dot split-K
+    kernel of `probe_lora_down_fp8_dots.py` (2026-12-06d), at today's kernel's launch configuration by default."""
+    from probe_lora_down_fp8_dots import down_fp8_dots  # noqa: PLC0415  same folder; GPU only
+
     rank = a8.shape[0] // 2
-    columns, slices = lever._split(k, block_k, per_slice)
-    partial = torch.empty(slices, rows, rank, dtype=torch.float32, device=q.device)
-    _fp8_dot_kernel()[((rows + block_m - 1) // block_m, slices)](
-        q, a8, a_scale, partial, rows, K=k, R=rank, K_PER_SPLIT=columns, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages)
-    return (partial.sum(0) * scale).to(torch.bfloat16)
+    halves = (a8[:rank], a_scale[0, :rank, None], a8[rank:], a_scale[0, rank:, None].contiguous())
+    return down_fp8_dots(q, scale, halves, block_m=block_m, block_k=block_k, per_slice=per_slice,
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 SWEEP = {"block_m": (64, 128), "per_slice": (1024, 2048), "num_warps": (4, 8)}  # each a compile: kept small
