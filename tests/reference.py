@@ -39,6 +39,59 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def load_fp8_package(package):
+    """`aotpack.load` of a CPU FP8 test package on the tiny model (torchao's hardware check lifted)."""
+    import pytest
+    import torchao.quantization.quant_api as quant_api
+
+    import aotpack
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+        return aotpack.load(package, model="tiny")
+
+
+def tiny_forward_inputs(transformer) -> dict:
+    """The tiny transformer's forward inputs for package tests: batch 1, 64 image + 16 text tokens, seeded."""
+    from aotpack.models.examples import transformer_inputs
+
+    return transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
+                              device="cpu", generator=torch.Generator().manual_seed(2))
+
+
+def run_float(model, inputs) -> torch.Tensor:
+    """`model(**inputs)`'s output in float32, without autograd."""
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0].float()
+
+
+def served_beside_fp8(package, fp8_package):
+    """For a lever package's tests against the FP8 package and diffusers + PEFT: both served with no LoRA set
+    (`served`, `plain`; `transformer` is `served`'s), the eager tiny model (`eager`), `inputs`, and the no-LoRA
+    outputs of the eager model, `served` and `plain` (`ref_base`, `base`, `plain_base`)."""
+    from types import SimpleNamespace
+
+    from aotpack.models.checkpoint import load_transformer, parse_model_ref
+
+    served, plain = load_fp8_package(package), load_fp8_package(fp8_package)
+    inputs = tiny_forward_inputs(served.transformer)
+    eager = load_transformer(parse_model_ref("tiny"), torch.bfloat16, "cpu").eval()
+    served.set_loras([])
+    plain.set_loras([])
+    return SimpleNamespace(served=served, plain=plain, transformer=served.transformer, eager=eager, inputs=inputs,
+                           ref_base=run_float(eager, inputs), base=run_float(served.transformer, inputs),
+                           plain_base=run_float(plain.transformer, inputs))
+
+
+def peft_outputs(eager, inputs, loras: dict):
+    """Each LoRA of `loras` (name -> file) loaded into the eager model in turn as adapter `a<index>` and set alone at
+    scale 1: yields (name, file, the eager output with it)."""
+    for index, (name, path) in enumerate(loras.items()):
+        eager.load_lora_adapter(str(path), adapter_name=f"a{index}", prefix="transformer")
+        eager.set_adapters([f"a{index}"], [1.0])
+        yield name, path, run_float(eager, inputs)
+
+
 def cpu_test_recipe(name: str, fields: str, *, tolerance: float, end_to_end: float, shapes=None) -> str:
     """A small CPU recipe (TOML) for test packages: `fields` are its top-level lines (dtype, attention,
     quantization, max_rank...); shapes (name -> [min, max]) default to the ranges the CPU tests share,
@@ -172,6 +225,7 @@ class SingleBlockProgram:
     def __init__(self, monkeypatch, install=None, **lever):
         from aotpack.builder.export import export_region
         from aotpack.models.fused_quant import install_fused_gelu_quant
+        from aotpack.models.lora_down_fp8 import program_lora_inputs
         from aotpack.models.regions import SINGLE_BLOCK, make_region
         from aotpack.models.slots import SlotSpec, random_slot_tensors
 
@@ -181,7 +235,8 @@ class SingleBlockProgram:
             install(transformer)
         self.region = make_region(transformer, SINGLE_BLOCK, "single_transformer_blocks.0")
         specs = [SlotSpec(name, slot.in_features, slot.out_features) for name, slot in self.region.slots().items()]
-        self.lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)
+        lora = random_slot_tensors(specs, 16, torch.bfloat16, "cpu", torch.Generator().manual_seed(5), std=0.2)
+        self.lora = program_lora_inputs(lora, self.region.lora_names())  # A's FP8 halves where slots read them
         _, joint, temb, rotary = tiny_block_inputs(transformer, batch=2)
         self.activations = (joint, temb, *rotary)
         shapes = {"batch": [1, 2], "image_tokens": [16, 256], "text_tokens": [8, 64]}

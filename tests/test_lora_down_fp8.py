@@ -19,6 +19,7 @@ from aotpack.models.examples import relative_error
 from aotpack.models.fused_quant import install_fused_gelu_quant, linear_after_gelu, quantize_rows
 from aotpack.models.lora_down_fp8 import (
     _split,
+    fp8_hi_lo_rows,
     kernel_errors,
     kernel_fits,
     lora_down_fp8_reference,
@@ -39,7 +40,10 @@ def test_reference_is_the_product_of_the_dequantized_input():
     # it is A times the FP8 copy, not the bf16 input: the difference is the activation's FP8 rounding
     from_bf16 = x.double() @ a.double().T
     assert 1e-3 < relative_error(u.double(), from_bf16) < 0.06
-    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0}  # the build's GPU check, on the CPU
+    # the build's GPU check, on the CPU: A in bf16, and with the lever lora_down_fp8_dots A's FP8 halves too
+    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0}
+    assert kernel_errors("cpu", dots=True) == {"single_block": 0.0, "single_block_dots": 0.0, "double_block": 0.0,
+                                               "double_block_dots": 0.0}
 
 
 def test_kernel_takes_power_of_two_ranks_and_slices_k_in_tiles():
@@ -114,6 +118,7 @@ def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effec
 @pytest.mark.parametrize("field, needs, common", [
     ("lora_down_from_fp8", "fused_gelu_quant", ""),
     ("lora_down_fp8_gemm", "lora_down_from_fp8", "fused_gelu_quant = true\n"),
+    ("lora_down_fp8_dots", "lora_down_from_fp8", "fused_gelu_quant = true\n"),
 ])
 def test_recipe_field_needs_the_field_it_builds_on(tmp_path, field, needs, common):
     """`lora_down_from_fp8` reads the fused GELU kernel's FP8 output; `lora_down_fp8_gemm` chooses how those
@@ -145,7 +150,6 @@ def test_single_block_program_with_the_lever_compiles_and_matches_its_eager_regi
 
 
 def test_a_split_into_fp8_high_and_low_rows_keeps_a_to_its_second_rounding():
-    from aotpack.models.lora_down_fp8 import fp8_hi_lo_rows
 
     generator = torch.Generator().manual_seed(6)
     a = (torch.randn(8, 96, generator=generator) * 96**-0.5).to(torch.bfloat16)
@@ -186,3 +190,75 @@ def test_single_block_program_with_the_fp8_gemm_down_projection_matches_its_eage
     expected, actual, no_lora = block.run(tmp_path / "single.pt2")
     assert relative_error(expected - no_lora, no_lora) > 0.5
     assert relative_error(actual.float(), expected.float()) < 0.1
+
+
+def test_the_two_down_projection_forms_of_a_are_not_both_chosen(tmp_path):
+    from aotpack.recipes.recipe import load_recipe
+
+    path = tmp_path / "both.toml"
+    path.write_text(cpu_test_recipe("both", 'dtype = "bfloat16"\nquantization = "fp8_rowwise"\nmax_rank = 8\n'
+                                            "fused_gelu_quant = true\nlora_down_from_fp8 = true\n"
+                                            "lora_down_fp8_gemm = true\nlora_down_fp8_dots = true\n",
+                                    tolerance=0.1, end_to_end=2.0))
+    with pytest.raises(RecipeError, match="lora_down_fp8_dots = true cannot go with lora_down_fp8_gemm = true"):
+        load_recipe(path)
+
+
+def test_the_fp8_dot_down_projection_is_the_product_with_a_rebuilt_from_its_halves():
+    """`lora_down_fp8_dots` (the op the lever `lora_down_fp8_dots` calls): u from A's FP8 halves is the product of the
+    dequantized input with `A_hi s_hi + A_lo s_lo`, within A's second FP8 rounding of the bf16-A form's u."""
+    from aotpack.models.lora_down_fp8 import lora_down_fp8_dots_reference
+
+    generator = torch.Generator().manual_seed(8)
+    x = (3 * torch.randn(2, 7, 256, generator=generator)).to(torch.bfloat16)
+    q, scale = quantize_rows(x)
+    a = (torch.randn(16, 256, generator=generator) * 256**-0.5).to(torch.bfloat16)
+    a8, a_scale = fp8_hi_lo_rows(a)
+    u = torch.ops.aotpack.lora_down_fp8_dots(q, scale, a8, a_scale, torch.bfloat16)
+    assert u.shape == (2, 7, 16) and u.dtype == torch.bfloat16
+    assert torch.equal(u, lora_down_fp8_dots_reference(q, scale, a8, a_scale, torch.bfloat16))  # the CPU op
+    rebuilt = a8[:16].double() * a_scale[0, :16, None].double() + a8[16:].double() * a_scale[0, 16:, None].double()
+    exact = (q.double() * scale.double()) @ rebuilt.T
+    assert relative_error(u.double(), exact) < 4e-3  # one bf16 rounding of the output
+    assert 0 < relative_error(u.float(), lora_down_fp8_reference(q, scale, a).float()) < 4e-3  # A's 2nd rounding
+    assert torch.ops.aotpack.lora_down_fp8_dots(q, scale, a8, a_scale, torch.float16).dtype == torch.float16
+
+
+def test_a_batch_of_a_splits_into_halves_as_each_alone():
+    """The runtime splits the A's of one weight shape as one batch (runtime/a_halves_bank.py); the build's example
+    inputs and eager runs split each alone: the same bits either way."""
+    generator = torch.Generator().manual_seed(9)
+    batch = (torch.randn(3, 8, 64, generator=generator) * 0.1).to(torch.bfloat16)
+    batch[1, 4:] = 0  # a slot filled to rank 4
+    halves, scales = fp8_hi_lo_rows(batch)
+    assert halves.shape == (3, 16, 64) and scales.shape == (3, 1, 16)
+    for a, a8, a_scale in zip(batch, halves, scales):
+        alone = fp8_hi_lo_rows(a)
+        assert torch.equal(a8.view(torch.uint8), alone[0].view(torch.uint8)) and torch.equal(a_scale, alone[1])
+
+
+def test_single_block_program_with_fp8_dots_reads_a_halves_as_inputs_and_matches_its_eager_region(monkeypatch,
+                                                                                                   tmp_path):
+    """The lever `lora_down_fp8_dots` in a real AOTInductor program (CPU): proj_out's down-projection is the FP8-dot
+    op over two more program inputs, A's halves (its A stays an input, unread), and the program matches its eager
+    region, which splits A itself, as the Triton op's program does; the output moves from the Triton op's by A's
+    second FP8 rounding only."""
+    block = SingleBlockProgram(monkeypatch, lora_down_from_fp8=True, lora_down_fp8_dots=True)
+    targets = block.targets()
+    assert targets.count("aotpack.lora_down_fp8_dots.default") == 1 and "aotpack.lora_down_fp8.default" not in targets
+    names = block.region.lora_names()
+    assert names[names.index("proj_out.lora_B") + 1:][:2] == ["proj_out.lora_A_fp8", "proj_out.lora_A_fp8_scale"]
+    assert not any(n.endswith("_fp8") for n in names if not n.startswith("proj_out."))  # only the marked slot
+    assert block.lora["proj_out.lora_A_fp8"].dtype == torch.float8_e4m3fn
+    expected, actual, no_lora = block.run(tmp_path / "single.pt2")
+    assert relative_error(expected - no_lora, no_lora) > 0.5
+    assert relative_error(actual.float(), expected.float()) < 0.1  # 0.046 here, as the Triton op's program
+    triton_op, _, _ = SingleBlockProgram(monkeypatch, lora_down_from_fp8=True).run(tmp_path / "op.pt2")
+    assert 0 < relative_error(expected.float(), triton_op.float()) < 3e-3  # 3.5e-4 here
+    # the program reads the halves it is given, not its A: halves of another A move its output
+    other = dict(block.lora)
+    other["proj_out.lora_A_fp8"], other["proj_out.lora_A_fp8_scale"] = fp8_hi_lo_rows(-block.lora["proj_out.lora_A"])
+    compiled = torch._inductor.aoti_load_package(str(tmp_path / "single.pt2"))
+    with torch.no_grad():
+        (flipped,) = compiled(*block.activations, other)
+    assert relative_error(flipped.float(), actual.float()) > 0.1

@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import load_fp8_package, peft_outputs, rel_error, run_float, served_beside_fp8, tiny_forward_inputs
+
 from aotpack.errors import RecipeError
 from aotpack.models.lora_tails import TAIL_COLUMNS, TAIL_RANK
 from aotpack.store.manifest import read_manifest
@@ -55,32 +57,6 @@ def test_the_tailed_programs_group_their_other_slots_down_projections_as_the_slo
     assert grouped["single_block"] > 0 and grouped["single_block.tails"] == 0  # its one slot left: proj_out
 
 
-def _load(package):
-    import torchao.quantization.quant_api as quant_api
-
-    import aotpack
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-        return aotpack.load(package, model="tiny")
-
-
-def _inputs(transformer):
-    from aotpack.models.examples import transformer_inputs
-
-    return transformer_inputs(transformer.config, batch=1, image_tokens=64, text_tokens=16, dtype=torch.bfloat16,
-                              device="cpu", generator=torch.Generator().manual_seed(2))
-
-
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0].float()
-
-
-def _error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def test_the_tailed_programs_read_the_tailed_weights(tails_package, fp8_package):
     manifest, plain = read_manifest(tails_package), read_manifest(fp8_package)
     # format 7: older runtimes, which would bind the readers' base weights contiguous, refuse the package
@@ -106,50 +82,40 @@ def test_the_tailed_programs_read_the_tailed_weights(tails_package, fp8_package)
 
 
 def test_tails_reproduce_a_lora_as_slots_do_and_fall_back_to_slots(tails_package, fp8_package, demo_loras):
-    from aotpack.models.checkpoint import load_transformer, parse_model_ref
-
-    served, slots = _load(tails_package), _load(fp8_package)
-    transformer = served.transformer
-    inputs = _inputs(transformer)
-    eager = load_transformer(parse_model_ref("tiny"), torch.bfloat16, "cpu").eval()
-    ref_base = _run(eager, inputs)
-    served.set_loras([])
-    slots.set_loras([])
-    base, slots_base = _run(transformer, inputs), _run(slots.transformer, inputs)
+    run = served_beside_fp8(tails_package, fp8_package)
+    served, slots, transformer, eager, inputs = run.served, run.plain, run.transformer, run.eager, run.inputs
+    ref_base, base, slots_base = run.ref_base, run.base, run.plain_base
     assert transformer.last_variant == "no_slots" and torch.equal(base, slots_base)
-    for index, (name, path) in enumerate(demo_loras.items()):
-        eager.load_lora_adapter(str(path), adapter_name=f"a{index}", prefix="transformer")
-        eager.set_adapters([f"a{index}"], [1.0])
-        reference = _run(eager, inputs)
+    for name, path, reference in peft_outputs(eager, inputs, demo_loras):
         served.set_loras([(path, 1.0)])
-        tails = _run(transformer, inputs)
+        tails = run_float(transformer, inputs)
         assert transformer.last_variant == "tails", name
         slots.set_loras([(path, 1.0)])
-        in_slots = _run(slots.transformer, inputs)
+        in_slots = run_float(slots.transformer, inputs)
         assert slots.transformer.last_variant == "slots"
         # the LoRA's effect: as close to PEFT's as slots' (LoRA fidelity), and the output's error too
         effect = reference - ref_base
-        fidelity = _error(tails - base, effect)
-        slots_fidelity = _error(in_slots - slots_base, effect)
+        fidelity = rel_error(tails - base, effect)
+        slots_fidelity = rel_error(in_slots - slots_base, effect)
         assert fidelity <= 1.02 * slots_fidelity + 0.01, (name, fidelity, slots_fidelity)
-        assert _error(tails, reference) <= 1.05 * _error(in_slots, reference) + 1e-3, name
-        assert _error(tails, in_slots) > 0  # a program of its own ran (not the slots' bits)
+        assert rel_error(tails, reference) <= 1.05 * rel_error(in_slots, reference) + 1e-3, name
+        assert rel_error(tails, in_slots) > 0  # a program of its own ran (not the slots' bits)
     # a strong set (scale 100: most rows' tails need headroom) runs in tails too, as close to PEFT as slots
     strong = [(demo_loras["tiny-style-attn"], 100.0)]
     eager.set_adapters(["a0"], [100.0])  # a0: tiny-style-attn, loaded first above
-    effect = _run(eager, inputs) - ref_base
+    effect = run_float(eager, inputs) - ref_base
     served.set_loras(strong)
-    tails = _run(transformer, inputs)
+    tails = run_float(transformer, inputs)
     assert transformer.last_variant == "tails"
     slots.set_loras(strong)
-    in_slots = _run(slots.transformer, inputs)
-    assert _error(tails - base, effect) <= 1.02 * _error(in_slots - slots_base, effect) + 0.01
+    in_slots = run_float(slots.transformer, inputs)
+    assert rel_error(tails - base, effect) <= 1.02 * rel_error(in_slots - slots_base, effect) + 0.01
     # a set of rank above the tails' keeps the slotted programs, bit for bit the FP8 package's (the rank is set by
     # hand: this package's max_rank, 16, admits no such set)
     transformer.bank.used_rank[transformer.tails.readers[0].name] = TAIL_RANK + 1
     transformer.tails.refresh()
     assert not transformer.tails.ready
-    assert torch.equal(_run(transformer, inputs), in_slots) and transformer.last_variant == "slots"
+    assert torch.equal(run_float(transformer, inputs), in_slots) and transformer.last_variant == "slots"
 
 
 def _shared_views(owner) -> list[tuple]:
@@ -166,12 +132,12 @@ def _base_rows(block, holder, position, reader, kind) -> torch.Tensor:
 
 
 def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tails_package, demo_loras):
-    served = _load(tails_package)
+    served = load_fp8_package(tails_package)
     transformer = served.transformer
-    inputs = _inputs(transformer)
+    inputs = tiny_forward_inputs(transformer)
     lora = [(demo_loras["tiny-style-all"], 0.8)]
     served.set_loras(lora)
-    tails = _run(transformer, inputs)
+    tails = run_float(transformer, inputs)
     assert transformer.last_variant == "tails"
     # the build's repeatability probe runs every program of the chain twice, the tailed ones included
     calls = [instance.calls for instance in transformer._tail_programs["single_block"]]
@@ -181,7 +147,7 @@ def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tail
     views = _shared_views(owner)
     base_rows = [_base_rows(*view).clone() for view in views]
     served.set_loras(lora, merge=True)
-    _run(transformer, inputs)
+    run_float(transformer, inputs)
     assert transformer.merged and transformer.last_variant == "no_slots"
     # one storage: the merge wrote the base weights' rows, which are the tailed weights' first columns
     merged_rows = [_base_rows(*view) for view in views]
@@ -189,10 +155,10 @@ def test_merge_runs_no_slot_programs_and_a_switch_back_runs_the_tails_again(tail
         assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                    for view, a, b in zip(views, merged_rows, base_rows) if view[4] == kind)
     served.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # unmerges, then writes the new set's tails
-    _run(transformer, inputs)
+    run_float(transformer, inputs)
     assert not transformer.merged and transformer.last_variant == "tails"
     served.set_loras(lora)
-    assert torch.equal(_run(transformer, inputs), tails) and transformer.last_variant == "tails"
+    assert torch.equal(run_float(transformer, inputs), tails) and transformer.last_variant == "tails"
     # the unmerge restored the shared rows bit for bit, and the tails never wrote them
     after = [_base_rows(*view) for view in views]
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(after, base_rows))

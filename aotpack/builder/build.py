@@ -27,6 +27,7 @@ from ..models.gemm_lora import MIN_IN_FEATURES
 from ..models.gemm_lora import check_kernel_against_reference as check_gemm_lora_kernel_against_reference
 from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
+from ..models.lora_down_fp8 import program_lora_inputs
 from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
 from ..models.merge_by_address import check_program as check_merge_program
@@ -207,6 +208,7 @@ def _export_programs(transformer, recipe: Recipe, slot_specs, inputs: dict, shap
         activations = _region_activations(kind, inputs, prologue_outputs, transformer, instances[0])
         lora = random_slot_tensors(_relative_specs(slot_specs, region, instances[0]), recipe.max_rank, lora_dtype,
                                    device, generator)
+        lora = program_lora_inputs(lora, region.lora_names())  # with A's FP8 halves where slots read them
         with report.stage(f"export {kind}"):
             program = export_region(region, activations, lora, _shard_shapes(shapes, kind, recipe.parallel))
             _group_lora_projections(program, kind, recipe, report)
@@ -338,15 +340,17 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         if recipe.fused_gelu_quant:  # GELU (+ concat) + FP8 quantization in one op; names do not change
             routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=recipe.lora_down_from_fp8,
                                               fused_gelu_lora=recipe.fused_gelu_lora,
-                                              lora_down_fp8_gemm=recipe.lora_down_fp8_gemm)
+                                              lora_down_fp8_gemm=recipe.lora_down_fp8_gemm,
+                                              lora_down_fp8_dots=recipe.lora_down_fp8_dots)
             report.info(f"    {routed} MLP GELUs fused into the FP8 quantization"
                         + (", their next linears' LoRA read its FP8 output" if recipe.lora_down_from_fp8 else "")
                         + (" by an FP8 GEMM" if recipe.lora_down_fp8_gemm else "")
+                        + (" by FP8 dots against A's FP8 halves" if recipe.lora_down_fp8_dots else "")
                         + (", with the LoRA projections around them" if recipe.fused_gelu_lora else ""))
             if torch.device(device).type == "cuda":
                 check_kernel_against_reference(device)
                 if recipe.lora_down_from_fp8:
-                    check_lora_down_kernel_against_reference(device)
+                    check_lora_down_kernel_against_reference(device, dots=recipe.lora_down_fp8_dots)
                 if recipe.fused_gelu_lora:
                     check_gelu_lora_kernel_against_reference(device)
         if recipe.fused_qk_norm_rope:  # q/k epilogue + norms + RoPE in one op per tensor; names do not change

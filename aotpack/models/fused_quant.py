@@ -361,12 +361,14 @@ def gelu_goes_into_proj_out(block: nn.Module) -> bool:
 
 
 def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = False,
-                             fused_gelu_lora: bool = False, lora_down_fp8_gemm: bool = False) -> int:
+                             fused_gelu_lora: bool = False, lora_down_fp8_gemm: bool = False,
+                             lora_down_fp8_dots: bool = False) -> int:
     """Route every MLP GELU of `transformer` (FP8-quantized) into the next linear's quantization, in place;
     returns how many. Weight and slot names do not change. `lora_down_from_fp8` (the recipe lever): the next
     linears' LoRA slots take their down-projection from the quantized GELU output (`lora_down_fp8.py`), but for the
     double blocks' text feed-forwards (`ff_context`), whose few rows the bf16 path serves faster; with
-    `lora_down_fp8_gemm` (the recipe lever) by one FP8 GEMM rather than the Triton kernel.
+    `lora_down_fp8_gemm` (the recipe lever) by one FP8 GEMM rather than the Triton kernel, with `lora_down_fp8_dots`
+    (the recipe lever) by FP8 dots against A's FP8 halves, two more program inputs of those slots.
     `fused_gelu_lora` (the recipe lever): the LoRA projections on both sides of the GELU run inside its kernel
     (`gelu_lora.py`, which the caller imports: it registers the op, and it imports this module)."""
     from diffusers.models.activations import GELU
@@ -396,7 +398,7 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
         fp8_down.append(block.proj_out)
     if lora_down_from_fp8:
         for layer in fp8_down:
-            mark_reads_fp8_input(layer, gemm=lora_down_fp8_gemm)
+            mark_reads_fp8_input(layer, gemm=lora_down_fp8_gemm, dots=lora_down_fp8_dots)
     if fused_gelu_lora:
         for layer in after_gelu:
             layer.gelu_lora_fused = True

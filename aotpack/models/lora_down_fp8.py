@@ -33,8 +33,13 @@ and A's as the epilogue's, the two halves summed. Measured in a package beside t
 weights, `benchmarks/results/2026-12-08a-h100-lora-down-fp8-gemm/`): 512² 32.29 -> 33.49 ms a step from CUDA
 graphs. cuBLASLt's GEMM at N = 128 is slower than the Triton kernel with 1536 rows (a 512² single block: 37.0 vs
 24.5 us), faster with 4608 (39.7 vs 58.8), and the split in the program costs ~8 us a call. A Triton kernel with FP8
-tensor-core dots against A's halves took 14.9 / 47.8 us there: the next form, with the halves written by the
-runtime at each switch (docs/design.md, "Where next pieces go").
+tensor-core dots against A's halves took 14.9 / 47.8 us there (0.83 against 1.42 ms a 512² step, probe).
+
+That form is the recipe lever `lora_down_fp8_dots` (off; unmeasured in a package): `lora_down_fp8_dots(q, scale,
+a8, a_scale, dtype)` runs the kernel above with `A_HALVES`, FP8 x FP8 dots against A's high and low rows, whose
+row scales combine the two accumulators before the partial store. The halves are two more program inputs of the
+slot (`slots.a_halves_input_names`), split by the runtime after each switch (runtime/a_halves_bank.py), not in every
+call; an eager run given A alone splits it itself (`lora_delta_from_fp8`), the same bits.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from torch import nn
 from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX
 from .kernel_ops import dot_takes_rank, refuse_kernel_errors, register_triton_op
+from .slots import LoRASlotLinear, a_halves_input_names, lora_input_names, reads_a_halves
 
 
 def lora_down_fp8_reference(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -63,25 +69,39 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_down_fp8_kernel(q_ptr, a_ptr, partial_ptr, rows, K: tl.constexpr, R: tl.constexpr,
+    def lora_down_fp8_kernel(q_ptr, a_ptr, a_scale_ptr, partial_ptr, rows, K: tl.constexpr, R: tl.constexpr,
                              K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                             DOT_IN_FP32: tl.constexpr):
-        # program (m, s): rows [m * BLOCK_M, +BLOCK_M) over K slice s; writes partial[s, rows, :R] in float32
+                             DOT_IN_FP32: tl.constexpr, A_HALVES: tl.constexpr):
+        # program (m, s): rows [m * BLOCK_M, +BLOCK_M) over K slice s; writes partial[s, rows, :R] in float32.
+        # A_HALVES: `a` is [2R, K] FP8 (high rows, then low rows; row scales `a_scale` [2R]) and the dots are FP8 x FP8
+        # (no conversion of q's tile); else `a` is [R, K] in the LoRA dtype and q's tile is converted to it.
         row_block, split = tl.program_id(0), tl.program_id(1)
         offs_m = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_r = tl.arange(0, R)
         acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        acc_lo = tl.zeros((BLOCK_M, R), dtype=tl.float32)
         for k0 in range(0, K_PER_SPLIT, BLOCK_K):
             offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
             x = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < rows) & in_k[None, :],
                         other=0.0)
             a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=in_k[None, :], other=0.0)  # [R, BLOCK_K]
-            x = x.to(a_ptr.dtype.element_ty)  # e4m3 -> bf16/fp16 is exact
-            if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (scripts/check_lora_down_fp8_kernel.py)
-                acc = tl.dot(x.to(tl.float32), tl.trans(a).to(tl.float32), acc)
+            if A_HALVES:
+                lo = tl.load(a_ptr + (R + offs_r[:, None]) * K + offs_k[None, :], mask=in_k[None, :], other=0.0)
+                if DOT_IN_FP32:  # Triton's CPU interpreter (scripts/check_lora_down_fp8_kernel.py)
+                    acc = tl.dot(x.to(tl.float32), tl.trans(a).to(tl.float32), acc)
+                    acc_lo = tl.dot(x.to(tl.float32), tl.trans(lo).to(tl.float32), acc_lo)
+                else:
+                    acc = tl.dot(x, tl.trans(a), acc)
+                    acc_lo = tl.dot(x, tl.trans(lo), acc_lo)
             else:
-                acc = tl.dot(x, tl.trans(a), acc)
+                x = x.to(a_ptr.dtype.element_ty)  # e4m3 -> bf16/fp16 is exact
+                if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (scripts/check_lora_down_fp8_kernel.py)
+                    acc = tl.dot(x.to(tl.float32), tl.trans(a).to(tl.float32), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(a), acc)
+        if A_HALVES:
+            acc = acc * tl.load(a_scale_ptr + offs_r)[None, :] + acc_lo * tl.load(a_scale_ptr + R + offs_r)[None, :]
         tl.store(partial_ptr + (split * rows + offs_m[:, None]) * R + offs_r[None, :], acc,
                  mask=offs_m[:, None] < rows)
 
@@ -115,21 +135,25 @@ def _split(k: int, block_k: int, per_slice: int) -> tuple[int, int]:
     return columns, _cdiv(k, columns)
 
 
-def _lora_down_fp8_triton(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, *, block_m: int = BLOCK_M,
-                          block_k: int = BLOCK_K, per_slice: int = K_PER_SLICE, num_warps: int = NUM_WARPS,
-                          num_stages: int = NUM_STAGES, dot_in_fp32: bool = False) -> torch.Tensor:
+def _lora_down_fp8_triton(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, a_scale: torch.Tensor | None = None,
+                          dtype: torch.dtype | None = None, *, block_m: int = BLOCK_M, block_k: int = BLOCK_K,
+                          per_slice: int = K_PER_SLICE, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                          dot_in_fp32: bool = False) -> torch.Tensor:
+    """The kernel's `u` [..., R] in `dtype` (A's by default): `a` [R, K] in the LoRA dtype, or with `a_scale` A's FP8
+    halves [2R, K] and their row scales (`fp8_hi_lo_rows`)."""
     from torch.library import wrap_triton
 
+    halves = a_scale is not None
     q, a = q.contiguous(), a.contiguous()
     lead, k = q.shape[:-1], q.shape[-1]
-    rank = a.shape[0]
+    rank = a.shape[0] // 2 if halves else a.shape[0]
     rows = q.numel() // k
     columns, slices = _split(k, block_k, per_slice)
     partial = torch.empty(slices, rows, rank, dtype=torch.float32, device=q.device)
     wrap_triton(_kernel())[((rows + block_m - 1) // block_m, slices)](  # rows is symbolic in export
-        q, a, partial, rows, K=k, R=rank, K_PER_SPLIT=columns, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_IN_FP32=dot_in_fp32, num_warps=num_warps, num_stages=num_stages)
-    return (partial.sum(0) * scale.reshape(rows, 1)).to(a.dtype).reshape(*lead, rank)
+        q, a, a_scale.contiguous() if halves else a, partial, rows, K=k, R=rank, K_PER_SPLIT=columns, BLOCK_M=block_m,
+        BLOCK_K=block_k, DOT_IN_FP32=dot_in_fp32, A_HALVES=halves, num_warps=num_warps, num_stages=num_stages)
+    return (partial.sum(0) * scale.reshape(rows, 1)).to(dtype or a.dtype).reshape(*lead, rank)
 
 
 def _lora_down_fp8(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -142,9 +166,10 @@ lora_down_fp8 = register_triton_op("aotpack::lora_down_fp8", _lora_down_fp8)
 
 
 def fp8_hi_lo_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`a` [R, K] as `[A_hi; A_lo]` [2R, K] FP8 and their float32 row scales [1, 2R]: each row of A is
+    """`a` [..., R, K] as `[A_hi; A_lo]` [..., 2R, K] FP8 and their float32 row scales [..., 1, 2R]: each row of A is
     `A_hi s_hi + A_lo s_lo` to FP8's rounding of the high part's rounding error (~2^-8 of the row's largest
-    element). A zero row (a slot's unused rank) has scale `tiny` and zero codes."""
+    element). A zero row (a slot's unused rank) has scale `tiny` and zero codes. Row by row, so a batch of A's (the
+    runtime's, one batch a weight shape) splits as each alone."""
     tiny = torch.finfo(torch.float32).tiny
 
     def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +178,39 @@ def fp8_hi_lo_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     hi, hi_scale = rows(a.float())
     lo, lo_scale = rows(a.float() - hi.float() * hi_scale)
-    return torch.cat([hi, lo]), torch.cat([hi_scale, lo_scale]).reshape(1, -1)
+    return torch.cat([hi, lo], -2), torch.cat([hi_scale, lo_scale], -2).transpose(-1, -2)
+
+
+def lora_down_fp8_dots_reference(q: torch.Tensor, scale: torch.Tensor, a8: torch.Tensor, a_scale: torch.Tensor,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    """`u = (q * scale) (A_hi s_hi + A_lo s_lo)^T` in float32, rounded to `dtype`: `q` [..., K] FP8, `scale`
+    [..., 1], `a8` [2R, K] and `a_scale` [1, 2R] as `fp8_hi_lo_rows` makes them; returns [..., R]."""
+    u = F.linear(q.float(), a8.float()) * a_scale.reshape(-1)
+    rank = a8.shape[0] // 2
+    return ((u[..., :rank] + u[..., rank:]) * scale).to(dtype)
+
+
+def _lora_down_fp8_dots(q: torch.Tensor, scale: torch.Tensor, a8: torch.Tensor, a_scale: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+    if q.device.type == "cuda" and kernel_fits(a8.shape[0] // 2):
+        return _lora_down_fp8_triton(q, scale, a8, a_scale, dtype)
+    return lora_down_fp8_dots_reference(q, scale, a8, a_scale, dtype)
+
+
+# recipe lever `lora_down_fp8_dots`: FP8 x FP8 tensor-core dots against A's halves, which the runtime writes at each
+# switch (runtime/a_halves_bank.py); the program reads them as two more LoRA inputs of the slot
+lora_down_fp8_dots = register_triton_op("aotpack::lora_down_fp8_dots", _lora_down_fp8_dots)
+
+
+def program_lora_inputs(lora: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """`lora` (A and B by input name) as a program's LoRA inputs `names` (a region's `lora_names()`, in order):
+    A's FP8 halves and scales, for the slots that read them, split from A as the runtime splits them."""
+    made, suffix = {}, a_halves_input_names("")[0]
+    for name in names:
+        if name not in lora and name.endswith(suffix):
+            slot = name.removesuffix(suffix)
+            made.update(zip(a_halves_input_names(slot), fp8_hi_lo_rows(lora[lora_input_names(slot)[0]])))
+    return {name: lora[name] if name in lora else made[name] for name in names}
 
 
 def gemm_fits(rank: int) -> bool:
@@ -175,8 +232,14 @@ def lora_down_fp8_gemm(q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) ->
 
 
 def lora_delta_from_fp8(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A bound slot's `B (A x)` with `A x` taken from x's FP8 copy `q, scale` (`lora_down_fp8`, or under the lever
-    `lora_down_fp8_gemm` the FP8 GEMM of that name)."""
+    """A bound slot's `B (A x)` with `A x` taken from x's FP8 copy `q, scale` (`lora_down_fp8`; under the lever
+    `lora_down_fp8_gemm` the FP8 GEMM of that name; under `lora_down_fp8_dots` `lora_down_fp8_dots` against A's FP8
+    halves)."""
+    if reads_a_halves(layer):  # recipe lever lora_down_fp8_dots
+        a8, a_scale = layer.lora_A_fp8, layer.lora_A_fp8_scale
+        if a8 is None:  # an eager run, given A alone: split here, as the runtime splits it after each switch
+            a8, a_scale = fp8_hi_lo_rows(layer.lora_A)
+        return F.linear(torch.ops.aotpack.lora_down_fp8_dots(q, scale, a8, a_scale, layer.lora_B.dtype), layer.lora_B)
     down = lora_down_fp8_gemm if getattr(layer, "lora_down_fp8_gemm", False) else torch.ops.aotpack.lora_down_fp8
     return F.linear(down(q, scale, layer.lora_A), layer.lora_B)
 
@@ -186,22 +249,22 @@ def reads_fp8_input(layer: nn.Module) -> bool:
     return getattr(layer, "lora_down_from_fp8", False)
 
 
-def mark_reads_fp8_input(layer: nn.Module, gemm: bool = False) -> bool:
+def mark_reads_fp8_input(layer: nn.Module, gemm: bool = False, dots: bool = False) -> bool:
     """Mark a LoRA slot (the linear after a GELU that `fused_gelu_quant` routes) to take its down-projection from
-    the FP8 input, by the FP8 GEMM if `gemm` (`lora_down_fp8_gemm`); False (nothing marked) for a layer without a
-    slot."""
-    from .slots import LoRASlotLinear
-
+    the FP8 input, by the FP8 GEMM if `gemm` (`lora_down_fp8_gemm`), by FP8 dots against A's halves as two more
+    program inputs if `dots` (`lora_down_fp8_dots`); False (nothing marked) for a layer without a slot."""
     if not isinstance(layer, LoRASlotLinear):
         return False
     layer.lora_down_from_fp8 = True
     layer.lora_down_fp8_gemm = gemm
+    layer.lora_down_fp8_dots = dots
     return True
 
 
-def kernel_errors(device, rows: int = 300) -> dict[str, float]:
+def kernel_errors(device, rows: int = 300, dots: bool = False) -> dict[str, float]:
     """The op on `device` against `lora_down_fp8_reference` at a single block's K (15360) and a double block's
-    (12288), rank 64, random FP8 codes and scales: relative L2 of u."""
+    (12288), rank 64, random FP8 codes and scales: relative L2 of u; with `dots` the FP8-dot op against its own
+    reference too (`<case>_dots`). Without it that kernel is not compiled: a build without the lever never needs it."""
     generator = torch.Generator().manual_seed(0)
     errors = {}
     for name, k in (("single_block", 15360), ("double_block", 12288)):
@@ -212,9 +275,17 @@ def kernel_errors(device, rows: int = 300) -> dict[str, float]:
         q, scale, a = q.to(device), scale.to(device), a.to(device)
         errors[name] = relative_error(torch.ops.aotpack.lora_down_fp8(q, scale, a).float(),
                                       lora_down_fp8_reference(q, scale, a).float())
+        if not dots:
+            continue
+        a8, a_scale = fp8_hi_lo_rows(a)  # the FP8-dot form (lever lora_down_fp8_dots)
+        errors[f"{name}_dots"] = relative_error(
+            torch.ops.aotpack.lora_down_fp8_dots(q, scale, a8, a_scale, a.dtype).float(),
+            lora_down_fp8_dots_reference(q, scale, a8, a_scale, a.dtype).float())
     return errors
 
 
-def check_kernel_against_reference(device) -> None:
-    """`refuse_kernel_errors` for the FP8 LoRA down-projection kernel (once per build, on the GPU)."""
-    refuse_kernel_errors("FP8 LoRA down-projection", "lora_down_from_fp8", device, kernel_errors(device))
+def check_kernel_against_reference(device, dots: bool = False) -> None:
+    """`refuse_kernel_errors` for the FP8 LoRA down-projection kernel (once per build, on the GPU); with `dots` its
+    FP8-dot form too (recipe lever `lora_down_fp8_dots`)."""
+    refuse_kernel_errors("FP8 LoRA down-projection", "lora_down_fp8_dots" if dots else "lora_down_from_fp8", device,
+                         kernel_errors(device, dots=dots))

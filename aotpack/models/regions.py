@@ -17,7 +17,7 @@ from torch import nn
 from .fused_blocks import fused_double_block, fused_single_block
 from .fused_quant import gelu_goes_into_proj_out
 from .norm_quant import fuses_norm_quant
-from .slots import LoRASlotLinear, bind_slot_tensors, lora_input_names, slot_modules
+from .slots import LoRASlotLinear, bind_slot_tensors, slot_input_names, slot_modules
 
 PROLOGUE, DOUBLE_BLOCK, SINGLE_BLOCK, EPILOGUE, WHOLE = "prologue", "double_block", "single_block", "epilogue", "whole"
 BLOCK_KINDS = (DOUBLE_BLOCK, SINGLE_BLOCK)
@@ -37,7 +37,7 @@ class Region(nn.Module):
         return list(self.slots())
 
     def lora_names(self) -> list[str]:
-        return [n for slot in self.slot_names() for n in lora_input_names(slot)]
+        return [n for name, slot in self.slots().items() for n in slot_input_names(name, slot)]
 
     def bind_lora(self, lora: dict[str, torch.Tensor] | None) -> None:
         bind_slot_tensors(self.body, lora)

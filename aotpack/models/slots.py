@@ -34,6 +34,25 @@ def lora_input_names(slot_name: str) -> tuple[str, str]:
     return f"{slot_name}.lora_A", f"{slot_name}.lora_B"
 
 
+def a_halves_input_names(slot_name: str) -> tuple[str, str]:
+    """The names of a slot's A as FP8 high and low rows and their row scales (recipe lever `lora_down_fp8_dots`,
+    models/lora_down_fp8.py): written by the runtime from the slot's A after each switch."""
+    return f"{slot_name}.lora_A_fp8", f"{slot_name}.lora_A_fp8_scale"
+
+
+def reads_a_halves(slot: nn.Module) -> bool:
+    """Whether `slot`'s LoRA down-projection reads A as FP8 halves (`lora_down_fp8.mark_reads_fp8_input`)."""
+    return getattr(slot, "lora_down_fp8_dots", False)
+
+
+def slot_input_names(slot_name: str, slot: nn.Module) -> tuple[str, ...]:
+    """A slot's program inputs: A and B, and for a slot that reads A's FP8 halves those two as well. A stays an
+    input there (unread where the halves are): paths that do not route the slot through the FP8 down-projection
+    (a context-parallel split block, the whole layout) read it, and `bound_lora` asks it."""
+    names = lora_input_names(slot_name)
+    return names + a_halves_input_names(slot_name) if reads_a_halves(slot) else names
+
+
 class BiasAfterLinear(nn.Module):
     """`base(x) + bias`, with the bias held outside the (quantized) base linear.
 
@@ -70,6 +89,9 @@ class LoRASlotLinear(BiasAfterLinear):
         super().__init__(base)
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
+        # A as FP8 high and low rows [2R, in] and their scales [1, 2R], where bound (`a_halves_input_names`)
+        self.lora_A_fp8: torch.Tensor | None = None
+        self.lora_A_fp8_scale: torch.Tensor | None = None
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """`B (A x)` in the LoRA dtype (the slot must be bound)."""
@@ -138,10 +160,17 @@ def slot_modules(module: nn.Module) -> dict[str, LoRASlotLinear]:
 def bind_slot_tensors(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
     """Point every slot of an eager model at `tensors` (full layer names), or detach them (None)."""
     for name, slot in slot_modules(model).items():
-        if tensors is None:
-            slot.lora_A = slot.lora_B = None
-        else:
-            slot.lora_A, slot.lora_B = (tensors[n] for n in lora_input_names(name))
+        bind_slot(slot, name, tensors)
+
+
+def bind_slot(slot: "LoRASlotLinear", name: str, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Point one slot (`name`: its key in `tensors`) at its A and B in `tensors`, and at A's FP8 halves where
+    `tensors` holds them (a program's inputs; eager runs split A themselves); detach it for None."""
+    if tensors is None:
+        slot.lora_A = slot.lora_B = slot.lora_A_fp8 = slot.lora_A_fp8_scale = None
+        return
+    slot.lora_A, slot.lora_B = (tensors[n] for n in lora_input_names(name))
+    slot.lora_A_fp8, slot.lora_A_fp8_scale = (tensors.get(n) for n in a_halves_input_names(name))
 
 
 def zero_slot_tensors(specs, max_rank: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ from ..errors import RecipeError
 from .fp8_attention import FP8
 from .fused_quant import QuantizedActivation, float8_over, is_fp8_linear
 from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, tailed_linear
-from .slots import LoRASlotLinear, lora_input_names, slot_modules
+from .slots import LoRASlotLinear, bind_slot, slot_input_names, slot_modules
 
 READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # a single block's linears of one quantized input
 HOLDER = "lora_tails"  # a TailGroup's attribute on the block (a double block's image stream too)
@@ -151,15 +151,13 @@ def with_tails(region):
     tailed = copy.copy(region)
 
     def lora_names():
-        names = [n for slot in region.slot_names() if slot not in members for n in lora_input_names(slot)]
+        names = [n for name, slot in region.slots().items() if name not in members
+                 for n in slot_input_names(name, slot)]
         return names + [f"{name}.lora_A" for name in groups]
 
     def bind_lora(lora):
         for name, slot in slot_modules(region.body).items():
-            if lora is None or name in members:
-                slot.lora_A = slot.lora_B = None
-            else:
-                slot.lora_A, slot.lora_B = (lora[n] for n in lora_input_names(name))
+            bind_slot(slot, name, None if name in members else lora)
         for name, group in groups.items():
             group.lora_A = None if lora is None else lora[f"{name}.lora_A"]
 

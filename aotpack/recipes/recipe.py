@@ -54,6 +54,7 @@ class Recipe:
     fused_norm_quant: bool = False  # LayerNorm + modulation + FP8 quantization, once per norm (models/norm_quant.py)
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     lora_down_fp8_gemm: bool = False  # ... as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (same module)
+    lora_down_fp8_dots: bool = False  # ... by FP8 dots against A's FP8 halves, written by the runtime (same module)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
@@ -228,6 +229,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         fused_norm_quant=fields.value("fused_norm_quant", bool, False),
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         lora_down_fp8_gemm=fields.value("lora_down_fp8_gemm", bool, False),
+        lora_down_fp8_dots=fields.value("lora_down_fp8_dots", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         joined_qkv=fields.value("joined_qkv", bool, False),
@@ -276,6 +278,13 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.lora_down_fp8_gemm and not recipe.lora_down_from_fp8:
         raise fields.error("lora_down_fp8_gemm", "= true needs lora_down_from_fp8 = true: it chooses how those "
                                                  "down-projections from the FP8 GELU output run")
+    if recipe.lora_down_fp8_dots and not recipe.lora_down_from_fp8:
+        raise fields.error("lora_down_fp8_dots", "= true needs lora_down_from_fp8 = true: it chooses how those "
+                                                 "down-projections from the FP8 GELU output run")
+    if recipe.lora_down_fp8_dots and recipe.lora_down_fp8_gemm:
+        raise fields.error("lora_down_fp8_dots", "= true cannot go with lora_down_fp8_gemm = true: both choose how "
+                                                 "the down-projections from the FP8 GELU output run; set one of them "
+                                                 "to false")
     if recipe.fused_gelu_lora and not recipe.fused_gelu_quant:
         raise fields.error("fused_gelu_lora", "= true needs fused_gelu_quant = true: it extends that kernel")
     if recipe.joined_qkv and not recipe.fused_norm_quant:

@@ -18,7 +18,9 @@ class SlotBank:
         self.dtype = dtype
         self.used_rank = {s.name: 0 for s in slots}
         self.before_write = None  # merge.py: a write from outside unmerges a merged set first
-        self.after_write = None  # tail_bank.py: a lora_tails package writes the tails of the new set
+        # what the new set's derived inputs write after each write: tail_bank.py (a lora_tails package's tails),
+        # a_halves_bank.py (a lora_down_fp8_dots package's A halves)
+        self.after_write: list = []
         self.writes = 0  # every write (modulation_rows.py: a table of rows is not used after one)
 
     @property
@@ -62,8 +64,8 @@ class SlotBank:
             torch._foreach_copy_(dst, src, non_blocking=True)
         if zero:
             torch._foreach_zero_(zero)
-        if self.after_write is not None:
-            self.after_write()
+        for write_derived in self.after_write:
+            write_derived()
 
     def warm_up(self) -> None:
         """Run every kind of write once, with zeros, so that the first real switch pays no one-off cost.

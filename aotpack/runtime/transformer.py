@@ -37,6 +37,7 @@ from ..models.units import make_region
 from ..store.manifest import Manifest
 from . import merge_check
 from . import program as program_files
+from .a_halves_bank import AHalvesBank, a_halves_slot
 from .lora_contract import LoraContractMixin
 from .address_merge import AddressMerge
 from .merge import CompiledMerge, LoRAModes
@@ -116,7 +117,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
         self.use_tails = True
         if manifest.recipe.get("lora_tails") and any(spec.name.endswith(TAILS_SUFFIX) for spec in manifest.programs):
             self.tails = TailBank(transformer, self.bank)
-            self.bank.after_write = self.tails.refresh
+            self.bank.after_write.append(self.tails.refresh)
+        # lora_down_fp8_dots packages: A's FP8 halves for the slots whose programs read them, found as programs load
+        self.a_halves = AHalvesBank(self.bank)
         self._input_dtypes = {}
         self._programs: dict[str, list[_Instance]] = {}
         # No-slot variants (rank 0) of the slotted programs, bound to the same weight tensors: they run
@@ -145,6 +148,8 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             source = program_files.open_program(Path(package_dir) / spec.file)  # unpacked once, shared
             target[spec.kind] = [self._load_instance(source, spec, instance, constants)
                                  for instance in spec.instances]
+        if len(self.a_halves):
+            self.bank.after_write.append(self.a_halves.refresh)
         # FP8 packages carry the compiled merge (models/merge_rows.py); older ones merge in eager passes
         self.compiled_merge = None
         if manifest.merge_program == f"{MERGE_PROGRAM}.pt2":
@@ -216,6 +221,9 @@ class CompiledFluxTransformer(LoraContractMixin, ModelMixin):
             )
         program.bind_constants({name: constants[name] for name in expected})
         prefix = instance_slot_prefix(spec.kind, instance)
+        for name in program.lora_order:
+            if (slot := a_halves_slot(prefix + name)) is not None:
+                self.a_halves.add(slot)
         lora_tensors = [self.bank.tensors[prefix + name] for name in program.lora_order]
         layers = frozenset(prefix + name.rsplit(".lora_", 1)[0] for name in program.lora_order)
         return _Instance(program, lora_tensors, layers)

@@ -32,6 +32,9 @@
 #    down_gemm: lora_down_fp8_gemm = true (those down-projections from the FP8 GELU output as one cuBLASLt FP8 GEMM
 #      against A split in the program into FP8 high and low parts, instead of the Triton split-K kernel; 512² +1.2 ms
 #      a step from graphs on an H100, 2026-12-08a);
+#    down_dots: lora_down_fp8_dots = true (those down-projections as FP8 x FP8 tensor-core dots against A's FP8 high
+#      and low rows, two more program inputs a slot that the runtime writes at each switch; -0.59 ms a 512² step in
+#      the 2026-12-08a probe, kernels only, H100; unmeasured in a package);
 #    up: group_lora_up = true (each group's LoRA up-projections, and each lone slot's, in one Triton kernel launch
 #      instead of a cuBLAS GEMM per slot; models/lora_up.py);
 #    gelu_lora: fused_gelu_lora = true (the LoRA up-projection before each MLP GELU and the down-projection after

@@ -37,6 +37,8 @@ LEVERS = {
     "no_fp8down": "lora_down_from_fp8 = false\n",
     # those down-projections as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (models/lora_down_fp8.py)
     "down_gemm": "lora_down_fp8_gemm = true\n",
+    # ... as FP8 x FP8 tensor-core dots against A's FP8 halves, written by the runtime at each switch (same module)
+    "down_dots": "lora_down_fp8_dots = true\n",
     "no_batched": "batched_modulation = false\n",
     "up": "lora_down_from_fp8 = false\ngroup_lora_up = true\n",
     "gelu_lora": "lora_down_from_fp8 = false\nfused_gelu_lora = true\n",
