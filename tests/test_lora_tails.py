@@ -138,6 +138,34 @@ def test_no_factors_given_means_every_reader_at_one():
     assert not torch.equal(halves[0].view(torch.uint8), given[0].view(torch.uint8))  # factors do count when given
 
 
+def test_paired_rows_hold_q_once_a_pair_and_each_reader_gemms_as_with_its_own_buffer():
+    """Recipe lever `lora_tails_paired`: readers 2p and 2p + 1 read one `[tail_a | q / H | tail_b]` buffer; the first
+    one's weight is `[tail | W]`. Each reader's GEMM gives what the one-buffer layout gives, to its summation order."""
+    from aotpack.models.lora_tails import base_columns, reader_rows, tail_columns
+
+    generator = torch.Generator().manual_seed(3)
+    in_features, outs = 128, (64, 32, 48, 96)
+    q, s_x = quantize_rows(torch.randn(9, in_features, generator=generator).to(torch.bfloat16))
+    u = (torch.randn(9, len(outs) * TAIL_RANK, generator=generator) * 3).to(torch.bfloat16)
+    single = torch.ops.aotpack.tailed_rows(q, s_x, u, torch.empty(0), MIN_HEADROOM)
+    pairs = torch.ops.aotpack.tailed_rows(q, s_x, u, torch.empty(0), MIN_HEADROOM, True)
+    assert pairs[0].shape == (2, 9, in_features + 2 * TAIL_COLUMNS) and torch.equal(pairs[1], single[1])
+    for i, out in enumerate(outs):
+        rows = reader_rows(pairs[0], i, True)
+        assert rows.shape == single[0][i].shape and rows.data_ptr() == pairs[0][i // 2].data_ptr() + (i % 2) * TAIL_COLUMNS
+        # the same bytes, the tail on the other side of q / H for the first of a pair
+        assert torch.equal(base_columns(rows, i, True).view(torch.uint8), single[0][i, :, :in_features].view(torch.uint8))
+        assert torch.equal(tail_columns(rows, i, True).view(torch.uint8), single[0][i, :, in_features:].view(torch.uint8))
+        w, s_w = quantize_rows(torch.randn(out, in_features, generator=generator).to(torch.bfloat16))
+        tail = weight_tail(torch.randn(out, TAIL_RANK, generator=generator), s_w, torch.ones(1, TAIL_RANK))
+        one_buffer = tailed_linear(single[0][i], single[1], torch.cat([w, tail], -1), s_w)
+        paired = torch.cat([tail, w], -1) if i % 2 == 0 else torch.cat([w, tail], -1)
+        assert torch.equal(base_columns(paired, i, True).view(torch.uint8), w.view(torch.uint8))
+        assert relative_error(tailed_linear(rows, pairs[1], paired, s_w).double(), one_buffer.double()) < 4e-3
+    with pytest.raises(ValueError, match="even number of readers, not 3"):
+        tailed_rows_reference(q, s_x, u[:, :3 * TAIL_RANK], torch.empty(0), MIN_HEADROOM, True)
+
+
 def test_row_headroom_is_the_least_power_of_two_that_keeps_every_readers_tails_in_range():
     generator = torch.Generator().manual_seed(6)
     u = (torch.randn(64, 2 * TAIL_RANK, generator=generator) * torch.logspace(-6, 6, 64)[:, None]).to(torch.bfloat16)

@@ -181,10 +181,10 @@ def test_the_lever_needs_the_quantized_norms(tmp_path):
     path.write_text(cpu.replace('layout = "regional"', 'layout = "regional"\nlora_tails = true'))
     with pytest.raises(RecipeError, match="lora_tails = true needs fused_norm_quant"):
         load_recipe(str(path))
-    # the double blocks' groups extend the single blocks'
-    path.write_text(cpu.replace('layout = "regional"', 'layout = "regional"\nlora_tails_mlp_in = true'))
-    with pytest.raises(RecipeError, match="lora_tails_mlp_in = true needs lora_tails = true"):
-        load_recipe(str(path))
+    for lever in ("lora_tails_mlp_in", "lora_tails_paired"):  # each extends or lays out the single blocks' tails
+        path.write_text(cpu.replace('layout = "regional"', f'layout = "regional"\n{lever} = true'))
+        with pytest.raises(RecipeError, match=f"{lever} = true needs lora_tails = true"):
+            load_recipe(str(path))
     assert TAILS_MAX_RANK == TAIL_RANK  # the recipe's bound is the op's rank (recipes load without torch)
     # h200 carries the tails: a larger max_rank over it is refused by name, with the fix
     path.write_text('base = "h200"\nname = "big"\nmax_rank = 128\n')

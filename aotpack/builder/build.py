@@ -366,8 +366,9 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
         if recipe.joined_qkv:  # after quantizing and slotting: the members' FP8 rows move into one buffer
             report.info(f"    {install_joined_qkv(transformer)} q/k/v groups run as one FP8 GEMM each")
         if recipe.lora_tails:  # after quantizing and slotting: each tail group's readers get tailed weights
-            groups = install_lora_tails(transformer, mlp_in=recipe.lora_tails_mlp_in)
-            where = "single blocks' q/k/v/MLP-in" + (", double blocks' MLP-in" if recipe.lora_tails_mlp_in else "")
+            groups = install_lora_tails(transformer, mlp_in=recipe.lora_tails_mlp_in, paired=recipe.lora_tails_paired)
+            where = ("single blocks' q/k/v/MLP-in" + (", q/k and v/MLP-in in pairs" if recipe.lora_tails_paired else "")
+                     + (", double blocks' MLP-in" if recipe.lora_tails_mlp_in else ""))
             report.info(f"    {groups} tail groups ({where}) also compiled with LoRA tails")
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")

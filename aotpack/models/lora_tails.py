@@ -23,6 +23,10 @@ torch reference's bytes and took 31.5 us for a single block's four readers at 10
 double block's MLP-in; for the readers of K >= 12288 (MLP-out, `proj_out`) copying q costs 48-64 us, more than their
 tails gain, so those would need their GELU kernel to write the rows
 (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The programs that use it: `tail_groups.py`.
+
+With `paired` (recipe lever `lora_tails_paired`, off: unmeasured) readers 2p and 2p + 1 share one buffer
+`[tail_2p | q / H | tail_2p+1]`, each GEMM reading its view (`reader_rows`, row stride K + 2 x 256), the first
+reader's tailed weight stored `[tail | W]` to match (`tail_first`): the kernel writes `q / H` once a pair.
 """
 
 from __future__ import annotations
@@ -103,22 +107,60 @@ def reader_factors(u: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return torch.ones(u.shape[-1] // TAIL_RANK, dtype=torch.float32, device=u.device)
 
 
+def check_pairs(readers: int, paired: bool) -> None:
+    """Refuse `paired` rows for an odd number of readers (a pair shares one copy of `q / H`)."""
+    if paired and readers % 2:
+        raise ValueError(f"paired tailed rows need an even number of readers, not {readers}")
+
+
+def tail_first(position: int, paired: bool) -> bool:
+    """Whether reader `position`'s rows and tailed weight hold the tail before the base columns, `[tail | W]`: the
+    first of each pair (`paired`), which shares its `q / H` columns with the second's `[W | tail]`."""
+    return paired and position % 2 == 0
+
+
+def tail_columns(tailed: torch.Tensor, position: int, paired: bool) -> torch.Tensor:
+    """The tail columns of reader `position`'s tailed weight or rows (`[..., in + TAIL_COLUMNS]`), a view."""
+    return tailed[..., :TAIL_COLUMNS] if tail_first(position, paired) else tailed[..., -TAIL_COLUMNS:]
+
+
+def base_columns(tailed: torch.Tensor, position: int, paired: bool) -> torch.Tensor:
+    """The base columns of reader `position`'s tailed weight or rows, a view."""
+    return tailed[..., TAIL_COLUMNS:] if tail_first(position, paired) else tailed[..., :-TAIL_COLUMNS]
+
+
+def reader_rows(rows: torch.Tensor, position: int, paired: bool) -> torch.Tensor:
+    """Reader `position`'s GEMM rows [T, K + TAIL_COLUMNS] out of `tailed_rows`' output: its own buffer, or with
+    `paired` a view of its pair's `[tail_a | q / H | tail_b]` (row stride K + 2 TAIL_COLUMNS)."""
+    if not paired:
+        return rows[position]
+    start = 0 if tail_first(position, paired) else TAIL_COLUMNS
+    return rows[position // 2][:, start:start + rows.shape[-1] - TAIL_COLUMNS]
+
+
 def tailed_rows_reference(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
-                          min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          min_headroom: float, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every reader's GEMM rows and their row scale: `q` [T, K] FP8 and `scale` [T, 1] float32 (the input's
     row-wise quantization), `u` [T, n * TAIL_RANK] (the group's down-projection, reader i's in columns
-    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c; empty: all 1, `reader_factors`). Returns rows [n, T, K + TAIL_COLUMNS] FP8 and the
-    row scale [T, 1], `scale * H` with each row's headroom H (`row_headroom`)."""
+    i * TAIL_RANK ..), `factors` [n] float32 (each reader's c; empty: all 1, `reader_factors`). Returns rows
+    [n, T, K + TAIL_COLUMNS] FP8 (`[q / H | tail_i]`; with `paired` [n / 2, T, K + 2 TAIL_COLUMNS], one
+    `[tail_2p | q / H | tail_2p+1]` a pair: `reader_rows` takes each reader's view) and the row scale [T, 1],
+    `scale * H` with each row's headroom H (`row_headroom`)."""
     pad = torch.zeros(q.shape[0], TAIL_COLUMNS - 3 * TAIL_RANK, dtype=FP8, device=q.device)
     factors = reader_factors(u, factors)
+    check_pairs(factors.numel(), paired)
     headroom, inverse = row_headroom(u, scale, factors, min_headroom)
     row_scale = scale * headroom
     x_part = (q.float() * inverse).to(FP8)
-    rows = []
+    tails = []
     for i in range(factors.numel()):
         t = u[:, TAIL_RANK * i:TAIL_RANK * (i + 1)].float() / (row_scale * factors[i])
         hi, lo = _hi_lo(t.clamp(-FP8_MAX, FP8_MAX))
-        rows.append(torch.cat([x_part, hi, lo, hi, pad], dim=-1))
+        tails.append(torch.cat([hi, lo, hi, pad], dim=-1))
+    if paired:
+        rows = [torch.cat([tails[i], x_part, tails[i + 1]], dim=-1) for i in range(0, len(tails), 2)]
+    else:
+        rows = [torch.cat([x_part, tail], dim=-1) for tail in tails]
     return torch.stack(rows), row_scale
 
 
@@ -132,15 +174,17 @@ def _kernel():
     @triton.jit
     def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, K: tl.constexpr,
                            R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr, READERS: tl.constexpr,
-                           HAS_FACTORS: tl.constexpr, MIN_LOG2: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-        # program (t, i): rows [t * BLOCK_T, +BLOCK_T) of reader i: the rows' headroom H from every reader's u, q / H
-        # in columns [0, K), reader i's tails after them
-        row_block, reader = tl.program_id(0), tl.program_id(1)
+                           HAS_FACTORS: tl.constexpr, PAIRED: tl.constexpr, MIN_LOG2: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (t, b): rows [t * BLOCK_T, +BLOCK_T) of buffer b: the rows' headroom H from every reader's u, q / H
+        # and the buffer's tails: reader b's after q / H, or with PAIRED readers 2b's before it and 2b + 1's after
+        row_block, buffer = tl.program_id(0), tl.program_id(1)
         offs_t = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = offs_t < tokens
-        width = K + TAIL
-        out = rows_ptr + reader * tokens * width + offs_t[:, None] * width
+        SIDES: tl.constexpr = 2 if PAIRED else 1
+        Q_COLUMN: tl.constexpr = TAIL if PAIRED else 0
+        width = K + SIDES * TAIL
+        out = rows_ptr + buffer * tokens * width + offs_t[:, None] * width
         offs_r = tl.arange(0, R)
         mask = row_ok[:, None]
         scale = tl.load(scale_ptr + offs_t, mask=row_ok, other=1.0)
@@ -159,65 +203,72 @@ def _kernel():
         headroom = ((k + 127) << 23).to(tl.float32, bitcast=True)
         inverse = ((127 - k) << 23).to(tl.float32, bitcast=True)
         row_scale = scale * headroom
-        if reader == 0:
+        if buffer == 0:
             tl.store(row_scale_ptr + offs_t, row_scale, mask=row_ok)
-        u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
-        factor = 1.0
-        if HAS_FACTORS:
-            factor = tl.load(factor_ptr + reader)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = row_ok[:, None] & (offs_k[None, :] < K)
             q = tl.load(q_ptr + offs_t[:, None] * K + offs_k[None, :], mask=kmask).to(tl.float32)
             # times 1 / H, exact for a power of two (div_rn here made the kernel 2.3x slower, H100)
-            tl.store(out + offs_k[None, :], (q * inverse[:, None]).to(tl.float8e4nv), mask=kmask)
-        # div_rn: IEEE division as torch's (Triton's `/` may round its last bit otherwise)
-        t = tl.clamp(tl.math.div_rn(u, row_scale[:, None] * factor), -448.0, 448.0)
-        # fp8(t) as float32 by arithmetic: with `t.to(fp8).to(float32)` Triton 3.6 wrote `lo` equal to `hi` wherever
-        # |t| >= 32 on an H100 (2026-12-07), as if the value read back as 0. Normal numbers: round-to-nearest-even
-        # to 3 mantissa bits; below 2^-6 (FP8's subnormals) a fixed step of 2^-9. Same bits as torch's conversion.
-        bits = t.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        hi_value = tl.where(tl.abs(t) < 0.015625, libdevice.rint(t * 512.0) / 512.0, normal)
-        hi = hi_value.to(tl.float8e4nv)  # exact: hi_value is on FP8's grid
-        lo = (t - hi_value).to(tl.float8e4nv)
-        tail = out + K + offs_r[None, :]
-        tl.store(tail, hi, mask=mask)
-        tl.store(tail + R, lo, mask=mask)
-        tl.store(tail + 2 * R, hi, mask=mask)
-        for p0 in range(3 * R, TAIL, R):  # the pad columns, zeroed each call (the rows are a fresh buffer)
-            tl.store(tail + p0, tl.zeros([BLOCK_T, R], dtype=tl.float8e4nv), mask=mask)
+            tl.store(out + Q_COLUMN + offs_k[None, :], (q * inverse[:, None]).to(tl.float8e4nv), mask=kmask)
+        for side in tl.static_range(SIDES):
+            reader = buffer * SIDES + side
+            u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
+            factor = 1.0
+            if HAS_FACTORS:
+                factor = tl.load(factor_ptr + reader)
+            # div_rn: IEEE division as torch's (Triton's `/` may round its last bit otherwise)
+            t = tl.clamp(tl.math.div_rn(u, row_scale[:, None] * factor), -448.0, 448.0)
+            # fp8(t) as float32 by arithmetic: with `t.to(fp8).to(float32)` Triton 3.6 wrote `lo` equal to `hi` wherever
+            # |t| >= 32 on an H100 (2026-12-07), as if the value read back as 0. Normal numbers: round-to-nearest-even
+            # to 3 mantissa bits; below 2^-6 (FP8's subnormals) a fixed step of 2^-9. Same bits as torch's conversion.
+            bits = t.to(tl.int32, bitcast=True)
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+            hi_value = tl.where(tl.abs(t) < 0.015625, libdevice.rint(t * 512.0) / 512.0, normal)
+            hi = hi_value.to(tl.float8e4nv)  # exact: hi_value is on FP8's grid
+            lo = (t - hi_value).to(tl.float8e4nv)
+            if PAIRED:  # the pair's first reader's tail before q / H, the second's after it
+                tail = out + side * (TAIL + K) + offs_r[None, :]
+            else:
+                tail = out + K + offs_r[None, :]
+            tl.store(tail, hi, mask=mask)
+            tl.store(tail + R, lo, mask=mask)
+            tl.store(tail + 2 * R, hi, mask=mask)
+            for p0 in range(3 * R, TAIL, R):  # the pad columns, zeroed each call (the rows are a fresh buffer)
+                tl.store(tail + p0, tl.zeros([BLOCK_T, R], dtype=tl.float8e4nv), mask=mask)
 
     return tailed_rows_kernel
 
 
-def _tailed_rows_triton(q, scale, u, factors, min_headroom):
+def _tailed_rows_triton(q, scale, u, factors, min_headroom, paired=False):
     from torch.library import wrap_triton
 
     tokens, k = q.shape
     readers = u.shape[1] // TAIL_RANK
-    rows = torch.empty(readers, tokens, k + TAIL_COLUMNS, dtype=FP8, device=q.device)
+    check_pairs(readers, paired)
+    buffers = readers // 2 if paired else readers
+    rows = torch.empty(buffers, tokens, k + (2 if paired else 1) * TAIL_COLUMNS, dtype=FP8, device=q.device)
     row_scale = torch.empty(tokens, 1, dtype=torch.float32, device=q.device)
     block_t = 16
-    grid = ((tokens + block_t - 1) // block_t, readers)
+    grid = ((tokens + block_t - 1) // block_t, buffers)
     # the headroom's exponent a constexpr: compiled by AOTInductor, float arguments came in as fp64 ("Expected dtype
     # ['fp32'] but got fp64" from div_rn, H100 2026-12-07)
     wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, K=k, R=TAIL_RANK, TAIL=TAIL_COLUMNS,
-                                 U_STRIDE=u.stride(0), READERS=readers, HAS_FACTORS=factors.numel() > 0, MIN_LOG2=int(math.log2(min_headroom)),
-                                 BLOCK_T=block_t, BLOCK_K=512)
+                                 U_STRIDE=u.stride(0), READERS=readers, HAS_FACTORS=factors.numel() > 0,
+                                 PAIRED=paired, MIN_LOG2=int(math.log2(min_headroom)), BLOCK_T=block_t, BLOCK_K=512)
     return rows, row_scale
 
 
 def _tailed_rows(q: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, factors: torch.Tensor,
-                 min_headroom: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 min_headroom: float, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     mantissa, _ = math.frexp(min_headroom)
     if mantissa != 0.5 or min_headroom < 1:  # H must be exact: the kernel multiplies by 1 / H, the reference too
         raise ValueError(f"the tails' least headroom {min_headroom} is not a power of two >= 1; use e.g. "
                          f"{MIN_HEADROOM}")
     if (q.device.type == "cuda" and q.is_contiguous() and scale.is_contiguous() and u.stride(-1) == 1
             and scale.dtype == factors.dtype == torch.float32 and factors.is_contiguous()):
-        return _tailed_rows_triton(q, scale, u, factors, min_headroom)
-    return tailed_rows_reference(q, scale, u, factors, min_headroom)
+        return _tailed_rows_triton(q, scale, u, factors, min_headroom, paired)
+    return tailed_rows_reference(q, scale, u, factors, min_headroom, paired)
 
 
 tailed_rows = register_triton_op("aotpack::tailed_rows", _tailed_rows)

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import RecipeError
 from .fp8_attention import FP8
 from .fused_quant import QuantizedActivation, float8_over, is_fp8_linear
-from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, tailed_linear
+from .lora_tails import MIN_HEADROOM, TAIL_COLUMNS, TAIL_RANK, base_columns, reader_rows, tailed_linear
 from .slots import LoRASlotLinear, bind_slot, slot_input_names, slot_modules
 
 READERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # a single block's linears of one quantized input
@@ -58,10 +58,13 @@ class TailGroup(nn.Module):
     in the block) and, while a tailed program is traced, the group's LoRA input `lora_A` (not a module state: a
     program input)."""
 
-    def __init__(self, weights, readers: tuple[str, ...]):
+    def __init__(self, weights, readers: tuple[str, ...], paired: bool = False):
         super().__init__()
         self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
         self.readers = readers
+        # recipe lever lora_tails_paired: readers 2p and 2p + 1 read one buffer `[tail | q / H | tail]`, so the first's
+        # weight is `[tail | W]` (`lora_tails.tail_first`)
+        self.paired = paired
         self.lora_A: torch.Tensor | None = None
 
 
@@ -74,10 +77,12 @@ def block_tail_groups(transformer, mlp_in: bool = False):
             for index, block in enumerate(getattr(transformer, blocks)) for holder, readers in groups]
 
 
-def install_lora_tails(transformer, mlp_in: bool = False) -> int:
+def install_lora_tails(transformer, mlp_in: bool = False, paired: bool = False) -> int:
     """Give every single block a `TailGroup` over its readers' FP8 weights (after quantization and slotting), with
-    `mlp_in` every double block one a stream over its MLP-in, in place; returns how many groups. Refuses a
-    transformer whose readers are not FP8 LoRA slots; a second call changes nothing."""
+    `mlp_in` every double block one a stream over its MLP-in, in place; returns how many groups. With `paired`
+    (recipe lever `lora_tails_paired`) the groups of an even number of readers (the single blocks') lay out each
+    pair's weights `[tail | W]`, `[W | tail]` for rows that hold `q / H` once a pair. Refuses a transformer whose
+    readers are not FP8 LoRA slots; a second call changes nothing."""
     groups = []
     for blocks, index, block, holder, readers in block_tail_groups(transformer, mlp_in):
         if hasattr(block, holder):
@@ -90,17 +95,18 @@ def install_lora_tails(transformer, mlp_in: bool = False) -> int:
         groups.append((block, holder, readers, layers))
     for block, name, readers, layers in groups:
         weights = []
-        for layer in layers:
+        pairs = paired and len(readers) % 2 == 0
+        for position, layer in enumerate(layers):
             weight = layer.base.weight
             rows, columns = weight.qdata.shape
             tailed = torch.zeros(rows, columns + TAIL_COLUMNS, dtype=FP8, device=weight.qdata.device)
-            tailed[:, :columns] = weight.qdata
-            # one storage: the base weight becomes a view of the tailed weight's first columns, so the slotted and
+            base = base_columns(tailed, position, pairs)
+            base.copy_(weight.qdata)
+            # one storage: the base weight becomes a view of the tailed weight's base columns, so the slotted and
             # no-slot programs (and merges) read and write the very bytes the tailed programs read
-            layer.base.weight = nn.Parameter(float8_over(tailed[:, :columns], weight.scale, weight),
-                                             requires_grad=False)
+            layer.base.weight = nn.Parameter(float8_over(base, weight.scale, weight), requires_grad=False)
             weights.append(tailed)
-        holder = TailGroup(weights, readers)
+        holder = TailGroup(weights, readers, pairs)
         for position, layer in enumerate(layers):
             object.__setattr__(layer, _MEMBER, (holder, position))  # not a submodule: names stay the model's
         setattr(block, name, holder)
@@ -127,12 +133,13 @@ def with_tailed_outputs(x: QuantizedActivation, readers) -> QuantizedActivation:
     # the factors are folded into lora_A: none given, so no fill kernel a call (`lora_tails.reader_factors`)
     all_ones = torch.empty(0, dtype=torch.float32, device=x.q.device)
     rows, row_scale = torch.ops.aotpack.tailed_rows(x.q.reshape(-1, width), x.scale.reshape(-1, 1),
-                                                    u.reshape(-1, u.shape[-1]), all_ones, MIN_HEADROOM)
+                                                    u.reshape(-1, u.shape[-1]), all_ones, MIN_HEADROOM, holder.paired)
     outputs = {}
     for layer, (_, position) in zip(readers, members):
         weight = layer.base.weight
         fast = bool(getattr(weight.mm_config, "use_fast_accum", False))
-        y = tailed_linear(rows[position], row_scale, holder.weights[position], weight.scale, x.dtype, fast)
+        y = tailed_linear(reader_rows(rows, position, holder.paired), row_scale, holder.weights[position],
+                          weight.scale, x.dtype, fast)
         outputs[layer] = y.reshape(*lead, y.shape[-1])
     # the readers' own slots are unbound in a tailed program (`with_tails`), so `unsummed_linear` adds no delta to these
     return x._replace(outputs=outputs)

@@ -63,6 +63,7 @@ class Recipe:
     # with lora_tails, the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too: a fourth program (off: its
     # one measurement, 2026-12-07i, ran the tailed program's q/k/v down-projections ungrouped; docs/recipes.md)
     lora_tails_mlp_in: bool = False
+    lora_tails_paired: bool = False  # a single block's tailed readers in pairs, one `[tail | q / H | tail]` row a pair
     # the blocks' AdaLN modulation linears in one program run once an image over every step (models/modulation.py)
     batched_modulation: bool = False
     gelu_via_sigmoid: str = "none"  # which GELUs run as x * sigmoid(2u): none, feed_forward, all (models/activations.py)
@@ -235,6 +236,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         joined_qkv=fields.value("joined_qkv", bool, False),
         lora_tails=fields.value("lora_tails", bool, False),
         lora_tails_mlp_in=fields.value("lora_tails_mlp_in", bool, False),
+        lora_tails_paired=fields.value("lora_tails_paired", bool, False),
         batched_modulation=batched_modulation,
         gelu_via_sigmoid=fields.choice("gelu_via_sigmoid", GELU_SCOPES, "none"),
         parallel=parallel,
@@ -301,6 +303,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise fields.error("lora_tails", f"= true needs the regional layout without context parallelism (layout = "
                                          f"{recipe.layout!r}, parallel = {recipe.parallel!r}): its tailed programs "
                                          "are regional block ones; set lora_tails = false")
+    if recipe.lora_tails_paired and not recipe.lora_tails:
+        raise fields.error("lora_tails_paired", "= true needs lora_tails = true: it lays out the tails' rows and "
+                                                "weights")
     if recipe.lora_tails_mlp_in and not recipe.lora_tails:
         raise fields.error("lora_tails_mlp_in", "= true needs lora_tails = true: it extends the single blocks' tails "
                                                 "to the double blocks' MLP-in")

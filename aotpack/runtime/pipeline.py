@@ -361,7 +361,8 @@ def _prepare_as_built(transformer, manifest, device) -> None:
     if manifest.recipe.get("joined_qkv"):  # its double-block programs read each stream's q/k/v weights joined
         install_joined_qkv(transformer, check_norms=False)
     if manifest.recipe.get("lora_tails"):  # tailed weights, the readers' base weights views of their first columns
-        install_lora_tails(transformer, mlp_in=bool(manifest.recipe.get("lora_tails_mlp_in")))
+        install_lora_tails(transformer, mlp_in=bool(manifest.recipe.get("lora_tails_mlp_in")),
+                           paired=bool(manifest.recipe.get("lora_tails_paired")))
 
 
 def load_package(package, model: str | None = None, *, revision: str | None = None, device: str | None = None,

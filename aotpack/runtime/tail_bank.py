@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.lora_tails import TAIL_COLUMNS, TAIL_RANK, column_factors, weight_tail
+from ..models.lora_tails import TAIL_COLUMNS, TAIL_RANK, column_factors, tail_columns, weight_tail
 from ..models.slots import lora_input_names
 from ..models.tail_groups import TailGroup, block_tail_groups
 
@@ -73,7 +73,8 @@ class TailBank:
         self.bank.tensors[f"{prefix}.{name}.lora_A"] = group
         for position, reader in enumerate(holder.readers):
             scale = block.get_submodule(reader).base.weight.scale
-            self.readers.append(_Reader(f"{prefix}.{reader}", scale, holder.weights[position][:, in_features:],
+            self.readers.append(_Reader(f"{prefix}.{reader}", scale,
+                                        tail_columns(holder.weights[position], position, holder.paired),
                                         group[position * TAIL_RANK:(position + 1) * TAIL_RANK]))
 
     def refresh(self) -> None:

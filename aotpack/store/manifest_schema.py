@@ -30,10 +30,14 @@ from ..errors import ManifestError
 # on misread rows, with no error. Format-5 `lora_tails` packages (its first form, a copy of the weights) bind
 # contiguous ones, so this aotpack refuses them too (`_check_values`). Format 7: a recipe with `lora_tails_mlp_in`,
 # whose double-block programs read each stream's MLP-in weight as such a view too (a format-6 runtime would bind it
-# contiguous: misread rows again).
-FORMAT_VERSION = 7
+# contiguous: misread rows again). Format 8 (2026-12-08): a recipe with `lora_down_fp8_dots`, whose programs take A's
+# FP8 halves as inputs that only this runtime writes (an older one would fail at load on the input names), or with
+# `lora_tails_paired`, whose single blocks' first reader of each pair reads its base weight after the tail (an older
+# runtime would bind it before: misread rows).
+FORMAT_VERSION = 8
 TAILS_SHARED_FORMAT = 6
 TAILS_MLP_IN_FORMAT = 7
+A_HALVES_PAIRS_FORMAT = 8
 
 # manifest fields naming an extra program file (absent in packages without it; verified by sha256 like the rest)
 OPTIONAL_PROGRAM_FIELDS = ("merge_program", "merge_by_address_program")
@@ -46,6 +50,8 @@ SHAPE_NAMES = ("batch", "image_tokens", "text_tokens")
 
 def format_version_for(quantization: dict, recipe: dict | None = None) -> int:
     """The lowest manifest format that expresses a package with this `quantization` record and `recipe`."""
+    if (recipe or {}).get("lora_down_fp8_dots") or (recipe or {}).get("lora_tails_paired"):
+        return A_HALVES_PAIRS_FORMAT
     if (recipe or {}).get("lora_tails_mlp_in"):
         return TAILS_MLP_IN_FORMAT
     if (recipe or {}).get("lora_tails"):

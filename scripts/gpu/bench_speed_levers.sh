@@ -32,6 +32,9 @@
 #    down_gemm: lora_down_fp8_gemm = true (those down-projections from the FP8 GELU output as one cuBLASLt FP8 GEMM
 #      against A split in the program into FP8 high and low parts, instead of the Triton split-K kernel; 512² +1.2 ms
 #      a step from graphs on an H100, 2026-12-08a);
+#    tails_paired: lora_tails_paired = true (a single block's four tailed readers in two pairs, each pair's GEMMs
+#      reading one `[tail_a | q / H | tail_b]` buffer: the rows kernel writes q / H twice a block instead of four
+#      times, ~0.2 ms of a 512² step by the H200's 0.45 ms of rows kernel, 2026-12-07j; unmeasured);
 #    down_dots: lora_down_fp8_dots = true (those down-projections as FP8 x FP8 tensor-core dots against A's FP8 high
 #      and low rows, two more program inputs a slot that the runtime writes at each switch; -0.59 ms a 512² step in
 #      the 2026-12-08a probe, kernels only, H100; unmeasured in a package);

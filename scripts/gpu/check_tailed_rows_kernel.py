@@ -4,7 +4,8 @@
 `[q / H | u_hi | u_lo | u_hi | 0]`, each row's H chosen from the readers' u (`row_headroom`). The 2026-12-07d probe
 (`probe_tails_block.py`) counted the tails' gain with the first reader's rows free (its quantization kernel would write
 them) plus 2.7-4.9 us of tail writer and the other readers' copies; this kernel writes every reader's rows from `q`, so its time against those pieces is the check.
-Random inputs at FLUX.1-dev's shapes; bit-equality per shape, then us a call from CUDA graphs.
+Random inputs at FLUX.1-dev's shapes; bit-equality per shape, then us a call from CUDA graphs; for groups of an even
+number of readers the paired layout too (`[tail_a | q / H | tail_b]` a pair, recipe lever `lora_tails_paired`).
 
 On the GPU machine: `python3 scripts/gpu/check_tailed_rows_kernel.py $OUT/tailed_rows.json`
 """
@@ -54,6 +55,13 @@ def main(out_path):
                "us": 1000 * graph_ms(lambda: torch.ops.aotpack.tailed_rows(q, s_x, u, factors, MIN_HEADROOM))}
         moved = q.numel() + readers * rows[0].numel() + u.numel() * 2
         row["tb_per_s"] = moved / (row["us"] * 1e-6) / 1e12
+        if readers % 2 == 0:  # recipe lever lora_tails_paired: one `[tail_a | q / H | tail_b]` buffer a pair
+            pairs, pairs_scale = torch.ops.aotpack.tailed_rows(q, s_x, u, no_factors, MIN_HEADROOM, True)
+            expected_pairs = tailed_rows_reference(q, s_x, u, no_factors, MIN_HEADROOM, True)
+            row["bit_equal_paired"] = (torch.equal(pairs.view(torch.uint8), expected_pairs[0].view(torch.uint8))
+                                       and torch.equal(pairs_scale, expected_pairs[1]))
+            row["us_paired"] = 1000 * graph_ms(
+                lambda: torch.ops.aotpack.tailed_rows(q, s_x, u, no_factors, MIN_HEADROOM, True))
         report["shapes"].append(row)
         print(json.dumps(row), flush=True)
     with open(out_path, "w") as f:

@@ -48,6 +48,8 @@ LEVERS = {
     "no_joined": "joined_qkv = false\n",
     # without the single blocks' q/k/v/MLP-in LoRA as FP8 tails (on in h200 since 2026-12-07j; models/tail_groups.py)
     "no_tails": "lora_tails = false\n",
+    # a single block's tailed readers in pairs, each pair's GEMMs reading one `[tail | q / H | tail]` buffer
+    "tails_paired": "lora_tails_paired = true\n",
     # the double blocks' MLP-in (each stream's ff.net.0.proj) as tails too, a fourth program (double_block.tails)
     "tails_mlp": "lora_tails_mlp_in = true\n",
     # one shape: batch 1 x 1024^2 x 512 text tokens (run it with SIZES=1024 only)

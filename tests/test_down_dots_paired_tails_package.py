@@ -1,19 +1,23 @@
-"""Recipe lever `lora_down_fp8_dots` in a real CPU package: the LoRA down-projections after the MLP GELUs read A as
-FP8 high and low rows, two more program inputs a slot, which the runtime writes from the bank's A after every switch
-(runtime/a_halves_bank.py).
+"""Recipe levers `lora_down_fp8_dots` and `lora_tails_paired` (both 2026-12-08, off: unmeasured on a GPU) in one real
+CPU package.
 
-The package is the FP8 test package's recipe (tests/conftest.py: `fp8_build`) with `lora_down_from_fp8`, the lever
-and `lora_tails` (as h100/h200 would carry it: the tailed single-block programs read proj_out's halves too). Served,
-against diffusers + PEFT in bf16, each demo LoRA's effect is as close as the FP8 package's (within the FP8 rounding
-of the GELU output that `lora_down_from_fp8` adds), in the tailed and the slotted programs; the halves hold the live
-set after each switch, bit for bit what the build splits, and the programs read them.
+- `lora_down_fp8_dots`: the LoRA down-projections after the MLP GELUs read A as FP8 high and low rows, two more
+  program inputs a slot, which the runtime writes from the bank's A after every switch (runtime/a_halves_bank.py);
+- `lora_tails_paired`: a single block's four tailed readers in two pairs, each pair's GEMMs reading one
+  `[tail_a | q / H | tail_b]` buffer, the first reader's tailed weight `[tail | W]` (models/lora_tails.py).
+
+The package is the FP8 test package's recipe (tests/conftest.py: `fp8_build`) with `lora_down_from_fp8`, `lora_tails`
+and the two levers (as h100/h200 would carry them). Served, against diffusers + PEFT in bf16, each demo LoRA's effect
+is as close as the FP8 package's (within the FP8 rounding of the GELU output that `lora_down_from_fp8` adds), in the
+tailed and the slotted programs; the halves hold the live set after each switch, bit for bit what the build splits,
+and the programs read them; a merge writes the paired readers' base columns and its unmerge restores them.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from reference import load_fp8_package, peft_outputs, rel_error, run_float, served_beside_fp8
+from reference import load_fp8_package, peft_outputs, rel_error, run_float, served_beside_fp8, tiny_forward_inputs
 
 from aotpack.models.lora_down_fp8 import fp8_hi_lo_rows
 from aotpack.models.slots import a_halves_input_names, lora_input_names
@@ -25,8 +29,8 @@ def dots_package(tmp_path_factory):
     from reference import build_fp8_package
 
     return build_fp8_package(tmp_path_factory.mktemp("dots"), "group_lora_down = true\nbatched_modulation = true\n"
-                                                              "lora_tails = true\nlora_down_from_fp8 = true\n"
-                                                              "lora_down_fp8_dots = true").path
+                                                              "lora_tails = true\nlora_tails_paired = true\n"
+                                                              "lora_down_from_fp8 = true\nlora_down_fp8_dots = true").path
 
 
 def _halves_slots(transformer) -> list[str]:
@@ -43,6 +47,7 @@ def _assert_halves_hold_the_bank(transformer) -> None:
 def test_the_programs_read_a_halves_of_the_slots_after_the_gelus(dots_package):
     manifest = read_manifest(dots_package)
     assert manifest.recipe["lora_down_fp8_dots"] is True and manifest.recipe["lora_down_from_fp8"] is True
+    assert manifest.format_version == 8  # older runtimes refuse it: they would not write the halves
     assert "single_block.tails" in {p.name for p in manifest.programs}
     served = load_fp8_package(dots_package)
     transformer = served.transformer
@@ -54,7 +59,7 @@ def test_the_programs_read_a_halves_of_the_slots_after_the_gelus(dots_package):
     assert transformer.a_halves.refresh in transformer.bank.after_write
 
 
-def test_a_lora_through_fp8_dots_is_as_close_to_peft_as_the_fp8_package(dots_package, fp8_package, demo_loras):
+def test_a_lora_through_fp8_dots_and_paired_tails_is_as_close_to_peft_as_the_fp8_package(dots_package, fp8_package, demo_loras):
     run = served_beside_fp8(dots_package, fp8_package)
     served, plain, transformer, inputs = run.served, run.plain, run.transformer, run.inputs
     base = run.base
@@ -77,8 +82,12 @@ def test_a_lora_through_fp8_dots_is_as_close_to_peft_as_the_fp8_package(dots_pac
             # which no marked linear carries, 1.167 / 1.170 against 1.170: its effect is small beside FP8's error)
             fidelity = rel_error(output - base, effect)
             assert fidelity <= 1.1 * plain_fidelity + 0.01, (name, variant, fidelity, plain_fidelity)
-            first.setdefault((name, variant), output)
+            first[name, variant] = output
         transformer.use_tails = True
+        # the paired tails as close as the same package's slots (a pair's tails swapped or misplaced would not be)
+        assert (rel_error(first[name, "tails"] - base, effect)
+                <= 1.02 * rel_error(first[name, "slots"] - base, effect) + 0.01), name
+        assert rel_error(first[name, "tails"], first[name, "slots"]) > 0  # the tailed programs ran
     # a switch back writes the halves again: the same output bit for bit (the MLP LoRA: its layers read them)
     name, path = "tiny-style-mlp", demo_loras["tiny-style-mlp"]
     served.set_loras([(path, 1.0)])
@@ -93,3 +102,38 @@ def test_a_lora_through_fp8_dots_is_as_close_to_peft_as_the_fp8_package(dots_pac
     for n, t in saved.items():
         transformer.bank.tensors[n].copy_(t)
     assert torch.equal(run_float(transformer, inputs), first[name, "tails"])
+
+
+def test_paired_readers_share_their_base_columns_and_a_merge_round_trip_restores_them(dots_package, demo_loras):
+    from aotpack.models.lora_tails import TAIL_COLUMNS
+    from aotpack.models.tail_groups import READERS
+
+    served = load_fp8_package(dots_package)
+    transformer = served.transformer
+    owner = transformer._weights_owner
+    for block in owner.single_transformer_blocks:
+        group = block.lora_tails
+        assert group.paired and group.readers == READERS
+        for position, reader in enumerate(READERS):
+            qdata, tailed = block.get_submodule(reader).base.weight.qdata, group.weights[position]
+            # q and v (the first of each pair): `[tail | W]`, the base a view after the tail; k and MLP-in `[W | tail]`
+            offset = TAIL_COLUMNS if position % 2 == 0 else 0
+            assert qdata.data_ptr() == tailed.data_ptr() + offset and qdata.stride() == tailed.stride(), reader
+            assert qdata.shape == (tailed.shape[0], tailed.shape[1] - TAIL_COLUMNS)
+    inputs = tiny_forward_inputs(transformer)
+    lora = [(demo_loras["tiny-style-all"], 0.8)]
+    served.set_loras(lora)
+    tails = run_float(transformer, inputs)
+    assert transformer.last_variant == "tails"
+    bases = [block.get_submodule(r).base.weight.qdata.clone() for block in owner.single_transformer_blocks
+             for r in READERS]
+    served.set_loras(lora, merge=True)
+    run_float(transformer, inputs)
+    assert transformer.merged and transformer.last_variant == "no_slots"
+    merged = [block.get_submodule(r).base.weight.qdata for block in owner.single_transformer_blocks for r in READERS]
+    assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(merged, bases))
+    served.set_loras([(demo_loras["tiny-style-mlp"], 1.0)])  # unmerges, then writes the new set
+    served.set_loras(lora)
+    assert torch.equal(run_float(transformer, inputs), tails) and transformer.last_variant == "tails"
+    after = [block.get_submodule(r).base.weight.qdata for block in owner.single_transformer_blocks for r in READERS]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(after, bases))
