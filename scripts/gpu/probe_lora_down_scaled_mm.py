@@ -7,7 +7,9 @@ times the same product as `torch._scaled_mm(q, [A_hi; A_lo]^T)`: A split per ran
 FP8 rounding of the rest (each row its own scale, given as the GEMM's column scales, so the epilogue applies both),
 out `[rows, 2R]` in bf16, and the up-projection reading it against `[B | B]` (so `B u_hi + B u_lo` needs no add).
 Also the high part alone (N = R: A's own FP8 rounding in u) for its error, and the FP8-dot Triton kernel of
-`probe_lora_down_fp8_dots.py` (2026-12-06d, which timed cuBLAS's halves as two float32 GEMMs) with A's halves given. Per shape: us a call from CUDA graphs
+`probe_lora_down_fp8_dots.py` (2026-12-06d, which timed cuBLAS's halves as two float32 GEMMs) with A's halves given,
+and since 2026-12-08 the packaged kernel's own FP8-dot form (`library_dots`: recipe lever `lora_down_fp8_dots`, at
+the library's launch config). Per shape: us a call from CUDA graphs
 (kernel_probe.graph_ms), down alone and down + up, and u's and the delta's relative error against float64 from the
 same FP8 input. Per-step totals weight each shape by its calls (38 single blocks' `proj_out`, 19 double blocks'
 image `ff.net.2`; the text stream's stays bf16).
@@ -76,6 +78,9 @@ def main(out_path: str) -> None:
             def triton_down():
                 return lever._lora_down_fp8_triton(q, scale, a)
 
+            def library_dots():  # recipe lever lora_down_fp8_dots: the packaged kernel's A_HALVES form, its config
+                return lever._lora_down_fp8_triton(q, scale, a8, a_scale, torch.bfloat16)
+
             def scaled_hilo():
                 return torch._scaled_mm(q, a8.t(), scale_a=scale, scale_b=a_scale, out_dtype=torch.bfloat16)
 
@@ -89,6 +94,7 @@ def main(out_path: str) -> None:
             row = {"shape": name, "rows": rows, "k": k, "calls_per_step": calls,
                    "u_error": {"triton": relative_error(triton_down().double(), exact_u),
                                "fp8_dot": relative_error(fp8_dot_down(q, scale, a8, a_scale).double(), exact_u),
+                               "library_dots": relative_error(library_dots().double(), exact_u),
                                "scaled_mm_hilo": relative_error(u_hilo, exact_u),
                                "scaled_mm_hi": relative_error(scaled_hi().double(), exact_u),
                                "cublas_bf16_input": relative_error(F.linear(h, a).double(), exact_u)},
@@ -100,6 +106,7 @@ def main(out_path: str) -> None:
                           "scaled_mm_hi_down": graph_ms(scaled_hi) * 1e3,
                           "cublas_bf16_down": graph_ms(lambda: F.linear(h, a)) * 1e3,
                           "fp8_dot_down": graph_ms(lambda: fp8_dot_down(q, scale, a8, a_scale)) * 1e3,
+                          "library_dots_down": graph_ms(library_dots) * 1e3,
                           "triton_down_up": graph_ms(lambda: F.linear(triton_down(), b)) * 1e3,
                           "scaled_mm_hilo_down_up": graph_ms(lambda: F.linear(scaled_hilo(), b2)) * 1e3}}
             sweep = SWEEP if os.environ.get("PROBE_FP8_DOT_SWEEP", "1") == "1" else {}  # 0: the fixed config only
