@@ -26,6 +26,11 @@ def a_halves_slot(input_name: str) -> str | None:
 
 
 class AHalvesBank:
+    """The halves of the slots that `add` was given, in `bank.tensors`, and `refresh`, which the bank calls after each
+    write. Each refresh splits every such slot (a few kernels a weight shape: FLUX.1-dev's 38 single-block `proj_out`
+    A's [64, 15360] and 19 double-block `ff.net.2` A's [64, 12288] pass through float32 once, ~0.2 GB; its time
+    on a GPU is unmeasured and counts toward a switch)."""
+
     def __init__(self, bank):
         self.bank = bank
         self._by_shape: dict[tuple, list[str]] = {}  # slot names by A's shape, each shape split as one batch
