@@ -25,12 +25,12 @@ from aotpack.store.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def dots_package(tmp_path_factory):
+def levers_package(tmp_path_factory):
     from reference import build_fp8_package
 
-    return build_fp8_package(tmp_path_factory.mktemp("dots"), "group_lora_down = true\nbatched_modulation = true\n"
-                                                              "lora_tails = true\nlora_tails_paired = true\n"
-                                                              "lora_down_from_fp8 = true\nlora_down_fp8_dots = true").path
+    levers = ("group_lora_down = true\nbatched_modulation = true\nlora_tails = true\nlora_tails_paired = true\n"
+              "lora_down_from_fp8 = true\nlora_down_fp8_dots = true")
+    return build_fp8_package(tmp_path_factory.mktemp("levers"), levers).path
 
 
 def _halves_slots(transformer) -> list[str]:
@@ -44,12 +44,12 @@ def _assert_halves_hold_the_bank(transformer) -> None:
         assert torch.equal(a8.view(torch.uint8), split[0].view(torch.uint8)) and torch.equal(a_scale, split[1]), slot
 
 
-def test_the_programs_read_a_halves_of_the_slots_after_the_gelus(dots_package):
-    manifest = read_manifest(dots_package)
+def test_the_programs_read_a_halves_of_the_slots_after_the_gelus(levers_package):
+    manifest = read_manifest(levers_package)
     assert manifest.recipe["lora_down_fp8_dots"] is True and manifest.recipe["lora_down_from_fp8"] is True
     assert manifest.format_version == 8  # older runtimes refuse it: they would not write the halves
     assert "single_block.tails" in {p.name for p in manifest.programs}
-    served = load_fp8_package(dots_package)
+    served = load_fp8_package(levers_package)
     transformer = served.transformer
     owner = transformer._weights_owner
     # the image stream's MLP-out of each double block and each single block's proj_out: not the text stream's
@@ -59,8 +59,8 @@ def test_the_programs_read_a_halves_of_the_slots_after_the_gelus(dots_package):
     assert transformer.a_halves.refresh in transformer.bank.after_write
 
 
-def test_a_lora_through_fp8_dots_and_paired_tails_is_as_close_to_peft_as_the_fp8_package(dots_package, fp8_package, demo_loras):
-    run = served_beside_fp8(dots_package, fp8_package)
+def test_a_lora_through_both_levers_is_as_close_to_peft_as_the_fp8_package(levers_package, fp8_package, demo_loras):
+    run = served_beside_fp8(levers_package, fp8_package)
     served, plain, transformer, inputs = run.served, run.plain, run.transformer, run.inputs
     base = run.base
     assert torch.equal(base, run.plain_base)  # no LoRA: the no-slot programs, the same as the FP8 package's
@@ -104,11 +104,11 @@ def test_a_lora_through_fp8_dots_and_paired_tails_is_as_close_to_peft_as_the_fp8
     assert torch.equal(run_float(transformer, inputs), first[name, "tails"])
 
 
-def test_paired_readers_share_their_base_columns_and_a_merge_round_trip_restores_them(dots_package, demo_loras):
+def test_paired_readers_share_their_base_columns_and_a_merge_round_trip_restores_them(levers_package, demo_loras):
     from aotpack.models.lora_tails import TAIL_COLUMNS
     from aotpack.models.tail_groups import READERS
 
-    served = load_fp8_package(dots_package)
+    served = load_fp8_package(levers_package)
     transformer = served.transformer
     owner = transformer._weights_owner
     for block in owner.single_transformer_blocks:

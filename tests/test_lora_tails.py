@@ -152,10 +152,12 @@ def test_paired_rows_hold_q_once_a_pair_and_each_reader_gemms_as_with_its_own_bu
     assert pairs[0].shape == (2, 9, in_features + 2 * TAIL_COLUMNS) and torch.equal(pairs[1], single[1])
     for i, out in enumerate(outs):
         rows = reader_rows(pairs[0], i, True)
-        assert rows.shape == single[0][i].shape and rows.data_ptr() == pairs[0][i // 2].data_ptr() + (i % 2) * TAIL_COLUMNS
+        assert rows.shape == single[0][i].shape
+        assert rows.data_ptr() == pairs[0][i // 2].data_ptr() + (i % 2) * TAIL_COLUMNS
         # the same bytes, the tail on the other side of q / H for the first of a pair
-        assert torch.equal(base_columns(rows, i, True).view(torch.uint8), single[0][i, :, :in_features].view(torch.uint8))
-        assert torch.equal(tail_columns(rows, i, True).view(torch.uint8), single[0][i, :, in_features:].view(torch.uint8))
+        own = single[0][i].view(torch.uint8)
+        assert torch.equal(base_columns(rows, i, True).view(torch.uint8), own[:, :in_features])
+        assert torch.equal(tail_columns(rows, i, True).view(torch.uint8), own[:, in_features:])
         w, s_w = quantize_rows(torch.randn(out, in_features, generator=generator).to(torch.bfloat16))
         tail = weight_tail(torch.randn(out, TAIL_RANK, generator=generator), s_w, torch.ones(1, TAIL_RANK))
         one_buffer = tailed_linear(single[0][i], single[1], torch.cat([w, tail], -1), s_w)

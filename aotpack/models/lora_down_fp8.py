@@ -96,7 +96,7 @@ def _kernel():
                     acc_lo = tl.dot(x, tl.trans(lo), acc_lo)
             else:
                 x = x.to(a_ptr.dtype.element_ty)  # e4m3 -> bf16/fp16 is exact
-                if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (scripts/check_lora_down_fp8_kernel.py)
+                if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (check_lora_down_fp8_kernel.py)
                     acc = tl.dot(x.to(tl.float32), tl.trans(a).to(tl.float32), acc)
                 else:
                     acc = tl.dot(x, tl.trans(a), acc)
