@@ -19,12 +19,12 @@ from aotpack.models.examples import relative_error, transformer_inputs
 TOLERANCE = 1e-5  # fp32 relative L2
 
 
-def _inputs():
+def _inputs(dtype=torch.float32):
     from aotpack.models.checkpoint import load_transformer_config, parse_model_ref
 
     config = load_transformer_config(parse_model_ref("tiny"))
     # 31 text tokens: the two ranks get uneven shards (16 + 15)
-    return transformer_inputs(config, batch=1, image_tokens=64, text_tokens=31, dtype=torch.float32, device="cpu",
+    return transformer_inputs(config, batch=1, image_tokens=64, text_tokens=31, dtype=dtype, device="cpu",
                               generator=torch.Generator().manual_seed(1))
 
 
@@ -46,6 +46,14 @@ def _rank_outputs(ctx, package, inputs, lora_sets_by_rank):
         except AotpackError as err:  # a refused set: this rank must still hold the previous one
             outputs.append(("refused", err.problem, _forward(served, inputs)))
     return outputs
+
+
+def _rank_fp8_outputs(ctx, package, inputs, lora_sets_by_rank):
+    """`_rank_outputs` for a CPU FP8 package: torchao's hardware check lifted in this rank's process too."""
+    import torchao.quantization.quant_api as quant_api
+
+    quant_api._check_hardware_support = lambda granularity: None
+    return _rank_outputs(ctx, package, inputs, lora_sets_by_rank)
 
 
 def _rank_fails(ctx, package, inputs):
@@ -248,3 +256,29 @@ def test_recipe_field_parallel():
     assert parse_recipe({**data, "parallel": "ulysses"}).parallel == "ulysses"
     with pytest.raises(RecipeError, match="ulysses"):
         parse_recipe({**data, "parallel": "ring"})
+
+
+def test_an_fp8_split_package_with_the_fp8_dot_down_projections_runs_on_two_ranks_as_on_one(tmp_path_factory,
+                                                                                             demo_loras):
+    """The h100/h200 recipes' FP8 mechanics split for context parallelism (`reference.fp8_cpu_recipe`, the lever
+    `lora_down_fp8_dots` on): the post-attention programs read A's FP8 halves, which each rank's runtime writes at
+    every switch, and 2 ranks give 1 rank's output bit for bit, with and without the MLP LoRA, across a switch."""
+    from reference import build_fp8_package, load_fp8_package
+
+    from aotpack.runtime.parallel import launch
+
+    package = build_fp8_package(tmp_path_factory.mktemp("cp-fp8"), 'parallel = "ulysses"\nlora_down_from_fp8 = true\n'
+                                                                    "lora_down_fp8_dots = true").path
+    inputs = _inputs(torch.bfloat16)
+    mlp, attn = str(demo_loras["tiny-style-mlp"]), str(demo_loras["tiny-style-attn"])
+    switches = [[(mlp, 1.0)], [], [(attn, 1.0), (mlp, 0.5)]]
+    results = launch(_rank_fp8_outputs, 2, str(package), inputs, {0: switches, 1: switches})
+    one_rank = load_fp8_package(package)
+    halves = sorted(n.removesuffix(".lora_A_fp8") for n in one_rank.transformer.bank.tensors if n.endswith("_fp8"))
+    assert halves == ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out",
+                      "transformer_blocks.0.ff.net.2", "transformer_blocks.1.ff.net.2"]
+    for result, loras in zip(results, switches):
+        assert result[0] == "ok"
+        one_rank.set_loras(loras)
+        assert torch.equal(result[-1], _forward(one_rank, inputs)), loras
+    assert relative_error(results[0][-1].float(), results[1][-1].float()) > 1e-3  # the MLP LoRA moved the output
