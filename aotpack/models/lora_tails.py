@@ -24,9 +24,10 @@ double block's MLP-in; for the readers of K >= 12288 (MLP-out, `proj_out`) copyi
 tails gain, so those would need their GELU kernel to write the rows
 (`benchmarks/results/2026-12-07e-h100-tailed-rows-kernel/`). The programs that use it: `tail_groups.py`.
 
-With `paired` (recipe lever `lora_tails_paired`, off: unmeasured) readers 2p and 2p + 1 share one buffer
-`[tail_2p | q / H | tail_2p+1]`, each GEMM reading its view (`reader_rows`, row stride K + 2 x 256), the first
-reader's tailed weight stored `[tail | W]` to match (`tail_first`): the kernel writes `q / H` once a pair.
+With `paired` (recipe lever `lora_tails_paired`, off: unmeasured; the kernel's `SIDES` 2) readers 2p and 2p + 1
+share one buffer `[tail_2p | q / H | tail_2p+1]`, each GEMM reading its view (`reader_rows`, row stride
+K + 2 x 256), the first reader's tailed weight stored `[tail | W]` to match (`tail_first`): the kernel writes
+`q / H` once a pair.
 """
 
 from __future__ import annotations
@@ -174,15 +175,15 @@ def _kernel():
     @triton.jit
     def tailed_rows_kernel(q_ptr, scale_ptr, u_ptr, factor_ptr, rows_ptr, row_scale_ptr, tokens, K: tl.constexpr,
                            R: tl.constexpr, TAIL: tl.constexpr, U_STRIDE: tl.constexpr, READERS: tl.constexpr,
-                           HAS_FACTORS: tl.constexpr, PAIRED: tl.constexpr, MIN_LOG2: tl.constexpr,
+                           HAS_FACTORS: tl.constexpr, SIDES: tl.constexpr, MIN_LOG2: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         # program (t, b): rows [t * BLOCK_T, +BLOCK_T) of buffer b: the rows' headroom H from every reader's u, q / H
-        # and the buffer's tails: reader b's after q / H, or with PAIRED readers 2b's before it and 2b + 1's after
+        # and the buffer's tails: reader b's after q / H (SIDES 1), or readers 2b's before it and 2b + 1's after
+        # (SIDES 2: paired)
         row_block, buffer = tl.program_id(0), tl.program_id(1)
         offs_t = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = offs_t < tokens
-        SIDES: tl.constexpr = 2 if PAIRED else 1
-        Q_COLUMN: tl.constexpr = TAIL if PAIRED else 0
+        q_column = TAIL * (SIDES - 1)  # q / H after the first reader's tail when paired
         width = K + SIDES * TAIL
         out = rows_ptr + buffer * tokens * width + offs_t[:, None] * width
         offs_r = tl.arange(0, R)
@@ -210,7 +211,7 @@ def _kernel():
             kmask = row_ok[:, None] & (offs_k[None, :] < K)
             q = tl.load(q_ptr + offs_t[:, None] * K + offs_k[None, :], mask=kmask).to(tl.float32)
             # times 1 / H, exact for a power of two (div_rn here made the kernel 2.3x slower, H100)
-            tl.store(out + Q_COLUMN + offs_k[None, :], (q * inverse[:, None]).to(tl.float8e4nv), mask=kmask)
+            tl.store(out + q_column + offs_k[None, :], (q * inverse[:, None]).to(tl.float8e4nv), mask=kmask)
         for side in tl.static_range(SIDES):
             reader = buffer * SIDES + side
             u = tl.load(u_ptr + offs_t[:, None] * U_STRIDE + reader * R + offs_r[None, :], mask=mask).to(tl.float32)
@@ -227,7 +228,7 @@ def _kernel():
             hi_value = tl.where(tl.abs(t) < 0.015625, libdevice.rint(t * 512.0) / 512.0, normal)
             hi = hi_value.to(tl.float8e4nv)  # exact: hi_value is on FP8's grid
             lo = (t - hi_value).to(tl.float8e4nv)
-            if PAIRED:  # the pair's first reader's tail before q / H, the second's after it
+            if SIDES == 2:  # the pair's first reader's tail before q / H, the second's after it
                 tail = out + side * (TAIL + K) + offs_r[None, :]
             else:
                 tail = out + K + offs_r[None, :]
@@ -255,7 +256,8 @@ def _tailed_rows_triton(q, scale, u, factors, min_headroom, paired=False):
     # ['fp32'] but got fp64" from div_rn, H100 2026-12-07)
     wrap_triton(_kernel())[grid](q, scale, u, factors, rows, row_scale, tokens, K=k, R=TAIL_RANK, TAIL=TAIL_COLUMNS,
                                  U_STRIDE=u.stride(0), READERS=readers, HAS_FACTORS=factors.numel() > 0,
-                                 PAIRED=paired, MIN_LOG2=int(math.log2(min_headroom)), BLOCK_T=block_t, BLOCK_K=512)
+                                 SIDES=2 if paired else 1, MIN_LOG2=int(math.log2(min_headroom)), BLOCK_T=block_t,
+                                 BLOCK_K=512)
     return rows, row_scale
 
 
