@@ -119,6 +119,7 @@ def test_lever_marks_the_linears_after_the_gelus_and_changes_only_the_lora_effec
     ("lora_down_from_fp8", "fused_gelu_quant", ""),
     ("lora_down_fp8_gemm", "lora_down_from_fp8", "fused_gelu_quant = true\n"),
     ("lora_down_fp8_dots", "lora_down_from_fp8", "fused_gelu_quant = true\n"),
+    ("lora_down_fp8_text", "lora_down_fp8_dots", "fused_gelu_quant = true\nlora_down_from_fp8 = true\n"),
 ])
 def test_recipe_field_needs_the_field_it_builds_on(tmp_path, field, needs, common):
     """`lora_down_from_fp8` reads the fused GELU kernel's FP8 output; `lora_down_fp8_gemm` chooses how those
@@ -262,3 +263,21 @@ def test_single_block_program_with_fp8_dots_reads_a_halves_as_inputs_and_matches
     with torch.no_grad():
         (flipped,) = compiled(*block.activations, other)
     assert relative_error(flipped.float(), actual.float()) > 0.1
+
+
+def test_the_text_lever_marks_the_text_feed_forwards_for_the_fp8_dots_too(monkeypatch):
+    """`lora_down_fp8_text`: the double blocks' `ff_context.net.2` read A's FP8 halves as well (without it their few
+    text rows keep the bf16 copy); every marked slot lists the halves among its program inputs."""
+    from aotpack.models.slots import reads_a_halves, slot_input_names
+
+    transformer, _ = fp8_tiny_transformer(monkeypatch, 8)
+    install_fused_gelu_quant(transformer, lora_down_from_fp8=True, lora_down_fp8_dots=True)
+    text = [block.ff_context.net[2] for block in transformer.transformer_blocks]
+    image = [block.ff.net[2] for block in transformer.transformer_blocks]
+    assert not any(reads_fp8_input(layer) or reads_a_halves(layer) for layer in text)
+    assert all(reads_a_halves(layer) for layer in image)
+    install_fused_gelu_quant(transformer, lora_down_from_fp8=True, lora_down_fp8_dots=True, lora_down_fp8_text=True)
+    assert all(reads_fp8_input(layer) and reads_a_halves(layer) for layer in text + image)
+    assert slot_input_names("ff_context.net.2", text[0]) == (
+        "ff_context.net.2.lora_A", "ff_context.net.2.lora_B", "ff_context.net.2.lora_A_fp8",
+        "ff_context.net.2.lora_A_fp8_scale")

@@ -341,11 +341,13 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             routed = install_fused_gelu_quant(transformer, lora_down_from_fp8=recipe.lora_down_from_fp8,
                                               fused_gelu_lora=recipe.fused_gelu_lora,
                                               lora_down_fp8_gemm=recipe.lora_down_fp8_gemm,
-                                              lora_down_fp8_dots=recipe.lora_down_fp8_dots)
+                                              lora_down_fp8_dots=recipe.lora_down_fp8_dots,
+                                              lora_down_fp8_text=recipe.lora_down_fp8_text)
             report.info(f"    {routed} MLP GELUs fused into the FP8 quantization"
                         + (", their next linears' LoRA read its FP8 output" if recipe.lora_down_from_fp8 else "")
                         + (" by an FP8 GEMM" if recipe.lora_down_fp8_gemm else "")
                         + (" by FP8 dots against A's FP8 halves" if recipe.lora_down_fp8_dots else "")
+                        + (", the text stream's too" if recipe.lora_down_fp8_text else "")
                         + (", with the LoRA projections around them" if recipe.fused_gelu_lora else ""))
             if torch.device(device).type == "cuda":
                 check_kernel_against_reference(device)

@@ -362,13 +362,14 @@ def gelu_goes_into_proj_out(block: nn.Module) -> bool:
 
 def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = False,
                              fused_gelu_lora: bool = False, lora_down_fp8_gemm: bool = False,
-                             lora_down_fp8_dots: bool = False) -> int:
+                             lora_down_fp8_dots: bool = False, lora_down_fp8_text: bool = False) -> int:
     """Route every MLP GELU of `transformer` (FP8-quantized) into the next linear's quantization, in place;
     returns how many. Weight and slot names do not change. `lora_down_from_fp8` (the recipe lever): the next
     linears' LoRA slots take their down-projection from the quantized GELU output (`lora_down_fp8.py`), but for the
     double blocks' text feed-forwards (`ff_context`), whose few rows the bf16 path serves faster; with
     `lora_down_fp8_gemm` (the recipe lever) by one FP8 GEMM rather than the Triton kernel, with `lora_down_fp8_dots`
-    (the recipe lever) by FP8 dots against A's FP8 halves, two more program inputs of those slots.
+    (the recipe lever) by FP8 dots against A's FP8 halves, two more program inputs of those slots; with
+    `lora_down_fp8_text` (the recipe lever) the text feed-forwards' too.
     `fused_gelu_lora` (the recipe lever): the LoRA projections on both sides of the GELU run inside its kernel
     (`gelu_lora.py`, which the caller imports: it registers the op, and it imports this module)."""
     from diffusers.models.activations import GELU
@@ -378,7 +379,8 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
     # of them, those whose LoRA reads the FP8 GELU output under `lora_down_from_fp8`: not the double blocks' text
     # feed-forwards, whose <= 512 rows (a batch-1 prompt) are too few for the FP8 kernel (36 us a call there against
     # 24 us for the bf16 copy + cuBLAS, H200 probe 2026-12-04f: +0.23 ms a step, any size; batch 4's 2048 text rows
-    # unmeasured)
+    # unmeasured). `lora_down_fp8_text` marks them too, for the FP8-dot form (`lora_down_fp8_dots`): 14.2 us at 1024
+    # rows in its probe against 25.7 for the Triton kernel (H100, 2026-12-08a), unmeasured at 512
     fp8_down = []
     for block in transformer.transformer_blocks:
         for name in ("ff", "ff_context"):
@@ -389,7 +391,7 @@ def install_fused_gelu_quant(transformer: nn.Module, lora_down_from_fp8: bool = 
             elif not isinstance(feed_forward, FusedFeedForward):  # else routed by an earlier call
                 continue
             after_gelu.append(feed_forward.net[2])
-            if name == "ff":
+            if name == "ff" or lora_down_fp8_text:
                 fp8_down.append(feed_forward.net[2])
     for block in transformer.single_transformer_blocks:
         _require_fp8(block.proj_out)

@@ -55,6 +55,7 @@ class Recipe:
     lora_down_from_fp8: bool = False  # LoRA down-projections after the MLP GELUs read its FP8 output (models/lora_down_fp8.py)
     lora_down_fp8_gemm: bool = False  # ... as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (same module)
     lora_down_fp8_dots: bool = False  # ... by FP8 dots against A's FP8 halves, written by the runtime (same module)
+    lora_down_fp8_text: bool = False  # ... the double blocks' text feed-forwards' too (same module)
     fused_gelu_lora: bool = False  # the LoRA projections around each MLP GELU inside its kernel (models/gelu_lora.py)
     lora_up_in_gemm: bool = False  # each FP8 slot's bias and LoRA up-projection in its GEMM's epilogue (models/gemm_lora.py)
     joined_qkv: bool = False  # each double-block stream's q/k/v as one FP8 GEMM over joined weights (models/joined_qkv.py)
@@ -231,6 +232,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         lora_down_from_fp8=fields.value("lora_down_from_fp8", bool, False),
         lora_down_fp8_gemm=fields.value("lora_down_fp8_gemm", bool, False),
         lora_down_fp8_dots=fields.value("lora_down_fp8_dots", bool, False),
+        lora_down_fp8_text=fields.value("lora_down_fp8_text", bool, False),
         fused_gelu_lora=fields.value("fused_gelu_lora", bool, False),
         lora_up_in_gemm=fields.value("lora_up_in_gemm", bool, False),
         joined_qkv=fields.value("joined_qkv", bool, False),
@@ -283,6 +285,10 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.lora_down_fp8_dots and not recipe.lora_down_from_fp8:
         raise fields.error("lora_down_fp8_dots", "= true needs lora_down_from_fp8 = true: it chooses how those "
                                                  "down-projections from the FP8 GELU output run")
+    if recipe.lora_down_fp8_text and not recipe.lora_down_fp8_dots:
+        raise fields.error("lora_down_fp8_text", "= true needs lora_down_fp8_dots = true: the text feed-forwards' few "
+                                                 "rows are for the FP8-dot kernel only (the bf16-A kernel was slower "
+                                                 "there than the bf16 copy)")
     if recipe.lora_down_fp8_dots and recipe.lora_down_fp8_gemm:
         raise fields.error("lora_down_fp8_dots", "= true cannot go with lora_down_fp8_gemm = true: both choose how "
                                                  "the down-projections from the FP8 GELU output run; set one of them "

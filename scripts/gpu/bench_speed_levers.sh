@@ -35,6 +35,8 @@
 #    tails_paired: lora_tails_paired = true (a single block's four tailed readers in two pairs, each pair's GEMMs
 #      reading one `[tail_a | q / H | tail_b]` buffer: the rows kernel writes q / H twice a block instead of four
 #      times, ~0.2 ms of a 512² step by the H200's 0.45 ms of rows kernel, 2026-12-07j; unmeasured);
+#    down_dots_text: down_dots with lora_down_fp8_text = true (the double blocks' text feed-forwards' down-projections
+#      in FP8 dots too, 19 more calls a step of 512 rows; unmeasured);
 #    down_dots: lora_down_fp8_dots = true (those down-projections as FP8 x FP8 tensor-core dots against A's FP8 high
 #      and low rows, two more program inputs a slot that the runtime writes at each switch; -0.59 ms a 512² step in
 #      the 2026-12-08a probe, kernels only, H100; unmeasured in a package);

@@ -39,6 +39,8 @@ LEVERS = {
     "down_gemm": "lora_down_fp8_gemm = true\n",
     # ... as FP8 x FP8 tensor-core dots against A's FP8 halves, written by the runtime at each switch (same module)
     "down_dots": "lora_down_fp8_dots = true\n",
+    # ... and the double blocks' text feed-forwards' too (their 512 rows in bf16 until now)
+    "down_dots_text": "lora_down_fp8_dots = true\nlora_down_fp8_text = true\n",
     "no_batched": "batched_modulation = false\n",
     "up": "lora_down_from_fp8 = false\ngroup_lora_up = true\n",
     "gelu_lora": "lora_down_from_fp8 = false\nfused_gelu_lora = true\n",
