@@ -166,6 +166,11 @@ def test_paired_rows_hold_q_once_a_pair_and_each_reader_gemms_as_with_its_own_bu
         assert relative_error(tailed_linear(rows, pairs[1], paired, s_w).double(), one_buffer.double()) < 4e-3
     with pytest.raises(ValueError, match="even number of readers, not 3"):
         tailed_rows_reference(q, s_x, u[:, :3 * TAIL_RANK], torch.empty(0), MIN_HEADROOM, True)
+    # the build's GPU check of the kernel (paired with the lever), here the op's CPU path against the reference
+    from aotpack.models.lora_tails import kernel_errors
+
+    assert kernel_errors("cpu") == {"single_block": 0.0, "double_block": 0.0}
+    assert kernel_errors("cpu", paired=True) == {"single_block": 0.0, "double_block": 0.0, "single_block_paired": 0.0}
 
 
 def test_row_headroom_is_the_least_power_of_two_that_keeps_every_readers_tails_in_range():

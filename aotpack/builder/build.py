@@ -28,6 +28,7 @@ from ..models.gemm_lora import check_kernel_against_reference as check_gemm_lora
 from ..models.gelu_lora import check_kernel_against_reference as check_gelu_lora_kernel_against_reference
 from ..models.lora_down_fp8 import check_kernel_against_reference as check_lora_down_kernel_against_reference
 from ..models.lora_down_fp8 import program_lora_inputs
+from ..models.lora_tails import check_kernel_against_reference as check_tails_kernel_against_reference
 from ..models.lora_up import check_kernel_against_reference as check_lora_up_kernel_against_reference
 from ..models.merge_by_address import MERGE_BY_ADDRESS_PROGRAM, export_merge_by_address
 from ..models.merge_by_address import check_program as check_merge_program
@@ -372,6 +373,8 @@ def build_package(model: str = "tiny", target: str = "cpu", *, out=None, overwri
             where = ("single blocks' q/k/v/MLP-in" + (", q/k and v/MLP-in in pairs" if recipe.lora_tails_paired else "")
                      + (", double blocks' MLP-in" if recipe.lora_tails_mlp_in else ""))
             report.info(f"    {groups} tail groups ({where}) also compiled with LoRA tails")
+            if torch.device(device).type == "cuda":
+                check_tails_kernel_against_reference(device, paired=recipe.lora_tails_paired)
         if recipe.gelu_via_sigmoid != "none":  # inside the programs only: weights and slots keep their names
             report.info(f"    {use_sigmoid_gelu(transformer, recipe.gelu_via_sigmoid)} GELUs computed as x * sigmoid(2u)")
         if recipe.batched_modulation:  # block programs take their modulation rows from the modulation program

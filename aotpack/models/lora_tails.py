@@ -37,8 +37,9 @@ import math
 
 import torch
 
+from .examples import relative_error
 from .fp8_attention import FP8, FP8_MAX
-from .kernel_ops import register_triton_op
+from .kernel_ops import refuse_kernel_errors, register_triton_op
 
 TAIL_RANK = 64  # the rank the tails hold; a set of higher rank stays in slots
 TAIL_COLUMNS = 256  # 3 x TAIL_RANK = 192, padded to a multiple of 128 (see the module docstring)
@@ -282,3 +283,31 @@ def tailed_linear(rows: torch.Tensor, row_scale: torch.Tensor, weight_rows: torc
     TAIL_COLUMNS] (row-wise scales `row_scale` [T, 1], `weight_scale` [out, 1])."""
     return torch._scaled_mm(rows, weight_rows.t(), scale_a=row_scale, scale_b=weight_scale.reshape(1, -1),
                             out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+def kernel_errors(device, tokens: int = 157, paired: bool = False) -> dict[str, float]:
+    """The op on `device` against `tailed_rows_reference` for a single block's four readers (K 3072) and a double
+    block's one (with `paired`, the four in pairs too; random inputs, rows over 12 decades of headroom): relative L2
+    of the rows as values, and of the row scales (the kernel writes the reference's bits on an H100: 0)."""
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    cases = [("single_block", 4, False), ("double_block", 1, False)] + ([("single_block_paired", 4, True)] if paired
+                                                                         else [])
+    for name, readers, in_pairs in cases:
+        x = torch.randn(tokens, 3072, generator=generator)
+        scale = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        spread = torch.logspace(-6, 6, tokens)[torch.randperm(tokens, generator=generator)]
+        u = (torch.randn(tokens, readers * TAIL_RANK, generator=generator) * spread[:, None]).to(torch.bfloat16)
+        q, scale, u = q.to(device), scale.to(device), u.to(device)
+        no_factors = torch.empty(0, device=device)
+        rows, row_scale = torch.ops.aotpack.tailed_rows(q, scale, u, no_factors, MIN_HEADROOM, in_pairs)
+        expected, expected_scale = tailed_rows_reference(q, scale, u, no_factors, MIN_HEADROOM, in_pairs)
+        errors[name] = max(relative_error(rows.float(), expected.float()), relative_error(row_scale, expected_scale))
+    return errors
+
+
+def check_kernel_against_reference(device, paired: bool = False) -> None:
+    """`refuse_kernel_errors` for the tailed rows kernel (once per build, on the GPU), paired too with `paired`."""
+    refuse_kernel_errors("LoRA tails' rows", "lora_tails_paired" if paired else "lora_tails", device,
+                         kernel_errors(device, paired=paired))
