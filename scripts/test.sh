@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
-# the slowest tests listed at the end: the suite should stay near 20 minutes on 2 cores (16:00-24:56 in 2026-12-06/07 runs, 859 tests in 20:59 on 2026-12-08)
+# the slowest tests listed at the end: the suite should stay near 20 minutes on 2 cores (16:00-24:56 in 2026-12-06/07 runs, 874 tests in 19:22 on 2026-12-08)
 .venv/bin/python -m pytest -q --durations=15 "$@"
