@@ -27,9 +27,10 @@ def a_halves_slot(input_name: str) -> str | None:
 
 class AHalvesBank:
     """The halves of the slots that `add` was given, in `bank.tensors`, and `refresh`, which the bank calls after each
-    write. Each refresh splits every such slot (a few kernels a weight shape: FLUX.1-dev's 38 single-block `proj_out`
-    A's [64, 15360] and 19 double-block `ff.net.2` A's [64, 12288] pass through float32 once, ~0.2 GB; its time
-    on a GPU is unmeasured and counts toward a switch)."""
+    write. Each refresh splits every such slot, a few kernels a weight shape: FLUX.1-dev's 38 single-block `proj_out`
+    A's [64, 15360] (75 MB in bf16) go through float32 temporaries of ~150 MB each, a few at a time (~0.6 GB at
+    the peak, freed after), then the double blocks' 19 (or 38 with `lora_down_fp8_text`) [64, 12288]. Its time on a
+    GPU is unmeasured and counts toward a switch."""
 
     def __init__(self, bank):
         self.bank = bank
