@@ -35,7 +35,9 @@ graphs. cuBLASLt's GEMM at N = 128 is slower than the Triton kernel with 1536 ro
 24.5 us), faster with 4608 (39.7 vs 58.8), and the split in the program costs ~8 us a call. A Triton kernel with FP8
 tensor-core dots against A's halves took 14.9 / 47.8 us there (0.83 against 1.42 ms a 512² step, probe).
 
-That form is the recipe lever `lora_down_fp8_dots` (off; unmeasured in a package): `lora_down_fp8_dots(q, scale,
+That form is the recipe lever `lora_down_fp8_dots` (on in h100/h200 since 2026-12-08b: 512² -0.26 to -0.58 ms a
+step from CUDA graphs, 1024² 91.97 -> 91.06 ms, H100, random weights,
+`benchmarks/results/2026-12-08b-h100-lora-down-fp8-dots/`): `lora_down_fp8_dots(q, scale,
 a8, a_scale, dtype)` runs the kernel above with `A_HALVES`, FP8 x FP8 dots against A's high and low rows, whose
 row scales combine the two accumulators before the partial store. The halves are two more program inputs of the
 slot (`slots.a_halves_input_names`), split by the runtime after each switch (runtime/a_halves_bank.py), not in every

@@ -34,12 +34,14 @@
 #      a step from graphs on an H100, 2026-12-08a);
 #    tails_paired: lora_tails_paired = true (a single block's four tailed readers in two pairs, each pair's GEMMs
 #      reading one `[tail_a | q / H | tail_b]` buffer: the rows kernel writes q / H twice a block instead of four
-#      times, ~0.2 ms of a 512² step by the H200's 0.45 ms of rows kernel, 2026-12-07j; unmeasured);
-#    down_dots_text: down_dots with lora_down_fp8_text = true (the double blocks' text feed-forwards' down-projections
-#      in FP8 dots too, 19 more calls a step of 512 rows; unmeasured);
-#    down_dots: lora_down_fp8_dots = true (those down-projections as FP8 x FP8 tensor-core dots against A's FP8 high
-#      and low rows, two more program inputs a slot that the runtime writes at each switch; -0.59 ms a 512² step in
-#      the 2026-12-08a probe, kernels only, H100; unmeasured in a package);
+#      times: 9.2 -> 7.0 us a 512² call, 32.7 -> 22.8 at 1024² (H100, 2026-12-08b); 512² from graphs 32.03 against
+#      the default's 31.99 ms, no gain seen; 1024² unmeasured in a package);
+#    down_dots_text: lora_down_fp8_text = true (the double blocks' text feed-forwards' down-projections in FP8 dots
+#      too, 19 more calls a step of 512 rows; 512² 31.49 against down_dots' 31.41 ms from graphs, H100 2026-12-08b:
+#      no gain seen);
+#    no_dots: lora_down_fp8_dots off (on by default since 2026-12-08b: those down-projections as FP8 x FP8
+#      tensor-core dots against A's FP8 high and low rows, two more program inputs a slot that the runtime writes at
+#      each switch; 512² -0.26 to -0.58 ms from graphs, 1024² -0.91, H100);
 #    up: group_lora_up = true (each group's LoRA up-projections, and each lone slot's, in one Triton kernel launch
 #      instead of a cuBLAS GEMM per slot; models/lora_up.py);
 #    gelu_lora: fused_gelu_lora = true (the LoRA up-projection before each MLP GELU and the down-projection after

@@ -18,6 +18,8 @@ from pathlib import Path
 
 # fused_norm_quant off, with joined_qkv and lora_tails, which need it (the loader refuses the one without the other)
 NORM_UNFUSED = "fused_norm_quant = false\njoined_qkv = false\nlora_tails = false\n"
+# lora_down_from_fp8 off, with lora_down_fp8_dots, which chooses how those down-projections run (refused without it)
+NO_FP8DOWN = "lora_down_from_fp8 = false\nlora_down_fp8_dots = false\n"
 
 # label: the TOML fields over h200's (what each measures: bench_speed_levers.sh's header)
 LEVERS = {
@@ -27,26 +29,25 @@ LEVERS = {
     "bf16attn": 'attention = "cudnn"\nfp8_attention_min_tokens = 0\nfp8_qk_in_norm_rope = false\n',
     "cdt": "[inductor]\ncoordinate_descent_tuning = true\n",
     "norm_unfused": NORM_UNFUSED,
-    "unfused": NORM_UNFUSED + "fused_gelu_quant = false\nlora_down_from_fp8 = false\n",
-    "gelu": NORM_UNFUSED + 'fused_gelu_quant = false\nlora_down_from_fp8 = false\ngelu_via_sigmoid = "all"\n',
-    "gelu_ff": (NORM_UNFUSED + "fused_gelu_quant = false\nlora_down_from_fp8 = false\n"
-                'gelu_via_sigmoid = "feed_forward"\n'),
+    "unfused": NORM_UNFUSED + "fused_gelu_quant = false\n" + NO_FP8DOWN,
+    "gelu": NORM_UNFUSED + "fused_gelu_quant = false\n" + NO_FP8DOWN + 'gelu_via_sigmoid = "all"\n',
+    "gelu_ff": NORM_UNFUSED + "fused_gelu_quant = false\n" + NO_FP8DOWN + 'gelu_via_sigmoid = "feed_forward"\n',
     "qk_unfused": NORM_UNFUSED + "fused_qk_norm_rope = false\nfp8_qk_in_norm_rope = false\n",
     "fp8_mod": "unquantized_linears = []\n",
     "no_grouped": "group_lora_down = false\n",
-    "no_fp8down": "lora_down_from_fp8 = false\n",
+    "no_fp8down": NO_FP8DOWN,
     # those down-projections as one cuBLASLt FP8 GEMM against A in FP8 high and low parts (models/lora_down_fp8.py)
-    "down_gemm": "lora_down_fp8_gemm = true\n",
-    # ... as FP8 x FP8 tensor-core dots against A's FP8 halves, written by the runtime at each switch (same module)
-    "down_dots": "lora_down_fp8_dots = true\n",
-    # ... and the double blocks' text feed-forwards' too (their 512 rows in bf16 until now)
-    "down_dots_text": "lora_down_fp8_dots = true\nlora_down_fp8_text = true\n",
+    "down_gemm": "lora_down_fp8_gemm = true\nlora_down_fp8_dots = false\n",
+    # without the FP8 x FP8 dots against A's FP8 halves (on in h100/h200 since 2026-12-08b): the Triton kernel on bf16 A
+    "no_dots": "lora_down_fp8_dots = false\n",
+    # the double blocks' text feed-forwards' down-projections by the FP8 dots too (their 512 rows in bf16 until now)
+    "down_dots_text": "lora_down_fp8_text = true\n",
     "no_batched": "batched_modulation = false\n",
-    "up": "lora_down_from_fp8 = false\ngroup_lora_up = true\n",
-    "gelu_lora": "lora_down_from_fp8 = false\nfused_gelu_lora = true\n",
-    "gemm_lora": "lora_down_from_fp8 = false\nlora_up_in_gemm = true\n",
+    "up": NO_FP8DOWN + "group_lora_up = true\n",
+    "gelu_lora": NO_FP8DOWN + "fused_gelu_lora = true\n",
+    "gemm_lora": NO_FP8DOWN + "lora_up_in_gemm = true\n",
     "no_fp8qk": "fp8_qk_in_norm_rope = false\n",
-    "no_qkdown": "fp8_qk_in_norm_rope = false\nlora_down_from_fp8 = false\n",
+    "no_qkdown": "fp8_qk_in_norm_rope = false\n" + NO_FP8DOWN,
     "no_joined": "joined_qkv = false\n",
     # without the single blocks' q/k/v/MLP-in LoRA as FP8 tails (on in h200 since 2026-12-07j; models/tail_groups.py)
     "no_tails": "lora_tails = false\n",
