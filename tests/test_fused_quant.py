@@ -126,12 +126,13 @@ def test_lever_needs_fp8_and_excludes_the_sigmoid_gelu(tmp_path):
     text = (Path(recipes.__file__).parent / "h200.toml").read_text()
     assert "\nfused_gelu_quant = true\n" in text and recipes.load_recipe("h200").fused_gelu_quant is True  # the default there
     unfused = tmp_path / "unfused.toml"
-    # fused_norm_quant and lora_down_from_fp8 need this lever (and joined_qkv, lora_tails need fused_norm_quant): off
-    # with it
+    # fused_norm_quant and lora_down_from_fp8 need this lever (and joined_qkv, lora_tails need fused_norm_quant,
+    # lora_down_fp8_dots needs lora_down_from_fp8): off with it
     unfused.write_text(text.replace("fused_gelu_quant = true", "fused_gelu_quant = false")
                        .replace("fused_norm_quant = true", "fused_norm_quant = false")
                        .replace("joined_qkv = true", "joined_qkv = false")
                        .replace("lora_down_from_fp8 = true", "lora_down_from_fp8 = false")
+                       .replace("lora_down_fp8_dots = true", "lora_down_fp8_dots = false")
                        .replace("lora_tails = true", "lora_tails = false"))
     assert recipes.load_recipe(unfused).fused_gelu_quant is False
     # (without unquantized_linears, which quantization = "none" refuses first)
